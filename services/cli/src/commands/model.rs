@@ -1,0 +1,110 @@
+//! `lathe model ...`: make a random model, run a forward pass, merge an adapter.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use lathe_trainer::init::{init_model, Arch, InitOptions, Preset};
+use lathe_trainer::{checkpoint, device, export, model_dir::ModelDir, models};
+use tch::{Device, Kind};
+
+#[derive(Subcommand)]
+pub enum ModelCommand {
+    /// Write a randomly initialised model in the Hugging Face layout (tests, demos, benchmarks).
+    Init(InitArgs),
+    /// Compute logits for token ids (safetensors in, safetensors out); used by parity tests.
+    Forward(ForwardArgs),
+    /// Merge a PEFT LoRA adapter into its base model and write a full model directory.
+    Merge(MergeArgs),
+}
+
+#[derive(Args)]
+pub struct InitArgs {
+    /// qwen3, qwen2 or llama
+    #[arg(long, default_value = "qwen3")]
+    arch: String,
+    /// tiny (~0.2M parameters, tests) or small (~100M, benchmarks)
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output directory (must not exist or be empty).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct ForwardArgs {
+    /// Model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT adapter directory to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// safetensors file with `input_ids` (int64, batch × seq).
+    #[arg(long)]
+    input: PathBuf,
+    /// safetensors file to write `logits` (float32, batch × seq × vocab) to.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value = "fp32")]
+    dtype: String,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
+pub struct MergeArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    adapter: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn run(command: ModelCommand) -> anyhow::Result<()> {
+    match command {
+        ModelCommand::Init(args) => init(args),
+        ModelCommand::Forward(args) => forward(args),
+        ModelCommand::Merge(args) => merge(args),
+    }
+}
+
+fn init(args: InitArgs) -> anyhow::Result<()> {
+    let arch: Arch = args.arch.parse()?;
+    let preset: Preset = args.preset.parse()?;
+    let summary = init_model(&InitOptions { arch, preset, seed: args.seed, out: args.out.clone() })?;
+    println!(
+        "wrote {arch} {preset} model ({} parameters, vocabulary {}) to {}",
+        summary.parameters,
+        summary.vocab_size,
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn forward(args: ForwardArgs) -> anyhow::Result<()> {
+    let kind = device::parse_dtype(&args.dtype)?;
+    let dev = device::parse_device(&args.device)?;
+    let decoder = models::load_for_inference(&args.model, args.adapter.as_deref(), kind, dev)?;
+    let mut inputs = checkpoint::read_tensors(&args.input)?;
+    let input_ids = inputs
+        .remove("input_ids")
+        .with_context(|| format!("{}: no tensor named input_ids", args.input.display()))?;
+    anyhow::ensure!(input_ids.dim() == 2, "{}: input_ids must be 2-D (batch, seq)", args.input.display());
+    let vocab = decoder.config.vocab_size;
+    let (min, max) = (input_ids.min().int64_value(&[]), input_ids.max().int64_value(&[]));
+    anyhow::ensure!(min >= 0 && max < vocab, "input_ids out of range [0, {vocab}): min {min}, max {max}");
+    let logits = tch::no_grad(|| decoder.forward(&input_ids.to_kind(Kind::Int64).to_device(dev), None, None, false));
+    checkpoint::write_tensors(&args.out, &[("logits".to_string(), logits.to_device(Device::Cpu).to_kind(Kind::Float))])?;
+    Ok(())
+}
+
+fn merge(args: MergeArgs) -> anyhow::Result<()> {
+    let dir = ModelDir::open(&args.model)?;
+    let decoder = models::load_for_inference(&args.model, Some(&args.adapter), Kind::Float, Device::Cpu)?;
+    export::write_merged_model(&args.out, &args.model, &decoder, models::stored_kind(&dir))?;
+    println!("wrote merged model to {}", args.out.display());
+    Ok(())
+}

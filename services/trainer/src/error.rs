@@ -1,0 +1,63 @@
+//! The one error type of the trainer crate. Every variant names what the user must fix: the
+//! file, the field or the line.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    /// A file is missing, unreadable or not in the expected format.
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+
+    /// A configuration file has a field with a missing, unsupported or impossible value.
+    #[error("{path}: field `{field}`: {message}")]
+    ConfigField { path: PathBuf, field: String, message: String },
+
+    /// A training or validation data line is not valid (line numbers start at 1).
+    #[error("{path}:{line}: {message}")]
+    DataLine { path: PathBuf, line: usize, message: String },
+
+    /// A training setting (from a config file, flag or job spec) has an impossible value.
+    #[error("invalid `{field}`: {message}")]
+    InvalidSetting { field: String, message: String },
+
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+
+    /// The caller asked the run to stop (cancel or preemption); a checkpoint may have been written.
+    #[error("training stopped: {0}")]
+    Stopped(String),
+}
+
+impl TrainerError {
+    pub fn file(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Self::File { path: path.into(), message: message.into() }
+    }
+
+    pub fn config_field(path: impl Into<PathBuf>, field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::ConfigField { path: path.into(), field: field.into(), message: message.into() }
+    }
+
+    pub fn data_line(path: impl Into<PathBuf>, line: usize, message: impl Into<String>) -> Self {
+        Self::DataLine { path: path.into(), line, message: message.into() }
+    }
+
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::InvalidSetting { field: field.into(), message: message.into() }
+    }
+
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io { path: path.into(), source }
+    }
+}
+
+pub type Result<T, E = TrainerError> = std::result::Result<T, E>;

@@ -1,0 +1,32 @@
+//! The Lathe trainer: fine-tunes Hugging Face decoder checkpoints (Qwen3, Qwen2/2.5, Llama 3)
+//! on libtorch through `tch`. It is a synchronous library with no knowledge of the service:
+//! the `lathe train` CLI and the worker daemon both call [`train::run`] and receive progress
+//! through an event callback.
+//!
+//! The flow through the crate:
+//! - [`model_dir`] finds and checks the files of a model directory; [`config`] turns its
+//!   `config.json` into a validated [`config::ModelConfig`].
+//! - [`models::decoder`] is the one decoder implementation; [`lora`] adapts its linear layers.
+//! - [`data`] reads JSONL, renders chat with the tokenizer's own template
+//!   ([`chat_template`]), marks which tokens carry loss, and packs sequences into batches.
+//! - [`train`] runs the loop ([`optim`], [`schedule`]), writes [`checkpoint`]s and exports
+//!   a PEFT adapter or merged model ([`export`]).
+//! - [`init`] writes a random model in the real HF layout, for tests, demos and benchmarks.
+
+pub mod chat_template;
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod export;
+pub mod init;
+pub mod lora;
+pub mod model_dir;
+pub mod models;
+pub mod optim;
+pub mod peft;
+pub mod schedule;
+pub mod train;
+
+pub use error::{Result, TrainerError};

@@ -1,0 +1,162 @@
+//! From encoded rows to tensors: the order of rows in each epoch, which rows form each
+//! optimizer step and micro-batch, and the (input, target) tensors of a micro-batch.
+//!
+//! The order is a pure function of (seed, epoch), so a resumed run needs only the step number
+//! to continue with exactly the rows an uninterrupted run would have used.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::data::packing::Sequence;
+
+/// Right-padded tensors of one micro-batch, each (B, T).
+pub struct MicroBatch {
+    pub input_ids: Tensor,
+    /// The token predicted at each position (already shifted); -100 where no loss is taken.
+    pub targets: Tensor,
+    pub position_ids: Tensor,
+    /// Example index within the row (0 = padding); None when rows hold one example each
+    /// (right padding then needs only the causal mask).
+    pub segments: Option<Tensor>,
+    /// 1 for real tokens, 0 for padding (what transformers calls attention_mask).
+    pub attention_mask: Tensor,
+    pub trained_tokens: u64,
+    pub real_tokens: u64,
+}
+
+pub const IGNORE_INDEX: i64 = -100;
+
+/// Steps per epoch: every row is used once per epoch, the last step may be smaller.
+pub fn steps_per_epoch(rows: usize, rows_per_step: usize) -> u64 {
+    rows.div_ceil(rows_per_step) as u64
+}
+
+/// Row order of one epoch: Fisher–Yates with a splitmix64 stream seeded by (seed, epoch).
+pub fn epoch_order(rows: usize, seed: u64, epoch: u64, shuffle: bool) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..rows).collect();
+    if shuffle {
+        let mut state = seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+        for i in (1..rows).rev() {
+            let j = (splitmix64(&mut state) % (i as u64 + 1)) as usize;
+            order.swap(i, j);
+        }
+    }
+    order
+}
+
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The rows of optimizer step `step_in_epoch` (0-based), split into micro-batches.
+pub fn step_rows(order: &[usize], step_in_epoch: u64, batch_size: usize, accumulation: usize) -> Vec<Vec<usize>> {
+    let per_step = batch_size * accumulation;
+    let start = (step_in_epoch as usize * per_step).min(order.len());
+    let end = (start + per_step).min(order.len());
+    order[start..end].chunks(batch_size).map(|c| c.to_vec()).collect()
+}
+
+/// Number of loss-carrying positions in a row (targets that are trained and in the same example).
+pub fn row_trained_tokens(row: &Sequence) -> u64 {
+    (1..row.input_ids.len()).filter(|&t| row.trained[t] && row.segment[t] == row.segment[t - 1]).count() as u64
+}
+
+pub fn make_micro_batch(rows: &[&Sequence], packed: bool, pad_id: i64, device: Device) -> MicroBatch {
+    let b = rows.len();
+    let t = rows.iter().map(|r| r.input_ids.len()).max().unwrap_or(1).max(1);
+    let mut input_ids = vec![pad_id; b * t];
+    let mut targets = vec![IGNORE_INDEX; b * t];
+    let mut positions = vec![0i64; b * t];
+    let mut segments = vec![0i64; b * t];
+    let mut mask = vec![0i64; b * t];
+    let (mut trained_tokens, mut real_tokens) = (0u64, 0u64);
+    for (r, row) in rows.iter().enumerate() {
+        let base = r * t;
+        let n = row.input_ids.len();
+        real_tokens += n as u64;
+        for i in 0..n {
+            input_ids[base + i] = row.input_ids[i] as i64;
+            positions[base + i] = row.position_ids[i] as i64;
+            segments[base + i] = row.segment[i] as i64;
+            mask[base + i] = 1;
+            // Position i predicts token i+1 when that token is trained and in the same example.
+            if i + 1 < n && row.trained[i + 1] && row.segment[i + 1] == row.segment[i] {
+                targets[base + i] = row.input_ids[i + 1] as i64;
+                trained_tokens += 1;
+            }
+        }
+        // Padding continues the positions so rotary tables stay in range.
+        for i in n..t {
+            positions[base + i] = i as i64;
+        }
+    }
+    let tensor = |v: Vec<i64>| Tensor::from_slice(&v).view([b as i64, t as i64]).to_device(device);
+    MicroBatch {
+        input_ids: tensor(input_ids),
+        targets: tensor(targets),
+        position_ids: tensor(positions),
+        segments: if packed { Some(tensor(segments)) } else { None },
+        attention_mask: tensor(mask),
+        trained_tokens,
+        real_tokens,
+    }
+}
+
+/// Per-position cross-entropy summed over trained positions, and the number of correct argmax
+/// predictions among them. `logits` (B, T, V) fp32, `targets` (B, T).
+pub fn loss_sum_and_correct(logits: &Tensor, targets: &Tensor) -> (Tensor, Tensor) {
+    let v = logits.size()[2];
+    let flat_logits = logits.view([-1, v]);
+    let flat_targets = targets.view([-1]);
+    let loss_sum = flat_logits.cross_entropy_loss::<Tensor>(&flat_targets, None, tch::Reduction::Sum, IGNORE_INDEX, 0.0);
+    let correct = tch::no_grad(|| {
+        flat_logits.argmax(-1, false).eq_tensor(&flat_targets).logical_and(&flat_targets.ne(IGNORE_INDEX)).sum(Kind::Int64)
+    });
+    (loss_sum, correct)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(ids: &[u32], trained: &[bool], segment: &[u32], positions: &[u32]) -> Sequence {
+        Sequence { input_ids: ids.to_vec(), trained: trained.to_vec(), segment: segment.to_vec(), position_ids: positions.to_vec() }
+    }
+
+    #[test]
+    fn epoch_order_is_a_permutation_fixed_by_seed_and_epoch() {
+        let a = epoch_order(100, 7, 0, true);
+        assert_eq!(a, epoch_order(100, 7, 0, true));
+        assert_ne!(a, epoch_order(100, 7, 1, true));
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+        assert_eq!(epoch_order(5, 7, 0, false), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn the_last_step_of_an_epoch_takes_the_remaining_rows() {
+        let order: Vec<usize> = (0..10).collect();
+        assert_eq!(steps_per_epoch(10, 4), 3);
+        assert_eq!(step_rows(&order, 0, 2, 2), vec![vec![0, 1], vec![2, 3]]);
+        assert_eq!(step_rows(&order, 2, 2, 2), vec![vec![8, 9]]);
+    }
+
+    #[test]
+    fn targets_are_shifted_and_never_cross_examples_or_padding() {
+        // Two packed examples [5 6 7] [8 9]; the first token of each is untrained.
+        let packed = row(&[5, 6, 7, 8, 9], &[false, true, true, false, true], &[1, 1, 1, 2, 2], &[0, 1, 2, 0, 1]);
+        let short = row(&[3, 4], &[false, true], &[1, 1], &[0, 1]);
+        let batch = make_micro_batch(&[&packed, &short], true, 0, Device::Cpu);
+        let targets: Vec<i64> = Vec::try_from(batch.targets.view([-1])).unwrap();
+        assert_eq!(targets, vec![6, 7, -100, 9, -100, 4, -100, -100, -100, -100]);
+        assert_eq!(batch.trained_tokens, 4);
+        assert_eq!(batch.real_tokens, 7);
+        let mask: Vec<i64> = Vec::try_from(batch.attention_mask.view([-1])).unwrap();
+        assert_eq!(mask, vec![1, 1, 1, 1, 1, 1, 1, 0, 0, 0]);
+        assert_eq!(row_trained_tokens(&packed), 3);
+    }
+}

@@ -1,0 +1,329 @@
+//! The resolved settings of one training run: read from TOML by `lathe train`, built from a
+//! job spec by the worker, validated in one place, and saved into every checkpoint so a run
+//! can be reproduced from its output directory alone.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::lora::{LoraConfig, TargetModules};
+use crate::schedule::Decay;
+use crate::{Result, TrainerError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Low-rank adapters on a frozen base.
+    #[default]
+    Lora,
+    /// Every weight is trained.
+    Full,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Hugging Face model directory (config.json, *.safetensors, tokenizer files).
+    pub model: PathBuf,
+    /// JSONL: OpenAI chat (`messages`), `prompt`/`completion`, or `{"text": ...}` for continued pre-training.
+    pub train_file: PathBuf,
+    #[serde(default)]
+    pub validation_file: Option<PathBuf>,
+    pub output_dir: PathBuf,
+    #[serde(default)]
+    pub method: Method,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub data: DataSettings,
+    #[serde(default)]
+    pub lora: LoraSettings,
+    #[serde(default)]
+    pub optim: OptimSettings,
+    #[serde(default)]
+    pub train: LoopSettings,
+    #[serde(default)]
+    pub debug: DebugSettings,
+    #[serde(default)]
+    pub output: OutputSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSettings {
+    pub max_seq_length: usize,
+    /// Several examples per row, attention kept within each example.
+    pub packing: bool,
+    /// Also train on system/user tokens (and prompts).
+    pub train_on_inputs: bool,
+}
+
+impl Default for DataSettings {
+    fn default() -> Self {
+        DataSettings { max_seq_length: 2048, packing: false, train_on_inputs: false }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModulesSetting {
+    /// "all-linear"
+    Keyword(String),
+    List(Vec<String>),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSettings {
+    pub rank: i64,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: TargetModulesSetting,
+    pub use_rslora: bool,
+}
+
+impl Default for LoraSettings {
+    fn default() -> Self {
+        LoraSettings {
+            rank: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            target_modules: TargetModulesSetting::Keyword("all-linear".into()),
+            use_rslora: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimSettings {
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// 0 disables clipping.
+    pub max_grad_norm: f64,
+    pub lr_scheduler: String,
+    /// Warmup as a number of steps; when absent, `warmup_ratio` of the total.
+    pub warmup_steps: Option<u64>,
+    pub warmup_ratio: f64,
+}
+
+impl Default for OptimSettings {
+    fn default() -> Self {
+        OptimSettings {
+            learning_rate: 1e-4,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            max_grad_norm: 1.0,
+            lr_scheduler: "cosine".into(),
+            warmup_steps: None,
+            warmup_ratio: 0.03,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoopSettings {
+    pub epochs: u64,
+    pub max_steps: Option<u64>,
+    pub batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    /// "fp32" | "bf16" | "fp16" | "auto"
+    pub dtype: String,
+    /// "cpu" | "cuda" | "cuda:N" | "auto"
+    pub device: String,
+    pub shuffle: bool,
+    /// Evaluate on the validation file every N steps (0: only at the end).
+    pub eval_every: u64,
+    /// Write a resumable checkpoint every N steps (0: none before the end).
+    pub checkpoint_every: u64,
+    /// Keep only the newest N checkpoints (0: keep all).
+    pub keep_checkpoints: usize,
+    /// Recompute each layer's activations in the backward pass instead of storing them.
+    pub gradient_checkpointing: bool,
+    /// libtorch intra-op threads (0: libtorch's default).
+    pub threads: usize,
+}
+
+impl Default for LoopSettings {
+    fn default() -> Self {
+        LoopSettings {
+            epochs: 1,
+            max_steps: None,
+            batch_size: 4,
+            gradient_accumulation_steps: 1,
+            dtype: "auto".into(),
+            device: "auto".into(),
+            shuffle: true,
+            eval_every: 0,
+            checkpoint_every: 0,
+            keep_checkpoints: 0,
+            gradient_checkpointing: false,
+            threads: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DebugSettings {
+    /// Write the initial adapter and every batch to `output_dir/debug/` (for parity tests).
+    pub dump_batches: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputSettings {
+    /// Also write the base model with the adapter merged in (`output_dir/merged/`).
+    pub merge: bool,
+}
+
+impl TrainConfig {
+    /// Reads a TOML file; relative paths inside it are taken from the file's directory.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainerError::io(path, e))?;
+        let mut config: TrainConfig =
+            toml::from_str(&text).map_err(|e| TrainerError::file(path, format!("invalid config: {}", e.message().trim())).with_toml_span(&text, e.span()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut config.model, &mut config.train_file, &mut config.output_dir] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if let Some(v) = config.validation_file.as_mut().filter(|v| v.is_relative()) {
+            *v = base.join(&*v);
+        }
+        Ok(config)
+    }
+
+    pub fn lora_config(&self) -> Result<LoraConfig> {
+        let target_modules = match &self.lora.target_modules {
+            TargetModulesSetting::Keyword(k) if k == "all-linear" || k == "all" => TargetModules::AllLinear,
+            TargetModulesSetting::Keyword(k) => TargetModules::Named(vec![k.clone()]),
+            TargetModulesSetting::List(list) => TargetModules::Named(list.clone()),
+        };
+        let config = LoraConfig {
+            rank: self.lora.rank,
+            alpha: self.lora.alpha,
+            dropout: self.lora.dropout,
+            target_modules,
+            use_rslora: self.lora.use_rslora,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every setting that does not need the model or data; errors name the field.
+    pub fn validate(&self) -> Result<()> {
+        let o = &self.optim;
+        let t = &self.train;
+        if !(o.learning_rate > 0.0 && o.learning_rate.is_finite()) {
+            return Err(TrainerError::invalid("optim.learning_rate", format!("must be > 0, got {}", o.learning_rate)));
+        }
+        if o.weight_decay < 0.0 {
+            return Err(TrainerError::invalid("optim.weight_decay", "must be >= 0"));
+        }
+        for (name, beta) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)] {
+            if !(0.0..1.0).contains(&beta) {
+                return Err(TrainerError::invalid(name, format!("must be in [0, 1), got {beta}")));
+            }
+        }
+        if !(o.eps > 0.0) {
+            return Err(TrainerError::invalid("optim.eps", "must be > 0"));
+        }
+        if o.max_grad_norm < 0.0 {
+            return Err(TrainerError::invalid("optim.max_grad_norm", "must be >= 0 (0 disables clipping)"));
+        }
+        if !(0.0..=1.0).contains(&o.warmup_ratio) {
+            return Err(TrainerError::invalid("optim.warmup_ratio", "must be in [0, 1]"));
+        }
+        o.lr_scheduler.parse::<Decay>().map_err(|_| {
+            TrainerError::invalid("optim.lr_scheduler", format!("expected cosine, linear or constant, got {:?}", o.lr_scheduler))
+        })?;
+        if self.data.max_seq_length < 2 {
+            return Err(TrainerError::invalid("data.max_seq_length", format!("must be at least 2, got {}", self.data.max_seq_length)));
+        }
+        if t.epochs == 0 {
+            return Err(TrainerError::invalid("train.epochs", "must be at least 1"));
+        }
+        if t.max_steps == Some(0) {
+            return Err(TrainerError::invalid("train.max_steps", "must be at least 1 when set"));
+        }
+        if t.batch_size == 0 {
+            return Err(TrainerError::invalid("train.batch_size", "must be at least 1"));
+        }
+        if t.gradient_accumulation_steps == 0 {
+            return Err(TrainerError::invalid("train.gradient_accumulation_steps", "must be at least 1"));
+        }
+        crate::device::parse_dtype(&t.dtype).map_err(|e| TrainerError::invalid("train.dtype", e.to_string()))?;
+        if self.method == Method::Lora {
+            self.lora_config()?;
+        }
+        Ok(())
+    }
+}
+
+trait WithTomlSpan {
+    fn with_toml_span(self, text: &str, span: Option<std::ops::Range<usize>>) -> Self;
+}
+
+impl WithTomlSpan for TrainerError {
+    /// Adds "line N" to a TOML parse error so the user can find it.
+    fn with_toml_span(self, text: &str, span: Option<std::ops::Range<usize>>) -> Self {
+        match (self, span) {
+            (TrainerError::File { path, message }, Some(span)) => {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                TrainerError::DataLine { path, line, message }
+            }
+            (other, _) => other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &str) -> TrainConfig {
+        toml::from_str(&format!("model = \"m\"\ntrain_file = \"t.jsonl\"\noutput_dir = \"out\"\n{extra}")).unwrap()
+    }
+
+    #[test]
+    fn defaults_are_a_sensible_lora_run() {
+        let c = parse("");
+        assert_eq!(c.method, Method::Lora);
+        assert_eq!((c.lora.rank, c.lora.alpha), (16, 32.0));
+        assert!(c.validate().is_ok());
+        assert_eq!(c.lora_config().unwrap().target_module_names().len(), 7);
+    }
+
+    #[test]
+    fn impossible_values_are_rejected_naming_the_field() {
+        for (toml, field) in [
+            ("[lora]\nrank = 0", "lora.rank"),
+            ("[optim]\nlearning_rate = 0.0", "optim.learning_rate"),
+            ("[optim]\nlearning_rate = -1e-4", "optim.learning_rate"),
+            ("[data]\nmax_seq_length = 0", "data.max_seq_length"),
+            ("[train]\nbatch_size = 0", "train.batch_size"),
+            ("[optim]\nlr_scheduler = \"step\"", "optim.lr_scheduler"),
+            ("[train]\ndtype = \"int8\"", "train.dtype"),
+        ] {
+            let err = parse(toml).validate().unwrap_err().to_string();
+            assert!(err.contains(field), "{toml}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_key_is_reported_with_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "model = \"m\"\ntrain_file = \"t\"\noutput_dir = \"o\"\n[lora]\nrnak = 4\n").unwrap();
+        let err = TrainConfig::from_toml_file(&path).unwrap_err().to_string();
+        assert!(err.contains(":5:") && err.contains("rnak"), "{err}");
+    }
+}

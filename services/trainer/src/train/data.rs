@@ -1,0 +1,58 @@
+//! Reads, validates and encodes the training and validation files into rows.
+
+use std::path::Path;
+
+use crate::data::encode::Encoder;
+use crate::data::jsonl::read_examples;
+use crate::data::packing::{pack, Sequence};
+use crate::{Result, TrainerError};
+
+pub struct PreparedData {
+    pub rows: Vec<Sequence>,
+    pub examples: usize,
+    pub truncated: usize,
+    /// Examples with no loss-carrying token left (after truncation); not trained on.
+    pub dropped: usize,
+}
+
+pub fn prepare(path: &Path, encoder: &Encoder, packing: bool, max_seq_length: usize) -> Result<PreparedData> {
+    let examples = read_examples(path)?;
+    let mut encoded = Vec::with_capacity(examples.len());
+    let (mut truncated, mut dropped) = (0, 0);
+    for (i, example) in examples.iter().enumerate() {
+        let e = encoder.encode(example).map_err(|e| match e {
+            // Template and tokenizer problems are about a line of this file.
+            TrainerError::ChatTemplate(m) | TrainerError::Tokenizer(m) => TrainerError::data_line(path, i + 1, m),
+            other => other,
+        })?;
+        truncated += e.truncated as usize;
+        if e.trained.iter().skip(1).any(|&t| t) {
+            encoded.push(e);
+        } else {
+            dropped += 1;
+        }
+    }
+    if encoded.is_empty() {
+        return Err(TrainerError::file(path, "no example has a token to train on (all empty or truncated away)"));
+    }
+    let rows = if packing { pack(&encoded, max_seq_length) } else { encoded.iter().map(Sequence::from_example).collect() };
+    Ok(PreparedData { rows, examples: examples.len(), truncated, dropped })
+}
+
+/// FNV-1a over every row's tokens and loss mask: a resume with different data is refused.
+pub fn fingerprint(rows: &[Sequence]) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |x: u64| {
+        for byte in x.to_le_bytes() {
+            hash ^= byte as u64;
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for row in rows {
+        feed(row.input_ids.len() as u64);
+        for (i, &id) in row.input_ids.iter().enumerate() {
+            feed(((id as u64) << 2) | ((row.trained[i] as u64) << 1) | (row.segment[i] as u64 & 1));
+        }
+    }
+    format!("{hash:016x}")
+}

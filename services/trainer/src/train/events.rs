@@ -1,0 +1,59 @@
+//! What a run reports while it goes. The CLI draws these as a progress bar, the worker streams
+//! them to the controller, and every run appends them to `output_dir/events.jsonl`.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// Data read and planned; sent once before the first step.
+    Started {
+        total_steps: u64,
+        start_step: u64,
+        epochs: u64,
+        train_examples: usize,
+        train_rows: usize,
+        validation_examples: usize,
+        truncated_examples: usize,
+        dropped_examples: usize,
+        trainable_parameters: i64,
+        total_parameters: i64,
+        device: String,
+        dtype: String,
+    },
+    /// One optimizer step finished.
+    Step(StepMetrics),
+    /// A validation pass finished.
+    Eval { step: u64, valid_loss: f64, valid_mean_token_accuracy: f64, valid_tokens: u64 },
+    /// A resumable checkpoint is on disk (renamed into place and fsynced).
+    Checkpoint { step: u64, path: String },
+    Log { level: String, message: String },
+    /// Outputs written; the run is over.
+    Finished { step: u64, adapter_dir: Option<String>, model_dir: Option<String>, results_csv: String },
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: u64,
+    /// Mean cross-entropy over the step's trained tokens.
+    pub loss: f64,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub train_mean_token_accuracy: f64,
+    /// Tokens that carried loss in this step.
+    pub trained_tokens: u64,
+    /// All non-padding tokens processed so far (the run's "tokens seen").
+    pub tokens_seen: u64,
+    pub tokens_per_second: f64,
+    pub peak_memory_bytes: u64,
+    pub elapsed_seconds: f64,
+}
+
+impl Event {
+    pub fn to_json_line(&self) -> String {
+        serde_json::to_string(self).expect("events serialize")
+    }
+}

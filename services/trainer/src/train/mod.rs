@@ -1,0 +1,384 @@
+//! The training recipe: setup → loop → save, in the order nanoGPT and torchtune read.
+//!
+//! One optimizer step: for each micro-batch, forward and backward with the loss summed over
+//! trained tokens and divided by the trained-token count of the whole step (so accumulation
+//! weighs every token equally, whatever the padding); then clip, set the learning rate,
+//! AdamW step, zero grads; then log, evaluate and checkpoint as configured.
+
+pub mod batches;
+pub mod config;
+mod data;
+pub mod events;
+mod step;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use tch::{Device, Kind};
+
+use crate::checkpoint::{self, CheckpointState};
+use crate::data::encode::{EncodeOptions, Encoder};
+use crate::models::decoder::{Decoder, Trainable};
+use crate::model_dir::ModelDir;
+use crate::optim::{AdamW, AdamWConfig};
+use crate::schedule::{Decay, Schedule};
+use crate::{device, export, models, peft, Result, TrainerError};
+use batches::{epoch_order, make_micro_batch, row_trained_tokens, step_rows, steps_per_epoch};
+pub use config::{Method, TrainConfig};
+pub use events::{Event, StepMetrics};
+use step::{evaluate_batch, forward_backward, DropoutSeed};
+
+/// How the caller watches and steers a run.
+pub struct Hooks<'a> {
+    pub on_event: &'a mut dyn FnMut(&Event),
+    /// Polled between steps; when true the run writes a checkpoint and returns `Stopped`.
+    pub should_stop: &'a dyn Fn() -> bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Finished { step: u64, adapter_dir: Option<PathBuf>, model_dir: Option<PathBuf>, results_csv: PathBuf, final_loss: f64 },
+    Stopped { step: u64, checkpoint: Option<PathBuf> },
+}
+
+const PAD_ID: i64 = 0;
+
+/// Runs a whole training job described by `config`, resuming from `resume_from` when given.
+pub fn run(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks) -> Result<Outcome> {
+    // ---- setup: everything that can fail on bad input, before anything is written ----
+    config.validate()?;
+    if config.train.threads > 0 {
+        tch::set_num_threads(config.train.threads as i32);
+    }
+    let device = device::parse_device(&config.train.device)?;
+    let kind = device::parse_dtype(&config.train.dtype)?;
+    let model_dir = ModelDir::open(&config.model)?;
+    let encoder = Encoder::from_model_dir(
+        &config.model,
+        EncodeOptions { max_seq_length: config.data.max_seq_length, train_on_inputs: config.data.train_on_inputs },
+    )?;
+    let train = data::prepare(&config.train_file, &encoder, config.data.packing, config.data.max_seq_length)?;
+    let valid = match &config.validation_file {
+        Some(path) => Some(data::prepare(path, &encoder, config.data.packing, config.data.max_seq_length)?),
+        None => None,
+    };
+    let fingerprint = data::fingerprint(&train.rows);
+    let resume = match resume_from {
+        Some(dir) => Some(checkpoint::load_checkpoint(dir)?),
+        None => None,
+    };
+    if let Some(r) = &resume {
+        if r.state.data_fingerprint != fingerprint {
+            return Err(TrainerError::file(&r.dir, "checkpoint was trained on different data (fingerprint differs)"));
+        }
+    } else if config.output_dir.join("events.jsonl").exists() {
+        return Err(TrainerError::file(
+            &config.output_dir,
+            "already holds a run (events.jsonl); resume it with --resume-from or choose another output_dir",
+        ));
+    }
+
+    let t = &config.train;
+    let rows_per_step = t.batch_size * t.gradient_accumulation_steps;
+    let per_epoch = steps_per_epoch(train.rows.len(), rows_per_step);
+    let total_steps = t.max_steps.map_or(per_epoch * t.epochs, |m| m.min(per_epoch * t.epochs));
+    let warmup_steps = config.optim.warmup_steps.unwrap_or((config.optim.warmup_ratio * total_steps as f64).ceil() as u64);
+    let schedule = Schedule {
+        peak_lr: config.optim.learning_rate,
+        warmup_steps,
+        total_steps,
+        decay: config.optim.lr_scheduler.parse::<Decay>()?,
+    };
+
+    tch::manual_seed(config.seed as i64);
+    let lora = match config.method {
+        Method::Lora => Some(config.lora_config()?),
+        Method::Full => None,
+    };
+    let trainable = match &lora {
+        Some(l) => Trainable::Lora(l.clone()),
+        None => Trainable::Everything,
+    };
+    let mut decoder = models::load(&model_dir, &trainable, kind, device)?;
+    let mut optimizer = AdamW::new(
+        decoder.trainable_parameters(),
+        AdamWConfig { beta1: config.optim.beta1, beta2: config.optim.beta2, eps: config.optim.eps, weight_decay: config.optim.weight_decay },
+    );
+    let mut start_step = 0;
+    let mut tokens_seen = 0;
+    if let Some(r) = &resume {
+        restore(&mut decoder, &mut optimizer, r)?;
+        start_step = r.state.step;
+        tokens_seen = r.state.tokens_seen;
+    }
+
+    // ---- outputs ----
+    let out = &config.output_dir;
+    std::fs::create_dir_all(out).map_err(|e| TrainerError::io(out, e))?;
+    let mut log = RunLog::open(out, hooks.on_event, start_step)?;
+    if config.debug.dump_batches && start_step == 0 {
+        if let Some(l) = &lora {
+            peft::write_adapter(&out.join("debug/initial_adapter"), &decoder, l, &config.model.display().to_string())?;
+        }
+    }
+    let mut batch_dump = Vec::new();
+    let trainable_parameters: i64 = optimizer.params.iter().map(|p| p.param.numel() as i64).sum();
+    log.emit(&Event::Started {
+        total_steps,
+        start_step,
+        epochs: t.epochs,
+        train_examples: train.examples,
+        train_rows: train.rows.len(),
+        validation_examples: valid.as_ref().map_or(0, |v| v.examples),
+        truncated_examples: train.truncated,
+        dropped_examples: train.dropped,
+        trainable_parameters,
+        total_parameters: model_dir.config.num_parameters(),
+        device: format!("{device:?}").to_lowercase(),
+        dtype: device::dtype_name(kind).into(),
+    })?;
+
+    // ---- loop ----
+    let dropout = lora.as_ref().is_some_and(|l| l.dropout > 0.0);
+    let started = Instant::now();
+    let mut last_loss = f64::NAN;
+    let mut last_eval_step = None;
+    for step in start_step + 1..=total_steps {
+        if (hooks.should_stop)() {
+            let checkpoint = save_checkpoint(config, &decoder, &optimizer, &mut log, step - 1, total_steps, tokens_seen, &fingerprint, lora.as_ref())?;
+            return Ok(Outcome::Stopped { step: step - 1, checkpoint });
+        }
+        let step_started = Instant::now();
+        let epoch = (step - 1) / per_epoch;
+        let order = epoch_order(train.rows.len(), config.seed, epoch, t.shuffle);
+        let micro_rows = step_rows(&order, (step - 1) % per_epoch, t.batch_size, t.gradient_accumulation_steps);
+        let step_tokens: u64 = micro_rows.iter().flatten().map(|&r| row_trained_tokens(&train.rows[r])).sum();
+        let normalizer = step_tokens.max(1) as f64;
+        let (mut loss_sum, mut correct, mut real_tokens) = (0.0, 0i64, 0u64);
+        for (m, rows) in micro_rows.iter().enumerate() {
+            let seqs: Vec<_> = rows.iter().map(|&r| &train.rows[r]).collect();
+            let batch = make_micro_batch(&seqs, config.data.packing, PAD_ID, device);
+            if config.debug.dump_batches {
+                let key = format!("step{step}.micro{m}");
+                batch_dump.push((format!("{key}.input_ids"), batch.input_ids.shallow_clone()));
+                batch_dump.push((format!("{key}.targets"), batch.targets.shallow_clone()));
+                batch_dump.push((format!("{key}.attention_mask"), batch.attention_mask.shallow_clone()));
+            }
+            let seed = dropout.then_some(DropoutSeed { seed: config.seed, step, micro: m as u64 });
+            let r = forward_backward(&decoder, &batch, normalizer, t.gradient_checkpointing, seed);
+            loss_sum += r.loss_sum;
+            correct += r.correct;
+            real_tokens += batch.real_tokens;
+        }
+        let grad_norm = optimizer.clip_grad_norm(config.optim.max_grad_norm);
+        let lr = schedule.lr_at(step);
+        optimizer.step(lr);
+        optimizer.zero_grad();
+
+        tokens_seen += real_tokens;
+        last_loss = loss_sum / normalizer;
+        let metrics = StepMetrics {
+            step,
+            total_steps,
+            epoch,
+            loss: last_loss,
+            lr,
+            grad_norm,
+            train_mean_token_accuracy: correct as f64 / normalizer,
+            trained_tokens: step_tokens,
+            tokens_seen,
+            tokens_per_second: real_tokens as f64 / step_started.elapsed().as_secs_f64().max(1e-9),
+            peak_memory_bytes: device::peak_memory_bytes(device),
+            elapsed_seconds: started.elapsed().as_secs_f64(),
+        };
+        if !last_loss.is_finite() {
+            return Err(TrainerError::invalid("optim.learning_rate", format!("loss became {last_loss} at step {step}; lower the learning rate")));
+        }
+        log.step(&metrics)?;
+
+        let eval_now = valid.is_some() && (step == total_steps || (t.eval_every > 0 && step % t.eval_every == 0));
+        if eval_now {
+            let v = valid.as_ref().expect("checked");
+            let (valid_loss, valid_acc, valid_tokens) = evaluate(&decoder, &v.rows, t.batch_size, config.data.packing, device);
+            log.eval(step, valid_loss, valid_acc, valid_tokens)?;
+            last_eval_step = Some(step);
+        }
+        if t.checkpoint_every > 0 && step % t.checkpoint_every == 0 && step < total_steps {
+            save_checkpoint(config, &decoder, &optimizer, &mut log, step, total_steps, tokens_seen, &fingerprint, lora.as_ref())?;
+        }
+    }
+    let _ = last_eval_step;
+
+    // ---- save ----
+    if config.debug.dump_batches && !batch_dump.is_empty() {
+        checkpoint::write_tensors(&out.join("debug/batches.safetensors"), &batch_dump)?;
+    }
+    let adapter_dir = match &lora {
+        Some(l) => {
+            let dir = out.join("adapter");
+            peft::write_adapter(&dir, &decoder, l, &config.model.display().to_string())?;
+            Some(dir)
+        }
+        None => None,
+    };
+    let model_out = if lora.is_none() || config.output.merge {
+        let dir = out.join(if lora.is_none() { "model" } else { "merged" });
+        export::write_merged_model(&dir, &config.model, &decoder, models::stored_kind(&model_dir))?;
+        Some(dir)
+    } else {
+        None
+    };
+    let results_csv = log.write_results()?;
+    log.emit(&Event::Finished {
+        step: total_steps,
+        adapter_dir: adapter_dir.as_ref().map(|p| p.display().to_string()),
+        model_dir: model_out.as_ref().map(|p| p.display().to_string()),
+        results_csv: results_csv.display().to_string(),
+    })?;
+    Ok(Outcome::Finished { step: total_steps, adapter_dir, model_dir: model_out, results_csv, final_loss: last_loss })
+}
+
+fn restore(decoder: &mut Decoder, optimizer: &mut AdamW, r: &checkpoint::LoadedCheckpoint) -> Result<()> {
+    let _guard = tch::no_grad_guard();
+    for p in &mut optimizer.params {
+        let saved = r
+            .trainable
+            .get(&p.name)
+            .ok_or_else(|| TrainerError::file(&r.dir, format!("checkpoint lacks tensor {} (different method or LoRA settings?)", p.name)))?;
+        if saved.size() != p.param.size() {
+            return Err(TrainerError::file(&r.dir, format!("tensor {} has shape {:?}, expected {:?}", p.name, saved.size(), p.param.size())));
+        }
+        p.param.copy_(&saved.to_kind(p.param.kind()).to_device(p.param.device()));
+    }
+    let missing = optimizer.load_state_tensors(&r.optimizer, r.state.step);
+    if let Some(name) = missing.first() {
+        return Err(TrainerError::file(&r.dir, format!("checkpoint lacks optimizer state {name}")));
+    }
+    let _ = decoder;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn save_checkpoint(
+    config: &TrainConfig,
+    decoder: &Decoder,
+    optimizer: &AdamW,
+    log: &mut RunLog,
+    step: u64,
+    total_steps: u64,
+    tokens_seen: u64,
+    fingerprint: &str,
+    lora: Option<&crate::lora::LoraConfig>,
+) -> Result<Option<PathBuf>> {
+    if step == 0 {
+        return Ok(None);
+    }
+    let out = &config.output_dir;
+    let dir = out.join("checkpoints").join(checkpoint::checkpoint_dir_name(step));
+    let trainable: Vec<_> = optimizer.params.iter().map(|p| (p.name.clone(), p.param.shallow_clone())).collect();
+    let state = CheckpointState {
+        step,
+        total_steps,
+        tokens_seen,
+        data_fingerprint: fingerprint.to_string(),
+        config: serde_json::to_value(config).expect("config serializes"),
+    };
+    checkpoint::write_dir_atomically(&dir, |tmp| {
+        checkpoint::write_tensors(&tmp.join(checkpoint::TRAINABLE_FILE), &trainable)?;
+        checkpoint::write_tensors(&tmp.join(checkpoint::OPTIMIZER_FILE), &optimizer.state_tensors())?;
+        if let Some(l) = lora {
+            // A usable PEFT adapter inside each checkpoint, like a hosted checkpoint model.
+            let adapter = tmp.join("adapter");
+            std::fs::create_dir_all(&adapter).map_err(|e| TrainerError::io(&adapter, e))?;
+            checkpoint::write_json(&adapter.join(peft::ADAPTER_CONFIG), &peft::adapter_config_json(l, &config.model.display().to_string()))?;
+            checkpoint::write_tensors(&adapter.join(peft::ADAPTER_WEIGHTS), &peft::adapter_tensors(decoder))?;
+        }
+        // Written last: its presence marks the checkpoint complete.
+        checkpoint::write_json(&tmp.join(checkpoint::STATE_FILE), &state)
+    })?;
+    checkpoint::prune_checkpoints(out, config.train.keep_checkpoints)?;
+    log.write_results()?;
+    log.emit(&Event::Checkpoint { step, path: dir.display().to_string() })?;
+    Ok(Some(dir))
+}
+
+/// Mean loss and token accuracy over rows, without gradients.
+fn evaluate(decoder: &Decoder, rows: &[crate::data::packing::Sequence], batch_size: usize, packed: bool, device: Device) -> (f64, f64, u64) {
+    let (mut loss_sum, mut correct, mut tokens) = (0.0, 0i64, 0u64);
+    for chunk in rows.chunks(batch_size) {
+        let seqs: Vec<_> = chunk.iter().collect();
+        let batch = make_micro_batch(&seqs, packed, PAD_ID, device);
+        let r = evaluate_batch(decoder, &batch);
+        loss_sum += r.loss_sum;
+        correct += r.correct;
+        tokens += batch.trained_tokens;
+    }
+    let n = tokens.max(1) as f64;
+    (loss_sum / n, correct as f64 / n, tokens)
+}
+
+/// events.jsonl (appended as the run goes) and results.csv (rewritten whole, atomically).
+struct RunLog<'a> {
+    out: PathBuf,
+    events: std::fs::File,
+    on_event: &'a mut dyn FnMut(&Event),
+    /// step -> (train_loss, train_accuracy, valid_loss, valid_accuracy)
+    rows: std::collections::BTreeMap<u64, (f64, f64, Option<f64>, Option<f64>)>,
+}
+
+impl<'a> RunLog<'a> {
+    fn open(out: &Path, on_event: &'a mut dyn FnMut(&Event), resume_step: u64) -> Result<Self> {
+        let path = out.join("events.jsonl");
+        let events = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| TrainerError::io(&path, e))?;
+        let mut rows = std::collections::BTreeMap::new();
+        if resume_step > 0 {
+            // Keep the curve of the steps before the checkpoint.
+            if let Ok(text) = std::fs::read_to_string(out.join("results.csv")) {
+                for line in text.lines().skip(1) {
+                    let f: Vec<&str> = line.split(',').collect();
+                    let Some(step) = f.first().and_then(|s| s.parse::<u64>().ok()).filter(|&s| s <= resume_step) else { continue };
+                    let num = |i: usize| f.get(i).and_then(|s| s.parse::<f64>().ok());
+                    rows.insert(step, (num(1).unwrap_or(f64::NAN), num(2).unwrap_or(f64::NAN), num(3), num(4)));
+                }
+            }
+        }
+        Ok(RunLog { out: out.to_path_buf(), events, on_event, rows })
+    }
+
+    fn emit(&mut self, event: &Event) -> Result<()> {
+        (self.on_event)(event);
+        writeln!(self.events, "{}", event.to_json_line()).map_err(|e| TrainerError::io(self.out.join("events.jsonl"), e))
+    }
+
+    fn step(&mut self, m: &StepMetrics) -> Result<()> {
+        self.rows.insert(m.step, (m.loss, m.train_mean_token_accuracy, None, None));
+        self.emit(&Event::Step(m.clone()))
+    }
+
+    fn eval(&mut self, step: u64, loss: f64, accuracy: f64, tokens: u64) -> Result<()> {
+        if let Some(row) = self.rows.get_mut(&step) {
+            row.2 = Some(loss);
+            row.3 = Some(accuracy);
+        }
+        self.emit(&Event::Eval { step, valid_loss: loss, valid_mean_token_accuracy: accuracy, valid_tokens: tokens })
+    }
+
+    fn write_results(&mut self) -> Result<PathBuf> {
+        let path = self.out.join("results.csv");
+        let tmp = self.out.join(".results.csv.tmp");
+        let mut text = String::from("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n");
+        let opt = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
+        for (step, (loss, acc, vloss, vacc)) in &self.rows {
+            text.push_str(&format!("{step},{loss},{acc},{},{}\n", opt(*vloss), opt(*vacc)));
+        }
+        std::fs::write(&tmp, text).map_err(|e| TrainerError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| TrainerError::io(&path, e))?;
+        Ok(path)
+    }
+}
+
+/// Convenience for callers that only need a dtype name check.
+pub fn compute_kind(config: &TrainConfig) -> Result<Kind> {
+    device::parse_dtype(&config.train.dtype)
+}

@@ -1,0 +1,216 @@
+//! End-to-end runs of the trainer on tiny models made by `init`: the loop learns, resumes
+//! exactly, masks what it should, and refuses bad input without writing anything.
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+
+use lathe_trainer::init::{init_model, Arch, InitOptions, Preset};
+use lathe_trainer::train::{self, Event, Hooks, Method, Outcome, TrainConfig};
+
+fn tiny_model(dir: &Path, arch: Arch) -> PathBuf {
+    let out = dir.join(format!("model-{arch}"));
+    init_model(&InitOptions { arch, preset: Preset::Tiny, seed: 0, out: out.clone() }).expect("init tiny model");
+    out
+}
+
+fn chat_file(dir: &Path, n: usize) -> PathBuf {
+    let path = dir.join("train.jsonl");
+    let mut text = String::new();
+    for i in 0..n {
+        let cwe = [79, 89, 22, 787][i % 4];
+        text.push_str(&format!(
+            "{{\"messages\":[{{\"role\":\"system\",\"content\":\"You map CVEs to CWEs.\"}},{{\"role\":\"user\",\"content\":\"CVE description {i}: a flaw in component {} allows attackers to do things.\"}},{{\"role\":\"assistant\",\"content\":\"CWE-{cwe}\"}}]}}\n",
+            i * 7 % 13
+        ));
+    }
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn config(model: &Path, train_file: &Path, out: &Path) -> TrainConfig {
+    let mut c: TrainConfig = toml::from_str(&format!(
+        "model = {model:?}\ntrain_file = {train_file:?}\noutput_dir = {out:?}\nseed = 3\n\
+         [data]\nmax_seq_length = 64\n[lora]\nrank = 4\nalpha = 8.0\n\
+         [optim]\nlearning_rate = 5e-3\nwarmup_steps = 1\nweight_decay = 0.01\n\
+         [train]\nbatch_size = 2\ngradient_accumulation_steps = 2\ndtype = \"fp32\"\ndevice = \"cpu\"\nthreads = 1\n"
+    ))
+    .unwrap();
+    c.train.max_steps = Some(8);
+    c
+}
+
+/// Runs to completion or until `stop_after` steps; returns (step, loss) pairs and the outcome.
+fn run_collecting(config: &TrainConfig, resume: Option<&Path>, stop_after: Option<u64>) -> (Vec<(u64, f64)>, Outcome) {
+    let losses = RefCell::new(Vec::new());
+    let mut on_event = |e: &Event| {
+        if let Event::Step(m) = e {
+            losses.borrow_mut().push((m.step, m.loss));
+        }
+    };
+    let should_stop = || stop_after.is_some_and(|n| losses.borrow().len() as u64 >= n);
+    let outcome = train::run(config, resume, Hooks { on_event: &mut on_event, should_stop: &should_stop }).expect("training runs");
+    (losses.into_inner(), outcome)
+}
+
+#[test]
+fn lora_training_lowers_the_loss_and_writes_a_peft_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), Arch::Qwen3);
+    let data = chat_file(dir.path(), 16);
+    let out = dir.path().join("run");
+    let mut c = config(&model, &data, &out);
+    c.train.max_steps = Some(12);
+    c.train.epochs = 3;
+    let (losses, outcome) = run_collecting(&c, None, None);
+    assert_eq!(losses.len(), 12);
+    let (first, last) = (losses[0].1, losses[11].1);
+    assert!(last < first * 0.8, "loss should fall: first {first}, last {last}");
+    let Outcome::Finished { adapter_dir: Some(adapter), results_csv, .. } = outcome else { panic!("expected a finished run") };
+    assert!(adapter.join("adapter_config.json").is_file() && adapter.join("adapter_model.safetensors").is_file());
+    let csv = std::fs::read_to_string(results_csv).unwrap();
+    assert!(csv.starts_with("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n"));
+    assert_eq!(csv.lines().count(), 13);
+}
+
+#[test]
+fn a_resumed_run_repeats_the_uninterrupted_losses_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), Arch::Llama);
+    let data = chat_file(dir.path(), 20);
+    let mut straight = config(&model, &data, &dir.path().join("straight"));
+    straight.lora.dropout = 0.1; // dropout masks must be replayed too
+    let (expected, _) = run_collecting(&straight, None, None);
+
+    let mut interrupted = straight.clone();
+    interrupted.output_dir = dir.path().join("interrupted");
+    let (before, outcome) = run_collecting(&interrupted, None, Some(3));
+    let Outcome::Stopped { step: 3, checkpoint: Some(checkpoint) } = outcome else { panic!("expected a stop at step 3, got {outcome:?}") };
+    let (after, _) = run_collecting(&interrupted, Some(&checkpoint), None);
+
+    let resumed: Vec<(u64, f64)> = before.into_iter().chain(after).collect();
+    assert_eq!(resumed.len(), expected.len());
+    for ((step, a), (_, b)) in expected.iter().zip(&resumed) {
+        assert_eq!(a.to_bits(), b.to_bits(), "step {step}: uninterrupted {a} vs resumed {b}");
+    }
+    let csv = std::fs::read_to_string(interrupted.output_dir.join("results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), expected.len() + 1, "results.csv keeps the steps before the checkpoint");
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_same_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), Arch::Qwen2);
+    let data = chat_file(dir.path(), 12);
+    let plain = config(&model, &data, &dir.path().join("plain"));
+    let mut recomputed = config(&model, &data, &dir.path().join("recomputed"));
+    recomputed.train.gradient_checkpointing = true;
+    let (a, _) = run_collecting(&plain, None, None);
+    let (b, _) = run_collecting(&recomputed, None, None);
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-5 * x.abs(), "step {step}: {x} vs {y}");
+    }
+}
+
+#[test]
+fn full_fine_tuning_with_packing_lowers_the_loss_and_writes_a_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), Arch::Qwen3);
+    let data = chat_file(dir.path(), 24);
+    let mut c = config(&model, &data, &dir.path().join("full"));
+    c.method = Method::Full;
+    c.data.packing = true;
+    c.data.max_seq_length = 128;
+    c.optim.learning_rate = 2e-3;
+    c.train.max_steps = Some(10);
+    c.train.epochs = 10;
+    let (losses, outcome) = run_collecting(&c, None, None);
+    assert!(losses.last().unwrap().1 < losses[0].1 * 0.8, "{losses:?}");
+    let Outcome::Finished { model_dir: Some(model_out), adapter_dir: None, .. } = outcome else { panic!("{outcome:?}") };
+    assert!(model_out.join("model.safetensors").is_file() && model_out.join("config.json").is_file());
+}
+
+#[test]
+fn continued_pretraining_on_raw_text_trains_every_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), Arch::Qwen3);
+    let data = dir.path().join("text.jsonl");
+    let lines: String = (0..10).map(|i| format!("{{\"text\": \"Advisory {i}: buffer overflow in the parser of product {i}.\"}}\n")).collect();
+    std::fs::write(&data, lines).unwrap();
+    let mut c = config(&model, &data, &dir.path().join("cpt"));
+    c.train.max_steps = Some(3);
+    let (losses, _) = run_collecting(&c, None, None);
+    assert_eq!(losses.len(), 3);
+    assert!(losses.iter().all(|(_, l)| l.is_finite() && *l > 0.0));
+}
+
+fn run_error(config: &TrainConfig) -> String {
+    let mut on_event = |_: &Event| {};
+    let should_stop = || false;
+    match train::run(config, None, Hooks { on_event: &mut on_event, should_stop: &should_stop }) {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn a_bad_jsonl_line_is_reported_by_number_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), Arch::Qwen3);
+    let data = chat_file(dir.path(), 4);
+    let mut text = std::fs::read_to_string(&data).unwrap();
+    text.push_str("{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}\n");
+    std::fs::write(&data, text).unwrap();
+    let out = dir.path().join("run");
+    let err = run_error(&config(&model, &data, &out));
+    assert!(err.contains("train.jsonl:5"), "{err}");
+    assert!(!out.exists(), "output_dir must not be created on bad input");
+}
+
+#[test]
+fn bad_models_are_refused_with_the_file_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), Arch::Qwen3);
+    let data = chat_file(dir.path(), 4);
+
+    let pickle = dir.path().join("pickle");
+    std::fs::create_dir_all(&pickle).unwrap();
+    std::fs::copy(model.join("config.json"), pickle.join("config.json")).unwrap();
+    std::fs::write(pickle.join("pytorch_model.bin"), b"not really").unwrap();
+    let err = run_error(&config(&pickle, &data, &dir.path().join("a")));
+    assert!(err.contains("pytorch_model.bin") && err.contains("safetensors"), "{err}");
+
+    let no_config = dir.path().join("empty");
+    std::fs::create_dir_all(&no_config).unwrap();
+    let err = run_error(&config(&no_config, &data, &dir.path().join("b")));
+    assert!(err.contains("config.json"), "{err}");
+
+    let wrong_shape = dir.path().join("wrong");
+    std::fs::create_dir_all(&wrong_shape).unwrap();
+    for f in std::fs::read_dir(&model).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, wrong_shape.join(f.file_name().unwrap())).unwrap();
+    }
+    let cfg = std::fs::read_to_string(wrong_shape.join("config.json")).unwrap();
+    std::fs::write(wrong_shape.join("config.json"), cfg.replace("\"intermediate_size\": 176", "\"intermediate_size\": 180")).unwrap();
+    let err = run_error(&config(&wrong_shape, &data, &dir.path().join("c")));
+    assert!(err.contains("mlp.gate_proj.weight") && err.contains("shape"), "{err}");
+    for out in ["a", "b", "c"] {
+        assert!(!dir.path().join(out).exists());
+    }
+}
+
+#[test]
+fn impossible_settings_are_refused_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), Arch::Qwen3);
+    let data = chat_file(dir.path(), 4);
+    let mut c = config(&model, &data, &dir.path().join("run"));
+    c.lora.rank = 0;
+    assert!(run_error(&c).contains("lora.rank"));
+    let mut c = config(&model, &data, &dir.path().join("run"));
+    c.optim.learning_rate = 0.0;
+    assert!(run_error(&c).contains("optim.learning_rate"));
+    let mut c = config(&model, &data, &dir.path().join("run"));
+    c.data.max_seq_length = 0;
+    assert!(run_error(&c).contains("data.max_seq_length"));
+}
