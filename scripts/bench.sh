@@ -7,20 +7,23 @@
 # The baseline trains on the batches Lathe dumped (debug/batches.safetensors), from Lathe's initial
 # adapter and with its lr per step, so the two loss curves must agree as well.
 #
-#   scripts/bench.sh                      # bf16 and fp32, 10 measured steps after 2 warm-up steps
-#   BENCH_STEPS=5 BENCH_DTYPES=fp32 scripts/bench.sh
+#   scripts/bench.sh                      # bf16 and fp32, 3 measured steps after 1 warm-up step
+#   BENCH_STEPS=10 BENCH_WARMUP=2 BENCH_DTYPES=fp32 scripts/bench.sh
 #
-# Env: LATHE_BIN, BENCH_DIR (runs/bench), BENCH_STEPS (10), BENCH_WARMUP (2), BENCH_SEQ (512),
+# Env: LATHE_BIN, BENCH_DIR (runs/bench), BENCH_STEPS (3), BENCH_WARMUP (1), BENCH_SEQ (512),
 #      BENCH_BATCH (4), BENCH_RANK (16), BENCH_DTYPES ("bf16 fp32"), BENCH_ARCH (qwen3),
 #      BENCH_PRESET (small). Run it on an otherwise idle machine.
+# Cost of one step of the small preset (103M parameters, 2048 tokens, ~1 TFLOP) on 2 AVX2 cores:
+# fp32 ~15-35 s; bf16 ~10 min, because without AVX512-BF16/AMX libtorch's bf16 matmul falls back
+# to a slow kernel (see bench/matmul_peak.py). Budget the bf16 half accordingly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY="$ROOT/.venv/bin/python"
 LATHE=${LATHE_BIN:-$ROOT/target/release/lathe}
 DIR=${BENCH_DIR:-$ROOT/runs/bench}
-STEPS=${BENCH_STEPS:-10}
-WARMUP=${BENCH_WARMUP:-2}
+STEPS=${BENCH_STEPS:-3}
+WARMUP=${BENCH_WARMUP:-1}
 SEQ=${BENCH_SEQ:-512}
 BATCH=${BENCH_BATCH:-4}
 RANK=${BENCH_RANK:-16}
@@ -44,7 +47,8 @@ if [ ! -f "$MODEL/config.json" ]; then
 fi
 
 step "data: $((TOTAL * BATCH)) rows of ~$SEQ tokens"
-"$PY" bench/make_data.py --model "$MODEL" --rows $((TOTAL * BATCH)) --seq-len "$SEQ" --out "$DIR/data" >&2
+"$PY" bench/make_data.py --model "$MODEL" --rows $((TOTAL * BATCH)) --seq-len "$SEQ" --reserve 1 \
+  --out "$DIR/data" >&2
 
 step "matmul peak"
 "$PY" bench/matmul_peak.py > "$DIR/results/matmul_peak.json"

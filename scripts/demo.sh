@@ -37,7 +37,7 @@ warmup_ratio = 0.05
 [train]
 epochs = 2
 batch_size = 4
-dtype = "fp32"
+dtype = "auto"
 device = "auto"
 eval_every = 10
 checkpoint_every = 20

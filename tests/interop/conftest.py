@@ -324,12 +324,15 @@ def token_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torc
 def reference_training(model, steps: list[dict], batches: dict, optim: dict) -> list[dict]:
     """Replays Lathe's optimizer steps with torch: same batches, same lr per step, AdamW, clipping.
 
-    Returns per step {"loss", "grad_norm"}: loss = sum of token cross-entropies over the step's
-    micro-batches / the step's trained tokens (what Lathe reports)."""
+    Weight decay as the HF Trainer applies it: every matrix, no biases and no norm weights (the
+    1-D tensors; LoRA has none). Returns per step {"loss", "grad_norm"}: loss = sum of token
+    cross-entropies over the step's micro-batches / the step's trained tokens (what Lathe reports)."""
     params = [p for p in model.parameters() if p.requires_grad]
     assert params, "the reference model has no trainable parameters"
-    optimizer = torch.optim.AdamW(params, lr=steps[0]["lr"], betas=(optim["beta1"], optim["beta2"]),
-                                  eps=optim["eps"], weight_decay=optim["weight_decay"], foreach=False)
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim["weight_decay"]},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=steps[0]["lr"],
+                                  betas=(optim["beta1"], optim["beta2"]), eps=optim["eps"], foreach=False)
     model.train()
     results = []
     for event in steps:
@@ -383,17 +386,23 @@ def copy_model_dir(src: Path, dst: Path) -> Path:
     return dst
 
 
-def sharpened_model(src: Path, dst: Path, factor: float = 4.0) -> Path:
-    """A copy of `src` with the final RMSNorm weight scaled by `factor`.
+def sharpened_model(src: Path, dst: Path, target_logit_std: float = 0.7) -> Path:
+    """A copy of `src` whose logits on random tokens have a standard deviation of at least
+    `target_logit_std` (the final RMSNorm weight is scaled up if needed; never down).
 
-    A randomly initialised model predicts a near-uniform distribution, so every token costs about
-    ln(V) and a loss normalised the wrong way (e.g. a mean of per-micro-batch means) equals the
-    right one to 1e-4. Larger logits make per-token losses differ and training move faster, so a
-    normalisation or accumulation error shows up as ~1e-2 in the loss (measured with the
-    reference loop: fp32 vs fp64 differ by 1e-7 over 20 steps, a mean of means by 1e-2)."""
+    A model initialised with std 0.02 (transformers' default) predicts a near-uniform
+    distribution, so every token costs about ln(V) and a loss normalised the wrong way (e.g. a
+    mean of per-micro-batch means) equals the right one to 1e-4. With logits of std >= 0.7
+    per-token losses differ and training moves, so such an error shows in the loss: measured with
+    the reference loop over the 20-step LoRA run, a mean of means moves it by 1e-2 (std 0.7) to
+    16% (Lathe's tiny preset, std ~1, left as is), while fp32 vs fp64 differ by 1e-7."""
     copy_model_dir(src, dst)
-    tensors = load_file(str(dst / "model.safetensors"))
-    assert "model.norm.weight" in tensors, f"no model.norm.weight in {src}"
-    tensors["model.norm.weight"] = tensors["model.norm.weight"] * factor
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    model = load_hf_model(dst)
+    std = hf_logits(model, random_input_ids(model.config.vocab_size, 2, 32, seed=3)).std().item()
+    factor = max(1.0, target_logit_std / std)
+    if factor > 1.0:
+        tensors = load_file(str(dst / "model.safetensors"))
+        assert "model.norm.weight" in tensors, f"no model.norm.weight in {src}"
+        tensors["model.norm.weight"] = tensors["model.norm.weight"] * factor
+        save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
     return dst

@@ -37,9 +37,15 @@ impl ProgressPrinter {
                 self.bar = Some(bar);
             }
             Event::Step(m) => {
+                let message = format!("loss {:.4} lr {:.2e} {:.0} tok/s", m.loss, m.lr, m.tokens_per_second);
                 if let Some(bar) = &self.bar {
                     bar.set_position(m.step);
-                    bar.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s", m.loss, m.lr, m.tokens_per_second));
+                    // Without a terminal the bar is hidden: log about twenty lines per run instead.
+                    let every = (m.total_steps / 20).max(1);
+                    if bar.is_hidden() && (m.step % every == 0 || m.step == m.total_steps) {
+                        eprintln!("step {}/{} {message}", m.step, m.total_steps);
+                    }
+                    bar.set_message(message);
                 }
             }
             Event::Eval { step, valid_loss, valid_mean_token_accuracy, .. } => {
@@ -53,8 +59,8 @@ impl ProgressPrinter {
 
     fn println(&self, line: String) {
         match &self.bar {
-            Some(bar) => bar.println(line),
-            None => eprintln!("{line}"),
+            Some(bar) if !bar.is_hidden() => bar.println(line),
+            _ => eprintln!("{line}"),
         }
     }
 

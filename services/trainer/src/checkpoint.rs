@@ -178,8 +178,8 @@ mod tests {
     fn a_rewrite_replaces_the_old_directory_whole() {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("adapter");
-        write_dir_atomically(&target, |tmp| Ok(std::fs::write(tmp.join("a"), "1").unwrap())).unwrap();
-        write_dir_atomically(&target, |tmp| Ok(std::fs::write(tmp.join("b"), "2").unwrap())).unwrap();
+        write_dir_atomically(&target, |tmp| std::fs::write(tmp.join("a"), "1").map_err(|e| TrainerError::io(tmp, e))).unwrap();
+        write_dir_atomically(&target, |tmp| std::fs::write(tmp.join("b"), "2").map_err(|e| TrainerError::io(tmp, e))).unwrap();
         assert!(!target.join("a").exists());
         assert_eq!(std::fs::read_to_string(target.join("b")).unwrap(), "2");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);

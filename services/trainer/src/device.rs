@@ -27,8 +27,24 @@ fn require_cuda(index: usize) -> Result<Device> {
     Ok(Device::Cuda(index))
 }
 
-/// Resolves "fp32" | "bf16" | "fp16" | "auto". Auto picks bf16: it is what GPUs train in and,
-/// on CPUs with AVX-512 BF16/AMX, several times faster than fp32 matmul.
+/// Resolves "fp32" | "bf16" | "fp16" | "auto" for `device`. Auto picks bf16 on GPUs and on CPUs
+/// with native bf16 matmul (AVX-512 BF16 or AMX), where it is several times faster than fp32;
+/// on other CPUs bf16 is emulated and slower, so auto keeps fp32 there.
+pub fn resolve_dtype(name: &str, device: Device) -> Result<Kind> {
+    if name == "auto" {
+        let native_bf16 = device.is_cuda() || cpu_has_native_bf16();
+        return Ok(if native_bf16 { Kind::BFloat16 } else { Kind::Float });
+    }
+    parse_dtype(name)
+}
+
+fn cpu_has_native_bf16() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|info| info.lines().filter(|l| l.starts_with("flags")).take(1).any(|l| l.contains("avx512_bf16") || l.contains("amx_bf16")))
+        .unwrap_or(false)
+}
+
+/// Parses "fp32" | "bf16" | "fp16" | "auto" (auto is resolved per device by [`resolve_dtype`]).
 pub fn parse_dtype(name: &str) -> Result<Kind> {
     match name {
         "fp32" | "float32" => Ok(Kind::Float),

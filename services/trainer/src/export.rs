@@ -7,7 +7,7 @@ use std::path::Path;
 use tch::{Kind, Tensor};
 
 use crate::checkpoint::{write_dir_atomically, write_tensors};
-use crate::models::decoder::Decoder;
+use crate::models::decoder::{linear_path, Decoder};
 use crate::{Result, TrainerError};
 
 /// Files copied unchanged from the base model directory when present.
@@ -30,8 +30,7 @@ pub fn merged_tensors(decoder: &Decoder, kind: Kind) -> Vec<(String, Tensor)> {
     for (i, layer) in decoder.layers.iter().enumerate() {
         for (module, linear) in layer.linears() {
             if let Some(lora) = &linear.lora {
-                let group = if ["gate_proj", "up_proj", "down_proj"].contains(&module) { "mlp" } else { "self_attn" };
-                deltas.insert(format!("model.layers.{i}.{group}.{module}.weight"), lora.delta_weight());
+                deltas.insert(format!("{}.weight", linear_path(i, module)), lora.delta_weight());
             }
         }
     }

@@ -40,7 +40,7 @@ impl LoraConfig {
         if self.rank <= 0 {
             return Err(TrainerError::invalid("lora.rank", format!("must be at least 1, got {}", self.rank)));
         }
-        if !(self.alpha > 0.0) {
+        if self.alpha.is_nan() || self.alpha <= 0.0 {
             return Err(TrainerError::invalid("lora.alpha", format!("must be positive, got {}", self.alpha)));
         }
         if !(0.0..1.0).contains(&self.dropout) {

@@ -9,7 +9,7 @@ use tch::{Kind, Tensor};
 
 use crate::checkpoint::{read_tensors, write_dir_atomically, write_json, write_tensors};
 use crate::lora::{LoraConfig, TargetModules, LINEAR_MODULES};
-use crate::models::decoder::Decoder;
+use crate::models::decoder::{linear_path, Decoder};
 use crate::{Result, TrainerError};
 
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -110,9 +110,8 @@ pub fn load_adapter_weights(dir: &Path, decoder: &mut Decoder) -> Result<()> {
     for (i, layer) in decoder.layers.iter_mut().enumerate() {
         for (module, linear) in layer.linears_mut() {
             let Some(lora) = linear.lora.as_mut() else { continue };
-            let group = if ["gate_proj", "up_proj", "down_proj"].contains(&module) { "mlp" } else { "self_attn" };
             for (suffix, target) in [("lora_A", &mut lora.a), ("lora_B", &mut lora.b)] {
-                let name = format!("{PREFIX}model.layers.{i}.{group}.{module}.{suffix}.weight");
+                let name = format!("{PREFIX}{}.{suffix}.weight", linear_path(i, module));
                 let tensor = saved.remove(&name).ok_or_else(|| TrainerError::file(&path, format!("missing tensor {name}")))?;
                 if tensor.size() != target.size() {
                     return Err(TrainerError::file(

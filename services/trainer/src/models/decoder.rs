@@ -274,11 +274,7 @@ impl Decoder {
                 f(&format!("{p}.self_attn.k_norm.weight"), &n.weight);
             }
             for (module, linear) in layer.linears() {
-                let prefix = if ["gate_proj", "up_proj", "down_proj"].contains(&module) {
-                    format!("{p}.mlp.{module}")
-                } else {
-                    format!("{p}.self_attn.{module}")
-                };
+                let prefix = linear_path(i, module);
                 f(&format!("{prefix}.weight"), &linear.weight);
                 if let Some(b) = &linear.bias {
                     f(&format!("{prefix}.bias"), b);
@@ -363,6 +359,13 @@ impl Mlp {
         let gate = self.gate_proj.forward(x, train).silu();
         self.down_proj.forward(&(gate * self.up_proj.forward(x, train)), train)
     }
+}
+
+/// The checkpoint path of a decoder layer's projection: `model.layers.{i}.mlp.up_proj` or
+/// `model.layers.{i}.self_attn.q_proj`.
+pub fn linear_path(layer: usize, module: &str) -> String {
+    let group = if ["gate_proj", "up_proj", "down_proj"].contains(&module) { "mlp" } else { "self_attn" };
+    format!("model.layers.{layer}.{group}.{module}")
 }
 
 fn rotate_half(x: &Tensor) -> Tensor {

@@ -233,7 +233,7 @@ impl TrainConfig {
                 return Err(TrainerError::invalid(name, format!("must be in [0, 1), got {beta}")));
             }
         }
-        if !(o.eps > 0.0) {
+        if o.eps.is_nan() || o.eps <= 0.0 {
             return Err(TrainerError::invalid("optim.eps", "must be > 0"));
         }
         if o.max_grad_norm < 0.0 {

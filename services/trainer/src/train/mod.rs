@@ -15,7 +15,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use tch::{Device, Kind};
+use tch::Device;
 
 use crate::checkpoint::{self, CheckpointState};
 use crate::data::encode::{EncodeOptions, Encoder};
@@ -52,7 +52,7 @@ pub fn run(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks) -> Re
         tch::set_num_threads(config.train.threads as i32);
     }
     let device = device::parse_device(&config.train.device)?;
-    let kind = device::parse_dtype(&config.train.dtype)?;
+    let kind = device::resolve_dtype(&config.train.dtype, device)?;
     let model_dir = ModelDir::open(&config.model)?;
     let encoder = Encoder::from_model_dir(
         &config.model,
@@ -212,6 +212,8 @@ pub fn run(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks) -> Re
 
     // ---- save ----
     if config.debug.dump_batches && !batch_dump.is_empty() {
+        let debug_dir = out.join("debug");
+        std::fs::create_dir_all(&debug_dir).map_err(|e| TrainerError::io(&debug_dir, e))?;
         checkpoint::write_tensors(&out.join("debug/batches.safetensors"), &batch_dump)?;
     }
     let adapter_dir = match &lora {
@@ -376,9 +378,4 @@ impl<'a> RunLog<'a> {
         std::fs::rename(&tmp, &path).map_err(|e| TrainerError::io(&path, e))?;
         Ok(path)
     }
-}
-
-/// Convenience for callers that only need a dtype name check.
-pub fn compute_kind(config: &TrainConfig) -> Result<Kind> {
-    device::parse_dtype(&config.train.dtype)
 }

@@ -1,0 +1,511 @@
+//! A fine-tuning job as validated at create time: [`JobSpec`], built from the request body by
+//! `JobSpec::try_from(CreateJobRequest)`, stored as `jobs.spec` (jsonb), and handed to the
+//! worker on claim, which maps it onto the trainer's config.
+//!
+//! Every "auto" and every absent field is resolved here, once, so the stored spec is the whole
+//! recipe and a job can be reproduced from it:
+//! - `n_epochs` "auto" → 3 and `batch_size` "auto" → 4. OpenAI's "auto" picks these from the
+//!   size of the data; Lathe uses fixed documented values so the spec does not depend on the
+//!   file (and the job object shows numbers from the start).
+//! - Learning rate: an absolute `learning_rate` wins; otherwise `learning_rate_multiplier`
+//!   (default 1) × the base rate, 1e-4 for LoRA and 1e-5 for full-parameter training. The
+//!   multiplier shown in the job object is always `learning_rate / base`.
+//! - LoRA: rank 16, alpha 32, dropout 0, every linear layer, no rsLoRA (the trainer's
+//!   defaults). Supervised jobs always train an adapter; `full` never does;
+//!   `continued_pretraining` trains every weight unless a `lora` object is given.
+//! - Seed 0, cosine schedule, warmup 3 %, 2048 tokens, no packing, loss on assistant tokens
+//!   only, pool "default", priority 0.
+//!
+//! Fields added to `JobSpec` later must carry `#[serde(default)]`: specs stored by older
+//! controllers are read back by newer workers.
+
+mod request;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::ids::FileId;
+use crate::training_file::{DataFormat, FileSummary};
+
+pub use request::{
+    AutoOr, CreateJobRequest, HyperparametersRequest, LoraRequest, MethodRequest, MethodSettingsRequest,
+    TargetModulesRequest,
+};
+
+pub const DEFAULT_N_EPOCHS: u32 = 3;
+pub const DEFAULT_BATCH_SIZE: u32 = 4;
+pub const LORA_BASE_LEARNING_RATE: f64 = 1e-4;
+pub const FULL_BASE_LEARNING_RATE: f64 = 1e-5;
+pub const DEFAULT_SEED: u64 = 0;
+pub const DEFAULT_WARMUP_RATIO: f64 = 0.03;
+pub const DEFAULT_MAX_SEQ_LENGTH: u32 = 2048;
+pub const MAX_SEQ_LENGTH_LIMIT: u32 = 131_072;
+pub const DEFAULT_POOL: &str = "default";
+pub const DEFAULT_LORA_RANK: u32 = 16;
+pub const DEFAULT_LORA_ALPHA: f64 = 32.0;
+/// The linear layers of every supported decoder, as named in the checkpoint (and by PEFT).
+pub const LINEAR_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// A field the API refuses. `param` is the field's dotted path as OpenAI's error envelope
+/// names it (`hyperparameters.n_epochs`, `lora.rank`), empty when the whole body is at fault;
+/// `message` is a full sentence that names the field too.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct SpecError {
+    pub param: String,
+    pub message: String,
+}
+
+impl SpecError {
+    pub fn new(param: impl Into<String>, message: impl Into<String>) -> Self {
+        SpecError { param: param.into(), message: message.into() }
+    }
+
+    /// `lora.rank: must be at least 1, got 0`.
+    pub fn invalid(param: &str, detail: impl std::fmt::Display) -> Self {
+        SpecError { param: param.to_string(), message: format!("{param}: {detail}") }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Chat or prompt/completion data, loss on the answers.
+    Supervised,
+    /// Raw `{"text": …}` documents, loss on every token.
+    ContinuedPretraining,
+    /// Supervised, every weight trained.
+    Full,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Supervised => "supervised",
+            Method::ContinuedPretraining => "continued_pretraining",
+            Method::Full => "full",
+        }
+    }
+
+    /// Whether a file of this format can train with this method.
+    pub fn accepts(self, format: DataFormat) -> bool {
+        match self {
+            Method::Supervised | Method::Full => format != DataFormat::Text,
+            Method::ContinuedPretraining => format == DataFormat::Text,
+        }
+    }
+}
+
+/// The `hyperparameters` of OpenAI's job object, resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Hyperparameters {
+    pub n_epochs: u32,
+    pub batch_size: u32,
+    pub learning_rate_multiplier: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraSpec {
+    pub rank: u32,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Resolved: "all-linear" is stored as the full list, in checkpoint order.
+    pub target_modules: Vec<String>,
+    pub use_rslora: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantization {
+    /// 4-bit NormalFloat frozen base (QLoRA).
+    Nf4,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrScheduler {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+/// What a worker needs to take the job: dispatch reads these columns, not the jsonb.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    pub pool: String,
+    /// GPU memory the job needs; a worker with less does not claim it.
+    pub gpu_memory_gb: Option<u32>,
+    /// -100..=100; higher is dispatched first.
+    pub priority: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// Base model name, resolved under the models root by the controller.
+    pub model: String,
+    pub training_file: FileId,
+    pub validation_file: Option<FileId>,
+    pub method: Method,
+    pub hyperparameters: Hyperparameters,
+    /// The peak learning rate actually used.
+    pub learning_rate: f64,
+    /// `Some` when the job trains a LoRA adapter on a frozen base.
+    pub lora: Option<LoraSpec>,
+    pub quantization: Option<Quantization>,
+    pub lr_scheduler: LrScheduler,
+    pub warmup_ratio: f64,
+    pub max_seq_length: u32,
+    pub packing: bool,
+    pub train_on_inputs: bool,
+    pub gradient_checkpointing: bool,
+    pub seed: u64,
+    pub suffix: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub resources: Resources,
+}
+
+impl JobSpec {
+    /// The job object's `hyperparameters`.
+    pub fn hyperparameters_view(&self) -> Hyperparameters {
+        self.hyperparameters
+    }
+
+    /// The job object's `method`: `{"type": "supervised", "supervised": {"hyperparameters": …}}`.
+    pub fn method_view(&self) -> Value {
+        let kind = self.method.as_str();
+        let mut view = serde_json::Map::new();
+        view.insert("type".into(), kind.into());
+        view.insert(kind.into(), json!({ "hyperparameters": self.hyperparameters }));
+        Value::Object(view)
+    }
+
+    /// The base rate the multiplier scales: LoRA adapters tolerate a larger one.
+    pub fn base_learning_rate(&self) -> f64 {
+        base_learning_rate(self.lora.is_some())
+    }
+
+    /// Job-create check against the uploaded files' summaries: the data must suit the method.
+    pub fn check_files(&self, training: &FileSummary, validation: Option<&FileSummary>) -> Result<(), SpecError> {
+        for (param, summary) in [("training_file", Some(training)), ("validation_file", validation)] {
+            let Some(summary) = summary else { continue };
+            if !self.method.accepts(summary.format) {
+                let hint = if self.method == Method::ContinuedPretraining {
+                    "continued_pretraining reads {\"text\": …} lines"
+                } else {
+                    "text lines have no answers to learn; use method.type continued_pretraining"
+                };
+                let detail = format!(
+                    "the file is in {} format, which method.type {} cannot train on ({hint})",
+                    summary.format.describe(),
+                    self.method.as_str()
+                );
+                return Err(SpecError::invalid(param, detail));
+            }
+        }
+        if let Some(validation) = validation.filter(|v| v.format != training.format) {
+            let detail = format!(
+                "the file is in {} format but the training file is in {} format",
+                validation.format.describe(),
+                training.format.describe()
+            );
+            return Err(SpecError::invalid("validation_file", detail));
+        }
+        Ok(())
+    }
+}
+
+fn base_learning_rate(lora: bool) -> f64 {
+    if lora {
+        LORA_BASE_LEARNING_RATE
+    } else {
+        FULL_BASE_LEARNING_RATE
+    }
+}
+
+impl TryFrom<CreateJobRequest> for JobSpec {
+    type Error = SpecError;
+
+    fn try_from(request: CreateJobRequest) -> Result<Self, SpecError> {
+        let model = validate_model_name(request.model.as_deref())?;
+        let training_file = match request.training_file.as_deref() {
+            None | Some("") => return Err(SpecError::invalid("training_file", "missing required parameter")),
+            Some(id) => parse_file_id("training_file", id)?,
+        };
+        let validation_file = match request.validation_file.as_deref() {
+            None | Some("") => None,
+            Some(id) => Some(parse_file_id("validation_file", id)?),
+        };
+        let (method, hyperparameters_request, hyperparameters_param) = resolve_method(&request)?;
+
+        let lora = match (method, &request.lora) {
+            (Method::Full, Some(_)) => {
+                return Err(SpecError::invalid("lora", "method.type full trains every weight; remove `lora`"));
+            }
+            (Method::Full, None) | (Method::ContinuedPretraining, None) => None,
+            (_, Some(lora)) => Some(resolve_lora(lora)?),
+            (Method::Supervised, None) => Some(resolve_lora(&LoraRequest::default())?),
+        };
+        let quantization = match request.quantization.as_deref() {
+            None => None,
+            Some("nf4") if lora.is_some() => Some(Quantization::Nf4),
+            Some("nf4") => {
+                return Err(SpecError::invalid(
+                    "quantization",
+                    "nf4 (QLoRA) freezes a 4-bit base under a LoRA adapter; it needs LoRA, and this job trains every weight",
+                ))
+            }
+            Some(other) => return Err(SpecError::invalid("quantization", format!("expected \"nf4\" or null, got {other:?}"))),
+        };
+
+        let h = hyperparameters_request.unwrap_or_default();
+        let n_epochs = resolve_count(h.n_epochs, DEFAULT_N_EPOCHS, 1..=50, &format!("{hyperparameters_param}.n_epochs"))?;
+        let batch_size =
+            resolve_count(h.batch_size, DEFAULT_BATCH_SIZE, 1..=256, &format!("{hyperparameters_param}.batch_size"))?;
+        let base = base_learning_rate(lora.is_some());
+        let learning_rate = match (request.learning_rate, h.learning_rate_multiplier) {
+            (Some(lr), _) => {
+                if !(lr > 0.0 && lr <= 1.0) {
+                    return Err(SpecError::invalid("learning_rate", format!("must be in (0, 1], got {lr}")));
+                }
+                lr
+            }
+            (None, None | Some(AutoOr::Auto)) => base,
+            (None, Some(AutoOr::Value(m))) => {
+                if !(m > 0.0 && m <= 100.0) {
+                    let param = format!("{hyperparameters_param}.learning_rate_multiplier");
+                    return Err(SpecError::invalid(&param, format!("must be in (0, 100], got {m}")));
+                }
+                m * base
+            }
+        };
+        let hyperparameters =
+            Hyperparameters { n_epochs, batch_size, learning_rate_multiplier: round_to_12_digits(learning_rate / base) };
+
+        let lr_scheduler = match request.lr_scheduler.as_deref() {
+            None | Some("cosine") => LrScheduler::Cosine,
+            Some("linear") => LrScheduler::Linear,
+            Some("constant") => LrScheduler::Constant,
+            Some(other) => {
+                return Err(SpecError::invalid("lr_scheduler", format!("expected cosine, linear or constant, got {other:?}")))
+            }
+        };
+        let warmup_ratio = request.warmup_ratio.unwrap_or(DEFAULT_WARMUP_RATIO);
+        if !(0.0..=1.0).contains(&warmup_ratio) {
+            return Err(SpecError::invalid("warmup_ratio", format!("must be in [0, 1], got {warmup_ratio}")));
+        }
+        let max_seq_length = match request.max_seq_length {
+            None => DEFAULT_MAX_SEQ_LENGTH,
+            Some(n) if (2..=i64::from(MAX_SEQ_LENGTH_LIMIT)).contains(&n) => n as u32,
+            Some(n) => {
+                return Err(SpecError::invalid(
+                    "max_seq_length",
+                    format!("must be between 2 and {MAX_SEQ_LENGTH_LIMIT}, got {n}"),
+                ))
+            }
+        };
+        let seed = match request.seed {
+            None => DEFAULT_SEED,
+            Some(s) if (0..=i64::from(i32::MAX)).contains(&s) => s as u64,
+            Some(s) => return Err(SpecError::invalid("seed", format!("must be between 0 and {}, got {s}", i32::MAX))),
+        };
+
+        Ok(JobSpec {
+            model,
+            training_file,
+            validation_file,
+            method,
+            hyperparameters,
+            learning_rate,
+            lora,
+            quantization,
+            lr_scheduler,
+            warmup_ratio,
+            max_seq_length,
+            packing: request.packing.unwrap_or(false),
+            train_on_inputs: request.train_on_inputs.unwrap_or(false),
+            gradient_checkpointing: request.gradient_checkpointing.unwrap_or(false),
+            seed,
+            suffix: validate_suffix(request.suffix)?,
+            metadata: validate_metadata(request.metadata)?,
+            resources: resolve_resources(request.pool, request.gpu_memory_gb, request.priority)?,
+        })
+    }
+}
+
+/// The method, its hyperparameters, and the param prefix errors about them should carry.
+fn resolve_method(request: &CreateJobRequest) -> Result<(Method, Option<HyperparametersRequest>, String), SpecError> {
+    let top_level = request.hyperparameters.clone().filter(|h| !h.is_empty());
+    let Some(method) = &request.method else {
+        return Ok((Method::Supervised, top_level, "hyperparameters".into()));
+    };
+    let (kind, settings) = match method.kind.as_deref() {
+        Some("supervised") => (Method::Supervised, &method.supervised),
+        Some("continued_pretraining") => (Method::ContinuedPretraining, &method.continued_pretraining),
+        Some("full") => (Method::Full, &method.full),
+        Some("dpo") => {
+            return Err(SpecError::invalid(
+                "method.type",
+                "dpo is not supported; supported: supervised, continued_pretraining, full",
+            ))
+        }
+        Some(other) => {
+            return Err(SpecError::invalid(
+                "method.type",
+                format!("unknown method {other:?}; supported: supervised, continued_pretraining, full"),
+            ))
+        }
+        None => return Err(SpecError::invalid("method.type", "missing required parameter")),
+    };
+    let nested = settings.as_ref().and_then(|s| s.hyperparameters.clone()).filter(|h| !h.is_empty());
+    match (top_level, nested) {
+        (Some(_), Some(_)) => Err(SpecError::invalid(
+            "hyperparameters",
+            format!("give hyperparameters either here or in method.{}.hyperparameters, not both", kind.as_str()),
+        )),
+        (Some(top), None) => Ok((kind, Some(top), "hyperparameters".into())),
+        (None, nested) => Ok((kind, nested, format!("method.{}.hyperparameters", kind.as_str()))),
+    }
+}
+
+fn resolve_count(
+    value: Option<AutoOr<i64>>,
+    default: u32,
+    range: std::ops::RangeInclusive<i64>,
+    param: &str,
+) -> Result<u32, SpecError> {
+    match value {
+        None | Some(AutoOr::Auto) => Ok(default),
+        Some(AutoOr::Value(n)) if range.contains(&n) => Ok(n as u32),
+        Some(AutoOr::Value(n)) => Err(SpecError::invalid(
+            param,
+            format!("must be \"auto\" or between {} and {}, got {n}", range.start(), range.end()),
+        )),
+    }
+}
+
+fn resolve_lora(lora: &LoraRequest) -> Result<LoraSpec, SpecError> {
+    let rank = match lora.rank {
+        None => DEFAULT_LORA_RANK,
+        Some(r) if (1..=1024).contains(&r) => r as u32,
+        Some(r) => return Err(SpecError::invalid("lora.rank", format!("must be between 1 and 1024, got {r}"))),
+    };
+    let alpha = lora.alpha.unwrap_or(DEFAULT_LORA_ALPHA);
+    if !(alpha > 0.0 && alpha.is_finite()) {
+        return Err(SpecError::invalid("lora.alpha", format!("must be positive, got {alpha}")));
+    }
+    let dropout = lora.dropout.unwrap_or(0.0);
+    if !(0.0..1.0).contains(&dropout) {
+        return Err(SpecError::invalid("lora.dropout", format!("must be in [0, 1), got {dropout}")));
+    }
+    let all = || LINEAR_MODULES.iter().map(|m| m.to_string()).collect::<Vec<_>>();
+    let target_modules = match &lora.target_modules {
+        None => all(),
+        Some(TargetModulesRequest::Keyword(k)) if k == "all-linear" || k == "all" => all(),
+        Some(TargetModulesRequest::Keyword(k)) => validate_modules(std::slice::from_ref(k))?,
+        Some(TargetModulesRequest::List(names)) => validate_modules(names)?,
+    };
+    Ok(LoraSpec { rank, alpha, dropout, target_modules, use_rslora: lora.use_rslora.unwrap_or(false) })
+}
+
+/// Known names only, in checkpoint order, each once.
+fn validate_modules(names: &[String]) -> Result<Vec<String>, SpecError> {
+    if names.is_empty() {
+        return Err(SpecError::invalid("lora.target_modules", "empty list; omit it to adapt every linear layer"));
+    }
+    if let Some(unknown) = names.iter().find(|n| !LINEAR_MODULES.contains(&n.as_str())) {
+        return Err(SpecError::invalid(
+            "lora.target_modules",
+            format!("unknown module {unknown:?} (known: all-linear, {})", LINEAR_MODULES.join(", ")),
+        ));
+    }
+    Ok(LINEAR_MODULES.iter().filter(|m| names.iter().any(|n| n == *m)).map(|m| m.to_string()).collect())
+}
+
+/// A name under the models root: `/`-separated segments of `[A-Za-z0-9._-]`, none `.` or `..`,
+/// so the controller can join it to the root without leaving it.
+fn validate_model_name(model: Option<&str>) -> Result<String, SpecError> {
+    let model = match model {
+        None | Some("") => return Err(SpecError::invalid("model", "missing required parameter")),
+        Some(m) => m,
+    };
+    if model.starts_with("ft:") {
+        return Err(SpecError::invalid(
+            "model",
+            "fine-tuning a fine-tuned model is not supported yet; give its base model",
+        ));
+    }
+    let segment_ok = |s: &str| {
+        !s.is_empty() && s != "." && s != ".." && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    };
+    if model.len() > 256 || !model.split('/').all(segment_ok) {
+        return Err(SpecError::invalid(
+            "model",
+            format!("{model:?} is not a model name (letters, digits, '.', '_', '-', segments separated by '/')"),
+        ));
+    }
+    Ok(model.to_string())
+}
+
+fn parse_file_id(param: &str, id: &str) -> Result<FileId, SpecError> {
+    FileId::parse(id).map_err(|e| SpecError::invalid(param, e))
+}
+
+fn validate_suffix(suffix: Option<String>) -> Result<Option<String>, SpecError> {
+    let Some(suffix) = suffix.filter(|s| !s.is_empty()) else { return Ok(None) };
+    if suffix.chars().count() > 64 {
+        return Err(SpecError::invalid("suffix", format!("must be at most 64 characters, got {}", suffix.chars().count())));
+    }
+    if !suffix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Err(SpecError::invalid("suffix", format!("{suffix:?} may only contain letters, digits, '-' and '_'")));
+    }
+    Ok(Some(suffix))
+}
+
+/// OpenAI's limits: 16 pairs, keys up to 64 characters, values up to 512.
+fn validate_metadata(metadata: Option<BTreeMap<String, String>>) -> Result<BTreeMap<String, String>, SpecError> {
+    let metadata = metadata.unwrap_or_default();
+    if metadata.len() > 16 {
+        return Err(SpecError::invalid("metadata", format!("at most 16 pairs, got {}", metadata.len())));
+    }
+    for (key, value) in &metadata {
+        if key.is_empty() || key.chars().count() > 64 {
+            return Err(SpecError::invalid("metadata", format!("key {key:?} must be 1 to 64 characters")));
+        }
+        if value.chars().count() > 512 {
+            return Err(SpecError::invalid("metadata", format!("the value of {key:?} is longer than 512 characters")));
+        }
+    }
+    Ok(metadata)
+}
+
+fn resolve_resources(pool: Option<String>, gpu_memory_gb: Option<i64>, priority: Option<i64>) -> Result<Resources, SpecError> {
+    let pool = pool.unwrap_or_else(|| DEFAULT_POOL.to_string());
+    let pool_ok = (1..=64).contains(&pool.len()) && pool.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !pool_ok {
+        return Err(SpecError::invalid("pool", format!("{pool:?} must be 1 to 64 letters, digits, '-' or '_'")));
+    }
+    let gpu_memory_gb = match gpu_memory_gb {
+        None => None,
+        Some(gb) if (1..=4096).contains(&gb) => Some(gb as u32),
+        Some(gb) => return Err(SpecError::invalid("gpu_memory_gb", format!("must be between 1 and 4096, got {gb}"))),
+    };
+    let priority = match priority {
+        None => 0,
+        Some(p) if (-100..=100).contains(&p) => p as i32,
+        Some(p) => return Err(SpecError::invalid("priority", format!("must be between -100 and 100, got {p}"))),
+    };
+    Ok(Resources { pool, gpu_memory_gb, priority })
+}
+
+/// 5e-5 / 1e-4 is 0.5000000000000001 in binary; the job object shows 0.5.
+fn round_to_12_digits(x: f64) -> f64 {
+    if x == 0.0 || !x.is_finite() {
+        return x;
+    }
+    let scale = 10f64.powi(11 - x.abs().log10().floor() as i32);
+    (x * scale).round() / scale
+}

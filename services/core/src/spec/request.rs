@@ -1,0 +1,204 @@
+//! The body of `POST /v1/fine_tuning/jobs` as it arrives: OpenAI's fields plus Lathe's
+//! extensions (sent by the SDK through `extra_body`). Every field is optional here so that a
+//! missing or mistyped one is reported by [`JobSpec::try_from`](super::JobSpec) or
+//! [`CreateJobRequest::from_json`] with its exact `param`, never as a bare serde message.
+//! Unknown fields (`integrations`, future OpenAI additions) are ignored.
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
+
+use super::SpecError;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CreateJobRequest {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub training_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validation_file: Option<String>,
+    /// OpenAI's older top-level form; `method.<type>.hyperparameters` is the current one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hyperparameters: Option<HyperparametersRequest>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suffix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<MethodRequest>,
+
+    // Lathe extensions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraRequest>,
+    /// "nf4" (QLoRA) or null.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<String>,
+    /// Absolute peak learning rate; wins over `learning_rate_multiplier`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub learning_rate: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr_scheduler: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup_ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_seq_length: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packing: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_on_inputs: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gradient_checkpointing: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_memory_gb: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HyperparametersRequest {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n_epochs: Option<AutoOr<i64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<AutoOr<i64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub learning_rate_multiplier: Option<AutoOr<f64>>,
+}
+
+impl HyperparametersRequest {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.n_epochs.is_none() && self.batch_size.is_none() && self.learning_rate_multiplier.is_none()
+    }
+}
+
+/// `{"type": "supervised", "supervised": {"hyperparameters": {…}}}`; the settings object is
+/// looked up under the name of the type.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MethodRequest {
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub supervised: Option<MethodSettingsRequest>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub continued_pretraining: Option<MethodSettingsRequest>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full: Option<MethodSettingsRequest>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MethodSettingsRequest {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hyperparameters: Option<HyperparametersRequest>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoraRequest {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rank: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dropout: Option<f64>,
+    /// "all-linear" or a list of module names (`q_proj`, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_modules: Option<TargetModulesRequest>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub use_rslora: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModulesRequest {
+    Keyword(String),
+    List(Vec<String>),
+}
+
+/// OpenAI's `"auto"` or a number.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AutoOr<T> {
+    Auto,
+    Value(T),
+}
+
+impl<T: Serialize> Serialize for AutoOr<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            AutoOr::Auto => serializer.serialize_str("auto"),
+            AutoOr::Value(value) => value.serialize(serializer),
+        }
+    }
+}
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for AutoOr<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match Value::deserialize(deserializer)? {
+            Value::String(s) if s == "auto" => Ok(AutoOr::Auto),
+            Value::String(s) => Err(D::Error::custom(format!("expected \"auto\" or a number, found {s:?}"))),
+            other => serde_json::from_value(other).map(AutoOr::Value).map_err(D::Error::custom),
+        }
+    }
+}
+
+impl CreateJobRequest {
+    /// Parses a request body; a field of the wrong type is named in `param`
+    /// (`{"lora": {"rank": "big"}}` → `lora.rank`).
+    pub fn from_json(body: &[u8]) -> Result<Self, SpecError> {
+        let value: Value = serde_json::from_slice(body)
+            .map_err(|e| SpecError::new("", format!("the request body is not valid JSON: {}", without_position(&e))))?;
+        Self::from_value(value)
+    }
+
+    pub fn from_value(value: Value) -> Result<Self, SpecError> {
+        if !value.is_object() {
+            return Err(SpecError::new("", "the request body must be a JSON object"));
+        }
+        serde_json::from_value::<Self>(value.clone()).map_err(|error| {
+            let param = failing_path::<Self>(&value);
+            let detail = without_position(&error);
+            if param.is_empty() {
+                SpecError::new("", detail)
+            } else {
+                SpecError::invalid(&param, detail)
+            }
+        })
+    }
+}
+
+/// serde_json's messages end with "at line 1 column N", which means nothing to an API user.
+fn without_position(error: &serde_json::Error) -> String {
+    let message = error.to_string();
+    message.split(" at line ").next().unwrap_or(&message).to_string()
+}
+
+/// The dotted path of the value that makes `T` fail to deserialize: descend one key at a time,
+/// trying a document that holds only that key's path. Works because every field of the
+/// request types is optional, so a one-key document fails only because of that key.
+fn failing_path<T: DeserializeOwned>(document: &Value) -> String {
+    let mut path: Vec<String> = Vec::new();
+    let mut node = document;
+    while let Value::Object(object) = node {
+        let failing = object.iter().find(|(key, child)| {
+            let mut probe = (*child).clone();
+            for segment in path.iter().chain(std::iter::once(*key)).rev() {
+                probe = Value::Object([(segment.clone(), probe)].into_iter().collect());
+            }
+            serde_json::from_value::<T>(probe).is_err()
+        });
+        let Some((key, child)) = failing else { break };
+        path.push(key.clone());
+        node = child;
+    }
+    path.join(".")
+}

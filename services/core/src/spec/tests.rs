@@ -1,0 +1,278 @@
+use serde_json::json;
+
+use super::*;
+use crate::ids::FileId;
+
+fn training_file() -> String {
+    FileId::from_random([1; 18]).to_string()
+}
+
+/// A request body as the SDK sends it, with `extra` merged in at the top level.
+fn body(extra: Value) -> Value {
+    let mut body = json!({ "model": "tiny-qwen3", "training_file": training_file() });
+    for (key, value) in extra.as_object().expect("object") {
+        body[key] = value.clone();
+    }
+    body
+}
+
+fn spec(extra: Value) -> Result<JobSpec, SpecError> {
+    JobSpec::try_from(CreateJobRequest::from_value(body(extra))?)
+}
+
+fn rejection(extra: Value) -> SpecError {
+    spec(extra).expect_err("expected a rejection")
+}
+
+#[test]
+fn a_minimal_request_resolves_to_the_documented_defaults() {
+    let spec = spec(json!({})).unwrap();
+    assert_eq!(spec.method, Method::Supervised);
+    assert_eq!(spec.hyperparameters, Hyperparameters { n_epochs: 3, batch_size: 4, learning_rate_multiplier: 1.0 });
+    assert_eq!(spec.learning_rate, 1e-4);
+    let lora = spec.lora.as_ref().unwrap();
+    assert_eq!((lora.rank, lora.alpha, lora.dropout, lora.use_rslora), (16, 32.0, 0.0, false));
+    assert_eq!(lora.target_modules, LINEAR_MODULES);
+    assert_eq!(spec.quantization, None);
+    assert_eq!((spec.lr_scheduler, spec.warmup_ratio, spec.max_seq_length), (LrScheduler::Cosine, 0.03, 2048));
+    assert!(!spec.packing && !spec.train_on_inputs && !spec.gradient_checkpointing);
+    assert_eq!(spec.seed, 0);
+    assert_eq!(spec.resources, Resources { pool: "default".into(), gpu_memory_gb: None, priority: 0 });
+}
+
+#[test]
+fn auto_hyperparameters_resolve_like_absent_ones() {
+    let spec = spec(json!({"hyperparameters": {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}}))
+        .unwrap();
+    assert_eq!(spec.hyperparameters_view(), Hyperparameters { n_epochs: 3, batch_size: 4, learning_rate_multiplier: 1.0 });
+}
+
+#[test]
+fn the_cve_cwe_recipe_round_trips_through_the_stored_json() {
+    let spec = spec(json!({
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 10, "batch_size": 8}}},
+        "lora": {"rank": 64, "alpha": 128, "dropout": 0.05, "target_modules": ["v_proj", "q_proj"], "use_rslora": true},
+        "learning_rate": 5e-5,
+        "quantization": "nf4",
+        "lr_scheduler": "linear",
+        "max_seq_length": 1024,
+        "packing": true,
+        "suffix": "cve-cwe",
+        "seed": 7,
+        "metadata": {"team": "cti"},
+        "pool": "a100",
+        "gpu_memory_gb": 24,
+        "priority": 10,
+        "integrations": [{"type": "wandb"}]
+    }))
+    .unwrap();
+    assert_eq!(spec.hyperparameters, Hyperparameters { n_epochs: 10, batch_size: 8, learning_rate_multiplier: 0.5 });
+    assert_eq!(spec.learning_rate, 5e-5);
+    let lora = spec.lora.as_ref().unwrap();
+    assert_eq!(lora.target_modules, ["q_proj", "v_proj"], "checkpoint order");
+    assert_eq!(spec.quantization, Some(Quantization::Nf4));
+    assert_eq!(spec.suffix.as_deref(), Some("cve-cwe"));
+    assert_eq!(spec.resources, Resources { pool: "a100".into(), gpu_memory_gb: Some(24), priority: 10 });
+
+    let stored = serde_json::to_value(&spec).unwrap();
+    assert_eq!(stored["method"], "supervised");
+    assert_eq!(stored["quantization"], "nf4");
+    assert_eq!(stored["lr_scheduler"], "linear");
+    assert_eq!(stored["training_file"], training_file());
+    assert_eq!(serde_json::from_value::<JobSpec>(stored).unwrap(), spec);
+}
+
+#[test]
+fn a_multiplier_scales_the_lora_base_rate_and_a_full_job_the_full_base_rate() {
+    let lora = spec(json!({"hyperparameters": {"learning_rate_multiplier": 2.0}})).unwrap();
+    assert_eq!(lora.learning_rate, 2e-4);
+    let full = spec(json!({"method": {"type": "full", "full": {"hyperparameters": {"learning_rate_multiplier": 2.0}}}}))
+        .unwrap();
+    assert_eq!(full.lora, None);
+    assert_eq!(full.learning_rate, 2e-5);
+    assert_eq!(full.hyperparameters.learning_rate_multiplier, 2.0);
+}
+
+#[test]
+fn an_absolute_learning_rate_wins_over_the_multiplier_and_the_view_agrees() {
+    let spec = spec(json!({"learning_rate": 3e-4, "hyperparameters": {"learning_rate_multiplier": 9}})).unwrap();
+    assert_eq!(spec.learning_rate, 3e-4);
+    assert_eq!(spec.hyperparameters_view().learning_rate_multiplier, 3.0);
+}
+
+#[test]
+fn the_method_view_has_openai_shape() {
+    let spec = spec(json!({"hyperparameters": {"n_epochs": 2}})).unwrap();
+    assert_eq!(
+        spec.method_view(),
+        json!({"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0}}})
+    );
+    assert_eq!(serde_json::to_string(&spec.method_view()).unwrap().find("\"type\""), Some(1), "type comes first");
+}
+
+#[test]
+fn continued_pretraining_is_full_parameter_unless_lora_is_given() {
+    let full = spec(json!({"method": {"type": "continued_pretraining"}})).unwrap();
+    assert_eq!((full.method, full.lora.is_none()), (Method::ContinuedPretraining, true));
+    let adapter = spec(json!({"method": {"type": "continued_pretraining"}, "lora": {"rank": 8}})).unwrap();
+    assert_eq!(adapter.lora.unwrap().rank, 8);
+}
+
+#[test]
+fn a_job_with_rank_zero_is_rejected_naming_lora_rank() {
+    let error = rejection(json!({"lora": {"rank": 0}}));
+    assert_eq!(error.param, "lora.rank");
+    assert_eq!(error.message, "lora.rank: must be between 1 and 1024, got 0");
+}
+
+#[test]
+fn out_of_range_hyperparameters_name_the_field_where_they_were_given() {
+    let error = rejection(json!({"hyperparameters": {"n_epochs": 0}}));
+    assert_eq!(error.param, "hyperparameters.n_epochs");
+    assert_eq!(error.message, "hyperparameters.n_epochs: must be \"auto\" or between 1 and 50, got 0");
+
+    let error = rejection(json!({"method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 1000}}}}));
+    assert_eq!(error.param, "method.supervised.hyperparameters.batch_size");
+
+    let error = rejection(json!({"hyperparameters": {"learning_rate_multiplier": -1}}));
+    assert_eq!(error.param, "hyperparameters.learning_rate_multiplier");
+}
+
+#[test]
+fn a_mistyped_field_is_named_by_its_path() {
+    let cases = [
+        (json!({"hyperparameters": {"n_epochs": "three"}}), "hyperparameters.n_epochs", "expected \"auto\" or a number"),
+        (json!({"hyperparameters": {"n_epochs": 2.5}}), "hyperparameters.n_epochs", "invalid type"),
+        (json!({"lora": {"rank": "big"}}), "lora.rank", "invalid type"),
+        (json!({"method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": []}}}}), "method.supervised.hyperparameters.batch_size", "invalid type"),
+        (json!({"packing": "yes"}), "packing", "invalid type"),
+        (json!({"metadata": {"team": 5}}), "metadata.team", "invalid type"),
+        (json!({"model": 5}), "model", "invalid type"),
+    ];
+    for (extra, param, detail) in cases {
+        let error = CreateJobRequest::from_value(body(extra.clone())).expect_err("mistyped");
+        assert_eq!(error.param, param, "{extra}");
+        assert!(error.message.starts_with(&format!("{param}: ")) && error.message.contains(detail), "{}", error.message);
+        assert!(!error.message.contains("line 1"), "{}", error.message);
+    }
+}
+
+#[test]
+fn a_body_that_is_not_a_json_object_has_no_param() {
+    let error = CreateJobRequest::from_json(b"{\"model\": ").unwrap_err();
+    assert_eq!(error.param, "");
+    assert!(error.message.starts_with("the request body is not valid JSON: "), "{}", error.message);
+    assert_eq!(CreateJobRequest::from_json(b"[1]").unwrap_err().message, "the request body must be a JSON object");
+}
+
+#[test]
+fn missing_model_or_training_file_is_named() {
+    let error = JobSpec::try_from(CreateJobRequest::from_value(json!({"training_file": training_file()})).unwrap()).unwrap_err();
+    assert_eq!((error.param.as_str(), error.message.as_str()), ("model", "model: missing required parameter"));
+    let error = JobSpec::try_from(CreateJobRequest::from_value(json!({"model": "m"})).unwrap()).unwrap_err();
+    assert_eq!(error.param, "training_file");
+}
+
+#[test]
+fn file_ids_must_be_file_ids() {
+    let error = rejection(json!({"training_file": "train.jsonl"}));
+    assert_eq!(error.param, "training_file");
+    assert!(error.message.contains("`file-`"), "{}", error.message);
+    assert_eq!(rejection(json!({"validation_file": "file-short"})).param, "validation_file");
+}
+
+#[test]
+fn model_names_cannot_climb_out_of_the_models_root() {
+    for model in ["../etc", "/abs/path", "a//b", "Qwen/./x", "a\\b", "name with space"] {
+        let error = rejection(json!({ "model": model }));
+        assert_eq!(error.param, "model", "{model}");
+    }
+    assert_eq!(spec(json!({"model": "Qwen/Qwen3-0.6B"})).unwrap().model, "Qwen/Qwen3-0.6B");
+    assert!(rejection(json!({"model": "ft:tiny:x:ftjob-1"})).message.contains("fine-tuned model"));
+}
+
+#[test]
+fn dpo_and_unknown_methods_are_refused_naming_method_type() {
+    let error = rejection(json!({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}}}));
+    assert_eq!(error.param, "method.type");
+    assert!(error.message.contains("dpo is not supported"), "{}", error.message);
+    assert_eq!(rejection(json!({"method": {"type": "reinforcement"}})).param, "method.type");
+    assert_eq!(rejection(json!({"method": {}})).param, "method.type");
+}
+
+#[test]
+fn hyperparameters_in_both_places_are_refused() {
+    let error = rejection(json!({
+        "hyperparameters": {"n_epochs": 2},
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}}
+    }));
+    assert_eq!(error.param, "hyperparameters");
+}
+
+#[test]
+fn full_fine_tuning_takes_neither_lora_nor_nf4() {
+    assert_eq!(rejection(json!({"method": {"type": "full"}, "lora": {"rank": 8}})).param, "lora");
+    assert_eq!(rejection(json!({"method": {"type": "full"}, "quantization": "nf4"})).param, "quantization");
+    assert_eq!(rejection(json!({"quantization": "int8"})).param, "quantization");
+}
+
+#[test]
+fn lora_settings_are_checked_field_by_field() {
+    assert_eq!(rejection(json!({"lora": {"alpha": 0}})).param, "lora.alpha");
+    assert_eq!(rejection(json!({"lora": {"dropout": 1.0}})).param, "lora.dropout");
+    let error = rejection(json!({"lora": {"target_modules": ["q_proj", "lm_head"]}}));
+    assert_eq!(error.param, "lora.target_modules");
+    assert!(error.message.contains("\"lm_head\""), "{}", error.message);
+    assert_eq!(rejection(json!({"lora": {"target_modules": []}})).param, "lora.target_modules");
+    let all = spec(json!({"lora": {"target_modules": "all-linear"}})).unwrap();
+    assert_eq!(all.lora.unwrap().target_modules.len(), 7);
+}
+
+#[test]
+fn suffix_metadata_and_resources_follow_openai_and_lathe_limits() {
+    assert_eq!(rejection(json!({"suffix": "x".repeat(65)})).param, "suffix");
+    assert_eq!(rejection(json!({"suffix": "has space"})).param, "suffix");
+    assert_eq!(spec(json!({"suffix": ""})).unwrap().suffix, None);
+    assert_eq!(spec(json!({"suffix": "a".repeat(64)})).unwrap().suffix.unwrap().len(), 64);
+
+    let seventeen: serde_json::Map<String, Value> = (0..17).map(|i| (format!("k{i}"), json!("v"))).collect();
+    let error = rejection(json!({ "metadata": seventeen }));
+    assert_eq!((error.param.as_str(), error.message.as_str()), ("metadata", "metadata: at most 16 pairs, got 17"));
+
+    assert_eq!(rejection(json!({"priority": 101})).param, "priority");
+    assert_eq!(spec(json!({"priority": -100})).unwrap().resources.priority, -100);
+    assert_eq!(rejection(json!({"pool": "../x"})).param, "pool");
+    assert_eq!(rejection(json!({"gpu_memory_gb": 0})).param, "gpu_memory_gb");
+}
+
+#[test]
+fn loop_settings_out_of_range_are_named() {
+    assert_eq!(rejection(json!({"learning_rate": 0})).param, "learning_rate");
+    assert_eq!(rejection(json!({"lr_scheduler": "step"})).param, "lr_scheduler");
+    assert_eq!(rejection(json!({"warmup_ratio": 1.5})).param, "warmup_ratio");
+    assert_eq!(rejection(json!({"max_seq_length": 1})).param, "max_seq_length");
+    assert_eq!(rejection(json!({"seed": -1})).param, "seed");
+}
+
+#[test]
+fn the_data_format_must_suit_the_method() {
+    let chat = FileSummary { format: DataFormat::Chat, examples: 10, lines: 10, bytes: 100 };
+    let text = FileSummary { format: DataFormat::Text, ..chat };
+    let supervised = spec(json!({})).unwrap();
+    assert_eq!(supervised.check_files(&chat, Some(&chat)), Ok(()));
+    let error = supervised.check_files(&text, None).unwrap_err();
+    assert_eq!(error.param, "training_file");
+    assert!(error.message.contains("continued_pretraining"), "{}", error.message);
+    assert_eq!(supervised.check_files(&chat, Some(&text)).unwrap_err().param, "validation_file");
+
+    let pretraining = spec(json!({"method": {"type": "continued_pretraining"}})).unwrap();
+    assert_eq!(pretraining.check_files(&text, None), Ok(()));
+    assert_eq!(pretraining.check_files(&chat, None).unwrap_err().param, "training_file");
+}
+
+#[test]
+fn a_request_serializes_back_to_the_body_the_sdk_would_send() {
+    let request = CreateJobRequest::from_value(body(json!({"hyperparameters": {"n_epochs": "auto", "batch_size": 2}}))).unwrap();
+    let sent = serde_json::to_value(&request).unwrap();
+    assert_eq!(sent, body(json!({"hyperparameters": {"n_epochs": "auto", "batch_size": 2}})));
+}

@@ -1,0 +1,452 @@
+//! Checking a training or validation file (JSONL, one example per line) at upload and again at
+//! job create, with the same rules and messages the trainer applies when it reads the file.
+//!
+//! Three formats are accepted, one per file:
+//! - chat, OpenAI's fine-tuning format: `{"messages": [{"role": "user", "content": "…"}, …]}`
+//!   with an optional `weight` (0 or 1) on assistant messages;
+//! - prompt/completion: `{"prompt": "…", "completion": "…"}`;
+//! - raw text for continued pre-training: `{"text": "…"}`.
+//!
+//! Every problem is reported with the 1-based line number and the reason, because the person
+//! who has to fix it is looking at the file in an editor, not at our types. [`parse_line`] is
+//! the single definition of a valid line: the trainer's reader calls it too.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// OpenAI refuses training files with fewer examples; so do we.
+pub const MIN_TRAINING_EXAMPLES: usize = 10;
+
+/// One message of a chat example.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatMessage {
+    /// "system", "user", "assistant" or "tool".
+    pub role: String,
+    /// The text; an array of text parts is joined, and null (allowed on an assistant message
+    /// with `tool_calls`) becomes "".
+    pub content: String,
+    /// OpenAI's per-message weight: `Some(0)` keeps an assistant turn out of the loss.
+    pub weight: Option<u8>,
+    /// Every other key of the message (`name`, `tool_calls`, `tool_call_id`, …), handed to the
+    /// chat template unchanged so tool-calling data renders the way the model expects.
+    pub extra: Map<String, Value>,
+}
+
+/// One training example, in the format of its file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Example {
+    Chat { messages: Vec<ChatMessage> },
+    PromptCompletion { prompt: String, completion: String },
+    Text { text: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    Chat,
+    PromptCompletion,
+    Text,
+}
+
+impl DataFormat {
+    /// How a message to the user names the format.
+    pub fn describe(self) -> &'static str {
+        match self {
+            DataFormat::Chat => "chat (`messages`)",
+            DataFormat::PromptCompletion => "prompt/completion",
+            DataFormat::Text => "text",
+        }
+    }
+}
+
+impl Example {
+    pub fn format(&self) -> DataFormat {
+        match self {
+            Example::Chat { .. } => DataFormat::Chat,
+            Example::PromptCompletion { .. } => DataFormat::PromptCompletion,
+            Example::Text { .. } => DataFormat::Text,
+        }
+    }
+}
+
+/// What the API records about an accepted file (the `files` row, and the job-create checks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSummary {
+    pub format: DataFormat,
+    pub examples: usize,
+    /// Lines in the file, blank ones included (a trailing newline does not start a line).
+    pub lines: usize,
+    pub bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FileError {
+    /// A line that is not a valid example; `line` is 1-based.
+    #[error("line {line}: {reason}")]
+    Line { line: usize, reason: String },
+    #[error("training file has {examples} examples; at least {MIN_TRAINING_EXAMPLES} are required")]
+    TooFewExamples { examples: usize },
+    #[error("no examples: the file is empty or has only blank lines")]
+    Empty,
+}
+
+impl FileError {
+    /// The 1-based line the error is about, if it is about one line.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            FileError::Line { line, .. } => Some(*line),
+            _ => None,
+        }
+    }
+}
+
+const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
+/// Checks a training file: a valid JSONL file of one format with at least
+/// [`MIN_TRAINING_EXAMPLES`] examples.
+pub fn validate_training_file(bytes: &[u8]) -> Result<FileSummary, FileError> {
+    let summary = validate_jsonl(bytes)?;
+    if summary.examples < MIN_TRAINING_EXAMPLES {
+        return Err(FileError::TooFewExamples { examples: summary.examples });
+    }
+    Ok(summary)
+}
+
+/// Checks a JSONL file of examples with no minimum count (a validation file may be small).
+pub fn validate_jsonl(bytes: &[u8]) -> Result<FileSummary, FileError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        let before = &bytes[..e.valid_up_to()];
+        let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+        let column = before.len() - before.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1) + 1;
+        FileError::Line { line, reason: format!("not valid UTF-8 at byte {column} of the line") }
+    })?;
+    // Editors on Windows like to start UTF-8 files with a byte-order mark; it is not JSON.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+
+    let mut examples = 0;
+    let mut lines = 0;
+    let mut first: Option<(usize, DataFormat)> = None;
+    for (index, line) in text.lines().enumerate() {
+        let line_number = index + 1;
+        lines = line_number;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let example = parse_line(line).map_err(|reason| FileError::Line { line: line_number, reason })?;
+        match first {
+            None => first = Some((line_number, example.format())),
+            Some((first_line, format)) if format != example.format() => {
+                let reason = format!(
+                    "this line is in {} format but line {first_line} is in {} format; use one format per file",
+                    example.format().describe(),
+                    format.describe()
+                );
+                return Err(FileError::Line { line: line_number, reason });
+            }
+            Some(_) => {}
+        }
+        examples += 1;
+    }
+    let Some((_, format)) = first else {
+        return Err(FileError::Empty);
+    };
+    Ok(FileSummary { format, examples, lines, bytes: bytes.len() })
+}
+
+/// Parses and validates one line; the error is the reason, without file or line number.
+pub fn parse_line(line: &str) -> Result<Example, String> {
+    let value: Value = serde_json::from_str(line).map_err(|e| {
+        // serde's message ends with "at line 1 column N"; a JSONL line is always line 1.
+        let message = e.to_string();
+        let reason = message.split(" at line ").next().unwrap_or(&message).to_string();
+        format!("not valid JSON at column {}: {reason}", e.column())
+    })?;
+    let Value::Object(object) = value else {
+        return Err(format!("expected a JSON object, found {}", kind_of(&value)));
+    };
+
+    let has = |key: &str| object.contains_key(key);
+    let formats = [
+        (has("messages"), "`messages`"),
+        (has("prompt") || has("completion"), "`prompt`/`completion`"),
+        (has("text"), "`text`"),
+    ];
+    let present: Vec<&str> = formats.iter().filter(|(p, _)| *p).map(|(_, name)| *name).collect();
+    if present.len() > 1 {
+        return Err(format!(
+            "mixed keys {}: use exactly one of `messages`, `prompt`+`completion` or `text`",
+            present.join(" and ")
+        ));
+    }
+
+    if let Some(messages) = object.get("messages") {
+        return parse_messages(messages).map(|messages| Example::Chat { messages });
+    }
+    if has("prompt") || has("completion") {
+        let prompt = string_field(&object, "prompt")?;
+        let completion = string_field(&object, "completion")?;
+        if completion.is_empty() {
+            return Err("`completion` is empty: there is nothing to train on".into());
+        }
+        return Ok(Example::PromptCompletion { prompt, completion });
+    }
+    if has("text") {
+        let text = string_field(&object, "text")?;
+        if text.is_empty() {
+            return Err("`text` is empty".into());
+        }
+        return Ok(Example::Text { text });
+    }
+    let keys: Vec<&str> = object.keys().map(String::as_str).collect();
+    Err(format!("missing keys: expected `messages`, `prompt`+`completion` or `text`, found [{}]", keys.join(", ")))
+}
+
+fn string_field(object: &Map<String, Value>, key: &str) -> Result<String, String> {
+    match object.get(key) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(format!("`{key}` must be a string, found {}", kind_of(other))),
+        None => Err(format!("missing key `{key}`")),
+    }
+}
+
+fn parse_messages(messages: &Value) -> Result<Vec<ChatMessage>, String> {
+    let Value::Array(items) = messages else {
+        return Err(format!("`messages` must be an array, found {}", kind_of(messages)));
+    };
+    if items.is_empty() {
+        return Err("`messages` is empty".into());
+    }
+    let messages = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| parse_message(item).map_err(|reason| format!("messages[{i}]: {reason}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    if !messages.iter().any(|m| m.role == "assistant" && m.weight != Some(0)) {
+        return Err("no assistant message with weight 1: there is nothing to train on".into());
+    }
+    Ok(messages)
+}
+
+fn parse_message(item: &Value) -> Result<ChatMessage, String> {
+    let Value::Object(object) = item else {
+        return Err(format!("expected an object, found {}", kind_of(item)));
+    };
+    let role = match object.get("role") {
+        Some(Value::String(role)) if ROLES.contains(&role.as_str()) => role.clone(),
+        Some(Value::String(role)) => {
+            return Err(format!("unknown role `{role}` (expected one of {})", ROLES.join(", ")));
+        }
+        Some(other) => return Err(format!("`role` must be a string, found {}", kind_of(other))),
+        None => return Err("missing key `role`".into()),
+    };
+
+    let has_tool_calls = object.get("tool_calls").is_some_and(|v| !v.is_null());
+    let content = match object.get("content") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => join_text_parts(parts)?,
+        Some(Value::Null) | None if role == "assistant" && has_tool_calls => String::new(),
+        Some(Value::Null) | None => {
+            return Err("missing `content` (only an assistant message with `tool_calls` may omit it)".into())
+        }
+        Some(other) => {
+            return Err(format!("`content` must be a string or an array of text parts, found {}", kind_of(other)))
+        }
+    };
+
+    let weight = match object.get("weight") {
+        None | Some(Value::Null) => None,
+        Some(w) => {
+            let weight = match w.as_u64() {
+                Some(0) => 0,
+                Some(1) => 1,
+                _ => return Err(format!("`weight` must be 0 or 1, found {w}")),
+            };
+            if role != "assistant" {
+                return Err(format!("`weight` is only allowed on assistant messages, found it on a {role} message"));
+            }
+            Some(weight)
+        }
+    };
+
+    let extra = object
+        .iter()
+        .filter(|(key, _)| !matches!(key.as_str(), "role" | "content" | "weight"))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect();
+    Ok(ChatMessage { role, content, weight, extra })
+}
+
+/// OpenAI allows `content` as `[{"type": "text", "text": "…"}, …]`; the parts are one message.
+fn join_text_parts(parts: &[Value]) -> Result<String, String> {
+    let mut content = String::new();
+    for (i, part) in parts.iter().enumerate() {
+        let kind = part.get("type").and_then(Value::as_str);
+        match (kind, part.get("text")) {
+            (Some("text"), Some(Value::String(text))) => content.push_str(text),
+            (Some("text"), _) => return Err(format!("content[{i}]: a text part needs a string `text`")),
+            (Some(other), _) => return Err(format!("content[{i}]: part type `{other}` is not supported, only `text`")),
+            (None, _) => return Err(format!("content[{i}]: expected an object with `type` and `text`")),
+        }
+    }
+    Ok(content)
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD_CHAT: &str =
+        r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#;
+
+    fn chat_file(examples: usize) -> String {
+        vec![GOOD_CHAT; examples].join("\n") + "\n"
+    }
+
+    fn error_of(content: &str) -> FileError {
+        validate_jsonl(content.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn a_chat_file_of_ten_examples_is_summarised() {
+        let content = chat_file(10);
+        let summary = validate_training_file(content.as_bytes()).unwrap();
+        assert_eq!(
+            summary,
+            FileSummary { format: DataFormat::Chat, examples: 10, lines: 10, bytes: content.len() }
+        );
+        assert_eq!(serde_json::to_value(summary.format).unwrap(), "chat");
+    }
+
+    #[test]
+    fn a_training_file_of_nine_examples_is_refused_with_the_count() {
+        let error = validate_training_file(chat_file(9).as_bytes()).unwrap_err();
+        assert_eq!(error, FileError::TooFewExamples { examples: 9 });
+        assert_eq!(error.to_string(), "training file has 9 examples; at least 10 are required");
+        // A validation file may be that small.
+        assert_eq!(validate_jsonl(chat_file(9).as_bytes()).unwrap().examples, 9);
+    }
+
+    #[test]
+    fn blank_lines_count_as_lines_but_not_examples() {
+        let content = format!("\n{GOOD_CHAT}\n\n  \n{GOOD_CHAT}\r\n");
+        let summary = validate_jsonl(content.as_bytes()).unwrap();
+        assert_eq!((summary.examples, summary.lines), (2, 5));
+    }
+
+    #[test]
+    fn an_empty_file_has_no_examples() {
+        assert_eq!(error_of("\n  \n"), FileError::Empty);
+        assert_eq!(
+            validate_training_file(b"").unwrap_err().to_string(),
+            "no examples: the file is empty or has only blank lines"
+        );
+    }
+
+    #[test]
+    fn a_chat_line_parses_into_messages_with_extra_keys() {
+        let line = r#"{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q", "name": "ann"}, {"role": "assistant", "content": "a", "weight": 1}]}"#;
+        let Example::Chat { messages } = parse_line(line).unwrap() else { panic!("not chat") };
+        assert_eq!(messages.len(), 3);
+        assert_eq!(messages[1].extra.get("name"), Some(&Value::String("ann".into())));
+        assert_eq!(messages[2].weight, Some(1));
+        assert!(messages[2].extra.is_empty(), "weight is not an extra key");
+    }
+
+    #[test]
+    fn prompt_completion_and_text_files_parse_and_a_bom_is_skipped() {
+        let summary = validate_jsonl(b"{\"prompt\": \"2+2=\", \"completion\": \"4\"}\r\n{\"prompt\": \"\", \"completion\": \"x\"}\n").unwrap();
+        assert_eq!(summary.format, DataFormat::PromptCompletion);
+        assert_eq!(
+            parse_line(r#"{"prompt": "2+2=", "completion": "4"}"#).unwrap(),
+            Example::PromptCompletion { prompt: "2+2=".into(), completion: "4".into() }
+        );
+        let summary = validate_jsonl("\u{feff}{\"text\": \"CVE-2024-0001 is a heap overflow\"}\n".as_bytes()).unwrap();
+        assert_eq!((summary.format, summary.examples), (DataFormat::Text, 1));
+    }
+
+    #[test]
+    fn content_parts_are_joined_and_null_content_with_tool_calls_is_empty() {
+        let line = r#"{"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}, {"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}, {"role": "tool", "content": "42", "tool_call_id": "c1"}, {"role": "assistant", "content": "done"}]}"#;
+        let Example::Chat { messages } = parse_line(line).unwrap() else { panic!("not chat") };
+        assert_eq!(messages[0].content, "ab");
+        assert_eq!(messages[1].content, "");
+        assert!(messages[1].extra.contains_key("tool_calls"));
+    }
+
+    #[test]
+    fn weight_zero_turns_are_kept_but_one_trained_turn_is_required() {
+        let line = r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad", "weight": 0}, {"role": "user", "content": "q2"}, {"role": "assistant", "content": "good"}]}"#;
+        let Example::Chat { messages } = parse_line(line).unwrap() else { panic!("not chat") };
+        assert_eq!(messages[1].weight, Some(0));
+        assert_eq!(messages[3].weight, None);
+    }
+
+    #[test]
+    fn each_bad_line_names_its_line_number_and_reason() {
+        let cases = [
+            ("{\"messages\": [", "not valid JSON at column"),
+            ("[1, 2]", "expected a JSON object, found an array"),
+            ("{\"input\": \"x\"}", "missing keys"),
+            ("{\"text\": \"a\", \"prompt\": \"b\", \"completion\": \"c\"}", "mixed keys"),
+            ("{\"prompt\": \"b\"}", "missing key `completion`"),
+            ("{\"messages\": []}", "`messages` is empty"),
+            ("{\"messages\": {\"role\": \"user\"}}", "`messages` must be an array"),
+            (r#"{"messages": [{"role": "bot", "content": "x"}]}"#, "messages[0]: unknown role `bot`"),
+            (r#"{"messages": [{"role": "user", "content": 5}]}"#, "messages[0]: `content` must be a string"),
+            (
+                r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 2}]}"#,
+                "messages[1]: `weight` must be 0 or 1, found 2",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": "q", "weight": 1}, {"role": "assistant", "content": "a"}]}"#,
+                "messages[0]: `weight` is only allowed on assistant messages",
+            ),
+            (r#"{"messages": [{"role": "user", "content": "q"}]}"#, "no assistant message with weight 1"),
+            (
+                r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]}"#,
+                "no assistant message with weight 1",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": [{"type": "image_url"}]}, {"role": "assistant", "content": "a"}]}"#,
+                "part type `image_url` is not supported",
+            ),
+            ("{\"text\": \"\"}", "`text` is empty"),
+            ("{\"prompt\": \"p\", \"completion\": \"\"}", "`completion` is empty"),
+        ];
+        for (bad, reason) in cases {
+            let error = error_of(&format!("{GOOD_CHAT}\n\n{bad}\n"));
+            assert_eq!(error.line(), Some(3), "{bad}: {error}");
+            let message = error.to_string();
+            assert!(message.starts_with("line 3: "), "{bad}: no line number in `{message}`");
+            assert!(message.contains(reason), "{bad}: expected `{reason}` in `{message}`");
+        }
+    }
+
+    #[test]
+    fn a_line_of_another_format_than_the_first_is_rejected() {
+        let error = error_of(&format!("\n{GOOD_CHAT}\n{{\"text\": \"raw\"}}\n"));
+        assert_eq!(
+            error.to_string(),
+            "line 3: this line is in text format but line 2 is in chat (`messages`) format; use one format per file"
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_is_reported_on_its_line() {
+        let mut content = format!("{GOOD_CHAT}\n{{\"text\": \"ab").into_bytes();
+        content.extend_from_slice(&[0xff, b'"', b'}', b'\n']);
+        let error = validate_jsonl(&content).unwrap_err();
+        assert_eq!(error.to_string(), "line 2: not valid UTF-8 at byte 13 of the line");
+    }
+}
