@@ -114,6 +114,21 @@ pub fn validate_training_file(bytes: &[u8]) -> Result<FileSummary, FileError> {
 
 /// Checks a JSONL file of examples with no minimum count (a validation file may be small).
 pub fn validate_jsonl(bytes: &[u8]) -> Result<FileSummary, FileError> {
+    let parsed = parse_jsonl(bytes)?;
+    Ok(FileSummary { format: parsed.format, examples: parsed.examples.len(), lines: parsed.lines, bytes: bytes.len() })
+}
+
+/// The examples of a JSONL file, all of one format.
+pub struct ParsedFile {
+    pub format: DataFormat,
+    pub examples: Vec<Example>,
+    /// Lines in the file, blank ones included.
+    pub lines: usize,
+}
+
+/// Parses a whole JSONL file: UTF-8, one example per non-blank line, every line in the format
+/// of the first. The one reader behind upload checks, job-create checks and the trainer.
+pub fn parse_jsonl(bytes: &[u8]) -> Result<ParsedFile, FileError> {
     let text = std::str::from_utf8(bytes).map_err(|e| {
         let before = &bytes[..e.valid_up_to()];
         let line = before.iter().filter(|b| **b == b'\n').count() + 1;
@@ -123,7 +138,7 @@ pub fn validate_jsonl(bytes: &[u8]) -> Result<FileSummary, FileError> {
     // Editors on Windows like to start UTF-8 files with a byte-order mark; it is not JSON.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
 
-    let mut examples = 0;
+    let mut examples = Vec::new();
     let mut lines = 0;
     let mut first: Option<(usize, DataFormat)> = None;
     for (index, line) in text.lines().enumerate() {
@@ -145,12 +160,12 @@ pub fn validate_jsonl(bytes: &[u8]) -> Result<FileSummary, FileError> {
             }
             Some(_) => {}
         }
-        examples += 1;
+        examples.push(example);
     }
     let Some((_, format)) = first else {
         return Err(FileError::Empty);
     };
-    Ok(FileSummary { format, examples, lines, bytes: bytes.len() })
+    Ok(ParsedFile { format, examples, lines })
 }
 
 /// Parses and validates one line; the error is the reason, without file or line number.

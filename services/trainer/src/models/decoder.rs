@@ -342,11 +342,12 @@ impl Attention {
         let q = apply_rotary(&heads(&self.q_proj, self.num_heads, &self.q_norm), &ctx.rotary);
         let k = apply_rotary(&heads(&self.k_proj, self.num_kv_heads, &self.k_norm), &ctx.rotary);
         let v = heads(&self.v_proj, self.num_kv_heads, &None);
-        let n_rep = self.num_heads / self.num_kv_heads;
-        let (k, v) = (repeat_kv(&k, n_rep), repeat_kv(&v, n_rep));
+        // SDPA shares each kv head across its query group itself (enable_gqa), which saves
+        // materialising repeated keys and values in the forward and their gradients in the backward.
+        let gqa = self.num_heads != self.num_kv_heads;
         let out = match &ctx.mask {
-            None => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, false),
-            Some(mask) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, false),
+            None => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, gqa),
+            Some(mask) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, gqa),
         };
         // (B, H, T, D) -> (B, T, H*D)
         let out = out.transpose(1, 2).contiguous().view([b, t, self.num_heads * self.head_dim]);
@@ -377,15 +378,6 @@ fn rotate_half(x: &Tensor) -> Tensor {
 
 fn apply_rotary(x: &Tensor, rotary: &Rotary) -> Tensor {
     x * &rotary.cos + rotate_half(x) * &rotary.sin
-}
-
-/// (B, kv, T, D) -> (B, kv * n_rep, T, D), each kv head repeated for its query group.
-fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
-    if n_rep == 1 {
-        return x.shallow_clone();
-    }
-    let (b, kv, t, d) = x.size4().expect("(batch, kv_heads, seq, head_dim)");
-    x.unsqueeze(2).expand([b, kv, n_rep, t, d], false).reshape([b, kv * n_rep, t, d])
 }
 
 /// Causal attention that never crosses documents: segments (B, T) -> (B, 1, T, T) booleans.
