@@ -22,8 +22,8 @@ CREATE INDEX events_by_job ON events (job_id, id);
 
 -- One point per optimizer step. A reconnecting worker may resend points, and an attempt that
 -- resumes from a checkpoint replays the steps after it: both land on the same (job_id, step).
--- Ingest with INSERT … ON CONFLICT (job_id, step) DO UPDATE … WHERE excluded.attempt >= metrics.attempt,
--- so resends are harmless and the newest attempt's curve is the one kept.
+-- Ingest with INSERT … ON CONFLICT (job_id, step) DO UPDATE … WHERE excluded.attempt > metrics.attempt,
+-- so a resend by the same attempt changes nothing and the newest attempt's curve is the one kept.
 CREATE TABLE metrics (
     job_id                     text NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
     step                       bigint NOT NULL CHECK (step >= 0),

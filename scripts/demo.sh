@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the built-in tiny model: create a random Qwen3-style model, LoRA fine-tune
 # it on the shipped CVE->CWE sample with a live progress bar, and print where the PEFT
-# adapter, merged model and loss curve are. Runs on CPU in about a minute.
+# adapter, merged model and loss curve are. Runs on CPU in well under a minute.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x target/release/lathe ] || { echo "demo: run scripts/setup.sh first" >&2; exit 1; }

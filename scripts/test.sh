@@ -32,7 +32,7 @@ ensure_services() {
     fi
   fi
 }
-if [ -d services/store ] || [ -d services/controller ]; then
+if [ -d services/store ] || [ -d services/queue ] || [ -d services/controller ]; then
   ensure_services
 fi
 
@@ -41,5 +41,7 @@ echo "==> Rust tests"
 cargo test --release --locked --workspace
 
 echo "==> Python interop tests (transformers, peft)"
+# The interop suite drives the real binary: make sure it is the one just tested.
+cargo build --release --locked -p lathe-cli
 export LATHE_BIN="$PWD/target/release/lathe"
 .venv/bin/python -m pytest tests/interop -q

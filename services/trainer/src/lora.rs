@@ -27,11 +27,21 @@ pub struct LoraConfig {
     pub dropout: f64,
     pub target_modules: TargetModules,
     pub use_rslora: bool,
+    /// Seeds the initial A matrices (with each layer's path), so a run starts from the same
+    /// adapter whatever else the process does with libtorch's global generator.
+    pub init_seed: u64,
 }
 
 impl Default for LoraConfig {
     fn default() -> Self {
-        LoraConfig { rank: 16, alpha: 32.0, dropout: 0.0, target_modules: TargetModules::AllLinear, use_rslora: false }
+        LoraConfig {
+            rank: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            target_modules: TargetModules::AllLinear,
+            use_rslora: false,
+            init_seed: 0,
+        }
     }
 }
 
@@ -90,15 +100,32 @@ pub struct LoraPair {
     pub b: Tensor,
     pub scaling: f64,
     pub dropout: f64,
+    /// Distinguishes this layer's dropout mask from its neighbours' (see [`hashed_dropout`]).
+    salt: i64,
 }
 
 impl LoraPair {
     /// Kaiming-uniform A with a = √5 (bound 1/√in_features, as nn.Linear and PEFT), zero B.
-    pub fn new(in_features: i64, out_features: i64, config: &LoraConfig, device: tch::Device) -> Self {
+    /// A's values come from a counter-based stream keyed by (init_seed, path): deterministic and
+    /// independent of libtorch's process-wide generator, which other threads may be using.
+    pub fn new(in_features: i64, out_features: i64, config: &LoraConfig, device: tch::Device, path: &str) -> Self {
         let bound = 1.0 / (in_features as f64).sqrt();
-        let a = Tensor::empty([config.rank, in_features], (Kind::Float, device)).uniform_(-bound, bound);
+        let mut state = config.init_seed ^ fnv1a(path.as_bytes());
+        let values: Vec<f32> = (0..config.rank * in_features)
+            .map(|_| {
+                let unit = (splitmix64(&mut state) >> 11) as f64 / (1u64 << 53) as f64;
+                ((2.0 * unit - 1.0) * bound) as f32
+            })
+            .collect();
+        let a = Tensor::from_slice(&values).view([config.rank, in_features]).to_device(device);
         let b = Tensor::zeros([out_features, config.rank], (Kind::Float, device));
-        LoraPair { a: a.set_requires_grad(true), b: b.set_requires_grad(true), scaling: config.scaling(), dropout: config.dropout }
+        LoraPair {
+            a: a.set_requires_grad(true),
+            b: b.set_requires_grad(true),
+            scaling: config.scaling(),
+            dropout: config.dropout,
+            salt: fnv1a(path.as_bytes()) as i64 & 0x7fff_ffff,
+        }
     }
 
     /// `scaling · B·A` as a full (out, in) matrix, for merging into the base weight.
@@ -124,7 +151,11 @@ impl Linear {
         match &self.lora {
             None => y,
             Some(lora) => {
-                let x = if train && lora.dropout > 0.0 { x.dropout(lora.dropout, true) } else { x.shallow_clone() };
+                let x = match DROPOUT_KEY.with(|k| k.get()) {
+                    Some(key) if train && lora.dropout > 0.0 => hashed_dropout(x, lora.dropout, key ^ lora.salt),
+                    _ if train && lora.dropout > 0.0 => x.dropout(lora.dropout, true),
+                    _ => x.shallow_clone(),
+                };
                 let update = x.linear::<Tensor>(&lora.a.to_kind(kind), None).linear::<Tensor>(&lora.b.to_kind(kind), None);
                 y + update * lora.scaling
             }
@@ -140,6 +171,45 @@ impl Linear {
     }
 }
 
+thread_local! {
+    /// The dropout key of the layer being computed on this thread, set by the training step
+    /// from (seed, step, micro-batch, layer). Thread-local, so trainers on other threads of the
+    /// same process (several workers in `lathe up`) never disturb each other's masks.
+    static DROPOUT_KEY: std::cell::Cell<Option<i64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Sets (or clears) the dropout key for LoRA layers run on this thread.
+pub fn set_dropout_key(key: Option<i64>) {
+    DROPOUT_KEY.with(|k| k.set(key));
+}
+
+/// Inverted dropout whose mask is a hash of (key, element index), computed with tensor ops: the
+/// same key gives the same mask on every call (gradient-checkpoint recomputation, resume), with
+/// no random generator involved. Products stay below 2^63 so int64 arithmetic never overflows.
+pub fn hashed_dropout(x: &Tensor, p: f64, key: i64) -> Tensor {
+    const M32: i64 = 0xffff_ffff;
+    let index = Tensor::arange(x.numel() as i64, (Kind::Int64, x.device()));
+    let mut h = index.bitwise_xor(key & M32).bitwise_and(M32);
+    h = h.bitwise_right_shift_tensor_scalar(16).bitwise_xor_tensor(&h).g_mul_scalar(0x7feb_352d_i64).bitwise_and(M32);
+    h = h.bitwise_right_shift_tensor_scalar(15).bitwise_xor_tensor(&h).g_mul_scalar(0x2c1b_3c6d_i64).bitwise_and(M32);
+    h = h.bitwise_right_shift_tensor_scalar(16).bitwise_xor_tensor(&h);
+    let unit = h.bitwise_and(0x00ff_ffff_i64).to_kind(Kind::Float) / 16_777_216.0;
+    let keep = unit.ge(p).to_kind(x.kind()).view(x.size().as_slice());
+    x * keep / (1.0 - p)
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,7 +220,7 @@ mod tests {
         let weight = Tensor::randn([6, 4], (Kind::Float, tch::Device::Cpu));
         let plain = Linear { weight: weight.copy(), bias: None, lora: None };
         let config = LoraConfig { rank: 2, ..LoraConfig::default() };
-        let adapted = Linear { weight, bias: None, lora: Some(LoraPair::new(4, 6, &config, tch::Device::Cpu)) };
+        let adapted = Linear { weight, bias: None, lora: Some(LoraPair::new(4, 6, &config, tch::Device::Cpu, "q_proj")) };
         let x = Tensor::randn([3, 4], (Kind::Float, tch::Device::Cpu));
         let diff = (plain.forward(&x, true) - adapted.forward(&x, true)).abs().max().double_value(&[]);
         assert_eq!(diff, 0.0);
@@ -168,7 +238,7 @@ mod tests {
     fn merged_weight_gives_the_adapted_output() {
         tch::manual_seed(1);
         let config = LoraConfig { rank: 2, alpha: 4.0, ..LoraConfig::default() };
-        let mut lora = LoraPair::new(4, 5, &config, tch::Device::Cpu);
+        let mut lora = LoraPair::new(4, 5, &config, tch::Device::Cpu, "q_proj");
         lora.b = Tensor::randn([5, 2], (Kind::Float, tch::Device::Cpu));
         let weight = Tensor::randn([5, 4], (Kind::Float, tch::Device::Cpu));
         let merged = &weight + lora.delta_weight();
@@ -177,6 +247,29 @@ mod tests {
         let expected = x.linear::<Tensor>(&merged, None);
         let diff = (adapted.forward(&x, false) - expected).abs().max().double_value(&[]);
         assert!(diff < 1e-5, "{diff}");
+    }
+
+    #[test]
+    fn hashed_dropout_repeats_its_mask_for_a_key_and_drops_about_p() {
+        let x = Tensor::ones([64, 256], (Kind::Float, tch::Device::Cpu));
+        let a = hashed_dropout(&x, 0.25, 42);
+        assert_eq!((&a - hashed_dropout(&x, 0.25, 42)).abs().max().double_value(&[]), 0.0);
+        assert!((&a - hashed_dropout(&x, 0.25, 43)).abs().max().double_value(&[]) > 0.0);
+        let dropped = a.eq(0.0).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+        assert!((dropped - 0.25).abs() < 0.02, "dropped fraction {dropped}");
+        let kept_value = a.max().double_value(&[]);
+        assert!((kept_value - 1.0 / 0.75).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_initial_adapter_depends_only_on_seed_and_layer() {
+        let config = LoraConfig { rank: 2, init_seed: 7, ..LoraConfig::default() };
+        let a = LoraPair::new(8, 4, &config, tch::Device::Cpu, "model.layers.0.self_attn.q_proj");
+        let b = LoraPair::new(8, 4, &config, tch::Device::Cpu, "model.layers.0.self_attn.q_proj");
+        let c = LoraPair::new(8, 4, &config, tch::Device::Cpu, "model.layers.0.self_attn.k_proj");
+        assert_eq!((&a.a - &b.a).abs().max().double_value(&[]), 0.0);
+        assert!((&a.a - &c.a).abs().max().double_value(&[]) > 0.0);
+        assert!(a.a.abs().max().double_value(&[]) <= 1.0 / 8f64.sqrt());
     }
 
     #[test]

@@ -97,6 +97,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
         dropout: field("lora_dropout").and_then(|x| x.as_f64()).unwrap_or(0.0),
         target_modules,
         use_rslora: field("use_rslora").and_then(|x| x.as_bool()).unwrap_or(false),
+        init_seed: 0,
     };
     config.validate().map_err(|e| TrainerError::file(&path, e.to_string()))?;
     Ok(config)

@@ -484,9 +484,11 @@ fn validate_metadata(metadata: Option<BTreeMap<String, String>>) -> Result<BTree
 
 fn resolve_resources(pool: Option<String>, gpu_memory_gb: Option<i64>, priority: Option<i64>) -> Result<Resources, SpecError> {
     let pool = pool.unwrap_or_else(|| DEFAULT_POOL.to_string());
-    let pool_ok = (1..=64).contains(&pool.len()) && pool.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    // The same rule as the Redis queue's pool keys, so an accepted job can always be published.
+    let pool_ok = (1..=64).contains(&pool.len())
+        && pool.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
     if !pool_ok {
-        return Err(SpecError::invalid("pool", format!("{pool:?} must be 1 to 64 letters, digits, '-' or '_'")));
+        return Err(SpecError::invalid("pool", format!("{pool:?} must be 1 to 64 lowercase letters, digits, '-' or '_'")));
     }
     let gpu_memory_gb = match gpu_memory_gb {
         None => None,

@@ -276,3 +276,11 @@ fn a_request_serializes_back_to_the_body_the_sdk_would_send() {
     let sent = serde_json::to_value(&request).unwrap();
     assert_eq!(sent, body(json!({"hyperparameters": {"n_epochs": "auto", "batch_size": 2}})));
 }
+
+#[test]
+fn a_pool_name_the_queue_cannot_key_is_rejected_naming_pool() {
+    for pool in ["A100", "gpu pool", "", "a/b"] {
+        let error = rejection(json!({ "pool": pool }));
+        assert_eq!(error.param, "pool", "{pool:?}");
+    }
+}

@@ -148,7 +148,7 @@ impl Decoder {
             let weight = param(src.take(&format!("{prefix}.{module}.weight"), &[out, inp])?);
             let bias = if bias { Some(param(src.take(&format!("{prefix}.{module}.bias"), &[out])?)) } else { None };
             let lora = match trainable {
-                Trainable::Lora(lora) if lora.targets(module) => Some(LoraPair::new(inp, out, lora, device)),
+                Trainable::Lora(lora) if lora.targets(module) => Some(LoraPair::new(inp, out, lora, device, &format!("{prefix}.{module}"))),
                 _ => None,
             };
             Ok(Linear { weight, bias, lora })

@@ -213,6 +213,7 @@ impl TrainConfig {
             dropout: self.lora.dropout,
             target_modules,
             use_rslora: self.lora.use_rslora,
+            init_seed: self.seed,
         };
         config.validate()?;
         Ok(config)

@@ -91,7 +91,6 @@ pub fn run(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks) -> Re
         decay: config.optim.lr_scheduler.parse::<Decay>()?,
     };
 
-    tch::manual_seed(config.seed as i64);
     let lora = match config.method {
         Method::Lora => Some(config.lora_config()?),
         Method::Full => None,

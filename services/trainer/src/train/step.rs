@@ -6,9 +6,9 @@
 //! through it via the surrogate `sum(y · g)`, whose gradient with respect to `y` is exactly `g`.
 //! Peak activation memory drops from all layers to one layer plus the layer inputs.
 //!
-//! Dropout masks are drawn after seeding libtorch's generator from (run seed, step,
-//! micro-batch, layer), so the recomputation sees the same masks and a resumed run the same
-//! masks as an uninterrupted one.
+//! Dropout masks are hashes of a key made from (run seed, step, micro-batch, layer) and the
+//! element index (`lora::hashed_dropout`), so the recomputation sees the same masks, a resumed
+//! run the same masks as an uninterrupted one, and no global generator is involved.
 
 use tch::Kind;
 
@@ -33,8 +33,8 @@ impl DropoutSeed {
         let mixed = self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
             ^ self.step.wrapping_mul(0xBF58_476D_1CE4_E5B9)
             ^ self.micro.wrapping_mul(0x94D0_49BB_1331_11EB)
-            ^ (layer as u64 + 1);
-        tch::manual_seed((mixed >> 1) as i64);
+            ^ (layer as u64 + 1).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+        crate::lora::set_dropout_key(Some((mixed >> 33) as i64));
     }
 }
 

@@ -1,0 +1,105 @@
+//! How an attempt ends, as its worker reports it.
+
+use sqlx::types::time::OffsetDateTime;
+use sqlx::types::Json;
+use sqlx::PgPool;
+
+use super::lock_attempt;
+use super::reconcile::{requeue_after_crash, RetryPolicy};
+use crate::jobs::{end_live_attempt, get_job_unscoped, Job, JobError};
+use crate::StoreError;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttemptOutcome {
+    Succeeded { fine_tuned_model: String, result_files: Vec<String>, trained_tokens: Option<i64> },
+    /// Bad input or configuration: failed at once, no retry.
+    Failed(JobError),
+    /// The training crashed (a panic, an OOM): retried with backoff, up to the poison limit.
+    Crashed { reason: String },
+    /// SIGTERM from Slurm or Kubernetes after a checkpoint: back to the queue for free.
+    Preempted { reason: String },
+    /// The user's pause: the worker checkpointed and stopped.
+    Paused,
+}
+
+/// Ends the attempt and moves the job accordingly; refused with `StaleAttempt` when `attempt`
+/// no longer holds the job. A pending pause turns a requeue into `paused`.
+pub async fn finish_attempt(
+    pool: &PgPool,
+    job_id: &str,
+    attempt: i32,
+    outcome: AttemptOutcome,
+    policy: &RetryPolicy,
+) -> Result<Job, StoreError> {
+    let mut tx = pool.begin().await?;
+    lock_attempt(&mut tx, job_id, attempt, true).await?;
+    match outcome {
+        AttemptOutcome::Succeeded { fine_tuned_model, result_files, trained_tokens } => {
+            sqlx::query(
+                "UPDATE jobs SET status = 'succeeded', finished_at = now(), lease_owner = NULL,
+                        lease_expires_at = NULL, pause_requested = false,
+                        fine_tuned_model = $2, result_files = $3, trained_tokens = $4
+                 WHERE id = $1",
+            )
+            .bind(job_id)
+            .bind(&fine_tuned_model)
+            .bind(&result_files)
+            .bind(trained_tokens)
+            .execute(&mut *tx)
+            .await?;
+            end_live_attempt(&mut tx, job_id, "succeeded", "").await?;
+        }
+        AttemptOutcome::Failed(error) => {
+            sqlx::query(
+                "UPDATE jobs SET status = 'failed', finished_at = now(), lease_owner = NULL,
+                        lease_expires_at = NULL, pause_requested = false, error = $2
+                 WHERE id = $1",
+            )
+            .bind(job_id)
+            .bind(Json(&error))
+            .execute(&mut *tx)
+            .await?;
+            end_live_attempt(&mut tx, job_id, "failed", &error.message).await?;
+        }
+        AttemptOutcome::Crashed { reason } => {
+            end_live_attempt(&mut tx, job_id, "crashed", &reason).await?;
+            requeue_after_crash(&mut tx, job_id, &reason, OffsetDateTime::now_utc(), policy).await?;
+        }
+        AttemptOutcome::Preempted { reason } => {
+            end_live_attempt(&mut tx, job_id, "preempted", &reason).await?;
+            release(&mut tx, job_id).await?;
+        }
+        AttemptOutcome::Paused => {
+            end_live_attempt(&mut tx, job_id, "paused", "paused by the user").await?;
+            sqlx::query(
+                "UPDATE jobs SET status = 'paused', pause_requested = false, lease_owner = NULL,
+                        lease_expires_at = NULL
+                 WHERE id = $1",
+            )
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    tx.commit().await?;
+    get_job_unscoped(pool, job_id).await
+}
+
+/// A preempted attempt gives the job back: queued (or paused, if a pause was pending) at
+/// once, without spending the retry budget. The next claim resumes from the last checkpoint.
+pub async fn release_preempted(pool: &PgPool, job_id: &str, attempt: i32) -> Result<Job, StoreError> {
+    let outcome = AttemptOutcome::Preempted { reason: "preempted".to_string() };
+    finish_attempt(pool, job_id, attempt, outcome, &RetryPolicy::default()).await
+}
+
+async fn release(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, job_id: &str) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE jobs SET status = CASE WHEN pause_requested THEN 'paused' ELSE 'queued' END,
+                pause_requested = false, lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = NULL
+         WHERE id = $1",
+    )
+    .bind(job_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,76 @@
+//! Dispatch: how a queued job gets to exactly one worker at a time, and how that worker's
+//! reports reach Postgres (DESIGN.md §3.2).
+//!
+//! **Promise.** At-least-once dispatch, at most one live attempt per job, idempotent effects.
+//!
+//! **Claim is a compare-and-set.** [`claim_job`] is one `UPDATE … WHERE status = 'queued'` on a
+//! row picked `FOR UPDATE SKIP LOCKED`: it moves the job to `running`, increments
+//! `jobs.attempt`, and sets the lease (owner and expiry) in the same statement, then inserts
+//! the `attempts` row. Two workers racing for one job cannot both win: the loser either skips
+//! the locked row or finds it no longer queued, and gets `None`. Behind that, the unique index
+//! `attempts_one_live_per_job` makes Postgres itself refuse a second live attempt.
+//!
+//! **The attempt number is a fencing token.** The worker carries it in every later call, and
+//! every write ([`record_metrics`], [`append_events`], [`commit_checkpoint`],
+//! [`finish_attempt`], [`renew_lease`]) first locks the job row and checks that the job is
+//! still `running` under that same attempt; otherwise it is refused with
+//! [`StoreError::StaleAttempt`]. The check and the write commit together, so a worker whose
+//! lease was taken away (it froze, its network split, the user cancelled) can never write over
+//! the attempt that replaced it — however late its messages arrive.
+//!
+//! **Leases.** A worker renews its lease every heartbeat (order of 10 s, lease 60 s). The
+//! reconciler calls [`requeue_expired_leases`]: a running job whose lease expired is treated
+//! as a crash of its attempt — back to `queued` with a backoff (`next_attempt_at`), one retry
+//! spent; past the retry limit it is failed as poison (`error.code` [`POISON_ERROR_CODE`])
+//! instead of killing workers forever. The next claim hands out the last committed checkpoint
+//! ([`Claim::resume_from`]), so work since then is redone, never lost or doubled.
+//!
+//! **Preemption is free.** A worker that gets SIGTERM checkpoints and calls
+//! [`release_preempted`]: back to the queue without spending the retry budget.
+//!
+//! **Idempotent effects.** Metric points are keyed by (job, step) and events by (job,
+//! attempt, seq): a reconnecting worker resends what was not acked and nothing is stored
+//! twice; an attempt that replays steps after a resume overwrites the older attempt's points.
+//!
+//! **Redis is a wake-up, not a queue of record.** [`queued_job_ids`] is what the reconciler
+//! re-publishes when Redis lost its list (restart, FLUSHALL): a duplicate id in Redis costs a
+//! failed claim, never a second run.
+
+mod claim;
+mod finish;
+mod reconcile;
+mod report;
+
+pub use claim::{claim_job, renew_lease, Claim, ClaimRequest, LeaseRenewal};
+pub use finish::{finish_attempt, release_preempted, AttemptOutcome};
+pub use reconcile::{queued_job_ids, requeue_expired_leases, QueuedJob, RequeuedJob, RetryPolicy, POISON_ERROR_CODE};
+pub use report::{
+    add_job_event, append_events, commit_checkpoint, latest_checkpoint, list_checkpoints, list_events,
+    list_metrics, record_metrics, Checkpoint, Event, EventLevel, MetricPoint, NewEvent,
+};
+
+use sqlx::{Postgres, Transaction};
+
+use crate::StoreError;
+
+/// Locks the job row and checks the fence: the job is running under `attempt`. `exclusive`
+/// takes `FOR UPDATE` (the caller changes the job row), else `FOR SHARE` (the caller only
+/// appends rows that belong to the attempt, and concurrent appends need not wait on each other).
+pub(crate) async fn lock_attempt(
+    tx: &mut Transaction<'_, Postgres>,
+    job_id: &str,
+    attempt: i32,
+    exclusive: bool,
+) -> Result<(), StoreError> {
+    let lock = if exclusive { "FOR UPDATE" } else { "FOR SHARE" };
+    let row: Option<(i32, String)> =
+        sqlx::query_as(&format!("SELECT attempt, status FROM jobs WHERE id = $1 {lock}"))
+            .bind(job_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    match row {
+        None => Err(StoreError::NotFound),
+        Some((current, status)) if current == attempt && status == "running" => Ok(()),
+        Some((current, _)) => Err(StoreError::StaleAttempt { job: job_id.to_string(), attempt, current }),
+    }
+}

@@ -1,0 +1,369 @@
+//! What a running attempt reports — metric points, events, checkpoint commits — each write
+//! fenced by the attempt number; and the reads the API serves from them.
+
+use std::collections::BTreeMap;
+
+use lathe_core::{CheckpointId, EventId};
+use serde::{Deserialize, Serialize};
+use sqlx::types::time::OffsetDateTime;
+use sqlx::types::Json;
+use sqlx::{PgPool, Postgres, Transaction};
+
+use super::lock_attempt;
+use crate::error::corrupt;
+use crate::{random, Page, StoreError};
+
+/// One optimizer step of the loss curve.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct MetricPoint {
+    pub step: i64,
+    pub total_steps: Option<i64>,
+    pub train_loss: Option<f32>,
+    pub valid_loss: Option<f32>,
+    pub train_mean_token_accuracy: Option<f32>,
+    pub valid_mean_token_accuracy: Option<f32>,
+    pub learning_rate: Option<f64>,
+    pub grad_norm: Option<f32>,
+    pub tokens_per_second: Option<f32>,
+    pub tokens_seen: Option<i64>,
+    pub memory_bytes: Option<i64>,
+}
+
+const METRIC_COLUMNS: &str = "step, total_steps, train_loss, valid_loss, train_mean_token_accuracy, \
+    valid_mean_token_accuracy, learning_rate, grad_norm, tokens_per_second, tokens_seen, memory_bytes";
+
+/// Stores a batch of points in one statement. Idempotent on (job, step): a point resent by the
+/// same attempt changes nothing; a step replayed by a later attempt (after a resume) replaces
+/// the older one. Returns how many rows were written.
+pub async fn record_metrics(
+    pool: &PgPool,
+    job_id: &str,
+    attempt: i32,
+    points: &[MetricPoint],
+) -> Result<u64, StoreError> {
+    // One row per step: ON CONFLICT cannot touch a row twice in one statement.
+    let by_step: BTreeMap<i64, &MetricPoint> = points.iter().map(|p| (p.step, p)).collect();
+    let points: Vec<&MetricPoint> = by_step.into_values().collect();
+    fn column<T>(points: &[&MetricPoint], field: impl Fn(&MetricPoint) -> T) -> Vec<T> {
+        points.iter().map(|p| field(p)).collect()
+    }
+
+    let mut tx = pool.begin().await?;
+    lock_attempt(&mut tx, job_id, attempt, false).await?;
+    let written = sqlx::query(&format!(
+        "INSERT INTO metrics (job_id, attempt, {METRIC_COLUMNS})
+         SELECT $1, $2, p.* FROM UNNEST($3::bigint[], $4::bigint[], $5::real[], $6::real[], $7::real[],
+                                        $8::real[], $9::float8[], $10::real[], $11::real[], $12::bigint[],
+                                        $13::bigint[]) AS p
+         ON CONFLICT (job_id, step) DO UPDATE SET
+             attempt = excluded.attempt, total_steps = excluded.total_steps,
+             train_loss = excluded.train_loss, valid_loss = excluded.valid_loss,
+             train_mean_token_accuracy = excluded.train_mean_token_accuracy,
+             valid_mean_token_accuracy = excluded.valid_mean_token_accuracy,
+             learning_rate = excluded.learning_rate, grad_norm = excluded.grad_norm,
+             tokens_per_second = excluded.tokens_per_second, tokens_seen = excluded.tokens_seen,
+             memory_bytes = excluded.memory_bytes, created_at = now()
+         WHERE excluded.attempt > metrics.attempt"
+    ))
+    .bind(job_id)
+    .bind(attempt)
+    .bind(column(&points, |p| p.step))
+    .bind(column(&points, |p| p.total_steps))
+    .bind(column(&points, |p| p.train_loss))
+    .bind(column(&points, |p| p.valid_loss))
+    .bind(column(&points, |p| p.train_mean_token_accuracy))
+    .bind(column(&points, |p| p.valid_mean_token_accuracy))
+    .bind(column(&points, |p| p.learning_rate))
+    .bind(column(&points, |p| p.grad_norm))
+    .bind(column(&points, |p| p.tokens_per_second))
+    .bind(column(&points, |p| p.tokens_seen))
+    .bind(column(&points, |p| p.memory_bytes))
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    Ok(written)
+}
+
+/// The whole loss curve of a project's job, by step.
+pub async fn list_metrics(pool: &PgPool, project_id: &str, job_id: &str) -> Result<Vec<MetricPoint>, StoreError> {
+    ensure_job_in_project(pool, project_id, job_id).await?;
+    let points = sqlx::query_as::<_, MetricPoint>(&format!(
+        "SELECT {METRIC_COLUMNS} FROM metrics WHERE job_id = $1 ORDER BY step"
+    ))
+    .bind(job_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(points)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventLevel {
+    Info,
+    Warn,
+    Error,
+}
+
+impl EventLevel {
+    fn as_str(self) -> &'static str {
+        match self {
+            EventLevel::Info => "info",
+            EventLevel::Warn => "warn",
+            EventLevel::Error => "error",
+        }
+    }
+
+    fn parse(text: &str) -> Result<Self, StoreError> {
+        match text {
+            "info" => Ok(EventLevel::Info),
+            "warn" => Ok(EventLevel::Warn),
+            "error" => Ok(EventLevel::Error),
+            other => Err(corrupt(format!("unknown event level {other:?}"))),
+        }
+    }
+}
+
+/// An event as a worker sends it; `seq` numbers the worker's messages within its attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub seq: i64,
+    pub level: EventLevel,
+    /// OpenAI's event `type`: `message` or `metrics`.
+    pub kind: String,
+    pub message: String,
+    pub data: Option<serde_json::Value>,
+}
+
+/// A stored event, as OpenAI's job event object shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub id: EventId,
+    pub job_id: String,
+    pub level: EventLevel,
+    pub kind: String,
+    pub message: String,
+    pub data: Option<serde_json::Value>,
+    pub created_at: OffsetDateTime,
+}
+
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    id: i64,
+    job_id: String,
+    level: String,
+    #[sqlx(rename = "type")]
+    kind: String,
+    message: String,
+    data: Option<Json<serde_json::Value>>,
+    created_at: OffsetDateTime,
+}
+
+impl TryFrom<EventRow> for Event {
+    type Error = StoreError;
+    fn try_from(row: EventRow) -> Result<Self, StoreError> {
+        Ok(Event {
+            id: EventId::from_sequence(row.id),
+            job_id: row.job_id,
+            level: EventLevel::parse(&row.level)?,
+            kind: row.kind,
+            message: row.message,
+            data: row.data.map(|d| d.0),
+            created_at: row.created_at,
+        })
+    }
+}
+
+/// Appends a worker's events in one statement; a resent `seq` is ignored. Returns how many
+/// were new.
+pub async fn append_events(pool: &PgPool, job_id: &str, attempt: i32, events: &[NewEvent]) -> Result<u64, StoreError> {
+    let mut tx = pool.begin().await?;
+    lock_attempt(&mut tx, job_id, attempt, false).await?;
+    let inserted = sqlx::query(
+        "INSERT INTO events (job_id, attempt, seq, level, type, message, data)
+         SELECT $1, $2, e.seq, e.level, e.kind, e.message, e.data::jsonb
+         FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[])
+              AS e(seq, level, kind, message, data)
+         ON CONFLICT (job_id, attempt, seq) DO NOTHING",
+    )
+    .bind(job_id)
+    .bind(attempt)
+    .bind(events.iter().map(|e| e.seq).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.level.as_str()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.message.as_str()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.data.as_ref().map(|d| d.to_string())).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    Ok(inserted)
+}
+
+/// An event of the controller's own (job created, requeued, …), not fenced by any attempt.
+pub async fn add_job_event(
+    pool: &PgPool,
+    job_id: &str,
+    level: EventLevel,
+    message: &str,
+    data: Option<&serde_json::Value>,
+) -> Result<EventId, StoreError> {
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO events (job_id, level, message, data) VALUES ($1, $2, $3, $4) RETURNING id",
+    )
+    .bind(job_id)
+    .bind(level.as_str())
+    .bind(message)
+    .bind(data.map(Json))
+    .fetch_one(pool)
+    .await?;
+    Ok(EventId::from_sequence(id))
+}
+
+/// Newest first, as OpenAI lists job events; `after` is the last event of the previous page.
+pub async fn list_events(
+    pool: &PgPool,
+    project_id: &str,
+    job_id: &str,
+    after: Option<&EventId>,
+    limit: i64,
+) -> Result<Page<Event>, StoreError> {
+    ensure_job_in_project(pool, project_id, job_id).await?;
+    let before_sequence = after.map(|id| id.sequence().unwrap_or(0));
+    let rows = sqlx::query_as::<_, EventRow>(
+        "SELECT id, job_id, level, type, message, data, created_at FROM events
+         WHERE job_id = $1 AND ($2::bigint IS NULL OR id < $2)
+         ORDER BY id DESC LIMIT $3",
+    )
+    .bind(job_id)
+    .bind(before_sequence)
+    .bind(limit + 1)
+    .fetch_all(pool)
+    .await?;
+    let events = rows.into_iter().map(Event::try_from).collect::<Result<Vec<_>, _>>()?;
+    Ok(Page::from_overfetch(events, limit))
+}
+
+/// A committed checkpoint: written, fsynced and renamed by the worker before it is committed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    pub id: CheckpointId,
+    pub job_id: String,
+    pub attempt: i32,
+    pub step: i64,
+    /// Under the artifacts root.
+    pub path: String,
+    pub metrics: serde_json::Value,
+    pub created_at: OffsetDateTime,
+}
+
+#[derive(sqlx::FromRow)]
+struct CheckpointRow {
+    id: String,
+    job_id: String,
+    attempt: i32,
+    step: i64,
+    path: String,
+    metrics: Json<serde_json::Value>,
+    created_at: OffsetDateTime,
+}
+
+const CHECKPOINT_COLUMNS: &str = "id, job_id, attempt, step, path, metrics, created_at";
+
+impl TryFrom<CheckpointRow> for Checkpoint {
+    type Error = StoreError;
+    fn try_from(row: CheckpointRow) -> Result<Self, StoreError> {
+        Ok(Checkpoint {
+            id: CheckpointId::parse(&row.id).map_err(corrupt)?,
+            job_id: row.job_id,
+            attempt: row.attempt,
+            step: row.step,
+            path: row.path,
+            metrics: row.metrics.0,
+            created_at: row.created_at,
+        })
+    }
+}
+
+/// Records a checkpoint the attempt has made durable. Committing the same step again (a resend)
+/// keeps its id and takes the newer path and metrics.
+pub async fn commit_checkpoint(
+    pool: &PgPool,
+    job_id: &str,
+    attempt: i32,
+    step: i64,
+    path: &str,
+    metrics: &serde_json::Value,
+) -> Result<Checkpoint, StoreError> {
+    let mut tx = pool.begin().await?;
+    lock_attempt(&mut tx, job_id, attempt, false).await?;
+    let row = sqlx::query_as::<_, CheckpointRow>(&format!(
+        "INSERT INTO checkpoints (id, job_id, attempt, step, path, metrics) VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (job_id, step) DO UPDATE SET
+             attempt = excluded.attempt, path = excluded.path, metrics = excluded.metrics
+         RETURNING {CHECKPOINT_COLUMNS}"
+    ))
+    .bind(CheckpointId::from_random(random::id_bytes()).as_str())
+    .bind(job_id)
+    .bind(attempt)
+    .bind(step)
+    .bind(path)
+    .bind(Json(metrics))
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    row.try_into()
+}
+
+pub(crate) async fn latest_checkpoint_in(
+    tx: &mut Transaction<'_, Postgres>,
+    job_id: &str,
+) -> Result<Option<Checkpoint>, StoreError> {
+    let row = sqlx::query_as::<_, CheckpointRow>(&format!(
+        "SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE job_id = $1 ORDER BY step DESC LIMIT 1"
+    ))
+    .bind(job_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    row.map(Checkpoint::try_from).transpose()
+}
+
+/// The checkpoint the next attempt of a job would resume from.
+pub async fn latest_checkpoint(pool: &PgPool, job_id: &str) -> Result<Option<Checkpoint>, StoreError> {
+    let mut tx = pool.begin().await?;
+    let checkpoint = latest_checkpoint_in(&mut tx, job_id).await?;
+    tx.commit().await?;
+    Ok(checkpoint)
+}
+
+/// A project's job's checkpoints, newest (highest step) first; `after` is a checkpoint id.
+pub async fn list_checkpoints(
+    pool: &PgPool,
+    project_id: &str,
+    job_id: &str,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Page<Checkpoint>, StoreError> {
+    ensure_job_in_project(pool, project_id, job_id).await?;
+    let rows = sqlx::query_as::<_, CheckpointRow>(&format!(
+        "SELECT {CHECKPOINT_COLUMNS} FROM checkpoints
+         WHERE job_id = $1 AND ($2::text IS NULL OR step < (SELECT step FROM checkpoints WHERE id = $2 AND job_id = $1))
+         ORDER BY step DESC LIMIT $3"
+    ))
+    .bind(job_id)
+    .bind(after)
+    .bind(limit + 1)
+    .fetch_all(pool)
+    .await?;
+    let checkpoints = rows.into_iter().map(Checkpoint::try_from).collect::<Result<Vec<_>, _>>()?;
+    Ok(Page::from_overfetch(checkpoints, limit))
+}
+
+async fn ensure_job_in_project(pool: &PgPool, project_id: &str, job_id: &str) -> Result<(), StoreError> {
+    let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM jobs WHERE id = $1 AND project_id = $2")
+        .bind(job_id)
+        .bind(project_id)
+        .fetch_optional(pool)
+        .await?;
+    found.map(|_| ()).ok_or(StoreError::NotFound)
+}

@@ -1,0 +1,200 @@
+use std::collections::HashMap;
+
+use lathe_core::{IllegalTransition, JobStatus};
+use lathe_store::dispatch::{claim_job, ClaimRequest};
+use lathe_store::jobs::{cancel_job, create_job, fail_job, get_job, list_jobs, pause_job, resume_job, JobError};
+use lathe_store::StoreError;
+use serde_json::json;
+
+use crate::support::{project, queued_job, spec, training_file, worker, TestDb};
+
+#[tokio::test]
+async fn a_created_job_is_queued_with_its_spec_and_resources() {
+    let db = TestDb::new().await;
+    let project_id = project(&db.pool, "acme").await;
+    let file = training_file(&db.pool, &project_id).await;
+    let spec = spec(&file, json!({ "suffix": "cwe", "priority": 5, "pool": "a100", "gpu_memory_gb": 40 }));
+
+    let (job, created) = create_job(&db.pool, &project_id, &spec, None).await.unwrap();
+    assert!(created);
+    assert_eq!(job.status, JobStatus::Queued);
+    assert_eq!(job.attempt, 0);
+    assert_eq!(job.spec, spec);
+    let (pool, priority, memory): (String, i16, Option<i32>) =
+        sqlx::query_as("SELECT pool, priority, gpu_memory_gb FROM jobs WHERE id = $1")
+            .bind(job.id.as_str())
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((pool.as_str(), priority, memory), ("a100", 5, Some(40)));
+    assert_eq!(get_job(&db.pool, &project_id, job.id.as_str()).await.unwrap(), job);
+}
+
+#[tokio::test]
+async fn a_job_on_a_missing_or_foreign_file_is_refused_and_nothing_is_stored() {
+    let db = TestDb::new().await;
+    let project_a = project(&db.pool, "a").await;
+    let project_b = project(&db.pool, "b").await;
+    let file_of_a = training_file(&db.pool, &project_a).await;
+
+    let refused = create_job(&db.pool, &project_b, &spec(&file_of_a, json!({})), None).await;
+    assert!(matches!(refused, Err(StoreError::NotFound)));
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(count, 0);
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_creates_with_repeated_keys_make_one_job_per_key() {
+    let db = TestDb::new().await;
+    let project_id = project(&db.pool, "acme").await;
+    let file = training_file(&db.pool, &project_id).await;
+    let spec = spec(&file, json!({}));
+
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let (pool, project_id, spec) = (db.pool.clone(), project_id.clone(), spec.clone());
+        // 20 keys, each sent 10 times, interleaved.
+        let key = format!("key-{}", i % 20);
+        tasks.push(tokio::spawn(async move {
+            let (job, created) = create_job(&pool, &project_id, &spec, Some(&key)).await.expect("no error");
+            (key, job.id.to_string(), created)
+        }));
+    }
+    let mut job_by_key: HashMap<String, String> = HashMap::new();
+    let mut created_count = 0;
+    for task in tasks {
+        let (key, job_id, created) = task.await.unwrap();
+        created_count += usize::from(created);
+        let first = job_by_key.entry(key.clone()).or_insert(job_id.clone());
+        assert_eq!(*first, job_id, "two jobs for {key}");
+    }
+    assert_eq!(job_by_key.len(), 20);
+    assert_eq!(created_count, 20);
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(count, 20);
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_in_two_projects_makes_two_jobs() {
+    let db = TestDb::new().await;
+    let mut ids = Vec::new();
+    for name in ["a", "b"] {
+        let project_id = project(&db.pool, name).await;
+        let file = training_file(&db.pool, &project_id).await;
+        let (job, created) = create_job(&db.pool, &project_id, &spec(&file, json!({})), Some("k")).await.unwrap();
+        assert!(created);
+        ids.push(job.id);
+    }
+    assert_ne!(ids[0], ids[1]);
+}
+
+#[tokio::test]
+async fn jobs_are_listed_newest_first_with_has_more() {
+    let db = TestDb::new().await;
+    let project_id = project(&db.pool, "acme").await;
+    let file = training_file(&db.pool, &project_id).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(create_job(&db.pool, &project_id, &spec(&file, json!({})), None).await.unwrap().0.id);
+    }
+    ids.reverse();
+
+    let first = list_jobs(&db.pool, &project_id, None, 2).await.unwrap();
+    assert!(first.has_more);
+    assert_eq!(first.items.iter().map(|j| j.id.clone()).collect::<Vec<_>>(), ids[..2]);
+    let second = list_jobs(&db.pool, &project_id, Some(first.items[1].id.as_str()), 2).await.unwrap();
+    assert!(!second.has_more);
+    assert_eq!(second.items.iter().map(|j| j.id.clone()).collect::<Vec<_>>(), ids[2..]);
+}
+
+#[tokio::test]
+async fn project_b_cannot_get_list_cancel_pause_or_resume_project_a_job() {
+    let db = TestDb::new().await;
+    let (project_a, job_id) = queued_job(&db.pool, "a").await;
+    let project_b = project(&db.pool, "b").await;
+
+    assert!(matches!(get_job(&db.pool, &project_b, &job_id).await, Err(StoreError::NotFound)));
+    assert!(list_jobs(&db.pool, &project_b, None, 10).await.unwrap().items.is_empty());
+    assert!(matches!(cancel_job(&db.pool, &project_b, &job_id).await, Err(StoreError::NotFound)));
+    assert!(matches!(pause_job(&db.pool, &project_b, &job_id).await, Err(StoreError::NotFound)));
+    assert!(matches!(resume_job(&db.pool, &project_b, &job_id).await, Err(StoreError::NotFound)));
+    assert_eq!(get_job(&db.pool, &project_a, &job_id).await.unwrap().status, JobStatus::Queued);
+}
+
+#[tokio::test]
+async fn a_cancelled_job_is_final_and_cannot_be_cancelled_or_resumed_again() {
+    let db = TestDb::new().await;
+    let (project_id, job_id) = queued_job(&db.pool, "acme").await;
+
+    let cancelled = cancel_job(&db.pool, &project_id, &job_id).await.unwrap();
+    assert_eq!(cancelled.status, JobStatus::Cancelled);
+    assert!(cancelled.finished_at.is_some());
+    let again = cancel_job(&db.pool, &project_id, &job_id).await;
+    assert!(matches!(
+        again,
+        Err(StoreError::IllegalTransition(IllegalTransition { from: JobStatus::Cancelled, to: JobStatus::Cancelled }))
+    ));
+    assert!(matches!(resume_job(&db.pool, &project_id, &job_id).await, Err(StoreError::IllegalTransition(_))));
+}
+
+#[tokio::test]
+async fn a_paused_queued_job_is_not_claimed_until_resumed() {
+    let db = TestDb::new().await;
+    let (project_id, job_id) = queued_job(&db.pool, "acme").await;
+    let worker_id = worker(&db.pool, "w1").await;
+    let request = ClaimRequest { worker_id: &worker_id, job_id: None, lease: std::time::Duration::from_secs(60) };
+
+    assert_eq!(pause_job(&db.pool, &project_id, &job_id).await.unwrap().status, JobStatus::Paused);
+    assert!(claim_job(&db.pool, request.clone()).await.unwrap().is_none());
+
+    assert_eq!(resume_job(&db.pool, &project_id, &job_id).await.unwrap().status, JobStatus::Queued);
+    let claim = claim_job(&db.pool, request).await.unwrap().expect("claimed after resume");
+    assert_eq!(claim.job_id.as_str(), job_id);
+}
+
+#[tokio::test]
+async fn cancelling_a_running_job_ends_its_attempt_and_frees_the_lease() {
+    let db = TestDb::new().await;
+    let (project_id, job_id) = queued_job(&db.pool, "acme").await;
+    let worker_id = worker(&db.pool, "w1").await;
+    let request = ClaimRequest { worker_id: &worker_id, job_id: Some(&job_id), lease: std::time::Duration::from_secs(60) };
+    claim_job(&db.pool, request).await.unwrap().expect("claimed");
+
+    let cancelled = cancel_job(&db.pool, &project_id, &job_id).await.unwrap();
+    assert_eq!(cancelled.status, JobStatus::Cancelled);
+    let (owner, outcome): (Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT j.lease_owner, a.outcome FROM jobs j JOIN attempts a ON a.job_id = j.id WHERE j.id = $1",
+    )
+    .bind(&job_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((owner, outcome.as_deref()), (None, Some("cancelled")));
+}
+
+#[tokio::test]
+async fn failing_a_job_records_the_error_object() {
+    let db = TestDb::new().await;
+    let (project_id, job_id) = queued_job(&db.pool, "acme").await;
+    let error = JobError { code: "invalid_training_file".into(), message: "line 3: bad".into(), param: Some("training_file".into()) };
+    // A queued job never "fails" in core's rules: only validation or a run can fail it.
+    assert!(matches!(fail_job(&db.pool, &project_id, &job_id, &error).await, Err(StoreError::IllegalTransition(_))));
+    sqlx::query("UPDATE jobs SET status = 'validating_files' WHERE id = $1").bind(&job_id).execute(&db.pool).await.unwrap();
+    let failed = fail_job(&db.pool, &project_id, &job_id, &error).await.unwrap();
+    assert_eq!(failed.status, JobStatus::Failed);
+    assert_eq!(failed.error, Some(error));
+}
+
+#[tokio::test]
+async fn a_repeated_key_returns_the_job_even_after_its_file_was_deleted() {
+    let db = TestDb::new().await;
+    let project_id = project(&db.pool, "acme").await;
+    let file = training_file(&db.pool, &project_id).await;
+    let spec = spec(&file, json!({}));
+    let (job, _) = create_job(&db.pool, &project_id, &spec, Some("retry-me")).await.unwrap();
+    lathe_store::files::delete_file(&db.pool, &project_id, file.as_str()).await.unwrap();
+
+    let (again, created) = create_job(&db.pool, &project_id, &spec, Some("retry-me")).await.unwrap();
+    assert_eq!((again.id, created), (job.id, false));
+    assert!(matches!(create_job(&db.pool, &project_id, &spec, Some("new-key")).await, Err(StoreError::NotFound)));
+}
