@@ -20,6 +20,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod export;
+mod hash;
 pub mod init;
 pub mod lora;
 pub mod model_dir;

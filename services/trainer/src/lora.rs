@@ -8,6 +8,7 @@
 
 use tch::{Kind, Tensor};
 
+use crate::hash::{fnv1a, unit_f64};
 use crate::{Result, TrainerError};
 
 /// The linear projections of a decoder layer, by the names checkpoints and PEFT use.
@@ -113,8 +114,7 @@ impl LoraPair {
         let mut state = config.init_seed ^ fnv1a(path.as_bytes());
         let values: Vec<f32> = (0..config.rank * in_features)
             .map(|_| {
-                let unit = (splitmix64(&mut state) >> 11) as f64 / (1u64 << 53) as f64;
-                ((2.0 * unit - 1.0) * bound) as f32
+                ((2.0 * unit_f64(&mut state) - 1.0) * bound) as f32
             })
             .collect();
         let a = Tensor::from_slice(&values).view([config.rank, in_features]).to_device(device);
@@ -196,18 +196,6 @@ pub fn hashed_dropout(x: &Tensor, p: f64, key: i64) -> Tensor {
     let unit = h.bitwise_and(0x00ff_ffff_i64).to_kind(Kind::Float) / 16_777_216.0;
     let keep = unit.ge(p).to_kind(x.kind()).view(x.size().as_slice());
     x * keep / (1.0 - p)
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
-}
-
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]

@@ -47,21 +47,6 @@ mod tests {
         r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#;
 
     #[test]
-    fn a_chat_file_parses_into_messages_with_extra_keys() {
-        let file = write(&format!(
-            "{GOOD_CHAT}\n\n{}\n",
-            r#"{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q", "name": "ann"}, {"role": "assistant", "content": "a", "weight": 1}]}"#
-        ));
-        let examples = read_examples(file.path()).unwrap();
-        assert_eq!(examples.len(), 2);
-        let Example::Chat { messages } = &examples[1] else { panic!("not chat") };
-        assert_eq!(messages.len(), 3);
-        assert_eq!(messages[1].extra.get("name"), Some(&serde_json::Value::String("ann".into())));
-        assert_eq!(messages[2].weight, Some(1));
-        assert!(messages[2].extra.is_empty(), "weight is not an extra key");
-    }
-
-    #[test]
     fn prompt_completion_and_text_files_parse() {
         let file =
             write("{\"prompt\": \"2+2=\", \"completion\": \"4\"}\r\n{\"prompt\": \"\", \"completion\": \"x\"}\n");
@@ -72,27 +57,6 @@ mod tests {
         let file = write("\u{feff}{\"text\": \"CVE-2024-0001 is a heap overflow\"}\n");
         let examples = read_examples(file.path()).unwrap();
         assert_eq!(examples, vec![Example::Text { text: "CVE-2024-0001 is a heap overflow".into() }]);
-    }
-
-    #[test]
-    fn content_parts_are_joined_and_null_content_with_tool_calls_is_empty() {
-        let line = r#"{"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}, {"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}, {"role": "tool", "content": "42", "tool_call_id": "c1"}, {"role": "assistant", "content": "done"}]}"#;
-        let Example::Chat { messages } = parse_line(line).unwrap() else { panic!("not chat") };
-        assert_eq!(messages[0].content, "ab");
-        assert_eq!(messages[1].content, "");
-        assert!(messages[1].extra.contains_key("tool_calls"));
-    }
-
-    #[test]
-    fn weight_zero_turns_are_kept_but_one_trained_turn_is_required() {
-        let line = r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad", "weight": 0}, {"role": "user", "content": "q2"}, {"role": "assistant", "content": "good"}]}"#;
-        let Example::Chat { messages } = parse_line(line).unwrap() else { panic!("not chat") };
-        assert_eq!(messages[1].weight, Some(0));
-        assert_eq!(messages[3].weight, None);
-
-        let all_zero =
-            r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]}"#;
-        assert!(parse_line(all_zero).unwrap_err().contains("no assistant message with weight 1"));
     }
 
     #[test]

@@ -166,25 +166,18 @@ struct NormalStream {
 impl NormalStream {
     fn new(seed: u64, tensor_name: &str) -> Self {
         // FNV-1a of the name, so each tensor has its own stream whatever the fill order.
-        let name_hash = tensor_name
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3));
-        let mut stream = Self { state: seed ^ name_hash, spare: None };
+        let mut stream = Self { state: seed ^ crate::hash::fnv1a(tensor_name.as_bytes()), spare: None };
         stream.next_u64();
         stream
     }
 
     fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        crate::hash::splitmix64(&mut self.state)
     }
 
     /// Uniform in [0, 1) with 53 random bits.
     fn next_unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+        crate::hash::unit_f64(&mut self.state)
     }
 
     fn next(&mut self) -> f64 {

@@ -7,6 +7,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::data::packing::Sequence;
+use crate::hash::splitmix64;
 
 /// Right-padded tensors of one micro-batch, each (B, T).
 pub struct MicroBatch {
@@ -41,14 +42,6 @@ pub fn epoch_order(rows: usize, seed: u64, epoch: u64, shuffle: bool) -> Vec<usi
         }
     }
     order
-}
-
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// The rows of optimizer step `step_in_epoch` (0-based), split into micro-batches.
