@@ -1,53 +1,49 @@
 #!/usr/bin/env bash
-# The main job on the built-in tiny model: create a random Qwen3-style model, LoRA fine-tune
-# it on the shipped CVE->CWE sample with a live progress bar, and print where the PEFT
-# adapter, merged model and loss curve are. Runs on CPU in well under a minute.
+# The main job, through the service, on the built-in tiny model: start Lathe (`lathe up`:
+# controller + one worker, on the local Postgres and Redis), create a random Qwen3-style model
+# under its models root, upload the shipped CVE->CWE sample, submit a LoRA job, follow it with
+# a live progress bar, and print the fine-tuned model's name and where its adapter is.
+# Runs on CPU in about a minute.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x target/release/lathe ] || { echo "demo: run scripts/setup.sh first" >&2; exit 1; }
-LATHE=target/release/lathe
+LATHE=$PWD/target/release/lathe
+source scripts/lib/services.sh
+[ -n "${LATHE_DATABASE_URL:-}" ] || ensure_services
+
 RUN=${RUN:-runs/demo-$(date +%Y%m%d-%H%M%S)}
-mkdir -p "$RUN"
+DATA=$RUN/data
+mkdir -p "$DATA/models"
+free_port() { .venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+HTTP=127.0.0.1:$(free_port)
+GRPC=127.0.0.1:$(free_port)
 
-echo "==> tiny qwen3 model -> $RUN/model"
-$LATHE model init --arch qwen3 --preset tiny --seed 0 --out "$RUN/model"
+echo "==> tiny qwen3 model -> $DATA/models/tiny-qwen3"
+$LATHE model init --arch qwen3 --preset tiny --seed 0 --out "$DATA/models/tiny-qwen3"
 
-cat > "$RUN/train.toml" <<TOML
-model = "model"
-train_file = "$PWD/examples/cve-cwe/train.jsonl"
-validation_file = "$PWD/examples/cve-cwe/validation.jsonl"
-output_dir = "out"
-method = "lora"
-seed = 0
+echo "==> lathe up (log: $RUN/service.log)"
+$LATHE up --data-dir "$DATA" --http-listen "$HTTP" --grpc-listen "$GRPC" --workers 1 \
+  --device auto --checkpoint-every 10 >"$RUN/service.log" 2>&1 &
+UP_PID=$!
+stop_service() { kill -TERM "$UP_PID" 2>/dev/null && wait "$UP_PID" 2>/dev/null || true; }
+trap stop_service EXIT
+for _ in $(seq 1 120); do
+  if .venv/bin/python -c "import urllib.request; urllib.request.urlopen('http://$HTTP/readyz', timeout=1)" 2>/dev/null; then break; fi
+  kill -0 "$UP_PID" 2>/dev/null || { echo "demo: lathe up exited; see $RUN/service.log" >&2; tail -20 "$RUN/service.log" >&2; exit 1; }
+  sleep 0.5
+done
 
-[data]
-max_seq_length = 512
-packing = true
+export LATHE_API_URL=http://$HTTP/v1
+LATHE_API_KEY=$($LATHE admin create-key --project demo --name demo 2>/dev/null)
+export LATHE_API_KEY
 
-[lora]
-rank = 16
-alpha = 32.0
-target_modules = "all-linear"
+echo "==> LoRA job on examples/cve-cwe (upload, create, follow)"
+$LATHE jobs create --model tiny-qwen3 \
+  --training-file examples/cve-cwe/train.jsonl --validation-file examples/cve-cwe/validation.jsonl \
+  --suffix cve-cwe --n-epochs 2 --batch-size 4 --learning-rate 5e-3 --max-seq-length 512 --packing \
+  --watch --download "$RUN/adapter"
 
-[optim]
-learning_rate = 5e-3
-lr_scheduler = "cosine"
-warmup_ratio = 0.05
-
-[train]
-epochs = 2
-batch_size = 4
-dtype = "auto"
-device = "auto"
-eval_every = 10
-checkpoint_every = 20
-keep_checkpoints = 2
-
-[output]
-merge = true
-TOML
-
-echo "==> LoRA fine-tuning ($RUN/train.toml)"
-$LATHE train "$RUN/train.toml"
 echo
-echo "loss curve: $RUN/out/results.csv"
+echo "API:        $LATHE_API_URL (key in LATHE_API_KEY above; the service stops when this script ends)"
+echo "adapter:    $RUN/adapter (PEFT: adapter_config.json + adapter_model.safetensors; step_metrics.csv)"
+echo "load it:    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('$DATA/models/tiny-qwen3'), '$RUN/adapter')"

@@ -334,3 +334,39 @@ pub(crate) async fn end_live_attempt(
     .await?;
     Ok(())
 }
+
+/// How many jobs are in each status (the `lathe_jobs` gauge).
+pub async fn count_by_status(pool: &PgPool) -> Result<Vec<(JobStatus, i64)>, StoreError> {
+    let rows: Vec<(String, i64)> = sqlx::query_as("SELECT status, count(*) FROM jobs GROUP BY status")
+        .fetch_all(pool)
+        .await?;
+    rows.into_iter().map(|(status, n)| Ok((parse_status(&status)?, n))).collect()
+}
+
+/// The project's fine-tuned models: `(name, base model, finished_at)` of its succeeded jobs.
+pub async fn list_fine_tuned_models(
+    pool: &PgPool,
+    project_id: &str,
+) -> Result<Vec<(String, String, OffsetDateTime)>, StoreError> {
+    let rows: Vec<(String, String, OffsetDateTime)> = sqlx::query_as(
+        "SELECT fine_tuned_model, model, coalesce(finished_at, created_at) FROM jobs
+         WHERE project_id = $1 AND status = 'succeeded' AND fine_tuned_model IS NOT NULL
+         ORDER BY finished_at DESC, id DESC",
+    )
+    .bind(project_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows)
+}
+
+/// What a running attempt's stream must tell its worker: `Some(status, pause_requested)` while
+/// `attempt` still holds the job's row, `None` once it does not (requeued, reclaimed).
+pub async fn attempt_control(pool: &PgPool, job_id: &str, attempt: i32) -> Result<Option<(JobStatus, bool)>, StoreError> {
+    let row: Option<(String, bool)> =
+        sqlx::query_as("SELECT status, pause_requested FROM jobs WHERE id = $1 AND attempt = $2")
+            .bind(job_id)
+            .bind(attempt)
+            .fetch_optional(pool)
+            .await?;
+    row.map(|(status, pause)| Ok((parse_status(&status)?, pause))).transpose()
+}

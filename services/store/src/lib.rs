@@ -45,6 +45,43 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     })
 }
 
+/// Connects to `database_url`, creating the database when it does not exist yet (a fresh
+/// install needs no manual `createdb`), and brings its schema up to date.
+pub async fn connect(database_url: &str, max_connections: u32) -> Result<PgPool, StoreError> {
+    use sqlx::postgres::PgConnectOptions;
+    use sqlx::ConnectOptions;
+    use std::str::FromStr;
+
+    let options = PgConnectOptions::from_str(database_url).map_err(StoreError::Database)?;
+    let pool_options = || {
+        PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(std::time::Duration::from_secs(5))
+    };
+    let pool = match pool_options().connect_with(options.clone()).await {
+        Ok(pool) => pool,
+        // 3D000 invalid_catalog_name: the server is up, the database is not there yet.
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("3D000") => {
+            let name = options.get_database().unwrap_or("lathe").to_string();
+            if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(StoreError::Conflict(format!("database {name:?} does not exist; create it first")));
+            }
+            let mut admin = options.clone().database("postgres").connect().await?;
+            let created = sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut admin).await;
+            match created {
+                Ok(_) => {}
+                // Another process created it first (42P04 duplicate_database, or 23505 on the catalog).
+                Err(sqlx::Error::Database(db)) if matches!(db.code().as_deref(), Some("42P04") | Some("23505")) => {}
+                Err(other) => return Err(other.into()),
+            }
+            pool_options().connect_with(options).await?
+        }
+        Err(other) => return Err(other.into()),
+    };
+    migrate(&pool).await?;
+    Ok(pool)
+}
+
 /// One page of a newest-first list, as OpenAI's `{"data": […], "has_more": …}`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Page<T> {
@@ -71,4 +108,10 @@ mod tests {
         assert_eq!(Page::from_overfetch(vec![1, 2], 2), Page { items: vec![1, 2], has_more: false });
         assert_eq!(Page::from_overfetch(Vec::<i32>::new(), 0), Page { items: vec![], has_more: false });
     }
+}
+
+/// One round trip, for readiness probes.
+pub async fn ping(pool: &PgPool) -> Result<(), StoreError> {
+    sqlx::query("SELECT 1").execute(pool).await?;
+    Ok(())
 }

@@ -36,3 +36,12 @@ pub async fn get_project_by_name(pool: &PgPool, name: &str) -> Result<Project, S
         .await?
         .ok_or(StoreError::NotFound)
 }
+
+/// The project named `name`, created if it does not exist yet (admin commands, `lathe up`).
+pub async fn ensure_project(pool: &PgPool, name: &str) -> Result<Project, StoreError> {
+    match create_project(pool, name).await {
+        Ok(project) => Ok(project),
+        Err(StoreError::Conflict(_)) => get_project_by_name(pool, name).await,
+        Err(other) => Err(other),
+    }
+}

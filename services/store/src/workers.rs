@@ -106,3 +106,32 @@ pub async fn list_workers(pool: &PgPool) -> Result<Vec<Worker>, StoreError> {
     .await?;
     Ok(workers)
 }
+
+/// A worker's capabilities as it reports them when it (re)starts; the token stays the same.
+pub async fn update_registration(pool: &PgPool, worker_id: &str, worker: NewWorker<'_>) -> Result<Worker, StoreError> {
+    sqlx::query_as::<_, Worker>(&format!(
+        "UPDATE workers SET name = $2, device_kind = $3, gpu_name = $4, gpu_memory_bytes = $5, pools = $6,
+                version = $7, last_heartbeat_at = now()
+         WHERE id = $1
+         RETURNING {WORKER_COLUMNS}"
+    ))
+    .bind(worker_id)
+    .bind(worker.name)
+    .bind(worker.device_kind)
+    .bind(worker.gpu_name)
+    .bind(worker.gpu_memory_bytes)
+    .bind(worker.pools)
+    .bind(worker.version)
+    .fetch_optional(pool)
+    .await?
+    .ok_or(StoreError::NotFound)
+}
+
+/// Whether the worker has been told to drain.
+pub async fn is_draining(pool: &PgPool, worker_id: &str) -> Result<bool, StoreError> {
+    sqlx::query_scalar("SELECT draining FROM workers WHERE id = $1")
+        .bind(worker_id)
+        .fetch_optional(pool)
+        .await?
+        .ok_or(StoreError::NotFound)
+}

@@ -1,2 +1,5 @@
+pub mod admin;
+pub mod client;
 pub mod model;
+pub mod service;
 pub mod train;

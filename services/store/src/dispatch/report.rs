@@ -33,7 +33,8 @@ const METRIC_COLUMNS: &str = "step, total_steps, train_loss, valid_loss, train_m
     valid_mean_token_accuracy, learning_rate, grad_norm, tokens_per_second, tokens_seen, memory_bytes";
 
 /// Stores a batch of points in one statement. Idempotent on (job, step): a point resent by the
-/// same attempt changes nothing; a step replayed by a later attempt (after a resume) replaces
+/// same attempt changes nothing, unless it now carries more (the validation loss of an eval
+/// that ran after the step's point was sent); a step replayed by a later attempt (after a resume) replaces
 /// the older one. Returns how many rows were written.
 pub async fn record_metrics(
     pool: &PgPool,
@@ -63,7 +64,10 @@ pub async fn record_metrics(
              learning_rate = excluded.learning_rate, grad_norm = excluded.grad_norm,
              tokens_per_second = excluded.tokens_per_second, tokens_seen = excluded.tokens_seen,
              memory_bytes = excluded.memory_bytes, created_at = now()
-         WHERE excluded.attempt > metrics.attempt"
+         WHERE excluded.attempt > metrics.attempt
+            OR (excluded.attempt = metrics.attempt
+                AND (excluded.train_loss, excluded.valid_loss, excluded.valid_mean_token_accuracy)
+                    IS DISTINCT FROM (metrics.train_loss, metrics.valid_loss, metrics.valid_mean_token_accuracy))"
     ))
     .bind(job_id)
     .bind(attempt)
@@ -366,4 +370,26 @@ async fn ensure_job_in_project(pool: &PgPool, project_id: &str, job_id: &str) ->
         .fetch_optional(pool)
         .await?;
     found.map(|_| ()).ok_or(StoreError::NotFound)
+}
+
+/// Events with a sequence above `after_sequence`, oldest first: what a live stream (SSE) has
+/// not sent yet.
+pub async fn events_after(
+    pool: &PgPool,
+    project_id: &str,
+    job_id: &str,
+    after_sequence: i64,
+    limit: i64,
+) -> Result<Vec<Event>, StoreError> {
+    ensure_job_in_project(pool, project_id, job_id).await?;
+    let rows = sqlx::query_as::<_, EventRow>(
+        "SELECT id, job_id, level, type, message, data, created_at FROM events
+         WHERE job_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+    )
+    .bind(job_id)
+    .bind(after_sequence)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter().map(Event::try_from).collect()
 }

@@ -354,3 +354,18 @@ async fn a_worker_takes_only_jobs_of_its_pools_that_fit_its_memory_best_priority
     expected.sort();
     assert_eq!(queued, expected);
 }
+
+#[tokio::test]
+async fn a_point_resent_with_its_validation_loss_is_completed_not_ignored() {
+    let db = TestDb::new().await;
+    let (project_id, job_id) = queued_job(&db.pool, "acme").await;
+    let worker_id = worker(&db.pool, "a").await;
+    let attempt = claim(&db.pool, &worker_id, &job_id, LEASE).await.unwrap().attempt;
+    record_metrics(&db.pool, &job_id, attempt, &[point(10, 2.5)]).await.unwrap();
+    // The eval of step 10 finished after its point went out: the worker sends it again, whole.
+    let completed = MetricPoint { valid_loss: Some(2.25), valid_mean_token_accuracy: Some(0.5), ..point(10, 2.5) };
+    assert_eq!(record_metrics(&db.pool, &job_id, attempt, &[completed.clone()]).await.unwrap(), 1);
+    assert_eq!(record_metrics(&db.pool, &job_id, attempt, &[completed]).await.unwrap(), 0, "an identical resend writes nothing");
+    let curve = list_metrics(&db.pool, &project_id, &job_id).await.unwrap();
+    assert_eq!((curve[0].train_loss, curve[0].valid_loss), (Some(2.5), Some(2.25)));
+}

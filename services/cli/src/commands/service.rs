@@ -1,0 +1,255 @@
+//! `lathe controller`, `lathe worker` and `lathe up` (both in one process): the service.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use lathe_controller::{BoundController, ControllerConfig};
+use lathe_worker::WorkerConfig;
+use tokio::sync::watch;
+
+/// Where Postgres and Redis are: shared by every service command.
+#[derive(Args, Clone)]
+pub struct Backends {
+    /// Postgres URL; the database is created if missing and migrated on start.
+    #[arg(long, env = "LATHE_DATABASE_URL", default_value = lathe_controller::config::DEFAULT_DATABASE_URL)]
+    pub database_url: String,
+    /// Redis URL (job wake-ups only; Postgres is the record).
+    #[arg(long, env = "LATHE_REDIS_URL", default_value = lathe_controller::config::DEFAULT_REDIS_URL)]
+    pub redis_url: String,
+    /// Prefix of Lathe's Redis keys.
+    #[arg(long, env = "LATHE_REDIS_PREFIX", default_value = "lathe:")]
+    pub redis_prefix: String,
+}
+
+#[derive(Args, Clone)]
+pub struct ControllerArgs {
+    #[command(flatten)]
+    backends: Backends,
+    /// REST API, /metrics, /healthz, /readyz.
+    #[arg(long, env = "LATHE_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    http_listen: String,
+    /// gRPC for workers.
+    #[arg(long, env = "LATHE_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
+    grpc_listen: String,
+    /// Uploaded files and job outputs; must be shared with the workers.
+    #[arg(long, env = "LATHE_DATA_DIR", default_value = "lathe-data")]
+    data_dir: PathBuf,
+    /// Base models, one Hugging Face directory per name [default: DATA_DIR/models].
+    #[arg(long, env = "LATHE_MODELS_ROOT")]
+    models_root: Option<PathBuf>,
+    /// Largest accepted upload, in bytes (larger requests get 413).
+    #[arg(long, env = "LATHE_MAX_UPLOAD_BYTES", default_value_t = 512 * 1024 * 1024)]
+    max_upload_bytes: usize,
+    /// A worker that sends no heartbeat for this long loses its job (requeued).
+    #[arg(long, default_value_t = 60.0)]
+    lease_seconds: f64,
+    /// How often workers send heartbeats.
+    #[arg(long, default_value_t = 10.0)]
+    heartbeat_seconds: f64,
+    /// How often the reconciler requeues expired leases and re-publishes queued jobs.
+    #[arg(long, default_value_t = 5.0)]
+    reconcile_seconds: f64,
+    /// Crashes a job may have before it fails as poison.
+    #[arg(long, default_value_t = 3)]
+    max_retries: i32,
+    /// Backoff after a crash, doubled for each further crash.
+    #[arg(long, default_value_t = 10.0)]
+    retry_backoff_seconds: f64,
+}
+
+impl ControllerArgs {
+    fn config(&self) -> anyhow::Result<ControllerConfig> {
+        let seconds = |name: &str, s: f64| {
+            anyhow::ensure!(s > 0.0 && s.is_finite(), "--{name} must be a positive number of seconds, got {s}");
+            Ok(Duration::from_secs_f64(s))
+        };
+        let mut config = ControllerConfig::local(self.data_dir.clone());
+        config.database_url = self.backends.database_url.clone();
+        config.redis_url = self.backends.redis_url.clone();
+        config.redis_prefix = self.backends.redis_prefix.clone();
+        config.http_listen = self.http_listen.clone();
+        config.grpc_listen = self.grpc_listen.clone();
+        config.models_root = self.models_root.clone().unwrap_or_else(|| self.data_dir.join("models"));
+        config.max_upload_bytes = self.max_upload_bytes;
+        config.lease = seconds("lease-seconds", self.lease_seconds)?;
+        config.heartbeat_interval = seconds("heartbeat-seconds", self.heartbeat_seconds)?;
+        config.reconcile_interval = seconds("reconcile-seconds", self.reconcile_seconds)?;
+        config.retry.max_retries = self.max_retries;
+        config.retry.base_backoff = seconds("retry-backoff-seconds", self.retry_backoff_seconds)?;
+        anyhow::ensure!(config.heartbeat_interval < config.lease, "--heartbeat-seconds must be shorter than --lease-seconds");
+        Ok(config)
+    }
+}
+
+/// Training settings of a worker, shared by `lathe worker` and `lathe up`.
+#[derive(Args, Clone)]
+pub struct TrainingArgs {
+    /// cpu, cuda, cuda:N or auto (CUDA when present).
+    #[arg(long, env = "LATHE_DEVICE", default_value = "auto")]
+    device: String,
+    /// Steps between checkpoints (and validation passes).
+    #[arg(long, env = "LATHE_CHECKPOINT_EVERY", default_value_t = 50)]
+    checkpoint_every: u64,
+    /// libtorch CPU threads (0: libtorch's default).
+    #[arg(long, env = "LATHE_THREADS", default_value_t = 0)]
+    threads: usize,
+    /// Pools this worker serves, most preferred first.
+    #[arg(long, env = "LATHE_POOLS", value_delimiter = ',', default_value = "default")]
+    pools: Vec<String>,
+    /// Device memory offered to jobs, in GB (jobs asking for more are not claimed) [default: the GPU's, 0 on CPU].
+    #[arg(long, env = "LATHE_GPU_MEMORY_GB")]
+    gpu_memory_gb: Option<u64>,
+}
+
+#[derive(Args, Clone)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    backends: Backends,
+    #[command(flatten)]
+    training: TrainingArgs,
+    /// The controller's gRPC address.
+    #[arg(long, env = "LATHE_CONTROLLER", default_value = "http://127.0.0.1:50051")]
+    controller: String,
+    /// This worker's token, from `lathe admin create-worker`.
+    #[arg(long, env = "LATHE_WORKER_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Name shown to operators [default: the host name].
+    #[arg(long, env = "LATHE_WORKER_NAME")]
+    name: Option<String>,
+    /// Base models on this machine (same names as on the controller).
+    #[arg(long, env = "LATHE_MODELS_ROOT", default_value = "lathe-data/models")]
+    models_root: PathBuf,
+    /// Serve Prometheus metrics here, e.g. 0.0.0.0:9091.
+    #[arg(long, env = "LATHE_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+}
+
+#[derive(Args, Clone)]
+pub struct UpArgs {
+    #[command(flatten)]
+    controller: ControllerArgs,
+    #[command(flatten)]
+    training: TrainingArgs,
+    /// Workers to run in this process.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+/// A channel that turns true on SIGINT or SIGTERM.
+fn stop_on_signals() -> anyhow::Result<watch::Receiver<bool>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = watch::channel(false);
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("stop requested");
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "worker".into())
+}
+
+fn resolve_device(device: &str) -> String {
+    if device == "auto" {
+        if tch::Cuda::is_available() { "cuda".into() } else { "cpu".into() }
+    } else {
+        device.to_string()
+    }
+}
+
+fn worker_config(training: &TrainingArgs, backends: &Backends, controller: String, token: String, name: String, models_root: PathBuf, metrics_listen: Option<String>) -> WorkerConfig {
+    WorkerConfig {
+        controller_url: controller,
+        token,
+        name,
+        pools: training.pools.clone(),
+        device: resolve_device(&training.device),
+        gpu_memory_bytes: training.gpu_memory_gb.unwrap_or(0) * (1 << 30),
+        models_root,
+        checkpoint_every: training.checkpoint_every.max(1),
+        threads: training.threads,
+        redis_url: backends.redis_url.clone(),
+        redis_prefix: backends.redis_prefix.clone(),
+        metrics_listen,
+    }
+}
+
+pub fn controller(args: ControllerArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    runtime()?.block_on(async move {
+        let stop = stop_on_signals()?;
+        let bound = BoundController::bind(config).await?;
+        eprintln!("lathe controller: REST http://{}/v1, gRPC {}", bound.http_addr, bound.grpc_addr);
+        bound.serve(stopped(stop)).await?;
+        Ok(())
+    })
+}
+
+pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let name = args.name.clone().unwrap_or_else(host_name);
+    let config = worker_config(&args.training, &args.backends, args.controller.clone(), args.token.clone(), name, args.models_root.clone(), args.metrics_listen.clone());
+    runtime()?.block_on(async move {
+        let stop = stop_on_signals()?;
+        lathe_worker::run(config, stop).await?;
+        Ok(())
+    })
+}
+
+pub fn up(args: UpArgs) -> anyhow::Result<()> {
+    let config = args.controller.config()?;
+    anyhow::ensure!(args.workers <= 64, "--workers: at most 64 in one process");
+    runtime()?.block_on(async move {
+        let stop = stop_on_signals()?;
+        let bound = BoundController::bind(config).await?;
+        let grpc = format!("http://{}", bound.grpc_addr);
+        let models_root = bound.state.config.models_root.clone();
+        std::fs::create_dir_all(&models_root).with_context(|| format!("creating {}", models_root.display()))?;
+        let (controller_stop, controller_stopped) = watch::channel(false);
+
+        let mut workers = Vec::new();
+        for i in 0..args.workers {
+            let name = format!("{}-up-{i}", host_name());
+            let registered = lathe_store::workers::register_worker(
+                &bound.state.pool,
+                lathe_store::workers::NewWorker { name: &name, device_kind: "cpu", gpu_name: None, gpu_memory_bytes: None, pools: &args.training.pools, version: env!("CARGO_PKG_VERSION") },
+            )
+            .await?;
+            let config = worker_config(&args.training, &args.controller.backends, grpc.clone(), registered.token, name, models_root.clone(), None);
+            workers.push(tokio::spawn(lathe_worker::run(config, stop.clone())));
+        }
+        eprintln!(
+            "lathe up: REST http://{}/v1 · gRPC {} · {} worker(s) · models in {} · Ctrl-C stops (running jobs checkpoint and requeue)",
+            bound.http_addr,
+            bound.grpc_addr,
+            args.workers,
+            models_root.display()
+        );
+        let serving = tokio::spawn(bound.serve(stopped(controller_stopped)));
+        // Workers stop first (they checkpoint and hand their jobs back through the controller),
+        // then the controller.
+        for worker in workers {
+            match worker.await {
+                Ok(Err(error)) => eprintln!("worker: {error}"),
+                Err(error) => eprintln!("worker task: {error}"),
+                Ok(Ok(())) => {}
+            }
+        }
+        let _ = controller_stop.send(true);
+        serving.await.context("controller task")??;
+        Ok(())
+    })
+}

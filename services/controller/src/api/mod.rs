@@ -1,0 +1,94 @@
+//! The REST API: OpenAI's fine-tuning routes plus Lathe's native ones. Handlers are thin —
+//! parse, call `lathe-store` / `lathe-core`, render with [`views`]; errors become the OpenAI
+//! envelope in [`error`].
+
+pub mod auth;
+pub mod error;
+pub mod files;
+pub mod health;
+pub mod jobs;
+pub mod models;
+pub mod progress;
+pub mod views;
+
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::AppState;
+
+/// JSON bodies (job create) are small; only uploads get the large limit.
+const JSON_BODY_LIMIT: usize = 1024 * 1024;
+
+pub fn router(state: AppState) -> Router {
+    let upload_limit = state.config.max_upload_bytes;
+    let v1 = Router::new()
+        .route("/files", get(files::list).post(files::upload).layer(DefaultBodyLimit::max(upload_limit)))
+        .route("/files/{id}", get(files::retrieve).delete(files::delete))
+        .route("/files/{id}/content", get(files::content))
+        .route("/fine_tuning/jobs", get(jobs::list).post(jobs::create))
+        .route("/fine_tuning/jobs/{id}", get(jobs::retrieve))
+        .route("/fine_tuning/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/fine_tuning/jobs/{id}/pause", post(jobs::pause))
+        .route("/fine_tuning/jobs/{id}/resume", post(jobs::resume))
+        .route("/fine_tuning/jobs/{id}/events", get(progress::events))
+        .route("/fine_tuning/jobs/{id}/events/stream", get(progress::stream))
+        .route("/fine_tuning/jobs/{id}/checkpoints", get(progress::checkpoints))
+        .route("/fine_tuning/jobs/{id}/metrics", get(progress::metrics))
+        .route("/models", get(models::list))
+        .route("/models/{*id}", get(models::retrieve))
+        .fallback(not_found);
+    Router::new()
+        .nest("/v1", v1)
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+async fn not_found() -> Response {
+    error::ApiError {
+        status: axum::http::StatusCode::NOT_FOUND,
+        kind: "invalid_request_error",
+        message: "Unknown endpoint.".into(),
+        param: None,
+        code: Some("unknown_url".into()),
+    }
+    .into_response()
+}
+
+/// Latency by route template (never the raw path: ids would explode the label set), and one
+/// structured log line per request; a 413 from the body limit gets the OpenAI envelope.
+async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_string();
+    // A declared length over the limit is refused before a byte of the body is read (and
+    // before hyper answers `Expect: 100-continue`), so a huge upload costs nothing.
+    let limit = if route == "/v1/files" { state.config.max_upload_bytes } else { JSON_BODY_LIMIT };
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let mut response = if declared.is_some_and(|n| n > limit) {
+        error::ApiError::too_large(limit).into_response()
+    } else {
+        next.run(request).await
+    };
+    if response.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE
+        && response.headers().get(axum::http::header::CONTENT_TYPE).is_none_or(|v| v != "application/json")
+    {
+        response = error::ApiError::too_large(limit).into_response();
+    }
+    let elapsed = started.elapsed();
+    state.telemetry.observe_http(method.as_str(), &route, response.status().as_u16(), elapsed);
+    tracing::debug!(%method, route, status = response.status().as_u16(), ms = elapsed.as_secs_f64() * 1e3, "request");
+    response
+}

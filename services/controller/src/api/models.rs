@@ -1,0 +1,39 @@
+//! `/v1/models`: the base models under the models root and the project's fine-tuned models.
+
+use axum::extract::{Path, State};
+use axum::Json;
+use lathe_store::jobs::list_fine_tuned_models;
+use serde_json::{json, Value};
+
+use super::auth::Project;
+use super::error::{ApiError, ApiResult};
+use crate::{models, AppState};
+
+async fn all_models(state: &AppState, project: &Project) -> ApiResult<Vec<Value>> {
+    let root = state.config.models_root.clone();
+    let base = tokio::task::spawn_blocking(move || models::list(&root)).await.map_err(ApiError::internal)?;
+    let mut data: Vec<Value> = base
+        .into_iter()
+        .map(|(id, created)| json!({"id": id, "object": "model", "created": created, "owned_by": "system"}))
+        .collect();
+    for (name, base, finished) in list_fine_tuned_models(&state.pool, &project.id).await? {
+        data.push(json!({
+            "id": name, "object": "model", "created": finished.unix_timestamp(),
+            "owned_by": project.id, "parent": base,
+        }));
+    }
+    Ok(data)
+}
+
+pub async fn list(State(state): State<AppState>, project: Project) -> ApiResult<Json<Value>> {
+    Ok(Json(json!({"object": "list", "data": all_models(&state, &project).await?})))
+}
+
+pub async fn retrieve(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    all_models(&state, &project)
+        .await?
+        .into_iter()
+        .find(|m| m["id"] == id.as_str())
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("model", &id))
+}

@@ -1,0 +1,51 @@
+//! Everything the controller is told at start (flags and `LATHE_*` variables, parsed by the CLI).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lathe_store::dispatch::RetryPolicy;
+
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    pub database_url: String,
+    pub redis_url: String,
+    /// Key prefix in Redis (`lathe:`); tests use a unique one.
+    pub redis_prefix: String,
+    pub http_listen: String,
+    pub grpc_listen: String,
+    /// Uploaded files (`files/<id>`) and job outputs (`jobs/<id>/`): storage the workers share.
+    pub data_dir: PathBuf,
+    /// Base models, one Hugging Face directory per name.
+    pub models_root: PathBuf,
+    /// Largest accepted upload; larger requests get 413.
+    pub max_upload_bytes: usize,
+    pub lease: Duration,
+    pub heartbeat_interval: Duration,
+    pub reconcile_interval: Duration,
+    pub retry: RetryPolicy,
+    pub max_db_connections: u32,
+}
+
+impl ControllerConfig {
+    /// Defaults for a single machine: Postgres and Redis on localhost, data in `./lathe-data`.
+    pub fn local(data_dir: PathBuf) -> Self {
+        ControllerConfig {
+            database_url: DEFAULT_DATABASE_URL.into(),
+            redis_url: DEFAULT_REDIS_URL.into(),
+            redis_prefix: lathe_queue::DEFAULT_KEY_PREFIX.into(),
+            http_listen: "127.0.0.1:8080".into(),
+            grpc_listen: "127.0.0.1:50051".into(),
+            models_root: data_dir.join("models"),
+            data_dir,
+            max_upload_bytes: 512 * 1024 * 1024,
+            lease: Duration::from_secs(60),
+            heartbeat_interval: Duration::from_secs(10),
+            reconcile_interval: Duration::from_secs(5),
+            retry: RetryPolicy::default(),
+            max_db_connections: 16,
+        }
+    }
+}
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/lathe";
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";

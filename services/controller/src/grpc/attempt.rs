@@ -1,0 +1,334 @@
+//! One attempt's bidirectional stream. Up: metric batches, log events, checkpoint commits and
+//! the attempt's end, each written to Postgres fenced by the attempt number and acked by `seq`
+//! once durable. Down: `Cancel` and `Pause` when the user asks (seen by polling the job row, so
+//! it works whichever controller replica took the request), `LeaseLost` when the attempt no
+//! longer holds the job.
+
+use std::path::Path;
+use std::time::Duration;
+
+use lathe_core::{fine_tuned_model_name, JobStatus};
+use lathe_proto::v1::controller_message::Body as Down;
+use lathe_proto::v1::worker_message::Body as Up;
+use lathe_proto::v1::{
+    Ack, Cancel, ControllerMessage, FailureClass, LeaseLost, LogLevel, MetricPoint as WireMetricPoint, Pause, StopReason,
+    WorkerMessage,
+};
+use lathe_store::dispatch::{
+    add_job_event, append_events, commit_checkpoint, finish_attempt, list_metrics, record_metrics, AttemptOutcome,
+    EventLevel, MetricPoint, NewEvent,
+};
+use lathe_store::files::{insert_file, new_file_id, NewFile, PURPOSE_FINE_TUNE_RESULTS};
+use lathe_store::dispatch::renew_lease;
+use lathe_store::jobs::{get_job_unscoped, Job, JobError};
+use lathe_store::StoreError;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+use super::status;
+use crate::api::views::results_csv;
+use crate::AppState;
+
+/// How often the stream looks at the job row for a cancel, a pause or a lost lease.
+const CONTROL_POLL: Duration = Duration::from_millis(500);
+
+/// Events of one worker message are keyed (attempt, seq << 10 | index): a batch of up to 1024
+/// metric points becomes as many `metrics` events, and a resend maps to the same keys.
+const EVENTS_PER_MESSAGE: i64 = 1 << 10;
+
+struct Attempt {
+    state: AppState,
+    job: Job,
+    attempt: i32,
+    worker_id: String,
+}
+
+/// What handling one message leads to.
+enum Next {
+    Continue,
+    /// The attempt ended (finish, fail, stopped): ack and close.
+    Close,
+}
+
+pub(super) async fn open(
+    state: AppState,
+    worker_id: String,
+    mut inbound: Streaming<WorkerMessage>,
+) -> Result<ReceiverStream<Result<ControllerMessage, Status>>, Status> {
+    let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty Attempt stream"))?;
+    let Some(Up::Hello(hello)) = first.body else {
+        return Err(Status::invalid_argument("the first message of an Attempt stream must be Hello"));
+    };
+    let (tx, rx) = mpsc::channel(64);
+    let attempt = hello.attempt as i32;
+    // The Hello is fenced like every write: the worker must hold exactly this attempt.
+    match renew_lease(&state.pool, &hello.job_id, attempt, &worker_id, state.config.lease).await {
+        Ok(_) => {}
+        Err(StoreError::StaleAttempt { .. }) | Err(StoreError::NotFound) => {
+            let _ = tx.send(Ok(lease_lost("this worker does not hold this attempt"))).await;
+            return Ok(ReceiverStream::new(rx));
+        }
+        Err(other) => return Err(status(other)),
+    }
+    let job = get_job_unscoped(&state.pool, &hello.job_id).await.map_err(status)?;
+    let _ = tx.send(Ok(down(Down::Ack(Ack { seq: first.seq })))).await;
+    let attempt = Attempt { state, job, attempt, worker_id };
+    tokio::spawn(attempt.serve(inbound, tx));
+    Ok(ReceiverStream::new(rx))
+}
+
+fn down(body: Down) -> ControllerMessage {
+    ControllerMessage { body: Some(body) }
+}
+
+fn lease_lost(reason: &str) -> ControllerMessage {
+    down(Down::LeaseLost(LeaseLost { reason: reason.to_string() }))
+}
+
+impl Attempt {
+    fn job_id(&self) -> &str {
+        self.job.id.as_str()
+    }
+
+    async fn serve(self, mut inbound: Streaming<WorkerMessage>, tx: mpsc::Sender<Result<ControllerMessage, Status>>) {
+        let mut poll = tokio::time::interval(CONTROL_POLL);
+        let (mut cancel_sent, mut pause_sent) = (false, false);
+        loop {
+            tokio::select! {
+                message = inbound.message() => {
+                    let message = match message {
+                        Ok(Some(message)) => message,
+                        // The worker closed the stream or the connection broke; it reconnects
+                        // with a new Hello and resends what was not acked.
+                        Ok(None) | Err(_) => break,
+                    };
+                    let seq = message.seq;
+                    match self.handle(message).await {
+                        Ok(next) => {
+                            let _ = tx.send(Ok(down(Down::Ack(Ack { seq })))).await;
+                            if matches!(next, Next::Close) {
+                                break;
+                            }
+                        }
+                        Err(StoreError::StaleAttempt { .. }) | Err(StoreError::NotFound) => {
+                            let _ = tx.send(Ok(lease_lost("the attempt no longer holds the job"))).await;
+                            break;
+                        }
+                        Err(other) => {
+                            tracing::warn!(job_id = self.job_id(), attempt = self.attempt, error = %other, "attempt write failed");
+                            let _ = tx.send(Err(status(other))).await;
+                            break;
+                        }
+                    }
+                }
+                _ = poll.tick() => {
+                    match lathe_store::jobs::attempt_control(&self.state.pool, self.job_id(), self.attempt).await {
+                        Ok(Some((JobStatus::Running, pause))) => {
+                            if pause && !pause_sent {
+                                pause_sent = true;
+                                let _ = tx.send(Ok(down(Down::Pause(Pause {})))).await;
+                            }
+                        }
+                        Ok(Some((JobStatus::Cancelled, _))) => {
+                            if !cancel_sent {
+                                cancel_sent = true;
+                                let _ = tx.send(Ok(down(Down::Cancel(Cancel { reason: "cancelled by the user".into() })))).await;
+                            }
+                        }
+                        Ok(_) => {
+                            let _ = tx.send(Ok(lease_lost("the job moved on without this attempt"))).await;
+                            break;
+                        }
+                        Err(_) => {} // Postgres blinked: look again next tick.
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, message: WorkerMessage) -> Result<Next, StoreError> {
+        let (pool, job_id, attempt) = (&self.state.pool, self.job_id(), self.attempt);
+        let event_seq = message.seq as i64 * EVENTS_PER_MESSAGE;
+        match message.body {
+            None | Some(Up::Hello(_)) => Ok(Next::Continue),
+            Some(Up::Metrics(batch)) => {
+                let points: Vec<MetricPoint> = batch.points.iter().map(to_store_point).collect();
+                record_metrics(pool, job_id, attempt, &points).await?;
+                let events: Vec<NewEvent> = batch
+                    .points
+                    .iter()
+                    .take(EVENTS_PER_MESSAGE as usize)
+                    .enumerate()
+                    .map(|(i, p)| metrics_event(event_seq + i as i64, p))
+                    .collect();
+                append_events(pool, job_id, attempt, &events).await?;
+                self.state.telemetry.metric_points_ingested.inc_by(points.len() as u64);
+                if let Some(last) = batch.points.iter().max_by_key(|p| p.step) {
+                    self.state.telemetry.observe_job_point(job_id, last.step, last.train_loss, last.tokens_per_second);
+                }
+                Ok(Next::Continue)
+            }
+            Some(Up::Log(log)) => {
+                let level = match LogLevel::try_from(log.level).unwrap_or(LogLevel::Info) {
+                    LogLevel::Warn => EventLevel::Warn,
+                    LogLevel::Error => EventLevel::Error,
+                    _ => EventLevel::Info,
+                };
+                let data = serde_json::from_str(&log.data_json).ok();
+                let event = NewEvent { seq: event_seq, level, kind: "message".into(), message: log.message, data };
+                append_events(pool, job_id, attempt, &[event]).await?;
+                Ok(Next::Continue)
+            }
+            Some(Up::Checkpoint(checkpoint)) => {
+                let path = self.inside_job_dir(&checkpoint.path)?;
+                let metrics: serde_json::Value = serde_json::from_str(&checkpoint.metrics_json).unwrap_or_else(|_| json!({}));
+                commit_checkpoint(pool, job_id, attempt, checkpoint.step as i64, &path, &metrics).await?;
+                let event = NewEvent {
+                    seq: event_seq,
+                    level: EventLevel::Info,
+                    kind: "message".into(),
+                    message: format!("Checkpoint created at step {}", checkpoint.step),
+                    data: Some(json!({"step": checkpoint.step})),
+                };
+                append_events(pool, job_id, attempt, &[event]).await?;
+                Ok(Next::Continue)
+            }
+            Some(Up::Finish(finish)) => {
+                self.finish(finish).await?;
+                Ok(Next::Close)
+            }
+            Some(Up::Fail(fail)) => {
+                let class = FailureClass::try_from(fail.class).unwrap_or(FailureClass::Crash);
+                let outcome = match class {
+                    FailureClass::BadInput => AttemptOutcome::Failed(JobError {
+                        code: if fail.code.is_empty() { "invalid_job".into() } else { fail.code.clone() },
+                        message: fail.message.clone(),
+                        param: None,
+                    }),
+                    FailureClass::Preempted => AttemptOutcome::Preempted { reason: fail.message.clone() },
+                    _ => AttemptOutcome::Crashed { reason: fail.message.clone() },
+                };
+                let job = finish_attempt(pool, job_id, attempt, outcome, &self.state.config.retry).await?;
+                self.state.telemetry.forget_job(job_id);
+                let (level, message) = match class {
+                    FailureClass::BadInput => (EventLevel::Error, format!("Job failed: {}", fail.message)),
+                    FailureClass::Preempted => (EventLevel::Warn, "Worker preempted; the job goes back to the queue".to_string()),
+                    _ => (EventLevel::Error, format!("Attempt {attempt} crashed: {}; status now {}", fail.message, job.status.as_str())),
+                };
+                add_job_event(pool, job_id, level, &message, None).await?;
+                tracing::info!(job_id, attempt, class = ?class, status = job.status.as_str(), "attempt failed");
+                if job.status == JobStatus::Queued && job.next_attempt_at.is_none() {
+                    crate::api::jobs::publish(&self.state, &job).await;
+                }
+                Ok(Next::Close)
+            }
+            Some(Up::Stopped(stopped)) => {
+                if StopReason::try_from(stopped.reason) == Ok(StopReason::Paused) {
+                    finish_attempt(pool, job_id, attempt, AttemptOutcome::Paused, &self.state.config.retry).await?;
+                    add_job_event(pool, job_id, EventLevel::Info, "Job paused; resume continues from the last checkpoint", None).await?;
+                }
+                self.state.telemetry.forget_job(job_id);
+                Ok(Next::Close)
+            }
+        }
+    }
+
+    /// A path the worker reported, checked to lie inside this job's directory.
+    fn inside_job_dir(&self, path: &str) -> Result<String, StoreError> {
+        self.state
+            .storage
+            .inside_job_dir(self.job_id(), path)
+            .map(|p| p.display().to_string())
+            .ok_or_else(|| StoreError::Conflict(format!("path {path:?} is outside the job's directory")))
+    }
+
+    /// Publishes the outputs as result files, then marks the job succeeded.
+    async fn finish(&self, finish: lathe_proto::v1::Finish) -> Result<(), StoreError> {
+        let (pool, job_id) = (&self.state.pool, self.job_id());
+        let project = self.job.project_id.as_str();
+        let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+        let points = list_metrics(pool, project, job_id).await?;
+        files.push(("step_metrics.csv".into(), results_csv(&points).into_bytes()));
+        for result in &finish.result_files {
+            let path = self.inside_job_dir(&result.path)?;
+            let name = Path::new(&result.filename).file_name().and_then(|n| n.to_str()).unwrap_or("result").to_string();
+            let bytes = tokio::fs::read(&path).await.map_err(|e| StoreError::Conflict(format!("{path}: {e}")))?;
+            files.push((name, bytes));
+        }
+        let mut ids = Vec::new();
+        for (filename, bytes) in files {
+            let id = new_file_id();
+            let storage = self.state.storage.clone();
+            let file_id = id.as_str().to_string();
+            let size = bytes.len() as i64;
+            let sha256 = tokio::task::spawn_blocking(move || storage.write_file(&file_id, &bytes))
+                .await
+                .map_err(|e| StoreError::Conflict(e.to_string()))?
+                .map_err(|e| StoreError::Conflict(format!("writing a result file: {e}")))?;
+            insert_file(
+                pool,
+                NewFile { id: id.clone(), project_id: project, purpose: PURPOSE_FINE_TUNE_RESULTS, filename: &filename, sha256, bytes: size, summary: None },
+            )
+            .await?;
+            ids.push(id.as_str().to_string());
+        }
+        let model = fine_tuned_model_name(&self.job.spec.model, self.job.spec.suffix.as_deref(), &self.job.id);
+        let outcome = AttemptOutcome::Succeeded {
+            fine_tuned_model: model.clone(),
+            result_files: ids,
+            trained_tokens: Some(finish.trained_tokens as i64),
+        };
+        finish_attempt(pool, job_id, self.attempt, outcome, &self.state.config.retry).await?;
+        self.state.telemetry.forget_job(job_id);
+        add_job_event(pool, job_id, EventLevel::Info, &format!("New fine-tuned model created: {model}"), None).await?;
+        add_job_event(pool, job_id, EventLevel::Info, "The job has successfully completed", None).await?;
+        tracing::info!(job_id, attempt = self.attempt, worker_id = %self.worker_id, model, "job succeeded");
+        Ok(())
+    }
+}
+
+fn to_store_point(p: &WireMetricPoint) -> MetricPoint {
+    MetricPoint {
+        step: p.step as i64,
+        total_steps: Some(p.total_steps as i64),
+        train_loss: p.train_loss.map(|v| v as f32),
+        valid_loss: p.valid_loss.map(|v| v as f32),
+        train_mean_token_accuracy: p.train_mean_token_accuracy.map(|v| v as f32),
+        valid_mean_token_accuracy: p.valid_mean_token_accuracy.map(|v| v as f32),
+        learning_rate: Some(p.learning_rate),
+        grad_norm: p.grad_norm.map(|v| v as f32),
+        tokens_per_second: p.tokens_per_second.map(|v| v as f32),
+        tokens_seen: Some(p.tokens_seen as i64),
+        memory_bytes: p.memory_bytes.map(|v| v as i64),
+    }
+}
+
+/// OpenAI's `metrics` event for one step.
+fn metrics_event(seq: i64, p: &WireMetricPoint) -> NewEvent {
+    let mut message = format!("Step {}/{}", p.step, p.total_steps);
+    if let Some(loss) = p.train_loss {
+        message.push_str(&format!(": training loss={loss:.4}"));
+    }
+    if let Some(loss) = p.valid_loss {
+        message.push_str(&format!(", validation loss={loss:.4}"));
+    }
+    NewEvent {
+        seq,
+        level: EventLevel::Info,
+        kind: "metrics".into(),
+        message,
+        data: Some(json!({
+            "step": p.step,
+            "total_steps": p.total_steps,
+            "train_loss": p.train_loss,
+            "valid_loss": p.valid_loss,
+            "train_mean_token_accuracy": p.train_mean_token_accuracy,
+            "valid_mean_token_accuracy": p.valid_mean_token_accuracy,
+            "learning_rate": p.learning_rate,
+            "tokens_per_second": p.tokens_per_second,
+            "tokens_seen": p.tokens_seen,
+        })),
+    }
+}

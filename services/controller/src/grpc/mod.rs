@@ -1,0 +1,196 @@
+//! The `WorkerService` of `proto/lathe/v1/worker.proto`: register, heartbeat, claim, and the
+//! per-attempt stream ([`attempt`]). Workers hold no database credentials; every change they
+//! make to a job goes through here, fenced by the attempt number they were given at claim.
+
+mod attempt;
+
+use std::pin::Pin;
+
+use lathe_proto::v1::worker_service_server::{WorkerService, WorkerServiceServer};
+use lathe_proto::v1::{
+    AttemptRef, Checkpoint, ClaimJobRequest, ClaimJobResponse, ControllerMessage, DeviceKind, FileRef,
+    HeartbeatRequest, HeartbeatResponse, Lease, RegisterRequest, RegisterResponse, WorkerMessage,
+};
+use lathe_store::dispatch::{add_job_event, claim_job, renew_lease, ClaimRequest, EventLevel};
+use lathe_store::files::get_file;
+use lathe_store::jobs::get_job_unscoped;
+use lathe_store::time::OffsetDateTime;
+use lathe_store::workers::{self, NewWorker};
+use lathe_store::StoreError;
+use tokio_stream::Stream;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::AppState;
+
+pub fn server(state: AppState) -> WorkerServiceServer<Service> {
+    WorkerServiceServer::new(Service { state })
+}
+
+pub struct Service {
+    state: AppState,
+}
+
+/// Store errors as gRPC statuses: a stale attempt is FAILED_PRECONDITION (stop), Postgres
+/// being down is UNAVAILABLE (retry).
+pub(crate) fn status(error: StoreError) -> Status {
+    match error {
+        StoreError::NotFound => Status::not_found("not found"),
+        StoreError::StaleAttempt { .. } => Status::failed_precondition(error.to_string()),
+        StoreError::Unavailable(_) => Status::unavailable(error.to_string()),
+        StoreError::Conflict(what) => Status::aborted(what),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+fn millis(t: OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+impl Service {
+    /// The worker a request's `authorization: Bearer <token>` belongs to.
+    async fn worker_id(&self, metadata: &MetadataMap) -> Result<String, Status> {
+        let token = metadata
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("missing 'authorization: Bearer <worker token>'"))?;
+        workers::authenticate_worker(&self.state.pool, token.trim())
+            .await
+            .map_err(status)?
+            .ok_or_else(|| Status::unauthenticated("unknown worker token (create one with 'lathe admin create-worker')"))
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerService for Service {
+    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        let worker_id = self.worker_id(request.metadata()).await?;
+        let r = request.into_inner();
+        let device_kind = match DeviceKind::try_from(r.device_kind).unwrap_or(DeviceKind::Unspecified) {
+            DeviceKind::Cuda => "cuda",
+            DeviceKind::Rocm => "rocm",
+            DeviceKind::Cpu | DeviceKind::Unspecified => "cpu",
+        };
+        let pools = if r.pools.is_empty() { vec![lathe_core::spec::DEFAULT_POOL.to_string()] } else { r.pools };
+        for pool in &pools {
+            lathe_queue::Pool::parse(pool).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        let registered = workers::update_registration(
+            &self.state.pool,
+            &worker_id,
+            NewWorker {
+                name: &r.name,
+                device_kind,
+                gpu_name: Some(r.gpu_name.as_str()).filter(|n| !n.is_empty()),
+                gpu_memory_bytes: Some(r.gpu_memory_bytes as i64).filter(|b| *b > 0),
+                pools: &pools,
+                version: &r.version,
+            },
+        )
+        .await
+        .map_err(status)?;
+        tracing::info!(worker_id, name = %registered.name, device_kind, pools = ?pools, "worker registered");
+        Ok(Response::new(RegisterResponse {
+            worker_id,
+            heartbeat_interval_ms: self.state.config.heartbeat_interval.as_millis() as u32,
+            lease_duration_ms: self.state.config.lease.as_millis() as u32,
+        }))
+    }
+
+    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        let worker_id = self.worker_id(request.metadata()).await?;
+        let r = request.into_inner();
+        workers::heartbeat(&self.state.pool, &worker_id).await.map_err(status)?;
+        let mut response = HeartbeatResponse {
+            draining: workers::is_draining(&self.state.pool, &worker_id).await.map_err(status)?,
+            ..Default::default()
+        };
+        for running in r.running {
+            match renew_lease(&self.state.pool, &running.job_id, running.attempt as i32, &worker_id, self.state.config.lease).await {
+                Ok(renewal) => response.renewed.push(Lease {
+                    job_id: running.job_id,
+                    attempt: running.attempt,
+                    expires_at_unix_ms: millis(renewal.lease_expires_at),
+                }),
+                Err(StoreError::StaleAttempt { .. }) | Err(StoreError::NotFound) => {
+                    response.lost.push(AttemptRef { job_id: running.job_id, attempt: running.attempt })
+                }
+                Err(other) => return Err(status(other)),
+            }
+        }
+        Ok(Response::new(response))
+    }
+
+    async fn claim_job(&self, request: Request<ClaimJobRequest>) -> Result<Response<ClaimJobResponse>, Status> {
+        let worker_id = self.worker_id(request.metadata()).await?;
+        let r = request.into_inner();
+        let state = &self.state;
+        let job_id = Some(r.job_id.as_str()).filter(|id| !id.is_empty());
+        let claim = claim_job(&state.pool, ClaimRequest { worker_id: &worker_id, job_id, lease: state.config.lease })
+            .await
+            .map_err(status)?
+            .ok_or_else(|| Status::not_found("nothing to claim"))?;
+
+        let job = get_job_unscoped(&state.pool, claim.job_id.as_str()).await.map_err(status)?;
+        if claim.attempt == 1 {
+            let waited = OffsetDateTime::now_utc() - job.created_at;
+            state.telemetry.claim_latency.observe(waited.as_seconds_f64().max(0.0));
+        }
+        let file_ref = |id: &lathe_core::FileId| {
+            let state = state.clone();
+            let project = claim.project_id.clone();
+            let id = id.clone();
+            async move {
+                let file = get_file(&state.pool, &project, id.as_str()).await.map_err(status)?;
+                Ok::<_, Status>(FileRef {
+                    file_id: id.as_str().to_string(),
+                    path: state.storage.file_path(id.as_str()).display().to_string(),
+                    sha256: file.sha256.iter().map(|b| format!("{b:02x}")).collect(),
+                })
+            }
+        };
+        let training_file = Some(file_ref(&claim.spec.training_file).await?);
+        let validation_file = match &claim.spec.validation_file {
+            Some(id) => Some(file_ref(id).await?),
+            None => None,
+        };
+        let output_dir = state.storage.job_dir(claim.job_id.as_str());
+        std::fs::create_dir_all(&output_dir).map_err(|e| Status::internal(format!("{}: {e}", output_dir.display())))?;
+        let resumed = claim.resume_from.as_ref().map(|c| c.step);
+        let message = match resumed {
+            Some(step) => format!("Attempt {} started, resuming from the checkpoint at step {step}", claim.attempt),
+            None => format!("Attempt {} started", claim.attempt),
+        };
+        let data = serde_json::json!({"attempt": claim.attempt, "worker_id": worker_id, "resumed_from_step": resumed});
+        add_job_event(&state.pool, claim.job_id.as_str(), EventLevel::Info, &message, Some(&data)).await.map_err(status)?;
+        tracing::info!(job_id = %claim.job_id, attempt = claim.attempt, worker_id, resumed_from_step = ?resumed, "job claimed");
+
+        Ok(Response::new(ClaimJobResponse {
+            job_id: claim.job_id.as_str().to_string(),
+            attempt: claim.attempt as u32,
+            spec_json: serde_json::to_string(&claim.spec).map_err(|e| Status::internal(e.to_string()))?,
+            lease: Some(Lease {
+                job_id: claim.job_id.as_str().to_string(),
+                attempt: claim.attempt as u32,
+                expires_at_unix_ms: millis(claim.lease_expires_at),
+            }),
+            resume_from: claim.resume_from.map(|c| Checkpoint {
+                checkpoint_id: c.id.as_str().to_string(),
+                step: c.step as u64,
+                path: c.path,
+            }),
+            training_file,
+            validation_file,
+            output_dir: output_dir.display().to_string(),
+        }))
+    }
+
+    type AttemptStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
+
+    async fn attempt(&self, request: Request<Streaming<WorkerMessage>>) -> Result<Response<Self::AttemptStream>, Status> {
+        let worker_id = self.worker_id(request.metadata()).await?;
+        let stream = attempt::open(self.state.clone(), worker_id, request.into_inner()).await?;
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

@@ -1,0 +1,84 @@
+//! The controller: the one process that holds database credentials. It serves the
+//! OpenAI-compatible REST API to users, the gRPC `WorkerService` to GPU workers, and runs the
+//! reconciler; it is stateless (everything lives in Postgres, Redis only carries wake-ups), so
+//! several replicas can run side by side.
+//!
+//! ```text
+//! openai SDK / lathe CLI ──REST──▶ api::router ──┐
+//!                                                 ├──▶ lathe-store (Postgres) ◀── reconciler
+//! lathe worker ──gRPC (register, heartbeat,   ────┘          │                    │ requeue
+//!                claim, Attempt stream)                      ▼                    ▼ republish
+//!                                          lathe-queue (Redis wake-ups) ◀─────────┘
+//! ```
+//!
+//! Handlers are thin: they parse, call a plain function of `lathe-store` / `lathe-core`, and
+//! render the OpenAI object (`api::views`). Uploaded files and job outputs live under the data
+//! directory ([`storage`]), in paths made from ids only.
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod models;
+pub mod reconciler;
+pub mod state;
+pub mod storage;
+pub mod telemetry;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+pub use config::ControllerConfig;
+pub use error::ControllerError;
+pub use state::AppState;
+
+/// A controller whose listeners are bound; `serve` runs it until `shutdown` resolves.
+pub struct BoundController {
+    pub state: AppState,
+    pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    http: tokio::net::TcpListener,
+    grpc: tokio::net::TcpListener,
+}
+
+impl BoundController {
+    /// Connects to Postgres (creating and migrating the database if needed) and Redis, and
+    /// binds both listeners, so that the caller knows the addresses before serving.
+    pub async fn bind(config: ControllerConfig) -> Result<BoundController, ControllerError> {
+        let state = AppState::connect(config).await?;
+        let http = tokio::net::TcpListener::bind(&state.config.http_listen)
+            .await
+            .map_err(|e| ControllerError::Bind(state.config.http_listen.clone(), e))?;
+        let grpc = tokio::net::TcpListener::bind(&state.config.grpc_listen)
+            .await
+            .map_err(|e| ControllerError::Bind(state.config.grpc_listen.clone(), e))?;
+        let http_addr = http.local_addr().map_err(|e| ControllerError::Bind(state.config.http_listen.clone(), e))?;
+        let grpc_addr = grpc.local_addr().map_err(|e| ControllerError::Bind(state.config.grpc_listen.clone(), e))?;
+        Ok(BoundController { state, http_addr, grpc_addr, http, grpc })
+    }
+
+    /// Serves REST and gRPC and runs the reconciler until `shutdown` resolves.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ControllerError> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stopped| *stopped).await;
+        };
+        tracing::info!(http = %self.http_addr, grpc = %self.grpc_addr, "controller listening");
+
+        let reconciler = tokio::spawn(reconciler::run(self.state.clone(), stop_rx.clone()));
+        let router = api::router(self.state.clone());
+        let http = axum::serve(self.http, router.into_make_service()).with_graceful_shutdown(wait(stop_rx.clone()));
+        let grpc = tonic::transport::Server::builder()
+            .add_service(grpc::server(self.state.clone()))
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(self.grpc), wait(stop_rx.clone()));
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let (http, grpc) = tokio::join!(http, grpc);
+        http.map_err(ControllerError::Serve)?;
+        grpc.map_err(|e| ControllerError::Serve(std::io::Error::other(e)))?;
+        let _ = reconciler.await;
+        Ok(())
+    }
+}

@@ -1,0 +1,103 @@
+//! The reconciler: every few seconds it
+//! 1. requeues running jobs whose lease expired (their worker died or froze) — counted as a
+//!    crash, with backoff, poison after the retry limit; the next claim resumes from the last
+//!    committed checkpoint;
+//! 2. re-publishes every queued job to Redis (`ZADD NX`: a no-op for ids already there), which
+//!    heals a Redis restart or FLUSHALL and any wake-up lost between a pop and a claim;
+//! 3. refreshes the gauges that mirror Postgres (jobs by status, workers, queue depth).
+//!
+//! Every step is safe to run from several controller replicas at once (row locks with SKIP
+//! LOCKED, idempotent publishes), and a failed pass is just logged: the next one retries.
+
+use std::collections::BTreeSet;
+
+use lathe_store::dispatch::{add_job_event, queued_job_ids, requeue_expired_leases, EventLevel};
+use lathe_store::time::OffsetDateTime;
+use tokio::sync::watch;
+
+use crate::telemetry::Telemetry;
+use crate::AppState;
+
+pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(state.config.reconcile_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|stopped| *stopped) => return,
+        }
+        if let Err(error) = pass(&state).await {
+            tracing::warn!(%error, "reconciler pass failed; retrying next tick");
+        }
+    }
+}
+
+/// One pass; public so that tests and `lathe up` can force one.
+pub async fn pass(state: &AppState) -> Result<(), lathe_store::StoreError> {
+    let requeued = requeue_expired_leases(&state.pool, OffsetDateTime::now_utc(), &state.config.retry).await?;
+    for job in &requeued {
+        state.telemetry.requeued.inc();
+        state.telemetry.forget_job(job.job_id.as_str());
+        let message = format!(
+            "Attempt {} lost its worker (lease expired); job is now {}",
+            job.attempt,
+            job.status.as_str()
+        );
+        tracing::warn!(job_id = %job.job_id, attempt = job.attempt, status = job.status.as_str(), "lease expired");
+        add_job_event(&state.pool, job.job_id.as_str(), EventLevel::Warn, &message, None).await?;
+    }
+
+    let queued = queued_job_ids(&state.pool).await?;
+    let mut redis_ok = true;
+    for job in &queued {
+        match state.queue.publish(&job.pool, &job.job_id, job.priority as i32).await {
+            Ok(true) => {
+                state.telemetry.republished.inc();
+            }
+            Ok(false) => {}
+            Err(error) => {
+                if redis_ok {
+                    tracing::warn!(%error, "cannot publish queued jobs to Redis; workers poll Postgres meanwhile");
+                }
+                redis_ok = false;
+                break;
+            }
+        }
+    }
+
+    let by_status = lathe_store::jobs::count_by_status(&state.pool).await?;
+    let statuses: Vec<(String, i64)> = lathe_core::JobStatus::ALL
+        .iter()
+        .map(|s| (s.as_str().to_string(), by_status.iter().find(|(st, _)| st == s).map_or(0, |(_, n)| *n)))
+        .collect();
+    Telemetry::set_gauges(&state.telemetry.jobs, "status", &statuses);
+
+    let workers = lathe_store::workers::list_workers(&state.pool).await?;
+    let stale_before = OffsetDateTime::now_utc() - state.config.lease;
+    let mut counts = [("live", 0i64), ("stale", 0), ("draining", 0)];
+    let mut pools: BTreeSet<String> = queued.iter().map(|j| j.pool.clone()).collect();
+    for worker in &workers {
+        let slot = if worker.last_heartbeat_at < stale_before {
+            1
+        } else if worker.draining {
+            2
+        } else {
+            pools.extend(worker.pools.iter().cloned());
+            0
+        };
+        counts[slot].1 += 1;
+    }
+    let counts: Vec<(String, i64)> = counts.iter().map(|(s, n)| (s.to_string(), *n)).collect();
+    Telemetry::set_gauges(&state.telemetry.workers, "state", &counts);
+
+    if redis_ok {
+        let mut depths = Vec::new();
+        for pool in pools {
+            if let Ok(depth) = state.queue.depth(&pool).await {
+                depths.push((pool, depth as i64));
+            }
+        }
+        Telemetry::set_gauges(&state.telemetry.queue_depth, "pool", &depths);
+    }
+    Ok(())
+}

@@ -1,0 +1,62 @@
+//! The data directory shared with the workers. Every path is made from an id the controller
+//! generated, never from a user's filename:
+//!
+//! ```text
+//! <data dir>/files/<file id>     uploaded and result files (bytes as uploaded)
+//! <data dir>/jobs/<job id>/      a job's checkpoints and outputs, written by its workers
+//! <data dir>/tmp/                uploads being written, renamed into files/ when complete
+//! ```
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::ControllerError;
+
+#[derive(Debug, Clone)]
+pub struct Storage {
+    root: PathBuf,
+}
+
+impl Storage {
+    pub fn open(root: &Path) -> Result<Storage, ControllerError> {
+        for dir in ["files", "jobs", "tmp"] {
+            let path = root.join(dir);
+            std::fs::create_dir_all(&path).map_err(|source| ControllerError::DataDir { path, source })?;
+        }
+        // Absolute, so that the paths handed to workers mean the same thing in their processes.
+        let root = std::fs::canonicalize(root).map_err(|source| ControllerError::DataDir { path: root.into(), source })?;
+        Ok(Storage { root })
+    }
+
+    pub fn file_path(&self, file_id: &str) -> PathBuf {
+        self.root.join("files").join(file_id)
+    }
+
+    pub fn job_dir(&self, job_id: &str) -> PathBuf {
+        self.root.join("jobs").join(job_id)
+    }
+
+    /// Writes `bytes` as the file `file_id`: to a temporary name, fsynced, then renamed, so a
+    /// crash never leaves a half-written file under a real id. Returns the SHA-256.
+    pub fn write_file(&self, file_id: &str, bytes: &[u8]) -> std::io::Result<[u8; 32]> {
+        let tmp = self.root.join("tmp").join(format!("{file_id}.part"));
+        let mut out = std::fs::File::create(&tmp)?;
+        out.write_all(bytes)?;
+        out.sync_all()?;
+        std::fs::rename(&tmp, self.file_path(file_id))?;
+        Ok(Sha256::digest(bytes).into())
+    }
+
+    pub fn remove_file(&self, file_id: &str) {
+        let _ = std::fs::remove_file(self.file_path(file_id));
+    }
+
+    /// `path` (reported by a worker) resolved, if it lies inside the job's directory.
+    pub fn inside_job_dir(&self, job_id: &str, path: &str) -> Option<PathBuf> {
+        let job_dir = std::fs::canonicalize(self.job_dir(job_id)).ok()?;
+        let resolved = std::fs::canonicalize(path).ok()?;
+        resolved.starts_with(&job_dir).then_some(resolved)
+    }
+}

@@ -1,0 +1,146 @@
+//! Prometheus metrics of the controller, served at `/metrics` in the text format. Gauges that
+//! mirror Postgres (jobs by status, workers, queue depth) are refreshed by the reconciler; the
+//! per-job gauges follow the metric points running jobs stream in.
+
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+pub struct Telemetry {
+    registry: Registry,
+    pub jobs: Family<Labels, Gauge>,
+    pub queue_depth: Family<Labels, Gauge>,
+    pub workers: Family<Labels, Gauge>,
+    pub job_train_loss: Family<Labels, FloatGauge>,
+    pub job_tokens_per_second: Family<Labels, FloatGauge>,
+    pub job_step: Family<Labels, Gauge>,
+    pub claim_latency: Histogram,
+    pub http_duration: Family<Labels, Histogram>,
+    pub metric_points_ingested: Counter,
+    pub requeued: Counter,
+    pub republished: Counter,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms … ~16 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+impl Telemetry {
+    pub fn new() -> Telemetry {
+        let mut registry = Registry::default();
+        let t = Telemetry {
+            jobs: Family::default(),
+            queue_depth: Family::default(),
+            workers: Family::default(),
+            job_train_loss: Family::default(),
+            job_tokens_per_second: Family::default(),
+            job_step: Family::default(),
+            claim_latency: latency_histogram(),
+            http_duration: Family::new_with_constructor(latency_histogram),
+            metric_points_ingested: Counter::default(),
+            requeued: Counter::default(),
+            republished: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("lathe_jobs", "Jobs by status", t.jobs.clone());
+        registry.register("lathe_queue_depth", "Job ids waiting in Redis, per pool", t.queue_depth.clone());
+        registry.register("lathe_workers", "Registered workers by state (live, stale, draining)", t.workers.clone());
+        registry.register("lathe_job_train_loss", "Latest training loss of a running job", t.job_train_loss.clone());
+        registry.register("lathe_job_tokens_per_second", "Latest throughput of a running job", t.job_tokens_per_second.clone());
+        registry.register("lathe_job_step", "Latest optimizer step of a running job", t.job_step.clone());
+        registry.register("lathe_claim_latency_seconds", "Time from job creation to its first claim", t.claim_latency.clone());
+        registry.register(
+            "lathe_http_request_duration_seconds",
+            "REST request latency by method, route and status",
+            t.http_duration.clone(),
+        );
+        registry.register(
+            "lathe_metric_points_ingested",
+            "Metric points written to Postgres from worker streams",
+            t.metric_points_ingested.clone(),
+        );
+        registry.register("lathe_reconciler_requeued", "Jobs requeued after their lease expired", t.requeued.clone());
+        registry.register("lathe_reconciler_republished", "Queued job ids re-published to Redis", t.republished.clone());
+        Telemetry { registry, ..t }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn observe_http(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
+        let labels = vec![
+            ("method".to_string(), method.to_string()),
+            ("route".to_string(), route.to_string()),
+            ("status".to_string(), status.to_string()),
+        ];
+        self.http_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+    }
+
+    pub fn observe_job_point(&self, job_id: &str, step: u64, loss: Option<f64>, tokens_per_second: Option<f64>) {
+        let labels = job_labels(job_id);
+        self.job_step.get_or_create(&labels).set(step as i64);
+        if let Some(loss) = loss {
+            self.job_train_loss.get_or_create(&labels).set(loss);
+        }
+        if let Some(tps) = tokens_per_second {
+            self.job_tokens_per_second.get_or_create(&labels).set(tps);
+        }
+    }
+
+    /// The job no longer runs here: its series disappear.
+    pub fn forget_job(&self, job_id: &str) {
+        let labels = job_labels(job_id);
+        self.job_step.remove(&labels);
+        self.job_train_loss.remove(&labels);
+        self.job_tokens_per_second.remove(&labels);
+    }
+
+    pub fn set_gauges(family: &Family<Labels, Gauge>, label: &str, values: &[(String, i64)]) {
+        family.clear();
+        for (value, count) in values {
+            family.get_or_create(&vec![(label.to_string(), value.clone())]).set(*count);
+        }
+    }
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry::new()
+    }
+}
+
+fn job_labels(job_id: &str) -> Labels {
+    vec![("job_id".to_string(), job_id.to_string())]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_format_names_every_family_and_drops_finished_jobs() {
+        let t = Telemetry::new();
+        t.observe_job_point("ftjob-a", 3, Some(2.5), Some(100.0));
+        t.observe_http("GET", "/v1/fine_tuning/jobs/{id}", 200, Duration::from_millis(3));
+        t.metric_points_ingested.inc_by(7);
+        let text = t.render();
+        assert!(text.contains("lathe_job_train_loss{job_id=\"ftjob-a\"} 2.5"), "{text}");
+        assert!(text.contains("lathe_metric_points_ingested_total 7"), "{text}");
+        assert!(text.contains("lathe_http_request_duration_seconds_bucket{"), "{text}");
+        t.forget_job("ftjob-a");
+        assert!(!t.render().contains("ftjob-a"));
+    }
+}

@@ -1,0 +1,513 @@
+//! One attempt: verify the inputs, run the trainer on a blocking thread, and keep the
+//! attempt's stream to the controller — metric batches every second, log events, checkpoint
+//! commits, and the final Finish / Fail / Stopped — until the controller acks the end.
+//!
+//! Every message gets a sequence number and stays in the outbox until acked; after a broken
+//! stream the worker reconnects with the same Hello and resends the unacked tail (the
+//! controller's writes are idempotent). `LeaseLost` ends everything at once: the trainer is
+//! told to stop and nothing more is sent.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use lathe_core::JobSpec;
+use lathe_proto::v1::controller_message::Body as Down;
+use lathe_proto::v1::worker_message::Body as Up;
+use lathe_proto::v1::{
+    CheckpointCommit, ClaimJobResponse, ControllerMessage, Fail, FailureClass, Finish, Hello, LogEvent, LogLevel,
+    MetricPoint, MetricsBatch, ResultFile, StopReason, Stopped, WorkerMessage,
+};
+use lathe_trainer::train::{Event, Hooks, Outcome};
+use lathe_trainer::TrainerError;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
+use tonic::Streaming;
+
+use crate::client::Client;
+use crate::spec::{train_config, Paths, Settings, Unrunnable};
+use crate::telemetry::Telemetry;
+use crate::WorkerConfig;
+
+/// Why the running trainer was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopCause {
+    Cancelled,
+    Paused,
+    /// SIGTERM: checkpoint, give the job back, exit.
+    Preempted,
+    /// The controller says this attempt no longer holds the job.
+    LeaseLost,
+}
+
+/// Shared between the async side (stream, heartbeat, signals) and the trainer's thread.
+#[derive(Default)]
+pub struct Signals {
+    stop: AtomicBool,
+    cause: Mutex<Option<StopCause>>,
+}
+
+impl Signals {
+    pub fn stop(&self, cause: StopCause) {
+        let mut current = self.cause.lock().expect("signals lock");
+        // A lost lease overrides anything: nothing may be sent after it.
+        if current.is_none() || cause == StopCause::LeaseLost {
+            *current = Some(cause);
+        }
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    pub fn should_stop(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    pub fn cause(&self) -> Option<StopCause> {
+        *self.cause.lock().expect("signals lock")
+    }
+}
+
+/// How the attempt ended, for logs and the worker's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Succeeded,
+    Failed,
+    Crashed,
+    Preempted,
+    Cancelled,
+    Paused,
+    LeaseLost,
+}
+
+impl Ended {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ended::Succeeded => "succeeded",
+            Ended::Failed => "failed",
+            Ended::Crashed => "crashed",
+            Ended::Preempted => "preempted",
+            Ended::Cancelled => "cancelled",
+            Ended::Paused => "paused",
+            Ended::LeaseLost => "lease_lost",
+        }
+    }
+}
+
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+const FINAL_ACK_TIMEOUT: Duration = Duration::from_secs(120);
+const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+
+pub async fn run(
+    client: Client,
+    config: &WorkerConfig,
+    claim: ClaimJobResponse,
+    signals: Arc<Signals>,
+    telemetry: &Telemetry,
+    mut shutdown: watch::Receiver<bool>,
+) -> Ended {
+    let hello = Hello { job_id: claim.job_id.clone(), attempt: claim.attempt };
+    let mut session = Session::new(client, hello);
+    let job_id = claim.job_id.clone();
+
+    let prepared = prepare(config, &claim);
+    let (train, resume) = match prepared {
+        Ok(ready) => ready,
+        Err(unrunnable) => {
+            tracing::warn!(job_id, code = unrunnable.code, message = %unrunnable.message, "job cannot run");
+            let fail = Fail { class: FailureClass::BadInput as i32, code: unrunnable.code.into(), message: unrunnable.message };
+            session.connect().await;
+            session.push(Up::Fail(fail));
+            session.drain(&signals).await;
+            return Ended::Failed;
+        }
+    };
+    session.connect().await;
+    telemetry.busy.set(1);
+
+    let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
+    let trainer_signals = signals.clone();
+    let mut trainer = tokio::task::spawn_blocking(move || {
+        let mut on_event = |event: &Event| {
+            let _ = events_tx.send(event.clone());
+        };
+        let should_stop = || trainer_signals.should_stop();
+        lathe_trainer::train::run(&train, resume.as_deref(), Hooks { on_event: &mut on_event, should_stop: &should_stop })
+    });
+
+    let mut points = Points::default();
+    let mut flush = tokio::time::interval(FLUSH_EVERY);
+    let mut tokens_seen = 0u64;
+    let result = loop {
+        tokio::select! {
+            Some(event) = events.recv() => {
+                on_event(&event, &mut session, &mut points, &signals, telemetry, &mut tokens_seen);
+            }
+            _ = flush.tick() => {
+                points.flush(&mut session);
+                session.reconnect_if_needed().await;
+            }
+            down = session.next() => obey(down, &signals),
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() {
+                    tracing::info!(job_id, "SIGTERM: checkpointing and giving the job back");
+                    signals.stop(StopCause::Preempted);
+                }
+            }
+            result = &mut trainer => break result,
+        }
+    };
+    // Everything the trainer reported before it returned is in the channel.
+    while let Ok(event) = events.try_recv() {
+        on_event(&event, &mut session, &mut points, &signals, telemetry, &mut tokens_seen);
+    }
+    points.flush(&mut session);
+
+    let ended = match (result, signals.cause()) {
+        (_, Some(StopCause::LeaseLost)) => Ended::LeaseLost,
+        (Ok(Ok(Outcome::Finished { adapter_dir, model_dir, .. })), _) => {
+            let dir = adapter_dir.or(model_dir).unwrap_or_default();
+            session.push(Up::Finish(Finish {
+                trained_tokens: tokens_seen,
+                adapter_path: dir.display().to_string(),
+                result_files: result_files(&dir),
+            }));
+            Ended::Succeeded
+        }
+        (Ok(Ok(Outcome::Stopped { .. })), cause) | (Ok(Err(TrainerError::Stopped(_))), cause) => {
+            match cause {
+                Some(StopCause::Cancelled) => {
+                    session.push(Up::Stopped(Stopped { reason: StopReason::Cancelled as i32 }));
+                    Ended::Cancelled
+                }
+                Some(StopCause::Paused) => {
+                    session.push(Up::Stopped(Stopped { reason: StopReason::Paused as i32 }));
+                    Ended::Paused
+                }
+                _ => {
+                    session.push(Up::Fail(Fail {
+                        class: FailureClass::Preempted as i32,
+                        code: "preempted".into(),
+                        message: "the worker was asked to stop (SIGTERM); resuming from the last checkpoint".into(),
+                    }));
+                    Ended::Preempted
+                }
+            }
+        }
+        (Ok(Err(error)), _) => {
+            let (class, code) = classify(&error);
+            tracing::warn!(job_id, %error, ?class, "training failed");
+            session.push(Up::Fail(Fail { class: class as i32, code: code.into(), message: error.to_string() }));
+            if class == FailureClass::BadInput { Ended::Failed } else { Ended::Crashed }
+        }
+        (Err(join_error), _) => {
+            let message = format!("the trainer panicked: {join_error}");
+            tracing::error!(job_id, message, "training crashed");
+            session.push(Up::Fail(Fail { class: FailureClass::Crash as i32, code: "trainer_crashed".into(), message }));
+            Ended::Crashed
+        }
+    };
+    if ended != Ended::LeaseLost {
+        session.drain(&signals).await;
+    }
+    telemetry.attempt_ended(ended.as_str());
+    ended
+}
+
+/// Checks the claim's inputs and builds the trainer's configuration; also clears the output
+/// directory of a fresh start (a previous attempt that died before its first checkpoint).
+fn prepare(config: &WorkerConfig, claim: &ClaimJobResponse) -> Result<(lathe_trainer::train::TrainConfig, Option<PathBuf>), Unrunnable> {
+    let spec: JobSpec = serde_json::from_str(&claim.spec_json)
+        .map_err(|e| Unrunnable { code: "invalid_spec", message: format!("the job spec is not readable by this worker: {e}") })?;
+    let training = claim.training_file.as_ref().ok_or(Unrunnable { code: "invalid_spec", message: "the claim names no training file".into() })?;
+    verify_file("training_file", &training.path, &training.sha256)?;
+    if let Some(validation) = &claim.validation_file {
+        verify_file("validation_file", &validation.path, &validation.sha256)?;
+    }
+    let output_dir = Path::new(&claim.output_dir);
+    let resume = claim.resume_from.as_ref().map(|c| PathBuf::from(&c.path));
+    if resume.is_none() && output_dir.exists() {
+        std::fs::remove_dir_all(output_dir)
+            .map_err(|e| Unrunnable { code: "storage_error", message: format!("{}: {e}", output_dir.display()) })?;
+    }
+    let train = train_config(
+        &spec,
+        Paths {
+            training_file: Path::new(&training.path),
+            validation_file: claim.validation_file.as_ref().map(|v| Path::new(&v.path)),
+            output_dir,
+        },
+        Settings { models_root: &config.models_root, device: &config.device, checkpoint_every: config.checkpoint_every, threads: config.threads },
+    )?;
+    Ok((train, resume))
+}
+
+fn verify_file(param: &str, path: &str, sha256: &str) -> Result<(), Unrunnable> {
+    let bytes = std::fs::read(path).map_err(|e| Unrunnable { code: "file_not_found", message: format!("{param}: cannot read {path}: {e}") })?;
+    let digest: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    if !sha256.is_empty() && digest != sha256 {
+        return Err(Unrunnable { code: "file_corrupted", message: format!("{param}: content does not match its SHA-256 on record") });
+    }
+    Ok(())
+}
+
+fn classify(error: &TrainerError) -> (FailureClass, &'static str) {
+    match error {
+        TrainerError::DataLine { .. } => (FailureClass::BadInput, "invalid_training_file"),
+        TrainerError::File { .. } | TrainerError::ConfigField { .. } => (FailureClass::BadInput, "invalid_input"),
+        TrainerError::InvalidSetting { .. } => (FailureClass::BadInput, "invalid_hyperparameters"),
+        TrainerError::ChatTemplate(_) | TrainerError::Tokenizer(_) => (FailureClass::BadInput, "invalid_model"),
+        TrainerError::Io { .. } | TrainerError::Torch(_) | TrainerError::Stopped(_) => (FailureClass::Crash, "trainer_error"),
+    }
+}
+
+/// The files of the adapter (or full model) directory, published as the job's result files.
+fn result_files(dir: &Path) -> Vec<ResultFile> {
+    let mut files: Vec<ResultFile> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().is_file())
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_string();
+            Some(ResultFile { filename: name, path: e.path().display().to_string() })
+        })
+        .collect();
+    files.sort_by(|a, b| a.filename.cmp(&b.filename));
+    files
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn on_event(
+    event: &Event,
+    session: &mut Session,
+    points: &mut Points,
+    signals: &Signals,
+    telemetry: &Telemetry,
+    tokens_seen: &mut u64,
+) {
+    if signals.cause() == Some(StopCause::LeaseLost) {
+        return;
+    }
+    match event {
+        Event::Started { total_steps, start_step, train_examples, trainable_parameters, device, dtype, .. } => {
+            let message = if *start_step > 0 {
+                format!("Training resumed at step {start_step} of {total_steps} on {device} ({dtype})")
+            } else {
+                format!("Training started: {total_steps} steps, {train_examples} examples, {trainable_parameters} trainable parameters on {device} ({dtype})")
+            };
+            session.push(log(LogLevel::Info, message, serde_json::to_string(event).unwrap_or_default()));
+        }
+        Event::Step(m) => {
+            *tokens_seen = m.tokens_seen;
+            telemetry.step.set(m.step as i64);
+            telemetry.train_loss.set(m.loss);
+            telemetry.tokens_per_second.set(m.tokens_per_second);
+            telemetry.memory_bytes.set(m.peak_memory_bytes as i64);
+            points.pending.insert(
+                m.step,
+                MetricPoint {
+                    step: m.step,
+                    total_steps: m.total_steps,
+                    train_loss: Some(m.loss),
+                    valid_loss: None,
+                    learning_rate: m.lr,
+                    grad_norm: Some(m.grad_norm),
+                    tokens_per_second: Some(m.tokens_per_second),
+                    tokens_seen: m.tokens_seen,
+                    train_mean_token_accuracy: Some(m.train_mean_token_accuracy),
+                    valid_mean_token_accuracy: None,
+                    memory_bytes: Some(m.peak_memory_bytes),
+                    time_unix_ms: now_ms(),
+                },
+            );
+        }
+        Event::Eval { step, valid_loss, valid_mean_token_accuracy, .. } => {
+            let mut point = points.take(*step);
+            point.valid_loss = Some(*valid_loss);
+            point.valid_mean_token_accuracy = Some(*valid_mean_token_accuracy);
+            points.pending.insert(*step, point);
+        }
+        Event::Checkpoint { step, path } => {
+            // A cancelled job keeps no checkpoint; anything else commits it (pause and
+            // preemption resume from it).
+            if signals.cause() == Some(StopCause::Cancelled) {
+                return;
+            }
+            points.flush(session);
+            let metrics = points.get(*step).map(|p| {
+                serde_json::json!({
+                    "step": p.step, "train_loss": p.train_loss, "valid_loss": p.valid_loss,
+                    "train_mean_token_accuracy": p.train_mean_token_accuracy,
+                    "valid_mean_token_accuracy": p.valid_mean_token_accuracy,
+                })
+            });
+            session.push(Up::Checkpoint(CheckpointCommit {
+                step: *step,
+                path: path.clone(),
+                metrics_json: metrics.map(|m| m.to_string()).unwrap_or_else(|| "{}".into()),
+            }));
+        }
+        Event::Log { level, message } => {
+            let level = if level == "warn" { LogLevel::Warn } else { LogLevel::Info };
+            session.push(log(level, message.clone(), String::new()));
+        }
+        Event::Finished { .. } => {}
+    }
+}
+
+fn log(level: LogLevel, message: String, data_json: String) -> Up {
+    Up::Log(LogEvent { level: level as i32, message, data_json, time_unix_ms: now_ms() })
+}
+
+fn obey(down: Option<Down>, signals: &Signals) {
+    match down {
+        Some(Down::Cancel(_)) => signals.stop(StopCause::Cancelled),
+        Some(Down::Pause(_)) => signals.stop(StopCause::Paused),
+        Some(Down::LeaseLost(lost)) => {
+            tracing::warn!(reason = lost.reason, "lease lost: stopping at once");
+            signals.stop(StopCause::LeaseLost)
+        }
+        Some(Down::Ack(_)) | None => {}
+    }
+}
+
+/// Metric points not yet sent, and the last few sent (an eval result can arrive for a step
+/// whose point already went out: the point is sent again, complete).
+#[derive(Default)]
+struct Points {
+    pending: BTreeMap<u64, MetricPoint>,
+    sent: BTreeMap<u64, MetricPoint>,
+}
+
+impl Points {
+    fn take(&mut self, step: u64) -> MetricPoint {
+        self.pending
+            .remove(&step)
+            .or_else(|| self.sent.get(&step).cloned())
+            .unwrap_or(MetricPoint { step, time_unix_ms: now_ms(), ..Default::default() })
+    }
+
+    fn get(&self, step: u64) -> Option<&MetricPoint> {
+        self.pending.get(&step).or_else(|| self.sent.get(&step))
+    }
+
+    fn flush(&mut self, session: &mut Session) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let batch: Vec<MetricPoint> = std::mem::take(&mut self.pending).into_values().collect();
+        for p in &batch {
+            self.sent.insert(p.step, *p);
+        }
+        while self.sent.len() > 64 {
+            self.sent.pop_first();
+        }
+        session.push(Up::Metrics(MetricsBatch { points: batch }));
+    }
+}
+
+/// The attempt's stream, its outbox of unacked messages, and reconnection.
+struct Session {
+    client: Client,
+    hello: Hello,
+    next_seq: u64,
+    unacked: VecDeque<WorkerMessage>,
+    acked: u64,
+    link: Option<Link>,
+    last_connect: Option<Instant>,
+}
+
+struct Link {
+    tx: mpsc::UnboundedSender<WorkerMessage>,
+    inbound: Streaming<ControllerMessage>,
+}
+
+impl Session {
+    fn new(client: Client, hello: Hello) -> Session {
+        Session { client, hello, next_seq: 1, unacked: VecDeque::new(), acked: 0, link: None, last_connect: None }
+    }
+
+    fn push(&mut self, body: Up) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let message = WorkerMessage { seq, body: Some(body) };
+        if let Some(link) = &self.link {
+            if link.tx.send(message.clone()).is_err() {
+                self.link = None;
+            }
+        }
+        self.unacked.push_back(message);
+        seq
+    }
+
+    /// Opens a stream: Hello, then every unacked message again.
+    async fn connect(&mut self) {
+        self.last_connect = Some(Instant::now());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(WorkerMessage { seq: 0, body: Some(Up::Hello(self.hello.clone())) });
+        match self.client.attempt(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await {
+            Ok(response) => {
+                for message in &self.unacked {
+                    let _ = tx.send(message.clone());
+                }
+                self.link = Some(Link { tx, inbound: response.into_inner() });
+            }
+            Err(status) => {
+                tracing::warn!(job_id = self.hello.job_id, %status, "attempt stream unavailable; retrying");
+                self.link = None;
+            }
+        }
+    }
+
+    async fn reconnect_if_needed(&mut self) {
+        if self.link.is_none() && self.last_connect.is_none_or(|t| t.elapsed() >= RECONNECT_EVERY) {
+            self.connect().await;
+        }
+    }
+
+    /// The next instruction from the controller; acks are applied here. Pending forever while
+    /// disconnected (the flush tick reconnects).
+    async fn next(&mut self) -> Option<Down> {
+        let Some(link) = &mut self.link else {
+            return std::future::pending().await;
+        };
+        match link.inbound.message().await {
+            Ok(Some(ControllerMessage { body: Some(Down::Ack(ack)) })) => {
+                self.acked = self.acked.max(ack.seq);
+                while self.unacked.front().is_some_and(|m| m.seq <= ack.seq) {
+                    self.unacked.pop_front();
+                }
+                None
+            }
+            Ok(Some(message)) => message.body,
+            Ok(None) | Err(_) => {
+                self.link = None;
+                None
+            }
+        }
+    }
+
+    /// Waits until every message is acked (or the lease is lost, or the controller stays away
+    /// too long — then the lease expires and the reconciler takes over).
+    async fn drain(&mut self, signals: &Signals) {
+        let deadline = Instant::now() + FINAL_ACK_TIMEOUT;
+        while !self.unacked.is_empty() && Instant::now() < deadline {
+            self.reconnect_if_needed().await;
+            match tokio::time::timeout(RECONNECT_EVERY, self.next()).await {
+                Ok(Some(Down::LeaseLost(_))) => {
+                    signals.stop(StopCause::LeaseLost);
+                    return;
+                }
+                Ok(_) => {}
+                Err(_) => {}
+            }
+        }
+        if !self.unacked.is_empty() {
+            tracing::warn!(job_id = self.hello.job_id, unacked = self.unacked.len(), "controller did not ack the attempt's end");
+        }
+    }
+}

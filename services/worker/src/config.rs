@@ -1,0 +1,29 @@
+//! What a worker is told at start (flags and `LATHE_*` variables, parsed by the CLI).
+
+use std::path::PathBuf;
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The controller's gRPC address, e.g. `http://127.0.0.1:50051`.
+    pub controller_url: String,
+    /// This worker's bearer token (`lathe admin create-worker`).
+    pub token: String,
+    /// Shown to operators; defaults to the host name.
+    pub name: String,
+    /// Pools served, in order of preference.
+    pub pools: Vec<String>,
+    /// `cpu`, `cuda`, `cuda:N` or `auto`.
+    pub device: String,
+    /// Device memory offered to jobs (their `gpu_memory_gb` must fit); 0 = unknown.
+    pub gpu_memory_bytes: u64,
+    /// Where base models live on this machine (same names as the controller's root).
+    pub models_root: PathBuf,
+    /// Steps between checkpoints (and validation passes).
+    pub checkpoint_every: u64,
+    /// libtorch CPU threads; 0 = libtorch's default.
+    pub threads: usize,
+    pub redis_url: String,
+    pub redis_prefix: String,
+    /// Serve Prometheus metrics here (`0.0.0.0:9091`); `None` = off.
+    pub metrics_listen: Option<String>,
+}

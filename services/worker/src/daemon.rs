@@ -1,0 +1,147 @@
+//! The daemon's loop: register, keep a heartbeat, wait for work, claim, run one attempt at a
+//! time. SIGTERM (the `shutdown` signal) preempts the running attempt — checkpoint, give the
+//! job back — and ends the loop.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lathe_proto::v1::{AttemptRef, ClaimJobRequest, DeviceKind, HeartbeatRequest, RegisterRequest};
+use lathe_queue::Queue;
+use tokio::sync::watch;
+use tonic::Code;
+
+use crate::attempt::{self, Signals, StopCause};
+use crate::client::{self, Client};
+use crate::telemetry::{self, Telemetry};
+use crate::{WorkerConfig, WorkerError};
+
+/// How long one wait in Redis lasts before the worker asks the controller directly (the path
+/// that finds jobs whose wake-up was lost, or all jobs while Redis is down).
+const WAIT: Duration = Duration::from_secs(5);
+const RETRY: Duration = Duration::from_secs(2);
+
+/// The attempt running now, for the heartbeat.
+#[derive(Default)]
+struct Current {
+    attempt: Option<(AttemptRef, Arc<Signals>)>,
+    draining: bool,
+}
+
+pub async fn run(config: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
+    let telemetry = Arc::new(Telemetry::new());
+    if let Some(listen) = &config.metrics_listen {
+        telemetry::serve(listen, telemetry.clone()).await?;
+    }
+    let mut client = client::connect(&config)?;
+    let heartbeat_every = match register(&mut client, &config, &mut shutdown).await? {
+        Some(interval) => interval,
+        None => return Ok(()),
+    };
+    let current = Arc::new(Mutex::new(Current::default()));
+    tokio::spawn(heartbeat(client.clone(), current.clone(), heartbeat_every, shutdown.clone()));
+
+    let mut queue: Option<Queue> = None;
+    while !*shutdown.borrow() {
+        if current.lock().expect("current lock").draining {
+            tokio::select! { _ = tokio::time::sleep(WAIT) => {}, _ = shutdown.changed() => {} }
+            continue;
+        }
+        if queue.is_none() {
+            queue = Queue::open(&config.redis_url, &config.redis_prefix).await.ok();
+        }
+        // An id from Redis, or "" (ask the controller for the best job that fits).
+        let job_id = match &queue {
+            Some(q) => tokio::select! {
+                woken = q.wait_for_job(&config.pools, WAIT) => match woken {
+                    Ok(Some(job)) => job.job_id.as_str().to_string(),
+                    Ok(None) => String::new(),
+                    Err(error) => {
+                        tracing::warn!(%error, "Redis unavailable; polling the controller");
+                        queue = None;
+                        String::new()
+                    }
+                },
+                _ = shutdown.changed() => break,
+            },
+            None => {
+                tokio::select! { _ = tokio::time::sleep(RETRY) => {}, _ = shutdown.changed() => break }
+                String::new()
+            }
+        };
+        let claim = match client.claim_job(ClaimJobRequest { job_id }).await {
+            Ok(response) => response.into_inner(),
+            Err(status) if matches!(status.code(), Code::NotFound | Code::Aborted | Code::FailedPrecondition) => continue,
+            Err(status) if status.code() == Code::Unauthenticated => return Err(WorkerError::Unauthenticated(status.message().into())),
+            Err(status) => {
+                tracing::warn!(%status, "claim failed; retrying");
+                tokio::select! { _ = tokio::time::sleep(RETRY) => {}, _ = shutdown.changed() => {} }
+                continue;
+            }
+        };
+        let signals = Arc::new(Signals::default());
+        let reference = AttemptRef { job_id: claim.job_id.clone(), attempt: claim.attempt };
+        current.lock().expect("current lock").attempt = Some((reference, signals.clone()));
+        tracing::info!(job_id = claim.job_id, attempt = claim.attempt, resume = claim.resume_from.is_some(), "attempt started");
+        let ended = attempt::run(client.clone(), &config, claim.clone(), signals, &telemetry, shutdown.clone()).await;
+        current.lock().expect("current lock").attempt = None;
+        tracing::info!(job_id = claim.job_id, attempt = claim.attempt, outcome = ended.as_str(), "attempt ended");
+    }
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// Registers, retrying while the controller is unreachable; `None` if shut down meanwhile.
+async fn register(client: &mut Client, config: &WorkerConfig, shutdown: &mut watch::Receiver<bool>) -> Result<Option<Duration>, WorkerError> {
+    let device_kind = if config.device.starts_with("cuda") { DeviceKind::Cuda } else { DeviceKind::Cpu };
+    let request = RegisterRequest {
+        name: config.name.clone(),
+        device_kind: device_kind as i32,
+        gpu_name: String::new(),
+        gpu_memory_bytes: config.gpu_memory_bytes,
+        pools: config.pools.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    loop {
+        match client.register(request.clone()).await {
+            Ok(response) => {
+                let r = response.into_inner();
+                tracing::info!(worker_id = r.worker_id, name = config.name, pools = ?config.pools, "registered with the controller");
+                return Ok(Some(Duration::from_millis(r.heartbeat_interval_ms.max(100) as u64)));
+            }
+            Err(status) if status.code() == Code::Unauthenticated => return Err(WorkerError::Unauthenticated(status.message().into())),
+            Err(status) => {
+                tracing::warn!(%status, controller = config.controller_url, "controller unreachable; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(RETRY) => {}
+                    _ = shutdown.changed() => if *shutdown.borrow() { return Ok(None) },
+                }
+            }
+        }
+    }
+}
+
+async fn heartbeat(mut client: Client, current: Arc<Mutex<Current>>, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => if *shutdown.borrow() { return },
+        }
+        let running: Vec<AttemptRef> = current.lock().expect("current lock").attempt.iter().map(|(r, _)| r.clone()).collect();
+        let memory = lathe_trainer::device::peak_memory_bytes(tch::Device::Cpu);
+        match client.heartbeat(HeartbeatRequest { running, gpu_memory_used_bytes: memory }).await {
+            Ok(response) => {
+                let r = response.into_inner();
+                let mut current = current.lock().expect("current lock");
+                current.draining = r.draining;
+                if let Some((reference, signals)) = &current.attempt {
+                    if r.lost.iter().any(|l| l.job_id == reference.job_id && l.attempt == reference.attempt) {
+                        tracing::warn!(job_id = reference.job_id, "heartbeat: lease lost");
+                        signals.stop(StopCause::LeaseLost);
+                    }
+                }
+            }
+            Err(status) => tracing::warn!(%status, "heartbeat failed"),
+        }
+    }
+}

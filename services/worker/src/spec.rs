@@ -1,0 +1,150 @@
+//! A claimed job's spec (as the API validated and stored it) mapped onto the trainer's
+//! configuration: the one place where API names meet trainer names.
+
+use std::path::{Path, PathBuf};
+
+use lathe_core::spec::{LrScheduler, Quantization};
+use lathe_core::JobSpec;
+use lathe_trainer::train::config::{
+    DataSettings, DebugSettings, LoopSettings, LoraSettings, OptimSettings, OutputSettings, TargetModulesSetting,
+};
+use lathe_trainer::train::{Method, TrainConfig};
+
+/// Why a spec cannot run on this worker: reported as a bad-input failure with this code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unrunnable {
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// Where the claim says the data and outputs are.
+pub struct Paths<'a> {
+    pub training_file: &'a Path,
+    pub validation_file: Option<&'a Path>,
+    pub output_dir: &'a Path,
+}
+
+pub struct Settings<'a> {
+    pub models_root: &'a Path,
+    pub device: &'a str,
+    pub checkpoint_every: u64,
+    pub threads: usize,
+}
+
+pub fn train_config(spec: &JobSpec, paths: Paths<'_>, settings: Settings<'_>) -> Result<TrainConfig, Unrunnable> {
+    if spec.quantization == Some(Quantization::Nf4) {
+        return Err(Unrunnable {
+            code: "unsupported_quantization",
+            message: "quantization \"nf4\" (QLoRA) is not available on this worker yet; submit without it".into(),
+        });
+    }
+    let model = model_dir(settings.models_root, &spec.model)?;
+    let lora = spec.lora.as_ref();
+    let lr_scheduler = match spec.lr_scheduler {
+        LrScheduler::Cosine => "cosine",
+        LrScheduler::Linear => "linear",
+        LrScheduler::Constant => "constant",
+    };
+    Ok(TrainConfig {
+        model,
+        train_file: paths.training_file.to_path_buf(),
+        validation_file: paths.validation_file.map(Path::to_path_buf),
+        output_dir: paths.output_dir.to_path_buf(),
+        method: if lora.is_some() { Method::Lora } else { Method::Full },
+        seed: spec.seed,
+        data: DataSettings {
+            max_seq_length: spec.max_seq_length as usize,
+            packing: spec.packing,
+            train_on_inputs: spec.train_on_inputs,
+        },
+        lora: match lora {
+            Some(l) => LoraSettings {
+                rank: l.rank as i64,
+                alpha: l.alpha,
+                dropout: l.dropout,
+                target_modules: TargetModulesSetting::List(l.target_modules.clone()),
+                use_rslora: l.use_rslora,
+            },
+            None => LoraSettings::default(),
+        },
+        optim: OptimSettings {
+            learning_rate: spec.learning_rate,
+            lr_scheduler: lr_scheduler.into(),
+            warmup_ratio: spec.warmup_ratio,
+            ..OptimSettings::default()
+        },
+        train: LoopSettings {
+            epochs: spec.hyperparameters.n_epochs as u64,
+            batch_size: spec.hyperparameters.batch_size as usize,
+            device: settings.device.to_string(),
+            eval_every: settings.checkpoint_every,
+            checkpoint_every: settings.checkpoint_every,
+            // The newest checkpoint may not be committed yet when the next one is written:
+            // keep a few so the committed one is always still on disk.
+            keep_checkpoints: 3,
+            gradient_checkpointing: spec.gradient_checkpointing,
+            threads: settings.threads,
+            ..LoopSettings::default()
+        },
+        debug: DebugSettings::default(),
+        output: OutputSettings::default(),
+    })
+}
+
+/// The base model's directory; the name was checked by the controller and is checked again
+/// here, since it becomes a path on this machine.
+fn model_dir(models_root: &Path, name: &str) -> Result<PathBuf, Unrunnable> {
+    let well_formed = name.split('/').count() <= 2
+        && name.split('/').all(|s| !s.is_empty() && !s.starts_with('.') && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)));
+    let dir = models_root.join(name);
+    if !well_formed || !dir.join("config.json").is_file() {
+        return Err(Unrunnable {
+            code: "model_not_found",
+            message: format!("model {name:?} is not under this worker's models root {}", models_root.display()),
+        });
+    }
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lathe_core::CreateJobRequest;
+
+    fn spec(body: serde_json::Value) -> JobSpec {
+        JobSpec::try_from(CreateJobRequest::from_value(body).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_lora_spec_becomes_the_trainer_settings_the_user_asked_for() {
+        let root = std::env::temp_dir().join(format!("lathe-worker-spec-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("tiny")).unwrap();
+        std::fs::write(root.join("tiny/config.json"), "{}").unwrap();
+        let spec = spec(serde_json::json!({
+            "model": "tiny", "training_file": "file-abcdefghijklmnopqrstuvwx",
+            "hyperparameters": {"n_epochs": 2, "batch_size": 8},
+            "learning_rate": 0.005, "max_seq_length": 256, "packing": true,
+            "lora": {"rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}, "seed": 7,
+        }));
+        let paths = Paths { training_file: Path::new("/d/files/a"), validation_file: None, output_dir: Path::new("/d/jobs/j") };
+        let settings = Settings { models_root: &root, device: "cpu", checkpoint_every: 5, threads: 1 };
+        let config = train_config(&spec, paths, settings).unwrap();
+        assert_eq!(config.method, Method::Lora);
+        assert_eq!((config.train.epochs, config.train.batch_size, config.seed), (2, 8, 7));
+        assert_eq!((config.optim.learning_rate, config.data.max_seq_length, config.data.packing), (0.005, 256, true));
+        assert_eq!((config.lora.rank, config.lora.alpha), (8, 16.0));
+        assert!(matches!(&config.lora.target_modules, TargetModulesSetting::List(m) if m == &["q_proj", "v_proj"]));
+        assert_eq!((config.train.checkpoint_every, config.train.device.as_str()), (5, "cpu"));
+        config.validate().unwrap();
+
+        let missing = spec_with_model("absent");
+        let paths = Paths { training_file: Path::new("/x"), validation_file: None, output_dir: Path::new("/y") };
+        let settings = Settings { models_root: &root, device: "cpu", checkpoint_every: 5, threads: 1 };
+        assert_eq!(train_config(&missing, paths, settings).unwrap_err().code, "model_not_found");
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    fn spec_with_model(model: &str) -> JobSpec {
+        spec(serde_json::json!({"model": model, "training_file": "file-abcdefghijklmnopqrstuvwx"}))
+    }
+}

@@ -1,0 +1,527 @@
+"""The service under test: real `lathe controller` and `lathe worker` processes on Postgres and Redis.
+
+`Service` starts the processes on free ports with a database and a Redis key prefix of their own,
+keeps every process's output in a log file, and offers the few side doors the tests need to check
+what a user cannot see through the API: `psql` for the attempts table, `redis-cli` for FLUSHALL.
+The job helpers below are what a user of the OpenAI SDK would write: create, poll, read the curve.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples" / "cve-cwe" / "train.jsonl"
+
+PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+
+MODEL = "tiny-qwen3"
+TERMINAL = {"succeeded", "failed", "cancelled"}
+# Extensions in the body (SDK extra_body); tiny and fast on CPU.
+JOB_EXTENSIONS = {"learning_rate": 5e-3, "max_seq_length": 256, "packing": True}
+BATCH_SIZE = 4
+# Enough epochs over the 24-row file that a job is still running when a test interrupts it.
+LONG_EPOCHS = 4
+# A pool no worker serves: a job created there stays queued until a test cancels it.
+PARKED_POOL = "parked"
+CHECKPOINT_EVERY = 2
+LEASE_SECONDS = 8
+UPLOAD_LIMIT_BYTES = 2_000_000
+
+
+# ---------------------------------------------------------------------------------------------
+# the binary and the infrastructure
+
+
+def find_lathe_bin() -> Path:
+    explicit = os.environ.get("LATHE_BIN")
+    candidate = Path(explicit) if explicit else ROOT / "target" / "release" / "lathe"
+    if not candidate.is_file() or not os.access(candidate, os.X_OK):
+        pytest.fail(f"lathe binary not found at {candidate}: run scripts/setup.sh or set LATHE_BIN", pytrace=False)
+    return candidate
+
+
+def require_postgres_and_redis():
+    for tool in ("psql", "redis-cli"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"`{tool}` is not installed; the service tests check Postgres and Redis with it", pytrace=False)
+    probe = subprocess.run(["psql", "-h", PG_HOST, "-p", str(PG_PORT), "-U", PG_USER, "-d", "postgres", "-Atc",
+                            "SELECT 1"], capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.fail(f"Postgres is not reachable at {PG_HOST}:{PG_PORT} as {PG_USER}: {probe.stderr.strip()}",
+                    pytrace=False)
+    if redis_cli("PING") != "PONG":
+        pytest.fail(f"Redis is not reachable at {REDIS_HOST}:{REDIS_PORT}", pytrace=False)
+
+
+def redis_cli(*args: str) -> str:
+    proc = subprocess.run(["redis-cli", "-h", REDIS_HOST, "-p", str(REDIS_PORT), *args],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, f"redis-cli {' '.join(args)} failed: {proc.stderr}"
+    return proc.stdout.strip()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sql_literal(value: str) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def wait_until(probe, timeout: float, what, interval: float = 0.2):
+    """Calls `probe` until it returns something truthy and returns that; fails after `timeout`
+    with `what` (a string, or a callable giving one, for messages that show the last state)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s: {what() if callable(what) else what}", pytrace=False)
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------------------------------------
+# processes
+
+
+class Process:
+    """One child process whose stdout and stderr go to files in the log dir."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict, cwd: Path, log_dir: Path):
+        self.name = name
+        self.cmd = cmd
+        self.stdout_log = log_dir / f"{name}.stdout.log"
+        self.stderr_log = log_dir / f"{name}.stderr.log"
+        with open(self.stdout_log, "wb") as out, open(self.stderr_log, "wb") as err:
+            self.popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, cwd=cwd)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self):
+        """SIGKILL, as the OOM killer or a lost node would: no chance to clean up."""
+        if self.alive():
+            os.kill(self.pid, signal.SIGKILL)
+        self.popen.wait(timeout=30)
+
+    def terminate(self):
+        """SIGTERM, as Slurm or Kubernetes sends before preempting."""
+        if self.alive():
+            os.kill(self.pid, signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{self.name} (pid {self.pid}) still running {timeout:.0f} s after it was told to stop\n"
+                        f"{self.tail()}", pytrace=False)
+
+    def stop(self, grace: float = 15):
+        self.terminate()
+        try:
+            self.popen.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def tail(self, lines: int = 40) -> str:
+        state = "running" if self.alive() else f"exited {self.popen.returncode}"
+        parts = [f"=== {self.name} (pid {self.pid}, {state}): lathe {self.cmd[1]} ==="]
+        for path in (self.stderr_log, self.stdout_log):
+            text = path.read_text(errors="replace") if path.exists() else ""
+            if text.strip():
+                parts.append(f"--- {path.name} (last {lines} lines) ---")
+                parts.extend(text.splitlines()[-lines:])
+        return "\n".join(parts)
+
+
+@dataclass
+class HttpResponse:
+    status: int
+    headers: dict
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+
+class Service:
+    """A controller and its workers, on a database and a Redis prefix no other run uses."""
+
+    def __init__(self, lathe_bin: Path, workdir: Path):
+        self.bin = lathe_bin
+        self.workdir = workdir
+        self.data_dir = workdir / "lathe-data"
+        self.models_root = self.data_dir / "models"
+        self.log_dir = workdir / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        run_id = secrets.token_hex(6)
+        self.db_name = f"lathe_test_{run_id}"
+        self.redis_prefix = f"lathe-test-{run_id}:"
+        self.env = dict(os.environ, NO_COLOR="1", RUST_BACKTRACE="1",
+                        LATHE_DATABASE_URL=f"postgres://{PG_USER}@{PG_HOST}:{PG_PORT}/{self.db_name}",
+                        LATHE_REDIS_URL=f"redis://{REDIS_HOST}:{REDIS_PORT}",
+                        LATHE_REDIS_PREFIX=self.redis_prefix)
+        self.env.setdefault("RUST_LOG", "info,sqlx=warn")
+        self.env.pop("LATHE_WORKER_TOKEN", None)
+        self.http_port = free_port()
+        self.grpc_port = free_port()
+        self.controller: Process | None = None
+        self.workers: list[Process] = []
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def lathe(self, *args, timeout: float = 300) -> str:
+        """Runs a one-shot `lathe` command (model init, admin …) and returns its stdout, stripped."""
+        cmd = [str(self.bin), *map(str, args)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=self.env, cwd=self.workdir)
+        if proc.returncode != 0:
+            pytest.fail(f"`{' '.join(cmd)}` exited with {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}"
+                        f"\n--- stderr ---\n{proc.stderr[-3000:]}", pytrace=False)
+        return proc.stdout.strip()
+
+    def init_model(self, name: str = MODEL) -> Path:
+        out = self.models_root / name
+        self.lathe("model", "init", "--arch", "qwen3", "--preset", "tiny", "--seed", 0, "--out", out)
+        assert (out / "config.json").is_file(), f"`lathe model init` wrote no config.json in {out}"
+        return out
+
+    def create_key(self, project: str, name: str = "tests") -> str:
+        key = self.lathe("admin", "create-key", "--project", project, "--name", name)
+        assert key.startswith("lathe-sk-") and len(key.split()) == 1, f"create-key printed {key!r}, not a key alone"
+        return key
+
+    # -- processes ----------------------------------------------------------------------------
+
+    def start_controller(self, ready_timeout: float = 60):
+        self.controller = Process("controller", [
+            str(self.bin), "controller",
+            "--http-listen", f"127.0.0.1:{self.http_port}", "--grpc-listen", f"127.0.0.1:{self.grpc_port}",
+            "--data-dir", str(self.data_dir), "--models-root", str(self.models_root),
+            "--lease-seconds", str(LEASE_SECONDS), "--heartbeat-seconds", "1", "--reconcile-seconds", "1",
+            "--max-upload-bytes", str(UPLOAD_LIMIT_BYTES),
+        ], self.env, self.workdir, self.log_dir)
+
+        def ready():
+            if not self.controller.alive():
+                pytest.fail(f"the controller exited with {self.controller.popen.returncode} before it was ready\n"
+                            f"{self.controller.tail(80)}", pytrace=False)
+            try:
+                return self.request("GET", "/readyz", timeout=2).status == 200
+            except OSError:
+                return False
+
+        wait_until(ready, ready_timeout, lambda: f"GET /readyz never answered 200\n{self.controller.tail(80)}")
+
+    def start_worker(self) -> Process:
+        name = f"worker-{len(self.workers) + 1}"
+        token = self.lathe("admin", "create-worker", "--name", name)
+        assert token and len(token.split()) == 1, f"create-worker printed {token!r}, not a token alone"
+        worker = Process(name, [
+            str(self.bin), "worker", "--controller", f"http://127.0.0.1:{self.grpc_port}", "--token", token,
+            "--name", name, "--device", "cpu", "--threads", "1", "--checkpoint-every", str(CHECKPOINT_EVERY),
+            "--models-root", str(self.models_root),
+        ], self.env, self.workdir, self.log_dir)
+        self.workers.append(worker)
+        return worker
+
+    def live_workers(self) -> list[Process]:
+        return [w for w in self.workers if w.alive()]
+
+    def only_worker(self) -> Process:
+        live = self.live_workers()
+        assert len(live) == 1, f"expected exactly one live worker, found {[w.name for w in live]}"
+        return live[0]
+
+    def ensure_one_worker(self):
+        live = self.live_workers()
+        for extra in live[1:]:
+            extra.stop()
+        if not live:
+            self.start_worker()
+
+    def shutdown(self):
+        for process in [*self.live_workers(), self.controller]:
+            if process is not None and process.alive():
+                process.stop()
+        if os.environ.get("LATHE_TEST_KEEP"):
+            print(f"kept database {self.db_name}, Redis prefix {self.redis_prefix}, logs in {self.log_dir}")
+            return
+        subprocess.run(["psql", "-h", PG_HOST, "-p", str(PG_PORT), "-U", PG_USER, "-d", "postgres", "-Atc",
+                        f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)'],
+                       capture_output=True, text=True, timeout=60)
+        keys = redis_cli("--scan", "--pattern", f"{self.redis_prefix}*").split()
+        for start in range(0, len(keys), 500):
+            redis_cli("DEL", *keys[start:start + 500])
+
+    def processes(self) -> list[Process]:
+        return [p for p in [self.controller, *self.workers] if p is not None]
+
+    def log_tails(self, lines: int = 40) -> str:
+        return "\n\n".join(p.tail(lines) for p in self.processes()) + f"\n\n(full logs in {self.log_dir})"
+
+    # -- side doors ---------------------------------------------------------------------------
+
+    def psql(self, sql: str) -> list[list[str | None]]:
+        """Rows of a query on the service's database; NULL comes back as None."""
+        proc = subprocess.run(["psql", "-h", PG_HOST, "-p", str(PG_PORT), "-U", PG_USER, "-d", self.db_name,
+                               "-At", "-F", "\t", "-P", "null=<NULL>", "-v", "ON_ERROR_STOP=1", "-c", sql],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, f"psql failed on {sql!r}: {proc.stderr}"
+        return [[None if v == "<NULL>" else v for v in line.split("\t")] for line in proc.stdout.splitlines()]
+
+    def attempts(self, job_id: str) -> list[dict]:
+        rows = self.psql("SELECT number, worker_id, resumed_from_step, outcome, started_at, ended_at "
+                         f"FROM attempts WHERE job_id = {sql_literal(job_id)} ORDER BY number")
+        return [{"number": int(n), "worker_id": w, "resumed_from_step": None if r is None else int(r),
+                 "outcome": o, "started_at": s, "ended_at": e} for n, w, r, o, s, e in rows]
+
+    def assert_attempts_never_overlap(self, job_id: str):
+        """No two attempts of the job were live at once: their [started_at, ended_at] never intersect."""
+        overlaps = self.psql(
+            "SELECT a.number, b.number FROM attempts a JOIN attempts b ON a.job_id = b.job_id AND a.number < b.number "
+            f"WHERE a.job_id = {sql_literal(job_id)} "
+            "AND a.started_at < COALESCE(b.ended_at, 'infinity') AND b.started_at < COALESCE(a.ended_at, 'infinity')")
+        assert not overlaps, f"attempts {overlaps} of {job_id} ran at the same time: {self.attempts(job_id)}"
+
+    def job_column(self, job_id: str, column: str) -> str | None:
+        rows = self.psql(f"SELECT {column} FROM jobs WHERE id = {sql_literal(job_id)}")
+        assert rows, f"no row for {job_id} in jobs"
+        return rows[0][0]
+
+    def checkpoint_steps(self, job_id: str, attempt: int) -> list[int]:
+        rows = self.psql(f"SELECT step FROM checkpoints WHERE job_id = {sql_literal(job_id)} "
+                         f"AND attempt = {int(attempt)} ORDER BY step")
+        return [int(r[0]) for r in rows]
+
+    # -- HTTP without the SDK -----------------------------------------------------------------
+
+    @property
+    def v1_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/v1"
+
+    def request(self, method: str, path: str, *, key: str | None = None, json_body=None, body: bytes | None = None,
+                headers: dict | None = None, timeout: float = 30) -> HttpResponse:
+        hdrs = dict(headers or {})
+        if key is not None:
+            hdrs["Authorization"] = f"Bearer {key}"
+        if json_body is not None:
+            body = json.dumps(json_body).encode()
+            hdrs.setdefault("Content-Type", "application/json")
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=hdrs)
+            resp = conn.getresponse()
+            return HttpResponse(resp.status, dict(resp.getheaders()), resp.read())
+        finally:
+            conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# training files
+
+
+def example_rows(n: int) -> list[str]:
+    rows = [line for line in EXAMPLES.read_text().splitlines() if line.strip()]
+    assert len(rows) >= n, f"{EXAMPLES} has {len(rows)} rows, {n} wanted"
+    return rows[:n]
+
+
+def write_jsonl(path: Path, rows: list[str]) -> Path:
+    path.write_text("".join(row + "\n" for row in rows))
+    return path
+
+
+def multipart_upload_body(filename: str, content: bytes, purpose: str = "fine-tune") -> tuple[str, bytes]:
+    boundary = f"lathe-test-{secrets.token_hex(8)}"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: application/jsonl\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+    return f"multipart/form-data; boundary={boundary}", body
+
+
+def post_large_upload(service: Service, key: str, filename: str, content: bytes, timeout: float = 60) -> int:
+    """POST /v1/files the way curl sends a large body: headers with `Expect: 100-continue`, and the
+    body only once the server asks for it (or after 3 s of silence). A server that refuses the size
+    from Content-Length answers before a byte of the body is sent; one that counts while reading
+    answers mid-body. Returns the final HTTP status."""
+    content_type, body = multipart_upload_body(filename, content)
+    head = (f"POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1:{service.http_port}\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n"
+            "Connection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", service.http_port), timeout=timeout) as sock:
+        reader = _StatusReader(sock)
+        sock.sendall(head)
+        status = reader.next_status(wait=3.0)
+        if status in (None, 100):
+            try:
+                sock.sendall(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server answered and closed mid-body; its answer is still to be read
+            status = reader.next_status(wait=timeout)
+            while status == 100:
+                status = reader.next_status(wait=timeout)
+        assert status is not None, "the server sent no HTTP status for an oversized upload"
+        return status
+
+
+class _StatusReader:
+    def __init__(self, sock: socket.socket):
+        self.sock, self.buffer = sock, b""
+
+    def next_status(self, wait: float) -> int | None:
+        """Status code of the next response head (interim ones included), or None on silence."""
+        deadline = time.monotonic() + wait
+        while b"\r\n\r\n" not in self.buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                return None
+            except ConnectionResetError:
+                pytest.fail("the controller reset the connection instead of answering the oversized upload "
+                            "(answer 413 before reading the body, e.g. from Content-Length)", pytrace=False)
+            if not chunk:
+                return None if not self.buffer else int(self.buffer.split(b" ", 2)[1])
+            self.buffer += chunk
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        status = int(head.split(b" ", 2)[1])
+        if status >= 200:
+            self.buffer = b""  # the final response: its body does not matter here
+        return status
+
+
+# ---------------------------------------------------------------------------------------------
+# jobs, as an SDK user drives them
+
+
+def make_client(service: Service, key: str) -> openai.OpenAI:
+    """The SDK as a user sets it up; no retries, so every 5xx or timeout shows."""
+    return openai.OpenAI(base_url=service.v1_url, api_key=key, max_retries=0, timeout=60)
+
+
+def create_job(client, training_file: str, *, n_epochs: int = 1, seed: int = 0, suffix: str | None = None,
+               pool: str | None = None, **options):
+    """A tiny LoRA job on the tiny model; `options` go to jobs.create (extra_headers, …)."""
+    body = dict(JOB_EXTENSIONS)
+    if pool is not None:
+        body["pool"] = pool
+    if suffix is not None:
+        options["suffix"] = suffix
+    return client.fine_tuning.jobs.create(
+        model=MODEL, training_file=training_file, seed=seed,
+        hyperparameters={"n_epochs": n_epochs, "batch_size": BATCH_SIZE}, extra_body=body, **options)
+
+
+def wait_for_status(client, job_id: str, wanted, timeout: float = 180, interval: float = 0.25):
+    """Polls the job until its status is in `wanted`; fails at once if it ends in another state."""
+    wanted = {wanted} if isinstance(wanted, str) else set(wanted)
+    last = {}
+
+    def probe():
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        last["job"] = job
+        if job.status in wanted:
+            return job
+        if job.status in TERMINAL:
+            pytest.fail(f"job {job_id} ended {job.status} (error {job.error}) while waiting for {sorted(wanted)}",
+                        pytrace=False)
+        return None
+
+    return wait_until(probe, timeout, lambda: f"job {job_id} still {last['job'].status}, wanted {sorted(wanted)}",
+                      interval)
+
+
+def metrics_curve(service: Service, key: str, job_id: str) -> list[dict]:
+    """The native GET …/{id}/metrics: one point per optimizer step."""
+    resp = service.request("GET", f"/v1/fine_tuning/jobs/{job_id}/metrics", key=key)
+    assert resp.status == 200, f"GET …/{job_id}/metrics answered {resp.status}: {resp.body[:500]!r}"
+    payload = resp.json()
+    assert payload.get("object") == "list", f"metrics of {job_id}: {str(payload)[:300]}"
+    return payload["data"]
+
+
+def wait_for_step(service: Service, client, key: str, job_id: str, step: int, timeout: float = 120) -> int:
+    """Waits until the job has reported `step` (training is under way); returns the last step seen."""
+    def probe():
+        curve = metrics_curve(service, key, job_id)
+        if curve and max(p["step"] for p in curve) >= step:
+            return max(p["step"] for p in curve)
+        status = client.fine_tuning.jobs.retrieve(job_id).status
+        if status in TERMINAL:
+            pytest.fail(f"job {job_id} ended {status} before reporting step {step}", pytrace=False)
+        return None
+
+    return wait_until(probe, timeout, f"job {job_id} never reported step {step}", interval=0.1)
+
+
+def assert_complete_curve(curve: list[dict], job_id: str) -> int:
+    """Every step 1..N exactly once, in order, each with a finite train loss; returns N."""
+    steps = [p["step"] for p in curve]
+    assert curve, f"job {job_id} has no metric points"
+    total = curve[-1].get("total_steps") or steps[-1]
+    assert steps == list(range(1, total + 1)), f"job {job_id}: steps {steps} are not 1..{total} once each"
+    assert {p.get("total_steps") for p in curve} == {total}, f"job {job_id}: total_steps changes along the curve"
+    for p in curve:
+        loss = p.get("train_loss")
+        assert isinstance(loss, (int, float)) and loss == loss and abs(loss) != float("inf"), \
+            f"job {job_id} step {p['step']}: train_loss {loss!r}"
+    return total
+
+
+def list_all(page, cap: int = 5000) -> list:
+    """Every item of an SDK list, following pages; fails if an item comes twice (a broken cursor)."""
+    items, seen = [], set()
+    for item in page:
+        assert item.id not in seen, f"pagination returned {item.id} twice"
+        seen.add(item.id)
+        items.append(item)
+        assert len(items) <= cap, f"pagination did not stop after {cap} items"
+    return items
+
+
+def error_body(exc) -> dict:
+    """The `error` object of an openai.APIStatusError (the SDK unwraps the envelope into .body)."""
+    assert isinstance(exc.body, dict), f"the error body is not the JSON envelope: {exc.body!r}"
+    return exc.body
+
+
+def cancel_unfinished_jobs(clients, timeout: float = 60):
+    """Cancels every job of these projects that is not finished and waits until they are, so the
+    next test finds an idle worker and an empty queue."""
+    pending = []
+    for client in clients:
+        for job in list_all(client.fine_tuning.jobs.list(limit=100)):
+            if job.status not in TERMINAL:
+                try:
+                    client.fine_tuning.jobs.cancel(job.id)
+                except openai.APIStatusError:
+                    pass  # it finished in between
+                pending.append((client, job.id))
+    for client, job_id in pending:
+        wait_until(lambda: client.fine_tuning.jobs.retrieve(job_id).status in TERMINAL, timeout,
+                   f"job {job_id} did not stop after cancel")
