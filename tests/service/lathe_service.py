@@ -169,7 +169,7 @@ class HttpResponse:
 class Service:
     """A controller and its workers, on a database and a Redis prefix no other run uses."""
 
-    def __init__(self, lathe_bin: Path, workdir: Path):
+    def __init__(self, lathe_bin: Path, workdir: Path, pg_port: int = PG_PORT):
         self.bin = lathe_bin
         self.workdir = workdir
         self.data_dir = workdir / "lathe-data"
@@ -180,7 +180,7 @@ class Service:
         self.db_name = f"lathe_test_{run_id}"
         self.redis_prefix = f"lathe-test-{run_id}:"
         self.env = dict(os.environ, NO_COLOR="1", RUST_BACKTRACE="1",
-                        LATHE_DATABASE_URL=f"postgres://{PG_USER}@{PG_HOST}:{PG_PORT}/{self.db_name}",
+                        LATHE_DATABASE_URL=f"postgres://{PG_USER}@{PG_HOST}:{pg_port}/{self.db_name}",
                         LATHE_REDIS_URL=f"redis://{REDIS_HOST}:{REDIS_PORT}",
                         LATHE_REDIS_PREFIX=self.redis_prefix)
         self.env.setdefault("RUST_LOG", "info,sqlx=warn")

@@ -53,7 +53,17 @@ impl Storage {
         let _ = std::fs::remove_file(self.file_path(file_id));
     }
 
-    /// `path` (reported by a worker) resolved, if it lies inside the job's directory.
+    /// `path` (a checkpoint a worker commits), if it is an absolute path inside the job's
+    /// directory with no `..`. Checked by its text: the checkpoint may be pruned later, and a
+    /// resend of its commit must still be accepted.
+    pub fn lexically_inside_job_dir(&self, job_id: &str, path: &str) -> Option<PathBuf> {
+        let path = Path::new(path);
+        let plain = path.is_absolute() && !path.components().any(|c| matches!(c, std::path::Component::ParentDir));
+        (plain && path.starts_with(self.job_dir(job_id))).then(|| path.to_path_buf())
+    }
+
+    /// `path` (a file a worker asks the controller to read) resolved through symlinks, if it
+    /// lies inside the job's directory.
     pub fn inside_job_dir(&self, job_id: &str, path: &str) -> Option<PathBuf> {
         let job_dir = std::fs::canonicalize(self.job_dir(job_id)).ok()?;
         let resolved = std::fs::canonicalize(path).ok()?;

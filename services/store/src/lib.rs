@@ -115,3 +115,9 @@ pub async fn ping(pool: &PgPool) -> Result<(), StoreError> {
     sqlx::query("SELECT 1").execute(pool).await?;
     Ok(())
 }
+
+/// Runs one statement that returns nothing (administrative SQL in tests and tools).
+pub async fn execute(pool: &PgPool, sql: &str) -> Result<(), StoreError> {
+    sqlx::query(sql).execute(pool).await?;
+    Ok(())
+}

@@ -107,7 +107,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Ended {
     let hello = Hello { job_id: claim.job_id.clone(), attempt: claim.attempt };
-    let mut session = Session::new(client, hello);
+    let mut session = Session::new(client, hello, PathBuf::from(&claim.output_dir));
     let job_id = claim.job_id.clone();
 
     let prepared = prepare(config, &claim);
@@ -345,11 +345,12 @@ fn on_event(
                     "valid_mean_token_accuracy": p.valid_mean_token_accuracy,
                 })
             });
-            session.push(Up::Checkpoint(CheckpointCommit {
+            let seq = session.push(Up::Checkpoint(CheckpointCommit {
                 step: *step,
                 path: path.clone(),
                 metrics_json: metrics.map(|m| m.to_string()).unwrap_or_else(|| "{}".into()),
             }));
+            session.commits.push((seq, *step));
         }
         Event::Log { level, message } => {
             let level = if level == "warn" { LogLevel::Warn } else { LogLevel::Info };
@@ -410,10 +411,29 @@ impl Points {
     }
 }
 
+/// Removes the checkpoints older than `step`, which the controller has committed: a next
+/// attempt resumes from it (or a newer one), never from these.
+fn prune_before(output_dir: &Path, step: u64) {
+    let keep = lathe_trainer::checkpoint::checkpoint_dir_name(step);
+    let Ok(entries) = std::fs::read_dir(output_dir.join("checkpoints")) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        // Names are zero-padded (`step-000020`), so text order is step order.
+        if name.starts_with("step-") && name.len() == keep.len() && name < keep {
+            if let Err(error) = std::fs::remove_dir_all(entry.path()) {
+                tracing::warn!(path = %entry.path().display(), %error, "could not prune a checkpoint");
+            }
+        }
+    }
+}
+
 /// The attempt's stream, its outbox of unacked messages, and reconnection.
 struct Session {
     client: Client,
     hello: Hello,
+    output_dir: PathBuf,
+    /// Checkpoint commits sent and not yet acked: (seq, step).
+    commits: Vec<(u64, u64)>,
     next_seq: u64,
     unacked: VecDeque<WorkerMessage>,
     acked: u64,
@@ -427,8 +447,8 @@ struct Link {
 }
 
 impl Session {
-    fn new(client: Client, hello: Hello) -> Session {
-        Session { client, hello, next_seq: 1, unacked: VecDeque::new(), acked: 0, link: None, last_connect: None }
+    fn new(client: Client, hello: Hello, output_dir: PathBuf) -> Session {
+        Session { client, hello, output_dir, commits: Vec::new(), next_seq: 1, unacked: VecDeque::new(), acked: 0, link: None, last_connect: None }
     }
 
     fn push(&mut self, body: Up) -> u64 {
@@ -480,6 +500,11 @@ impl Session {
                 self.acked = self.acked.max(ack.seq);
                 while self.unacked.front().is_some_and(|m| m.seq <= ack.seq) {
                     self.unacked.pop_front();
+                }
+                let committed = self.commits.iter().filter(|(seq, _)| *seq <= ack.seq).map(|(_, step)| *step).max();
+                self.commits.retain(|(seq, _)| *seq > ack.seq);
+                if let Some(step) = committed {
+                    prune_before(&self.output_dir, step);
                 }
                 None
             }

@@ -79,9 +79,9 @@ pub fn train_config(spec: &JobSpec, paths: Paths<'_>, settings: Settings<'_>) ->
             device: settings.device.to_string(),
             eval_every: settings.checkpoint_every,
             checkpoint_every: settings.checkpoint_every,
-            // The newest checkpoint may not be committed yet when the next one is written:
-            // keep a few so the committed one is always still on disk.
-            keep_checkpoints: 3,
+            // The trainer keeps every checkpoint; the worker prunes those older than the last
+            // one the controller acked (the one a next attempt resumes from), never that one.
+            keep_checkpoints: 0,
             gradient_checkpointing: spec.gradient_checkpointing,
             threads: settings.threads,
             ..LoopSettings::default()

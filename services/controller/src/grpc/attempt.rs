@@ -182,7 +182,12 @@ impl Attempt {
                 Ok(Next::Continue)
             }
             Some(Up::Checkpoint(checkpoint)) => {
-                let path = self.inside_job_dir(&checkpoint.path)?;
+                let path = self
+                    .state
+                    .storage
+                    .lexically_inside_job_dir(job_id, &checkpoint.path)
+                    .map(|p| p.display().to_string())
+                    .ok_or_else(|| StoreError::Conflict(format!("checkpoint path {:?} is outside the job's directory", checkpoint.path)))?;
                 let metrics: serde_json::Value = serde_json::from_str(&checkpoint.metrics_json).unwrap_or_else(|_| json!({}));
                 commit_checkpoint(pool, job_id, attempt, checkpoint.step as i64, &path, &metrics).await?;
                 let event = NewEvent {
@@ -235,7 +240,7 @@ impl Attempt {
         }
     }
 
-    /// A path the worker reported, checked to lie inside this job's directory.
+    /// A file the worker asks us to read, checked to lie inside this job's directory.
     fn inside_job_dir(&self, path: &str) -> Result<String, StoreError> {
         self.state
             .storage
