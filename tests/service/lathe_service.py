@@ -425,9 +425,10 @@ def make_client(service: Service, key: str) -> openai.OpenAI:
 
 
 def create_job(client, training_file: str, *, n_epochs: int = 1, seed: int = 0, suffix: str | None = None,
-               pool: str | None = None, **options):
-    """A tiny LoRA job on the tiny model; `options` go to jobs.create (extra_headers, …)."""
-    body = dict(JOB_EXTENSIONS)
+               pool: str | None = None, extra: dict | None = None, **options):
+    """A tiny LoRA job on the tiny model; `extra` adds body extensions (priority, gpu_memory_gb …),
+    `options` go to jobs.create (extra_headers, …)."""
+    body = dict(JOB_EXTENSIONS, **(extra or {}))
     if pool is not None:
         body["pool"] = pool
     if suffix is not None:

@@ -113,6 +113,17 @@ impl Attempt {
                             }
                         }
                         Err(StoreError::StaleAttempt { .. }) | Err(StoreError::NotFound) => {
+                            // The user cancelled this very attempt: what it reports is moot (ack
+                            // it so the worker's outbox drains) and it is told to stop as
+                            // cancelled, not as a worker that lost its lease.
+                            if self.cancelled().await {
+                                let _ = tx.send(Ok(down(Down::Ack(Ack { seq })))).await;
+                                if !cancel_sent {
+                                    cancel_sent = true;
+                                    let _ = tx.send(Ok(down(Down::Cancel(Cancel { reason: "cancelled by the user".into() })))).await;
+                                }
+                                continue;
+                            }
                             let _ = tx.send(Ok(lease_lost("the attempt no longer holds the job"))).await;
                             break;
                         }
@@ -146,6 +157,14 @@ impl Attempt {
                 }
             }
         }
+    }
+
+    /// Whether the job was cancelled while this attempt held it.
+    async fn cancelled(&self) -> bool {
+        matches!(
+            lathe_store::jobs::attempt_control(&self.state.pool, self.job_id(), self.attempt).await,
+            Ok(Some((JobStatus::Cancelled, _)))
+        )
     }
 
     async fn handle(&self, message: WorkerMessage) -> Result<Next, StoreError> {
