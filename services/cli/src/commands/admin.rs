@@ -3,7 +3,7 @@
 
 use clap::Subcommand;
 
-use super::service::Backends;
+use super::service::Database;
 
 #[derive(Subcommand)]
 pub enum AdminCommand {
@@ -15,7 +15,7 @@ pub enum AdminCommand {
         #[arg(long, default_value = "")]
         name: String,
         #[command(flatten)]
-        backends: Backends,
+        database: Database,
     },
     /// Revoke one of a project's keys by its id (`key_…`, from list-keys).
     RevokeKey {
@@ -23,21 +23,21 @@ pub enum AdminCommand {
         project: String,
         key_id: String,
         #[command(flatten)]
-        backends: Backends,
+        database: Database,
     },
     /// List a project's keys (ids and labels, never the secrets).
     ListKeys {
         #[arg(long, default_value = "default")]
         project: String,
         #[command(flatten)]
-        backends: Backends,
+        database: Database,
     },
     /// Create a worker token; prints it once (give it to `lathe worker` as LATHE_WORKER_TOKEN).
     CreateWorker {
         #[arg(long)]
         name: String,
         #[command(flatten)]
-        backends: Backends,
+        database: Database,
     },
 }
 
@@ -45,29 +45,29 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
         match command {
-            AdminCommand::CreateKey { project, name, backends } => {
-                let pool = lathe_store::connect(&backends.database_url, 2).await?;
+            AdminCommand::CreateKey { project, name, database } => {
+                let pool = lathe_store::connect(&database.database_url, 2).await?;
                 let project = lathe_store::projects::ensure_project(&pool, &project).await?;
                 let key = lathe_store::keys::create_api_key(&pool, &project.id, &name).await?;
                 eprintln!("created {} for project {} ({})", key.key.id, project.name, project.id);
                 println!("{}", key.token);
             }
-            AdminCommand::RevokeKey { project, key_id, backends } => {
-                let pool = lathe_store::connect(&backends.database_url, 2).await?;
+            AdminCommand::RevokeKey { project, key_id, database } => {
+                let pool = lathe_store::connect(&database.database_url, 2).await?;
                 let project = lathe_store::projects::get_project_by_name(&pool, &project).await.map_err(|_| anyhow::anyhow!("no project named {project:?}"))?;
                 let key = lathe_store::keys::revoke_api_key(&pool, &project.id, &key_id).await.map_err(|_| anyhow::anyhow!("no key {key_id} in project {}", project.name))?;
                 eprintln!("revoked {}", key.id);
             }
-            AdminCommand::ListKeys { project, backends } => {
-                let pool = lathe_store::connect(&backends.database_url, 2).await?;
+            AdminCommand::ListKeys { project, database } => {
+                let pool = lathe_store::connect(&database.database_url, 2).await?;
                 let project = lathe_store::projects::get_project_by_name(&pool, &project).await.map_err(|_| anyhow::anyhow!("no project named {project:?}"))?;
                 for key in lathe_store::keys::list_api_keys(&pool, &project.id).await? {
                     let state = if key.revoked_at.is_some() { "revoked" } else { "active" };
                     println!("{}\t{}\t{}", key.id, state, key.name);
                 }
             }
-            AdminCommand::CreateWorker { name, backends } => {
-                let pool = lathe_store::connect(&backends.database_url, 2).await?;
+            AdminCommand::CreateWorker { name, database } => {
+                let pool = lathe_store::connect(&database.database_url, 2).await?;
                 let pools = vec!["default".to_string()];
                 let worker = lathe_store::workers::register_worker(
                     &pool,

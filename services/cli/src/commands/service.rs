@@ -9,12 +9,17 @@ use lathe_controller::{BoundController, ControllerConfig};
 use lathe_worker::WorkerConfig;
 use tokio::sync::watch;
 
-/// Where Postgres and Redis are: shared by every service command.
+/// Where Postgres is: the controller and admin commands (workers never see it).
 #[derive(Args, Clone)]
-pub struct Backends {
+pub struct Database {
     /// Postgres URL; the database is created if missing and migrated on start.
     #[arg(long, env = "LATHE_DATABASE_URL", default_value = lathe_controller::config::DEFAULT_DATABASE_URL)]
     pub database_url: String,
+}
+
+/// Where Redis is: the controller publishes job ids there, workers wait on them.
+#[derive(Args, Clone)]
+pub struct Redis {
     /// Redis URL (job wake-ups only; Postgres is the record).
     #[arg(long, env = "LATHE_REDIS_URL", default_value = lathe_controller::config::DEFAULT_REDIS_URL)]
     pub redis_url: String,
@@ -26,7 +31,9 @@ pub struct Backends {
 #[derive(Args, Clone)]
 pub struct ControllerArgs {
     #[command(flatten)]
-    backends: Backends,
+    database: Database,
+    #[command(flatten)]
+    redis: Redis,
     /// REST API, /metrics, /healthz, /readyz.
     #[arg(long, env = "LATHE_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     http_listen: String,
@@ -66,9 +73,9 @@ impl ControllerArgs {
             Ok(Duration::from_secs_f64(s))
         };
         let mut config = ControllerConfig::local(self.data_dir.clone());
-        config.database_url = self.backends.database_url.clone();
-        config.redis_url = self.backends.redis_url.clone();
-        config.redis_prefix = self.backends.redis_prefix.clone();
+        config.database_url = self.database.database_url.clone();
+        config.redis_url = self.redis.redis_url.clone();
+        config.redis_prefix = self.redis.redis_prefix.clone();
         config.http_listen = self.http_listen.clone();
         config.grpc_listen = self.grpc_listen.clone();
         config.models_root = self.models_root.clone().unwrap_or_else(|| self.data_dir.join("models"));
@@ -98,7 +105,8 @@ pub struct TrainingArgs {
     /// Pools this worker serves, most preferred first.
     #[arg(long, env = "LATHE_POOLS", value_delimiter = ',', default_value = "default")]
     pools: Vec<String>,
-    /// Device memory offered to jobs, in GB (jobs asking for more are not claimed) [default: the GPU's, 0 on CPU].
+    /// Device memory offered to jobs, in GB; jobs asking for more are not claimed [default: 0, which
+    /// takes only jobs that ask for none].
     #[arg(long, env = "LATHE_GPU_MEMORY_GB")]
     gpu_memory_gb: Option<u64>,
 }
@@ -106,7 +114,7 @@ pub struct TrainingArgs {
 #[derive(Args, Clone)]
 pub struct WorkerArgs {
     #[command(flatten)]
-    backends: Backends,
+    redis: Redis,
     #[command(flatten)]
     training: TrainingArgs,
     /// The controller's gRPC address.
@@ -171,7 +179,7 @@ fn resolve_device(device: &str) -> String {
     }
 }
 
-fn worker_config(training: &TrainingArgs, backends: &Backends, controller: String, token: String, name: String, models_root: PathBuf, metrics_listen: Option<String>) -> WorkerConfig {
+fn worker_config(training: &TrainingArgs, redis: &Redis, controller: String, token: String, name: String, models_root: PathBuf, metrics_listen: Option<String>) -> WorkerConfig {
     WorkerConfig {
         controller_url: controller,
         token,
@@ -182,8 +190,8 @@ fn worker_config(training: &TrainingArgs, backends: &Backends, controller: Strin
         models_root,
         checkpoint_every: training.checkpoint_every.max(1),
         threads: training.threads,
-        redis_url: backends.redis_url.clone(),
-        redis_prefix: backends.redis_prefix.clone(),
+        redis_url: redis.redis_url.clone(),
+        redis_prefix: redis.redis_prefix.clone(),
         metrics_listen,
     }
 }
@@ -201,7 +209,7 @@ pub fn controller(args: ControllerArgs) -> anyhow::Result<()> {
 
 pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let name = args.name.clone().unwrap_or_else(host_name);
-    let config = worker_config(&args.training, &args.backends, args.controller.clone(), args.token.clone(), name, args.models_root.clone(), args.metrics_listen.clone());
+    let config = worker_config(&args.training, &args.redis, args.controller.clone(), args.token.clone(), name, args.models_root.clone(), args.metrics_listen.clone());
     runtime()?.block_on(async move {
         let stop = stop_on_signals()?;
         lathe_worker::run(config, stop).await?;
@@ -228,7 +236,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
                 lathe_store::workers::NewWorker { name: &name, device_kind: "cpu", gpu_name: None, gpu_memory_bytes: None, pools: &args.training.pools, version: env!("CARGO_PKG_VERSION") },
             )
             .await?;
-            let config = worker_config(&args.training, &args.controller.backends, grpc.clone(), registered.token, name, models_root.clone(), None);
+            let config = worker_config(&args.training, &args.controller.redis, grpc.clone(), registered.token, name, models_root.clone(), None);
             workers.push(tokio::spawn(lathe_worker::run(config, stop.clone())));
         }
         eprintln!(
