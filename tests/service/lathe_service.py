@@ -234,12 +234,13 @@ class Service:
 
         wait_until(ready, ready_timeout, lambda: f"GET /readyz never answered 200\n{self.controller.tail(80)}")
 
-    def start_worker(self) -> Process:
+    def start_worker(self, grpc_port: int | None = None) -> Process:
+        """A worker process; `grpc_port` reaches the controller some other way (a proxy)."""
         name = f"worker-{len(self.workers) + 1}"
         token = self.lathe("admin", "create-worker", "--name", name)
         assert token and len(token.split()) == 1, f"create-worker printed {token!r}, not a token alone"
         worker = Process(name, [
-            str(self.bin), "worker", "--controller", f"http://127.0.0.1:{self.grpc_port}", "--token", token,
+            str(self.bin), "worker", "--controller", f"http://127.0.0.1:{grpc_port or self.grpc_port}", "--token", token,
             "--name", name, "--device", "cpu", "--threads", "1", "--checkpoint-every", str(CHECKPOINT_EVERY),
             "--models-root", str(self.models_root),
         ], self.env, self.workdir, self.log_dir)

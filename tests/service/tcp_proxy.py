@@ -30,6 +30,12 @@ class CuttableProxy:
         """Closes the listening socket and resets every proxied connection."""
         listener, self._listener = self._listener, None
         if listener is not None:
+            # shutdown() wakes the thread blocked in accept(); close() alone would not, and the
+            # old socket would go on accepting.
+            try:
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             listener.close()
         with self._lock:
             connections, self._connections = self._connections, []
@@ -45,6 +51,9 @@ class CuttableProxy:
             try:
                 client, _ = listener.accept()
             except OSError:
+                return
+            if self._listener is not listener:  # cut while this connection was arriving
+                client.close()
                 return
             try:
                 upstream = socket.create_connection(self.target, timeout=5)

@@ -221,3 +221,36 @@ def test_malformed_json_body_gets_400_with_the_error_envelope(service, client, a
     error = assert_error_envelope(resp, 400)
     assert error["type"] == "invalid_request_error", error
     assert job_ids(client) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# edges found in review
+
+
+@pytest.mark.parametrize("path", ["/v1/fine_tuning/jobs/%00", "/v1/fine_tuning/jobs/ftjob-x%00y/events",
+                                  "/v1/files/file-%00", "/v1/files/..%2F..%2Fetc%2Fpasswd/content"])
+def test_malformed_ids_are_404_not_server_errors(service, api_key, path):
+    error = assert_error_envelope(service.request("GET", path, key=api_key), 404)
+    assert error["code"] == "not_found"
+
+
+def test_a_malformed_cursor_is_400_naming_after(service, api_key):
+    error = assert_error_envelope(service.request("GET", "/v1/fine_tuning/jobs?after=%00", key=api_key), 400)
+    assert error["param"] == "after"
+
+
+def test_one_file_can_be_both_training_and_validation_file(client, training_file_id):
+    job = create_job(client, training_file_id, pool=PARKED_POOL, validation_file=training_file_id)
+    assert job.validation_file == training_file_id == job.training_file
+    client.fine_tuning.jobs.cancel(job.id)
+
+
+def test_an_idempotent_retry_returns_the_job_even_after_its_file_is_deleted(client, train_file):
+    with open(train_file, "rb") as f:
+        doomed = client.files.create(file=f, purpose="fine-tune").id
+    key = f"retry-{secrets.token_hex(4)}"
+    first = create_job(client, doomed, pool=PARKED_POOL, extra_headers={"Idempotency-Key": key})
+    client.files.delete(doomed)
+    again = create_job(client, doomed, pool=PARKED_POOL, extra_headers={"Idempotency-Key": key})
+    assert again.id == first.id
+    client.fine_tuning.jobs.cancel(first.id)

@@ -81,3 +81,17 @@ def test_prometheus_metrics_show_jobs_workers_and_latencies(service, client, api
     assert value(r'lathe_http_request_duration_seconds_count\{method="GET",route="/v1/fine_tuning/jobs/\{id\}",status="200"\}') >= 1
     assert "ftjob-" not in re.sub(r"lathe_job_\w+\{job_id=\"ftjob-\w+\"\}.*", "", text), "a job id leaked into a label"
 
+
+
+def test_a_job_whose_file_was_deleted_fails_with_a_clear_code_not_as_poison(service, client, api_key,
+                                                                            training_file_id, train_file):
+    busy = create_job(client, training_file_id, n_epochs=LONG_EPOCHS, seed=80)
+    wait_for_step(service, client, api_key, busy.id, 1)
+    with open(train_file, "rb") as f:
+        doomed_file = client.files.create(file=f, purpose="fine-tune").id
+    doomed = create_job(client, doomed_file, seed=81)
+    client.files.delete(doomed_file)
+    client.fine_tuning.jobs.cancel(busy.id)
+    failed = wait_for_status(client, doomed.id, "failed", timeout=60)
+    assert failed.error.code == "file_not_found", failed.error
+    assert service.job_column(doomed.id, "retries") == "0"

@@ -8,10 +8,15 @@
 //!
 //! Every step is safe to run from several controller replicas at once (row locks with SKIP
 //! LOCKED, idempotent publishes), and a failed pass is just logged: the next one retries.
+//!
+//! A lease counts as expired only two heartbeat intervals after its expiry, and not at all in
+//! the first two intervals after the controller starts: after an outage of the controller or of
+//! Postgres longer than a lease, the workers that are still training renew first, instead of
+//! every running job being requeued (and charged a retry) at once.
 
 use std::collections::BTreeSet;
 
-use lathe_store::dispatch::{add_job_event, queued_job_ids, requeue_expired_leases, EventLevel};
+use lathe_store::dispatch::{queued_job_ids, requeue_expired_leases, EventLevel};
 use lathe_store::time::OffsetDateTime;
 use tokio::sync::watch;
 
@@ -19,6 +24,8 @@ use crate::telemetry::Telemetry;
 use crate::AppState;
 
 pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
+    let started = std::time::Instant::now();
+    let grace = state.config.heartbeat_interval * 2;
     let mut tick = tokio::time::interval(state.config.reconcile_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -26,15 +33,24 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = stop.wait_for(|stopped| *stopped) => return,
         }
-        if let Err(error) = pass(&state).await {
+        if let Err(error) = pass_with(&state, started.elapsed() >= grace).await {
             tracing::warn!(%error, "reconciler pass failed; retrying next tick");
         }
     }
 }
 
-/// One pass; public so that tests and `lathe up` can force one.
+/// One pass; public so that tests can force one.
 pub async fn pass(state: &AppState) -> Result<(), lathe_store::StoreError> {
-    let requeued = requeue_expired_leases(&state.pool, OffsetDateTime::now_utc(), &state.config.retry).await?;
+    pass_with(state, true).await
+}
+
+async fn pass_with(state: &AppState, requeue: bool) -> Result<(), lathe_store::StoreError> {
+    let grace = state.config.heartbeat_interval * 2;
+    let requeued = if requeue {
+        requeue_expired_leases(&state.pool, OffsetDateTime::now_utc() - grace, &state.config.retry).await?
+    } else {
+        Vec::new()
+    };
     for job in &requeued {
         state.telemetry.requeued.inc();
         state.telemetry.forget_job(job.job_id.as_str());
@@ -44,7 +60,7 @@ pub async fn pass(state: &AppState) -> Result<(), lathe_store::StoreError> {
             job.status.as_str()
         );
         tracing::warn!(job_id = %job.job_id, attempt = job.attempt, status = job.status.as_str(), "lease expired");
-        add_job_event(&state.pool, job.job_id.as_str(), EventLevel::Warn, &message, None).await?;
+        state.note_event(job.job_id.as_str(), EventLevel::Warn, &message, None).await;
     }
 
     let queued = queued_job_ids(&state.pool).await?;

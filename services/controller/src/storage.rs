@@ -49,6 +49,34 @@ impl Storage {
         Ok(Sha256::digest(bytes).into())
     }
 
+    /// Copies `source` in as the file `file_id`, streaming (model weights can be many GB) and
+    /// hashing as it goes; temporary name, fsync, rename as in [`Storage::write_file`].
+    /// Returns the SHA-256 and the size.
+    pub fn copy_file(&self, file_id: &str, source: &Path) -> std::io::Result<([u8; 32], i64)> {
+        struct Hashing<W> {
+            inner: W,
+            hasher: Sha256,
+        }
+        impl<W: Write> Write for Hashing<W> {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                let n = self.inner.write(buf)?;
+                self.hasher.update(&buf[..n]);
+                Ok(n)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                self.inner.flush()
+            }
+        }
+        let tmp = self.root.join("tmp").join(format!("{file_id}.part"));
+        let mut input = std::fs::File::open(source)?;
+        let mut out = Hashing { inner: std::io::BufWriter::new(std::fs::File::create(&tmp)?), hasher: Sha256::new() };
+        let size = std::io::copy(&mut input, &mut out)?;
+        let file = out.inner.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, self.file_path(file_id))?;
+        Ok((out.hasher.finalize().into(), size as i64))
+    }
+
     pub fn remove_file(&self, file_id: &str) {
         let _ = std::fs::remove_file(self.file_path(file_id));
     }

@@ -140,8 +140,9 @@ async fn a_write_from_a_stale_attempt_is_refused_and_the_worker_told_to_stop() {
     a_tx.send(metrics(1, 1)).unwrap();
     assert!(matches!(next(&mut a_in).await, Down::Ack(ack) if ack.seq == 1), "step 1 acked");
 
-    // Worker a goes silent past its lease; the reconciler requeues, worker b claims attempt 2.
-    tokio::time::sleep(Duration::from_millis(1700)).await;
+    // Worker a goes silent past its lease (and the reconciler's grace of two heartbeats); the
+    // reconciler requeues, worker b claims attempt 2.
+    tokio::time::sleep(Duration::from_millis(1500 + 2 * 500 + 300)).await;
     lathe_controller::reconciler::pass(&harness.state).await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     let second = b.claim_job(ClaimJobRequest { job_id: job_id.clone() }).await.unwrap().into_inner();

@@ -117,8 +117,10 @@ pub async fn create_job(
             return Ok((existing, false));
         }
     }
-    let files: Vec<&str> =
+    let mut files: Vec<&str> =
         std::iter::once(&spec.training_file).chain(spec.validation_file.as_ref()).map(FileId::as_str).collect();
+    // One file may serve as both training and validation file.
+    files.dedup();
     let live_files: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM files WHERE id = ANY($1) AND project_id = $2 AND deleted_at IS NULL",
     )
@@ -162,7 +164,8 @@ pub async fn create_job(
     Ok((existing, false))
 }
 
-async fn find_by_idempotency_key(pool: &PgPool, project_id: &str, key: &str) -> Result<Option<Job>, StoreError> {
+/// The project's job created with this `Idempotency-Key`, if any.
+pub async fn find_by_idempotency_key(pool: &PgPool, project_id: &str, key: &str) -> Result<Option<Job>, StoreError> {
     let row = sqlx::query_as::<_, JobRow>(&format!(
         "SELECT {JOB_COLUMNS} FROM jobs WHERE project_id = $1 AND idempotency_key = $2"
     ))

@@ -48,7 +48,7 @@ fn run_collecting(config: &TrainConfig, resume: Option<&Path>, stop_after: Optio
         }
     };
     let should_stop = || stop_after.is_some_and(|n| losses.borrow().len() as u64 >= n);
-    let outcome = train::run(config, resume, Hooks { on_event: &mut on_event, should_stop: &should_stop }).expect("training runs");
+    let outcome = train::run(config, resume, Hooks { on_event: &mut on_event, should_stop: &should_stop, abandon: &|| false }).expect("training runs");
     (losses.into_inner(), outcome)
 }
 
@@ -146,7 +146,7 @@ fn continued_pretraining_on_raw_text_trains_every_token() {
 fn run_error(config: &TrainConfig) -> String {
     let mut on_event = |_: &Event| {};
     let should_stop = || false;
-    match train::run(config, None, Hooks { on_event: &mut on_event, should_stop: &should_stop }) {
+    match train::run(config, None, Hooks { on_event: &mut on_event, should_stop: &should_stop, abandon: &|| false }) {
         Ok(_) => panic!("expected an error"),
         Err(e) => e.to_string(),
     }

@@ -43,13 +43,19 @@ pub enum StopCause {
 }
 
 /// Shared between the async side (stream, heartbeat, signals) and the trainer's thread.
-#[derive(Default)]
 pub struct Signals {
     stop: AtomicBool,
     cause: Mutex<Option<StopCause>>,
+    /// Past this instant the lease may have expired on the controller: stop as if it was lost
+    /// (a worker cut off from the controller must not train on while another attempt starts).
+    lease_deadline: Mutex<Instant>,
 }
 
 impl Signals {
+    pub fn new(lease_deadline: Instant) -> Signals {
+        Signals { stop: AtomicBool::new(false), cause: Mutex::new(None), lease_deadline: Mutex::new(lease_deadline) }
+    }
+
     pub fn stop(&self, cause: StopCause) {
         let mut current = self.cause.lock().expect("signals lock");
         // A lost lease overrides anything: nothing may be sent after it.
@@ -59,12 +65,28 @@ impl Signals {
         self.stop.store(true, Ordering::SeqCst);
     }
 
+    /// Checkpoint, then stop (pause, preemption).
     pub fn should_stop(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
+        self.stop.load(Ordering::SeqCst) && matches!(self.cause(), Some(StopCause::Paused | StopCause::Preempted))
+    }
+
+    /// Stop at once and write nothing (cancel, lost lease).
+    pub fn should_abandon(&self) -> bool {
+        self.stop.load(Ordering::SeqCst) && matches!(self.cause(), Some(StopCause::Cancelled | StopCause::LeaseLost))
     }
 
     pub fn cause(&self) -> Option<StopCause> {
         *self.cause.lock().expect("signals lock")
+    }
+
+    /// The heartbeat renewed the lease until `deadline` (already less a safety margin).
+    pub fn renewed(&self, deadline: Instant) {
+        let mut current = self.lease_deadline.lock().expect("signals lock");
+        *current = (*current).max(deadline);
+    }
+
+    fn lease_overdue(&self) -> bool {
+        Instant::now() > *self.lease_deadline.lock().expect("signals lock")
     }
 }
 
@@ -114,12 +136,15 @@ pub async fn run(
     let (train, resume) = match prepared {
         Ok(ready) => ready,
         Err(unrunnable) => {
-            tracing::warn!(job_id, code = unrunnable.code, message = %unrunnable.message, "job cannot run");
-            let fail = Fail { class: FailureClass::BadInput as i32, code: unrunnable.code.into(), message: unrunnable.message };
+            tracing::warn!(job_id, code = unrunnable.code, message = %unrunnable.message, "job cannot run here");
+            // A problem of this machine (storage not mounted, model missing) is retried
+            // elsewhere; a problem of the job itself fails it at once.
+            let class = if unrunnable.this_worker { FailureClass::Crash } else { FailureClass::BadInput };
+            let fail = Fail { class: class as i32, code: unrunnable.code.into(), message: unrunnable.message };
             session.connect().await;
             session.push(Up::Fail(fail));
             session.drain(&signals).await;
-            return Ended::Failed;
+            return if class == FailureClass::Crash { Ended::Crashed } else { Ended::Failed };
         }
     };
     session.connect().await;
@@ -132,12 +157,14 @@ pub async fn run(
             let _ = events_tx.send(event.clone());
         };
         let should_stop = || trainer_signals.should_stop();
-        lathe_trainer::train::run(&train, resume.as_deref(), Hooks { on_event: &mut on_event, should_stop: &should_stop })
+        let abandon = || trainer_signals.should_abandon();
+        lathe_trainer::train::run(&train, resume.as_deref(), Hooks { on_event: &mut on_event, should_stop: &should_stop, abandon: &abandon })
     });
 
     let mut points = Points::default();
     let mut flush = tokio::time::interval(FLUSH_EVERY);
     let mut tokens_seen = 0u64;
+    let mut preempting = false;
     let result = loop {
         tokio::select! {
             Some(event) = events.recv() => {
@@ -146,10 +173,16 @@ pub async fn run(
             _ = flush.tick() => {
                 points.flush(&mut session);
                 session.reconnect_if_needed().await;
+                if signals.lease_overdue() && signals.cause() != Some(StopCause::LeaseLost) {
+                    tracing::warn!(job_id, "no lease renewal from the controller in time: stopping, the job may be reassigned");
+                    signals.stop(StopCause::LeaseLost);
+                }
             }
             down = session.next() => obey(down, &signals),
-            _ = shutdown.changed() => {
-                if *shutdown.borrow() {
+            changed = shutdown.changed(), if !preempting => {
+                // A closed channel means the signal source is gone: treat it as a stop too.
+                if changed.is_err() || *shutdown.borrow() {
+                    preempting = true;
                     tracing::info!(job_id, "SIGTERM: checkpointing and giving the job back");
                     signals.stop(StopCause::Preempted);
                 }
@@ -218,8 +251,8 @@ pub async fn run(
 /// directory of a fresh start (a previous attempt that died before its first checkpoint).
 fn prepare(config: &WorkerConfig, claim: &ClaimJobResponse) -> Result<(lathe_trainer::train::TrainConfig, Option<PathBuf>), Unrunnable> {
     let spec: JobSpec = serde_json::from_str(&claim.spec_json)
-        .map_err(|e| Unrunnable { code: "invalid_spec", message: format!("the job spec is not readable by this worker: {e}") })?;
-    let training = claim.training_file.as_ref().ok_or(Unrunnable { code: "invalid_spec", message: "the claim names no training file".into() })?;
+        .map_err(|e| Unrunnable::job("invalid_spec", format!("the job spec is not readable by this worker: {e}")))?;
+    let training = claim.training_file.as_ref().ok_or_else(|| Unrunnable::job("invalid_spec", "the claim names no training file"))?;
     verify_file("training_file", &training.path, &training.sha256)?;
     if let Some(validation) = &claim.validation_file {
         verify_file("validation_file", &validation.path, &validation.sha256)?;
@@ -228,7 +261,7 @@ fn prepare(config: &WorkerConfig, claim: &ClaimJobResponse) -> Result<(lathe_tra
     let resume = claim.resume_from.as_ref().map(|c| PathBuf::from(&c.path));
     if resume.is_none() && output_dir.exists() {
         std::fs::remove_dir_all(output_dir)
-            .map_err(|e| Unrunnable { code: "storage_error", message: format!("{}: {e}", output_dir.display()) })?;
+            .map_err(|e| Unrunnable::here("storage_error", format!("{}: {e}", output_dir.display())))?;
     }
     let train = train_config(
         &spec,
@@ -243,10 +276,10 @@ fn prepare(config: &WorkerConfig, claim: &ClaimJobResponse) -> Result<(lathe_tra
 }
 
 fn verify_file(param: &str, path: &str, sha256: &str) -> Result<(), Unrunnable> {
-    let bytes = std::fs::read(path).map_err(|e| Unrunnable { code: "file_not_found", message: format!("{param}: cannot read {path}: {e}") })?;
+    let bytes = std::fs::read(path).map_err(|e| Unrunnable::here("file_not_found", format!("{param}: cannot read {path} on this worker: {e}")))?;
     let digest: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
     if !sha256.is_empty() && digest != sha256 {
-        return Err(Unrunnable { code: "file_corrupted", message: format!("{param}: content does not match its SHA-256 on record") });
+        return Err(Unrunnable::here("file_corrupted", format!("{param}: {path} does not match its SHA-256 on record")));
     }
     Ok(())
 }
@@ -521,6 +554,11 @@ impl Session {
     async fn drain(&mut self, signals: &Signals) {
         let deadline = Instant::now() + FINAL_ACK_TIMEOUT;
         while !self.unacked.is_empty() && Instant::now() < deadline {
+            if signals.lease_overdue() {
+                tracing::warn!(job_id = self.hello.job_id, "no lease renewal from the controller in time: giving the attempt up");
+                signals.stop(StopCause::LeaseLost);
+                return;
+            }
             self.reconnect_if_needed().await;
             match tokio::time::timeout(RECONNECT_EVERY, self.next()).await {
                 Ok(Some(Down::LeaseLost(_))) => {

@@ -3,7 +3,7 @@
 //! job back — and ends the loop.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lathe_proto::v1::{AttemptRef, ClaimJobRequest, DeviceKind, HeartbeatRequest, RegisterRequest};
 use lathe_queue::Queue;
@@ -33,12 +33,15 @@ pub async fn run(config: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> R
         telemetry::serve(listen, telemetry.clone()).await?;
     }
     let mut client = client::connect(&config)?;
-    let heartbeat_every = match register(&mut client, &config, &mut shutdown).await? {
-        Some(interval) => interval,
+    let timing = match register(&mut client, &config, &mut shutdown).await? {
+        Some(timing) => timing,
         None => return Ok(()),
     };
     let current = Arc::new(Mutex::new(Current::default()));
-    tokio::spawn(heartbeat(client.clone(), current.clone(), heartbeat_every, shutdown.clone()));
+    // The heartbeat outlives a SIGTERM: a preempted attempt still checkpoints and hands the job
+    // back under its lease. It stops when this function returns.
+    let (_heartbeat_guard, heartbeat_stop) = watch::channel(false);
+    tokio::spawn(heartbeat(client.clone(), current.clone(), timing, heartbeat_stop));
 
     let mut queue: Option<Queue> = None;
     while !*shutdown.borrow() {
@@ -78,7 +81,7 @@ pub async fn run(config: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> R
                 continue;
             }
         };
-        let signals = Arc::new(Signals::default());
+        let signals = Arc::new(Signals::new(Instant::now() + timing.trusted_lease()));
         let reference = AttemptRef { job_id: claim.job_id.clone(), attempt: claim.attempt };
         current.lock().expect("current lock").attempt = Some((reference, signals.clone()));
         tracing::info!(job_id = claim.job_id, attempt = claim.attempt, resume = claim.resume_from.is_some(), "attempt started");
@@ -90,8 +93,24 @@ pub async fn run(config: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> R
     Ok(())
 }
 
+/// What the controller said at registration.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    heartbeat: Duration,
+    lease: Duration,
+}
+
+impl Timing {
+    /// How long after a renewal this worker trusts its lease: the lease less a margin for
+    /// clock rates and the time the renewal took, so that the worker stops before the
+    /// controller can hand the job to someone else.
+    fn trusted_lease(&self) -> Duration {
+        self.lease.saturating_sub((self.lease / 4).max(self.heartbeat))
+    }
+}
+
 /// Registers, retrying while the controller is unreachable; `None` if shut down meanwhile.
-async fn register(client: &mut Client, config: &WorkerConfig, shutdown: &mut watch::Receiver<bool>) -> Result<Option<Duration>, WorkerError> {
+async fn register(client: &mut Client, config: &WorkerConfig, shutdown: &mut watch::Receiver<bool>) -> Result<Option<Timing>, WorkerError> {
     let device_kind = if config.device.starts_with("cuda") { DeviceKind::Cuda } else { DeviceKind::Cpu };
     let request = RegisterRequest {
         name: config.name.clone(),
@@ -106,7 +125,10 @@ async fn register(client: &mut Client, config: &WorkerConfig, shutdown: &mut wat
             Ok(response) => {
                 let r = response.into_inner();
                 tracing::info!(worker_id = r.worker_id, name = config.name, pools = ?config.pools, "registered with the controller");
-                return Ok(Some(Duration::from_millis(r.heartbeat_interval_ms.max(100) as u64)));
+                return Ok(Some(Timing {
+                    heartbeat: Duration::from_millis(r.heartbeat_interval_ms.max(100) as u64),
+                    lease: Duration::from_millis(r.lease_duration_ms.max(1000) as u64),
+                }));
             }
             Err(status) if status.code() == Code::Unauthenticated => return Err(WorkerError::Unauthenticated(status.message().into())),
             Err(status) => {
@@ -120,13 +142,15 @@ async fn register(client: &mut Client, config: &WorkerConfig, shutdown: &mut wat
     }
 }
 
-async fn heartbeat(mut client: Client, current: Arc<Mutex<Current>>, every: Duration, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(every);
+async fn heartbeat(mut client: Client, current: Arc<Mutex<Current>>, timing: Timing, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(timing.heartbeat);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = shutdown.changed() => if *shutdown.borrow() { return },
+            // Err: the daemon returned and dropped the sender.
+            _ = stop.changed() => return,
         }
+        let sent_at = Instant::now();
         let running: Vec<AttemptRef> = current.lock().expect("current lock").attempt.iter().map(|(r, _)| r.clone()).collect();
         let memory = lathe_trainer::device::peak_memory_bytes(tch::Device::Cpu);
         match client.heartbeat(HeartbeatRequest { running, gpu_memory_used_bytes: memory }).await {
@@ -135,9 +159,12 @@ async fn heartbeat(mut client: Client, current: Arc<Mutex<Current>>, every: Dura
                 let mut current = current.lock().expect("current lock");
                 current.draining = r.draining;
                 if let Some((reference, signals)) = &current.attempt {
-                    if r.lost.iter().any(|l| l.job_id == reference.job_id && l.attempt == reference.attempt) {
+                    let mine = |job_id: &str, attempt: u32| job_id == reference.job_id && attempt == reference.attempt;
+                    if r.lost.iter().any(|l| mine(&l.job_id, l.attempt)) {
                         tracing::warn!(job_id = reference.job_id, "heartbeat: lease lost");
                         signals.stop(StopCause::LeaseLost);
+                    } else if r.renewed.iter().any(|l| mine(&l.job_id, l.attempt)) {
+                        signals.renewed(sent_at + timing.trusted_lease());
                     }
                 }
             }

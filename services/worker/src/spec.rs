@@ -10,11 +10,24 @@ use lathe_trainer::train::config::{
 };
 use lathe_trainer::train::{Method, TrainConfig};
 
-/// Why a spec cannot run on this worker: reported as a bad-input failure with this code.
+/// Why a claimed job cannot run here, with the `error.code` it is reported under.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unrunnable {
     pub code: &'static str,
     pub message: String,
+    /// The fault is this worker's (a model or mount missing here): retried on another worker,
+    /// not failed as the user's bad input.
+    pub this_worker: bool,
+}
+
+impl Unrunnable {
+    pub fn job(code: &'static str, message: impl Into<String>) -> Self {
+        Unrunnable { code, message: message.into(), this_worker: false }
+    }
+
+    pub fn here(code: &'static str, message: impl Into<String>) -> Self {
+        Unrunnable { code, message: message.into(), this_worker: true }
+    }
 }
 
 /// Where the claim says the data and outputs are.
@@ -33,10 +46,10 @@ pub struct Settings<'a> {
 
 pub fn train_config(spec: &JobSpec, paths: Paths<'_>, settings: Settings<'_>) -> Result<TrainConfig, Unrunnable> {
     if spec.quantization == Some(Quantization::Nf4) {
-        return Err(Unrunnable {
-            code: "unsupported_quantization",
-            message: "quantization \"nf4\" (QLoRA) is not available on this worker yet; submit without it".into(),
-        });
+        return Err(Unrunnable::job(
+            "unsupported_quantization",
+            "quantization \"nf4\" (QLoRA) is not available on this worker yet; submit without it",
+        ));
     }
     let model = model_dir(settings.models_root, &spec.model)?;
     let lora = spec.lora.as_ref();
@@ -98,10 +111,10 @@ fn model_dir(models_root: &Path, name: &str) -> Result<PathBuf, Unrunnable> {
         && name.split('/').all(|s| !s.is_empty() && !s.starts_with('.') && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)));
     let dir = models_root.join(name);
     if !well_formed || !dir.join("config.json").is_file() {
-        return Err(Unrunnable {
-            code: "model_not_found",
-            message: format!("model {name:?} is not under this worker's models root {}", models_root.display()),
-        });
+        return Err(Unrunnable::here(
+            "model_not_found",
+            format!("model {name:?} is not under this worker's models root {}", models_root.display()),
+        ));
     }
     Ok(dir)
 }

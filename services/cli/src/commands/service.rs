@@ -159,6 +159,8 @@ fn stop_on_signals() -> anyhow::Result<watch::Receiver<bool>> {
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         tracing::info!("stop requested");
         let _ = tx.send(true);
+        // Keep the sender: receivers that wait for a change would otherwise wake at once, forever.
+        std::future::pending::<()>().await;
     });
     Ok(rx)
 }

@@ -115,25 +115,36 @@ pub async fn upload(State(state): State<AppState>, project: Project, form: Multi
 
 pub async fn list(State(state): State<AppState>, project: Project, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
     let limit = page_limit(q.limit.or(Some(100)))?;
-    let page = files::list_files(&state.pool, &project.id, q.purpose.as_deref(), q.after.as_deref(), limit).await?;
+    let after = super::cursor(q.after.as_deref(), lathe_core::FileId::parse)?;
+    let purpose = q.purpose.as_deref().filter(|p| !p.contains('\0'));
+    let page = files::list_files(&state.pool, &project.id, purpose, after.as_deref(), limit).await?;
     Ok(Json(views::list(page, |f| f.id.as_str().to_string(), views::file)))
 }
 
 pub async fn retrieve(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    super::file_id(&id)?;
     let file = files::get_file(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "file", &id))?;
     Ok(Json(views::file(&file)))
 }
 
 pub async fn content(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Response> {
+    super::file_id(&id)?;
     let file = files::get_file(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "file", &id))?;
     let path = state.storage.file_path(file.id.as_str());
-    let bytes = tokio::fs::read(&path).await.map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
-    let disposition = format!("attachment; filename=\"{}\"", file.filename.replace(['"', '\\', '\r', '\n'], "_"));
+    // Streamed: result files can be whole models.
+    let bytes = tokio::fs::File::open(&path).await.map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(bytes));
     Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header(header::CONTENT_DISPOSITION, disposition)
-        .body(Body::from(bytes))
+        .header(header::CONTENT_LENGTH, file.bytes)
+        .header(header::CONTENT_DISPOSITION, format!("attachment; filename=\"{}\"", header_safe(&file.filename)))
+        .body(body)
         .map_err(ApiError::internal)
+}
+
+/// A filename as a quoted header parameter: printable ASCII only, no quote or backslash.
+fn header_safe(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' { c } else { '_' }).collect()
 }
 
 pub async fn delete(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {

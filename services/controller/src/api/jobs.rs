@@ -6,7 +6,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::Json;
 use lathe_core::{validate_training_file, CreateJobRequest, FileSummary, JobSpec};
-use lathe_store::dispatch::{add_job_event, EventLevel};
+use lathe_store::dispatch::EventLevel;
 use lathe_store::files::{self, StoredFile, PURPOSE_FINE_TUNE};
 use lathe_store::jobs::{self, Job};
 use serde::Deserialize;
@@ -34,6 +34,12 @@ pub async fn create(State(state): State<AppState>, project: Project, headers: He
             }
         },
     };
+    // A retry of an accepted create returns its job, even if its file was deleted since.
+    if let Some(key) = &idempotency_key {
+        if let Some(job) = jobs::find_by_idempotency_key(&state.pool, &project.id, key).await? {
+            return Ok(Json(views::job(&job)));
+        }
+    }
     let spec = JobSpec::try_from(CreateJobRequest::from_json(&body)?)?;
     if models::resolve(&state.config.models_root, &spec.model).is_none() {
         return Err(ApiError::invalid(
@@ -58,7 +64,7 @@ pub async fn create(State(state): State<AppState>, project: Project, headers: He
         })?;
     if created {
         tracing::info!(job_id = %job.id, project = %project.id, model = %spec.model, "job created");
-        add_job_event(&state.pool, job.id.as_str(), EventLevel::Info, &format!("Created fine-tuning job: {}", job.id), None).await?;
+        state.note_event(job.id.as_str(), EventLevel::Info, &format!("Created fine-tuning job: {}", job.id), None).await;
         publish(&state, &job).await;
     }
     Ok(Json(views::job(&job)))
@@ -99,35 +105,40 @@ pub struct ListQuery {
 
 pub async fn list(State(state): State<AppState>, project: Project, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
     let limit = page_limit(q.limit)?;
-    let page = jobs::list_jobs(&state.pool, &project.id, q.after.as_deref(), limit).await?;
+    let after = super::cursor(q.after.as_deref(), lathe_core::JobId::parse)?;
+    let page = jobs::list_jobs(&state.pool, &project.id, after.as_deref(), limit).await?;
     Ok(Json(views::list(page, |j| j.id.as_str().to_string(), views::job)))
 }
 
 pub async fn retrieve(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    super::job_id(&id)?;
     let job = jobs::get_job(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
     Ok(Json(views::job(&job)))
 }
 
 pub async fn cancel(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    super::job_id(&id)?;
     let job = jobs::cancel_job(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
     let _ = state.queue.remove(&job.spec.resources.pool, &job.id).await;
     state.telemetry.forget_job(job.id.as_str());
-    add_job_event(&state.pool, job.id.as_str(), EventLevel::Info, "Job cancelled by the user", None).await?;
+    state.note_event(job.id.as_str(), EventLevel::Info, "Job cancelled by the user", None).await;
     tracing::info!(job_id = %job.id, "job cancelled");
     Ok(Json(views::job(&job)))
 }
 
 pub async fn pause(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    super::job_id(&id)?;
     let job = jobs::pause_job(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
     let _ = state.queue.remove(&job.spec.resources.pool, &job.id).await;
     let message = if job.pause_requested { "Pause requested; the worker checkpoints and stops" } else { "Job paused" };
-    add_job_event(&state.pool, job.id.as_str(), EventLevel::Info, message, None).await?;
+    state.note_event(job.id.as_str(), EventLevel::Info, message, None).await;
     Ok(Json(views::job(&job)))
 }
 
 pub async fn resume(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    super::job_id(&id)?;
     let job = jobs::resume_job(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
-    add_job_event(&state.pool, job.id.as_str(), EventLevel::Info, "Job resumed", Some(&json!({"status": job.status.as_str()}))).await?;
+    state.note_event(job.id.as_str(), EventLevel::Info, "Job resumed", Some(&json!({"status": job.status.as_str()}))).await;
     if job.status == lathe_core::JobStatus::Queued {
         publish(&state, &job).await;
     }

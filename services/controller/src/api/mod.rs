@@ -21,6 +21,26 @@ use axum::Router;
 
 use crate::AppState;
 
+/// A job id from a path: a malformed one cannot name a job (and never reaches SQL).
+pub fn job_id(id: &str) -> error::ApiResult<lathe_core::JobId> {
+    lathe_core::JobId::parse(id).map_err(|_| error::ApiError::not_found("job", id))
+}
+
+/// A file id from a path; see [`job_id`].
+pub fn file_id(id: &str) -> error::ApiResult<lathe_core::FileId> {
+    lathe_core::FileId::parse(id).map_err(|_| error::ApiError::not_found("file", id))
+}
+
+/// A pagination cursor that must be an id of the listed kind.
+pub fn cursor<T>(after: Option<&str>, parse: impl Fn(&str) -> Result<T, lathe_core::IdError>) -> error::ApiResult<Option<String>> {
+    match after {
+        None => Ok(None),
+        Some(text) => parse(text)
+            .map(|_| Some(text.to_string()))
+            .map_err(|_| error::ApiError::invalid(Some("after"), "invalid_value", format!("after: {text:?} is not an id of this list"))),
+    }
+}
+
 /// JSON bodies (job create) are small; only uploads get the large limit.
 const JSON_BODY_LIMIT: usize = 1024 * 1024;
 

@@ -32,6 +32,7 @@ pub async fn events(
     Path(id): Path<String>,
     Query(q): Query<PageQuery>,
 ) -> ApiResult<Json<Value>> {
+    super::job_id(&id)?;
     let limit = page_limit(q.limit)?;
     let after = match q.after.as_deref() {
         Some(text) => Some(EventId::parse(text).map_err(|_| ApiError::invalid(Some("after"), "invalid_value", format!("after: {text:?} is not an event id")))?),
@@ -49,9 +50,11 @@ pub async fn checkpoints(
     Path(id): Path<String>,
     Query(q): Query<PageQuery>,
 ) -> ApiResult<Json<Value>> {
+    super::job_id(&id)?;
     let limit = page_limit(q.limit.or(Some(10)))?;
+    let after = super::cursor(q.after.as_deref(), lathe_core::CheckpointId::parse)?;
     let job = get_job(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
-    let page = list_checkpoints(&state.pool, &project.id, &id, q.after.as_deref(), limit)
+    let page = list_checkpoints(&state.pool, &project.id, &id, after.as_deref(), limit)
         .await
         .map_err(|e| ApiError::from_store(e, "job", &id))?;
     Ok(Json(views::list(page, |c| c.id.as_str().to_string(), |c| views::checkpoint(c, &job))))
@@ -60,6 +63,7 @@ pub async fn checkpoints(
 /// Native: every step of the loss curve, across attempts (a resumed attempt's steps replace
 /// the ones it replayed).
 pub async fn metrics(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    super::job_id(&id)?;
     let points = list_metrics(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
     Ok(Json(json!({"object": "list", "data": points.iter().map(views::metric_point).collect::<Vec<_>>()})))
 }
@@ -76,6 +80,7 @@ pub async fn stream(
     Query(q): Query<PageQuery>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     // Check access before the stream starts, so a foreign id is a plain 404.
+    super::job_id(&id)?;
     get_job(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
     let start = q.after.as_deref().and_then(|a| EventId::parse(a).ok()).and_then(|e| e.sequence()).unwrap_or(0);
     struct Cursor {

@@ -15,7 +15,7 @@ use lathe_proto::v1::{
     WorkerMessage,
 };
 use lathe_store::dispatch::{
-    add_job_event, append_events, commit_checkpoint, finish_attempt, list_metrics, record_metrics, AttemptOutcome,
+    append_events, commit_checkpoint, finish_attempt, list_metrics, record_metrics, AttemptOutcome,
     EventLevel, MetricPoint, NewEvent,
 };
 use lathe_store::files::{insert_file, new_file_id, NewFile, PURPOSE_FINE_TUNE_RESULTS};
@@ -127,10 +127,20 @@ impl Attempt {
                             let _ = tx.send(Ok(lease_lost("the attempt no longer holds the job"))).await;
                             break;
                         }
-                        Err(other) => {
-                            tracing::warn!(job_id = self.job_id(), attempt = self.attempt, error = %other, "attempt write failed");
-                            let _ = tx.send(Err(status(other))).await;
+                        Err(StoreError::Unavailable(error)) => {
+                            // Not acked: the worker reconnects and resends once Postgres is back.
+                            tracing::warn!(job_id = self.job_id(), attempt = self.attempt, %error, "attempt write failed; the worker will resend");
+                            let _ = tx.send(Err(status(StoreError::Unavailable(error)))).await;
                             break;
+                        }
+                        Err(other) => {
+                            // A report that can never be stored (a path outside the job, a value
+                            // Postgres refuses): resending it would block every report behind it.
+                            // Acked and dropped, with an error event the user can see.
+                            tracing::error!(job_id = self.job_id(), attempt = self.attempt, error = %other, "a worker report was refused");
+                            let message = format!("A report from the worker was refused: {other}");
+                            self.state.note_event(self.job_id(), EventLevel::Error, &message, None).await;
+                            let _ = tx.send(Ok(down(Down::Ack(Ack { seq })))).await;
                         }
                     }
                 }
@@ -196,7 +206,7 @@ impl Attempt {
                     _ => EventLevel::Info,
                 };
                 let data = serde_json::from_str(&log.data_json).ok();
-                let event = NewEvent { seq: event_seq, level, kind: "message".into(), message: log.message, data };
+                let event = NewEvent { seq: event_seq, level, kind: "message".into(), message: text(&log.message), data };
                 append_events(pool, job_id, attempt, &[event]).await?;
                 Ok(Next::Continue)
             }
@@ -220,11 +230,26 @@ impl Attempt {
                 Ok(Next::Continue)
             }
             Some(Up::Finish(finish)) => {
-                self.finish(finish).await?;
+                match self.finish(finish).await {
+                    Ok(()) => {}
+                    Err(error @ (StoreError::Unavailable(_) | StoreError::StaleAttempt { .. } | StoreError::NotFound)) => return Err(error),
+                    Err(other) => {
+                        // Retrying cannot help (an output the controller cannot read): the job
+                        // fails with a clear code instead of crashing its workers forever.
+                        let error = JobError {
+                            code: "result_files_failed".into(),
+                            message: format!("training finished but its outputs could not be stored: {other}"),
+                            param: None,
+                        };
+                        finish_attempt(pool, job_id, attempt, AttemptOutcome::Failed(error), &self.state.config.retry).await?;
+                        self.state.telemetry.forget_job(job_id);
+                    }
+                }
                 Ok(Next::Close)
             }
             Some(Up::Fail(fail)) => {
                 let class = FailureClass::try_from(fail.class).unwrap_or(FailureClass::Crash);
+                let fail = lathe_proto::v1::Fail { message: text(&fail.message), code: text(&fail.code), ..fail };
                 let outcome = match class {
                     FailureClass::BadInput => AttemptOutcome::Failed(JobError {
                         code: if fail.code.is_empty() { "invalid_job".into() } else { fail.code.clone() },
@@ -241,7 +266,7 @@ impl Attempt {
                     FailureClass::Preempted => (EventLevel::Warn, "Worker preempted; the job goes back to the queue".to_string()),
                     _ => (EventLevel::Error, format!("Attempt {attempt} crashed: {}; status now {}", fail.message, job.status.as_str())),
                 };
-                add_job_event(pool, job_id, level, &message, None).await?;
+                self.state.note_event(job_id, level, &message, None).await;
                 tracing::info!(job_id, attempt, class = ?class, status = job.status.as_str(), "attempt failed");
                 if job.status == JobStatus::Queued && job.next_attempt_at.is_none() {
                     crate::api::jobs::publish(&self.state, &job).await;
@@ -250,8 +275,13 @@ impl Attempt {
             }
             Some(Up::Stopped(stopped)) => {
                 if StopReason::try_from(stopped.reason) == Ok(StopReason::Paused) {
-                    finish_attempt(pool, job_id, attempt, AttemptOutcome::Paused, &self.state.config.retry).await?;
-                    add_job_event(pool, job_id, EventLevel::Info, "Job paused; resume continues from the last checkpoint", None).await?;
+                    let job = finish_attempt(pool, job_id, attempt, AttemptOutcome::Paused, &self.state.config.retry).await?;
+                    if job.status == JobStatus::Queued {
+                        // Resumed while the worker was checkpointing for the pause.
+                        crate::api::jobs::publish(&self.state, &job).await;
+                    } else {
+                        self.state.note_event(job_id, EventLevel::Info, "Job paused; resume continues from the last checkpoint", None).await;
+                    }
                 }
                 self.state.telemetry.forget_job(job_id);
                 Ok(Next::Close)
@@ -260,11 +290,10 @@ impl Attempt {
     }
 
     /// A file the worker asks us to read, checked to lie inside this job's directory.
-    fn inside_job_dir(&self, path: &str) -> Result<String, StoreError> {
+    fn inside_job_dir(&self, path: &str) -> Result<std::path::PathBuf, StoreError> {
         self.state
             .storage
             .inside_job_dir(self.job_id(), path)
-            .map(|p| p.display().to_string())
             .ok_or_else(|| StoreError::Conflict(format!("path {path:?} is outside the job's directory")))
     }
 
@@ -272,25 +301,33 @@ impl Attempt {
     async fn finish(&self, finish: lathe_proto::v1::Finish) -> Result<(), StoreError> {
         let (pool, job_id) = (&self.state.pool, self.job_id());
         let project = self.job.project_id.as_str();
-        let mut files: Vec<(String, Vec<u8>)> = Vec::new();
-        let points = list_metrics(pool, project, job_id).await?;
-        files.push(("step_metrics.csv".into(), results_csv(&points).into_bytes()));
+        // Fenced before any file is published: a stale or cancelled attempt publishes nothing.
+        if !matches!(lathe_store::jobs::attempt_control(pool, job_id, self.attempt).await?, Some((JobStatus::Running, _))) {
+            let current = get_job_unscoped(pool, job_id).await?.attempt;
+            return Err(StoreError::StaleAttempt { job: job_id.to_string(), attempt: self.attempt, current });
+        }
+        let mut sources = Vec::new();
         for result in &finish.result_files {
             let path = self.inside_job_dir(&result.path)?;
             let name = Path::new(&result.filename).file_name().and_then(|n| n.to_str()).unwrap_or("result").to_string();
-            let bytes = tokio::fs::read(&path).await.map_err(|e| StoreError::Conflict(format!("{path}: {e}")))?;
-            files.push((name, bytes));
+            sources.push((name, Source::Path(path.into())));
         }
+        let points = list_metrics(pool, project, job_id).await?;
+        sources.insert(0, ("step_metrics.csv".into(), Source::Bytes(results_csv(&points).into_bytes())));
+
         let mut ids = Vec::new();
-        for (filename, bytes) in files {
+        for (filename, source) in sources {
             let id = new_file_id();
             let storage = self.state.storage.clone();
             let file_id = id.as_str().to_string();
-            let size = bytes.len() as i64;
-            let sha256 = tokio::task::spawn_blocking(move || storage.write_file(&file_id, &bytes))
-                .await
-                .map_err(|e| StoreError::Conflict(e.to_string()))?
-                .map_err(|e| StoreError::Conflict(format!("writing a result file: {e}")))?;
+            let written = tokio::task::spawn_blocking(move || match source {
+                Source::Bytes(bytes) => storage.write_file(&file_id, &bytes).map(|sha| (sha, bytes.len() as i64)),
+                Source::Path(path) => storage.copy_file(&file_id, &path),
+            })
+            .await
+            .map_err(|e| StoreError::Conflict(e.to_string()))?
+            .map_err(|e| StoreError::Conflict(format!("storing the result file {filename}: {e}")))?;
+            let (sha256, size) = written;
             insert_file(
                 pool,
                 NewFile { id: id.clone(), project_id: project, purpose: PURPOSE_FINE_TUNE_RESULTS, filename: &filename, sha256, bytes: size, summary: None },
@@ -301,16 +338,34 @@ impl Attempt {
         let model = fine_tuned_model_name(&self.job.spec.model, self.job.spec.suffix.as_deref(), &self.job.id);
         let outcome = AttemptOutcome::Succeeded {
             fine_tuned_model: model.clone(),
-            result_files: ids,
+            result_files: ids.clone(),
             trained_tokens: Some(finish.trained_tokens as i64),
         };
-        finish_attempt(pool, job_id, self.attempt, outcome, &self.state.config.retry).await?;
+        if let Err(error) = finish_attempt(pool, job_id, self.attempt, outcome, &self.state.config.retry).await {
+            // Lost a race (cancel, lease) after publishing: take the files back.
+            for id in &ids {
+                let _ = lathe_store::files::delete_file(pool, project, id).await;
+                self.state.storage.remove_file(id);
+            }
+            return Err(error);
+        }
         self.state.telemetry.forget_job(job_id);
-        add_job_event(pool, job_id, EventLevel::Info, &format!("New fine-tuned model created: {model}"), None).await?;
-        add_job_event(pool, job_id, EventLevel::Info, "The job has successfully completed", None).await?;
+        self.state.note_event(job_id, EventLevel::Info, &format!("New fine-tuned model created: {model}"), None).await;
+        self.state.note_event(job_id, EventLevel::Info, "The job has successfully completed", None).await;
         tracing::info!(job_id, attempt = self.attempt, worker_id = %self.worker_id, model, "job succeeded");
         Ok(())
     }
+}
+
+/// Where a result file's bytes come from.
+enum Source {
+    Bytes(Vec<u8>),
+    Path(std::path::PathBuf),
+}
+
+/// Text from a worker, made storable: Postgres text cannot hold NUL.
+fn text(value: &str) -> String {
+    value.replace('\0', "\u{FFFD}")
 }
 
 fn to_store_point(p: &WireMetricPoint) -> MetricPoint {

@@ -11,7 +11,8 @@ use lathe_proto::v1::{
     AttemptRef, Checkpoint, ClaimJobRequest, ClaimJobResponse, ControllerMessage, DeviceKind, FileRef,
     HeartbeatRequest, HeartbeatResponse, Lease, RegisterRequest, RegisterResponse, WorkerMessage,
 };
-use lathe_store::dispatch::{add_job_event, claim_job, renew_lease, ClaimRequest, EventLevel};
+use lathe_store::dispatch::{claim_job, finish_attempt, renew_lease, AttemptOutcome, ClaimRequest, EventLevel};
+use lathe_store::jobs::JobError;
 use lathe_store::files::get_file;
 use lathe_store::jobs::get_job_unscoped;
 use lathe_store::time::OffsetDateTime;
@@ -132,6 +133,44 @@ impl WorkerService for Service {
             .map_err(status)?
             .ok_or_else(|| Status::not_found("nothing to claim"))?;
 
+        match self.claimed(&claim, &worker_id).await {
+            Ok(response) => Ok(Response::new(response)),
+            Err(error) => {
+                // The claim is committed but the worker will not get to run it: hand the job
+                // back now (or fail it, when one of its files is gone) rather than when the
+                // lease expires.
+                let outcome = if error.code() == tonic::Code::NotFound {
+                    AttemptOutcome::Failed(JobError {
+                        code: "file_not_found".into(),
+                        message: "a file of this job was deleted before the job could run".into(),
+                        param: Some("training_file".into()),
+                    })
+                } else {
+                    AttemptOutcome::Preempted { reason: format!("claim could not be completed: {}", error.message()) }
+                };
+                match finish_attempt(&state.pool, claim.job_id.as_str(), claim.attempt, outcome, &state.config.retry).await {
+                    Ok(job) if job.status == lathe_core::JobStatus::Queued => crate::api::jobs::publish(state, &job).await,
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(job_id = %claim.job_id, error = %e, "could not release a half-done claim; the lease will expire"),
+                }
+                Err(if error.code() == tonic::Code::NotFound { Status::aborted("the job's file is gone; job failed") } else { error })
+            }
+        }
+    }
+
+    type AttemptStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
+
+    async fn attempt(&self, request: Request<Streaming<WorkerMessage>>) -> Result<Response<Self::AttemptStream>, Status> {
+        let worker_id = self.worker_id(request.metadata()).await?;
+        let stream = attempt::open(self.state.clone(), worker_id, request.into_inner()).await?;
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+impl Service {
+    /// Everything a worker needs for a committed claim.
+    async fn claimed(&self, claim: &lathe_store::dispatch::Claim, worker_id: &str) -> Result<ClaimJobResponse, Status> {
+        let state = &self.state;
         let job = get_job_unscoped(&state.pool, claim.job_id.as_str()).await.map_err(status)?;
         if claim.attempt == 1 {
             let waited = OffsetDateTime::now_utc() - job.created_at;
@@ -163,10 +202,10 @@ impl WorkerService for Service {
             None => format!("Attempt {} started", claim.attempt),
         };
         let data = serde_json::json!({"attempt": claim.attempt, "worker_id": worker_id, "resumed_from_step": resumed});
-        add_job_event(&state.pool, claim.job_id.as_str(), EventLevel::Info, &message, Some(&data)).await.map_err(status)?;
+        state.note_event(claim.job_id.as_str(), EventLevel::Info, &message, Some(&data)).await;
         tracing::info!(job_id = %claim.job_id, attempt = claim.attempt, worker_id, resumed_from_step = ?resumed, "job claimed");
 
-        Ok(Response::new(ClaimJobResponse {
+        Ok(ClaimJobResponse {
             job_id: claim.job_id.as_str().to_string(),
             attempt: claim.attempt as u32,
             spec_json: serde_json::to_string(&claim.spec).map_err(|e| Status::internal(e.to_string()))?,
@@ -175,7 +214,7 @@ impl WorkerService for Service {
                 attempt: claim.attempt as u32,
                 expires_at_unix_ms: millis(claim.lease_expires_at),
             }),
-            resume_from: claim.resume_from.map(|c| Checkpoint {
+            resume_from: claim.resume_from.clone().map(|c| Checkpoint {
                 checkpoint_id: c.id.as_str().to_string(),
                 step: c.step as u64,
                 path: c.path,
@@ -183,14 +222,7 @@ impl WorkerService for Service {
             training_file,
             validation_file,
             output_dir: output_dir.display().to_string(),
-        }))
+        })
     }
 
-    type AttemptStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
-
-    async fn attempt(&self, request: Request<Streaming<WorkerMessage>>) -> Result<Response<Self::AttemptStream>, Status> {
-        let worker_id = self.worker_id(request.metadata()).await?;
-        let stream = attempt::open(self.state.clone(), worker_id, request.into_inner()).await?;
-        Ok(Response::new(Box::pin(stream)))
-    }
 }

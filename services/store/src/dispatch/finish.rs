@@ -18,7 +18,8 @@ pub enum AttemptOutcome {
     Crashed { reason: String },
     /// SIGTERM from Slurm or Kubernetes after a checkpoint: back to the queue for free.
     Preempted { reason: String },
-    /// The user's pause: the worker checkpointed and stopped.
+    /// The user's pause: the worker checkpointed and stopped. The job is `paused`, or `queued`
+    /// when the pause was withdrawn (resumed) meanwhile.
     Paused,
 }
 
@@ -71,14 +72,9 @@ pub async fn finish_attempt(
         }
         AttemptOutcome::Paused => {
             end_live_attempt(&mut tx, job_id, "paused", "paused by the user").await?;
-            sqlx::query(
-                "UPDATE jobs SET status = 'paused', pause_requested = false, lease_owner = NULL,
-                        lease_expires_at = NULL
-                 WHERE id = $1",
-            )
-            .bind(job_id)
-            .execute(&mut *tx)
-            .await?;
+            // The user may have resumed while the worker was checkpointing for the pause: then
+            // the job goes back to the queue instead (and continues from that checkpoint).
+            release(&mut tx, job_id).await?;
         }
     }
     tx.commit().await?;

@@ -34,6 +34,10 @@ pub struct Hooks<'a> {
     pub on_event: &'a mut dyn FnMut(&Event),
     /// Polled between steps; when true the run writes a checkpoint and returns `Stopped`.
     pub should_stop: &'a dyn Fn() -> bool,
+    /// Polled between steps; when true the run returns `TrainerError::Stopped` at once and
+    /// writes nothing more (a cancelled job, or a worker that lost its lease: another attempt
+    /// may own the output directory now).
+    pub abandon: &'a dyn Fn() -> bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -144,6 +148,9 @@ pub fn run(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks) -> Re
     let mut last_loss = f64::NAN;
     let mut last_eval_step = None;
     for step in start_step + 1..=total_steps {
+        if (hooks.abandon)() {
+            return Err(TrainerError::Stopped(format!("abandoned before step {step}")));
+        }
         if (hooks.should_stop)() {
             let checkpoint = save_checkpoint(config, &decoder, &optimizer, &mut log, step - 1, total_steps, tokens_seen, &fingerprint, lora.as_ref())?;
             return Ok(Outcome::Stopped { step: step - 1, checkpoint });
