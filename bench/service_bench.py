@@ -3,7 +3,8 @@
 Measures, on a running controller with one idle real worker:
 1. submit-to-claimed latency: a job is created over REST while the worker waits in Redis; the
    latency is attempts.started_at - jobs.created_at, both Postgres timestamps (no polling error);
-   each job is cancelled once claimed, before the next is submitted;
+   each job is cancelled once claimed, and the next is submitted once the worker reports itself
+   idle again (its lathe_worker_busy gauge);
 2. metric-point ingest: services/controller/examples/ingest_load — many simulated workers stream
    points over gRPC at once — against the reference, the same writes made straight into Postgres;
 3. API latency of GET /v1/fine_tuning/jobs/{id}: idle, and while the ingest load runs.
@@ -61,9 +62,22 @@ def psql(db_url: str, sql: str) -> list[str]:
     return [line for line in out.splitlines() if line]
 
 
-def claim_latency(api: Api, db_url: str, file_id: str, samples: int) -> dict:
+def worker_idle(metrics_url: str) -> bool:
+    import urllib.request
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    return any(line.strip() == "lathe_worker_busy 0" for line in text.splitlines())
+
+
+def claim_latency(api: Api, db_url: str, file_id: str, samples: int, worker_metrics: str) -> dict:
     latencies = []
     for i in range(samples):
+        # Measure with the worker idle in its Redis wait, not still stopping the previous job.
+        deadline = time.monotonic() + 60
+        while not worker_idle(worker_metrics):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the worker did not become idle within 60 s")
+            time.sleep(0.02)
+        time.sleep(0.05)
         job = api.request("POST", "/v1/fine_tuning/jobs", {"model": "tiny-qwen3", "training_file": file_id, "seed": i,
                                                           "hyperparameters": {"n_epochs": 1}, "max_seq_length": 128})
         deadline = time.monotonic() + 30
@@ -77,11 +91,6 @@ def claim_latency(api: Api, db_url: str, file_id: str, samples: int) -> dict:
                 raise RuntimeError(f"job {job['id']} was not claimed within 30 s")
             time.sleep(0.02)
         api.request("POST", f"/v1/fine_tuning/jobs/{job['id']}/cancel", {})
-        # Let the worker stop and return to its wait in Redis: that is the idle worker measured.
-        deadline = time.monotonic() + 30
-        while psql(db_url, f"SELECT 1 FROM attempts WHERE job_id = '{job['id']}' AND ended_at IS NULL") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)
     ms = [x * 1000 for x in latencies]
     return {"samples": len(ms), "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "max_ms": max(ms),
             "mean_ms": statistics.fmean(ms)}
@@ -128,9 +137,10 @@ def main():
     p.add_argument("--api-key", required=True)
     p.add_argument("--training-file", type=Path, required=True)
     p.add_argument("--load-bin", required=True)
-    p.add_argument("--claim-samples", type=int, default=30)
+    p.add_argument("--worker-metrics", required=True, help="the idle worker's /metrics URL")
+    p.add_argument("--claim-samples", type=int, default=100)
     p.add_argument("--ingest-workers", type=int, default=16)
-    p.add_argument("--batches", type=int, default=40)
+    p.add_argument("--batches", type=int, default=100)
     p.add_argument("--points", type=int, default=250)
     p.add_argument("--get-seconds", type=float, default=10)
     p.add_argument("--get-threads", type=int, default=8)
@@ -139,7 +149,7 @@ def main():
 
     api = Api(args.http_port, args.api_key)
     file_id = api.upload(args.training_file)
-    report = {"claim_latency": claim_latency(api, args.database_url, file_id, args.claim_samples)}
+    report = {"claim_latency": claim_latency(api, args.database_url, file_id, args.claim_samples, args.worker_metrics)}
     some_job = api.request("GET", "/v1/fine_tuning/jobs?limit=1")["data"][0]["id"]
     report["get_idle"] = get_latency(api, some_job, args.get_seconds, args.get_threads)
     # Reference and measurement back to back, each alone on the machine.

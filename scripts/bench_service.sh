@@ -21,7 +21,7 @@ DB=lathe_bench_$(date +%s)
 export LATHE_DATABASE_URL=postgres://postgres@127.0.0.1:5432/$DB
 export LATHE_REDIS_PREFIX="lathe-bench-$DB:"
 free_port() { .venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-HTTP=$(free_port); GRPC=$(free_port)
+HTTP=$(free_port); GRPC=$(free_port); WORKER_METRICS=$(free_port)
 
 "$LATHE" model init --arch qwen3 --preset tiny --out "$DIR/data/models/tiny-qwen3" >/dev/null
 "$LATHE" controller --http-listen 127.0.0.1:$HTTP --grpc-listen 127.0.0.1:$GRPC --data-dir "$DIR/data" \
@@ -39,12 +39,12 @@ for _ in $(seq 1 100); do
 done
 TOKEN=$("$LATHE" admin create-worker --name bench-idle 2>/dev/null)
 "$LATHE" worker --controller http://127.0.0.1:$GRPC --token "$TOKEN" --device cpu --threads 1 \
-  --models-root "$DIR/data/models" >"$DIR/worker.log" 2>&1 &
+  --models-root "$DIR/data/models" --metrics-listen 127.0.0.1:$WORKER_METRICS >"$DIR/worker.log" 2>&1 &
 WORKER=$!
 KEY=$("$LATHE" admin create-key --project bench 2>/dev/null)
 
 .venv/bin/python bench/service_bench.py --http-port "$HTTP" --grpc "http://127.0.0.1:$GRPC" \
   --database-url "$LATHE_DATABASE_URL" --api-key "$KEY" --training-file examples/cve-cwe/train.jsonl \
-  --load-bin target/release/examples/ingest_load \
-  --claim-samples "${BENCH_CLAIM_SAMPLES:-30}" --ingest-workers "${BENCH_INGEST_WORKERS:-16}" \
-  --batches "${BENCH_BATCHES:-40}" --points "${BENCH_POINTS:-250}" --out "$DIR/report.json"
+  --load-bin target/release/examples/ingest_load --worker-metrics "http://127.0.0.1:$WORKER_METRICS/metrics" \
+  --claim-samples "${BENCH_CLAIM_SAMPLES:-100}" --ingest-workers "${BENCH_INGEST_WORKERS:-16}" \
+  --batches "${BENCH_BATCHES:-100}" --points "${BENCH_POINTS:-250}" --out "$DIR/report.json"

@@ -8,8 +8,9 @@
 //! `--window` unacked. Prints one JSON object.
 //!
 //! `--direct` is the reference: the same points written by the same number of concurrent
-//! tasks straight into Postgres with the same store calls the controller makes (metric rows
-//! plus one `metrics` event per point), no gRPC and no controller in between.
+//! tasks straight into Postgres with the same store call the controller makes per batch
+//! (`record_progress`: metric rows plus one `metrics` event per point, one transaction), no
+//! gRPC and no controller in between.
 
 use std::time::{Duration, Instant};
 
@@ -162,7 +163,7 @@ fn batch_points(seq: u64, batches: u64, points: u64) -> Vec<MetricPoint> {
 
 /// The reference: claim in the store, then the controller's two writes per batch, directly.
 async fn write_directly(pool: lathe_store::PgPool, token: String, barrier: std::sync::Arc<tokio::sync::Barrier>, batches: u64, points: u64) -> u64 {
-    use lathe_store::dispatch::{append_events, claim_job, record_metrics, ClaimRequest, EventLevel, NewEvent};
+    use lathe_store::dispatch::{claim_job, record_progress, ClaimRequest, EventLevel, NewEvent};
     let worker_id = lathe_store::workers::authenticate_worker(&pool, &token).await.unwrap().unwrap();
     let claim = claim_job(&pool, ClaimRequest { worker_id: &worker_id, job_id: None, lease: Duration::from_secs(600) }).await.unwrap().expect("a bench job");
     barrier.wait().await;
@@ -181,7 +182,6 @@ async fn write_directly(pool: lathe_store::PgPool, token: String, barrier: std::
                 ..Default::default()
             })
             .collect();
-        record_metrics(&pool, claim.job_id.as_str(), claim.attempt, &rows).await.unwrap();
         let events: Vec<NewEvent> = wire
             .iter()
             .enumerate()
@@ -193,7 +193,7 @@ async fn write_directly(pool: lathe_store::PgPool, token: String, barrier: std::
                 data: Some(serde_json::json!({"step": p.step, "total_steps": p.total_steps, "train_loss": p.train_loss})),
             })
             .collect();
-        append_events(&pool, claim.job_id.as_str(), claim.attempt, &events).await.unwrap();
+        record_progress(&pool, claim.job_id.as_str(), claim.attempt, &rows, &events).await.unwrap();
     }
     batches * points
 }

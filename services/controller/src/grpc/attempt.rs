@@ -15,7 +15,7 @@ use lathe_proto::v1::{
     WorkerMessage,
 };
 use lathe_store::dispatch::{
-    append_events, commit_checkpoint, finish_attempt, list_metrics, record_metrics, AttemptOutcome,
+    append_events, commit_checkpoint, finish_attempt, list_metrics, record_progress, AttemptOutcome,
     EventLevel, MetricPoint, NewEvent,
 };
 use lathe_store::files::{insert_file, new_file_id, NewFile, PURPOSE_FINE_TUNE_RESULTS};
@@ -184,7 +184,6 @@ impl Attempt {
             None | Some(Up::Hello(_)) => Ok(Next::Continue),
             Some(Up::Metrics(batch)) => {
                 let points: Vec<MetricPoint> = batch.points.iter().map(to_store_point).collect();
-                record_metrics(pool, job_id, attempt, &points).await?;
                 let events: Vec<NewEvent> = batch
                     .points
                     .iter()
@@ -192,7 +191,7 @@ impl Attempt {
                     .enumerate()
                     .map(|(i, p)| metrics_event(event_seq + i as i64, p))
                     .collect();
-                append_events(pool, job_id, attempt, &events).await?;
+                record_progress(pool, job_id, attempt, &points, &events).await?;
                 self.state.telemetry.metric_points_ingested.inc_by(points.len() as u64);
                 if let Some(last) = batch.points.iter().max_by_key(|p| p.step) {
                     self.state.telemetry.observe_job_point(job_id, last.step, last.train_loss, last.tokens_per_second);

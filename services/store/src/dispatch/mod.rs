@@ -45,7 +45,7 @@ pub use claim::{claim_job, renew_lease, Claim, ClaimRequest, LeaseRenewal};
 pub use finish::{finish_attempt, release_preempted, AttemptOutcome};
 pub use reconcile::{queued_job_ids, requeue_expired_leases, QueuedJob, RequeuedJob, RetryPolicy, POISON_ERROR_CODE};
 pub use report::{
-    add_job_event, append_events, commit_checkpoint, events_after, latest_checkpoint, list_checkpoints, list_events,
+    add_job_event, append_events, commit_checkpoint, events_after, latest_checkpoint, record_progress, list_checkpoints, list_events,
     list_metrics, record_metrics, Checkpoint, Event, EventLevel, MetricPoint, NewEvent,
 };
 

@@ -45,12 +45,42 @@ pub async fn record_metrics(
     // One row per step: ON CONFLICT cannot touch a row twice in one statement.
     let by_step: BTreeMap<i64, &MetricPoint> = points.iter().map(|p| (p.step, p)).collect();
     let points: Vec<&MetricPoint> = by_step.into_values().collect();
+    let mut tx = pool.begin().await?;
+    lock_attempt(&mut tx, job_id, attempt, false).await?;
+    let written = insert_metrics(&mut tx, job_id, attempt, &points).await?;
+    tx.commit().await?;
+    Ok(written)
+}
+
+/// A batch of points and the events that announce them, in one transaction under one fence
+/// check: what the controller does with each `MetricsBatch` (half the round trips of
+/// [`record_metrics`] then [`append_events`]). Returns the metric rows written.
+pub async fn record_progress(
+    pool: &PgPool,
+    job_id: &str,
+    attempt: i32,
+    points: &[MetricPoint],
+    events: &[NewEvent],
+) -> Result<u64, StoreError> {
+    let by_step: BTreeMap<i64, &MetricPoint> = points.iter().map(|p| (p.step, p)).collect();
+    let points: Vec<&MetricPoint> = by_step.into_values().collect();
+    let mut tx = pool.begin().await?;
+    lock_attempt(&mut tx, job_id, attempt, false).await?;
+    let written = insert_metrics(&mut tx, job_id, attempt, &points).await?;
+    insert_events(&mut tx, job_id, attempt, events).await?;
+    tx.commit().await?;
+    Ok(written)
+}
+
+async fn insert_metrics(
+    tx: &mut Transaction<'_, Postgres>,
+    job_id: &str,
+    attempt: i32,
+    points: &[&MetricPoint],
+) -> Result<u64, StoreError> {
     fn column<T>(points: &[&MetricPoint], field: impl Fn(&MetricPoint) -> T) -> Vec<T> {
         points.iter().map(|p| field(p)).collect()
     }
-
-    let mut tx = pool.begin().await?;
-    lock_attempt(&mut tx, job_id, attempt, false).await?;
     let written = sqlx::query(&format!(
         "INSERT INTO metrics (job_id, attempt, {METRIC_COLUMNS})
          SELECT $1, $2, p.* FROM UNNEST($3::bigint[], $4::bigint[], $5::real[], $6::real[], $7::real[],
@@ -71,21 +101,20 @@ pub async fn record_metrics(
     ))
     .bind(job_id)
     .bind(attempt)
-    .bind(column(&points, |p| p.step))
-    .bind(column(&points, |p| p.total_steps))
-    .bind(column(&points, |p| p.train_loss))
-    .bind(column(&points, |p| p.valid_loss))
-    .bind(column(&points, |p| p.train_mean_token_accuracy))
-    .bind(column(&points, |p| p.valid_mean_token_accuracy))
-    .bind(column(&points, |p| p.learning_rate))
-    .bind(column(&points, |p| p.grad_norm))
-    .bind(column(&points, |p| p.tokens_per_second))
-    .bind(column(&points, |p| p.tokens_seen))
-    .bind(column(&points, |p| p.memory_bytes))
-    .execute(&mut *tx)
+    .bind(column(points, |p| p.step))
+    .bind(column(points, |p| p.total_steps))
+    .bind(column(points, |p| p.train_loss))
+    .bind(column(points, |p| p.valid_loss))
+    .bind(column(points, |p| p.train_mean_token_accuracy))
+    .bind(column(points, |p| p.valid_mean_token_accuracy))
+    .bind(column(points, |p| p.learning_rate))
+    .bind(column(points, |p| p.grad_norm))
+    .bind(column(points, |p| p.tokens_per_second))
+    .bind(column(points, |p| p.tokens_seen))
+    .bind(column(points, |p| p.memory_bytes))
+    .execute(&mut **tx)
     .await?
     .rows_affected();
-    tx.commit().await?;
     Ok(written)
 }
 
@@ -183,6 +212,17 @@ impl TryFrom<EventRow> for Event {
 pub async fn append_events(pool: &PgPool, job_id: &str, attempt: i32, events: &[NewEvent]) -> Result<u64, StoreError> {
     let mut tx = pool.begin().await?;
     lock_attempt(&mut tx, job_id, attempt, false).await?;
+    let inserted = insert_events(&mut tx, job_id, attempt, events).await?;
+    tx.commit().await?;
+    Ok(inserted)
+}
+
+async fn insert_events(
+    tx: &mut Transaction<'_, Postgres>,
+    job_id: &str,
+    attempt: i32,
+    events: &[NewEvent],
+) -> Result<u64, StoreError> {
     let inserted = sqlx::query(
         "INSERT INTO events (job_id, attempt, seq, level, type, message, data)
          SELECT $1, $2, e.seq, e.level, e.kind, e.message, e.data::jsonb
@@ -197,10 +237,9 @@ pub async fn append_events(pool: &PgPool, job_id: &str, attempt: i32, events: &[
     .bind(events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.message.as_str()).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.data.as_ref().map(|d| d.to_string())).collect::<Vec<_>>())
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?
     .rows_affected();
-    tx.commit().await?;
     Ok(inserted)
 }
 

@@ -3,7 +3,7 @@ use std::time::Duration;
 use lathe_core::JobStatus;
 use lathe_store::dispatch::{
     append_events, claim_job, commit_checkpoint, finish_attempt, list_checkpoints, list_events, list_metrics,
-    queued_job_ids, record_metrics, release_preempted, renew_lease, requeue_expired_leases, AttemptOutcome,
+    queued_job_ids, record_metrics, record_progress, release_preempted, renew_lease, requeue_expired_leases, AttemptOutcome,
     ClaimRequest, EventLevel, MetricPoint, NewEvent, RetryPolicy, POISON_ERROR_CODE,
 };
 use lathe_store::jobs::{create_job, get_job, pause_job};
@@ -368,4 +368,30 @@ async fn a_point_resent_with_its_validation_loss_is_completed_not_ignored() {
     assert_eq!(record_metrics(&db.pool, &job_id, attempt, &[completed]).await.unwrap(), 0, "an identical resend writes nothing");
     let curve = list_metrics(&db.pool, &project_id, &job_id).await.unwrap();
     assert_eq!((curve[0].train_loss, curve[0].valid_loss), (Some(2.5), Some(2.25)));
+}
+
+#[tokio::test]
+async fn progress_is_written_whole_by_the_holder_and_not_at_all_by_a_stale_attempt() {
+    let db = TestDb::new().await;
+    let (project_id, job_id) = queued_job(&db.pool, "acme").await;
+    let worker_id = worker(&db.pool, "a").await;
+    let first = claim(&db.pool, &worker_id, &job_id, LEASE).await.unwrap().attempt;
+    let event = |seq: i64, step: i64| NewEvent {
+        seq,
+        level: EventLevel::Info,
+        kind: "metrics".into(),
+        message: format!("Step {step}"),
+        data: Some(json!({"step": step})),
+    };
+    let written = record_progress(&db.pool, &job_id, first, &[point(1, 3.0), point(2, 2.9)], &[event(1024, 1), event(1025, 2)]).await;
+    assert_eq!(written.unwrap(), 2);
+    release_preempted(&db.pool, &job_id, first).await.unwrap();
+    let second = claim(&db.pool, &worker_id, &job_id, LEASE).await.unwrap().attempt;
+
+    let stale = record_progress(&db.pool, &job_id, first, &[point(3, 2.8)], &[event(2048, 3)]).await;
+    assert!(matches!(stale, Err(StoreError::StaleAttempt { attempt, current, .. }) if attempt == first && current == second));
+    let curve = list_metrics(&db.pool, &project_id, &job_id).await.unwrap();
+    assert_eq!(curve.iter().map(|p| p.step).collect::<Vec<_>>(), [1, 2]);
+    let events = list_events(&db.pool, &project_id, &job_id, None, 100).await.unwrap().items;
+    assert_eq!(events.iter().filter(|e| e.kind == "metrics").count(), 2, "the stale attempt's event was stored");
 }
