@@ -23,6 +23,9 @@ enum Command {
     /// Create, run and merge models.
     #[command(subcommand)]
     Model(commands::model::ModelCommand),
+    /// Score answers on CTIBench; check training data for contamination.
+    #[command(subcommand)]
+    Eval(commands::eval::EvalCommand),
     /// Controller and workers in one process (a laptop, a single GPU box).
     Up(commands::service::UpArgs),
     /// The controller: REST API, worker gRPC, reconciler, /metrics.
@@ -55,6 +58,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Train(args) => commands::train::run(args),
         Command::Model(cmd) => commands::model::run(cmd),
+        Command::Eval(cmd) => commands::eval::run(cmd),
         Command::Up(args) => commands::service::up(args),
         Command::Controller(args) => commands::service::controller(args),
         Command::Worker(args) => commands::service::worker(args),

@@ -1,5 +1,6 @@
 pub mod admin;
 pub mod client;
+pub mod eval;
 pub mod model;
 pub mod service;
 pub mod train;

@@ -1,0 +1,164 @@
+//! CTIBench's tab-separated files: CTI-MCQ (`URL, Question, Option A..D, Prompt, GT`) and
+//! CTI-RCM / CTI-RCM-2021 (`URL, Description, Prompt, GT`). UTF-8, CRLF, one record per line;
+//! columns are found by their header names, so a reordered file still reads.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::EvalError;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn quoted_cells_read_like_python_csv() {
+        assert_eq!(super::unquote("\"Clear History\" did not clear"), "Clear History did not clear");
+        assert_eq!(super::unquote("\"say \"\"hi\"\"\""), "say \"hi\"");
+        assert_eq!(super::unquote("plain \"quoted\" inside"), "plain \"quoted\" inside");
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Benchmark {
+    CtiMcq,
+    CtiRcm,
+    CtiRcm2021,
+}
+
+impl Benchmark {
+    pub const ALL: [Benchmark; 3] = [Benchmark::CtiMcq, Benchmark::CtiRcm, Benchmark::CtiRcm2021];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Benchmark::CtiMcq => "cti-mcq",
+            Benchmark::CtiRcm => "cti-rcm",
+            Benchmark::CtiRcm2021 => "cti-rcm-2021",
+        }
+    }
+
+    pub fn file(self, data_dir: &Path) -> PathBuf {
+        data_dir.join(format!("{}.tsv", self.name()))
+    }
+
+    /// The authors' stored answers of five LLMs, row-aligned with the data file.
+    pub fn responses_file(self, data_dir: &Path) -> PathBuf {
+        data_dir.join("responses").join(format!("{}-responses.tsv", self.name()))
+    }
+
+    pub fn is_mcq(self) -> bool {
+        self == Benchmark::CtiMcq
+    }
+}
+
+impl FromStr for Benchmark {
+    type Err = EvalError;
+    fn from_str(name: &str) -> Result<Self, EvalError> {
+        Benchmark::ALL.into_iter().find(|b| b.name() == name).ok_or_else(|| EvalError::UnknownBenchmark(name.to_string()))
+    }
+}
+
+/// One evaluation item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Item {
+    /// 0-based row of the data file (line `index + 2`).
+    pub index: usize,
+    pub url: String,
+    /// The dataset's Prompt column: what the model is asked.
+    pub prompt: String,
+    /// `A`–`D` for MCQ (upper-cased: the file has one lowercase `b`), `CWE-n` for RCM.
+    pub answer: String,
+    /// RCM: the CVE description (the contamination filter compares it with training data).
+    pub description: Option<String>,
+}
+
+/// Rows of a tab-separated file with a header: `(line number, cells)`.
+pub fn read_tsv(path: &Path) -> Result<(Vec<String>, Vec<(usize, Vec<String>)>), EvalError> {
+    let text = std::fs::read_to_string(path).map_err(|e| EvalError::io(path, e))?;
+    let mut lines = text.lines().enumerate();
+    let header: Vec<String> = match lines.next() {
+        Some((_, h)) => h.trim_end_matches('\r').split('\t').map(str::to_string).collect(),
+        None => return Err(EvalError::File { path: path.into(), message: "empty file, expected a header row".into() }),
+    };
+    let mut rows = Vec::new();
+    for (i, line) in lines {
+        let line = line.trim_end_matches('\r');
+        if line.is_empty() {
+            continue;
+        }
+        let cells: Vec<String> = line.split('\t').map(unquote).collect();
+        if cells.len() != header.len() {
+            return Err(EvalError::Row {
+                path: path.into(),
+                line: i + 1,
+                message: format!("{} columns, the header has {}", cells.len(), header.len()),
+            });
+        }
+        rows.push((i + 1, cells));
+    }
+    Ok((header, rows))
+}
+
+/// A cell as Python's `csv` module and pandas read it (the readers the benchmark's own tooling
+/// and published scores use): a cell that starts with `"` opens a quoted section, where `""`
+/// is a literal quote, up to the closing quote; the rest of the cell follows as is. Only one
+/// cell of CTIBench is affected (cti-rcm-2021 line 922: `"Clear History and Website Data" did
+/// not clear…`), but it decides whether that description matches a training row.
+fn unquote(cell: &str) -> String {
+    let Some(rest) = cell.strip_prefix('"') else { return cell.to_string() };
+    let mut out = String::with_capacity(rest.len());
+    let mut chars = rest.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '"' {
+            if chars.peek() == Some(&'"') {
+                chars.next();
+                out.push('"');
+                continue;
+            }
+            out.extend(chars);
+            return out;
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn column(header: &[String], name: &str, path: &Path) -> Result<usize, EvalError> {
+    header.iter().position(|h| h == name).ok_or_else(|| EvalError::File {
+        path: path.into(),
+        message: format!("no {name:?} column (columns: {})", header.join(", ")),
+    })
+}
+
+/// Reads a benchmark from the data directory.
+pub fn load(benchmark: Benchmark, data_dir: &Path) -> Result<Vec<Item>, EvalError> {
+    if !data_dir.is_dir() {
+        return Err(EvalError::File { path: data_dir.into(), message: "not a directory (the CTIBench data directory)".into() });
+    }
+    let path = benchmark.file(data_dir);
+    let (header, rows) = read_tsv(&path)?;
+    let (url, prompt, gt) = (column(&header, "URL", &path)?, column(&header, "Prompt", &path)?, column(&header, "GT", &path)?);
+    let description = if benchmark.is_mcq() { None } else { Some(column(&header, "Description", &path)?) };
+    rows.into_iter()
+        .enumerate()
+        .map(|(index, (line, cells))| {
+            let answer = cells[gt].trim().to_uppercase();
+            let valid = if benchmark.is_mcq() {
+                matches!(answer.as_str(), "A" | "B" | "C" | "D")
+            } else {
+                crate::extract::last_cwe(&answer).as_deref() == Some(answer.as_str())
+            };
+            if !valid {
+                return Err(EvalError::Row { path: path.clone(), line, message: format!("GT {:?} is not a valid answer", cells[gt]) });
+            }
+            Ok(Item {
+                index,
+                url: cells[url].clone(),
+                prompt: cells[prompt].clone(),
+                answer,
+                description: description.map(|d| cells[d].clone()),
+            })
+        })
+        .collect()
+}
