@@ -20,6 +20,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod export;
+pub mod generate;
 mod hash;
 pub mod init;
 pub mod lora;

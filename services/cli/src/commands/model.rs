@@ -16,6 +16,36 @@ pub enum ModelCommand {
     Forward(ForwardArgs),
     /// Merge a PEFT LoRA adapter into its base model and write a full model directory.
     Merge(MergeArgs),
+    /// Generate from token ids (greedy by default, KV cache); prints the new tokens as JSON.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT adapter directory to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// One prompt as comma-separated token ids; repeat for a batch.
+    #[arg(long = "input-ids", required = true)]
+    input_ids: Vec<String>,
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// Token ids that end a sequence, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    stop_ids: Vec<i64>,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value = "fp32")]
+    dtype: String,
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -68,7 +98,33 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
         ModelCommand::Init(args) => init(args),
         ModelCommand::Forward(args) => forward(args),
         ModelCommand::Merge(args) => merge(args),
+        ModelCommand::Generate(args) => generate(args),
     }
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let kind = device::parse_dtype(&args.dtype)?;
+    let dev = device::parse_device(&args.device)?;
+    let decoder = models::load_for_inference(&args.model, args.adapter.as_deref(), kind, dev)?;
+    let prompts = args
+        .input_ids
+        .iter()
+        .map(|text| {
+            text.split(',')
+                .map(|t| t.trim().parse::<i64>().with_context(|| format!("--input-ids: {t:?} is not a token id")))
+                .collect::<anyhow::Result<Vec<i64>>>()
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let options = lathe_trainer::generate::GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+        stop_ids: args.stop_ids,
+    };
+    let tokens = lathe_trainer::generate::generate(&decoder, &prompts, &options)?;
+    println!("{}", serde_json::json!({ "tokens": tokens }));
+    Ok(())
 }
 
 fn init(args: InitArgs) -> anyhow::Result<()> {

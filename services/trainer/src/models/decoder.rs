@@ -217,6 +217,24 @@ impl Decoder {
         self.logits(&hidden)
     }
 
+    /// Inference over new tokens `input_ids` (B, T) at `position_ids` (B, T), attending to
+    /// everything in `cache` plus themselves as `mask` (B, 1, T, past + T) allows; appends
+    /// their keys and values to `cache`. Logits (B, T, V) in fp32.
+    pub fn forward_cached(&self, input_ids: &Tensor, position_ids: &Tensor, mask: &Tensor, cache: &mut KvCache) -> Tensor {
+        let ctx = LayerContext { rotary: self.rotary(position_ids), mask: Some(mask.shallow_clone()), train: false };
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = (0..self.layers.len()).map(|_| None).collect();
+        }
+        let mut hidden = self.embed(input_ids);
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let attended = layer.self_attn.forward_cached(&layer.input_layernorm.forward(&hidden), &ctx, slot);
+            let h = &hidden + attended;
+            let normed = layer.post_attention_layernorm.forward(&h);
+            hidden = &h + layer.mlp.forward(&normed, false);
+        }
+        self.logits(&hidden)
+    }
+
     pub fn context(&self, input_ids: &Tensor, position_ids: Option<&Tensor>, segments: Option<&Tensor>, train: bool) -> LayerContext {
         let (batch, seq) = input_ids.size2().expect("input_ids must be (batch, seq)");
         let default_positions;
@@ -327,10 +345,28 @@ impl DecoderLayer {
     }
 }
 
+/// Keys and values of the tokens seen so far, per layer: (B, kv heads, T, head dim) each.
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// Keeps only the rows `keep` (1-D indices) of every cached tensor: a batch drops the
+    /// sequences that finished.
+    pub fn select_rows(&mut self, keep: &Tensor) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(0, keep);
+            *v = v.index_select(0, keep);
+        }
+    }
+}
+
 impl Attention {
-    fn forward(&self, x: &Tensor, ctx: &LayerContext) -> Tensor {
+    /// Queries, keys and values of `x` (B, T, hidden) as (B, heads, T, D): projected, per-head
+    /// normed (Qwen3), rotated.
+    fn project(&self, x: &Tensor, ctx: &LayerContext) -> (Tensor, Tensor, Tensor) {
         let (b, t, _) = x.size3().expect("hidden states must be (batch, seq, hidden)");
-        // (B, T, H*D) -> (B, T, H, D), per-head norm (Qwen3), -> (B, H, T, D)
         let heads = |proj: &Linear, n: i64, norm: &Option<RmsNorm>| {
             let y = proj.forward(x, ctx.train).view([b, t, n, self.head_dim]);
             let y = match norm {
@@ -342,6 +378,26 @@ impl Attention {
         let q = apply_rotary(&heads(&self.q_proj, self.num_heads, &self.q_norm), &ctx.rotary);
         let k = apply_rotary(&heads(&self.k_proj, self.num_kv_heads, &self.k_norm), &ctx.rotary);
         let v = heads(&self.v_proj, self.num_kv_heads, &None);
+        (q, k, v)
+    }
+
+    fn forward_cached(&self, x: &Tensor, ctx: &LayerContext, cache: &mut Option<(Tensor, Tensor)>) -> Tensor {
+        let (b, t, _) = x.size3().expect("hidden states must be (batch, seq, hidden)");
+        let (q, k, v) = self.project(x, ctx);
+        let (k, v) = match cache.take() {
+            Some((past_k, past_v)) => (Tensor::cat(&[&past_k, &k], 2), Tensor::cat(&[&past_v, &v], 2)),
+            None => (k, v),
+        };
+        let gqa = self.num_heads != self.num_kv_heads;
+        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, ctx.mask.as_ref(), 0.0, false, None, gqa);
+        *cache = Some((k, v));
+        let out = out.transpose(1, 2).contiguous().view([b, t, self.num_heads * self.head_dim]);
+        self.o_proj.forward(&out, false)
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &LayerContext) -> Tensor {
+        let (b, t, _) = x.size3().expect("hidden states must be (batch, seq, hidden)");
+        let (q, k, v) = self.project(x, ctx);
         // SDPA shares each kv head across its query group itself (enable_gqa), which saves
         // materialising repeated keys and values in the forward and their gradients in the backward.
         let gqa = self.num_heads != self.num_kv_heads;
