@@ -50,35 +50,16 @@ pub fn generate(decoder: &Decoder, prompts: &[Vec<i64>], options: &GenerateOptio
         tch::manual_seed(options.seed as i64);
     }
     let _no_grad = tch::no_grad_guard();
-    let device = decoder.device;
 
-    // ---- prefill: left-padded prompts, each row attending to its own tokens only ----
-    let len = prompts.iter().map(Vec::len).max().unwrap_or(0) as i64;
-    let mut ids = Vec::with_capacity(prompts.len() * len as usize);
-    let mut valid = Vec::with_capacity(ids.capacity());
-    for prompt in prompts {
-        let pad = len as usize - prompt.len();
-        ids.extend(std::iter::repeat_n(0i64, pad).chain(prompt.iter().copied()));
-        valid.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, prompt.len())));
-    }
-    let batch = prompts.len() as i64;
-    let input = Tensor::from_slice(&ids).view([batch, len]).to_device(device);
-    let mut key_valid = Tensor::from_slice(&valid).view([batch, len]).to_device(device);
-    let positions = (key_valid.cumsum(1, Kind::Int64) - 1).clamp_min(0);
-    let causal = Tensor::ones([len, len], (Kind::Bool, device)).tril(0);
-    // A padding position attends to itself alone, so that no attention row is empty (NaN).
-    let eye = Tensor::eye(len, (Kind::Bool, device));
-    let mask = causal.unsqueeze(0).logical_and(&key_valid.unsqueeze(1)).logical_or(&eye.unsqueeze(0)).unsqueeze(1);
+    let device = decoder.device;
     let mut cache = KvCache::default();
-    let logits = decoder.forward_cached(&input, &positions, &mask, &mut cache);
-    let mut next_logits = logits.select(1, len - 1);
-    let mut last_position = positions.select(1, len - 1);
+    let (mut next_logits, mut key_valid, mut last_position) = prefill(decoder, prompts, &mut cache);
     let mut active: Vec<usize> = (0..prompts.len()).collect();
 
     // ---- decode ----
     for step in 0..options.max_new_tokens {
         let tokens = choose(&next_logits, options);
-        let chosen: Vec<i64> = Vec::<i64>::try_from(&tokens).map_err(TrainerError::Torch)?;
+        let chosen: Vec<i64> = Vec::<i64>::try_from(&tokens.to_device(tch::Device::Cpu)).map_err(TrainerError::Torch)?;
         let mut keep = Vec::with_capacity(active.len());
         for (row, (&sequence, &token)) in active.iter().zip(&chosen).enumerate() {
             outputs[sequence].push(token);
@@ -106,6 +87,43 @@ pub fn generate(decoder: &Decoder, prompts: &[Vec<i64>], options: &GenerateOptio
         next_logits = logits.select(1, 0);
     }
     Ok(outputs)
+}
+
+/// Runs left-padded `prompts` through the model, filling `cache`: the logits of each prompt's
+/// next token (B, V), which key positions are real (B, L), and each prompt's last position (B).
+fn prefill(decoder: &Decoder, prompts: &[Vec<i64>], cache: &mut KvCache) -> (Tensor, Tensor, Tensor) {
+    let device = decoder.device;
+    let len = prompts.iter().map(Vec::len).max().unwrap_or(0) as i64;
+    let mut ids = Vec::with_capacity(prompts.len() * len as usize);
+    let mut valid = Vec::with_capacity(ids.capacity());
+    for prompt in prompts {
+        let pad = len as usize - prompt.len();
+        ids.extend(std::iter::repeat_n(0i64, pad).chain(prompt.iter().copied()));
+        valid.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, prompt.len())));
+    }
+    let batch = prompts.len() as i64;
+    let input = Tensor::from_slice(&ids).view([batch, len]).to_device(device);
+    let key_valid = Tensor::from_slice(&valid).view([batch, len]).to_device(device);
+    let positions = (key_valid.cumsum(1, Kind::Int64) - 1).clamp_min(0);
+    let causal = Tensor::ones([len, len], (Kind::Bool, device)).tril(0);
+    // A padding position attends to itself alone, so that no attention row is empty (NaN).
+    let eye = Tensor::eye(len, (Kind::Bool, device));
+    let mask = causal.unsqueeze(0).logical_and(&key_valid.unsqueeze(1)).logical_or(&eye.unsqueeze(0)).unsqueeze(1);
+    let logits = decoder.forward_cached(&input, &positions, &mask, cache);
+    (logits.select(1, len - 1), key_valid, positions.select(1, len - 1))
+}
+
+/// Log-probabilities of `candidates` as the next token after each prompt (B × candidates):
+/// MCQ's likelihood mode compares A/B/C/D without generating.
+pub fn next_token_log_probs(decoder: &Decoder, prompts: &[Vec<i64>], candidates: &[i64]) -> Result<Vec<Vec<f64>>> {
+    if prompts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let _no_grad = tch::no_grad_guard();
+    let (logits, _, _) = prefill(decoder, prompts, &mut KvCache::default());
+    let index = Tensor::from_slice(candidates).to_device(decoder.device);
+    let chosen = logits.log_softmax(-1, Kind::Float).index_select(1, &index).to_device(tch::Device::Cpu);
+    Vec::<Vec<f64>>::try_from(&chosen.to_kind(Kind::Double)).map_err(TrainerError::Torch)
 }
 
 /// The next token of every row: argmax, or a sample from the tempered, nucleus-cut softmax.

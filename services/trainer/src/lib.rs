@@ -19,6 +19,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod evaluate;
 pub mod export;
 pub mod generate;
 mod hash;

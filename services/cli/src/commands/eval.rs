@@ -1,5 +1,5 @@
-//! `lathe eval`: scoring answers on CTIBench and the contamination check of training data.
-//! (Generating the answers with a model is the next step of the evaluation work.)
+//! `lathe eval`: run a model (or base + adapter) on CTIBench, score stored answers, and check
+//! training data for contamination.
 
 use std::path::PathBuf;
 
@@ -12,6 +12,8 @@ use lathe_eval::Benchmark;
 
 #[derive(Subcommand)]
 pub enum EvalCommand {
+    /// Evaluate a model (optionally with a LoRA adapter) on CTIBench benchmarks.
+    Run(RunArgs),
     /// Score stored answers (one per line of a TSV column, row-aligned with the benchmark),
     /// e.g. the CTIBench authors' responses/cti-mcq-responses.tsv.
     Score {
@@ -50,8 +52,125 @@ pub enum EvalCommand {
     },
 }
 
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT adapter directory to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Benchmarks, comma-separated: cti-mcq, cti-rcm, cti-rcm-2021.
+    #[arg(long, value_delimiter = ',', default_value = "cti-mcq,cti-rcm")]
+    benchmarks: Vec<String>,
+    /// The CTIBench data directory (CC BY-NC-SA 4.0: Lathe does not ship it).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Evaluate this many items, stratified by answer (a quick run) [default: all].
+    #[arg(long)]
+    limit: Option<usize>,
+    /// k-shot: this many solved items (outside the evaluated ones) before each question.
+    #[arg(long, default_value_t = 0)]
+    shots: usize,
+    /// Seeds the subset and the shots.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// A system prompt before the turns.
+    #[arg(long)]
+    system: Option<String>,
+    /// generate (greedy, then extract) or likelihood (MCQ: best of A-D by next-token probability).
+    #[arg(long, default_value = "generate")]
+    mode: String,
+    /// Answer length limit [default: 32 for MCQ, 384 for RCM].
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Leave unparsable answers out of the denominator instead of counting them wrong.
+    #[arg(long)]
+    skip_unparsable: bool,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// Write every result (protocol, per-item predictions and raw outputs) here as JSON.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn run_model(args: RunArgs) -> anyhow::Result<()> {
+    use lathe_trainer::evaluate::{run, EvalRequest, Mode, Protocol};
+    let mode = match args.mode.as_str() {
+        "generate" => Mode::Generate,
+        "likelihood" => Mode::Likelihood,
+        other => anyhow::bail!("--mode: {other:?} is neither generate nor likelihood"),
+    };
+    let benchmarks = args.benchmarks.iter().map(|b| b.parse::<Benchmark>()).collect::<Result<Vec<_>, _>>()?;
+    anyhow::ensure!(args.data_dir.is_dir(), "--data-dir {}: not a directory (the CTIBench data directory)", args.data_dir.display());
+    let dev = lathe_trainer::device::parse_device(&args.device)?;
+    let kind = lathe_trainer::device::resolve_dtype(&args.dtype, dev)?;
+    let decoder = lathe_trainer::models::load_for_inference(&args.model, args.adapter.as_deref(), kind, dev)?;
+    let mut results = Vec::new();
+    for benchmark in benchmarks {
+        let protocol = Protocol {
+            benchmark,
+            mode,
+            system_prompt: args.system.clone(),
+            shots: args.shots,
+            seed: args.seed,
+            limit: args.limit,
+            max_new_tokens: args.max_new_tokens.unwrap_or(if benchmark.is_mcq() { 32 } else { 384 }),
+            decoding: if mode == Mode::Generate { "greedy" } else { "likelihood" },
+            unparsable_counts_as_wrong: !args.skip_unparsable,
+        };
+        let bar = indicatif::ProgressBar::new(0).with_prefix(benchmark.name());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{prefix:<13} [{bar:30}] {pos}/{len} items · {elapsed_precise}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        let mut progress = |done: usize, all: usize| {
+            bar.set_length(all as u64);
+            bar.set_position(done as u64);
+        };
+        let result = run(EvalRequest {
+            decoder: &decoder,
+            model_dir: &args.model,
+            adapter: args.adapter.clone(),
+            data_dir: &args.data_dir,
+            protocol,
+            batch_size: args.batch_size,
+            progress: &mut progress,
+        })?;
+        bar.finish_and_clear();
+        let r = &result.result;
+        println!(
+            "{}: accuracy {:.4} (95% CI {:.4}-{:.4}), {}/{} correct, {} unparsable, {}-shot {}, {:.2} items/s",
+            benchmark.name(),
+            r.accuracy,
+            r.ci95.0,
+            r.ci95.1,
+            r.correct,
+            r.items,
+            r.unparsable,
+            args.shots,
+            result.protocol.decoding,
+            result.items_per_second
+        );
+        results.push(result);
+    }
+    if let Some(out) = &args.out {
+        let tmp = out.with_extension("json.part");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&results)?).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
+        println!("results with per-item predictions: {}", out.display());
+    }
+    Ok(())
+}
+
 pub fn run(command: EvalCommand) -> anyhow::Result<()> {
     match command {
+        EvalCommand::Run(args) => run_model(args)?,
         EvalCommand::Score { benchmark, data_dir, responses, column, skip_unparsable, json } => {
             let benchmark: Benchmark = benchmark.parse()?;
             let items = load(benchmark, &data_dir)?;
