@@ -46,6 +46,9 @@ pub struct GenerateArgs {
     dtype: String,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Generate two tokens first, untimed (benchmarks: libtorch initialises kernels on first use).
+    #[arg(long)]
+    warmup: bool,
 }
 
 #[derive(Args)]
@@ -122,8 +125,16 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         seed: args.seed,
         stop_ids: args.stop_ids,
     };
+    if args.warmup {
+        let warmup = lathe_trainer::generate::GenerateOptions { max_new_tokens: 2, ..options.clone() };
+        lathe_trainer::generate::generate(&decoder, &prompts[..1], &warmup)?;
+    }
+    let started = std::time::Instant::now();
     let tokens = lathe_trainer::generate::generate(&decoder, &prompts, &options)?;
-    println!("{}", serde_json::json!({ "tokens": tokens }));
+    let seconds = started.elapsed().as_secs_f64();
+    let new_tokens: usize = tokens.iter().map(Vec::len).sum();
+    // `seconds` excludes loading the model: what a benchmark compares.
+    println!("{}", serde_json::json!({ "tokens": tokens, "new_tokens": new_tokens, "seconds": seconds }));
     Ok(())
 }
 
