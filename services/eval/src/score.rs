@@ -77,9 +77,39 @@ pub fn wilson(k: usize, n: usize) -> (f64, f64) {
     ((centre - half).max(0.0), (centre + half).min(1.0))
 }
 
+/// Two-sided exact McNemar test of two models on the same items: `only_a` items only the
+/// first got right, `only_b` only the second; the discordant pairs against Binomial(n, 1/2).
+pub fn mcnemar_exact(only_a: u64, only_b: u64) -> f64 {
+    let n = only_a + only_b;
+    if n == 0 {
+        return 1.0;
+    }
+    let k = only_a.min(only_b);
+    // P(X <= k) for X ~ Bin(n, 1/2), in log space to stay finite for large n.
+    let ln_half_n = n as f64 * 0.5f64.ln();
+    let mut ln_choose = 0.0; // ln C(n, 0)
+    let mut tail = 0.0;
+    for i in 0..=k {
+        if i > 0 {
+            ln_choose += ((n - i + 1) as f64).ln() - (i as f64).ln();
+        }
+        tail += (ln_choose + ln_half_n).exp();
+    }
+    (2.0 * tail).min(1.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mcnemar_exact_matches_the_binomial_tail() {
+        assert!((mcnemar_exact(0, 10) - 2.0 * 0.5f64.powi(10)).abs() < 1e-12);
+        assert!((mcnemar_exact(2, 8) - 0.109375).abs() < 1e-9, "{}", mcnemar_exact(2, 8));
+        assert_eq!(mcnemar_exact(5, 5), 1.0);
+        assert_eq!(mcnemar_exact(0, 0), 1.0);
+        assert!(mcnemar_exact(400, 600) < 1e-9 && mcnemar_exact(400, 600) > 0.0);
+    }
 
     #[test]
     fn wilson_matches_the_textbook_values() {

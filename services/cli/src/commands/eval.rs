@@ -14,6 +14,12 @@ use lathe_eval::Benchmark;
 pub enum EvalCommand {
     /// Evaluate a model (optionally with a LoRA adapter) on CTIBench benchmarks.
     Run(RunArgs),
+    /// Two result files of `eval run --out` side by side: accuracy, and on the items both
+    /// evaluated, how many only one got right (with McNemar's exact test).
+    Compare {
+        a: PathBuf,
+        b: PathBuf,
+    },
     /// Score stored answers (one per line of a TSV column, row-aligned with the benchmark),
     /// e.g. the CTIBench authors' responses/cti-mcq-responses.tsv.
     Score {
@@ -168,9 +174,47 @@ fn run_model(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn compare(a: &std::path::Path, b: &std::path::Path) -> anyhow::Result<()> {
+    let read = |path: &std::path::Path| -> anyhow::Result<Vec<serde_json::Value>> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{}: not a result file of `lathe eval run --out`", path.display()))
+    };
+    let (a_results, b_results) = (read(a)?, read(b)?);
+    let name = |r: &serde_json::Value| r["protocol"]["benchmark"].as_str().unwrap_or("?").to_string();
+    println!("{:<13} {:>24} {:>24} {:>7}  only A / only B / both (McNemar p)", "benchmark", "A", "B", "B - A");
+    for ra in &a_results {
+        let Some(rb) = b_results.iter().find(|rb| name(rb) == name(ra)) else { continue };
+        let cell = |r: &serde_json::Value| {
+            let s = &r["result"];
+            format!("{:.4} [{:.3}-{:.3}]", s["accuracy"].as_f64().unwrap_or(0.0), s["ci95"][0].as_f64().unwrap_or(0.0), s["ci95"][1].as_f64().unwrap_or(0.0))
+        };
+        let correct = |r: &serde_json::Value| -> std::collections::HashMap<u64, bool> {
+            r["result"]["predictions"].as_array().into_iter().flatten().map(|p| (p["index"].as_u64().unwrap_or(0), p["correct"].as_bool().unwrap_or(false))).collect()
+        };
+        let (ca, cb) = (correct(ra), correct(rb));
+        let (mut only_a, mut only_b, mut both) = (0u64, 0u64, 0u64);
+        for (index, a_right) in &ca {
+            let Some(b_right) = cb.get(index) else { continue };
+            match (a_right, b_right) {
+                (true, false) => only_a += 1,
+                (false, true) => only_b += 1,
+                (true, true) => both += 1,
+                _ => {}
+            }
+        }
+        let delta = rb["result"]["accuracy"].as_f64().unwrap_or(0.0) - ra["result"]["accuracy"].as_f64().unwrap_or(0.0);
+        println!("{:<13} {:>24} {:>24} {:>+7.4}  {only_a} / {only_b} / {both} (p = {:.3})", name(ra), cell(ra), cell(rb), delta, lathe_eval::score::mcnemar_exact(only_a, only_b));
+        if ra["protocol"] != rb["protocol"] {
+            println!("{:<13} note: the protocols differ ({} vs {})", "", ra["protocol"], rb["protocol"]);
+        }
+    }
+    Ok(())
+}
+
 pub fn run(command: EvalCommand) -> anyhow::Result<()> {
     match command {
         EvalCommand::Run(args) => run_model(args)?,
+        EvalCommand::Compare { a, b } => compare(&a, &b)?,
         EvalCommand::Score { benchmark, data_dir, responses, column, skip_unparsable, json } => {
             let benchmark: Benchmark = benchmark.parse()?;
             let items = load(benchmark, &data_dir)?;
