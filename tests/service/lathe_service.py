@@ -24,6 +24,8 @@ import openai
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# CTIBench, read in place (CC BY-NC-SA 4.0: never copied into the project).
+CTIBENCH = ROOT.parent / "shared" / "datasets" / "ctibench"
 EXAMPLES = ROOT / "examples" / "cve-cwe" / "train.jsonl"
 
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
@@ -242,7 +244,7 @@ class Service:
         worker = Process(name, [
             str(self.bin), "worker", "--controller", f"http://127.0.0.1:{grpc_port or self.grpc_port}", "--token", token,
             "--name", name, "--device", "cpu", "--threads", "1", "--checkpoint-every", str(CHECKPOINT_EVERY),
-            "--models-root", str(self.models_root),
+            "--models-root", str(self.models_root), "--eval-data-dir", str(CTIBENCH),
         ], self.env, self.workdir, self.log_dir)
         self.workers.append(worker)
         return worker

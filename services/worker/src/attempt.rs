@@ -133,7 +133,7 @@ pub async fn run(
     let job_id = claim.job_id.clone();
 
     let prepared = prepare(config, &claim);
-    let (train, resume) = match prepared {
+    let (train, resume, decontamination) = match prepared {
         Ok(ready) => ready,
         Err(unrunnable) => {
             tracing::warn!(job_id, code = unrunnable.code, message = %unrunnable.message, "job cannot run here");
@@ -149,6 +149,9 @@ pub async fn run(
     };
     session.connect().await;
     telemetry.busy.set(1);
+    if let Some((message, data)) = decontamination {
+        session.push(log(LogLevel::Info, message, data.to_string()));
+    }
 
     let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
     let trainer_signals = signals.clone();
@@ -247,9 +250,13 @@ pub async fn run(
     ended
 }
 
+/// What the decontamination step reports: an event message and its data.
+type Decontamination = Option<(String, serde_json::Value)>;
+
 /// Checks the claim's inputs and builds the trainer's configuration; also clears the output
-/// directory of a fresh start (a previous attempt that died before its first checkpoint).
-fn prepare(config: &WorkerConfig, claim: &ClaimJobResponse) -> Result<(lathe_trainer::train::TrainConfig, Option<PathBuf>), Unrunnable> {
+/// directory of a fresh start (a previous attempt that died before its first checkpoint) and,
+/// when the job asks, removes training examples that overlap evaluation sets.
+fn prepare(config: &WorkerConfig, claim: &ClaimJobResponse) -> Result<(lathe_trainer::train::TrainConfig, Option<PathBuf>, Decontamination), Unrunnable> {
     let spec: JobSpec = serde_json::from_str(&claim.spec_json)
         .map_err(|e| Unrunnable::job("invalid_spec", format!("the job spec is not readable by this worker: {e}")))?;
     let training = claim.training_file.as_ref().ok_or_else(|| Unrunnable::job("invalid_spec", "the claim names no training file"))?;
@@ -263,16 +270,75 @@ fn prepare(config: &WorkerConfig, claim: &ClaimJobResponse) -> Result<(lathe_tra
         std::fs::remove_dir_all(output_dir)
             .map_err(|e| Unrunnable::here("storage_error", format!("{}: {e}", output_dir.display())))?;
     }
+    let mut training_path = PathBuf::from(&training.path);
+    let mut decontamination = None;
+    if let Some(request) = &spec.decontaminate {
+        let (path, event) = decontaminate(config, request, &training_path, output_dir)?;
+        training_path = path;
+        decontamination = Some(event);
+    }
     let train = train_config(
         &spec,
         Paths {
-            training_file: Path::new(&training.path),
+            training_file: &training_path,
             validation_file: claim.validation_file.as_ref().map(|v| Path::new(&v.path)),
             output_dir,
         },
         Settings { models_root: &config.models_root, device: &config.device, checkpoint_every: config.checkpoint_every, threads: config.threads },
     )?;
-    Ok((train, resume))
+    Ok((train, resume, decontamination))
+}
+
+/// Checks the training file against the job's evaluation sets; unless the job keeps them,
+/// writes it without the overlapping examples into the job's directory and returns that path.
+fn decontaminate(
+    config: &WorkerConfig,
+    request: &lathe_core::spec::Decontaminate,
+    training: &Path,
+    output_dir: &Path,
+) -> Result<(PathBuf, (String, serde_json::Value)), Unrunnable> {
+    use lathe_eval::contamination::{check_file, write_filtered, Reason};
+    let dir = config.eval_data_dir.as_ref().ok_or_else(|| {
+        Unrunnable::here("eval_data_missing", "the job asks for decontamination but this worker has no --eval-data-dir (CTIBench)")
+    })?;
+    let mut items = Vec::new();
+    for name in &request.benchmarks {
+        let benchmark: lathe_eval::Benchmark = name.parse().map_err(|e: lathe_eval::EvalError| Unrunnable::job("invalid_spec", e.to_string()))?;
+        let offset = items.len();
+        let loaded = lathe_eval::ctibench::load(benchmark, dir).map_err(|e| Unrunnable::here("eval_data_missing", e.to_string()))?;
+        items.extend(loaded.into_iter().map(|mut item| {
+            item.index += offset;
+            item
+        }));
+    }
+    let report = check_file(training, &items).map_err(|e| Unrunnable::job("invalid_training_file", e.to_string()))?;
+    let flagged = report.overlaps.len();
+    let dropped = !request.keep && flagged > 0;
+    let path = if dropped {
+        std::fs::create_dir_all(output_dir).map_err(|e| Unrunnable::here("storage_error", format!("{}: {e}", output_dir.display())))?;
+        let out = output_dir.join("train.decontaminated.jsonl");
+        write_filtered(training, &report, &out).map_err(|e| Unrunnable::here("storage_error", e.to_string()))?;
+        out
+    } else {
+        training.to_path_buf()
+    };
+    let message = format!(
+        "Decontamination against {}: {flagged} of {} training examples overlap (description {}, CVE id {}, n-gram {}), covering {} of {} evaluation items; {}",
+        request.benchmarks.join(", "),
+        report.training_rows,
+        report.count(Reason::Description),
+        report.count(Reason::CveId),
+        report.count(Reason::Ngram),
+        report.items_covered,
+        report.items,
+        if dropped { "dropped" } else if flagged > 0 { "kept (keep: true)" } else { "nothing to drop" },
+    );
+    let data = serde_json::json!({
+        "benchmarks": request.benchmarks, "training_examples": report.training_rows, "overlapping": flagged,
+        "by_description": report.count(Reason::Description), "by_cve_id": report.count(Reason::CveId),
+        "by_ngram": report.count(Reason::Ngram), "items_covered": report.items_covered, "dropped": dropped,
+    });
+    Ok((path, (message, data)))
 }
 
 fn verify_file(param: &str, path: &str, sha256: &str) -> Result<(), Unrunnable> {

@@ -26,4 +26,6 @@ pub struct WorkerConfig {
     pub redis_prefix: String,
     /// Serve Prometheus metrics here (`0.0.0.0:9091`); `None` = off.
     pub metrics_listen: Option<String>,
+    /// The CTIBench data directory, for jobs that ask for decontamination.
+    pub eval_data_dir: Option<PathBuf>,
 }

@@ -105,6 +105,9 @@ pub struct TrainingArgs {
     /// Pools this worker serves, most preferred first.
     #[arg(long, env = "LATHE_POOLS", value_delimiter = ',', default_value = "default")]
     pools: Vec<String>,
+    /// The CTIBench data directory, for jobs that ask for decontamination (not shipped: CC BY-NC-SA).
+    #[arg(long, env = "LATHE_EVAL_DATA_DIR")]
+    eval_data_dir: Option<PathBuf>,
     /// Device memory offered to jobs, in GB; jobs asking for more are not claimed [default: 0, which
     /// takes only jobs that ask for none].
     #[arg(long, env = "LATHE_GPU_MEMORY_GB")]
@@ -195,6 +198,7 @@ fn worker_config(training: &TrainingArgs, redis: &Redis, controller: String, tok
         redis_url: redis.redis_url.clone(),
         redis_prefix: redis.redis_prefix.clone(),
         metrics_listen,
+        eval_data_dir: training.eval_data_dir.clone(),
     }
 }
 

@@ -62,6 +62,7 @@ pub fn job(job: &Job) -> Value {
             "pool": spec.resources.pool,
             "gpu_memory_gb": spec.resources.gpu_memory_gb,
             "priority": spec.resources.priority,
+            "decontaminate": spec.decontaminate,
             "attempt": job.attempt,
             "retries": job.retries,
             "pause_requested": job.pause_requested,

@@ -32,7 +32,7 @@ use crate::ids::FileId;
 use crate::training_file::{DataFormat, FileSummary};
 
 pub use request::{
-    AutoOr, CreateJobRequest, HyperparametersRequest, LoraRequest, MethodRequest, MethodSettingsRequest,
+    AutoOr, CreateJobRequest, DecontaminateRequest, HyperparametersRequest, LoraRequest, MethodRequest, MethodSettingsRequest,
     TargetModulesRequest,
 };
 
@@ -166,6 +166,36 @@ pub struct JobSpec {
     pub suffix: Option<String>,
     pub metadata: BTreeMap<String, String>,
     pub resources: Resources,
+    /// Drop (or only report) training examples that overlap these evaluation sets.
+    #[serde(default)]
+    pub decontaminate: Option<Decontaminate>,
+}
+
+/// Benchmarks whose items a job checks its training data against (DESIGN.md §3.5).
+pub const DECONTAMINATION_BENCHMARKS: [&str; 3] = ["cti-mcq", "cti-rcm", "cti-rcm-2021"];
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decontaminate {
+    pub benchmarks: Vec<String>,
+    /// Overlaps are reported but kept.
+    pub keep: bool,
+}
+
+fn resolve_decontaminate(request: Option<DecontaminateRequest>) -> Result<Option<Decontaminate>, SpecError> {
+    let Some(request) = request else { return Ok(None) };
+    let benchmarks = request.benchmarks.unwrap_or_else(|| vec!["cti-rcm".into()]);
+    if benchmarks.is_empty() {
+        return Err(SpecError::invalid("decontaminate.benchmarks", "name at least one benchmark"));
+    }
+    for name in &benchmarks {
+        if !DECONTAMINATION_BENCHMARKS.contains(&name.as_str()) {
+            return Err(SpecError::invalid(
+                "decontaminate.benchmarks",
+                format!("unknown benchmark {name:?}; known: {}", DECONTAMINATION_BENCHMARKS.join(", ")),
+            ));
+        }
+    }
+    Ok(Some(Decontaminate { benchmarks, keep: request.keep.unwrap_or(false) }))
 }
 
 impl JobSpec {
@@ -332,6 +362,7 @@ impl TryFrom<CreateJobRequest> for JobSpec {
             suffix: validate_suffix(request.suffix)?,
             metadata: validate_metadata(request.metadata)?,
             resources: resolve_resources(request.pool, request.gpu_memory_gb, request.priority)?,
+            decontaminate: resolve_decontaminate(request.decontaminate)?,
         })
     }
 }

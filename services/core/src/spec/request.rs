@@ -60,6 +60,20 @@ pub struct CreateJobRequest {
     pub pool: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub priority: Option<i64>,
+    /// Check the training file against evaluation sets before training and drop overlaps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decontaminate: Option<DecontaminateRequest>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DecontaminateRequest {
+    /// Benchmarks to protect: `cti-mcq`, `cti-rcm`, `cti-rcm-2021`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub benchmarks: Option<Vec<String>>,
+    /// Report overlapping examples but train on them anyway.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

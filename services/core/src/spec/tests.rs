@@ -284,3 +284,22 @@ fn a_pool_name_the_queue_cannot_key_is_rejected_naming_pool() {
         assert_eq!(error.param, "pool", "{pool:?}");
     }
 }
+
+#[test]
+fn decontamination_defaults_to_cti_rcm_and_names_an_unknown_benchmark() {
+    let spec = |extra: serde_json::Value| {
+        let mut body = serde_json::json!({"model": "tiny", "training_file": "file-abcdefghijklmnopqrstuvwx"});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        JobSpec::try_from(CreateJobRequest::from_value(body).unwrap())
+    };
+    assert_eq!(spec(serde_json::json!({})).unwrap().decontaminate, None);
+    let on = spec(serde_json::json!({"decontaminate": {}})).unwrap().decontaminate.unwrap();
+    assert_eq!((on.benchmarks, on.keep), (vec!["cti-rcm".to_string()], false));
+    let error = spec(serde_json::json!({"decontaminate": {"benchmarks": ["mmlu"]}})).unwrap_err();
+    assert_eq!(error.param, "decontaminate.benchmarks");
+    assert!(error.message.contains("mmlu") && error.message.contains("cti-rcm-2021"), "{}", error.message);
+    // A spec stored before the field existed still reads.
+    let mut stored = serde_json::to_value(spec(serde_json::json!({})).unwrap()).unwrap();
+    stored.as_object_mut().unwrap().remove("decontaminate");
+    assert_eq!(serde_json::from_value::<JobSpec>(stored).unwrap().decontaminate, None);
+}
