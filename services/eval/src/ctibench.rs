@@ -73,8 +73,11 @@ pub struct Item {
     pub description: Option<String>,
 }
 
-/// Rows of a tab-separated file with a header: `(line number, cells)`.
-pub fn read_tsv(path: &Path) -> Result<(Vec<String>, Vec<(usize, Vec<String>)>), EvalError> {
+/// A TSV file's data rows: `(line number, cells)`.
+pub type Rows = Vec<(usize, Vec<String>)>;
+
+/// The header and rows of a tab-separated file.
+pub fn read_tsv(path: &Path) -> Result<(Vec<String>, Rows), EvalError> {
     let text = std::fs::read_to_string(path).map_err(|e| EvalError::io(path, e))?;
     let mut lines = text.lines().enumerate();
     let header: Vec<String> = match lines.next() {

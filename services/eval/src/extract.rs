@@ -73,7 +73,7 @@ pub fn mcq_letter(text: &str) -> Option<char> {
         .iter()
         .filter_map(|p| lower.rfind(p).map(|at| (at, p.len())))
         .max()
-        .and_then(|(at, len)| lone_letter(text[at + len..].trim_start().split_whitespace().next().unwrap_or("")))
+        .and_then(|(at, len)| lone_letter(text[at + len..].split_whitespace().next().unwrap_or("")))
 }
 
 /// `B`, `B)`, `B.`, `B:`, `(B)`, `B) text…`: a letter A–D standing on its own at the start.
@@ -86,7 +86,7 @@ fn lone_letter(text: &str) -> Option<char> {
     }
     match chars.next() {
         None => Some(letter),
-        Some(c) if matches!(c, ')' | ']' | '.' | ':' | ',' | ' ') => Some(letter),
+        Some(')' | ']' | '.' | ':' | ',' | ' ') => Some(letter),
         _ => None,
     }
 }

@@ -98,18 +98,6 @@ impl<T> Page<T> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::Page;
-
-    #[test]
-    fn an_overfetched_row_only_sets_has_more() {
-        assert_eq!(Page::from_overfetch(vec![1, 2, 3], 2), Page { items: vec![1, 2], has_more: true });
-        assert_eq!(Page::from_overfetch(vec![1, 2], 2), Page { items: vec![1, 2], has_more: false });
-        assert_eq!(Page::from_overfetch(Vec::<i32>::new(), 0), Page { items: vec![], has_more: false });
-    }
-}
-
 /// One round trip, for readiness probes.
 pub async fn ping(pool: &PgPool) -> Result<(), StoreError> {
     sqlx::query("SELECT 1").execute(pool).await?;
@@ -120,4 +108,16 @@ pub async fn ping(pool: &PgPool) -> Result<(), StoreError> {
 pub async fn execute(pool: &PgPool, sql: &str) -> Result<(), StoreError> {
     sqlx::query(sql).execute(pool).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Page;
+
+    #[test]
+    fn an_overfetched_row_only_sets_has_more() {
+        assert_eq!(Page::from_overfetch(vec![1, 2, 3], 2), Page { items: vec![1, 2], has_more: true });
+        assert_eq!(Page::from_overfetch(vec![1, 2], 2), Page { items: vec![1, 2], has_more: false });
+        assert_eq!(Page::from_overfetch(Vec::<i32>::new(), 0), Page { items: vec![], has_more: false });
+    }
 }

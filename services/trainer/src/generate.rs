@@ -80,7 +80,7 @@ pub fn generate(decoder: &Decoder, prompts: &[Vec<i64>], options: &GenerateOptio
             active = keep.iter().map(|&r| active[r as usize]).collect();
         }
         let rows = active.len() as i64;
-        last_position = last_position + 1;
+        last_position += 1;
         key_valid = Tensor::cat(&[&key_valid, &Tensor::ones([rows, 1], (Kind::Bool, device))], 1);
         let mask = key_valid.unsqueeze(1).unsqueeze(1);
         let logits = decoder.forward_cached(&tokens.view([rows, 1]), &last_position.view([rows, 1]), &mask, &mut cache);

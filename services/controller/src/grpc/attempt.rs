@@ -309,7 +309,7 @@ impl Attempt {
         for result in &finish.result_files {
             let path = self.inside_job_dir(&result.path)?;
             let name = Path::new(&result.filename).file_name().and_then(|n| n.to_str()).unwrap_or("result").to_string();
-            sources.push((name, Source::Path(path.into())));
+            sources.push((name, Source::Path(path)));
         }
         let points = list_metrics(pool, project, job_id).await?;
         sources.insert(0, ("step_metrics.csv".into(), Source::Bytes(results_csv(&points).into_bytes())));

@@ -42,14 +42,7 @@ pub async fn record_metrics(
     attempt: i32,
     points: &[MetricPoint],
 ) -> Result<u64, StoreError> {
-    // One row per step: ON CONFLICT cannot touch a row twice in one statement.
-    let by_step: BTreeMap<i64, &MetricPoint> = points.iter().map(|p| (p.step, p)).collect();
-    let points: Vec<&MetricPoint> = by_step.into_values().collect();
-    let mut tx = pool.begin().await?;
-    lock_attempt(&mut tx, job_id, attempt, false).await?;
-    let written = insert_metrics(&mut tx, job_id, attempt, &points).await?;
-    tx.commit().await?;
-    Ok(written)
+    record_progress(pool, job_id, attempt, points, &[]).await
 }
 
 /// A batch of points and the events that announce them, in one transaction under one fence
@@ -62,12 +55,15 @@ pub async fn record_progress(
     points: &[MetricPoint],
     events: &[NewEvent],
 ) -> Result<u64, StoreError> {
+    // One row per step: ON CONFLICT cannot touch a row twice in one statement.
     let by_step: BTreeMap<i64, &MetricPoint> = points.iter().map(|p| (p.step, p)).collect();
     let points: Vec<&MetricPoint> = by_step.into_values().collect();
     let mut tx = pool.begin().await?;
     lock_attempt(&mut tx, job_id, attempt, false).await?;
     let written = insert_metrics(&mut tx, job_id, attempt, &points).await?;
-    insert_events(&mut tx, job_id, attempt, events).await?;
+    if !events.is_empty() {
+        insert_events(&mut tx, job_id, attempt, events).await?;
+    }
     tx.commit().await?;
     Ok(written)
 }

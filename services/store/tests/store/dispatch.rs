@@ -364,7 +364,7 @@ async fn a_point_resent_with_its_validation_loss_is_completed_not_ignored() {
     record_metrics(&db.pool, &job_id, attempt, &[point(10, 2.5)]).await.unwrap();
     // The eval of step 10 finished after its point went out: the worker sends it again, whole.
     let completed = MetricPoint { valid_loss: Some(2.25), valid_mean_token_accuracy: Some(0.5), ..point(10, 2.5) };
-    assert_eq!(record_metrics(&db.pool, &job_id, attempt, &[completed.clone()]).await.unwrap(), 1);
+    assert_eq!(record_metrics(&db.pool, &job_id, attempt, std::slice::from_ref(&completed)).await.unwrap(), 1);
     assert_eq!(record_metrics(&db.pool, &job_id, attempt, &[completed]).await.unwrap(), 0, "an identical resend writes nothing");
     let curve = list_metrics(&db.pool, &project_id, &job_id).await.unwrap();
     assert_eq!((curve[0].train_loss, curve[0].valid_loss), (Some(2.5), Some(2.25)));
