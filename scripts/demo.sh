@@ -44,6 +44,6 @@ $LATHE jobs create --model tiny-qwen3 \
   --watch --download "$RUN/adapter"
 
 echo
-echo "API:        $LATHE_API_URL (key in LATHE_API_KEY above; the service stops when this script ends)"
+echo "API:        $LATHE_API_URL (stopped with this script; keys: lathe admin create-key --project demo)"
 echo "adapter:    $RUN/adapter (PEFT: adapter_config.json + adapter_model.safetensors; step_metrics.csv)"
 echo "load it:    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('$DATA/models/tiny-qwen3'), '$RUN/adapter')"
