@@ -3,25 +3,15 @@
 
 use std::path::{Path, PathBuf};
 
+use lathe_core::spec::is_model_name;
+
 /// The directory of base model `name`, if the name is well formed and a model lives there.
 pub fn resolve(models_root: &Path, name: &str) -> Option<PathBuf> {
-    if !is_valid_name(name) {
+    if !is_model_name(name) {
         return None;
     }
     let dir = models_root.join(name);
     dir.join("config.json").is_file().then_some(dir)
-}
-
-/// One or two segments of `[A-Za-z0-9._-]`, none starting with a dot.
-pub fn is_valid_name(name: &str) -> bool {
-    let segments: Vec<&str> = name.split('/').collect();
-    segments.len() <= 2
-        && segments.iter().all(|s| {
-            !s.is_empty()
-                && !s.starts_with('.')
-                && s.len() <= 128
-                && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        })
 }
 
 /// Every base model under the root (`name`, created as Unix seconds), sorted by name.
@@ -37,7 +27,7 @@ fn collect(dir: &Path, prefix: &str, depth: usize, found: &mut Vec<(String, i64)
     for entry in entries.flatten() {
         let path = entry.path();
         let Some(name) = path.file_name().and_then(|n| n.to_str()).map(|n| format!("{prefix}{n}")) else { continue };
-        if !path.is_dir() || !is_valid_name(&name) {
+        if !path.is_dir() || !is_model_name(&name) {
             continue;
         }
         let config = path.join("config.json");
@@ -61,10 +51,10 @@ mod tests {
     #[test]
     fn names_that_could_escape_the_root_are_refused() {
         for bad in ["", "..", "../etc", "a/../b", "/abs", "a/b/c", ".hidden", "a b", "a\\b"] {
-            assert!(!is_valid_name(bad), "{bad:?} accepted");
+            assert!(!is_model_name(bad), "{bad:?} accepted");
         }
         for good in ["tiny-qwen3", "Qwen/Qwen3-0.6B", "llama_3.2"] {
-            assert!(is_valid_name(good), "{good:?} refused");
+            assert!(is_model_name(good), "{good:?} refused");
         }
     }
 

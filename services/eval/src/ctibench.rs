@@ -134,6 +134,20 @@ fn column(header: &[String], name: &str, path: &Path) -> Result<usize, EvalError
     })
 }
 
+/// Reads several benchmarks as one item list (the contamination check protects them all at
+/// once); indices are renumbered to stay distinct across benchmarks.
+pub fn load_all(names: &[String], data_dir: &Path) -> Result<Vec<Item>, EvalError> {
+    let mut items = Vec::new();
+    for name in names {
+        let offset = items.len();
+        items.extend(load(name.parse()?, data_dir)?.into_iter().map(|mut item| {
+            item.index += offset;
+            item
+        }));
+    }
+    Ok(items)
+}
+
 /// Reads a benchmark from the data directory.
 pub fn load(benchmark: Benchmark, data_dir: &Path) -> Result<Vec<Item>, EvalError> {
     if !data_dir.is_dir() {

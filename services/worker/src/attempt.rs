@@ -301,16 +301,9 @@ fn decontaminate(
     let dir = config.eval_data_dir.as_ref().ok_or_else(|| {
         Unrunnable::here("eval_data_missing", "the job asks for decontamination but this worker has no --eval-data-dir (CTIBench)")
     })?;
-    let mut items = Vec::new();
-    for name in &request.benchmarks {
-        let benchmark: lathe_eval::Benchmark = name.parse().map_err(|e: lathe_eval::EvalError| Unrunnable::job("invalid_spec", e.to_string()))?;
-        let offset = items.len();
-        let loaded = lathe_eval::ctibench::load(benchmark, dir).map_err(|e| Unrunnable::here("eval_data_missing", e.to_string()))?;
-        items.extend(loaded.into_iter().map(|mut item| {
-            item.index += offset;
-            item
-        }));
-    }
+    // Names were checked at job create; what can fail here is this worker's copy of the data.
+    let items = lathe_eval::ctibench::load_all(&request.benchmarks, dir)
+        .map_err(|e| Unrunnable::here("eval_data_missing", e.to_string()))?;
     let report = check_file(training, &items).map_err(|e| Unrunnable::job("invalid_training_file", e.to_string()))?;
     let flagged = report.overlaps.len();
     let dropped = !request.keep && flagged > 0;

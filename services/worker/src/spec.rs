@@ -107,10 +107,8 @@ pub fn train_config(spec: &JobSpec, paths: Paths<'_>, settings: Settings<'_>) ->
 /// The base model's directory; the name was checked by the controller and is checked again
 /// here, since it becomes a path on this machine.
 fn model_dir(models_root: &Path, name: &str) -> Result<PathBuf, Unrunnable> {
-    let well_formed = name.split('/').count() <= 2
-        && name.split('/').all(|s| !s.is_empty() && !s.starts_with('.') && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)));
     let dir = models_root.join(name);
-    if !well_formed || !dir.join("config.json").is_file() {
+    if !lathe_core::spec::is_model_name(name) || !dir.join("config.json").is_file() {
         return Err(Unrunnable::here(
             "model_not_found",
             format!("model {name:?} is not under this worker's models root {}", models_root.display()),

@@ -245,15 +245,7 @@ pub fn run(command: EvalCommand) -> anyhow::Result<()> {
             }
         }
         EvalCommand::Contamination { training_file, benchmarks, data_dir, out } => {
-            let mut items = Vec::new();
-            for name in &benchmarks {
-                let benchmark: Benchmark = name.parse()?;
-                let offset = items.len();
-                items.extend(load(benchmark, &data_dir)?.into_iter().map(|mut item| {
-                    item.index += offset;
-                    item
-                }));
-            }
+            let items = lathe_eval::ctibench::load_all(&benchmarks, &data_dir)?;
             let report = check_file(&training_file, &items)?;
             println!(
                 "{}: {} of {} rows overlap {} (description {}, CVE id {}, {}-gram {}), covering {} of {} items",

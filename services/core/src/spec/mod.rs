@@ -469,16 +469,25 @@ fn validate_model_name(model: Option<&str>) -> Result<String, SpecError> {
             "fine-tuning a fine-tuned model is not supported yet; give its base model",
         ));
     }
-    let segment_ok = |s: &str| {
-        !s.is_empty() && s != "." && s != ".." && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-    };
-    if model.len() > 256 || !model.split('/').all(segment_ok) {
+    if !is_model_name(model) {
         return Err(SpecError::invalid(
             "model",
-            format!("{model:?} is not a model name (letters, digits, '.', '_', '-', segments separated by '/')"),
+            format!("{model:?} is not a model name (one or two '/'-separated segments of letters, digits, '.', '_', '-', not starting with '.')"),
         ));
     }
     Ok(model.to_string())
+}
+
+/// Whether `name` is a base model name: `tiny-qwen3` or `Qwen/Qwen3-0.6B` — one or two
+/// segments of `[A-Za-z0-9._-]`, none empty or starting with a dot. Such a name can be joined
+/// to a models root without leaving it; the controller and the workers both rely on that.
+pub fn is_model_name(name: &str) -> bool {
+    let segments: Vec<&str> = name.split('/').collect();
+    name.len() <= 256
+        && segments.len() <= 2
+        && segments.iter().all(|s| {
+            !s.is_empty() && !s.starts_with('.') && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        })
 }
 
 fn parse_file_id(param: &str, id: &str) -> Result<FileId, SpecError> {
