@@ -191,6 +191,8 @@ class Service:
         self.grpc_port = free_port()
         self.controller: Process | None = None
         self.workers: list[Process] = []
+        # The controller checks evaluations against this CTIBench directory.
+        self.eval_data_dir: Path = CTIBENCH
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -222,7 +224,7 @@ class Service:
             "--http-listen", f"127.0.0.1:{self.http_port}", "--grpc-listen", f"127.0.0.1:{self.grpc_port}",
             "--data-dir", str(self.data_dir), "--models-root", str(self.models_root),
             "--lease-seconds", str(LEASE_SECONDS), "--heartbeat-seconds", "1", "--reconcile-seconds", "1",
-            "--max-upload-bytes", str(UPLOAD_LIMIT_BYTES),
+            "--max-upload-bytes", str(UPLOAD_LIMIT_BYTES), "--eval-data-dir", str(self.eval_data_dir),
         ], self.env, self.workdir, self.log_dir)
 
         def ready():

@@ -41,6 +41,9 @@ enum Command {
     /// Create, follow, list and cancel fine-tuning jobs on a Lathe server.
     #[command(subcommand)]
     Jobs(commands::client::JobsCommand),
+    /// Evaluate models on a Lathe server (CTIBench or your own file) and read the results.
+    #[command(subcommand)]
+    Evals(commands::evals::EvalsCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -65,6 +68,7 @@ fn main() -> std::process::ExitCode {
         Command::Admin(cmd) => commands::admin::run(cmd),
         Command::Files(cmd) => commands::client::files(cmd),
         Command::Jobs(cmd) => commands::client::jobs(cmd),
+        Command::Evals(cmd) => commands::evals::run(cmd),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -17,6 +17,9 @@ pub struct ControllerConfig {
     pub data_dir: PathBuf,
     /// Base models, one Hugging Face directory per name.
     pub models_root: PathBuf,
+    /// The CTIBench data directory, as the workers see it too: evaluations are checked against
+    /// it when they are created. None: only evaluations on the user's own files are accepted.
+    pub eval_data_dir: Option<PathBuf>,
     /// Largest accepted upload; larger requests get 413.
     pub max_upload_bytes: usize,
     pub lease: Duration,
@@ -36,6 +39,7 @@ impl ControllerConfig {
             http_listen: "127.0.0.1:8080".into(),
             grpc_listen: "127.0.0.1:50051".into(),
             models_root: data_dir.join("models"),
+            eval_data_dir: None,
             data_dir,
             max_upload_bytes: 512 * 1024 * 1024,
             lease: Duration::from_secs(60),

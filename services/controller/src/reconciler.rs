@@ -4,7 +4,9 @@
 //!    committed checkpoint;
 //! 2. re-publishes every queued job to Redis (`ZADD NX`: a no-op for ids already there), which
 //!    heals a Redis restart or FLUSHALL and any wake-up lost between a pop and a claim;
-//! 3. refreshes the gauges that mirror Postgres (jobs by status, workers, queue depth).
+//! 3. requeues running evaluations whose lease expired (a crash each; failed past the limit);
+//! 4. refreshes the gauges that mirror Postgres (jobs and evaluations by status, workers,
+//!    queue depth).
 //!
 //! Every step is safe to run from several controller replicas at once (row locks with SKIP
 //! LOCKED, idempotent publishes), and a failed pass is just logged: the next one retries.
@@ -63,6 +65,14 @@ async fn pass_with(state: &AppState, requeue: bool) -> Result<(), lathe_store::S
         state.note_event(job.job_id.as_str(), EventLevel::Warn, &message, None).await;
     }
 
+    if requeue {
+        let evaluations =
+            lathe_store::evaluations::requeue_expired_evaluations(&state.pool, OffsetDateTime::now_utc() - grace, &state.config.retry).await?;
+        for (id, status) in evaluations {
+            tracing::warn!(evaluation_id = id, status = status.as_str(), "evaluation lease expired");
+        }
+    }
+
     let queued = queued_job_ids(&state.pool).await?;
     let mut redis_ok = true;
     for job in &queued {
@@ -87,6 +97,12 @@ async fn pass_with(state: &AppState, requeue: bool) -> Result<(), lathe_store::S
         .map(|s| (s.as_str().to_string(), by_status.iter().find(|(st, _)| st == s).map_or(0, |(_, n)| *n)))
         .collect();
     Telemetry::set_gauges(&state.telemetry.jobs, "status", &statuses);
+    let by_status = lathe_store::evaluations::count_by_status(&state.pool).await?;
+    let evaluations: Vec<(String, i64)> = lathe_store::evaluations::EvaluationStatus::ALL
+        .iter()
+        .map(|s| (s.as_str().to_string(), by_status.iter().find(|(st, _)| st == s).map_or(0, |(_, n)| *n)))
+        .collect();
+    Telemetry::set_gauges(&state.telemetry.evaluations, "status", &evaluations);
 
     let workers = lathe_store::workers::list_workers(&state.pool).await?;
     let stale_before = OffsetDateTime::now_utc() - state.config.lease;

@@ -18,6 +18,7 @@ type FloatGauge = Gauge<f64, AtomicU64>;
 pub struct Telemetry {
     registry: Registry,
     pub jobs: Family<Labels, Gauge>,
+    pub evaluations: Family<Labels, Gauge>,
     pub queue_depth: Family<Labels, Gauge>,
     pub workers: Family<Labels, Gauge>,
     pub job_train_loss: Family<Labels, FloatGauge>,
@@ -40,6 +41,7 @@ impl Telemetry {
         let mut registry = Registry::default();
         let t = Telemetry {
             jobs: Family::default(),
+            evaluations: Family::default(),
             queue_depth: Family::default(),
             workers: Family::default(),
             job_train_loss: Family::default(),
@@ -53,6 +55,7 @@ impl Telemetry {
             registry: Registry::default(),
         };
         registry.register("lathe_jobs", "Jobs by status", t.jobs.clone());
+        registry.register("lathe_evaluations", "Evaluations by status", t.evaluations.clone());
         registry.register("lathe_queue_depth", "Job ids waiting in Redis, per pool", t.queue_depth.clone());
         registry.register("lathe_workers", "Registered workers by state (live, stale, draining)", t.workers.clone());
         registry.register("lathe_job_train_loss", "Latest training loss of a running job", t.job_train_loss.clone());

@@ -121,6 +121,12 @@ define_id!(
     "ftjob-"
 );
 define_id!(
+    /// An evaluation run of a model on a benchmark, `eval-…`.
+    EvaluationId,
+    "eval-"
+);
+
+define_id!(
     /// A committed checkpoint, `ftckpt_…` (OpenAI's underscore, not a dash).
     CheckpointId,
     "ftckpt_"

@@ -242,6 +242,7 @@ mod tests {
             prompt: format!("Analyze … CVE Description: {description}"),
             answer: "CWE-79".into(),
             description: Some(description.into()),
+            turns: Vec::new(),
         }
     }
 

@@ -25,6 +25,8 @@ pub enum Benchmark {
     CtiMcq,
     CtiRcm,
     CtiRcm2021,
+    /// The user's own JSONL validation set (see [`crate::chat_file`]): not a CTIBench file.
+    File,
 }
 
 impl Benchmark {
@@ -35,6 +37,7 @@ impl Benchmark {
             Benchmark::CtiMcq => "cti-mcq",
             Benchmark::CtiRcm => "cti-rcm",
             Benchmark::CtiRcm2021 => "cti-rcm-2021",
+            Benchmark::File => "file",
         }
     }
 
@@ -55,7 +58,11 @@ impl Benchmark {
 impl FromStr for Benchmark {
     type Err = EvalError;
     fn from_str(name: &str) -> Result<Self, EvalError> {
-        Benchmark::ALL.into_iter().find(|b| b.name() == name).ok_or_else(|| EvalError::UnknownBenchmark(name.to_string()))
+        Benchmark::ALL
+            .into_iter()
+            .chain([Benchmark::File])
+            .find(|b| b.name() == name)
+            .ok_or_else(|| EvalError::UnknownBenchmark(name.to_string()))
     }
 }
 
@@ -71,6 +78,10 @@ pub struct Item {
     pub answer: String,
     /// RCM: the CVE description (the contamination filter compares it with training data).
     pub description: Option<String>,
+    /// Turns before `prompt` as `(role, content)`: the system message and earlier exchanges of
+    /// a chat example in the user's own file; empty for CTIBench.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub turns: Vec<(String, String)>,
 }
 
 /// A TSV file's data rows: `(line number, cells)`.
@@ -150,6 +161,9 @@ pub fn load_all(names: &[String], data_dir: &Path) -> Result<Vec<Item>, EvalErro
 
 /// Reads a benchmark from the data directory.
 pub fn load(benchmark: Benchmark, data_dir: &Path) -> Result<Vec<Item>, EvalError> {
+    if benchmark == Benchmark::File {
+        return Err(EvalError::File { path: data_dir.into(), message: "the \"file\" benchmark reads a JSONL file, not the CTIBench directory".into() });
+    }
     if !data_dir.is_dir() {
         return Err(EvalError::File { path: data_dir.into(), message: "not a directory (the CTIBench data directory)".into() });
     }
@@ -175,6 +189,7 @@ pub fn load(benchmark: Benchmark, data_dir: &Path) -> Result<Vec<Item>, EvalErro
                 prompt: cells[prompt].clone(),
                 answer,
                 description: description.map(|d| cells[d].clone()),
+                turns: Vec::new(),
             })
         })
         .collect()

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 pub enum EvalError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("unknown benchmark {0:?}; known: cti-mcq, cti-rcm, cti-rcm-2021")]
+    #[error("unknown benchmark {0:?}; known: cti-mcq, cti-rcm, cti-rcm-2021, file")]
     UnknownBenchmark(String),
     #[error("{path}:{line}: {message}")]
     Row { path: PathBuf, line: usize, message: String },

@@ -6,6 +6,8 @@
 //! - MCQ (`mcq-last-line-letter`): the letter A–D on the last non-empty line — alone or as
 //!   `B)`, `(B)`, `**B**`, `Answer: B`, `The answer is B`, `Option B` — else the last
 //!   "answer is X" / "Answer: X" anywhere in the text.
+//! - Own files (`exact-match`): the whole output against the expected answer, both trimmed,
+//!   lower-cased, with runs of whitespace collapsed and a trailing period dropped.
 
 use serde::Serialize;
 
@@ -14,6 +16,7 @@ use serde::Serialize;
 pub enum Rule {
     RcmLastCwe,
     McqLastLineLetter,
+    ExactMatch,
 }
 
 impl Rule {
@@ -21,13 +24,21 @@ impl Rule {
         match self {
             Rule::RcmLastCwe => "rcm-last-cwe",
             Rule::McqLastLineLetter => "mcq-last-line-letter",
+            Rule::ExactMatch => "exact-match",
         }
+    }
+
+    pub const ALL: [Rule; 3] = [Rule::RcmLastCwe, Rule::McqLastLineLetter, Rule::ExactMatch];
+
+    pub fn parse(name: &str) -> Option<Rule> {
+        Rule::ALL.into_iter().find(|r| r.name() == name)
     }
 
     pub fn extract(self, output: &str) -> Option<String> {
         match self {
             Rule::RcmLastCwe => last_cwe(output),
             Rule::McqLastLineLetter => mcq_letter(output).map(String::from),
+            Rule::ExactMatch => Some(normalised(output)).filter(|s| !s.is_empty()),
         }
     }
 }
@@ -49,6 +60,12 @@ pub fn last_cwe(text: &str) -> Option<String> {
         from = start;
     }
     found
+}
+
+/// `text` trimmed, lower-cased, whitespace runs collapsed, one trailing period dropped.
+pub fn normalised(text: &str) -> String {
+    let joined = text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
+    joined.strip_suffix('.').unwrap_or(&joined).trim_end().to_string()
 }
 
 /// The MCQ letter of `text`; see the module docs for the accepted forms.
@@ -101,6 +118,14 @@ mod tests {
         assert_eq!(last_cwe("CWE-787").as_deref(), Some("CWE-787"));
         assert_eq!(last_cwe("no weakness named, CWE- nothing"), None);
         assert_eq!(last_cwe("CWE-22 then CWE-"), Some("CWE-22".into()));
+    }
+
+    #[test]
+    fn exact_match_ignores_case_spacing_and_a_final_period() {
+        assert_eq!(Rule::ExactMatch.extract("  CWE-79:  Cross-site\nScripting. "), Some("cwe-79: cross-site scripting".into()));
+        assert_eq!(Rule::ExactMatch.extract(" \n "), None);
+        assert_eq!(Rule::parse("exact-match"), Some(Rule::ExactMatch));
+        assert_eq!(Rule::parse("regex"), None);
     }
 
     #[test]

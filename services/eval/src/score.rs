@@ -29,21 +29,32 @@ pub struct Scored {
     pub predictions: Vec<Prediction>,
 }
 
+/// The default extraction rule of a benchmark.
 pub fn rule_for(benchmark: Benchmark) -> Rule {
-    if benchmark.is_mcq() { Rule::McqLastLineLetter } else { Rule::RcmLastCwe }
+    match benchmark {
+        Benchmark::CtiMcq => Rule::McqLastLineLetter,
+        Benchmark::CtiRcm | Benchmark::CtiRcm2021 => Rule::RcmLastCwe,
+        Benchmark::File => Rule::ExactMatch,
+    }
 }
 
 /// Scores `outputs` (one per item, same order). Unparsable outputs count as wrong unless
 /// `unparsable_counts_as_wrong` is false, in which case they leave the denominator.
 pub fn score(benchmark: Benchmark, items: &[Item], outputs: &[String], unparsable_counts_as_wrong: bool) -> Scored {
+    score_with(benchmark, rule_for(benchmark), items, outputs, unparsable_counts_as_wrong)
+}
+
+/// [`score`] under an explicit extraction rule. The expected answer goes through the same rule
+/// (`cwe-079` and `CWE-79` are one answer), falling back to itself when the rule finds nothing.
+pub fn score_with(benchmark: Benchmark, rule: Rule, items: &[Item], outputs: &[String], unparsable_counts_as_wrong: bool) -> Scored {
     assert_eq!(items.len(), outputs.len(), "one output per item");
-    let rule = rule_for(benchmark);
     let predictions: Vec<Prediction> = items
         .iter()
         .zip(outputs)
         .map(|(item, output)| {
             let extracted = rule.extract(output);
-            let correct = extracted.as_deref() == Some(item.answer.as_str());
+            let expected = rule.extract(&item.answer).unwrap_or_else(|| item.answer.clone());
+            let correct = extracted.as_deref() == Some(expected.as_str());
             Prediction { index: item.index, expected: item.answer.clone(), extracted, correct, output: output.clone() }
         })
         .collect();

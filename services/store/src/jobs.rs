@@ -373,3 +373,16 @@ pub async fn attempt_control(pool: &PgPool, job_id: &str, attempt: i32) -> Resul
             .await?;
     row.map(|(status, pause)| Ok((parse_status(&status)?, pause))).transpose()
 }
+
+/// The succeeded job of `project_id` that produced the fine-tuned model `name`.
+pub async fn find_by_fine_tuned_model(pool: &PgPool, project_id: &str, name: &str) -> Result<Option<Job>, StoreError> {
+    sqlx::query_as::<_, JobRow>(&format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE project_id = $1 AND fine_tuned_model = $2 AND status = 'succeeded'"
+    ))
+    .bind(project_id)
+    .bind(name)
+    .fetch_optional(pool)
+    .await?
+    .map(Job::try_from)
+    .transpose()
+}

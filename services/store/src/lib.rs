@@ -4,7 +4,7 @@
 //! Where it sits in the flow (DESIGN.md §1):
 //!
 //! ```text
-//! REST handlers ───────┐   files, jobs (create / list / cancel / pause / resume), keys
+//! REST handlers ───────┐   files, jobs (create / list / cancel / pause / resume), evaluations, keys
 //! gRPC worker service ─┼──▶ lathe-store ──▶ Postgres (source of truth)
 //! reconciler ──────────┘   claim, lease renewal, fenced writes, requeue of expired leases
 //! ```
@@ -22,6 +22,7 @@
 
 pub mod dispatch;
 pub mod error;
+pub mod evaluations;
 pub mod files;
 pub mod jobs;
 pub mod keys;

@@ -6,6 +6,8 @@ mod support;
 
 #[path = "store/dispatch.rs"]
 mod dispatch;
+#[path = "store/evaluations.rs"]
+mod evaluations;
 #[path = "store/files.rs"]
 mod files;
 #[path = "store/jobs.rs"]

@@ -3,11 +3,13 @@
 //! `lathe_eval` extraction and scoring. Every result carries its protocol.
 
 use std::path::{Path, PathBuf};
+
 use std::time::Instant;
 
 use lathe_core::training_file::ChatMessage;
-use lathe_eval::ctibench::{load, Item};
-use lathe_eval::score::{score, Scored};
+use lathe_eval::ctibench::Item;
+use lathe_eval::extract::Rule;
+use lathe_eval::score::{score_with, Scored};
 use lathe_eval::Benchmark;
 use serde::Serialize;
 use tokenizers::Tokenizer;
@@ -44,6 +46,8 @@ pub struct Protocol {
     pub limit: Option<usize>,
     pub max_new_tokens: usize,
     pub decoding: &'static str,
+    /// How an answer is read out of the output (`lathe_eval::extract`).
+    pub rule: Rule,
     pub unparsable_counts_as_wrong: bool,
 }
 
@@ -61,11 +65,14 @@ pub struct EvalRequest<'a> {
     pub decoder: &'a Decoder,
     pub model_dir: &'a Path,
     pub adapter: Option<PathBuf>,
-    pub data_dir: &'a Path,
+    /// Every item of the benchmark (`lathe_eval::ctibench::load` or `chat_file::load`): the
+    /// protocol's subset is chosen from them and the shots from the rest.
+    pub items: &'a [Item],
     pub protocol: Protocol,
     pub batch_size: usize,
-    /// Called after each batch with (items done, items in all).
-    pub progress: &'a mut dyn FnMut(usize, usize),
+    /// Called after each batch with (items done, items in all); returning false stops the run
+    /// with [`TrainerError::Stopped`] (a cancelled evaluation).
+    pub progress: &'a mut dyn FnMut(usize, usize) -> bool,
 }
 
 /// The items to evaluate: all, or `limit` of them stratified by answer (round-robin over the
@@ -114,9 +121,9 @@ fn shot_pool(all: &[Item], evaluated: &[Item], k: usize, seed: u64) -> Vec<Item>
 pub fn run(request: EvalRequest<'_>) -> Result<EvalResult> {
     let protocol = request.protocol.clone();
     let benchmark = protocol.benchmark;
-    let all = load(benchmark, request.data_dir).map_err(|e| TrainerError::invalid("data_dir", e.to_string()))?;
-    let items = select_items(&all, protocol.limit, protocol.seed);
-    let shots = shot_pool(&all, &items, protocol.shots, protocol.seed);
+    let all = request.items;
+    let items = select_items(all, protocol.limit, protocol.seed);
+    let shots = shot_pool(all, &items, protocol.shots, protocol.seed);
     if shots.len() < protocol.shots {
         return Err(TrainerError::invalid("shots", format!("only {} items are left outside the evaluated set for shots", shots.len())));
     }
@@ -138,14 +145,18 @@ pub fn run(request: EvalRequest<'_>) -> Result<EvalResult> {
     }
 
     let encode = |item: &Item| -> Result<Vec<i64>> {
+        // An own file's example may bring its system prompt: it takes the protocol's place.
+        let (own_system, turns): (Vec<_>, Vec<_>) = item.turns.iter().partition(|(role, _)| role == "system");
         let mut messages = Vec::new();
-        if let Some(system) = &protocol.system_prompt {
-            messages.push(message("system", system));
+        if own_system.is_empty() {
+            messages.extend(protocol.system_prompt.iter().map(|system| message("system", system)));
         }
+        messages.extend(own_system.into_iter().map(|(role, content)| message(role, content)));
         for shot in &shots {
             messages.push(message("user", &shot.prompt));
             messages.push(message("assistant", &shot.answer));
         }
+        messages.extend(turns.into_iter().map(|(role, content)| message(role, content)));
         messages.push(message("user", &item.prompt));
         let text = template.render(&messages, true)?;
         let encoding = tokenizer.encode(text, false).map_err(|e| TrainerError::Tokenizer(e.to_string()))?;
@@ -191,7 +202,9 @@ pub fn run(request: EvalRequest<'_>) -> Result<EvalResult> {
             }
         }
         done += batch.len();
-        (request.progress)(done, items.len());
+        if !(request.progress)(done, items.len()) {
+            return Err(TrainerError::Stopped(format!("stopped after {done} of {} items", items.len())));
+        }
     }
     let seconds = started.elapsed().as_secs_f64();
     Ok(EvalResult {
@@ -199,7 +212,7 @@ pub fn run(request: EvalRequest<'_>) -> Result<EvalResult> {
         adapter: request.adapter.map(|a| a.display().to_string()),
         items_per_second: items.len() as f64 / seconds.max(1e-9),
         generated_tokens,
-        result: score(benchmark, &items, &outputs, protocol.unparsable_counts_as_wrong),
+        result: score_with(benchmark, protocol.rule, &items, &outputs, protocol.unparsable_counts_as_wrong),
         protocol,
     })
 }
@@ -209,7 +222,7 @@ mod tests {
     use super::*;
 
     fn item(index: usize, answer: &str) -> Item {
-        Item { index, url: String::new(), prompt: format!("q{index}"), answer: answer.into(), description: None }
+        Item { index, url: String::new(), prompt: format!("q{index}"), answer: answer.into(), description: None, turns: Vec::new() }
     }
 
     #[test]

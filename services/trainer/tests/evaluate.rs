@@ -29,21 +29,26 @@ fn protocol(benchmark: Benchmark, mode: Mode, limit: usize) -> Protocol {
         limit: Some(limit),
         max_new_tokens: 12,
         decoding: "greedy",
+        rule: lathe_eval::score::rule_for(benchmark),
         unparsable_counts_as_wrong: true,
     }
 }
 
 fn evaluate(model: &Path, protocol: Protocol, batch_size: usize) -> EvalResult {
     let decoder = load_for_inference(model, None, Kind::Float, Device::Cpu).unwrap();
+    let items = lathe_eval::ctibench::load(protocol.benchmark, &ctibench()).unwrap();
     let mut calls = Vec::new();
     let result = run(EvalRequest {
         decoder: &decoder,
         model_dir: model,
         adapter: None,
-        data_dir: &ctibench(),
+        items: &items,
         protocol,
         batch_size,
-        progress: &mut |done, all| calls.push((done, all)),
+        progress: &mut |done, all| {
+            calls.push((done, all));
+            true
+        },
     })
     .unwrap();
     assert_eq!(calls.last().map(|&(d, a)| d == a), Some(true), "progress ends at all items: {calls:?}");

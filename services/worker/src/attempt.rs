@@ -334,7 +334,7 @@ fn decontaminate(
     Ok((path, (message, data)))
 }
 
-fn verify_file(param: &str, path: &str, sha256: &str) -> Result<(), Unrunnable> {
+pub(crate) fn verify_file(param: &str, path: &str, sha256: &str) -> Result<(), Unrunnable> {
     let bytes = std::fs::read(path).map_err(|e| Unrunnable::here("file_not_found", format!("{param}: cannot read {path} on this worker: {e}")))?;
     let digest: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
     if !sha256.is_empty() && digest != sha256 {

@@ -5,13 +5,14 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lathe_proto::v1::{AttemptRef, ClaimJobRequest, DeviceKind, HeartbeatRequest, RegisterRequest};
+use lathe_proto::v1::{AttemptRef, ClaimEvaluationRequest, ClaimJobRequest, DeviceKind, EvaluationProgress, HeartbeatRequest, RegisterRequest};
 use lathe_queue::Queue;
 use tokio::sync::watch;
 use tonic::Code;
 
 use crate::attempt::{self, Signals, StopCause};
 use crate::client::{self, Client};
+use crate::evaluation::{self, EvalSignals};
 use crate::telemetry::{self, Telemetry};
 use crate::{WorkerConfig, WorkerError};
 
@@ -24,6 +25,8 @@ const RETRY: Duration = Duration::from_secs(2);
 #[derive(Default)]
 struct Current {
     attempt: Option<(AttemptRef, Arc<Signals>)>,
+    /// The evaluation running now: (id, attempt, signals).
+    evaluation: Option<(String, u32, Arc<EvalSignals>)>,
     draining: bool,
 }
 
@@ -48,6 +51,24 @@ pub async fn run(config: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> R
         if current.lock().expect("current lock").draining {
             tokio::select! { _ = tokio::time::sleep(WAIT) => {}, _ = shutdown.changed() => {} }
             continue;
+        }
+        // Queued evaluations first: they are short, and a job's own evaluations should follow it.
+        match client.claim_evaluation(ClaimEvaluationRequest { evaluation_id: String::new() }).await {
+            Ok(response) => {
+                let claim = response.into_inner();
+                let signals = Arc::new(EvalSignals::default());
+                current.lock().expect("current lock").evaluation = Some((claim.evaluation_id.clone(), claim.attempt, signals.clone()));
+                tracing::info!(evaluation_id = claim.evaluation_id, attempt = claim.attempt, model = claim.model, "evaluation started");
+                let (id, attempt) = (claim.evaluation_id.clone(), claim.attempt);
+                let ended = evaluation::run(client.clone(), &config, claim, signals, shutdown.clone()).await;
+                current.lock().expect("current lock").evaluation = None;
+                tracing::info!(evaluation_id = id, attempt, outcome = ended, "evaluation ended");
+                continue;
+            }
+            Err(status) if status.code() == Code::Unauthenticated => return Err(WorkerError::Unauthenticated(status.message().into())),
+            // NOT_FOUND: none queued; ABORTED: it could not run and was failed; others: the
+            // controller is unreachable, and the job path below waits and retries.
+            Err(_) => {}
         }
         if queue.is_none() {
             queue = Queue::open(&config.redis_url, &config.redis_prefix).await.ok();
@@ -151,13 +172,31 @@ async fn heartbeat(mut client: Client, current: Arc<Mutex<Current>>, timing: Tim
             _ = stop.changed() => return,
         }
         let sent_at = Instant::now();
-        let running: Vec<AttemptRef> = current.lock().expect("current lock").attempt.iter().map(|(r, _)| r.clone()).collect();
+        let (running, evaluations) = {
+            let current = current.lock().expect("current lock");
+            let running: Vec<AttemptRef> = current.attempt.iter().map(|(r, _)| r.clone()).collect();
+            let evaluations: Vec<EvaluationProgress> = current
+                .evaluation
+                .iter()
+                .map(|(id, attempt, signals)| {
+                    let (items_done, items_total) = signals.progress();
+                    EvaluationProgress { evaluation_id: id.clone(), attempt: *attempt, items_done, items_total }
+                })
+                .collect();
+            (running, evaluations)
+        };
         let memory = lathe_trainer::device::peak_memory_bytes(tch::Device::Cpu);
-        match client.heartbeat(HeartbeatRequest { running, gpu_memory_used_bytes: memory }).await {
+        match client.heartbeat(HeartbeatRequest { running, gpu_memory_used_bytes: memory, evaluations }).await {
             Ok(response) => {
                 let r = response.into_inner();
                 let mut current = current.lock().expect("current lock");
                 current.draining = r.draining;
+                if let Some((id, attempt, signals)) = &current.evaluation {
+                    if r.evaluations_lost.iter().any(|l| &l.evaluation_id == id && l.attempt == *attempt) {
+                        tracing::warn!(evaluation_id = id, "heartbeat: evaluation cancelled or reassigned; stopping it");
+                        signals.abandon();
+                    }
+                }
                 if let Some((reference, signals)) = &current.attempt {
                     let mine = |job_id: &str, attempt: u32| job_id == reference.job_id && attempt == reference.attempt;
                     if r.lost.iter().any(|l| mine(&l.job_id, l.attempt)) {

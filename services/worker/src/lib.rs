@@ -15,12 +15,16 @@
 //! number it was given at claim: when the controller answers `LeaseLost` the worker stops at
 //! once and drops what it had not sent. Messages are kept until acked and resent after a
 //! reconnect, so a controller restart or a Postgres blip loses nothing.
+//!
+//! Between waits for jobs the daemon asks for a queued evaluation ([`evaluation`]): a model
+//! scored on a benchmark, claimed and fenced the same way, reported in one call at the end.
 
 pub mod attempt;
 pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod evaluation;
 pub mod spec;
 pub mod telemetry;
 

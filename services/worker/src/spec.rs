@@ -106,7 +106,7 @@ pub fn train_config(spec: &JobSpec, paths: Paths<'_>, settings: Settings<'_>) ->
 
 /// The base model's directory; the name was checked by the controller and is checked again
 /// here, since it becomes a path on this machine.
-fn model_dir(models_root: &Path, name: &str) -> Result<PathBuf, Unrunnable> {
+pub(crate) fn model_dir(models_root: &Path, name: &str) -> Result<PathBuf, Unrunnable> {
     let dir = models_root.join(name);
     if !lathe_core::spec::is_model_name(name) || !dir.join("config.json").is_file() {
         return Err(Unrunnable::here(

@@ -21,20 +21,20 @@ pub struct Api {
 }
 
 impl Api {
-    fn client(&self) -> anyhow::Result<ApiClient> {
+    pub(crate) fn client(&self) -> anyhow::Result<ApiClient> {
         let http = Client::builder().timeout(Duration::from_secs(300)).build()?;
         Ok(ApiClient { http, base: self.api_url.trim_end_matches('/').to_string(), key: self.api_key.clone() })
     }
 }
 
-struct ApiClient {
+pub(crate) struct ApiClient {
     http: Client,
     base: String,
     key: String,
 }
 
 impl ApiClient {
-    fn send(&self, request: RequestBuilder) -> anyhow::Result<reqwest::blocking::Response> {
+    pub(crate) fn send(&self, request: RequestBuilder) -> anyhow::Result<reqwest::blocking::Response> {
         let response = request.bearer_auth(&self.key).send().context("calling the Lathe API")?;
         if response.status().is_success() {
             return Ok(response);
@@ -48,11 +48,11 @@ impl ApiClient {
         }
     }
 
-    fn get(&self, path: &str) -> anyhow::Result<Value> {
+    pub(crate) fn get(&self, path: &str) -> anyhow::Result<Value> {
         Ok(self.send(self.http.get(format!("{}{path}", self.base)))?.json()?)
     }
 
-    fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+    pub(crate) fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
         Ok(self.send(self.http.post(format!("{}{path}", self.base)).json(body))?.json()?)
     }
 
@@ -65,7 +65,7 @@ impl ApiClient {
     }
 
     /// A file id as given, or the id of `path` uploaded now.
-    fn file_id(&self, file: &str) -> anyhow::Result<String> {
+    pub(crate) fn file_id(&self, file: &str) -> anyhow::Result<String> {
         if file.starts_with("file-") && !Path::new(file).exists() {
             return Ok(file.to_string());
         }

@@ -66,12 +66,20 @@ pub struct RunArgs {
     /// PEFT adapter directory to apply.
     #[arg(long)]
     adapter: Option<PathBuf>,
-    /// Benchmarks, comma-separated: cti-mcq, cti-rcm, cti-rcm-2021.
+    /// Benchmarks, comma-separated: cti-mcq, cti-rcm, cti-rcm-2021, and `file` (the JSONL of --file).
     #[arg(long, value_delimiter = ',', default_value = "cti-mcq,cti-rcm")]
     benchmarks: Vec<String>,
     /// The CTIBench data directory (CC BY-NC-SA 4.0: Lathe does not ship it).
     #[arg(long)]
-    data_dir: PathBuf,
+    data_dir: Option<PathBuf>,
+    /// Your own validation set (JSONL, chat or prompt/completion; the last answer is expected)
+    /// for the `file` benchmark.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Extraction rule: rcm-last-cwe, mcq-last-line-letter or exact-match [default: the
+    /// benchmark's; exact-match for `file`].
+    #[arg(long)]
+    rule: Option<String>,
     /// Evaluate this many items, stratified by answer (a quick run) [default: all].
     #[arg(long)]
     limit: Option<usize>,
@@ -112,12 +120,30 @@ fn run_model(args: RunArgs) -> anyhow::Result<()> {
         other => anyhow::bail!("--mode: {other:?} is neither generate nor likelihood"),
     };
     let benchmarks = args.benchmarks.iter().map(|b| b.parse::<Benchmark>()).collect::<Result<Vec<_>, _>>()?;
-    anyhow::ensure!(args.data_dir.is_dir(), "--data-dir {}: not a directory (the CTIBench data directory)", args.data_dir.display());
+    let rule = match &args.rule {
+        Some(name) => Some(lathe_eval::extract::Rule::parse(name).with_context(|| {
+            format!("--rule: unknown rule {name:?}; known: rcm-last-cwe, mcq-last-line-letter, exact-match")
+        })?),
+        None => None,
+    };
+    // Every benchmark's items before the model loads: a bad file fails in a second, not after.
+    let mut loaded = Vec::new();
+    for &benchmark in &benchmarks {
+        let items = if benchmark == Benchmark::File {
+            let file = args.file.as_ref().context("--file: the `file` benchmark needs your JSONL validation set")?;
+            lathe_eval::chat_file::load(file)?
+        } else {
+            let dir = args.data_dir.as_ref().context("--data-dir: the CTIBench data directory is needed for the cti-* benchmarks")?;
+            anyhow::ensure!(dir.is_dir(), "--data-dir {}: not a directory (the CTIBench data directory)", dir.display());
+            load(benchmark, dir)?
+        };
+        loaded.push((benchmark, items));
+    }
     let dev = lathe_trainer::device::parse_device(&args.device)?;
     let kind = lathe_trainer::device::resolve_dtype(&args.dtype, dev)?;
     let decoder = lathe_trainer::models::load_for_inference(&args.model, args.adapter.as_deref(), kind, dev)?;
     let mut results = Vec::new();
-    for benchmark in benchmarks {
+    for (benchmark, items) in loaded {
         let protocol = Protocol {
             benchmark,
             mode,
@@ -125,8 +151,13 @@ fn run_model(args: RunArgs) -> anyhow::Result<()> {
             shots: args.shots,
             seed: args.seed,
             limit: args.limit,
-            max_new_tokens: args.max_new_tokens.unwrap_or(if benchmark.is_mcq() { 32 } else { 384 }),
+            max_new_tokens: args.max_new_tokens.unwrap_or(match benchmark {
+                Benchmark::CtiMcq => 32,
+                Benchmark::File => 256,
+                _ => 384,
+            }),
             decoding: if mode == Mode::Generate { "greedy" } else { "likelihood" },
+            rule: rule.unwrap_or_else(|| lathe_eval::score::rule_for(benchmark)),
             unparsable_counts_as_wrong: !args.skip_unparsable,
         };
         let bar = indicatif::ProgressBar::new(0).with_prefix(benchmark.name());
@@ -138,12 +169,13 @@ fn run_model(args: RunArgs) -> anyhow::Result<()> {
         let mut progress = |done: usize, all: usize| {
             bar.set_length(all as u64);
             bar.set_position(done as u64);
+            true
         };
         let result = run(EvalRequest {
             decoder: &decoder,
             model_dir: &args.model,
             adapter: args.adapter.clone(),
-            data_dir: &args.data_dir,
+            items: &items,
             protocol,
             batch_size: args.batch_size,
             progress: &mut progress,

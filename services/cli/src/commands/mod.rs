@@ -1,6 +1,7 @@
 pub mod admin;
 pub mod client;
 pub mod eval;
+pub mod evals;
 pub mod model;
 pub mod service;
 pub mod train;

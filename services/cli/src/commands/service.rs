@@ -64,6 +64,11 @@ pub struct ControllerArgs {
     /// Backoff after a crash, doubled for each further crash.
     #[arg(long, default_value_t = 10.0)]
     retry_backoff_seconds: f64,
+    /// The CTIBench data directory (not shipped: CC BY-NC-SA 4.0), as the workers see it:
+    /// evaluations on cti-* benchmarks are checked against it at create [default: none; only
+    /// evaluations on the user's own files are accepted].
+    #[arg(long, env = "LATHE_EVAL_DATA_DIR")]
+    eval_data_dir: Option<PathBuf>,
 }
 
 impl ControllerArgs {
@@ -80,6 +85,7 @@ impl ControllerArgs {
         config.grpc_listen = self.grpc_listen.clone();
         config.models_root = self.models_root.clone().unwrap_or_else(|| self.data_dir.join("models"));
         config.max_upload_bytes = self.max_upload_bytes;
+        config.eval_data_dir = self.eval_data_dir.clone();
         config.lease = seconds("lease-seconds", self.lease_seconds)?;
         config.heartbeat_interval = seconds("heartbeat-seconds", self.heartbeat_seconds)?;
         config.reconcile_interval = seconds("reconcile-seconds", self.reconcile_seconds)?;
@@ -105,9 +111,6 @@ pub struct TrainingArgs {
     /// Pools this worker serves, most preferred first.
     #[arg(long, env = "LATHE_POOLS", value_delimiter = ',', default_value = "default")]
     pools: Vec<String>,
-    /// The CTIBench data directory, for jobs that ask for decontamination (not shipped: CC BY-NC-SA).
-    #[arg(long, env = "LATHE_EVAL_DATA_DIR")]
-    eval_data_dir: Option<PathBuf>,
     /// Device memory offered to jobs, in GB; jobs asking for more are not claimed [default: 0, which
     /// takes only jobs that ask for none].
     #[arg(long, env = "LATHE_GPU_MEMORY_GB")]
@@ -135,6 +138,10 @@ pub struct WorkerArgs {
     /// Serve Prometheus metrics here, e.g. 0.0.0.0:9091.
     #[arg(long, env = "LATHE_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// The CTIBench data directory on this machine, for evaluations and for jobs that ask for
+    /// decontamination (not shipped: CC BY-NC-SA 4.0).
+    #[arg(long, env = "LATHE_EVAL_DATA_DIR")]
+    eval_data_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -184,7 +191,18 @@ fn resolve_device(device: &str) -> String {
     }
 }
 
-fn worker_config(training: &TrainingArgs, redis: &Redis, controller: String, token: String, name: String, models_root: PathBuf, metrics_listen: Option<String>) -> WorkerConfig {
+/// Where a worker finds things and whom it talks to.
+struct WorkerPlace {
+    controller: String,
+    token: String,
+    name: String,
+    models_root: PathBuf,
+    metrics_listen: Option<String>,
+    eval_data_dir: Option<PathBuf>,
+}
+
+fn worker_config(training: &TrainingArgs, redis: &Redis, place: WorkerPlace) -> WorkerConfig {
+    let WorkerPlace { controller, token, name, models_root, metrics_listen, eval_data_dir } = place;
     WorkerConfig {
         controller_url: controller,
         token,
@@ -198,7 +216,7 @@ fn worker_config(training: &TrainingArgs, redis: &Redis, controller: String, tok
         redis_url: redis.redis_url.clone(),
         redis_prefix: redis.redis_prefix.clone(),
         metrics_listen,
-        eval_data_dir: training.eval_data_dir.clone(),
+        eval_data_dir,
     }
 }
 
@@ -215,7 +233,15 @@ pub fn controller(args: ControllerArgs) -> anyhow::Result<()> {
 
 pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let name = args.name.clone().unwrap_or_else(host_name);
-    let config = worker_config(&args.training, &args.redis, args.controller.clone(), args.token.clone(), name, args.models_root.clone(), args.metrics_listen.clone());
+    let place = WorkerPlace {
+        controller: args.controller.clone(),
+        token: args.token.clone(),
+        name,
+        models_root: args.models_root.clone(),
+        metrics_listen: args.metrics_listen.clone(),
+        eval_data_dir: args.eval_data_dir.clone(),
+    };
+    let config = worker_config(&args.training, &args.redis, place);
     runtime()?.block_on(async move {
         let stop = stop_on_signals()?;
         lathe_worker::run(config, stop).await?;
@@ -242,7 +268,15 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
                 lathe_store::workers::NewWorker { name: &name, device_kind: "cpu", gpu_name: None, gpu_memory_bytes: None, pools: &args.training.pools, version: env!("CARGO_PKG_VERSION") },
             )
             .await?;
-            let config = worker_config(&args.training, &args.controller.redis, grpc.clone(), registered.token, name, models_root.clone(), None);
+            let place = WorkerPlace {
+                controller: grpc.clone(),
+                token: registered.token,
+                name,
+                models_root: models_root.clone(),
+                metrics_listen: None,
+                eval_data_dir: args.controller.eval_data_dir.clone(),
+            };
+            let config = worker_config(&args.training, &args.controller.redis, place);
             workers.push(tokio::spawn(lathe_worker::run(config, stop.clone())));
         }
         eprintln!(

@@ -54,6 +54,10 @@ pub async fn create(State(state): State<AppState>, project: Project, headers: He
         None => None,
     };
     spec.check_files(&training, validation.as_ref())?;
+    // The evaluations run when the job succeeds, maybe hours from now: their data must load today.
+    for (i, evaluation) in spec.evaluations.iter().enumerate() {
+        super::evaluations::check_data(&state, &project, evaluation, &format!("evaluations[{i}].")).await?;
+    }
 
     let (job, created) = jobs::create_job(&state.pool, &project.id, &spec, idempotency_key.as_deref())
         .await

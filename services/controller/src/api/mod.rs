@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod evaluations;
 pub mod files;
 pub mod health;
 pub mod jobs;
@@ -59,6 +60,11 @@ pub fn router(state: AppState) -> Router {
         .route("/fine_tuning/jobs/{id}/events/stream", get(progress::stream))
         .route("/fine_tuning/jobs/{id}/checkpoints", get(progress::checkpoints))
         .route("/fine_tuning/jobs/{id}/metrics", get(progress::metrics))
+        .route("/fine_tuning/jobs/{id}/evaluations", get(evaluations::list_for_job))
+        .route("/evaluations", get(evaluations::list).post(evaluations::create))
+        .route("/evaluations/{id}", get(evaluations::retrieve))
+        .route("/evaluations/{id}/items", get(evaluations::items))
+        .route("/evaluations/{id}/cancel", post(evaluations::cancel))
         .route("/models", get(models::list))
         .route("/models/{*id}", get(models::retrieve))
         .fallback(not_found);

@@ -3,6 +3,7 @@
 
 use lathe_core::fine_tuned_model_name;
 use lathe_store::dispatch::{Checkpoint, Event, MetricPoint};
+use lathe_store::evaluations::{Evaluation, EvaluationItem};
 use lathe_store::files::StoredFile;
 use lathe_store::jobs::Job;
 use lathe_store::time::OffsetDateTime;
@@ -63,10 +64,44 @@ pub fn job(job: &Job) -> Value {
             "gpu_memory_gb": spec.resources.gpu_memory_gb,
             "priority": spec.resources.priority,
             "decontaminate": spec.decontaminate,
+            "evaluations": spec.evaluations,
             "attempt": job.attempt,
             "retries": job.retries,
             "pause_requested": job.pause_requested,
         },
+    })
+}
+
+/// An evaluation: what ran (model, protocol), where it is (status, progress) and what it
+/// scored (`result`: accuracy, 95 % interval, counts, extraction rule, speed).
+pub fn evaluation(evaluation: &Evaluation) -> Value {
+    json!({
+        "id": evaluation.id.as_str(),
+        "object": "evaluation",
+        "created_at": unix(evaluation.created_at),
+        "started_at": evaluation.started_at.map(unix),
+        "finished_at": evaluation.finished_at.map(unix),
+        "model": evaluation.model,
+        "fine_tuning_job": evaluation.job_id,
+        "benchmark": evaluation.spec.benchmark,
+        "status": evaluation.status.as_str(),
+        "protocol": evaluation.spec,
+        "progress": {"items_done": evaluation.items_done, "items_total": evaluation.items_total},
+        "result": evaluation.result,
+        "error": evaluation.error.as_ref().map(|e| json!({"code": e.code, "message": e.message, "param": e.param})),
+        "attempt": evaluation.attempt,
+        "retries": evaluation.retries,
+    })
+}
+
+pub fn evaluation_item(item: &EvaluationItem) -> Value {
+    json!({
+        "object": "evaluation.item",
+        "index": item.index,
+        "expected": item.expected,
+        "extracted": item.extracted,
+        "correct": item.correct,
+        "output": item.output,
     })
 }
 

@@ -3,12 +3,14 @@
 //! make to a job goes through here, fenced by the attempt number they were given at claim.
 
 mod attempt;
+mod evaluation;
 
 use std::pin::Pin;
 
 use lathe_proto::v1::worker_service_server::{WorkerService, WorkerServiceServer};
 use lathe_proto::v1::{
-    AttemptRef, Checkpoint, ClaimJobRequest, ClaimJobResponse, ControllerMessage, DeviceKind, FileRef,
+    AttemptRef, Checkpoint, ClaimEvaluationRequest, ClaimEvaluationResponse, ClaimJobRequest, ClaimJobResponse,
+    FailEvaluationRequest, FailEvaluationResponse, FinishEvaluationRequest, FinishEvaluationResponse, ControllerMessage, DeviceKind, FileRef,
     HeartbeatRequest, HeartbeatResponse, Lease, RegisterRequest, RegisterResponse, WorkerMessage,
 };
 use lathe_store::dispatch::{claim_job, finish_attempt, renew_lease, AttemptOutcome, ClaimRequest, EventLevel};
@@ -25,7 +27,9 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::AppState;
 
 pub fn server(state: AppState) -> WorkerServiceServer<Service> {
-    WorkerServiceServer::new(Service { state })
+    // A finished evaluation reports every item's raw output in one message (a 1000-item
+    // benchmark with long answers is a few MB).
+    WorkerServiceServer::new(Service { state }).max_decoding_message_size(64 << 20)
 }
 
 pub struct Service {
@@ -120,7 +124,25 @@ impl WorkerService for Service {
                 Err(other) => return Err(status(other)),
             }
         }
+        response.evaluations_lost = evaluation::renew(&self.state, &worker_id, r.evaluations).await?;
         Ok(Response::new(response))
+    }
+
+    async fn claim_evaluation(&self, request: Request<ClaimEvaluationRequest>) -> Result<Response<ClaimEvaluationResponse>, Status> {
+        let worker_id = self.worker_id(request.metadata()).await?;
+        Ok(Response::new(evaluation::claim(&self.state, &worker_id, request.into_inner()).await?))
+    }
+
+    async fn finish_evaluation(&self, request: Request<FinishEvaluationRequest>) -> Result<Response<FinishEvaluationResponse>, Status> {
+        let worker_id = self.worker_id(request.metadata()).await?;
+        evaluation::finish(&self.state, &worker_id, request.into_inner()).await?;
+        Ok(Response::new(FinishEvaluationResponse {}))
+    }
+
+    async fn fail_evaluation(&self, request: Request<FailEvaluationRequest>) -> Result<Response<FailEvaluationResponse>, Status> {
+        let worker_id = self.worker_id(request.metadata()).await?;
+        evaluation::fail(&self.state, &worker_id, request.into_inner()).await?;
+        Ok(Response::new(FailEvaluationResponse {}))
     }
 
     async fn claim_job(&self, request: Request<ClaimJobRequest>) -> Result<Response<ClaimJobResponse>, Status> {

@@ -19,7 +19,7 @@
 //! Fields added to `JobSpec` later must carry `#[serde(default)]`: specs stored by older
 //! controllers are read back by newer workers.
 
-mod request;
+pub(crate) mod request;
 #[cfg(test)]
 mod tests;
 
@@ -169,6 +169,32 @@ pub struct JobSpec {
     /// Drop (or only report) training examples that overlap these evaluation sets.
     #[serde(default)]
     pub decontaminate: Option<Decontaminate>,
+    /// Evaluations of the fine-tuned model, queued when the job succeeds.
+    #[serde(default)]
+    pub evaluations: Vec<crate::evaluation::EvaluationSpec>,
+}
+
+/// At most this many evaluations per job.
+pub const MAX_JOB_EVALUATIONS: usize = 8;
+
+fn resolve_evaluations(request: Option<Vec<Value>>) -> Result<Vec<crate::evaluation::EvaluationSpec>, SpecError> {
+    use crate::evaluation::{EvaluationRequest, EvaluationSpec};
+    let requests = request.unwrap_or_default();
+    if requests.len() > MAX_JOB_EVALUATIONS {
+        return Err(SpecError::invalid("evaluations", format!("at most {MAX_JOB_EVALUATIONS} per job, got {}", requests.len())));
+    }
+    requests
+        .into_iter()
+        .enumerate()
+        .map(|(i, value)| {
+            let prefix = format!("evaluations[{i}].");
+            let request = EvaluationRequest::from_value(value, &prefix)?;
+            if request.model.is_some() {
+                return Err(SpecError::invalid(&format!("{prefix}model"), "a job's evaluations run on the model it fine-tunes; leave model out"));
+            }
+            EvaluationSpec::resolve(&request, &prefix)
+        })
+        .collect()
 }
 
 /// Benchmarks whose items a job checks its training data against (DESIGN.md §3.5).
@@ -363,6 +389,7 @@ impl TryFrom<CreateJobRequest> for JobSpec {
             metadata: validate_metadata(request.metadata)?,
             resources: resolve_resources(request.pool, request.gpu_memory_gb, request.priority)?,
             decontaminate: resolve_decontaminate(request.decontaminate)?,
+            evaluations: resolve_evaluations(request.evaluations)?,
         })
     }
 }

@@ -63,6 +63,10 @@ pub struct CreateJobRequest {
     /// Check the training file against evaluation sets before training and drop overlaps.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decontaminate: Option<DecontaminateRequest>,
+    /// Evaluations of the fine-tuned model once the job succeeds (`EvaluationRequest`s
+    /// without `model`), checked one by one so errors name `evaluations[i].field`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evaluations: Option<Vec<Value>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -191,7 +195,7 @@ impl CreateJobRequest {
 }
 
 /// serde_json's messages end with "at line 1 column N", which means nothing to an API user.
-fn without_position(error: &serde_json::Error) -> String {
+pub(crate) fn without_position(error: &serde_json::Error) -> String {
     let message = error.to_string();
     message.split(" at line ").next().unwrap_or(&message).to_string()
 }
@@ -199,7 +203,7 @@ fn without_position(error: &serde_json::Error) -> String {
 /// The dotted path of the value that makes `T` fail to deserialize: descend one key at a time,
 /// trying a document that holds only that key's path. Works because every field of the
 /// request types is optional, so a one-key document fails only because of that key.
-fn failing_path<T: DeserializeOwned>(document: &Value) -> String {
+pub(crate) fn failing_path<T: DeserializeOwned>(document: &Value) -> String {
     let mut path: Vec<String> = Vec::new();
     let mut node = document;
     while let Value::Object(object) = node {

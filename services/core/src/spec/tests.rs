@@ -303,3 +303,15 @@ fn decontamination_defaults_to_cti_rcm_and_names_an_unknown_benchmark() {
     stored.as_object_mut().unwrap().remove("decontaminate");
     assert_eq!(serde_json::from_value::<JobSpec>(stored).unwrap().decontaminate, None);
 }
+
+#[test]
+fn job_evaluations_are_validated_with_their_index() {
+    let with = spec(serde_json::json!({"evaluations": [{"benchmark": "cti-mcq", "limit": 10}, {"benchmark": "cti-rcm"}]})).unwrap();
+    assert_eq!(with.evaluations.len(), 2);
+    assert_eq!((with.evaluations[0].limit, with.evaluations[1].max_new_tokens), (Some(10), 384));
+    let error = spec(serde_json::json!({"evaluations": [{"benchmark": "cti-mcq"}, {"benchmark": "mmlu"}]})).unwrap_err();
+    assert_eq!(error.param, "evaluations[1].benchmark");
+    let error = spec(serde_json::json!({"evaluations": [{"benchmark": "cti-mcq", "model": "x"}]})).unwrap_err();
+    assert_eq!(error.param, "evaluations[0].model");
+    assert!(spec(serde_json::json!({})).unwrap().evaluations.is_empty());
+}

@@ -7,6 +7,7 @@ use sqlx::PgPool;
 use super::lock_attempt;
 use super::reconcile::{requeue_after_crash, RetryPolicy};
 use crate::jobs::{end_live_attempt, get_job_unscoped, Job, JobError};
+use crate::evaluations::{insert_evaluation, NewEvaluation};
 use crate::StoreError;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +50,13 @@ pub async fn finish_attempt(
             .execute(&mut *tx)
             .await?;
             end_live_attempt(&mut tx, job_id, "succeeded", "").await?;
+            // The evaluations the job asked for, queued with its success: never one without the other.
+            let (project_id, spec): (String, Json<lathe_core::JobSpec>) =
+                sqlx::query_as("SELECT project_id, spec FROM jobs WHERE id = $1").bind(job_id).fetch_one(&mut *tx).await?;
+            for evaluation in &spec.0.evaluations {
+                let new = NewEvaluation { project_id: &project_id, model: &fine_tuned_model, job_id: Some(job_id), spec: evaluation };
+                insert_evaluation(&mut tx, new).await?;
+            }
         }
         AttemptOutcome::Failed(error) => {
             sqlx::query(

@@ -1,0 +1,200 @@
+//! `/v1/evaluations` (Lathe's native routes, DESIGN.md §3.5): create an evaluation of a base
+//! or fine-tuned model on a benchmark, list them (per model, per job), read one with its score,
+//! page through its per-item predictions, cancel it. Workers run them (see `grpc`).
+//!
+//! A create is checked here as far as it can be without a model: the model exists, the
+//! benchmark's data loads (the CTIBench directory is configured and present, every row is
+//! well formed) or the user's file parses as scorable examples, and the subset and shots fit
+//! the benchmark. What fails here never reaches a worker.
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::Json;
+use lathe_core::{EvaluationRequest, EvaluationSpec};
+use lathe_store::evaluations::{self, EvaluationFilter, NewEvaluation};
+use lathe_store::jobs::{self, Job};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::auth::Project;
+use super::error::{ApiError, ApiResult};
+use super::files::page_limit;
+use super::views;
+use crate::{models, AppState};
+
+/// An evaluation id from a path; a malformed one names no evaluation.
+fn evaluation_id(id: &str) -> ApiResult<()> {
+    lathe_core::EvaluationId::parse(id).map(|_| ()).map_err(|_| ApiError::not_found("evaluation", id))
+}
+
+pub async fn create(State(state): State<AppState>, project: Project, body: Bytes) -> ApiResult<Json<Value>> {
+    let request = EvaluationRequest::from_json(&body)?;
+    let spec = EvaluationSpec::resolve(&request, "")?;
+    let model = request.model.as_deref().unwrap_or_default();
+    let job = resolve_model(&state, &project, model).await?;
+    check_data(&state, &project, &spec, "").await?;
+    let new = NewEvaluation { project_id: &project.id, model, job_id: job.as_ref().map(|j| j.id.as_str()), spec: &spec };
+    let evaluation = evaluations::create_evaluation(&state.pool, new).await.map_err(|e| match e {
+        lathe_store::StoreError::NotFound => ApiError::invalid(Some("file"), "file_not_found", "file: the file was deleted"),
+        other => other.into(),
+    })?;
+    tracing::info!(evaluation_id = %evaluation.id, model, benchmark = spec.benchmark, "evaluation created");
+    Ok(Json(views::evaluation(&evaluation)))
+}
+
+/// `None` for a base model under the models root; the job that made it for an `ft:` model of
+/// the caller's project (it must have produced a LoRA adapter).
+async fn resolve_model(state: &AppState, project: &Project, model: &str) -> ApiResult<Option<Job>> {
+    if model.is_empty() {
+        return Err(ApiError::invalid(Some("model"), "invalid_value", "model: required; a base model (GET /v1/models) or a fine-tuned ft:… model"));
+    }
+    if model.starts_with("ft:") {
+        let job = jobs::find_by_fine_tuned_model(&state.pool, &project.id, model).await?.ok_or_else(|| {
+            ApiError::invalid(Some("model"), "model_not_found", format!("model: {model:?} is not a fine-tuned model of this project"))
+        })?;
+        if job.spec.lora.is_none() {
+            return Err(ApiError::invalid(
+                Some("model"),
+                "invalid_value",
+                format!("model: {model} is a full fine-tune; evaluations through the service take LoRA models (use `lathe eval run` on its files)"),
+            ));
+        }
+        return Ok(Some(job));
+    }
+    if models::resolve(&state.config.models_root, model).is_none() {
+        return Err(ApiError::invalid(
+            Some("model"),
+            "model_not_found",
+            format!("model: {model:?} is not a base model of this server (GET /v1/models lists them)"),
+        ));
+    }
+    Ok(None)
+}
+
+/// Loads the evaluation's items as a worker will, so that a missing data directory, a
+/// malformed row or a file with nothing to score is the caller's 400 now. `prefix` is where
+/// the evaluation sits in the body (`evaluations[0].` in a job create).
+pub async fn check_data(state: &AppState, project: &Project, spec: &EvaluationSpec, prefix: &str) -> ApiResult<()> {
+    let param = |field: &str| format!("{prefix}{field}");
+    let path = match &spec.file {
+        Some(file) => {
+            let stored = lathe_store::files::get_file(&state.pool, &project.id, file.as_str()).await.map_err(|e| match e {
+                lathe_store::StoreError::NotFound => {
+                    ApiError::invalid(Some(&param("file")), "file_not_found", format!("{}: no such file: {file}", param("file")))
+                }
+                other => other.into(),
+            })?;
+            state.storage.file_path(stored.id.as_str())
+        }
+        None => match &state.config.eval_data_dir {
+            None => {
+                return Err(ApiError::invalid(
+                    Some(&param("benchmark")),
+                    "evaluation_data_unavailable",
+                    format!(
+                        "{}: {} needs the CTIBench data directory, and this server has none (start the controller with \
+                         --eval-data-dir or LATHE_EVAL_DATA_DIR); the \"file\" benchmark works without it",
+                        param("benchmark"),
+                        spec.benchmark
+                    ),
+                ))
+            }
+            Some(dir) if !dir.is_dir() => {
+                return Err(ApiError::invalid(
+                    Some(&param("benchmark")),
+                    "evaluation_data_unavailable",
+                    format!("{}: the evaluation data directory {} does not exist on this server", param("benchmark"), dir.display()),
+                ))
+            }
+            Some(dir) => dir.clone(),
+        },
+    };
+    let (benchmark, file) = (spec.benchmark.clone(), spec.file.is_some());
+    let items = tokio::task::spawn_blocking(move || {
+        let benchmark: lathe_eval::Benchmark = benchmark.parse()?;
+        if file { lathe_eval::chat_file::load(&path) } else { lathe_eval::ctibench::load(benchmark, &path) }
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(|error| {
+        let (field, code) = if file { ("file", "invalid_file") } else { ("benchmark", "invalid_benchmark_data") };
+        ApiError::invalid(Some(&param(field)), code, format!("{}: {}", param(field), strip_data_root(&error.to_string(), state)))
+    })?;
+    let evaluated = spec.limit.map_or(items.len(), |l| (l as usize).min(items.len()));
+    if spec.shots as usize > items.len() - evaluated {
+        return Err(ApiError::invalid(
+            Some(&param("shots")),
+            "invalid_value",
+            format!("{}: {} shots, but only {} items are left outside the {evaluated} evaluated", param("shots"), spec.shots, items.len() - evaluated),
+        ));
+    }
+    Ok(())
+}
+
+/// Error messages name the user's file by id, not by its path in the server's storage.
+fn strip_data_root(message: &str, state: &AppState) -> String {
+    let files = state.storage.file_path("");
+    message.replace(&files.display().to_string(), "")
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    pub after: Option<String>,
+    pub limit: Option<i64>,
+    pub model: Option<String>,
+    pub fine_tuning_job: Option<String>,
+}
+
+pub async fn list(State(state): State<AppState>, project: Project, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
+    let limit = page_limit(q.limit)?;
+    let after = super::cursor(q.after.as_deref(), lathe_core::EvaluationId::parse)?;
+    let filter = EvaluationFilter { model: q.model.as_deref(), job_id: q.fine_tuning_job.as_deref() };
+    let page = evaluations::list_evaluations(&state.pool, &project.id, filter, after.as_deref(), limit).await?;
+    Ok(Json(views::list(page, |e| e.id.as_str().to_string(), views::evaluation)))
+}
+
+/// `GET /v1/fine_tuning/jobs/{id}/evaluations`: the evaluations of the job's fine-tuned model.
+pub async fn list_for_job(
+    State(state): State<AppState>,
+    project: Project,
+    Path(id): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Value>> {
+    super::job_id(&id)?;
+    jobs::get_job(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
+    let limit = page_limit(q.limit)?;
+    let after = super::cursor(q.after.as_deref(), lathe_core::EvaluationId::parse)?;
+    let filter = EvaluationFilter { model: None, job_id: Some(&id) };
+    let page = evaluations::list_evaluations(&state.pool, &project.id, filter, after.as_deref(), limit).await?;
+    Ok(Json(views::list(page, |e| e.id.as_str().to_string(), views::evaluation)))
+}
+
+pub async fn retrieve(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    evaluation_id(&id)?;
+    let evaluation = evaluations::get_evaluation(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "evaluation", &id))?;
+    Ok(Json(views::evaluation(&evaluation)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ItemsQuery {
+    /// The `index` of the last item of the previous page.
+    pub after: Option<i32>,
+    pub limit: Option<i64>,
+}
+
+pub async fn items(State(state): State<AppState>, project: Project, Path(id): Path<String>, Query(q): Query<ItemsQuery>) -> ApiResult<Json<Value>> {
+    evaluation_id(&id)?;
+    let limit = page_limit(q.limit)?;
+    let page = evaluations::list_items(&state.pool, &project.id, &id, q.after, limit).await.map_err(|e| ApiError::from_store(e, "evaluation", &id))?;
+    Ok(Json(views::list(page, |i| i.index.to_string(), views::evaluation_item)))
+}
+
+pub async fn cancel(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    evaluation_id(&id)?;
+    let evaluation = evaluations::cancel_evaluation(&state.pool, &project.id, &id).await.map_err(|e| match e {
+        lathe_store::StoreError::Conflict(message) => ApiError::invalid(None, "invalid_evaluation_state", format!("{message}; it cannot be cancelled")),
+        other => ApiError::from_store(other, "evaluation", &id),
+    })?;
+    tracing::info!(evaluation_id = %evaluation.id, "evaluation cancelled");
+    Ok(Json(views::evaluation(&evaluation)))
+}
