@@ -16,8 +16,8 @@ from __future__ import annotations
 import openai
 import pytest
 
-from lathe_service import (Service, cancel_unfinished_jobs, example_rows, find_lathe_bin, make_client,
-                           require_postgres_and_redis, write_jsonl)
+from lathe_service import (Service, cancel_unfinished_evaluations, cancel_unfinished_jobs, example_rows,
+                           find_lathe_bin, make_client, require_postgres_and_redis, write_jsonl)
 
 _RUNNING: list[Service] = []
 
@@ -84,9 +84,10 @@ def training_file_id(client, train_file) -> str:
 
 
 @pytest.fixture(autouse=True)
-def clean_slate(service, client, client_b):
-    """Each test starts and ends with one live worker and no unfinished job."""
+def clean_slate(service, client, client_b, api_key, api_key_b):
+    """Each test starts and ends with one live worker and no unfinished job or evaluation."""
     service.ensure_one_worker()
     yield
+    cancel_unfinished_evaluations(service, [api_key, api_key_b])
     cancel_unfinished_jobs([client, client_b])
     service.ensure_one_worker()

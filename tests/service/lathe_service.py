@@ -516,6 +516,16 @@ def error_body(exc) -> dict:
     return exc.body
 
 
+def cancel_unfinished_evaluations(service: Service, keys):
+    """Cancels every queued or running evaluation of these projects, so the next test finds an
+    idle worker (a worker takes evaluations before waiting for jobs)."""
+    for key in keys:
+        resp = service.request("GET", "/v1/evaluations?limit=100", key=key)
+        for evaluation in resp.json()["data"] if resp.status == 200 else []:
+            if evaluation["status"] not in TERMINAL:
+                service.request("POST", f"/v1/evaluations/{evaluation['id']}/cancel", key=key)
+
+
 def cancel_unfinished_jobs(clients, timeout: float = 60):
     """Cancels every job of these projects that is not finished and waits until they are, so the
     next test finds an idle worker and an empty queue."""

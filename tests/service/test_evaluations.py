@@ -74,17 +74,17 @@ def test_an_evaluation_stores_every_item_and_matches_the_local_run(service, api_
     result = done["result"]
     items = all_items(service, api_key, created["id"])
     assert len(items) == 8 == result["items"] == done["progress"]["items_done"]
-    assert [i["index"] for i in items] == sorted(i["index"] for i in items), "items come in benchmark order"
     assert result["correct"] == sum(i["correct"] for i in items)
     assert result["unparsable"] == sum(i["extracted"] is None for i in items)
     assert result["accuracy"] == pytest.approx(result["correct"] / 8)
     assert result["ci95"][0] <= result["accuracy"] <= result["ci95"][1]
+    assert result["adapter"] is False, "a base model got an adapter"
     assert {i["expected"] for i in items} == {"A", "B", "C", "D"}, "a stratified subset of 8 covers every answer"
 
     # The same protocol run locally by `lathe eval run` gives the same answer on every item.
     out = tmp_path / "local.json"
     service.lathe("eval", "run", "--model", service.models_root / MODEL, "--benchmarks", "cti-mcq", "--data-dir", CTIBENCH,
-                  "--limit", 8, "--seed", 3, "--max-new-tokens", 6, "--device", "cpu", "--out", out)
+                  "--limit", 8, "--seed", 3, "--max-new-tokens", 6, "--device", "cpu", "--threads", 1, "--out", out)
     local = json.loads(out.read_text())[0]["result"]
     assert [(p["index"], p["output"]) for p in local["predictions"]] == [(i["index"], i["output"]) for i in items]
     assert local["accuracy"] == pytest.approx(result["accuracy"])
@@ -95,7 +95,7 @@ def test_an_evaluation_stores_every_item_and_matches_the_local_run(service, api_
     assert service.request("GET", f"/v1/evaluations/{created['id']}/items", key=api_key_b).status == 404
 
 
-def test_a_job_evaluates_its_fine_tuned_model_when_it_succeeds(service, api_key, client, training_file_id):
+def test_a_job_evaluates_its_fine_tuned_model_when_it_succeeds(service, api_key, client, training_file_id, tmp_path):
     with open(VALIDATION, "rb") as f:
         validation_id = client.files.create(file=f, purpose="fine-tune").id
     evaluations = [
@@ -114,6 +114,22 @@ def test_a_job_evaluates_its_fine_tuned_model_when_it_succeeds(service, api_key,
         items = all_items(service, api_key, evaluation["id"])
         assert len(items) == done["result"]["items"] == {"cti-rcm": 3, "file": 4}[done["benchmark"]]
         assert all(i["expected"] for i in items)
+        assert done["result"]["adapter"] is True, f"{done['model']} was evaluated without its adapter"
+
+    # The worker applied the job's adapter: the same run here, on the downloaded result files,
+    # answers every item the same way.
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for file_id in job.result_files:
+        name = client.files.retrieve(file_id).filename
+        if name.startswith("adapter_"):
+            (adapter / name).write_bytes(client.files.content(file_id).content)
+    out = tmp_path / "local.json"
+    service.lathe("eval", "run", "--model", service.models_root / MODEL, "--adapter", adapter, "--benchmarks", "cti-rcm",
+                  "--data-dir", CTIBENCH, "--limit", 3, "--max-new-tokens", 8, "--device", "cpu", "--threads", 1, "--out", out)
+    local = [(p["index"], p["output"]) for p in json.loads(out.read_text())[0]["result"]["predictions"]]
+    rcm = next(e for e in queued if e["benchmark"] == "cti-rcm")
+    assert local == [(i["index"], i["output"]) for i in all_items(service, api_key, rcm["id"])]
     own = next(e for e in queued if e["benchmark"] == "file")
     assert own["protocol"]["file"] == validation_id and own["protocol"]["extraction"] == "rcm-last-cwe"
     by_model = get(service, api_key, f"/v1/evaluations?model={job.fine_tuned_model}")["data"]
@@ -128,10 +144,18 @@ def test_a_cancelled_evaluation_frees_the_worker(service, api_key):
     assert resp.status == 200 and resp.json()["status"] == "cancelled", resp.body[:300]
     again = service.request("POST", f"/v1/evaluations/{long['id']}/cancel", key=api_key)
     assert again.status == 400 and again.json()["error"]["code"] == "invalid_evaluation_state"
-    # The worker learns it at its next heartbeat and takes the next evaluation.
+    # The worker learns it at its next heartbeat, stops between two batches and reports nothing.
+    worker = service.only_worker()
+
+    def stopped():
+        return any(long["id"] in line and "abandoned" in line for line in worker.tail(400).splitlines())
+
+    wait_until(stopped, 30, lambda: f"the worker did not stop the cancelled evaluation\n{worker.tail(60)}")
     short = evaluate(service, api_key, {"model": MODEL, "benchmark": "cti-mcq", "limit": 2, "max_new_tokens": 2})
     wait_for_evaluation(service, api_key, short["id"], timeout=90)
-    assert get(service, api_key, f"/v1/evaluations/{long['id']}")["status"] == "cancelled"
+    final = get(service, api_key, f"/v1/evaluations/{long['id']}")
+    assert final["status"] == "cancelled" and final["result"] is None and final["progress"]["items_done"] < 400, final
+    assert get(service, api_key, f"/v1/evaluations/{long['id']}/items")["data"] == [], "a cancelled run stored items"
 
 
 def test_bad_requests_name_the_field(service, api_key, client):
@@ -149,6 +173,10 @@ def test_bad_requests_name_the_field(service, api_key, client):
     text_file = client.files.create(file=("notes.jsonl", b'{"text": "a document"}\n' * 12), purpose="fine-tune").id
     error = refused(service, api_key, {"model": MODEL, "benchmark": "file", "file": text_file})
     assert (error["param"], error["code"]) == ("file", "invalid_file") and "1: a text document" in error["message"], error
+    arithmetic = client.files.create(file=("sums.jsonl", b'{"prompt": "2+2=", "completion": "4"}\n' * 12), purpose="fine-tune").id
+    error = refused(service, api_key, {"model": MODEL, "benchmark": "file", "file": arithmetic, "extraction": "rcm-last-cwe"})
+    assert error["param"] == "extraction" and "example 1" in error["message"], error
+    assert refused(service, api_key, {"model": MODEL, "benchmark": "cti-mcq", "extraction": "exact-match"})["param"] == "extraction"
     error = refused(service, api_key, {"model": MODEL, "benchmark": "file", "file": "file-AAAAAAAAAAAAAAAAAAAAAAAA"})
     assert (error["param"], error["code"]) == ("file", "file_not_found"), error
     error = refused(service, api_key, {"model": "ft:tiny-qwen3:nope:ftjob-AAAAAAAAAAAAAAAAAAAAAAAA", "benchmark": "cti-mcq"})

@@ -153,12 +153,14 @@ impl EvaluationSpec {
             Some(n) => return Err(SpecError::invalid(&param("max_new_tokens"), format!("must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {n}"))),
         };
         let extraction = match request.extraction.as_deref() {
-            None => match benchmark.as_str() {
-                "cti-mcq" => "mcq-last-line-letter",
-                "file" => "exact-match",
-                _ => "rcm-last-cwe",
+            None => default_rule(&benchmark).to_string(),
+            // CTIBench answers have one form; only the user's own file may choose its rule.
+            Some(rule) if benchmark != "file" && rule != default_rule(&benchmark) => {
+                return Err(SpecError::invalid(
+                    &param("extraction"),
+                    format!("{benchmark} is scored by {}; other rules apply to the \"file\" benchmark", default_rule(&benchmark)),
+                ))
             }
-            .to_string(),
             Some(rule) if EXTRACTION_RULES.contains(&rule) => rule.to_string(),
             Some(rule) => return Err(SpecError::invalid(&param("extraction"), format!("unknown rule {rule:?}; known: {}", EXTRACTION_RULES.join(", ")))),
         };
@@ -179,6 +181,15 @@ impl EvaluationSpec {
             extraction,
             unparsable_counts_as_wrong: request.unparsable_counts_as_wrong.unwrap_or(true),
         })
+    }
+}
+
+/// The extraction rule a benchmark is scored by unless the request names another.
+fn default_rule(benchmark: &str) -> &'static str {
+    match benchmark {
+        "cti-mcq" => "mcq-last-line-letter",
+        "file" => "exact-match",
+        _ => "rcm-last-cwe",
     }
 }
 
@@ -213,6 +224,9 @@ mod tests {
         assert_eq!(param(json!({"benchmark": "cti-rcm", "limit": 0})), "limit");
         assert_eq!(param(json!({"benchmark": "cti-rcm", "limit": "ten"})), "limit");
         assert_eq!(param(json!({"benchmark": "cti-rcm", "extraction": "regex"})), "extraction");
+        assert_eq!(param(json!({"benchmark": "cti-mcq", "extraction": "rcm-last-cwe"})), "extraction");
+        let own = resolve(json!({"benchmark": "file", "file": "file-abcdefghijklmnopqrstuvwx", "extraction": "rcm-last-cwe"})).unwrap();
+        assert_eq!(own.extraction, "rcm-last-cwe");
         let nested = EvaluationRequest::from_value(json!({"shots": -1, "benchmark": "cti-mcq"}), "evaluations[2].").unwrap();
         assert_eq!(EvaluationSpec::resolve(&nested, "evaluations[2].").unwrap_err().param, "evaluations[2].shots");
         let message = resolve(json!({"benchmark": "mmlu"})).unwrap_err().message;

@@ -301,7 +301,13 @@ pub async fn claim_evaluation(
     id: Option<&str>,
     lease: Duration,
 ) -> Result<Option<EvaluationClaim>, StoreError> {
-    let row = sqlx::query_as::<_, EvaluationRow>(&format!(
+    #[derive(sqlx::FromRow)]
+    struct Claimed {
+        #[sqlx(flatten)]
+        row: EvaluationRow,
+        lease_expires_at: OffsetDateTime,
+    }
+    let claimed = sqlx::query_as::<_, Claimed>(&format!(
         "WITH worker AS (SELECT id FROM workers WHERE id = $1 AND NOT draining),
          candidate AS (
              SELECT e.id FROM evaluations e, worker
@@ -313,7 +319,7 @@ pub async fn claim_evaluation(
                 lease_expires_at = now() + make_interval(secs => $3), items_done = 0,
                 started_at = coalesce(started_at, now())
          FROM candidate WHERE evaluations.id = candidate.id AND evaluations.status = 'queued'
-         RETURNING {}",
+         RETURNING {}, evaluations.lease_expires_at",
         COLUMNS.split(", ").map(|c| format!("evaluations.{c}")).collect::<Vec<_>>().join(", ")
     ))
     .bind(worker_id)
@@ -321,11 +327,7 @@ pub async fn claim_evaluation(
     .bind(lease.as_secs_f64())
     .fetch_optional(pool)
     .await?;
-    let Some(row) = row else { return Ok(None) };
-    let lease_expires_at: OffsetDateTime = sqlx::query_scalar("SELECT lease_expires_at FROM evaluations WHERE id = $1")
-        .bind(&row.id)
-        .fetch_one(pool)
-        .await?;
+    let Some(Claimed { row, lease_expires_at }) = claimed else { return Ok(None) };
     Ok(Some(EvaluationClaim { evaluation: row.try_into()?, lease_expires_at }))
 }
 

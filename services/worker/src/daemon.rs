@@ -47,49 +47,57 @@ pub async fn run(config: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> R
     tokio::spawn(heartbeat(client.clone(), current.clone(), timing, heartbeat_stop));
 
     let mut queue: Option<Queue> = None;
+    let mut after_evaluation = false;
     while !*shutdown.borrow() {
         if current.lock().expect("current lock").draining {
             tokio::select! { _ = tokio::time::sleep(WAIT) => {}, _ = shutdown.changed() => {} }
             continue;
         }
-        // Queued evaluations first: they are short, and a job's own evaluations should follow it.
-        match client.claim_evaluation(ClaimEvaluationRequest { evaluation_id: String::new() }).await {
-            Ok(response) => {
-                let claim = response.into_inner();
-                let signals = Arc::new(EvalSignals::default());
-                current.lock().expect("current lock").evaluation = Some((claim.evaluation_id.clone(), claim.attempt, signals.clone()));
-                tracing::info!(evaluation_id = claim.evaluation_id, attempt = claim.attempt, model = claim.model, "evaluation started");
-                let (id, attempt) = (claim.evaluation_id.clone(), claim.attempt);
-                let ended = evaluation::run(client.clone(), &config, claim, signals, shutdown.clone()).await;
-                current.lock().expect("current lock").evaluation = None;
-                tracing::info!(evaluation_id = id, attempt, outcome = ended, "evaluation ended");
-                continue;
+        // An evaluation when one is queued (they are short, and a job's own evaluations should
+        // follow it), but after each evaluation the best queued job goes first, so a backlog of
+        // evaluations cannot starve training.
+        let job_id = if std::mem::take(&mut after_evaluation) {
+            String::new()
+        } else {
+            match client.claim_evaluation(ClaimEvaluationRequest { evaluation_id: String::new() }).await {
+                Ok(response) => {
+                    let claim = response.into_inner();
+                    let signals = Arc::new(EvalSignals::default());
+                    current.lock().expect("current lock").evaluation = Some((claim.evaluation_id.clone(), claim.attempt, signals.clone()));
+                    tracing::info!(evaluation_id = claim.evaluation_id, attempt = claim.attempt, model = claim.model, "evaluation started");
+                    let (id, attempt) = (claim.evaluation_id.clone(), claim.attempt);
+                    let ended = evaluation::run(client.clone(), &config, claim, signals, shutdown.clone()).await;
+                    current.lock().expect("current lock").evaluation = None;
+                    tracing::info!(evaluation_id = id, attempt, outcome = ended, "evaluation ended");
+                    after_evaluation = true;
+                    continue;
+                }
+                Err(status) if status.code() == Code::Unauthenticated => return Err(WorkerError::Unauthenticated(status.message().into())),
+                // NOT_FOUND: none queued; ABORTED: it could not run and was failed; others: the
+                // controller is unreachable, and the job path below waits and retries.
+                Err(_) => {}
             }
-            Err(status) if status.code() == Code::Unauthenticated => return Err(WorkerError::Unauthenticated(status.message().into())),
-            // NOT_FOUND: none queued; ABORTED: it could not run and was failed; others: the
-            // controller is unreachable, and the job path below waits and retries.
-            Err(_) => {}
-        }
-        if queue.is_none() {
-            queue = Queue::open(&config.redis_url, &config.redis_prefix).await.ok();
-        }
-        // An id from Redis, or "" (ask the controller for the best job that fits).
-        let job_id = match &queue {
-            Some(q) => tokio::select! {
-                woken = q.wait_for_job(&config.pools, WAIT) => match woken {
-                    Ok(Some(job)) => job.job_id.as_str().to_string(),
-                    Ok(None) => String::new(),
-                    Err(error) => {
-                        tracing::warn!(%error, "Redis unavailable; polling the controller");
-                        queue = None;
-                        String::new()
-                    }
+            if queue.is_none() {
+                queue = Queue::open(&config.redis_url, &config.redis_prefix).await.ok();
+            }
+            // An id from Redis, or "" (ask the controller for the best job that fits).
+            match &queue {
+                Some(q) => tokio::select! {
+                    woken = q.wait_for_job(&config.pools, WAIT) => match woken {
+                        Ok(Some(job)) => job.job_id.as_str().to_string(),
+                        Ok(None) => String::new(),
+                        Err(error) => {
+                            tracing::warn!(%error, "Redis unavailable; polling the controller");
+                            queue = None;
+                            String::new()
+                        }
+                    },
+                    _ = shutdown.changed() => break,
                 },
-                _ = shutdown.changed() => break,
-            },
-            None => {
-                tokio::select! { _ = tokio::time::sleep(RETRY) => {}, _ = shutdown.changed() => break }
-                String::new()
+                None => {
+                    tokio::select! { _ = tokio::time::sleep(RETRY) => {}, _ = shutdown.changed() => break }
+                    String::new()
+                }
             }
         };
         let claim = match client.claim_job(ClaimJobRequest { job_id }).await {

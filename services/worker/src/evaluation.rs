@@ -103,9 +103,21 @@ pub async fn run(
                     tracing::info!(evaluation_id = id, accuracy, items = result.result.predictions.len(), "evaluation finished");
                     "succeeded"
                 }
-                Err(status) => {
+                Err(status) if matches!(status.code(), Code::FailedPrecondition | Code::NotFound) => {
                     tracing::warn!(evaluation_id = id, %status, "the controller refused the result (cancelled or reassigned)");
                     "abandoned"
+                }
+                Err(status) => {
+                    // Refused for another reason (too large, unreadable): say why instead of
+                    // letting the lease expire and the evaluation be retried for nothing.
+                    tracing::warn!(evaluation_id = id, %status, "the controller could not store the result");
+                    let class = if matches!(status.code(), Code::ResourceExhausted | Code::OutOfRange | Code::InvalidArgument) {
+                        FailureClass::BadInput
+                    } else {
+                        FailureClass::Crash
+                    };
+                    report_failure(&mut client, &claim, class, "result_not_stored", format!("the result could not be stored: {}", status.message())).await;
+                    "failed"
                 }
             }
         }
@@ -244,6 +256,8 @@ fn finish_request(claim: &ClaimEvaluationResponse, result: &EvalResult) -> Finis
         "rule": scored.rule,
         "items_per_second": result.items_per_second,
         "generated_tokens": result.generated_tokens,
+        // Whether a fine-tuned adapter was applied over the base model.
+        "adapter": result.adapter.is_some(),
     });
     FinishEvaluationRequest {
         evaluation_id: claim.evaluation_id.clone(),

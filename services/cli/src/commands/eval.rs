@@ -107,6 +107,9 @@ pub struct RunArgs {
     device: String,
     #[arg(long, default_value = "auto")]
     dtype: String,
+    /// libtorch CPU threads (0: libtorch's default).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
     /// Write every result (protocol, per-item predictions and raw outputs) here as JSON.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -138,6 +141,9 @@ fn run_model(args: RunArgs) -> anyhow::Result<()> {
             load(benchmark, dir)?
         };
         loaded.push((benchmark, items));
+    }
+    if args.threads > 0 {
+        tch::set_num_threads(args.threads as i32);
     }
     let dev = lathe_trainer::device::parse_device(&args.device)?;
     let kind = lathe_trainer::device::resolve_dtype(&args.dtype, dev)?;

@@ -120,6 +120,21 @@ pub async fn check_data(state: &AppState, project: &Project, spec: &EvaluationSp
         let (field, code) = if file { ("file", "invalid_file") } else { ("benchmark", "invalid_benchmark_data") };
         ApiError::invalid(Some(&param(field)), code, format!("{}: {}", param(field), strip_data_root(&error.to_string(), state)))
     })?;
+    if let Some(rule) = lathe_eval::extract::Rule::parse(&spec.extraction).filter(|r| *r != lathe_eval::extract::Rule::ExactMatch) {
+        if let Some(item) = items.iter().find(|item| rule.extract(&item.answer).is_none()) {
+            return Err(ApiError::invalid(
+                Some(&param("extraction")),
+                "invalid_value",
+                format!(
+                    "{}: {} finds no answer in the expected answer of example {} ({:?}); every item would score wrong",
+                    param("extraction"),
+                    spec.extraction,
+                    item.index + 1,
+                    item.answer.chars().take(80).collect::<String>()
+                ),
+            ));
+        }
+    }
     let evaluated = spec.limit.map_or(items.len(), |l| (l as usize).min(items.len()));
     if spec.shots as usize > items.len() - evaluated {
         return Err(ApiError::invalid(

@@ -30,14 +30,16 @@ pub async fn claim(state: &AppState, worker_id: &str, request: ClaimEvaluationRe
             Ok(response)
         }
         Err(error) => {
-            // The claim is committed but cannot run anywhere (its file or adapter is gone):
-            // fail it now rather than let every worker trip over it.
-            let failure = EvaluationFailure::BadInput(error);
-            let failed = evaluations::fail_evaluation(&state.pool, evaluation.id.as_str(), evaluation.attempt, worker_id, failure, &state.config.retry).await;
-            if let Err(e) = failed {
-                tracing::warn!(evaluation_id = %evaluation.id, error = %e, "could not fail an unrunnable evaluation; its lease will expire");
+            // The claim is committed but the worker will not get to run it. Inputs that are gone
+            // fail it now rather than let every worker trip over it; a passing database error
+            // hands it back to the queue for free.
+            let gone = error.code == "file_not_found";
+            let failure = if gone { EvaluationFailure::BadInput(error.clone()) } else { EvaluationFailure::Preempted };
+            let released = evaluations::fail_evaluation(&state.pool, evaluation.id.as_str(), evaluation.attempt, worker_id, failure, &state.config.retry).await;
+            if let Err(e) = released {
+                tracing::warn!(evaluation_id = %evaluation.id, error = %e, "could not release a half-done evaluation claim; its lease will expire");
             }
-            Err(Status::aborted("the evaluation's inputs are gone; evaluation failed"))
+            Err(if gone { Status::aborted("the evaluation's inputs are gone; evaluation failed") } else { Status::unavailable(error.message) })
         }
     }
 }

@@ -369,6 +369,13 @@ impl TryFrom<CreateJobRequest> for JobSpec {
             Some(s) => return Err(SpecError::invalid("seed", format!("must be between 0 and {}, got {s}", i32::MAX))),
         };
 
+        let evaluations = resolve_evaluations(request.evaluations)?;
+        if !evaluations.is_empty() && lora.is_none() {
+            return Err(SpecError::invalid(
+                "evaluations",
+                "evaluations run on a LoRA adapter over its base model; this job trains every weight (evaluate its files with `lathe eval run`)",
+            ));
+        }
         Ok(JobSpec {
             model,
             training_file,
@@ -389,7 +396,7 @@ impl TryFrom<CreateJobRequest> for JobSpec {
             metadata: validate_metadata(request.metadata)?,
             resources: resolve_resources(request.pool, request.gpu_memory_gb, request.priority)?,
             decontaminate: resolve_decontaminate(request.decontaminate)?,
-            evaluations: resolve_evaluations(request.evaluations)?,
+            evaluations,
         })
     }
 }

@@ -314,4 +314,6 @@ fn job_evaluations_are_validated_with_their_index() {
     let error = spec(serde_json::json!({"evaluations": [{"benchmark": "cti-mcq", "model": "x"}]})).unwrap_err();
     assert_eq!(error.param, "evaluations[0].model");
     assert!(spec(serde_json::json!({})).unwrap().evaluations.is_empty());
+    let full = spec(serde_json::json!({"method": {"type": "full"}, "evaluations": [{"benchmark": "cti-mcq"}]})).unwrap_err();
+    assert_eq!(full.param, "evaluations");
 }
