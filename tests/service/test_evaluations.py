@@ -89,6 +89,14 @@ def test_an_evaluation_stores_every_item_and_matches_the_local_run(service, api_
     assert [(p["index"], p["output"]) for p in local["predictions"]] == [(i["index"], i["output"]) for i in items]
     assert local["accuracy"] == pytest.approx(result["accuracy"])
 
+    # The same items under another protocol (likelihood of A-D), side by side with the CLI.
+    likelihood = wait_for_evaluation(service, api_key, evaluate(service, api_key, dict(body, mode="likelihood"))["id"])
+    assert likelihood["result"]["unparsable"] == 0, "likelihood mode always answers a letter"
+    shown = service.lathe("evals", "compare", created["id"], likelihood["id"], "--api-url", service.v1_url, "--api-key", api_key)
+    assert f"on the 8 items both evaluated" in shown and "the protocols differ" in shown, shown
+    b_minus_a = likelihood["result"]["accuracy"] - result["accuracy"]
+    assert f"B - A: {b_minus_a:+.4f}" in shown, shown
+
     listed = get(service, api_key, f"/v1/evaluations?model={MODEL}&limit=100")["data"]
     assert created["id"] in [e["id"] for e in listed]
     assert service.request("GET", f"/v1/evaluations/{created['id']}", key=api_key_b).status == 404, "another project read it"

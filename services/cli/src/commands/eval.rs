@@ -13,7 +13,7 @@ use lathe_eval::Benchmark;
 #[derive(Subcommand)]
 pub enum EvalCommand {
     /// Evaluate a model (optionally with a LoRA adapter) on CTIBench benchmarks.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Two result files of `eval run --out` side by side: accuracy, and on the items both
     /// evaluated, how many only one got right (with McNemar's exact test).
     Compare {
@@ -251,7 +251,7 @@ fn compare(a: &std::path::Path, b: &std::path::Path) -> anyhow::Result<()> {
 
 pub fn run(command: EvalCommand) -> anyhow::Result<()> {
     match command {
-        EvalCommand::Run(args) => run_model(args)?,
+        EvalCommand::Run(args) => run_model(*args)?,
         EvalCommand::Compare { a, b } => compare(&a, &b)?,
         EvalCommand::Score { benchmark, data_dir, responses, column, skip_unparsable, json } => {
             let benchmark: Benchmark = benchmark.parse()?;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::client::{Api, ApiClient};
 
@@ -47,6 +47,14 @@ pub enum EvalsCommand {
         evaluation_id: String,
         #[arg(long)]
         out: Option<PathBuf>,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Two evaluations side by side (two models, or two protocols): accuracy with intervals, and
+    /// on the items both evaluated, how many only one got right (McNemar's exact test).
+    Compare {
+        a: String,
+        b: String,
         #[command(flatten)]
         api: Api,
     },
@@ -126,26 +134,18 @@ pub fn run(command: EvalsCommand) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&api.client()?.get(&format!("/evaluations/{evaluation_id}"))?)?);
             Ok(())
         }
+        EvalsCommand::Compare { a, b, api } => compare(&api.client()?, &a, &b),
         EvalsCommand::Items { evaluation_id, out, api } => {
             let client = api.client()?;
             let mut sink: Box<dyn Write> = match &out {
                 Some(path) => Box::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?),
                 None => Box::new(std::io::stdout().lock()),
             };
-            let mut after: Option<String> = None;
-            let mut count = 0;
-            loop {
-                let cursor = after.as_ref().map(|a| format!("&after={a}")).unwrap_or_default();
-                let page = client.get(&format!("/evaluations/{evaluation_id}/items?limit=100{cursor}"))?;
-                for item in page["data"].as_array().into_iter().flatten() {
-                    writeln!(sink, "{item}")?;
-                    count += 1;
-                }
-                if page["has_more"].as_bool() != Some(true) {
-                    break;
-                }
-                after = page["last_id"].as_str().map(String::from);
+            let items = all_items(&client, &evaluation_id)?;
+            for item in &items {
+                writeln!(sink, "{item}")?;
             }
+            let count = items.len();
             if let Some(path) = out {
                 eprintln!("{count} items written to {}", path.display());
             }
@@ -157,6 +157,67 @@ pub fn run(command: EvalsCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Every item of an evaluation, following the pages.
+fn all_items(client: &ApiClient, id: &str) -> anyhow::Result<Vec<Value>> {
+    let mut items = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let cursor = after.as_ref().map(|a| format!("&after={a}")).unwrap_or_default();
+        let page = client.get(&format!("/evaluations/{id}/items?limit=100{cursor}"))?;
+        items.extend(page["data"].as_array().into_iter().flatten().cloned());
+        if page["has_more"].as_bool() != Some(true) {
+            return Ok(items);
+        }
+        after = page["last_id"].as_str().map(String::from);
+    }
+}
+
+fn compare(client: &ApiClient, a: &str, b: &str) -> anyhow::Result<()> {
+    let (ea, eb) = (client.get(&format!("/evaluations/{a}"))?, client.get(&format!("/evaluations/{b}"))?);
+    for e in [&ea, &eb] {
+        anyhow::ensure!(e["status"] == "succeeded", "{} is {}, not succeeded", e["id"].as_str().unwrap_or(""), e["status"].as_str().unwrap_or("?"));
+    }
+    let correct = |id: &str| -> anyhow::Result<std::collections::HashMap<u64, bool>> {
+        Ok(all_items(client, id)?.iter().map(|i| (i["index"].as_u64().unwrap_or(0), i["correct"].as_bool().unwrap_or(false))).collect())
+    };
+    let (ca, cb) = (correct(a)?, correct(b)?);
+    let (mut only_a, mut only_b, mut both, mut shared) = (0u64, 0u64, 0u64, 0u64);
+    for (index, a_right) in &ca {
+        let Some(b_right) = cb.get(index) else { continue };
+        shared += 1;
+        match (a_right, b_right) {
+            (true, false) => only_a += 1,
+            (false, true) => only_b += 1,
+            (true, true) => both += 1,
+            _ => {}
+        }
+    }
+    let cell = |e: &Value| {
+        let r = &e["result"];
+        format!(
+            "{:.4} [{:.3}-{:.3}]",
+            r["accuracy"].as_f64().unwrap_or(0.0),
+            r["ci95"][0].as_f64().unwrap_or(0.0),
+            r["ci95"][1].as_f64().unwrap_or(0.0)
+        )
+    };
+    for (label, e) in [("A", &ea), ("B", &eb)] {
+        println!("{label}: {} {} on {} — {}", e["id"].as_str().unwrap_or(""), e["model"].as_str().unwrap_or(""), e["benchmark"].as_str().unwrap_or(""), cell(e));
+    }
+    let delta = eb["result"]["accuracy"].as_f64().unwrap_or(0.0) - ea["result"]["accuracy"].as_f64().unwrap_or(0.0);
+    println!(
+        "B - A: {delta:+.4}; on the {shared} items both evaluated: only A right {only_a}, only B right {only_b}, both {both} (McNemar exact p = {:.3})",
+        lathe_eval::score::mcnemar_exact(only_a, only_b)
+    );
+    if ea["protocol"] != eb["protocol"] {
+        println!("note: the protocols differ:\n  A {}\n  B {}", ea["protocol"], eb["protocol"]);
+    }
+    if ea["benchmark"] != eb["benchmark"] {
+        println!("note: different benchmarks; the item-level comparison is meaningless");
+    }
+    Ok(())
 }
 
 /// Query-string escaping for model names (`ft:base:suffix:id`, `Org/Model`).
