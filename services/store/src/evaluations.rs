@@ -466,7 +466,9 @@ pub async fn fail_evaluation(
             .execute(&mut *tx)
             .await?;
         }
-        EvaluationFailure::Crashed { reason } => requeue_after_crash(&mut tx, id, &reason, policy).await?,
+        EvaluationFailure::Crashed { reason } => {
+            requeue_after_crash(&mut tx, id, &reason, policy).await?;
+        }
         EvaluationFailure::Preempted => {
             sqlx::query("UPDATE evaluations SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL, items_done = 0 WHERE id = $1")
                 .bind(id)
@@ -484,8 +486,13 @@ pub async fn fail_evaluation(
 }
 
 /// Back to the queue with one retry spent, or failed once the budget is gone.
-async fn requeue_after_crash(tx: &mut Transaction<'_, Postgres>, id: &str, reason: &str, policy: &RetryPolicy) -> Result<(), StoreError> {
-    sqlx::query(
+async fn requeue_after_crash(
+    tx: &mut Transaction<'_, Postgres>,
+    id: &str,
+    reason: &str,
+    policy: &RetryPolicy,
+) -> Result<EvaluationStatus, StoreError> {
+    let status: String = sqlx::query_scalar(
         "UPDATE evaluations SET
              retries = retries + 1,
              status = CASE WHEN retries + 1 > $2 THEN 'failed' ELSE 'queued' END,
@@ -496,15 +503,16 @@ async fn requeue_after_crash(tx: &mut Transaction<'_, Postgres>, id: &str, reaso
                      ELSE error END,
              finished_at = CASE WHEN retries + 1 > $2 THEN now() ELSE NULL END,
              lease_owner = NULL, lease_expires_at = NULL, items_done = 0
-         WHERE id = $1",
+         WHERE id = $1
+         RETURNING status",
     )
     .bind(id)
     .bind(policy.max_retries)
     .bind(EVALUATION_POISON_CODE)
     .bind(reason)
-    .execute(&mut **tx)
+    .fetch_one(&mut **tx)
     .await?;
-    Ok(())
+    EvaluationStatus::parse(&status)
 }
 
 /// Running evaluations whose lease expired before `now` go back to the queue (a crash each).
@@ -524,9 +532,8 @@ pub async fn requeue_expired_evaluations(
     .await?;
     let mut requeued = Vec::with_capacity(expired.len());
     for (id, attempt) in expired {
-        requeue_after_crash(&mut tx, &id, &format!("lease of attempt {attempt} expired"), policy).await?;
-        let status: String = sqlx::query_scalar("SELECT status FROM evaluations WHERE id = $1").bind(&id).fetch_one(&mut *tx).await?;
-        requeued.push((id, EvaluationStatus::parse(&status)?));
+        let status = requeue_after_crash(&mut tx, &id, &format!("lease of attempt {attempt} expired"), policy).await?;
+        requeued.push((id, status));
     }
     tx.commit().await?;
     Ok(requeued)

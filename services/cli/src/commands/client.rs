@@ -224,9 +224,7 @@ fn create(args: CreateArgs) -> anyhow::Result<()> {
         ("packing", args.packing.then_some(json!(true))),
         ("seed", args.seed.map(|v| json!(v))),
     ] {
-        if let Some(value) = value {
-            body[key] = value;
-        }
+        set_present(&mut body, key, value);
     }
     if let Some(extra) = &args.extra {
         let extra: Value = serde_json::from_str(extra).context("--extra must be a JSON object")?;
@@ -243,6 +241,13 @@ fn create(args: CreateArgs) -> anyhow::Result<()> {
     } else {
         println!("{id}");
         Ok(())
+    }
+}
+
+/// Sets `key` in a request body when the flag was given.
+pub(crate) fn set_present(body: &mut Value, key: &str, value: Option<Value>) {
+    if let Some(value) = value {
+        body[key] = value;
     }
 }
 

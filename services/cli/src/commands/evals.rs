@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
-use super::client::{Api, ApiClient};
+use super::client::{set_present, Api, ApiClient};
 
 #[derive(Subcommand)]
 pub enum EvalsCommand {
@@ -241,9 +241,7 @@ fn create(args: CreateArgs) -> anyhow::Result<()> {
         ("extraction", args.extraction.as_ref().map(|v| json!(v))),
         ("unparsable_counts_as_wrong", args.skip_unparsable.then_some(json!(false))),
     ] {
-        if let Some(value) = value {
-            body[key] = value;
-        }
+        set_present(&mut body, key, value);
     }
     let evaluation = client.post("/evaluations", &body)?;
     let id = evaluation["id"].as_str().context("create returned no id")?.to_string();

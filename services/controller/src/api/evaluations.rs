@@ -22,11 +22,6 @@ use super::files::page_limit;
 use super::views;
 use crate::{models, AppState};
 
-/// An evaluation id from a path; a malformed one names no evaluation.
-fn evaluation_id(id: &str) -> ApiResult<()> {
-    lathe_core::EvaluationId::parse(id).map(|_| ()).map_err(|_| ApiError::not_found("evaluation", id))
-}
-
 pub async fn create(State(state): State<AppState>, project: Project, body: Bytes) -> ApiResult<Json<Value>> {
     let request = EvaluationRequest::from_json(&body)?;
     let spec = EvaluationSpec::resolve(&request, "")?;
@@ -185,7 +180,7 @@ pub async fn list_for_job(
 }
 
 pub async fn retrieve(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    evaluation_id(&id)?;
+    super::evaluation_id(&id)?;
     let evaluation = evaluations::get_evaluation(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "evaluation", &id))?;
     Ok(Json(views::evaluation(&evaluation)))
 }
@@ -198,14 +193,14 @@ pub struct ItemsQuery {
 }
 
 pub async fn items(State(state): State<AppState>, project: Project, Path(id): Path<String>, Query(q): Query<ItemsQuery>) -> ApiResult<Json<Value>> {
-    evaluation_id(&id)?;
+    super::evaluation_id(&id)?;
     let limit = page_limit(q.limit)?;
     let page = evaluations::list_items(&state.pool, &project.id, &id, q.after, limit).await.map_err(|e| ApiError::from_store(e, "evaluation", &id))?;
     Ok(Json(views::list(page, |i| i.index.to_string(), views::evaluation_item)))
 }
 
 pub async fn cancel(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    evaluation_id(&id)?;
+    super::evaluation_id(&id)?;
     let evaluation = evaluations::cancel_evaluation(&state.pool, &project.id, &id).await.map_err(|e| match e {
         lathe_store::StoreError::Conflict(message) => ApiError::invalid(None, "invalid_evaluation_state", format!("{message}; it cannot be cancelled")),
         other => ApiError::from_store(other, "evaluation", &id),

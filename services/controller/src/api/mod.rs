@@ -32,6 +32,11 @@ pub fn file_id(id: &str) -> error::ApiResult<lathe_core::FileId> {
     lathe_core::FileId::parse(id).map_err(|_| error::ApiError::not_found("file", id))
 }
 
+/// An evaluation id from a path; see [`job_id`].
+pub fn evaluation_id(id: &str) -> error::ApiResult<lathe_core::EvaluationId> {
+    lathe_core::EvaluationId::parse(id).map_err(|_| error::ApiError::not_found("evaluation", id))
+}
+
 /// A pagination cursor that must be an id of the listed kind.
 pub fn cursor<T>(after: Option<&str>, parse: impl Fn(&str) -> Result<T, lathe_core::IdError>) -> error::ApiResult<Option<String>> {
     match after {

@@ -2,7 +2,7 @@
 //! items), progress and lease renewal from heartbeats, and the fenced finish or failure.
 
 use lathe_proto::v1::{
-    ClaimEvaluationRequest, ClaimEvaluationResponse, EvaluationProgress, EvaluationRef, FailEvaluationRequest, FailureClass, FileRef,
+    ClaimEvaluationRequest, ClaimEvaluationResponse, EvaluationProgress, EvaluationRef, FailEvaluationRequest, FailureClass,
     FinishEvaluationRequest, ResultFile,
 };
 use lathe_store::evaluations::{self, EvaluationClaim, EvaluationFailure, EvaluationItem};
@@ -11,7 +11,7 @@ use lathe_store::jobs::{get_job_unscoped, JobError};
 use lathe_store::StoreError;
 use tonic::Status;
 
-use super::{millis, status};
+use super::{file_ref, millis, status};
 use crate::AppState;
 
 /// The files a PEFT adapter directory needs.
@@ -77,11 +77,7 @@ async fn describe(state: &AppState, claim: &EvaluationClaim) -> Result<ClaimEval
                 StoreError::NotFound => gone("file", format!("the file {id} was deleted before the evaluation could run")),
                 other => internal(other),
             })?;
-            Some(FileRef {
-                file_id: id.as_str().to_string(),
-                path: state.storage.file_path(id.as_str()).display().to_string(),
-                sha256: stored.sha256.iter().map(|b| format!("{b:02x}")).collect(),
-            })
+            Some(file_ref(state, &stored))
         }
     };
     Ok(ClaimEvaluationResponse {

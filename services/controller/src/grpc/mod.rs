@@ -48,6 +48,15 @@ pub(crate) fn status(error: StoreError) -> Status {
     }
 }
 
+/// A stored file as a worker reads it: its path on shared storage and the SHA-256 to check.
+pub(crate) fn file_ref(state: &AppState, file: &lathe_store::files::StoredFile) -> FileRef {
+    FileRef {
+        file_id: file.id.as_str().to_string(),
+        path: state.storage.file_path(file.id.as_str()).display().to_string(),
+        sha256: file.sha256.iter().map(|b| format!("{b:02x}")).collect(),
+    }
+}
+
 fn millis(t: OffsetDateTime) -> i64 {
     (t.unix_timestamp_nanos() / 1_000_000) as i64
 }
@@ -198,22 +207,18 @@ impl Service {
             let waited = OffsetDateTime::now_utc() - job.created_at;
             state.telemetry.claim_latency.observe(waited.as_seconds_f64().max(0.0));
         }
-        let file_ref = |id: &lathe_core::FileId| {
+        let lookup = |id: &lathe_core::FileId| {
             let state = state.clone();
             let project = claim.project_id.clone();
             let id = id.clone();
             async move {
                 let file = get_file(&state.pool, &project, id.as_str()).await.map_err(status)?;
-                Ok::<_, Status>(FileRef {
-                    file_id: id.as_str().to_string(),
-                    path: state.storage.file_path(id.as_str()).display().to_string(),
-                    sha256: file.sha256.iter().map(|b| format!("{b:02x}")).collect(),
-                })
+                Ok::<_, Status>(file_ref(&state, &file))
             }
         };
-        let training_file = Some(file_ref(&claim.spec.training_file).await?);
+        let training_file = Some(lookup(&claim.spec.training_file).await?);
         let validation_file = match &claim.spec.validation_file {
-            Some(id) => Some(file_ref(id).await?),
+            Some(id) => Some(lookup(id).await?),
             None => None,
         };
         let output_dir = state.storage.job_dir(claim.job_id.as_str());
