@@ -1,4 +1,4 @@
-"""The transformers + PEFT baseline of Lathe's LoRA benchmark (DESIGN.md §6).
+"""The transformers + PEFT baseline of Lathe's LoRA benchmark (docs/architecture.md §6).
 
 Trains LoRA (rank 16, alpha 32, dropout 0, on q, k, v, o, gate, up, down) on a model directory
 with a plain torch loop: forward with the attention mask, summed token cross-entropy / trained

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# LoRA training throughput of Lathe against transformers + PEFT (DESIGN.md §6): same weights,
+# LoRA training throughput of Lathe against transformers + PEFT (docs/architecture.md §6): same weights,
 # same tokens, same sequence length, batch and dtype, each in its own process, one after the
 # other on this machine. Prints tokens/s, peak RSS and MFU (achieved FLOP/s over the measured
 # matmul peak, see bench/flops.py for the count) per dtype, and the Lathe/HF ratios.

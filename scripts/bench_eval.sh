@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Generation and evaluation throughput on CPU (issue: evaluation): Lathe's KV-cached greedy
+# Generation and evaluation throughput on CPU: Lathe's KV-cached greedy
 # generation against transformers `generate` on the same weights in the same run (tokens/s,
 # and whether the tokens agree), and `lathe eval run` items/s on CTI-MCQ and CTI-RCM, for the
 # tiny and small presets. CTIBench is read from ../shared/datasets/ctibench (or BENCH_DATA_DIR).

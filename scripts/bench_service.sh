@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The service benchmark (issue: dispatch and ingest): starts a controller and one idle worker on
+# The service benchmark: starts a controller and one idle worker on
 # a fresh database, then runs bench/service_bench.py — submit-to-claimed latency, metric points
 # ingested per second from many simulated workers (vs the same writes straight into Postgres),
 # and GET job latency idle and under that ingest load. Report in runs/bench-service/report.json.

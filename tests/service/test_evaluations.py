@@ -1,4 +1,4 @@
-"""Evaluations through the service (issue 4): POST /v1/evaluations on the tiny model, run by the
+"""Evaluations through the service: POST /v1/evaluations on the tiny model, run by the
 real worker over gRPC, stored in Postgres with every item's prediction, and identical to what
 `lathe eval run` computes locally on the same protocol; evaluations a job asks for run on its
 fine-tuned model; bad inputs (unknown benchmark, missing data directory, malformed TSV row)

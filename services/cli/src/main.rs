@@ -44,6 +44,8 @@ enum Command {
     /// Evaluate models on a Lathe server (CTIBench or your own file) and read the results.
     #[command(subcommand)]
     Evals(commands::evals::EvalsCommand),
+    /// Check this machine's GPU stack: libtorch, its CUDA/ROCm backend, driver, devices, NCCL.
+    Doctor(commands::doctor::DoctorArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -69,6 +71,7 @@ fn main() -> std::process::ExitCode {
         Command::Files(cmd) => commands::client::files(cmd),
         Command::Jobs(cmd) => commands::client::jobs(cmd),
         Command::Evals(cmd) => commands::evals::run(cmd),
+        Command::Doctor(args) => commands::doctor::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

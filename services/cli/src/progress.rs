@@ -22,7 +22,19 @@ impl ProgressPrinter {
             return;
         }
         match event {
-            Event::Started { total_steps, start_step, train_examples, train_rows, truncated_examples, dropped_examples, trainable_parameters, total_parameters, device, dtype, .. } => {
+            Event::Started {
+                total_steps,
+                start_step,
+                train_examples,
+                train_rows,
+                truncated_examples,
+                dropped_examples,
+                trainable_parameters,
+                total_parameters,
+                device,
+                dtype,
+                ..
+            } => {
                 eprintln!(
                     "training {trainable_parameters} of {total_parameters} parameters on {device} ({dtype}); \
                      {train_examples} examples in {train_rows} rows ({truncated_examples} truncated, {dropped_examples} without trainable tokens)"

@@ -56,7 +56,10 @@ fn args() -> Args {
             other => panic!("unknown argument {other}; see the file's doc comment"),
         }
     }
-    assert!(!a.database_url.is_empty() && (a.direct || !a.grpc.is_empty()), "--grpc URL (unless --direct) and --database-url URL are required");
+    assert!(
+        !a.database_url.is_empty() && (a.direct || !a.grpc.is_empty()),
+        "--grpc URL (unless --direct) and --database-url URL are required"
+    );
     a
 }
 
@@ -66,19 +69,34 @@ async fn main() {
     let pool = lathe_store::connect(&args.database_url, 4).await.expect("database");
     let project = lathe_store::projects::ensure_project(&pool, "bench").await.unwrap();
     let file_id = new_file_id();
-    insert_file(&pool, NewFile { id: file_id.clone(), project_id: &project.id, purpose: PURPOSE_FINE_TUNE, filename: "bench.jsonl", sha256: [0; 32], bytes: 0, summary: None })
-        .await
-        .unwrap();
-    let request = CreateJobRequest::from_value(serde_json::json!({"model": "bench", "training_file": file_id.as_str(), "pool": "bench"})).unwrap();
+    insert_file(
+        &pool,
+        NewFile {
+            id: file_id.clone(),
+            project_id: &project.id,
+            purpose: PURPOSE_FINE_TUNE,
+            filename: "bench.jsonl",
+            sha256: [0; 32],
+            bytes: 0,
+            summary: None,
+        },
+    )
+    .await
+    .unwrap();
+    let request =
+        CreateJobRequest::from_value(serde_json::json!({"model": "bench", "training_file": file_id.as_str(), "pool": "bench"})).unwrap();
     let spec = JobSpec::try_from(request).unwrap();
     let pools = vec!["bench".to_string()];
     let mut tokens = Vec::new();
     for i in 0..args.workers {
         lathe_store::jobs::create_job(&pool, &project.id, &spec, None).await.unwrap();
         let name = format!("bench-{i}");
-        let worker = register_worker(&pool, NewWorker { name: &name, device_kind: "cpu", gpu_name: None, gpu_memory_bytes: None, pools: &pools, version: "bench" })
-            .await
-            .unwrap();
+        let worker = register_worker(
+            &pool,
+            NewWorker { name: &name, device_kind: "cpu", gpu_name: None, gpu_memory_bytes: None, pools: &pools, version: "bench" },
+        )
+        .await
+        .unwrap();
         tokens.push(worker.token);
     }
 
@@ -113,14 +131,24 @@ async fn main() {
 }
 
 /// One simulated worker: claim a bench job, stream its points, wait for every ack.
-async fn simulate(grpc: String, token: String, barrier: std::sync::Arc<tokio::sync::Barrier>, batches: u64, points: u64, window: u64) -> u64 {
+async fn simulate(
+    grpc: String,
+    token: String,
+    barrier: std::sync::Arc<tokio::sync::Barrier>,
+    batches: u64,
+    points: u64,
+    window: u64,
+) -> u64 {
     let channel = Channel::from_shared(grpc).unwrap().connect().await.expect("controller reachable");
     let header: MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
     let mut client = WorkerServiceClient::with_interceptor(channel, move |mut r: Request<()>| {
         r.metadata_mut().insert("authorization", header.clone());
         Ok(r)
     });
-    client.register(RegisterRequest { name: "bench".into(), device_kind: 3, pools: vec!["bench".into()], ..Default::default() }).await.unwrap();
+    client
+        .register(RegisterRequest { name: "bench".into(), device_kind: 3, pools: vec!["bench".into()], ..Default::default() })
+        .await
+        .unwrap();
     let claim = client.claim_job(ClaimJobRequest { job_id: String::new() }).await.expect("a bench job to claim").into_inner();
     let (tx, rx) = mpsc::unbounded_channel();
     tx.send(WorkerMessage { seq: 0, body: Some(Up::Hello(Hello { job_id: claim.job_id.clone(), attempt: claim.attempt })) }).unwrap();
@@ -162,10 +190,19 @@ fn batch_points(seq: u64, batches: u64, points: u64) -> Vec<MetricPoint> {
 }
 
 /// The reference: claim in the store, then the controller's two writes per batch, directly.
-async fn write_directly(pool: lathe_store::PgPool, token: String, barrier: std::sync::Arc<tokio::sync::Barrier>, batches: u64, points: u64) -> u64 {
+async fn write_directly(
+    pool: lathe_store::PgPool,
+    token: String,
+    barrier: std::sync::Arc<tokio::sync::Barrier>,
+    batches: u64,
+    points: u64,
+) -> u64 {
     use lathe_store::dispatch::{claim_job, record_progress, ClaimRequest, EventLevel, NewEvent};
     let worker_id = lathe_store::workers::authenticate_worker(&pool, &token).await.unwrap().unwrap();
-    let claim = claim_job(&pool, ClaimRequest { worker_id: &worker_id, job_id: None, lease: Duration::from_secs(600) }).await.unwrap().expect("a bench job");
+    let claim = claim_job(&pool, ClaimRequest { worker_id: &worker_id, job_id: None, lease: Duration::from_secs(600) })
+        .await
+        .unwrap()
+        .expect("a bench job");
     barrier.wait().await;
     for seq in 1..=batches {
         let wire = batch_points(seq, batches, points);

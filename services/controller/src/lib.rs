@@ -82,3 +82,6 @@ impl BoundController {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod error_map_tests;

@@ -32,11 +32,7 @@ fn collect(dir: &Path, prefix: &str, depth: usize, found: &mut Vec<(String, i64)
         }
         let config = path.join("config.json");
         if let Ok(meta) = std::fs::metadata(&config) {
-            let created = meta
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_secs() as i64);
+            let created = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs() as i64);
             found.push((name, created));
         } else if depth == 0 {
             collect(&path, &format!("{name}/"), 1, found);

@@ -56,18 +56,15 @@ async fn pass_with(state: &AppState, requeue: bool) -> Result<(), lathe_store::S
     for job in &requeued {
         state.telemetry.requeued.inc();
         state.telemetry.forget_job(job.job_id.as_str());
-        let message = format!(
-            "Attempt {} lost its worker (lease expired); job is now {}",
-            job.attempt,
-            job.status.as_str()
-        );
+        let message = format!("Attempt {} lost its worker (lease expired); job is now {}", job.attempt, job.status.as_str());
         tracing::warn!(job_id = %job.job_id, attempt = job.attempt, status = job.status.as_str(), "lease expired");
         state.note_event(job.job_id.as_str(), EventLevel::Warn, &message, None).await;
     }
 
     if requeue {
         let evaluations =
-            lathe_store::evaluations::requeue_expired_evaluations(&state.pool, OffsetDateTime::now_utc() - grace, &state.config.retry).await?;
+            lathe_store::evaluations::requeue_expired_evaluations(&state.pool, OffsetDateTime::now_utc() - grace, &state.config.retry)
+                .await?;
         for (id, status) in evaluations {
             tracing::warn!(evaluation_id = id, status = status.as_str(), "evaluation lease expired");
         }

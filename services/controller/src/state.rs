@@ -32,7 +32,13 @@ impl AppState {
     /// Adds one of the controller's own events to a job's history. Called after the change it
     /// describes is committed, so a failure here must not undo or fail that change: it is
     /// logged and the event is lost, nothing else.
-    pub async fn note_event(&self, job_id: &str, level: lathe_store::dispatch::EventLevel, message: &str, data: Option<&serde_json::Value>) {
+    pub async fn note_event(
+        &self,
+        job_id: &str,
+        level: lathe_store::dispatch::EventLevel,
+        message: &str,
+        data: Option<&serde_json::Value>,
+    ) {
         if let Err(error) = lathe_store::dispatch::add_job_event(&self.pool, job_id, level, message, data).await {
             tracing::warn!(job_id, %error, message, "could not record a job event");
         }

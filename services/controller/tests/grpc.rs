@@ -9,8 +9,7 @@ use lathe_proto::v1::controller_message::Body as Down;
 use lathe_proto::v1::worker_message::Body as Up;
 use lathe_proto::v1::worker_service_client::WorkerServiceClient;
 use lathe_proto::v1::{
-    AttemptRef, ClaimJobRequest, ControllerMessage, Hello, HeartbeatRequest, MetricPoint, MetricsBatch, RegisterRequest,
-    WorkerMessage,
+    AttemptRef, ClaimJobRequest, ControllerMessage, HeartbeatRequest, Hello, MetricPoint, MetricsBatch, RegisterRequest, WorkerMessage,
 };
 use lathe_store::files::{insert_file, new_file_id, NewFile, PURPOSE_FINE_TUNE};
 use lathe_store::workers::{register_worker, NewWorker};
@@ -31,7 +30,8 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Harness {
-        let unique = format!("{}_{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+        let unique =
+            format!("{}_{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
         let db_name = format!("lathe_test_grpc_{unique}");
         let data = std::env::temp_dir().join(format!("lathe-grpc-{unique}"));
         std::fs::create_dir_all(data.join("models/tiny")).unwrap();
@@ -54,7 +54,10 @@ impl Harness {
         Harness { state, grpc, db_name, _stop: stop }
     }
 
-    async fn worker(&self, name: &str) -> WorkerServiceClient<tonic::service::interceptor::InterceptedService<Channel, impl tonic::service::Interceptor>> {
+    async fn worker(
+        &self,
+        name: &str,
+    ) -> WorkerServiceClient<tonic::service::interceptor::InterceptedService<Channel, impl tonic::service::Interceptor>> {
         let pools = vec!["default".to_string()];
         let registered = register_worker(
             &self.state.pool,
@@ -73,7 +76,15 @@ impl Harness {
         let sha256 = self.state.storage.write_file(file_id.as_str(), &bytes).unwrap();
         insert_file(
             &self.state.pool,
-            NewFile { id: file_id.clone(), project_id: &project.id, purpose: PURPOSE_FINE_TUNE, filename: "t.jsonl", sha256, bytes: bytes.len() as i64, summary: None },
+            NewFile {
+                id: file_id.clone(),
+                project_id: &project.id,
+                purpose: PURPOSE_FINE_TUNE,
+                filename: "t.jsonl",
+                sha256,
+                bytes: bytes.len() as i64,
+                summary: None,
+            },
         )
         .await
         .unwrap();
@@ -94,7 +105,10 @@ async fn sqlx_drop(admin: &lathe_store::PgPool, name: &str) -> Result<(), lathe_
     lathe_store::execute(admin, &format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await
 }
 
-async fn client(url: &str, token: &str) -> WorkerServiceClient<tonic::service::interceptor::InterceptedService<Channel, impl tonic::service::Interceptor>> {
+async fn client(
+    url: &str,
+    token: &str,
+) -> WorkerServiceClient<tonic::service::interceptor::InterceptedService<Channel, impl tonic::service::Interceptor>> {
     let channel = Channel::from_shared(url.to_string()).unwrap().connect().await.unwrap();
     let header: MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
     WorkerServiceClient::with_interceptor(channel, move |mut request: Request<()>| {
@@ -155,7 +169,11 @@ async fn a_write_from_a_stale_attempt_is_refused_and_the_worker_told_to_stop() {
     let (_tx, mut again) = open(&mut a, &job_id, 1).await;
     assert!(matches!(next(&mut again).await, Down::LeaseLost(_)));
     // Its heartbeat lists the attempt as lost.
-    let beat = a.heartbeat(HeartbeatRequest { running: vec![AttemptRef { job_id: job_id.clone(), attempt: 1 }], ..Default::default() }).await.unwrap().into_inner();
+    let beat = a
+        .heartbeat(HeartbeatRequest { running: vec![AttemptRef { job_id: job_id.clone(), attempt: 1 }], ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(beat.lost.len(), 1);
     assert!(beat.renewed.is_empty());
 

@@ -1,4 +1,4 @@
-//! An evaluation as validated at create time (DESIGN.md §3.5): [`EvaluationSpec`] is the whole
+//! An evaluation as validated at create time (docs/architecture.md §1): [`EvaluationSpec`] is the whole
 //! protocol — benchmark, subset, k-shot, prompt, decoding, extraction rule, how unparsable
 //! answers count — built from the body of `POST /v1/evaluations` (or one entry of a job's
 //! `evaluations` extension) by [`EvaluationSpec::resolve`], stored with the evaluation, handed
@@ -108,16 +108,34 @@ impl EvaluationSpec {
     pub fn resolve(request: &EvaluationRequest, prefix: &str) -> Result<EvaluationSpec, SpecError> {
         let param = |field: &str| format!("{prefix}{field}");
         let benchmark = match request.benchmark.as_deref() {
-            None => return Err(SpecError::new(param("benchmark"), format!("{}: required; one of {}", param("benchmark"), EVALUATION_BENCHMARKS.join(", ")))),
+            None => {
+                return Err(SpecError::new(
+                    param("benchmark"),
+                    format!("{}: required; one of {}", param("benchmark"), EVALUATION_BENCHMARKS.join(", ")),
+                ))
+            }
             Some(name) if EVALUATION_BENCHMARKS.contains(&name) => name.to_string(),
             Some(name) => {
-                return Err(SpecError::invalid(&param("benchmark"), format!("unknown benchmark {name:?}; known: {}", EVALUATION_BENCHMARKS.join(", "))))
+                return Err(SpecError::invalid(
+                    &param("benchmark"),
+                    format!("unknown benchmark {name:?}; known: {}", EVALUATION_BENCHMARKS.join(", ")),
+                ))
             }
         };
         let file = match (&request.file, benchmark.as_str()) {
             (Some(id), "file") => Some(FileId::parse(id).map_err(|e| SpecError::invalid(&param("file"), e))?),
-            (None, "file") => return Err(SpecError::invalid(&param("file"), "required with benchmark \"file\": the id of an uploaded JSONL validation set")),
-            (Some(_), _) => return Err(SpecError::invalid(&param("file"), format!("only the \"file\" benchmark reads a file; {benchmark} reads the CTIBench data directory"))),
+            (None, "file") => {
+                return Err(SpecError::invalid(
+                    &param("file"),
+                    "required with benchmark \"file\": the id of an uploaded JSONL validation set",
+                ))
+            }
+            (Some(_), _) => {
+                return Err(SpecError::invalid(
+                    &param("file"),
+                    format!("only the \"file\" benchmark reads a file; {benchmark} reads the CTIBench data directory"),
+                ))
+            }
             (None, _) => None,
         };
         let limit = match request.limit {
@@ -139,7 +157,10 @@ impl EvaluationSpec {
             None | Some("generate") => EvaluationMode::Generate,
             Some("likelihood") if benchmark == "cti-mcq" => EvaluationMode::Likelihood,
             Some("likelihood") => {
-                return Err(SpecError::invalid(&param("mode"), format!("likelihood scoring compares the options of cti-mcq; {benchmark} needs \"generate\"")))
+                return Err(SpecError::invalid(
+                    &param("mode"),
+                    format!("likelihood scoring compares the options of cti-mcq; {benchmark} needs \"generate\""),
+                ))
             }
             Some(other) => return Err(SpecError::invalid(&param("mode"), format!("{other:?} is neither \"generate\" nor \"likelihood\""))),
         };
@@ -150,7 +171,9 @@ impl EvaluationSpec {
                 _ => 384,
             },
             Some(n) if (1..=i64::from(MAX_NEW_TOKENS_LIMIT)).contains(&n) => n as u32,
-            Some(n) => return Err(SpecError::invalid(&param("max_new_tokens"), format!("must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {n}"))),
+            Some(n) => {
+                return Err(SpecError::invalid(&param("max_new_tokens"), format!("must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {n}")))
+            }
         };
         let extraction = match request.extraction.as_deref() {
             None => default_rule(&benchmark).to_string(),
@@ -162,7 +185,12 @@ impl EvaluationSpec {
                 ))
             }
             Some(rule) if EXTRACTION_RULES.contains(&rule) => rule.to_string(),
-            Some(rule) => return Err(SpecError::invalid(&param("extraction"), format!("unknown rule {rule:?}; known: {}", EXTRACTION_RULES.join(", ")))),
+            Some(rule) => {
+                return Err(SpecError::invalid(
+                    &param("extraction"),
+                    format!("unknown rule {rule:?}; known: {}", EXTRACTION_RULES.join(", ")),
+                ))
+            }
         };
         if let Some(system) = &request.system_prompt {
             if system.len() > 16_384 {

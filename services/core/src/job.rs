@@ -121,10 +121,7 @@ mod tests {
     #[test]
     fn statuses_serialize_as_the_openai_strings() {
         let json = serde_json::to_string(&JobStatus::ALL).unwrap();
-        assert_eq!(
-            json,
-            r#"["validating_files","queued","running","succeeded","failed","cancelled","paused"]"#
-        );
+        assert_eq!(json, r#"["validating_files","queued","running","succeeded","failed","cancelled","paused"]"#);
         for status in JobStatus::ALL {
             assert_eq!(status.as_str().parse::<JobStatus>().unwrap(), status);
             assert_eq!(serde_json::from_str::<JobStatus>(&format!("\"{status}\"")).unwrap(), status);

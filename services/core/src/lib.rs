@@ -19,12 +19,14 @@
 //! Everything here is a pure function of its inputs: the controller, the reconciler, the
 //! worker and the tests call it the same way.
 
+pub mod error_code;
 pub mod evaluation;
 pub mod ids;
 pub mod job;
 pub mod spec;
 pub mod training_file;
 
+pub use error_code::ErrorCode;
 pub use evaluation::{EvaluationRequest, EvaluationSpec};
 pub use ids::{fine_tuned_model_name, CheckpointId, EvaluationId, EventId, FileId, IdError, JobId};
 pub use job::{can_transition, transition, IllegalTransition, JobStatus};

@@ -181,17 +181,10 @@ pub fn parse_line(line: &str) -> Result<Example, String> {
     };
 
     let has = |key: &str| object.contains_key(key);
-    let formats = [
-        (has("messages"), "`messages`"),
-        (has("prompt") || has("completion"), "`prompt`/`completion`"),
-        (has("text"), "`text`"),
-    ];
+    let formats = [(has("messages"), "`messages`"), (has("prompt") || has("completion"), "`prompt`/`completion`"), (has("text"), "`text`")];
     let present: Vec<&str> = formats.iter().filter(|(p, _)| *p).map(|(_, name)| *name).collect();
     if present.len() > 1 {
-        return Err(format!(
-            "mixed keys {}: use exactly one of `messages`, `prompt`+`completion` or `text`",
-            present.join(" and ")
-        ));
+        return Err(format!("mixed keys {}: use exactly one of `messages`, `prompt`+`completion` or `text`", present.join(" and ")));
     }
 
     if let Some(messages) = object.get("messages") {
@@ -260,12 +253,8 @@ fn parse_message(item: &Value) -> Result<ChatMessage, String> {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Array(parts)) => join_text_parts(parts)?,
         Some(Value::Null) | None if role == "assistant" && has_tool_calls => String::new(),
-        Some(Value::Null) | None => {
-            return Err("missing `content` (only an assistant message with `tool_calls` may omit it)".into())
-        }
-        Some(other) => {
-            return Err(format!("`content` must be a string or an array of text parts, found {}", kind_of(other)))
-        }
+        Some(Value::Null) | None => return Err("missing `content` (only an assistant message with `tool_calls` may omit it)".into()),
+        Some(other) => return Err(format!("`content` must be a string or an array of text parts, found {}", kind_of(other))),
     };
 
     let weight = match object.get("weight") {
@@ -321,8 +310,7 @@ fn kind_of(value: &Value) -> &'static str {
 mod tests {
     use super::*;
 
-    const GOOD_CHAT: &str =
-        r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#;
+    const GOOD_CHAT: &str = r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#;
 
     fn chat_file(examples: usize) -> String {
         vec![GOOD_CHAT; examples].join("\n") + "\n"
@@ -336,10 +324,7 @@ mod tests {
     fn a_chat_file_of_ten_examples_is_summarised() {
         let content = chat_file(10);
         let summary = validate_training_file(content.as_bytes()).unwrap();
-        assert_eq!(
-            summary,
-            FileSummary { format: DataFormat::Chat, examples: 10, lines: 10, bytes: content.len() }
-        );
+        assert_eq!(summary, FileSummary { format: DataFormat::Chat, examples: 10, lines: 10, bytes: content.len() });
         assert_eq!(serde_json::to_value(summary.format).unwrap(), "chat");
     }
 
@@ -362,10 +347,7 @@ mod tests {
     #[test]
     fn an_empty_file_has_no_examples() {
         assert_eq!(error_of("\n  \n"), FileError::Empty);
-        assert_eq!(
-            validate_training_file(b"").unwrap_err().to_string(),
-            "no examples: the file is empty or has only blank lines"
-        );
+        assert_eq!(validate_training_file(b"").unwrap_err().to_string(), "no examples: the file is empty or has only blank lines");
     }
 
     #[test]
@@ -380,7 +362,8 @@ mod tests {
 
     #[test]
     fn prompt_completion_and_text_files_parse_and_a_bom_is_skipped() {
-        let summary = validate_jsonl(b"{\"prompt\": \"2+2=\", \"completion\": \"4\"}\r\n{\"prompt\": \"\", \"completion\": \"x\"}\n").unwrap();
+        let summary =
+            validate_jsonl(b"{\"prompt\": \"2+2=\", \"completion\": \"4\"}\r\n{\"prompt\": \"\", \"completion\": \"x\"}\n").unwrap();
         assert_eq!(summary.format, DataFormat::PromptCompletion);
         assert_eq!(
             parse_line(r#"{"prompt": "2+2=", "completion": "4"}"#).unwrap(),

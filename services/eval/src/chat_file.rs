@@ -26,7 +26,9 @@ pub fn load(path: &Path) -> Result<Vec<Item>, EvalError> {
         let example = parse_line(line).map_err(|reason| row(i + 1, reason))?;
         let (turns, prompt, answer) = match example {
             Example::PromptCompletion { prompt, completion } => (Vec::new(), prompt, completion),
-            Example::Text { .. } => return Err(row(i + 1, "a text document has no answer to score; use chat or prompt/completion examples".into())),
+            Example::Text { .. } => {
+                return Err(row(i + 1, "a text document has no answer to score; use chat or prompt/completion examples".into()))
+            }
             Example::Chat { mut messages } => {
                 let answer = match messages.pop() {
                     Some(m) if m.role == "assistant" => m.content,

@@ -201,8 +201,11 @@ pub fn check_file(training: &Path, items: &[Item]) -> Result<Report, EvalError> 
             continue;
         }
         rows += 1;
-        let value: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| EvalError::Row { path: training.into(), line: i + 1, message: format!("not JSON: {e}") })?;
+        let value: serde_json::Value = serde_json::from_str(line).map_err(|e| EvalError::Row {
+            path: training.into(),
+            line: i + 1,
+            message: format!("not JSON: {e}"),
+        })?;
         if let Some((reason, items)) = index.check(&value) {
             overlaps.push(Overlap { line: i + 1, reason, items });
         }
@@ -251,8 +254,14 @@ mod tests {
         let long = "a stored cross site scripting vulnerability in the admin panel of acme cms allows remote attackers to inject script via the title field";
         let index = Index::new(&[item(0, "Buffer overflow in FooServer 1.2."), item(1, long)]);
         let check = |v: serde_json::Value| index.check(&v);
-        assert_eq!(check(serde_json::json!({"prompt": "Map it. CVE Description:   BUFFER overflow in  FooServer 1.2. ", "response": "CWE-120"})), Some((Reason::Description, vec![0])));
-        assert_eq!(check(serde_json::json!({"messages": [{"role": "user", "content": "What is cve-2021-1001?"}]})), Some((Reason::CveId, vec![1])));
+        assert_eq!(
+            check(serde_json::json!({"prompt": "Map it. CVE Description:   BUFFER overflow in  FooServer 1.2. ", "response": "CWE-120"})),
+            Some((Reason::Description, vec![0]))
+        );
+        assert_eq!(
+            check(serde_json::json!({"messages": [{"role": "user", "content": "What is cve-2021-1001?"}]})),
+            Some((Reason::CveId, vec![1]))
+        );
         let quoted = format!("Summary: {} and more words here.", &long[..long.len() - 6]);
         assert_eq!(check(serde_json::json!({"text": quoted})), Some((Reason::Ngram, vec![1])));
         assert_eq!(check(serde_json::json!({"prompt": "SQL injection in BarApp via the id parameter.", "completion": "CWE-89"})), None);

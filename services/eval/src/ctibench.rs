@@ -139,10 +139,10 @@ fn unquote(cell: &str) -> String {
 }
 
 fn column(header: &[String], name: &str, path: &Path) -> Result<usize, EvalError> {
-    header.iter().position(|h| h == name).ok_or_else(|| EvalError::File {
-        path: path.into(),
-        message: format!("no {name:?} column (columns: {})", header.join(", ")),
-    })
+    header
+        .iter()
+        .position(|h| h == name)
+        .ok_or_else(|| EvalError::File { path: path.into(), message: format!("no {name:?} column (columns: {})", header.join(", ")) })
 }
 
 /// Reads several benchmarks as one item list (the contamination check protects them all at
@@ -162,7 +162,10 @@ pub fn load_all(names: &[String], data_dir: &Path) -> Result<Vec<Item>, EvalErro
 /// Reads a benchmark from the data directory.
 pub fn load(benchmark: Benchmark, data_dir: &Path) -> Result<Vec<Item>, EvalError> {
     if benchmark == Benchmark::File {
-        return Err(EvalError::File { path: data_dir.into(), message: "the \"file\" benchmark reads a JSONL file, not the CTIBench directory".into() });
+        return Err(EvalError::File {
+            path: data_dir.into(),
+            message: "the \"file\" benchmark reads a JSONL file, not the CTIBench directory".into(),
+        });
     }
     if !data_dir.is_dir() {
         return Err(EvalError::File { path: data_dir.into(), message: "not a directory (the CTIBench data directory)".into() });

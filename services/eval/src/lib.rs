@@ -1,4 +1,4 @@
-//! Evaluation on CTIBench (DESIGN.md §3.5), the parts that need no model: reading the
+//! Evaluation on CTIBench (docs/architecture.md §1), the parts that need no model: reading the
 //! benchmarks, the answer-extraction rules, scoring with a confidence interval, and the
 //! contamination filter that keeps evaluation items out of training data.
 //!

@@ -61,8 +61,12 @@ fn cve_cwe_training_rows_that_leak_cti_rcm_2021_are_flagged_and_dropped() {
     assert!(report.items_covered >= 999 && report.overlaps.len() >= 1003);
     eprintln!(
         "flagged {} rows (description {}, CVE id {}, 13-gram {}), covering {} of {} items",
-        report.overlaps.len(), report.count(Reason::Description), report.count(Reason::CveId),
-        report.count(Reason::Ngram), report.items_covered, report.items
+        report.overlaps.len(),
+        report.count(Reason::Description),
+        report.count(Reason::CveId),
+        report.count(Reason::Ngram),
+        report.items_covered,
+        report.items
     );
 
     let out = std::env::temp_dir().join(format!("lathe-decontaminated-{}.jsonl", std::process::id()));

@@ -180,11 +180,7 @@ impl Queue {
     /// Blocks until a job id is in one of `pools` (earlier pools preferred) and pops it, or
     /// returns `None` after `timeout`. The caller then claims the job in Postgres; a failed
     /// claim just means waiting again.
-    pub async fn wait_for_job<P: AsRef<str>>(
-        &self,
-        pools: &[P],
-        timeout: Duration,
-    ) -> Result<Option<QueuedJob>, QueueError> {
+    pub async fn wait_for_job<P: AsRef<str>>(&self, pools: &[P], timeout: Duration) -> Result<Option<QueuedJob>, QueueError> {
         let pools = pools.iter().map(|pool| Pool::parse(pool.as_ref())).collect::<Result<Vec<_>, _>>()?;
         if pools.is_empty() {
             return Err(QueueError::NoPools);
@@ -196,9 +192,7 @@ impl Queue {
             // An idle connection may have died with a Redis restart since it was last used:
             // then one retry on a fresh connection, so a restart does not cost a wake-up.
             Some(idle) => match self.pop_min_blocking(idle, &keys, wait).await {
-                Err(error) if error.is_unavailable() => {
-                    self.pop_min_blocking(self.open_wait_connection().await?, &keys, wait).await?
-                }
+                Err(error) if error.is_unavailable() => self.pop_min_blocking(self.open_wait_connection().await?, &keys, wait).await?,
                 other => other?,
             },
             None => self.pop_min_blocking(self.open_wait_connection().await?, &keys, wait).await?,
@@ -264,8 +258,7 @@ impl Queue {
 
     async fn open_wait_connection(&self) -> Result<MultiplexedConnection, QueueError> {
         // No response timeout: the wait itself decides how long the reply may take.
-        let config =
-            AsyncConnectionConfig::new().set_connection_timeout(Some(CONNECT_TIMEOUT)).set_response_timeout(None);
+        let config = AsyncConnectionConfig::new().set_connection_timeout(Some(CONNECT_TIMEOUT)).set_response_timeout(None);
         let mut connection = self.client.get_multiplexed_async_connection_with_config(&config).await?;
         // Named so that operators (and tests) can tell a blocked worker in CLIENT LIST. A server
         // whose ACL forbids it still works, unnamed.

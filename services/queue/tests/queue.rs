@@ -29,8 +29,7 @@ impl TestQueue {
     /// Deletes every key under this test's prefix: FLUSHALL, as far as this test can see.
     fn delete_own_keys(&self) {
         let mut connection = redis::Client::open(REDIS_URL).unwrap().get_connection().unwrap();
-        let keys: Vec<String> =
-            connection.scan_match(format!("{}*", self.prefix)).unwrap().collect::<Result<_, _>>().unwrap();
+        let keys: Vec<String> = connection.scan_match(format!("{}*", self.prefix)).unwrap().collect::<Result<_, _>>().unwrap();
         if !keys.is_empty() {
             let _: u64 = redis::cmd("DEL").arg(&keys).query(&mut connection).unwrap();
         }
@@ -285,9 +284,7 @@ async fn a_member_that_is_not_a_job_id_is_reported_not_returned() {
 
     let got = queue.wait_for_job(&["default"], SHORT).await;
 
-    assert!(
-        matches!(got, Err(QueueError::MalformedEntry { pool, member }) if pool == "default" && member == "not-a-job")
-    );
+    assert!(matches!(got, Err(QueueError::MalformedEntry { pool, member }) if pool == "default" && member == "not-a-job"));
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
-//! The one error type of the store, mapped once by the API (404, 409, 503, 500) and by the
-//! gRPC service (NOT_FOUND, FAILED_PRECONDITION for a stale attempt, UNAVAILABLE).
+//! The one error type of the store. Each error has one [`ErrorCode`] ([`StoreError::code`]),
+//! which the REST API and the gRPC service translate to their statuses (lathe_core::error_code).
 
-use lathe_core::IllegalTransition;
+use lathe_core::{ErrorCode, IllegalTransition};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -17,25 +17,40 @@ pub enum StoreError {
     StaleAttempt { job: String, attempt: i32, current: i32 },
     #[error(transparent)]
     IllegalTransition(#[from] IllegalTransition),
+    /// The object's state forbids the operation (cancelling a finished evaluation).
+    #[error("{0}")]
+    InvalidState(String),
     /// Postgres cannot be reached (down, restarting, pool exhausted): retry later, 503.
     #[error("database unavailable: {0}")]
     Unavailable(sqlx::Error),
     #[error("database error: {0}")]
     Database(sqlx::Error),
+    /// The store cannot work with what it was given at start (a database URL it cannot use).
+    #[error("misconfigured: {0}")]
+    Misconfigured(String),
+}
+
+impl StoreError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            StoreError::NotFound => ErrorCode::NotFound,
+            StoreError::Conflict(_) => ErrorCode::Conflict,
+            StoreError::StaleAttempt { .. } => ErrorCode::StaleAttempt,
+            StoreError::IllegalTransition(_) | StoreError::InvalidState(_) => ErrorCode::InvalidState,
+            StoreError::Unavailable(_) => ErrorCode::Unavailable,
+            StoreError::Database(_) | StoreError::Misconfigured(_) => ErrorCode::Internal,
+        }
+    }
 }
 
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
         match error {
             sqlx::Error::RowNotFound => StoreError::NotFound,
-            sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(error),
-            sqlx::Error::Database(ref db) if is_unavailable_code(db.code().as_deref()) => {
+            sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => {
                 StoreError::Unavailable(error)
             }
+            sqlx::Error::Database(ref db) if is_unavailable_code(db.code().as_deref()) => StoreError::Unavailable(error),
             other => StoreError::Database(other),
         }
     }

@@ -1,5 +1,5 @@
 //! Evaluations: a model run on a benchmark under an explicit protocol, with its score and every
-//! item's prediction (DESIGN.md §3.5).
+//! item's prediction (docs/architecture.md §1).
 //!
 //! The API creates, lists, reads and cancels them; workers claim them through the controller
 //! and report back with the same fencing as jobs (see [`crate::dispatch`]): the claim is a
@@ -49,10 +49,7 @@ impl EvaluationStatus {
     }
 
     fn parse(text: &str) -> Result<Self, StoreError> {
-        Self::ALL
-            .into_iter()
-            .find(|s| s.as_str() == text)
-            .ok_or_else(|| corrupt(format!("evaluation status {text:?}")))
+        Self::ALL.into_iter().find(|s| s.as_str() == text).ok_or_else(|| corrupt(format!("evaluation status {text:?}")))
     }
 
     pub fn is_finished(self) -> bool {
@@ -222,7 +219,7 @@ pub async fn list_evaluations(
 }
 
 /// Cancels a queued or running evaluation (a running one's worker learns it at its next
-/// heartbeat and stops). Cancelling a finished one is a `Conflict`.
+/// heartbeat and stops). Cancelling a finished one is `InvalidState`.
 pub async fn cancel_evaluation(pool: &PgPool, project_id: &str, id: &str) -> Result<Evaluation, StoreError> {
     let mut tx = pool.begin().await?;
     let status: String = sqlx::query_scalar("SELECT status FROM evaluations WHERE id = $1 AND project_id = $2 FOR UPDATE")
@@ -233,7 +230,7 @@ pub async fn cancel_evaluation(pool: &PgPool, project_id: &str, id: &str) -> Res
         .ok_or(StoreError::NotFound)?;
     let status = EvaluationStatus::parse(&status)?;
     if status.is_finished() {
-        return Err(StoreError::Conflict(format!("evaluation {id} already {}", status.as_str())));
+        return Err(StoreError::InvalidState(format!("evaluation {id} already {}", status.as_str())));
     }
     let evaluation = sqlx::query_as::<_, EvaluationRow>(&format!(
         "UPDATE evaluations SET status = 'cancelled', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL
@@ -470,10 +467,12 @@ pub async fn fail_evaluation(
             requeue_after_crash(&mut tx, id, &reason, policy).await?;
         }
         EvaluationFailure::Preempted => {
-            sqlx::query("UPDATE evaluations SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL, items_done = 0 WHERE id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE evaluations SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL, items_done = 0 WHERE id = $1",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         }
     }
     let evaluation = sqlx::query_as::<_, EvaluationRow>(&format!("SELECT {COLUMNS} FROM evaluations WHERE id = $1"))

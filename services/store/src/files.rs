@@ -57,8 +57,7 @@ struct FileRow {
     created_at: OffsetDateTime,
 }
 
-const FILE_COLUMNS: &str =
-    "id, project_id, purpose, filename, bytes, sha256, format, line_count, example_count, created_at";
+const FILE_COLUMNS: &str = "id, project_id, purpose, filename, bytes, sha256, format, line_count, example_count, created_at";
 
 impl TryFrom<FileRow> for StoredFile {
     type Error = StoreError;
@@ -125,15 +124,13 @@ pub async fn insert_file(pool: &PgPool, file: NewFile<'_>) -> Result<StoredFile,
 
 /// A live file of the project.
 pub async fn get_file(pool: &PgPool, project_id: &str, file_id: &str) -> Result<StoredFile, StoreError> {
-    sqlx::query_as::<_, FileRow>(&format!(
-        "SELECT {FILE_COLUMNS} FROM files WHERE id = $1 AND project_id = $2 AND deleted_at IS NULL"
-    ))
-    .bind(file_id)
-    .bind(project_id)
-    .fetch_optional(pool)
-    .await?
-    .ok_or(StoreError::NotFound)?
-    .try_into()
+    sqlx::query_as::<_, FileRow>(&format!("SELECT {FILE_COLUMNS} FROM files WHERE id = $1 AND project_id = $2 AND deleted_at IS NULL"))
+        .bind(file_id)
+        .bind(project_id)
+        .fetch_optional(pool)
+        .await?
+        .ok_or(StoreError::NotFound)?
+        .try_into()
 }
 
 /// Newest first; `after` is the id of the last file of the previous page.
@@ -165,13 +162,11 @@ pub async fn list_files(
 /// Soft delete: jobs keep referring to the row, the API no longer shows it. The caller removes
 /// the bytes afterwards.
 pub async fn delete_file(pool: &PgPool, project_id: &str, file_id: &str) -> Result<(), StoreError> {
-    let deleted = sqlx::query(
-        "UPDATE files SET deleted_at = now() WHERE id = $1 AND project_id = $2 AND deleted_at IS NULL",
-    )
-    .bind(file_id)
-    .bind(project_id)
-    .execute(pool)
-    .await?;
+    let deleted = sqlx::query("UPDATE files SET deleted_at = now() WHERE id = $1 AND project_id = $2 AND deleted_at IS NULL")
+        .bind(file_id)
+        .bind(project_id)
+        .execute(pool)
+        .await?;
     if deleted.rows_affected() == 0 {
         return Err(StoreError::NotFound);
     }

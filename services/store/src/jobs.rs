@@ -106,28 +106,20 @@ pub(crate) fn parse_status(text: &str) -> Result<JobStatus, StoreError> {
 /// repeat of an accepted key returns its job even if the file was deleted since).
 /// Concurrent creates with one key race on the unique (project, key) index: `ON CONFLICT DO
 /// NOTHING` lets exactly one insert win and every other call reads the winner's row.
-pub async fn create_job(
-    pool: &PgPool,
-    project_id: &str,
-    spec: &JobSpec,
-    idempotency_key: Option<&str>,
-) -> Result<(Job, bool), StoreError> {
+pub async fn create_job(pool: &PgPool, project_id: &str, spec: &JobSpec, idempotency_key: Option<&str>) -> Result<(Job, bool), StoreError> {
     if let Some(key) = idempotency_key {
         if let Some(existing) = find_by_idempotency_key(pool, project_id, key).await? {
             return Ok((existing, false));
         }
     }
-    let mut files: Vec<&str> =
-        std::iter::once(&spec.training_file).chain(spec.validation_file.as_ref()).map(FileId::as_str).collect();
+    let mut files: Vec<&str> = std::iter::once(&spec.training_file).chain(spec.validation_file.as_ref()).map(FileId::as_str).collect();
     // One file may serve as both training and validation file.
     files.dedup();
-    let live_files: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM files WHERE id = ANY($1) AND project_id = $2 AND deleted_at IS NULL",
-    )
-    .bind(&files)
-    .bind(project_id)
-    .fetch_one(pool)
-    .await?;
+    let live_files: i64 = sqlx::query_scalar("SELECT count(*) FROM files WHERE id = ANY($1) AND project_id = $2 AND deleted_at IS NULL")
+        .bind(&files)
+        .bind(project_id)
+        .fetch_one(pool)
+        .await?;
     if live_files != files.len() as i64 {
         return Err(StoreError::NotFound);
     }
@@ -166,13 +158,11 @@ pub async fn create_job(
 
 /// The project's job created with this `Idempotency-Key`, if any.
 pub async fn find_by_idempotency_key(pool: &PgPool, project_id: &str, key: &str) -> Result<Option<Job>, StoreError> {
-    let row = sqlx::query_as::<_, JobRow>(&format!(
-        "SELECT {JOB_COLUMNS} FROM jobs WHERE project_id = $1 AND idempotency_key = $2"
-    ))
-    .bind(project_id)
-    .bind(key)
-    .fetch_optional(pool)
-    .await?;
+    let row = sqlx::query_as::<_, JobRow>(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE project_id = $1 AND idempotency_key = $2"))
+        .bind(project_id)
+        .bind(key)
+        .fetch_optional(pool)
+        .await?;
     row.map(Job::try_from).transpose()
 }
 
@@ -198,12 +188,7 @@ pub async fn get_job_unscoped(pool: &PgPool, job_id: &str) -> Result<Job, StoreE
 }
 
 /// Newest first; `after` is the id of the last job of the previous page.
-pub async fn list_jobs(
-    pool: &PgPool,
-    project_id: &str,
-    after: Option<&str>,
-    limit: i64,
-) -> Result<Page<Job>, StoreError> {
+pub async fn list_jobs(pool: &PgPool, project_id: &str, after: Option<&str>, limit: i64) -> Result<Page<Job>, StoreError> {
     let rows = sqlx::query_as::<_, JobRow>(&format!(
         "SELECT {JOB_COLUMNS} FROM jobs
          WHERE project_id = $1
@@ -222,11 +207,7 @@ pub async fn list_jobs(
 }
 
 /// Locks the project's job row for a status move and returns its current status.
-async fn lock_job(
-    tx: &mut Transaction<'_, Postgres>,
-    project_id: &str,
-    job_id: &str,
-) -> Result<(JobStatus, bool), StoreError> {
+async fn lock_job(tx: &mut Transaction<'_, Postgres>, project_id: &str, job_id: &str) -> Result<(JobStatus, bool), StoreError> {
     let (status, pause_requested): (String, bool) =
         sqlx::query_as("SELECT status, pause_requested FROM jobs WHERE id = $1 AND project_id = $2 FOR UPDATE")
             .bind(job_id)
@@ -340,17 +321,12 @@ pub(crate) async fn end_live_attempt(
 
 /// How many jobs are in each status (the `lathe_jobs` gauge).
 pub async fn count_by_status(pool: &PgPool) -> Result<Vec<(JobStatus, i64)>, StoreError> {
-    let rows: Vec<(String, i64)> = sqlx::query_as("SELECT status, count(*) FROM jobs GROUP BY status")
-        .fetch_all(pool)
-        .await?;
+    let rows: Vec<(String, i64)> = sqlx::query_as("SELECT status, count(*) FROM jobs GROUP BY status").fetch_all(pool).await?;
     rows.into_iter().map(|(status, n)| Ok((parse_status(&status)?, n))).collect()
 }
 
 /// The project's fine-tuned models: `(name, base model, finished_at)` of its succeeded jobs.
-pub async fn list_fine_tuned_models(
-    pool: &PgPool,
-    project_id: &str,
-) -> Result<Vec<(String, String, OffsetDateTime)>, StoreError> {
+pub async fn list_fine_tuned_models(pool: &PgPool, project_id: &str) -> Result<Vec<(String, String, OffsetDateTime)>, StoreError> {
     let rows: Vec<(String, String, OffsetDateTime)> = sqlx::query_as(
         "SELECT fine_tuned_model, model, coalesce(finished_at, created_at) FROM jobs
          WHERE project_id = $1 AND status = 'succeeded' AND fine_tuned_model IS NOT NULL
@@ -365,12 +341,11 @@ pub async fn list_fine_tuned_models(
 /// What a running attempt's stream must tell its worker: `Some(status, pause_requested)` while
 /// `attempt` still holds the job's row, `None` once it does not (requeued, reclaimed).
 pub async fn attempt_control(pool: &PgPool, job_id: &str, attempt: i32) -> Result<Option<(JobStatus, bool)>, StoreError> {
-    let row: Option<(String, bool)> =
-        sqlx::query_as("SELECT status, pause_requested FROM jobs WHERE id = $1 AND attempt = $2")
-            .bind(job_id)
-            .bind(attempt)
-            .fetch_optional(pool)
-            .await?;
+    let row: Option<(String, bool)> = sqlx::query_as("SELECT status, pause_requested FROM jobs WHERE id = $1 AND attempt = $2")
+        .bind(job_id)
+        .bind(attempt)
+        .fetch_optional(pool)
+        .await?;
     row.map(|(status, pause)| Ok((parse_status(&status)?, pause))).transpose()
 }
 

@@ -45,12 +45,10 @@ pub async fn create_api_key(pool: &PgPool, project_id: &str, name: &str) -> Resu
 
 /// The project a bearer token belongs to, or `None` for an unknown or revoked token (401).
 pub async fn authenticate_api_key(pool: &PgPool, token: &str) -> Result<Option<String>, StoreError> {
-    let project_id = sqlx::query_scalar::<_, String>(
-        "SELECT project_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
-    )
-    .bind(random::sha256(token))
-    .fetch_optional(pool)
-    .await?;
+    let project_id = sqlx::query_scalar::<_, String>("SELECT project_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL")
+        .bind(random::sha256(token))
+        .fetch_optional(pool)
+        .await?;
     Ok(project_id)
 }
 

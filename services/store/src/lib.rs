@@ -1,7 +1,7 @@
 //! Lathe's Postgres store: every job, attempt, event, metric point, checkpoint, file, worker and
 //! API key lives here, and this crate is the only code that reads or writes them.
 //!
-//! Where it sits in the flow (DESIGN.md §1):
+//! Where it sits in the flow (docs/architecture.md §1):
 //!
 //! ```text
 //! REST handlers ───────┐   files, jobs (create / list / cancel / pause / resume), evaluations, keys
@@ -54,18 +54,14 @@ pub async fn connect(database_url: &str, max_connections: u32) -> Result<PgPool,
     use std::str::FromStr;
 
     let options = PgConnectOptions::from_str(database_url).map_err(StoreError::Database)?;
-    let pool_options = || {
-        PgPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(std::time::Duration::from_secs(5))
-    };
+    let pool_options = || PgPoolOptions::new().max_connections(max_connections).acquire_timeout(std::time::Duration::from_secs(5));
     let pool = match pool_options().connect_with(options.clone()).await {
         Ok(pool) => pool,
         // 3D000 invalid_catalog_name: the server is up, the database is not there yet.
         Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("3D000") => {
             let name = options.get_database().unwrap_or("lathe").to_string();
             if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(StoreError::Conflict(format!("database {name:?} does not exist; create it first")));
+                return Err(StoreError::Misconfigured(format!("database {name:?} does not exist; create it first")));
             }
             let mut admin = options.clone().database("postgres").connect().await?;
             let created = sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut admin).await;

@@ -76,10 +76,7 @@ pub async fn authenticate_worker(pool: &PgPool, token: &str) -> Result<Option<St
 }
 
 pub async fn heartbeat(pool: &PgPool, worker_id: &str) -> Result<(), StoreError> {
-    let updated = sqlx::query("UPDATE workers SET last_heartbeat_at = now() WHERE id = $1")
-        .bind(worker_id)
-        .execute(pool)
-        .await?;
+    let updated = sqlx::query("UPDATE workers SET last_heartbeat_at = now() WHERE id = $1").bind(worker_id).execute(pool).await?;
     if updated.rows_affected() == 0 {
         return Err(StoreError::NotFound);
     }
@@ -87,11 +84,7 @@ pub async fn heartbeat(pool: &PgPool, worker_id: &str) -> Result<(), StoreError>
 }
 
 pub async fn set_draining(pool: &PgPool, worker_id: &str, draining: bool) -> Result<(), StoreError> {
-    let updated = sqlx::query("UPDATE workers SET draining = $2 WHERE id = $1")
-        .bind(worker_id)
-        .bind(draining)
-        .execute(pool)
-        .await?;
+    let updated = sqlx::query("UPDATE workers SET draining = $2 WHERE id = $1").bind(worker_id).bind(draining).execute(pool).await?;
     if updated.rows_affected() == 0 {
         return Err(StoreError::NotFound);
     }
@@ -99,11 +92,8 @@ pub async fn set_draining(pool: &PgPool, worker_id: &str, draining: bool) -> Res
 }
 
 pub async fn list_workers(pool: &PgPool) -> Result<Vec<Worker>, StoreError> {
-    let workers = sqlx::query_as::<_, Worker>(&format!(
-        "SELECT {WORKER_COLUMNS} FROM workers ORDER BY registered_at, id"
-    ))
-    .fetch_all(pool)
-    .await?;
+    let workers =
+        sqlx::query_as::<_, Worker>(&format!("SELECT {WORKER_COLUMNS} FROM workers ORDER BY registered_at, id")).fetch_all(pool).await?;
     Ok(workers)
 }
 
@@ -129,9 +119,5 @@ pub async fn update_registration(pool: &PgPool, worker_id: &str, worker: NewWork
 
 /// Whether the worker has been told to drain.
 pub async fn is_draining(pool: &PgPool, worker_id: &str) -> Result<bool, StoreError> {
-    sqlx::query_scalar("SELECT draining FROM workers WHERE id = $1")
-        .bind(worker_id)
-        .fetch_optional(pool)
-        .await?
-        .ok_or(StoreError::NotFound)
+    sqlx::query_scalar("SELECT draining FROM workers WHERE id = $1").bind(worker_id).fetch_optional(pool).await?.ok_or(StoreError::NotFound)
 }

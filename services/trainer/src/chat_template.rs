@@ -50,12 +50,9 @@ impl ChatTemplate {
             Some(Json::String(source)) => source.clone(),
             // Some models ship several named templates (e.g. "default" and "tool_use").
             Some(Json::Array(named)) => default_of_named_templates(path, named)?,
-            Some(_) => {
-                return Err(TrainerError::file(path, "`chat_template` must be a string or a list of {name, template}"))
-            }
+            Some(_) => return Err(TrainerError::file(path, "`chat_template` must be a string or a list of {name, template}")),
         };
-        let template = ChatTemplate::from_source(&source, special.bos, special.eos)
-            .map_err(|e| TrainerError::file(path, e.to_string()))?;
+        let template = ChatTemplate::from_source(&source, special.bos, special.eos).map_err(|e| TrainerError::file(path, e.to_string()))?;
         Ok(Some(template))
     }
 
@@ -76,10 +73,8 @@ impl ChatTemplate {
 
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let messages: Vec<Json> = messages.iter().map(message_to_json).collect();
-        let mut context = vec![
-            ("messages", Value::from_serialize(&messages)),
-            ("add_generation_prompt", Value::from(add_generation_prompt)),
-        ];
+        let mut context =
+            vec![("messages", Value::from_serialize(&messages)), ("add_generation_prompt", Value::from(add_generation_prompt))];
         // transformers leaves unset special tokens undefined (not None), and templates test
         // `bos_token is defined`; so do we.
         if let Some(bos) = &self.bos_token {
@@ -108,9 +103,7 @@ fn special_tokens_of(path: &Path, config: &serde_json::Map<String, Json>) -> Res
                 Some(Json::String(s)) => Ok(Some(s.clone())),
                 _ => Err(TrainerError::file(path, format!("`{key}` is an object without a string `content`"))),
             },
-            Some(_) => {
-                Err(TrainerError::file(path, format!("`{key}` must be a string, null or an object with `content`")))
-            }
+            Some(_) => Err(TrainerError::file(path, format!("`{key}` must be a string, null or an object with `content`"))),
         }
     };
     Ok(SpecialTokens { bos: token("bos_token")?, eos: token("eos_token")?, pad: token("pad_token")? })
@@ -133,18 +126,10 @@ fn default_of_named_templates(path: &Path, named: &[Json]) -> Result<String> {
         match (name, template) {
             (Some("default"), Some(template)) => return Ok(template.to_string()),
             (Some(name), Some(_)) => names.push(name.to_string()),
-            _ => {
-                return Err(TrainerError::file(
-                    path,
-                    "`chat_template` list entries need a string `name` and `template`",
-                ))
-            }
+            _ => return Err(TrainerError::file(path, "`chat_template` list entries need a string `name` and `template`")),
         }
     }
-    Err(TrainerError::file(
-        path,
-        format!("`chat_template` has no template named `default` (found: {})", names.join(", ")),
-    ))
+    Err(TrainerError::file(path, format!("`chat_template` has no template named `default` (found: {})", names.join(", "))))
 }
 
 /// The message as the template sees it: the OpenAI dict, minus our `weight`.
@@ -229,12 +214,8 @@ mod tests {
     #[test]
     fn qwen3_uses_python_string_methods_and_thinks_only_after_the_last_query() {
         let template = ChatTemplate::from_source(QWEN3, None, Some("<|im_end|>".into())).unwrap();
-        let messages = [
-            msg("user", "Q1"),
-            msg("assistant", "<think>\nold reasoning\n</think>\n\nA1"),
-            msg("user", "Q2"),
-            msg("assistant", "A2"),
-        ];
+        let messages =
+            [msg("user", "Q1"), msg("assistant", "<think>\nold reasoning\n</think>\n\nA1"), msg("user", "Q2"), msg("assistant", "A2")];
         assert_eq!(
             template.render(&messages, false).unwrap(),
             "<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n\
@@ -244,8 +225,7 @@ mod tests {
 
     #[test]
     fn llama3_starts_with_bos_and_trims_content() {
-        let template =
-            ChatTemplate::from_source(LLAMA3, Some("<|begin_of_text|>".into()), Some("<|eot_id|>".into())).unwrap();
+        let template = ChatTemplate::from_source(LLAMA3, Some("<|begin_of_text|>".into()), Some("<|eot_id|>".into())).unwrap();
         let messages = [msg("user", " Hi \n"), msg("assistant", "Hello")];
         assert_eq!(
             template.render(&messages, false).unwrap(),

@@ -79,15 +79,13 @@ fn fsync_path(path: &Path) -> Result<()> {
 }
 
 pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let cpu: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.detach().to_device(tch::Device::Cpu).contiguous())).collect();
+    let cpu: Vec<(String, Tensor)> =
+        tensors.iter().map(|(n, t)| (n.clone(), t.detach().to_device(tch::Device::Cpu).contiguous())).collect();
     Tensor::write_safetensors(&cpu, path).map_err(|e| TrainerError::file(path, format!("cannot write safetensors: {e}")))
 }
 
 pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-    Ok(Tensor::read_safetensors(path)
-        .map_err(|e| TrainerError::file(path, format!("cannot read safetensors: {e}")))?
-        .into_iter()
-        .collect())
+    Ok(Tensor::read_safetensors(path).map_err(|e| TrainerError::file(path, format!("cannot read safetensors: {e}")))?.into_iter().collect())
 }
 
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {

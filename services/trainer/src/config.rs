@@ -86,10 +86,9 @@ impl ModelConfig {
     }
 
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
-        let raw: Value =
-            serde_json::from_str(text).map_err(|e| TrainerError::file(path, format!("not valid JSON: {e}")))?;
-        let c: RawConfig = serde_json::from_value(raw.clone())
-            .map_err(|e| TrainerError::file(path, format!("unexpected field type: {e}")))?;
+        let raw: Value = serde_json::from_str(text).map_err(|e| TrainerError::file(path, format!("not valid JSON: {e}")))?;
+        let c: RawConfig =
+            serde_json::from_value(raw.clone()).map_err(|e| TrainerError::file(path, format!("unexpected field type: {e}")))?;
         let field_error = |field: &str, message: &str| TrainerError::config_field(path, field, message);
         let required = |value: Option<i64>, field: &str| -> Result<i64> {
             match value {
@@ -106,10 +105,7 @@ impl ModelConfig {
             "llama" => Family::Llama,
             "" => return Err(field_error("model_type", "missing")),
             other => {
-                return Err(field_error(
-                    "model_type",
-                    &format!("unsupported architecture {other:?} (supported: qwen3, qwen2, llama)"),
-                ))
+                return Err(field_error("model_type", &format!("unsupported architecture {other:?} (supported: qwen3, qwen2, llama)")))
             }
         };
         if let Some(archs) = &c.architectures {
@@ -219,25 +215,19 @@ fn read_rope(c: &RawConfig, path: &Path) -> Result<(f64, RopeScaling)> {
         (None, Some(s)) => (Some(s), "rope_scaling"),
         _ => (None, "rope_scaling"),
     };
-    let theta = c
-        .rope_theta
-        .or_else(|| scaling.and_then(|s| s.get("rope_theta")).and_then(Value::as_f64))
-        .unwrap_or(10000.0);
+    let theta = c.rope_theta.or_else(|| scaling.and_then(|s| s.get("rope_theta")).and_then(Value::as_f64)).unwrap_or(10000.0);
     if theta <= 0.0 {
         return Err(TrainerError::config_field(path, "rope_theta", "must be positive"));
     }
     let Some(scaling) = scaling.filter(|s| !s.is_null()) else {
         return Ok((theta, RopeScaling::None));
     };
-    let rope_type = scaling
-        .get("rope_type")
-        .or_else(|| scaling.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    let rope_type = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(Value::as_str).unwrap_or("default");
     let number = |key: &str| -> Result<f64> {
-        scaling.get(key).and_then(Value::as_f64).ok_or_else(|| {
-            TrainerError::config_field(path, format!("{scaling_field}.{key}"), "missing or not a number")
-        })
+        scaling
+            .get(key)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| TrainerError::config_field(path, format!("{scaling_field}.{key}"), "missing or not a number"))
     };
     match rope_type {
         "default" => Ok((theta, RopeScaling::None)),

@@ -35,14 +35,7 @@ pub struct LoraConfig {
 
 impl Default for LoraConfig {
     fn default() -> Self {
-        LoraConfig {
-            rank: 16,
-            alpha: 32.0,
-            dropout: 0.0,
-            target_modules: TargetModules::AllLinear,
-            use_rslora: false,
-            init_seed: 0,
-        }
+        LoraConfig { rank: 16, alpha: 32.0, dropout: 0.0, target_modules: TargetModules::AllLinear, use_rslora: false, init_seed: 0 }
     }
 }
 
@@ -112,11 +105,7 @@ impl LoraPair {
     pub fn new(in_features: i64, out_features: i64, config: &LoraConfig, device: tch::Device, path: &str) -> Self {
         let bound = 1.0 / (in_features as f64).sqrt();
         let mut state = config.init_seed ^ fnv1a(path.as_bytes());
-        let values: Vec<f32> = (0..config.rank * in_features)
-            .map(|_| {
-                ((2.0 * unit_f64(&mut state) - 1.0) * bound) as f32
-            })
-            .collect();
+        let values: Vec<f32> = (0..config.rank * in_features).map(|_| ((2.0 * unit_f64(&mut state) - 1.0) * bound) as f32).collect();
         let a = Tensor::from_slice(&values).view([config.rank, in_features]).to_device(device);
         let b = Tensor::zeros([out_features, config.rank], (Kind::Float, device));
         LoraPair {

@@ -46,8 +46,7 @@ impl ModelDir {
     pub fn load_weights(&self, device: Device, kind: Kind) -> Result<HashMap<String, Tensor>> {
         let mut weights = HashMap::new();
         for file in &self.weight_files {
-            let tensors = Tensor::read_safetensors(file)
-                .map_err(|e| TrainerError::file(file, format!("cannot read safetensors: {e}")))?;
+            let tensors = Tensor::read_safetensors(file).map_err(|e| TrainerError::file(file, format!("cannot read safetensors: {e}")))?;
             for (name, tensor) in tensors {
                 let tensor = if tensor.is_floating_point() { tensor.to_kind(kind) } else { tensor };
                 weights.insert(name, tensor.to_device(device));
@@ -88,17 +87,14 @@ fn find_weight_files(root: &Path) -> Result<Vec<PathBuf>> {
 
 fn shards_from_index(root: &Path, index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| TrainerError::io(index, e))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| TrainerError::file(index, format!("not valid JSON: {e}")))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| TrainerError::file(index, format!("not valid JSON: {e}")))?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| TrainerError::config_field(index, "weight_map", "missing or not an object"))?;
     let mut shards = BTreeSet::new();
     for (tensor, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| TrainerError::config_field(index, format!("weight_map.{tensor}"), "not a file name"))?;
+        let file = file.as_str().ok_or_else(|| TrainerError::config_field(index, format!("weight_map.{tensor}"), "not a file name"))?;
         // Shard names come from a file we did not write: keep them inside the model directory.
         if file.contains('/') || file.contains('\\') || file.starts_with('.') || !file.ends_with(".safetensors") {
             return Err(TrainerError::config_field(index, format!("weight_map.{tensor}"), format!("invalid shard name {file:?}")));

@@ -48,7 +48,8 @@ fn run_collecting(config: &TrainConfig, resume: Option<&Path>, stop_after: Optio
         }
     };
     let should_stop = || stop_after.is_some_and(|n| losses.borrow().len() as u64 >= n);
-    let outcome = train::run(config, resume, Hooks { on_event: &mut on_event, should_stop: &should_stop, abandon: &|| false }).expect("training runs");
+    let outcome = train::run(config, resume, Hooks { on_event: &mut on_event, should_stop: &should_stop, abandon: &|| false })
+        .expect("training runs");
     (losses.into_inner(), outcome)
 }
 
@@ -134,7 +135,8 @@ fn continued_pretraining_on_raw_text_trains_every_token() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), Arch::Qwen3);
     let data = dir.path().join("text.jsonl");
-    let lines: String = (0..10).map(|i| format!("{{\"text\": \"Advisory {i}: buffer overflow in the parser of product {i}.\"}}\n")).collect();
+    let lines: String =
+        (0..10).map(|i| format!("{{\"text\": \"Advisory {i}: buffer overflow in the parser of product {i}.\"}}\n")).collect();
     std::fs::write(&data, lines).unwrap();
     let mut c = config(&model, &data, &dir.path().join("cpt"));
     c.train.max_steps = Some(3);

@@ -17,8 +17,8 @@ use lathe_core::JobSpec;
 use lathe_proto::v1::controller_message::Body as Down;
 use lathe_proto::v1::worker_message::Body as Up;
 use lathe_proto::v1::{
-    CheckpointCommit, ClaimJobResponse, ControllerMessage, Fail, FailureClass, Finish, Hello, LogEvent, LogLevel,
-    MetricPoint, MetricsBatch, ResultFile, StopReason, Stopped, WorkerMessage,
+    CheckpointCommit, ClaimJobResponse, ControllerMessage, Fail, FailureClass, Finish, Hello, LogEvent, LogLevel, MetricPoint,
+    MetricsBatch, ResultFile, StopReason, Stopped, WorkerMessage,
 };
 use lathe_trainer::train::{Event, Hooks, Outcome};
 use lathe_trainer::TrainerError;
@@ -161,7 +161,11 @@ pub async fn run(
         };
         let should_stop = || trainer_signals.should_stop();
         let abandon = || trainer_signals.should_abandon();
-        lathe_trainer::train::run(&train, resume.as_deref(), Hooks { on_event: &mut on_event, should_stop: &should_stop, abandon: &abandon })
+        lathe_trainer::train::run(
+            &train,
+            resume.as_deref(),
+            Hooks { on_event: &mut on_event, should_stop: &should_stop, abandon: &abandon },
+        )
     });
 
     let mut points = Points::default();
@@ -210,31 +214,33 @@ pub async fn run(
             }));
             Ended::Succeeded
         }
-        (Ok(Ok(Outcome::Stopped { .. })), cause) | (Ok(Err(TrainerError::Stopped(_))), cause) => {
-            match cause {
-                Some(StopCause::Cancelled) => {
-                    session.push(Up::Stopped(Stopped { reason: StopReason::Cancelled as i32 }));
-                    Ended::Cancelled
-                }
-                Some(StopCause::Paused) => {
-                    session.push(Up::Stopped(Stopped { reason: StopReason::Paused as i32 }));
-                    Ended::Paused
-                }
-                _ => {
-                    session.push(Up::Fail(Fail {
-                        class: FailureClass::Preempted as i32,
-                        code: "preempted".into(),
-                        message: "the worker was asked to stop (SIGTERM); resuming from the last checkpoint".into(),
-                    }));
-                    Ended::Preempted
-                }
+        (Ok(Ok(Outcome::Stopped { .. })), cause) | (Ok(Err(TrainerError::Stopped(_))), cause) => match cause {
+            Some(StopCause::Cancelled) => {
+                session.push(Up::Stopped(Stopped { reason: StopReason::Cancelled as i32 }));
+                Ended::Cancelled
             }
-        }
+            Some(StopCause::Paused) => {
+                session.push(Up::Stopped(Stopped { reason: StopReason::Paused as i32 }));
+                Ended::Paused
+            }
+            _ => {
+                session.push(Up::Fail(Fail {
+                    class: FailureClass::Preempted as i32,
+                    code: "preempted".into(),
+                    message: "the worker was asked to stop (SIGTERM); resuming from the last checkpoint".into(),
+                }));
+                Ended::Preempted
+            }
+        },
         (Ok(Err(error)), _) => {
             let (class, code) = classify(&error);
             tracing::warn!(job_id, %error, ?class, "training failed");
             session.push(Up::Fail(Fail { class: class as i32, code: code.into(), message: error.to_string() }));
-            if class == FailureClass::BadInput { Ended::Failed } else { Ended::Crashed }
+            if class == FailureClass::BadInput {
+                Ended::Failed
+            } else {
+                Ended::Crashed
+            }
         }
         (Err(join_error), _) => {
             let message = format!("the trainer panicked: {join_error}");
@@ -256,7 +262,10 @@ type Decontamination = Option<(String, serde_json::Value)>;
 /// Checks the claim's inputs and builds the trainer's configuration; also clears the output
 /// directory of a fresh start (a previous attempt that died before its first checkpoint) and,
 /// when the job asks, removes training examples that overlap evaluation sets.
-fn prepare(config: &WorkerConfig, claim: &ClaimJobResponse) -> Result<(lathe_trainer::train::TrainConfig, Option<PathBuf>, Decontamination), Unrunnable> {
+fn prepare(
+    config: &WorkerConfig,
+    claim: &ClaimJobResponse,
+) -> Result<(lathe_trainer::train::TrainConfig, Option<PathBuf>, Decontamination), Unrunnable> {
     let spec: JobSpec = serde_json::from_str(&claim.spec_json)
         .map_err(|e| Unrunnable::job("invalid_spec", format!("the job spec is not readable by this worker: {e}")))?;
     let training = claim.training_file.as_ref().ok_or_else(|| Unrunnable::job("invalid_spec", "the claim names no training file"))?;
@@ -267,8 +276,7 @@ fn prepare(config: &WorkerConfig, claim: &ClaimJobResponse) -> Result<(lathe_tra
     let output_dir = Path::new(&claim.output_dir);
     let resume = claim.resume_from.as_ref().map(|c| PathBuf::from(&c.path));
     if resume.is_none() && output_dir.exists() {
-        std::fs::remove_dir_all(output_dir)
-            .map_err(|e| Unrunnable::here("storage_error", format!("{}: {e}", output_dir.display())))?;
+        std::fs::remove_dir_all(output_dir).map_err(|e| Unrunnable::here("storage_error", format!("{}: {e}", output_dir.display())))?;
     }
     let mut training_path = PathBuf::from(&training.path);
     let mut decontamination = None;
@@ -279,12 +287,13 @@ fn prepare(config: &WorkerConfig, claim: &ClaimJobResponse) -> Result<(lathe_tra
     }
     let train = train_config(
         &spec,
-        Paths {
-            training_file: &training_path,
-            validation_file: claim.validation_file.as_ref().map(|v| Path::new(&v.path)),
-            output_dir,
+        Paths { training_file: &training_path, validation_file: claim.validation_file.as_ref().map(|v| Path::new(&v.path)), output_dir },
+        Settings {
+            models_root: &config.models_root,
+            device: &config.device,
+            checkpoint_every: config.checkpoint_every,
+            threads: config.threads,
         },
-        Settings { models_root: &config.models_root, device: &config.device, checkpoint_every: config.checkpoint_every, threads: config.threads },
     )?;
     Ok((train, resume, decontamination))
 }
@@ -302,8 +311,8 @@ fn decontaminate(
         Unrunnable::here("eval_data_missing", "the job asks for decontamination but this worker has no --eval-data-dir (CTIBench)")
     })?;
     // Names were checked at job create; what can fail here is this worker's copy of the data.
-    let items = lathe_eval::ctibench::load_all(&request.benchmarks, dir)
-        .map_err(|e| Unrunnable::here("eval_data_missing", e.to_string()))?;
+    let items =
+        lathe_eval::ctibench::load_all(&request.benchmarks, dir).map_err(|e| Unrunnable::here("eval_data_missing", e.to_string()))?;
     let report = check_file(training, &items).map_err(|e| Unrunnable::job("invalid_training_file", e.to_string()))?;
     let flagged = report.overlaps.len();
     let dropped = !request.keep && flagged > 0;
@@ -335,7 +344,8 @@ fn decontaminate(
 }
 
 pub(crate) fn verify_file(param: &str, path: &str, sha256: &str) -> Result<(), Unrunnable> {
-    let bytes = std::fs::read(path).map_err(|e| Unrunnable::here("file_not_found", format!("{param}: cannot read {path} on this worker: {e}")))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| Unrunnable::here("file_not_found", format!("{param}: cannot read {path} on this worker: {e}")))?;
     let digest: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
     if !sha256.is_empty() && digest != sha256 {
         return Err(Unrunnable::here("file_corrupted", format!("{param}: {path} does not match its SHA-256 on record")));
@@ -373,14 +383,7 @@ fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-fn on_event(
-    event: &Event,
-    session: &mut Session,
-    points: &mut Points,
-    signals: &Signals,
-    telemetry: &Telemetry,
-    tokens_seen: &mut u64,
-) {
+fn on_event(event: &Event, session: &mut Session, points: &mut Points, signals: &Signals, telemetry: &Telemetry, tokens_seen: &mut u64) {
     if signals.cause() == Some(StopCause::LeaseLost) {
         return;
     }
@@ -478,10 +481,11 @@ struct Points {
 
 impl Points {
     fn take(&mut self, step: u64) -> MetricPoint {
-        self.pending
-            .remove(&step)
-            .or_else(|| self.sent.get(&step).cloned())
-            .unwrap_or(MetricPoint { step, time_unix_ms: now_ms(), ..Default::default() })
+        self.pending.remove(&step).or_else(|| self.sent.get(&step).cloned()).unwrap_or(MetricPoint {
+            step,
+            time_unix_ms: now_ms(),
+            ..Default::default()
+        })
     }
 
     fn get(&self, step: u64) -> Option<&MetricPoint> {
@@ -540,7 +544,17 @@ struct Link {
 
 impl Session {
     fn new(client: Client, hello: Hello, output_dir: PathBuf) -> Session {
-        Session { client, hello, output_dir, commits: Vec::new(), next_seq: 1, unacked: VecDeque::new(), acked: 0, link: None, last_connect: None }
+        Session {
+            client,
+            hello,
+            output_dir,
+            commits: Vec::new(),
+            next_seq: 1,
+            unacked: VecDeque::new(),
+            acked: 0,
+            link: None,
+            last_connect: None,
+        }
     }
 
     fn push(&mut self, body: Up) -> u64 {

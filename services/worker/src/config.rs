@@ -12,8 +12,10 @@ pub struct WorkerConfig {
     pub name: String,
     /// Pools served, in order of preference.
     pub pools: Vec<String>,
-    /// `cpu`, `cuda`, `cuda:N` or `auto`.
+    /// `cpu` or `cuda:N`, resolved at start (`auto` is resolved by the caller, which can refuse).
     pub device: String,
+    /// The GPU's name as the driver gives it, for operators ("" on the CPU).
+    pub gpu_name: String,
     /// Device memory offered to jobs (their `gpu_memory_gb` must fit); 0 = unknown.
     pub gpu_memory_bytes: u64,
     /// Where base models live on this machine (same names as the controller's root).

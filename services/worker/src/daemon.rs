@@ -5,7 +5,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lathe_proto::v1::{AttemptRef, ClaimEvaluationRequest, ClaimJobRequest, DeviceKind, EvaluationProgress, HeartbeatRequest, RegisterRequest};
+use lathe_proto::v1::{
+    AttemptRef, ClaimEvaluationRequest, ClaimJobRequest, DeviceKind, EvaluationProgress, HeartbeatRequest, RegisterRequest,
+};
 use lathe_queue::Queue;
 use tokio::sync::watch;
 use tonic::Code;
@@ -44,7 +46,9 @@ pub async fn run(config: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> R
     // The heartbeat outlives a SIGTERM: a preempted attempt still checkpoints and hands the job
     // back under its lease. It stops when this function returns.
     let (_heartbeat_guard, heartbeat_stop) = watch::channel(false);
-    tokio::spawn(heartbeat(client.clone(), current.clone(), timing, heartbeat_stop));
+    // The heartbeat reports this device's memory; `config.device` is already resolved (cpu, cuda:N).
+    let device = lathe_trainer::device::parse_device(&config.device).unwrap_or(tch::Device::Cpu);
+    tokio::spawn(heartbeat(client.clone(), current.clone(), timing, device, heartbeat_stop));
 
     let mut queue: Option<Queue> = None;
     let mut after_evaluation = false;
@@ -140,11 +144,15 @@ impl Timing {
 
 /// Registers, retrying while the controller is unreachable; `None` if shut down meanwhile.
 async fn register(client: &mut Client, config: &WorkerConfig, shutdown: &mut watch::Receiver<bool>) -> Result<Option<Timing>, WorkerError> {
-    let device_kind = if config.device.starts_with("cuda") { DeviceKind::Cuda } else { DeviceKind::Cpu };
+    let device_kind = match (config.device.starts_with("cuda"), tch::utils::has_hip()) {
+        (true, true) => DeviceKind::Rocm,
+        (true, false) => DeviceKind::Cuda,
+        (false, _) => DeviceKind::Cpu,
+    };
     let request = RegisterRequest {
         name: config.name.clone(),
         device_kind: device_kind as i32,
-        gpu_name: String::new(),
+        gpu_name: config.gpu_name.clone(),
         gpu_memory_bytes: config.gpu_memory_bytes,
         pools: config.pools.clone(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -171,7 +179,7 @@ async fn register(client: &mut Client, config: &WorkerConfig, shutdown: &mut wat
     }
 }
 
-async fn heartbeat(mut client: Client, current: Arc<Mutex<Current>>, timing: Timing, mut stop: watch::Receiver<bool>) {
+async fn heartbeat(mut client: Client, current: Arc<Mutex<Current>>, timing: Timing, device: tch::Device, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(timing.heartbeat);
     loop {
         tokio::select! {
@@ -193,7 +201,7 @@ async fn heartbeat(mut client: Client, current: Arc<Mutex<Current>>, timing: Tim
                 .collect();
             (running, evaluations)
         };
-        let memory = lathe_trainer::device::peak_memory_bytes(tch::Device::Cpu);
+        let memory = lathe_trainer::device::memory_in_use_bytes(device);
         match client.heartbeat(HeartbeatRequest { running, gpu_memory_used_bytes: memory, evaluations }).await {
             Ok(response) => {
                 let r = response.into_inner();

@@ -116,7 +116,14 @@ pub async fn run(
                     } else {
                         FailureClass::Crash
                     };
-                    report_failure(&mut client, &claim, class, "result_not_stored", format!("the result could not be stored: {}", status.message())).await;
+                    report_failure(
+                        &mut client,
+                        &claim,
+                        class,
+                        "result_not_stored",
+                        format!("the result could not be stored: {}", status.message()),
+                    )
+                    .await;
                     "failed"
                 }
             }
@@ -135,7 +142,8 @@ pub async fn run(
             "failed"
         }
         Err(join_error) => {
-            report_failure(&mut client, &claim, FailureClass::Crash, "evaluator_crashed", format!("the evaluator panicked: {join_error}")).await;
+            report_failure(&mut client, &claim, FailureClass::Crash, "evaluator_crashed", format!("the evaluator panicked: {join_error}"))
+                .await;
             "crashed"
         }
     }
@@ -162,18 +170,23 @@ fn prepare(config: &WorkerConfig, claim: &ClaimEvaluationResponse) -> Result<Pre
     let spec: EvaluationSpec = serde_json::from_str(&claim.spec_json)
         .map_err(|e| Unrunnable::job("invalid_spec", format!("the evaluation spec is not readable by this worker: {e}")))?;
     let benchmark: Benchmark = spec.benchmark.parse().map_err(|e: lathe_eval::EvalError| Unrunnable::job("invalid_spec", e.to_string()))?;
-    let rule = Rule::parse(&spec.extraction).ok_or_else(|| Unrunnable::job("invalid_spec", format!("unknown extraction rule {:?}", spec.extraction)))?;
+    let rule = Rule::parse(&spec.extraction)
+        .ok_or_else(|| Unrunnable::job("invalid_spec", format!("unknown extraction rule {:?}", spec.extraction)))?;
     let items = match &claim.file {
         Some(file) => {
             verify_file("file", &file.path, &file.sha256)?;
-            lathe_eval::chat_file::load(Path::new(&file.path)).map_err(|e| Unrunnable::job("invalid_file", format!("file {}: {}", file.file_id, without_dir(&e.to_string(), &file.path))))?
+            lathe_eval::chat_file::load(Path::new(&file.path)).map_err(|e| {
+                Unrunnable::job("invalid_file", format!("file {}: {}", file.file_id, without_dir(&e.to_string(), &file.path)))
+            })?
         }
         None => {
             let dir = config.eval_data_dir.as_ref().ok_or_else(|| {
                 Unrunnable::here("evaluation_data_unavailable", "this worker has no --eval-data-dir (the CTIBench data directory)")
             })?;
             lathe_eval::ctibench::load(benchmark, dir).map_err(|e| match e {
-                lathe_eval::EvalError::Row { .. } | lathe_eval::EvalError::File { .. } if dir.is_dir() => Unrunnable::job("invalid_benchmark_data", e.to_string()),
+                lathe_eval::EvalError::Row { .. } | lathe_eval::EvalError::File { .. } if dir.is_dir() => {
+                    Unrunnable::job("invalid_benchmark_data", e.to_string())
+                }
                 other => Unrunnable::here("evaluation_data_unavailable", other.to_string()),
             })?
         }

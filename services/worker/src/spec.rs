@@ -65,11 +65,7 @@ pub fn train_config(spec: &JobSpec, paths: Paths<'_>, settings: Settings<'_>) ->
         output_dir: paths.output_dir.to_path_buf(),
         method: if lora.is_some() { Method::Lora } else { Method::Full },
         seed: spec.seed,
-        data: DataSettings {
-            max_seq_length: spec.max_seq_length as usize,
-            packing: spec.packing,
-            train_on_inputs: spec.train_on_inputs,
-        },
+        data: DataSettings { max_seq_length: spec.max_seq_length as usize, packing: spec.packing, train_on_inputs: spec.train_on_inputs },
         lora: match lora {
             Some(l) => LoraSettings {
                 rank: l.rank as i64,

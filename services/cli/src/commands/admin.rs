@@ -54,13 +54,19 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
             }
             AdminCommand::RevokeKey { project, key_id, database } => {
                 let pool = lathe_store::connect(&database.database_url, 2).await?;
-                let project = lathe_store::projects::get_project_by_name(&pool, &project).await.map_err(|_| anyhow::anyhow!("no project named {project:?}"))?;
-                let key = lathe_store::keys::revoke_api_key(&pool, &project.id, &key_id).await.map_err(|_| anyhow::anyhow!("no key {key_id} in project {}", project.name))?;
+                let project = lathe_store::projects::get_project_by_name(&pool, &project)
+                    .await
+                    .map_err(|_| anyhow::anyhow!("no project named {project:?}"))?;
+                let key = lathe_store::keys::revoke_api_key(&pool, &project.id, &key_id)
+                    .await
+                    .map_err(|_| anyhow::anyhow!("no key {key_id} in project {}", project.name))?;
                 eprintln!("revoked {}", key.id);
             }
             AdminCommand::ListKeys { project, database } => {
                 let pool = lathe_store::connect(&database.database_url, 2).await?;
-                let project = lathe_store::projects::get_project_by_name(&pool, &project).await.map_err(|_| anyhow::anyhow!("no project named {project:?}"))?;
+                let project = lathe_store::projects::get_project_by_name(&pool, &project)
+                    .await
+                    .map_err(|_| anyhow::anyhow!("no project named {project:?}"))?;
                 for key in lathe_store::keys::list_api_keys(&pool, &project.id).await? {
                     let state = if key.revoked_at.is_some() { "revoked" } else { "active" };
                     println!("{}\t{}\t{}", key.id, state, key.name);
@@ -71,7 +77,14 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                 let pools = vec!["default".to_string()];
                 let worker = lathe_store::workers::register_worker(
                     &pool,
-                    lathe_store::workers::NewWorker { name: &name, device_kind: "cpu", gpu_name: None, gpu_memory_bytes: None, pools: &pools, version: "" },
+                    lathe_store::workers::NewWorker {
+                        name: &name,
+                        device_kind: "cpu",
+                        gpu_name: None,
+                        gpu_memory_bytes: None,
+                        pools: &pools,
+                        version: "",
+                    },
                 )
                 .await?;
                 eprintln!("created worker {} ({name}); it reports its device and pools when it starts", worker.worker.id);

@@ -16,10 +16,7 @@ pub enum EvalCommand {
     Run(Box<RunArgs>),
     /// Two result files of `eval run --out` side by side: accuracy, and on the items both
     /// evaluated, how many only one got right (with McNemar's exact test).
-    Compare {
-        a: PathBuf,
-        b: PathBuf,
-    },
+    Compare { a: PathBuf, b: PathBuf },
     /// Score stored answers (one per line of a TSV column, row-aligned with the benchmark),
     /// e.g. the CTIBench authors' responses/cti-mcq-responses.tsv.
     Score {
@@ -124,9 +121,10 @@ fn run_model(args: RunArgs) -> anyhow::Result<()> {
     };
     let benchmarks = args.benchmarks.iter().map(|b| b.parse::<Benchmark>()).collect::<Result<Vec<_>, _>>()?;
     let rule = match &args.rule {
-        Some(name) => Some(lathe_eval::extract::Rule::parse(name).with_context(|| {
-            format!("--rule: unknown rule {name:?}; known: rcm-last-cwe, mcq-last-line-letter, exact-match")
-        })?),
+        Some(name) => Some(
+            lathe_eval::extract::Rule::parse(name)
+                .with_context(|| format!("--rule: unknown rule {name:?}; known: rcm-last-cwe, mcq-last-line-letter, exact-match"))?,
+        ),
         None => None,
     };
     // Every benchmark's items before the model loads: a bad file fails in a second, not after.
@@ -224,10 +222,20 @@ fn compare(a: &std::path::Path, b: &std::path::Path) -> anyhow::Result<()> {
         let Some(rb) = b_results.iter().find(|rb| name(rb) == name(ra)) else { continue };
         let cell = |r: &serde_json::Value| {
             let s = &r["result"];
-            format!("{:.4} [{:.3}-{:.3}]", s["accuracy"].as_f64().unwrap_or(0.0), s["ci95"][0].as_f64().unwrap_or(0.0), s["ci95"][1].as_f64().unwrap_or(0.0))
+            format!(
+                "{:.4} [{:.3}-{:.3}]",
+                s["accuracy"].as_f64().unwrap_or(0.0),
+                s["ci95"][0].as_f64().unwrap_or(0.0),
+                s["ci95"][1].as_f64().unwrap_or(0.0)
+            )
         };
         let correct = |r: &serde_json::Value| -> std::collections::HashMap<u64, bool> {
-            r["result"]["predictions"].as_array().into_iter().flatten().map(|p| (p["index"].as_u64().unwrap_or(0), p["correct"].as_bool().unwrap_or(false))).collect()
+            r["result"]["predictions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| (p["index"].as_u64().unwrap_or(0), p["correct"].as_bool().unwrap_or(false)))
+                .collect()
         };
         let (ca, cb) = (correct(ra), correct(rb));
         let (mut only_a, mut only_b, mut both) = (0u64, 0u64, 0u64);
@@ -241,7 +249,14 @@ fn compare(a: &std::path::Path, b: &std::path::Path) -> anyhow::Result<()> {
             }
         }
         let delta = rb["result"]["accuracy"].as_f64().unwrap_or(0.0) - ra["result"]["accuracy"].as_f64().unwrap_or(0.0);
-        println!("{:<13} {:>24} {:>24} {:>+7.4}  {only_a} / {only_b} / {both} (p = {:.3})", name(ra), cell(ra), cell(rb), delta, lathe_eval::score::mcnemar_exact(only_a, only_b));
+        println!(
+            "{:<13} {:>24} {:>24} {:>+7.4}  {only_a} / {only_b} / {both} (p = {:.3})",
+            name(ra),
+            cell(ra),
+            cell(rb),
+            delta,
+            lathe_eval::score::mcnemar_exact(only_a, only_b)
+        );
         if ra["protocol"] != rb["protocol"] {
             println!("{:<13} note: the protocols differ ({} vs {})", "", ra["protocol"], rb["protocol"]);
         }

@@ -177,7 +177,12 @@ fn all_items(client: &ApiClient, id: &str) -> anyhow::Result<Vec<Value>> {
 fn compare(client: &ApiClient, a: &str, b: &str) -> anyhow::Result<()> {
     let (ea, eb) = (client.get(&format!("/evaluations/{a}"))?, client.get(&format!("/evaluations/{b}"))?);
     for e in [&ea, &eb] {
-        anyhow::ensure!(e["status"] == "succeeded", "{} is {}, not succeeded", e["id"].as_str().unwrap_or(""), e["status"].as_str().unwrap_or("?"));
+        anyhow::ensure!(
+            e["status"] == "succeeded",
+            "{} is {}, not succeeded",
+            e["id"].as_str().unwrap_or(""),
+            e["status"].as_str().unwrap_or("?")
+        );
     }
     let correct = |id: &str| -> anyhow::Result<std::collections::HashMap<u64, bool>> {
         Ok(all_items(client, id)?.iter().map(|i| (i["index"].as_u64().unwrap_or(0), i["correct"].as_bool().unwrap_or(false))).collect())
@@ -204,7 +209,13 @@ fn compare(client: &ApiClient, a: &str, b: &str) -> anyhow::Result<()> {
         )
     };
     for (label, e) in [("A", &ea), ("B", &eb)] {
-        println!("{label}: {} {} on {} — {}", e["id"].as_str().unwrap_or(""), e["model"].as_str().unwrap_or(""), e["benchmark"].as_str().unwrap_or(""), cell(e));
+        println!(
+            "{label}: {} {} on {} — {}",
+            e["id"].as_str().unwrap_or(""),
+            e["model"].as_str().unwrap_or(""),
+            e["benchmark"].as_str().unwrap_or(""),
+            cell(e)
+        );
     }
     let delta = eb["result"]["accuracy"].as_f64().unwrap_or(0.0) - ea["result"]["accuracy"].as_f64().unwrap_or(0.0);
     println!(
@@ -222,7 +233,10 @@ fn compare(client: &ApiClient, a: &str, b: &str) -> anyhow::Result<()> {
 
 /// Query-string escaping for model names (`ft:base:suffix:id`, `Org/Model`).
 fn encode(value: &str) -> String {
-    value.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+    value
+        .bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
 }
 
 fn create(args: CreateArgs) -> anyhow::Result<()> {

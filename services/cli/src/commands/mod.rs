@@ -1,5 +1,6 @@
 pub mod admin;
 pub mod client;
+pub mod doctor;
 pub mod eval;
 pub mod evals;
 pub mod model;

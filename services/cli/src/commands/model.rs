@@ -156,9 +156,7 @@ fn forward(args: ForwardArgs) -> anyhow::Result<()> {
     let dev = device::parse_device(&args.device)?;
     let decoder = models::load_for_inference(&args.model, args.adapter.as_deref(), kind, dev)?;
     let mut inputs = checkpoint::read_tensors(&args.input)?;
-    let input_ids = inputs
-        .remove("input_ids")
-        .with_context(|| format!("{}: no tensor named input_ids", args.input.display()))?;
+    let input_ids = inputs.remove("input_ids").with_context(|| format!("{}: no tensor named input_ids", args.input.display()))?;
     anyhow::ensure!(input_ids.dim() == 2, "{}: input_ids must be 2-D (batch, seq)", args.input.display());
     let vocab = decoder.config.vocab_size;
     let (min, max) = (input_ids.min().int64_value(&[]), input_ids.max().int64_value(&[]));

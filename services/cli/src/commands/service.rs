@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use lathe_controller::{BoundController, ControllerConfig};
+use lathe_trainer::device::report::DeviceReport;
 use lathe_worker::WorkerConfig;
 use tokio::sync::watch;
 
@@ -99,7 +100,8 @@ impl ControllerArgs {
 /// Training settings of a worker, shared by `lathe worker` and `lathe up`.
 #[derive(Args, Clone)]
 pub struct TrainingArgs {
-    /// cpu, cuda, cuda:N or auto (CUDA when present).
+    /// cpu, cuda, cuda:N or auto (CUDA when libtorch can use a GPU; refuses to start on a
+    /// machine whose GPUs libtorch cannot use, see `lathe doctor`).
     #[arg(long, env = "LATHE_DEVICE", default_value = "auto")]
     device: String,
     /// Steps between checkpoints (and validation passes).
@@ -111,8 +113,8 @@ pub struct TrainingArgs {
     /// Pools this worker serves, most preferred first.
     #[arg(long, env = "LATHE_POOLS", value_delimiter = ',', default_value = "default")]
     pools: Vec<String>,
-    /// Device memory offered to jobs, in GB; jobs asking for more are not claimed [default: 0, which
-    /// takes only jobs that ask for none].
+    /// Device memory offered to jobs, in GB; jobs asking for more are not claimed [default: the
+    /// GPU's memory on CUDA; 0 on the CPU, which takes only jobs that ask for none].
     #[arg(long, env = "LATHE_GPU_MEMORY_GB")]
     gpu_memory_gb: Option<u64>,
 }
@@ -183,12 +185,39 @@ fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "worker".into())
 }
 
-fn resolve_device(device: &str) -> String {
-    if device == "auto" {
-        if tch::Cuda::is_available() { "cuda".into() } else { "cpu".into() }
-    } else {
-        device.to_string()
-    }
+/// The worker's device, resolved once at start (`auto` refuses a GPU host whose GPUs libtorch
+/// cannot use), with the device report logged for operators.
+struct ResolvedDevice {
+    name: String,
+    gpu_name: String,
+    gpu_memory_bytes: u64,
+}
+
+fn resolve_device(training: &TrainingArgs) -> anyhow::Result<ResolvedDevice> {
+    let report = DeviceReport::gather();
+    let gpu_names: Vec<String> = report.driver.as_ref().map(|d| d.devices.iter().map(|g| g.name.clone()).collect()).unwrap_or_default();
+    tracing::info!(
+        libtorch = report.libtorch_version,
+        gpu_backend = report.gpu_backend_loaded_from.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()),
+        libtorch_gpus = report.libtorch_gpus,
+        driver = report.driver.as_ref().map(|d| d.version.clone()).unwrap_or_else(|e| e.clone()),
+        gpus = ?gpu_names,
+        nccl = report.nccl_version.as_deref().unwrap_or("-"),
+        os_gpu_nodes = report.os_gpus.len(),
+        "device report (lathe doctor prints it in full)"
+    );
+    let device = lathe_trainer::device::parse_device(&training.device).context("--device")?;
+    let (name, gpu) = match device {
+        tch::Device::Cuda(i) => (format!("cuda:{i}"), report.driver.as_ref().ok().and_then(|d| d.devices.get(i).cloned())),
+        _ => ("cpu".to_string(), None),
+    };
+    // Offer the GPU's memory unless told otherwise.
+    let gpu_memory_bytes = match (training.gpu_memory_gb, &gpu) {
+        (Some(gb), _) => gb * (1 << 30),
+        (None, Some(gpu)) => gpu.memory_bytes,
+        (None, None) => 0,
+    };
+    Ok(ResolvedDevice { name, gpu_name: gpu.map(|g| g.name).unwrap_or_default(), gpu_memory_bytes })
 }
 
 /// Where a worker finds things and whom it talks to.
@@ -201,15 +230,16 @@ struct WorkerPlace {
     eval_data_dir: Option<PathBuf>,
 }
 
-fn worker_config(training: &TrainingArgs, redis: &Redis, place: WorkerPlace) -> WorkerConfig {
+fn worker_config(training: &TrainingArgs, device: &ResolvedDevice, redis: &Redis, place: WorkerPlace) -> WorkerConfig {
     let WorkerPlace { controller, token, name, models_root, metrics_listen, eval_data_dir } = place;
     WorkerConfig {
         controller_url: controller,
         token,
         name,
         pools: training.pools.clone(),
-        device: resolve_device(&training.device),
-        gpu_memory_bytes: training.gpu_memory_gb.unwrap_or(0) * (1 << 30),
+        device: device.name.clone(),
+        gpu_name: device.gpu_name.clone(),
+        gpu_memory_bytes: device.gpu_memory_bytes,
         models_root,
         checkpoint_every: training.checkpoint_every.max(1),
         threads: training.threads,
@@ -241,7 +271,8 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         metrics_listen: args.metrics_listen.clone(),
         eval_data_dir: args.eval_data_dir.clone(),
     };
-    let config = worker_config(&args.training, &args.redis, place);
+    let device = resolve_device(&args.training)?;
+    let config = worker_config(&args.training, &device, &args.redis, place);
     runtime()?.block_on(async move {
         let stop = stop_on_signals()?;
         lathe_worker::run(config, stop).await?;
@@ -252,6 +283,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
 pub fn up(args: UpArgs) -> anyhow::Result<()> {
     let config = args.controller.config()?;
     anyhow::ensure!(args.workers <= 64, "--workers: at most 64 in one process");
+    let device = resolve_device(&args.training)?;
     runtime()?.block_on(async move {
         let stop = stop_on_signals()?;
         let bound = BoundController::bind(config).await?;
@@ -265,7 +297,14 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             let name = format!("{}-up-{i}", host_name());
             let registered = lathe_store::workers::register_worker(
                 &bound.state.pool,
-                lathe_store::workers::NewWorker { name: &name, device_kind: "cpu", gpu_name: None, gpu_memory_bytes: None, pools: &args.training.pools, version: env!("CARGO_PKG_VERSION") },
+                lathe_store::workers::NewWorker {
+                    name: &name,
+                    device_kind: "cpu",
+                    gpu_name: None,
+                    gpu_memory_bytes: None,
+                    pools: &args.training.pools,
+                    version: env!("CARGO_PKG_VERSION"),
+                },
             )
             .await?;
             let place = WorkerPlace {
@@ -276,7 +315,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
                 metrics_listen: None,
                 eval_data_dir: args.controller.eval_data_dir.clone(),
             };
-            let config = worker_config(&args.training, &args.controller.redis, place);
+            let config = worker_config(&args.training, &device, &args.controller.redis, place);
             workers.push(tokio::spawn(lathe_worker::run(config, stop.clone())));
         }
         eprintln!(

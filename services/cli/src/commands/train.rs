@@ -62,7 +62,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let mut printer = ProgressPrinter::new(args.json);
     let mut on_event = |e: &train::Event| printer.handle(e);
     let should_stop = || stop.load(std::sync::atomic::Ordering::SeqCst);
-    let outcome = train::run(&config, resume_from.as_deref(), Hooks { on_event: &mut on_event, should_stop: &should_stop, abandon: &|| false })?;
+    let outcome =
+        train::run(&config, resume_from.as_deref(), Hooks { on_event: &mut on_event, should_stop: &should_stop, abandon: &|| false })?;
     printer.finish();
     match outcome {
         Outcome::Finished { adapter_dir, model_dir, results_csv, final_loss, step } => {

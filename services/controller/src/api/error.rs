@@ -4,7 +4,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use lathe_core::{FileError, SpecError};
+use lathe_core::{ErrorCode, FileError, SpecError};
 use lathe_store::StoreError;
 use serde_json::json;
 
@@ -85,31 +85,52 @@ impl ApiError {
     }
 }
 
+/// The status comes from the error's [`ErrorCode`], the one map shared with the gRPC service
+/// (`crate::grpc::status`); only the message is chosen here.
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> ApiError {
+        let code = error.code();
+        let status = http_status(code);
         match error {
             StoreError::Unavailable(inner) => {
                 tracing::warn!(error = %inner, "database unavailable");
                 ApiError {
-                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    status,
                     kind: "server_error",
                     message: "The database is unavailable; retry shortly.".into(),
                     param: None,
-                    code: Some("service_unavailable".into()),
+                    code: Some(code.as_str().into()),
                 }
             }
             StoreError::NotFound => ApiError::not_found("object", "requested"),
             StoreError::Conflict(what) => ApiError {
-                status: StatusCode::CONFLICT,
+                status,
                 kind: "invalid_request_error",
                 message: format!("Conflict: {what}; retry the request."),
                 param: None,
-                code: Some("conflict".into()),
+                code: Some(code.as_str().into()),
             },
-            StoreError::IllegalTransition(t) => ApiError::invalid(None, "invalid_job_state", t.to_string()),
-            other => ApiError::internal(other),
+            StoreError::IllegalTransition(t) => {
+                ApiError { status, kind: "invalid_request_error", message: t.to_string(), param: None, code: Some(code.as_str().into()) }
+            }
+            StoreError::InvalidState(message) => {
+                ApiError { status, kind: "invalid_request_error", message, param: None, code: Some(code.as_str().into()) }
+            }
+            StoreError::StaleAttempt { .. } => ApiError {
+                status,
+                kind: "invalid_request_error",
+                message: error.to_string(),
+                param: None,
+                code: Some(code.as_str().into()),
+            },
+            other @ (StoreError::Database(_) | StoreError::Misconfigured(_)) => ApiError::internal(other),
         }
     }
+}
+
+/// The HTTP status of an [`ErrorCode`].
+pub fn http_status(code: ErrorCode) -> StatusCode {
+    StatusCode::from_u16(code.http_status()).expect("error codes map to valid HTTP statuses")
 }
 
 impl From<SpecError> for ApiError {

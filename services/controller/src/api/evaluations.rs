@@ -1,4 +1,4 @@
-//! `/v1/evaluations` (Lathe's native routes, DESIGN.md §3.5): create an evaluation of a base
+//! `/v1/evaluations` (Lathe's native routes, docs/architecture.md §1): create an evaluation of a base
 //! or fine-tuned model on a benchmark, list them (per model, per job), read one with its score,
 //! page through its per-item predictions, cancel it. Workers run them (see `grpc`).
 //!
@@ -41,7 +41,11 @@ pub async fn create(State(state): State<AppState>, project: Project, body: Bytes
 /// the caller's project (it must have produced a LoRA adapter).
 async fn resolve_model(state: &AppState, project: &Project, model: &str) -> ApiResult<Option<Job>> {
     if model.is_empty() {
-        return Err(ApiError::invalid(Some("model"), "invalid_value", "model: required; a base model (GET /v1/models) or a fine-tuned ft:… model"));
+        return Err(ApiError::invalid(
+            Some("model"),
+            "invalid_value",
+            "model: required; a base model (GET /v1/models) or a fine-tuned ft:… model",
+        ));
     }
     if model.starts_with("ft:") {
         let job = jobs::find_by_fine_tuned_model(&state.pool, &project.id, model).await?.ok_or_else(|| {
@@ -107,7 +111,11 @@ pub async fn check_data(state: &AppState, project: &Project, spec: &EvaluationSp
     let (benchmark, file) = (spec.benchmark.clone(), spec.file.is_some());
     let items = tokio::task::spawn_blocking(move || {
         let benchmark: lathe_eval::Benchmark = benchmark.parse()?;
-        if file { lathe_eval::chat_file::load(&path) } else { lathe_eval::ctibench::load(benchmark, &path) }
+        if file {
+            lathe_eval::chat_file::load(&path)
+        } else {
+            lathe_eval::ctibench::load(benchmark, &path)
+        }
     })
     .await
     .map_err(ApiError::internal)?
@@ -135,7 +143,12 @@ pub async fn check_data(state: &AppState, project: &Project, spec: &EvaluationSp
         return Err(ApiError::invalid(
             Some(&param("shots")),
             "invalid_value",
-            format!("{}: {} shots, but only {} items are left outside the {evaluated} evaluated", param("shots"), spec.shots, items.len() - evaluated),
+            format!(
+                "{}: {} shots, but only {} items are left outside the {evaluated} evaluated",
+                param("shots"),
+                spec.shots,
+                items.len() - evaluated
+            ),
         ));
     }
     Ok(())
@@ -181,7 +194,8 @@ pub async fn list_for_job(
 
 pub async fn retrieve(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     super::evaluation_id(&id)?;
-    let evaluation = evaluations::get_evaluation(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "evaluation", &id))?;
+    let evaluation =
+        evaluations::get_evaluation(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "evaluation", &id))?;
     Ok(Json(views::evaluation(&evaluation)))
 }
 
@@ -192,17 +206,26 @@ pub struct ItemsQuery {
     pub limit: Option<i64>,
 }
 
-pub async fn items(State(state): State<AppState>, project: Project, Path(id): Path<String>, Query(q): Query<ItemsQuery>) -> ApiResult<Json<Value>> {
+pub async fn items(
+    State(state): State<AppState>,
+    project: Project,
+    Path(id): Path<String>,
+    Query(q): Query<ItemsQuery>,
+) -> ApiResult<Json<Value>> {
     super::evaluation_id(&id)?;
     let limit = page_limit(q.limit)?;
-    let page = evaluations::list_items(&state.pool, &project.id, &id, q.after, limit).await.map_err(|e| ApiError::from_store(e, "evaluation", &id))?;
+    let page = evaluations::list_items(&state.pool, &project.id, &id, q.after, limit)
+        .await
+        .map_err(|e| ApiError::from_store(e, "evaluation", &id))?;
     Ok(Json(views::list(page, |i| i.index.to_string(), views::evaluation_item)))
 }
 
 pub async fn cancel(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     super::evaluation_id(&id)?;
     let evaluation = evaluations::cancel_evaluation(&state.pool, &project.id, &id).await.map_err(|e| match e {
-        lathe_store::StoreError::Conflict(message) => ApiError::invalid(None, "invalid_evaluation_state", format!("{message}; it cannot be cancelled")),
+        lathe_store::StoreError::InvalidState(message) => {
+            ApiError::invalid(None, "invalid_evaluation_state", format!("{message}; it cannot be cancelled"))
+        }
         other => ApiError::from_store(other, "evaluation", &id),
     })?;
     tracing::info!(evaluation_id = %evaluation.id, "evaluation cancelled");

@@ -59,13 +59,13 @@ pub async fn create(State(state): State<AppState>, project: Project, headers: He
         super::evaluations::check_data(&state, &project, evaluation, &format!("evaluations[{i}].")).await?;
     }
 
-    let (job, created) = jobs::create_job(&state.pool, &project.id, &spec, idempotency_key.as_deref())
-        .await
-        .map_err(|e| match e {
-            // The files were there a moment ago: deleted in between.
-            lathe_store::StoreError::NotFound => ApiError::invalid(Some("training_file"), "file_not_found", "training_file: the file was deleted"),
-            other => other.into(),
-        })?;
+    let (job, created) = jobs::create_job(&state.pool, &project.id, &spec, idempotency_key.as_deref()).await.map_err(|e| match e {
+        // The files were there a moment ago: deleted in between.
+        lathe_store::StoreError::NotFound => {
+            ApiError::invalid(Some("training_file"), "file_not_found", "training_file: the file was deleted")
+        }
+        other => other.into(),
+    })?;
     if created {
         tracing::info!(job_id = %job.id, project = %project.id, model = %spec.model, "job created");
         state.note_event(job.id.as_str(), EventLevel::Info, &format!("Created fine-tuning job: {}", job.id), None).await;
@@ -84,7 +84,11 @@ async fn checked_file(state: &AppState, project: &Project, id: &str, param: &str
         Err(other) => return Err(other.into()),
     };
     if file.purpose != PURPOSE_FINE_TUNE {
-        return Err(ApiError::invalid(Some(param), "invalid_value", format!("{param}: {id} has purpose {:?}, not 'fine-tune'", file.purpose)));
+        return Err(ApiError::invalid(
+            Some(param),
+            "invalid_value",
+            format!("{param}: {id} has purpose {:?}, not 'fine-tune'", file.purpose),
+        ));
     }
     let path = state.storage.file_path(file.id.as_str());
     let bytes = tokio::fs::read(&path).await.map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;

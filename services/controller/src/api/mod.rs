@@ -103,16 +103,10 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
     // A declared length over the limit is refused before a byte of the body is read (and
     // before hyper answers `Expect: 100-continue`), so a huge upload costs nothing.
     let limit = if route == "/v1/files" { state.config.max_upload_bytes } else { JSON_BODY_LIMIT };
-    let declared = request
-        .headers()
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    let mut response = if declared.is_some_and(|n| n > limit) {
-        error::ApiError::too_large(limit).into_response()
-    } else {
-        next.run(request).await
-    };
+    let declared =
+        request.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    let mut response =
+        if declared.is_some_and(|n| n > limit) { error::ApiError::too_large(limit).into_response() } else { next.run(request).await };
     if response.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE
         && response.headers().get(axum::http::header::CONTENT_TYPE).is_none_or(|v| v != "application/json")
     {

@@ -12,10 +12,8 @@ use crate::{models, AppState};
 async fn all_models(state: &AppState, project: &Project) -> ApiResult<Vec<Value>> {
     let root = state.config.models_root.clone();
     let base = tokio::task::spawn_blocking(move || models::list(&root)).await.map_err(ApiError::internal)?;
-    let mut data: Vec<Value> = base
-        .into_iter()
-        .map(|(id, created)| json!({"id": id, "object": "model", "created": created, "owned_by": "system"}))
-        .collect();
+    let mut data: Vec<Value> =
+        base.into_iter().map(|(id, created)| json!({"id": id, "object": "model", "created": created, "owned_by": "system"})).collect();
     for (name, base, finished) in list_fine_tuned_models(&state.pool, &project.id).await? {
         data.push(json!({
             "id": name, "object": "model", "created": finished.unix_timestamp(),

@@ -35,12 +35,13 @@ pub async fn events(
     super::job_id(&id)?;
     let limit = page_limit(q.limit)?;
     let after = match q.after.as_deref() {
-        Some(text) => Some(EventId::parse(text).map_err(|_| ApiError::invalid(Some("after"), "invalid_value", format!("after: {text:?} is not an event id")))?),
+        Some(text) => Some(
+            EventId::parse(text)
+                .map_err(|_| ApiError::invalid(Some("after"), "invalid_value", format!("after: {text:?} is not an event id")))?,
+        ),
         None => None,
     };
-    let page = list_events(&state.pool, &project.id, &id, after.as_ref(), limit)
-        .await
-        .map_err(|e| ApiError::from_store(e, "job", &id))?;
+    let page = list_events(&state.pool, &project.id, &id, after.as_ref(), limit).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
     Ok(Json(views::list(page, |e| e.id.as_str().to_string(), views::event)))
 }
 
@@ -54,9 +55,8 @@ pub async fn checkpoints(
     let limit = page_limit(q.limit.or(Some(10)))?;
     let after = super::cursor(q.after.as_deref(), lathe_core::CheckpointId::parse)?;
     let job = get_job(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
-    let page = list_checkpoints(&state.pool, &project.id, &id, after.as_deref(), limit)
-        .await
-        .map_err(|e| ApiError::from_store(e, "job", &id))?;
+    let page =
+        list_checkpoints(&state.pool, &project.id, &id, after.as_deref(), limit).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
     Ok(Json(views::list(page, |c| c.id.as_str().to_string(), |c| views::checkpoint(c, &job))))
 }
 
@@ -104,10 +104,8 @@ pub async fn stream(
             match events_after(&c.state.pool, &c.project, &c.job, c.after, 200).await {
                 Ok(batch) if !batch.is_empty() => {
                     c.after = batch.last().and_then(|e| e.id.sequence()).unwrap_or(c.after);
-                    let items: Vec<Result<SseEvent, Infallible>> = batch
-                        .iter()
-                        .map(|e| Ok(SseEvent::default().id(e.id.as_str()).data(views::event(e).to_string())))
-                        .collect();
+                    let items: Vec<Result<SseEvent, Infallible>> =
+                        batch.iter().map(|e| Ok(SseEvent::default().id(e.id.as_str()).data(views::event(e).to_string()))).collect();
                     return Some((stream::iter(items), c));
                 }
                 Ok(_) if terminal => {

@@ -11,15 +11,13 @@ use lathe_core::{fine_tuned_model_name, JobStatus};
 use lathe_proto::v1::controller_message::Body as Down;
 use lathe_proto::v1::worker_message::Body as Up;
 use lathe_proto::v1::{
-    Ack, Cancel, ControllerMessage, FailureClass, LeaseLost, LogLevel, MetricPoint as WireMetricPoint, Pause, StopReason,
-    WorkerMessage,
+    Ack, Cancel, ControllerMessage, FailureClass, LeaseLost, LogLevel, MetricPoint as WireMetricPoint, Pause, StopReason, WorkerMessage,
 };
+use lathe_store::dispatch::renew_lease;
 use lathe_store::dispatch::{
-    append_events, commit_checkpoint, finish_attempt, list_metrics, record_progress, AttemptOutcome,
-    EventLevel, MetricPoint, NewEvent,
+    append_events, commit_checkpoint, finish_attempt, list_metrics, record_progress, AttemptOutcome, EventLevel, MetricPoint, NewEvent,
 };
 use lathe_store::files::{insert_file, new_file_id, NewFile, PURPOSE_FINE_TUNE_RESULTS};
-use lathe_store::dispatch::renew_lease;
 use lathe_store::jobs::{get_job_unscoped, Job, JobError};
 use lathe_store::StoreError;
 use serde_json::json;
@@ -210,12 +208,10 @@ impl Attempt {
                 Ok(Next::Continue)
             }
             Some(Up::Checkpoint(checkpoint)) => {
-                let path = self
-                    .state
-                    .storage
-                    .lexically_inside_job_dir(job_id, &checkpoint.path)
-                    .map(|p| p.display().to_string())
-                    .ok_or_else(|| StoreError::Conflict(format!("checkpoint path {:?} is outside the job's directory", checkpoint.path)))?;
+                let path =
+                    self.state.storage.lexically_inside_job_dir(job_id, &checkpoint.path).map(|p| p.display().to_string()).ok_or_else(
+                        || StoreError::Conflict(format!("checkpoint path {:?} is outside the job's directory", checkpoint.path)),
+                    )?;
                 let metrics: serde_json::Value = serde_json::from_str(&checkpoint.metrics_json).unwrap_or_else(|_| json!({}));
                 commit_checkpoint(pool, job_id, attempt, checkpoint.step as i64, &path, &metrics).await?;
                 let event = NewEvent {
@@ -231,7 +227,9 @@ impl Attempt {
             Some(Up::Finish(finish)) => {
                 match self.finish(finish).await {
                     Ok(()) => {}
-                    Err(error @ (StoreError::Unavailable(_) | StoreError::StaleAttempt { .. } | StoreError::NotFound)) => return Err(error),
+                    Err(error @ (StoreError::Unavailable(_) | StoreError::StaleAttempt { .. } | StoreError::NotFound)) => {
+                        return Err(error)
+                    }
                     Err(other) => {
                         // Retrying cannot help (an output the controller cannot read): the job
                         // fails with a clear code instead of crashing its workers forever.
@@ -279,7 +277,9 @@ impl Attempt {
                         // Resumed while the worker was checkpointing for the pause.
                         crate::api::jobs::publish(&self.state, &job).await;
                     } else {
-                        self.state.note_event(job_id, EventLevel::Info, "Job paused; resume continues from the last checkpoint", None).await;
+                        self.state
+                            .note_event(job_id, EventLevel::Info, "Job paused; resume continues from the last checkpoint", None)
+                            .await;
                     }
                 }
                 self.state.telemetry.forget_job(job_id);
@@ -329,7 +329,15 @@ impl Attempt {
             let (sha256, size) = written;
             insert_file(
                 pool,
-                NewFile { id: id.clone(), project_id: project, purpose: PURPOSE_FINE_TUNE_RESULTS, filename: &filename, sha256, bytes: size, summary: None },
+                NewFile {
+                    id: id.clone(),
+                    project_id: project,
+                    purpose: PURPOSE_FINE_TUNE_RESULTS,
+                    filename: &filename,
+                    sha256,
+                    bytes: size,
+                    summary: None,
+                },
             )
             .await?;
             ids.push(id.as_str().to_string());

@@ -35,11 +35,23 @@ pub async fn claim(state: &AppState, worker_id: &str, request: ClaimEvaluationRe
             // hands it back to the queue for free.
             let gone = error.code == "file_not_found";
             let failure = if gone { EvaluationFailure::BadInput(error.clone()) } else { EvaluationFailure::Preempted };
-            let released = evaluations::fail_evaluation(&state.pool, evaluation.id.as_str(), evaluation.attempt, worker_id, failure, &state.config.retry).await;
+            let released = evaluations::fail_evaluation(
+                &state.pool,
+                evaluation.id.as_str(),
+                evaluation.attempt,
+                worker_id,
+                failure,
+                &state.config.retry,
+            )
+            .await;
             if let Err(e) = released {
                 tracing::warn!(evaluation_id = %evaluation.id, error = %e, "could not release a half-done evaluation claim; its lease will expire");
             }
-            Err(if gone { Status::aborted("the evaluation's inputs are gone; evaluation failed") } else { Status::unavailable(error.message) })
+            Err(if gone {
+                Status::aborted("the evaluation's inputs are gone; evaluation failed")
+            } else {
+                Status::unavailable(error.message)
+            })
         }
     }
 }
@@ -83,7 +95,11 @@ async fn describe(state: &AppState, claim: &EvaluationClaim) -> Result<ClaimEval
     Ok(ClaimEvaluationResponse {
         evaluation_id: evaluation.id.as_str().to_string(),
         attempt: evaluation.attempt as u32,
-        spec_json: serde_json::to_string(&evaluation.spec).map_err(|e| JobError { code: "server_error".into(), message: e.to_string(), param: None })?,
+        spec_json: serde_json::to_string(&evaluation.spec).map_err(|e| JobError {
+            code: "server_error".into(),
+            message: e.to_string(),
+            param: None,
+        })?,
         model: evaluation.model.clone(),
         base_model,
         adapter_files,
@@ -97,9 +113,15 @@ pub async fn renew(state: &AppState, worker_id: &str, running: Vec<EvaluationPro
     let mut lost = Vec::new();
     for progress in running {
         let counts = (progress.items_total > 0).then_some((progress.items_done as i32, progress.items_total as i32));
-        let renewed =
-            evaluations::renew_evaluation_lease(&state.pool, &progress.evaluation_id, progress.attempt as i32, worker_id, state.config.lease, counts)
-                .await;
+        let renewed = evaluations::renew_evaluation_lease(
+            &state.pool,
+            &progress.evaluation_id,
+            progress.attempt as i32,
+            worker_id,
+            state.config.lease,
+            counts,
+        )
+        .await;
         match renewed {
             Ok(_) => {}
             Err(StoreError::StaleAttempt { .. }) | Err(StoreError::NotFound) => {
@@ -120,11 +142,18 @@ pub async fn finish(state: &AppState, worker_id: &str, request: FinishEvaluation
     let items: Vec<EvaluationItem> = request
         .items
         .into_iter()
-        .map(|i| EvaluationItem { index: i.index as i32, expected: i.expected, extracted: i.extracted, correct: i.correct, output: i.output })
+        .map(|i| EvaluationItem {
+            index: i.index as i32,
+            expected: i.expected,
+            extracted: i.extracted,
+            correct: i.correct,
+            output: i.output,
+        })
         .collect();
-    let evaluation = evaluations::finish_evaluation(&state.pool, &request.evaluation_id, request.attempt as i32, worker_id, &result, &items)
-        .await
-        .map_err(status)?;
+    let evaluation =
+        evaluations::finish_evaluation(&state.pool, &request.evaluation_id, request.attempt as i32, worker_id, &result, &items)
+            .await
+            .map_err(status)?;
     tracing::info!(
         evaluation_id = %evaluation.id,
         model = evaluation.model,
@@ -138,9 +167,13 @@ pub async fn finish(state: &AppState, worker_id: &str, request: FinishEvaluation
 
 pub async fn fail(state: &AppState, worker_id: &str, request: FailEvaluationRequest) -> Result<(), Status> {
     let failure = match FailureClass::try_from(request.class).unwrap_or(FailureClass::Unspecified) {
-        FailureClass::BadInput => EvaluationFailure::BadInput(JobError { code: request.code.clone(), message: request.message.clone(), param: None }),
+        FailureClass::BadInput => {
+            EvaluationFailure::BadInput(JobError { code: request.code.clone(), message: request.message.clone(), param: None })
+        }
         FailureClass::Preempted => EvaluationFailure::Preempted,
-        FailureClass::Crash | FailureClass::Unspecified => EvaluationFailure::Crashed { reason: format!("{}: {}", request.code, request.message) },
+        FailureClass::Crash | FailureClass::Unspecified => {
+            EvaluationFailure::Crashed { reason: format!("{}: {}", request.code, request.message) }
+        }
     };
     let evaluation =
         evaluations::fail_evaluation(&state.pool, &request.evaluation_id, request.attempt as i32, worker_id, failure, &state.config.retry)

@@ -9,14 +9,14 @@ use std::pin::Pin;
 
 use lathe_proto::v1::worker_service_server::{WorkerService, WorkerServiceServer};
 use lathe_proto::v1::{
-    AttemptRef, Checkpoint, ClaimEvaluationRequest, ClaimEvaluationResponse, ClaimJobRequest, ClaimJobResponse,
-    FailEvaluationRequest, FailEvaluationResponse, FinishEvaluationRequest, FinishEvaluationResponse, ControllerMessage, DeviceKind, FileRef,
+    AttemptRef, Checkpoint, ClaimEvaluationRequest, ClaimEvaluationResponse, ClaimJobRequest, ClaimJobResponse, ControllerMessage,
+    DeviceKind, FailEvaluationRequest, FailEvaluationResponse, FileRef, FinishEvaluationRequest, FinishEvaluationResponse,
     HeartbeatRequest, HeartbeatResponse, Lease, RegisterRequest, RegisterResponse, WorkerMessage,
 };
 use lathe_store::dispatch::{claim_job, finish_attempt, renew_lease, AttemptOutcome, ClaimRequest, EventLevel};
-use lathe_store::jobs::JobError;
 use lathe_store::files::get_file;
 use lathe_store::jobs::get_job_unscoped;
+use lathe_store::jobs::JobError;
 use lathe_store::time::OffsetDateTime;
 use lathe_store::workers::{self, NewWorker};
 use lathe_store::StoreError;
@@ -36,15 +36,15 @@ pub struct Service {
     state: AppState,
 }
 
-/// Store errors as gRPC statuses: a stale attempt is FAILED_PRECONDITION (stop), Postgres
-/// being down is UNAVAILABLE (retry).
+/// Store errors as gRPC statuses, by the error's [`lathe_core::ErrorCode`] (the map the REST
+/// API uses too): a stale attempt is FAILED_PRECONDITION (stop), Postgres being down is
+/// UNAVAILABLE (retry).
 pub(crate) fn status(error: StoreError) -> Status {
+    let code = tonic::Code::from_i32(error.code().grpc_code());
     match error {
-        StoreError::NotFound => Status::not_found("not found"),
-        StoreError::StaleAttempt { .. } => Status::failed_precondition(error.to_string()),
-        StoreError::Unavailable(_) => Status::unavailable(error.to_string()),
-        StoreError::Conflict(what) => Status::aborted(what),
-        other => Status::internal(other.to_string()),
+        StoreError::NotFound => Status::new(code, "not found"),
+        StoreError::Conflict(what) => Status::new(code, what),
+        other => Status::new(code, other.to_string()),
     }
 }
 
@@ -116,10 +116,8 @@ impl WorkerService for Service {
         let worker_id = self.worker_id(request.metadata()).await?;
         let r = request.into_inner();
         workers::heartbeat(&self.state.pool, &worker_id).await.map_err(status)?;
-        let mut response = HeartbeatResponse {
-            draining: workers::is_draining(&self.state.pool, &worker_id).await.map_err(status)?,
-            ..Default::default()
-        };
+        let mut response =
+            HeartbeatResponse { draining: workers::is_draining(&self.state.pool, &worker_id).await.map_err(status)?, ..Default::default() };
         for running in r.running {
             match renew_lease(&self.state.pool, &running.job_id, running.attempt as i32, &worker_id, self.state.config.lease).await {
                 Ok(renewal) => response.renewed.push(Lease {
@@ -182,7 +180,9 @@ impl WorkerService for Service {
                 match finish_attempt(&state.pool, claim.job_id.as_str(), claim.attempt, outcome, &state.config.retry).await {
                     Ok(job) if job.status == lathe_core::JobStatus::Queued => crate::api::jobs::publish(state, &job).await,
                     Ok(_) => {}
-                    Err(e) => tracing::warn!(job_id = %claim.job_id, error = %e, "could not release a half-done claim; the lease will expire"),
+                    Err(e) => {
+                        tracing::warn!(job_id = %claim.job_id, error = %e, "could not release a half-done claim; the lease will expire")
+                    }
                 }
                 Err(if error.code() == tonic::Code::NotFound { Status::aborted("the job's file is gone; job failed") } else { error })
             }
@@ -251,5 +251,4 @@ impl Service {
             output_dir: output_dir.display().to_string(),
         })
     }
-
 }

@@ -190,14 +190,17 @@ fn resolve_evaluations(request: Option<Vec<Value>>) -> Result<Vec<crate::evaluat
             let prefix = format!("evaluations[{i}].");
             let request = EvaluationRequest::from_value(value, &prefix)?;
             if request.model.is_some() {
-                return Err(SpecError::invalid(&format!("{prefix}model"), "a job's evaluations run on the model it fine-tunes; leave model out"));
+                return Err(SpecError::invalid(
+                    &format!("{prefix}model"),
+                    "a job's evaluations run on the model it fine-tunes; leave model out",
+                ));
             }
             EvaluationSpec::resolve(&request, &prefix)
         })
         .collect()
 }
 
-/// Benchmarks whose items a job checks its training data against (DESIGN.md §3.5).
+/// Benchmarks whose items a job checks its training data against (docs/architecture.md §1).
 pub const DECONTAMINATION_BENCHMARKS: [&str; 3] = ["cti-mcq", "cti-rcm", "cti-rcm-2021"];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -319,8 +322,7 @@ impl TryFrom<CreateJobRequest> for JobSpec {
 
         let h = hyperparameters_request.unwrap_or_default();
         let n_epochs = resolve_count(h.n_epochs, DEFAULT_N_EPOCHS, 1..=50, &format!("{hyperparameters_param}.n_epochs"))?;
-        let batch_size =
-            resolve_count(h.batch_size, DEFAULT_BATCH_SIZE, 1..=256, &format!("{hyperparameters_param}.batch_size"))?;
+        let batch_size = resolve_count(h.batch_size, DEFAULT_BATCH_SIZE, 1..=256, &format!("{hyperparameters_param}.batch_size"))?;
         let base = base_learning_rate(lora.is_some());
         let learning_rate = match (request.learning_rate, h.learning_rate_multiplier) {
             (Some(lr), _) => {
@@ -338,16 +340,13 @@ impl TryFrom<CreateJobRequest> for JobSpec {
                 m * base
             }
         };
-        let hyperparameters =
-            Hyperparameters { n_epochs, batch_size, learning_rate_multiplier: round_to_12_digits(learning_rate / base) };
+        let hyperparameters = Hyperparameters { n_epochs, batch_size, learning_rate_multiplier: round_to_12_digits(learning_rate / base) };
 
         let lr_scheduler = match request.lr_scheduler.as_deref() {
             None | Some("cosine") => LrScheduler::Cosine,
             Some("linear") => LrScheduler::Linear,
             Some("constant") => LrScheduler::Constant,
-            Some(other) => {
-                return Err(SpecError::invalid("lr_scheduler", format!("expected cosine, linear or constant, got {other:?}")))
-            }
+            Some(other) => return Err(SpecError::invalid("lr_scheduler", format!("expected cosine, linear or constant, got {other:?}"))),
         };
         let warmup_ratio = request.warmup_ratio.unwrap_or(DEFAULT_WARMUP_RATIO);
         if !(0.0..=1.0).contains(&warmup_ratio) {
@@ -356,12 +355,7 @@ impl TryFrom<CreateJobRequest> for JobSpec {
         let max_seq_length = match request.max_seq_length {
             None => DEFAULT_MAX_SEQ_LENGTH,
             Some(n) if (2..=i64::from(MAX_SEQ_LENGTH_LIMIT)).contains(&n) => n as u32,
-            Some(n) => {
-                return Err(SpecError::invalid(
-                    "max_seq_length",
-                    format!("must be between 2 and {MAX_SEQ_LENGTH_LIMIT}, got {n}"),
-                ))
-            }
+            Some(n) => return Err(SpecError::invalid("max_seq_length", format!("must be between 2 and {MAX_SEQ_LENGTH_LIMIT}, got {n}"))),
         };
         let seed = match request.seed {
             None => DEFAULT_SEED,
@@ -412,10 +406,7 @@ fn resolve_method(request: &CreateJobRequest) -> Result<(Method, Option<Hyperpar
         Some("continued_pretraining") => (Method::ContinuedPretraining, &method.continued_pretraining),
         Some("full") => (Method::Full, &method.full),
         Some("dpo") => {
-            return Err(SpecError::invalid(
-                "method.type",
-                "dpo is not supported; supported: supervised, continued_pretraining, full",
-            ))
+            return Err(SpecError::invalid("method.type", "dpo is not supported; supported: supervised, continued_pretraining, full"))
         }
         Some(other) => {
             return Err(SpecError::invalid(
@@ -436,19 +427,13 @@ fn resolve_method(request: &CreateJobRequest) -> Result<(Method, Option<Hyperpar
     }
 }
 
-fn resolve_count(
-    value: Option<AutoOr<i64>>,
-    default: u32,
-    range: std::ops::RangeInclusive<i64>,
-    param: &str,
-) -> Result<u32, SpecError> {
+fn resolve_count(value: Option<AutoOr<i64>>, default: u32, range: std::ops::RangeInclusive<i64>, param: &str) -> Result<u32, SpecError> {
     match value {
         None | Some(AutoOr::Auto) => Ok(default),
         Some(AutoOr::Value(n)) if range.contains(&n) => Ok(n as u32),
-        Some(AutoOr::Value(n)) => Err(SpecError::invalid(
-            param,
-            format!("must be \"auto\" or between {} and {}, got {n}", range.start(), range.end()),
-        )),
+        Some(AutoOr::Value(n)) => {
+            Err(SpecError::invalid(param, format!("must be \"auto\" or between {} and {}, got {n}", range.start(), range.end())))
+        }
     }
 }
 
@@ -498,10 +483,7 @@ fn validate_model_name(model: Option<&str>) -> Result<String, SpecError> {
         Some(m) => m,
     };
     if model.starts_with("ft:") {
-        return Err(SpecError::invalid(
-            "model",
-            "fine-tuning a fine-tuned model is not supported yet; give its base model",
-        ));
+        return Err(SpecError::invalid("model", "fine-tuning a fine-tuned model is not supported yet; give its base model"));
     }
     if !is_model_name(model) {
         return Err(SpecError::invalid(
@@ -519,9 +501,9 @@ pub fn is_model_name(name: &str) -> bool {
     let segments: Vec<&str> = name.split('/').collect();
     name.len() <= 256
         && segments.len() <= 2
-        && segments.iter().all(|s| {
-            !s.is_empty() && !s.starts_with('.') && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        })
+        && segments
+            .iter()
+            .all(|s| !s.is_empty() && !s.starts_with('.') && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)))
 }
 
 fn parse_file_id(param: &str, id: &str) -> Result<FileId, SpecError> {
@@ -559,8 +541,8 @@ fn validate_metadata(metadata: Option<BTreeMap<String, String>>) -> Result<BTree
 fn resolve_resources(pool: Option<String>, gpu_memory_gb: Option<i64>, priority: Option<i64>) -> Result<Resources, SpecError> {
     let pool = pool.unwrap_or_else(|| DEFAULT_POOL.to_string());
     // The same rule as the Redis queue's pool keys, so an accepted job can always be published.
-    let pool_ok = (1..=64).contains(&pool.len())
-        && pool.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    let pool_ok =
+        (1..=64).contains(&pool.len()) && pool.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
     if !pool_ok {
         return Err(SpecError::invalid("pool", format!("{pool:?} must be 1 to 64 lowercase letters, digits, '-' or '_'")));
     }

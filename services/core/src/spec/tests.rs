@@ -42,8 +42,7 @@ fn a_minimal_request_resolves_to_the_documented_defaults() {
 
 #[test]
 fn auto_hyperparameters_resolve_like_absent_ones() {
-    let spec = spec(json!({"hyperparameters": {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}}))
-        .unwrap();
+    let spec = spec(json!({"hyperparameters": {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}})).unwrap();
     assert_eq!(spec.hyperparameters_view(), Hyperparameters { n_epochs: 3, batch_size: 4, learning_rate_multiplier: 1.0 });
 }
 
@@ -86,8 +85,7 @@ fn the_cve_cwe_recipe_round_trips_through_the_stored_json() {
 fn a_multiplier_scales_the_lora_base_rate_and_a_full_job_the_full_base_rate() {
     let lora = spec(json!({"hyperparameters": {"learning_rate_multiplier": 2.0}})).unwrap();
     assert_eq!(lora.learning_rate, 2e-4);
-    let full = spec(json!({"method": {"type": "full", "full": {"hyperparameters": {"learning_rate_multiplier": 2.0}}}}))
-        .unwrap();
+    let full = spec(json!({"method": {"type": "full", "full": {"hyperparameters": {"learning_rate_multiplier": 2.0}}}})).unwrap();
     assert_eq!(full.lora, None);
     assert_eq!(full.learning_rate, 2e-5);
     assert_eq!(full.hyperparameters.learning_rate_multiplier, 2.0);
@@ -144,7 +142,11 @@ fn a_mistyped_field_is_named_by_its_path() {
         (json!({"hyperparameters": {"n_epochs": "three"}}), "hyperparameters.n_epochs", "expected \"auto\" or a number"),
         (json!({"hyperparameters": {"n_epochs": 2.5}}), "hyperparameters.n_epochs", "invalid type"),
         (json!({"lora": {"rank": "big"}}), "lora.rank", "invalid type"),
-        (json!({"method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": []}}}}), "method.supervised.hyperparameters.batch_size", "invalid type"),
+        (
+            json!({"method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": []}}}}),
+            "method.supervised.hyperparameters.batch_size",
+            "invalid type",
+        ),
         (json!({"packing": "yes"}), "packing", "invalid type"),
         (json!({"metadata": {"team": 5}}), "metadata.team", "invalid type"),
         (json!({"model": 5}), "model", "invalid type"),

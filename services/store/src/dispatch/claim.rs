@@ -114,13 +114,7 @@ pub struct LeaseRenewal {
 /// Extends the lease of the attempt `worker_id` holds. Refused with `StaleAttempt` when the
 /// attempt no longer holds the job (requeued after expiry, cancelled, finished) — the worker
 /// must stop.
-pub async fn renew_lease(
-    pool: &PgPool,
-    job_id: &str,
-    attempt: i32,
-    worker_id: &str,
-    lease: Duration,
-) -> Result<LeaseRenewal, StoreError> {
+pub async fn renew_lease(pool: &PgPool, job_id: &str, attempt: i32, worker_id: &str, lease: Duration) -> Result<LeaseRenewal, StoreError> {
     let renewed: Option<(OffsetDateTime, bool)> = sqlx::query_as(
         "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $4)
          WHERE id = $1 AND attempt = $2 AND status = 'running' AND lease_owner = $3

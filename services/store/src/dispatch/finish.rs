@@ -6,19 +6,27 @@ use sqlx::PgPool;
 
 use super::lock_attempt;
 use super::reconcile::{requeue_after_crash, RetryPolicy};
-use crate::jobs::{end_live_attempt, get_job_unscoped, Job, JobError};
 use crate::evaluations::{insert_evaluation, NewEvaluation};
+use crate::jobs::{end_live_attempt, get_job_unscoped, Job, JobError};
 use crate::StoreError;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum AttemptOutcome {
-    Succeeded { fine_tuned_model: String, result_files: Vec<String>, trained_tokens: Option<i64> },
+    Succeeded {
+        fine_tuned_model: String,
+        result_files: Vec<String>,
+        trained_tokens: Option<i64>,
+    },
     /// Bad input or configuration: failed at once, no retry.
     Failed(JobError),
     /// The training crashed (a panic, an OOM): retried with backoff, up to the poison limit.
-    Crashed { reason: String },
+    Crashed {
+        reason: String,
+    },
     /// SIGTERM from Slurm or Kubernetes after a checkpoint: back to the queue for free.
-    Preempted { reason: String },
+    Preempted {
+        reason: String,
+    },
     /// The user's pause: the worker checkpointed and stopped. The job is `paused`, or `queued`
     /// when the pause was withdrawn (resumed) meanwhile.
     Paused,

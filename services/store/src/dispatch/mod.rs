@@ -1,5 +1,5 @@
 //! Dispatch: how a queued job gets to exactly one worker at a time, and how that worker's
-//! reports reach Postgres (DESIGN.md §3.2).
+//! reports reach Postgres (docs/architecture.md §3).
 //!
 //! **Promise.** At-least-once dispatch, at most one live attempt per job, idempotent effects.
 //!
@@ -45,8 +45,8 @@ pub use claim::{claim_job, renew_lease, Claim, ClaimRequest, LeaseRenewal};
 pub use finish::{finish_attempt, release_preempted, AttemptOutcome};
 pub use reconcile::{queued_job_ids, requeue_expired_leases, QueuedJob, RequeuedJob, RetryPolicy, POISON_ERROR_CODE};
 pub use report::{
-    add_job_event, append_events, commit_checkpoint, events_after, latest_checkpoint, record_progress, list_checkpoints, list_events,
-    list_metrics, record_metrics, Checkpoint, Event, EventLevel, MetricPoint, NewEvent,
+    add_job_event, append_events, commit_checkpoint, events_after, latest_checkpoint, list_checkpoints, list_events, list_metrics,
+    record_metrics, record_progress, Checkpoint, Event, EventLevel, MetricPoint, NewEvent,
 };
 
 use sqlx::{Postgres, Transaction};
@@ -64,10 +64,7 @@ pub(crate) async fn lock_attempt(
 ) -> Result<(), StoreError> {
     let lock = if exclusive { "FOR UPDATE" } else { "FOR SHARE" };
     let row: Option<(i32, String)> =
-        sqlx::query_as(&format!("SELECT attempt, status FROM jobs WHERE id = $1 {lock}"))
-            .bind(job_id)
-            .fetch_optional(&mut **tx)
-            .await?;
+        sqlx::query_as(&format!("SELECT attempt, status FROM jobs WHERE id = $1 {lock}")).bind(job_id).fetch_optional(&mut **tx).await?;
     match row {
         None => Err(StoreError::NotFound),
         Some((current, status)) if current == attempt && status == "running" => Ok(()),

@@ -43,11 +43,7 @@ pub struct RequeuedJob {
 
 /// Ends every running attempt whose lease expired before `now` as `lease_lost` and counts it
 /// as a crash. Rows locked by another reconciler are skipped, so replicas can run this at once.
-pub async fn requeue_expired_leases(
-    pool: &PgPool,
-    now: OffsetDateTime,
-    policy: &RetryPolicy,
-) -> Result<Vec<RequeuedJob>, StoreError> {
+pub async fn requeue_expired_leases(pool: &PgPool, now: OffsetDateTime, policy: &RetryPolicy) -> Result<Vec<RequeuedJob>, StoreError> {
     let mut tx = pool.begin().await?;
     let expired: Vec<(String, i32)> = sqlx::query_as(
         "SELECT id, attempt FROM jobs WHERE status = 'running' AND lease_expires_at < $1
@@ -123,7 +119,5 @@ pub async fn queued_job_ids(pool: &PgPool) -> Result<Vec<QueuedJob>, StoreError>
     )
     .fetch_all(pool)
     .await?;
-    rows.into_iter()
-        .map(|(id, pool, priority)| Ok(QueuedJob { job_id: JobId::parse(&id).map_err(corrupt)?, pool, priority }))
-        .collect()
+    rows.into_iter().map(|(id, pool, priority)| Ok(QueuedJob { job_id: JobId::parse(&id).map_err(corrupt)?, pool, priority })).collect()
 }

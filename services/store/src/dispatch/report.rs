@@ -36,12 +36,7 @@ const METRIC_COLUMNS: &str = "step, total_steps, train_loss, valid_loss, train_m
 /// same attempt changes nothing, unless it now carries more (the validation loss of an eval
 /// that ran after the step's point was sent); a step replayed by a later attempt (after a resume) replaces
 /// the older one. Returns how many rows were written.
-pub async fn record_metrics(
-    pool: &PgPool,
-    job_id: &str,
-    attempt: i32,
-    points: &[MetricPoint],
-) -> Result<u64, StoreError> {
+pub async fn record_metrics(pool: &PgPool, job_id: &str, attempt: i32, points: &[MetricPoint]) -> Result<u64, StoreError> {
     record_progress(pool, job_id, attempt, points, &[]).await
 }
 
@@ -117,12 +112,10 @@ async fn insert_metrics(
 /// The whole loss curve of a project's job, by step.
 pub async fn list_metrics(pool: &PgPool, project_id: &str, job_id: &str) -> Result<Vec<MetricPoint>, StoreError> {
     ensure_job_in_project(pool, project_id, job_id).await?;
-    let points = sqlx::query_as::<_, MetricPoint>(&format!(
-        "SELECT {METRIC_COLUMNS} FROM metrics WHERE job_id = $1 ORDER BY step"
-    ))
-    .bind(job_id)
-    .fetch_all(pool)
-    .await?;
+    let points = sqlx::query_as::<_, MetricPoint>(&format!("SELECT {METRIC_COLUMNS} FROM metrics WHERE job_id = $1 ORDER BY step"))
+        .bind(job_id)
+        .fetch_all(pool)
+        .await?;
     Ok(points)
 }
 
@@ -213,12 +206,7 @@ pub async fn append_events(pool: &PgPool, job_id: &str, attempt: i32, events: &[
     Ok(inserted)
 }
 
-async fn insert_events(
-    tx: &mut Transaction<'_, Postgres>,
-    job_id: &str,
-    attempt: i32,
-    events: &[NewEvent],
-) -> Result<u64, StoreError> {
+async fn insert_events(tx: &mut Transaction<'_, Postgres>, job_id: &str, attempt: i32, events: &[NewEvent]) -> Result<u64, StoreError> {
     let inserted = sqlx::query(
         "INSERT INTO events (job_id, attempt, seq, level, type, message, data)
          SELECT $1, $2, e.seq, e.level, e.kind, e.message, e.data::jsonb
@@ -247,15 +235,13 @@ pub async fn add_job_event(
     message: &str,
     data: Option<&serde_json::Value>,
 ) -> Result<EventId, StoreError> {
-    let id: i64 = sqlx::query_scalar(
-        "INSERT INTO events (job_id, level, message, data) VALUES ($1, $2, $3, $4) RETURNING id",
-    )
-    .bind(job_id)
-    .bind(level.as_str())
-    .bind(message)
-    .bind(data.map(Json))
-    .fetch_one(pool)
-    .await?;
+    let id: i64 = sqlx::query_scalar("INSERT INTO events (job_id, level, message, data) VALUES ($1, $2, $3, $4) RETURNING id")
+        .bind(job_id)
+        .bind(level.as_str())
+        .bind(message)
+        .bind(data.map(Json))
+        .fetch_one(pool)
+        .await?;
     Ok(EventId::from_sequence(id))
 }
 
@@ -354,10 +340,7 @@ pub async fn commit_checkpoint(
     row.try_into()
 }
 
-pub(crate) async fn latest_checkpoint_in(
-    tx: &mut Transaction<'_, Postgres>,
-    job_id: &str,
-) -> Result<Option<Checkpoint>, StoreError> {
+pub(crate) async fn latest_checkpoint_in(tx: &mut Transaction<'_, Postgres>, job_id: &str) -> Result<Option<Checkpoint>, StoreError> {
     let row = sqlx::query_as::<_, CheckpointRow>(&format!(
         "SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE job_id = $1 ORDER BY step DESC LIMIT 1"
     ))

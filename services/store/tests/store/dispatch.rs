@@ -2,9 +2,9 @@ use std::time::Duration;
 
 use lathe_core::JobStatus;
 use lathe_store::dispatch::{
-    append_events, claim_job, commit_checkpoint, finish_attempt, list_checkpoints, list_events, list_metrics,
-    queued_job_ids, record_metrics, record_progress, release_preempted, renew_lease, requeue_expired_leases, AttemptOutcome,
-    ClaimRequest, EventLevel, MetricPoint, NewEvent, RetryPolicy, POISON_ERROR_CODE,
+    append_events, claim_job, commit_checkpoint, finish_attempt, list_checkpoints, list_events, list_metrics, queued_job_ids,
+    record_metrics, record_progress, release_preempted, renew_lease, requeue_expired_leases, AttemptOutcome, ClaimRequest, EventLevel,
+    MetricPoint, NewEvent, RetryPolicy, POISON_ERROR_CODE,
 };
 use lathe_store::jobs::{create_job, get_job, pause_job};
 use lathe_store::time::OffsetDateTime;
@@ -52,10 +52,7 @@ async fn a_claim_increments_the_attempt_and_a_write_with_the_old_attempt_is_refu
     assert_eq!(second.attempt, 2);
 
     let stale = record_metrics(&db.pool, &job_id, 1, &[point(1, 2.0)]).await;
-    assert!(
-        matches!(stale, Err(StoreError::StaleAttempt { ref job, attempt: 1, current: 2 }) if *job == job_id),
-        "{stale:?}"
-    );
+    assert!(matches!(stale, Err(StoreError::StaleAttempt { ref job, attempt: 1, current: 2 }) if *job == job_id), "{stale:?}");
     let stale_checkpoint = commit_checkpoint(&db.pool, &job_id, 1, 10, "ckpt/10", &json!({})).await;
     assert!(matches!(stale_checkpoint, Err(StoreError::StaleAttempt { .. })));
     let stale_finish = finish_attempt(
@@ -93,11 +90,8 @@ async fn two_workers_claiming_the_same_job_at_once_give_exactly_one_winner() {
             wins.extend(task.await.unwrap());
         }
         assert_eq!(wins, vec![1], "round {round}");
-        let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM attempts WHERE job_id = $1")
-            .bind(&job_id)
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+        let attempts: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM attempts WHERE job_id = $1").bind(&job_id).fetch_one(&db.pool).await.unwrap();
         assert_eq!(attempts, 1);
     }
 }
@@ -111,8 +105,7 @@ async fn an_expired_lease_is_requeued_and_the_next_claim_resumes_from_the_last_c
 
     let first = claim(&db.pool, &worker_a, &job_id, Duration::from_millis(200)).await.unwrap();
     commit_checkpoint(&db.pool, &job_id, first.attempt, 10, "jobs/x/ckpt-10", &json!({"train_loss": 2.5})).await.unwrap();
-    let newest =
-        commit_checkpoint(&db.pool, &job_id, first.attempt, 20, "jobs/x/ckpt-20", &json!({"train_loss": 1.9})).await.unwrap();
+    let newest = commit_checkpoint(&db.pool, &job_id, first.attempt, 20, "jobs/x/ckpt-20", &json!({"train_loss": 1.9})).await.unwrap();
     assert!(newest.id.as_str().starts_with("ftckpt_"));
 
     // Nothing expired yet: the reconciler leaves the job alone.
@@ -240,8 +233,7 @@ async fn steps_replayed_by_a_resumed_attempt_replace_the_older_attempts_points()
     let second = claim(&db.pool, &worker_id, &job_id, LEASE).await.unwrap().attempt;
     record_metrics(&db.pool, &job_id, second, &[point(2, 2.7), point(3, 2.6)]).await.unwrap();
 
-    let losses: Vec<Option<f32>> =
-        list_metrics(&db.pool, &project_id, &job_id).await.unwrap().iter().map(|p| p.train_loss).collect();
+    let losses: Vec<Option<f32>> = list_metrics(&db.pool, &project_id, &job_id).await.unwrap().iter().map(|p| p.train_loss).collect();
     assert_eq!(losses, [Some(3.0), Some(2.7), Some(2.6)]);
 }
 

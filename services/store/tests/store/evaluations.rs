@@ -4,8 +4,8 @@ use lathe_core::{EvaluationRequest, EvaluationSpec};
 use lathe_store::dispatch::{claim_job, finish_attempt, AttemptOutcome, ClaimRequest, RetryPolicy};
 use lathe_store::evaluations::{
     cancel_evaluation, claim_evaluation, create_evaluation, fail_evaluation, finish_evaluation, get_evaluation, list_evaluations,
-    list_items, renew_evaluation_lease, requeue_expired_evaluations, EvaluationFailure, EvaluationFilter, EvaluationItem,
-    EvaluationStatus, NewEvaluation, EVALUATION_POISON_CODE,
+    list_items, renew_evaluation_lease, requeue_expired_evaluations, EvaluationFailure, EvaluationFilter, EvaluationItem, EvaluationStatus,
+    NewEvaluation, EVALUATION_POISON_CODE,
 };
 use lathe_store::jobs::{create_job, JobError};
 use lathe_store::time::OffsetDateTime;
@@ -38,7 +38,9 @@ async fn an_evaluation_is_claimed_once_and_its_items_and_score_land_together() {
     let worker_a = worker(&db.pool, "a").await;
     let worker_b = worker(&db.pool, "b").await;
     let rcm = eval_spec(json!({"benchmark": "cti-rcm", "limit": 3}));
-    let created = create_evaluation(&db.pool, NewEvaluation { project_id: &project_id, model: "tiny-qwen3", job_id: None, spec: &rcm }).await.unwrap();
+    let created = create_evaluation(&db.pool, NewEvaluation { project_id: &project_id, model: "tiny-qwen3", job_id: None, spec: &rcm })
+        .await
+        .unwrap();
     assert_eq!((created.status, created.attempt), (EvaluationStatus::Queued, 0));
     assert!(matches!(get_evaluation(&db.pool, &other, created.id.as_str()).await, Err(StoreError::NotFound)), "another project's id");
 
@@ -67,7 +69,7 @@ async fn an_evaluation_is_claimed_once_and_its_items_and_score_land_together() {
     assert!(matches!(list_items(&db.pool, &other, id, None, 10).await, Err(StoreError::NotFound)));
     let late = finish_evaluation(&db.pool, id, 1, &worker_a, &json!({}), &[]).await;
     assert!(matches!(late, Err(StoreError::StaleAttempt { .. })), "a finished evaluation took a second result");
-    assert!(matches!(cancel_evaluation(&db.pool, &project_id, id).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(cancel_evaluation(&db.pool, &project_id, id).await, Err(StoreError::InvalidState(_))));
 }
 
 #[tokio::test]
@@ -97,7 +99,8 @@ async fn expired_leases_are_retried_then_failed_and_cancel_stops_the_worker() {
     let bad = create_evaluation(&db.pool, new()).await.unwrap();
     claim_evaluation(&db.pool, &worker_a, Some(bad.id.as_str()), LEASE).await.unwrap().expect("claimed");
     let error = JobError { code: "invalid_benchmark_data".into(), message: "cti-mcq.tsv:5: 7 columns".into(), param: None };
-    let failed = fail_evaluation(&db.pool, bad.id.as_str(), 1, &worker_a, EvaluationFailure::BadInput(error.clone()), &policy).await.unwrap();
+    let failed =
+        fail_evaluation(&db.pool, bad.id.as_str(), 1, &worker_a, EvaluationFailure::BadInput(error.clone()), &policy).await.unwrap();
     assert_eq!((failed.status, failed.error), (EvaluationStatus::Failed, Some(error)));
 
     let cancelled = create_evaluation(&db.pool, new()).await.unwrap();
@@ -121,7 +124,8 @@ async fn a_succeeding_job_queues_the_evaluations_it_asked_for() {
     let job_spec = spec(&file, json!({"evaluations": [{"benchmark": "cti-mcq", "limit": 5}, {"benchmark": "cti-rcm", "shots": 2}]}));
     let (job, _) = create_job(&db.pool, &project_id, &job_spec, None).await.unwrap();
     let worker_a = worker(&db.pool, "a").await;
-    let claim = claim_job(&db.pool, ClaimRequest { worker_id: &worker_a, job_id: Some(job.id.as_str()), lease: LEASE }).await.unwrap().unwrap();
+    let claim =
+        claim_job(&db.pool, ClaimRequest { worker_id: &worker_a, job_id: Some(job.id.as_str()), lease: LEASE }).await.unwrap().unwrap();
     let model = format!("ft:tiny-qwen3:{}", job.id);
     let outcome = AttemptOutcome::Succeeded { fine_tuned_model: model.clone(), result_files: vec![], trained_tokens: Some(10) };
     finish_attempt(&db.pool, job.id.as_str(), claim.attempt, outcome, &RetryPolicy::default()).await.unwrap();

@@ -162,13 +162,12 @@ async fn cancelling_a_running_job_ends_its_attempt_and_frees_the_lease() {
 
     let cancelled = cancel_job(&db.pool, &project_id, &job_id).await.unwrap();
     assert_eq!(cancelled.status, JobStatus::Cancelled);
-    let (owner, outcome): (Option<String>, Option<String>) = sqlx::query_as(
-        "SELECT j.lease_owner, a.outcome FROM jobs j JOIN attempts a ON a.job_id = j.id WHERE j.id = $1",
-    )
-    .bind(&job_id)
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    let (owner, outcome): (Option<String>, Option<String>) =
+        sqlx::query_as("SELECT j.lease_owner, a.outcome FROM jobs j JOIN attempts a ON a.job_id = j.id WHERE j.id = $1")
+            .bind(&job_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     assert_eq!((owner, outcome.as_deref()), (None, Some("cancelled")));
 }
 

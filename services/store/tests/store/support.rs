@@ -87,9 +87,7 @@ pub fn spec(training_file: &FileId, extra: serde_json::Value) -> JobSpec {
 pub async fn queued_job(pool: &PgPool, project_name: &str) -> (String, String) {
     let project_id = project(pool, project_name).await;
     let file = training_file(pool, &project_id).await;
-    let (job, _) = lathe_store::jobs::create_job(pool, &project_id, &spec(&file, serde_json::json!({})), None)
-        .await
-        .expect("job created");
+    let (job, _) = lathe_store::jobs::create_job(pool, &project_id, &spec(&file, serde_json::json!({})), None).await.expect("job created");
     (project_id, job.id.to_string())
 }
 

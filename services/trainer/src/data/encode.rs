@@ -61,26 +61,20 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    pub fn new(
-        mut tokenizer: Tokenizer,
-        template: Option<ChatTemplate>,
-        special: &SpecialTokens,
-        opts: EncodeOptions,
-    ) -> Result<Encoder> {
+    pub fn new(mut tokenizer: Tokenizer, template: Option<ChatTemplate>, special: &SpecialTokens, opts: EncodeOptions) -> Result<Encoder> {
         if opts.max_seq_length < 2 {
             return Err(TrainerError::invalid("max_seq_length", "must be at least 2 (one token predicts the next)"));
         }
         // Some tokenizer.json files ship with truncation or padding switched on; either would
         // silently change our ids. We truncate ourselves, and packing replaces padding.
-        tokenizer
-            .with_truncation(None)
-            .map_err(|e| TrainerError::Tokenizer(format!("cannot disable truncation: {e}")))?;
+        tokenizer.with_truncation(None).map_err(|e| TrainerError::Tokenizer(format!("cannot disable truncation: {e}")))?;
         tokenizer.with_padding(None);
         let id_of = |name: &str, token: &Option<String>| -> Result<Option<u32>> {
             let Some(token) = token else { return Ok(None) };
-            tokenizer.token_to_id(token).map(Some).ok_or_else(|| {
-                TrainerError::Tokenizer(format!("{name} `{token}` from tokenizer_config.json is not in the vocabulary"))
-            })
+            tokenizer
+                .token_to_id(token)
+                .map(Some)
+                .ok_or_else(|| TrainerError::Tokenizer(format!("{name} `{token}` from tokenizer_config.json is not in the vocabulary")))
         };
         let bos_id = id_of("bos_token", &special.bos)?;
         let eos_id = id_of("eos_token", &special.eos)?;
@@ -155,8 +149,7 @@ impl Encoder {
     }
 
     fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding =
-            self.tokenizer.encode(text, false).map_err(|e| TrainerError::Tokenizer(format!("cannot tokenize: {e}")))?;
+        let encoding = self.tokenizer.encode(text, false).map_err(|e| TrainerError::Tokenizer(format!("cannot tokenize: {e}")))?;
         Ok(encoding.get_ids().to_vec())
     }
 }
@@ -259,12 +252,7 @@ mod tests {
             .with_decoder(Some(ByteLevel::default()))
             .build()
             .unwrap();
-        let corpus = [
-            "You are a security analyst.",
-            "What is CVE-2021-44228? ANSWER ONE",
-            "ANSWER TWO is the answer",
-            "über naïve café",
-        ];
+        let corpus = ["You are a security analyst.", "What is CVE-2021-44228? ANSWER ONE", "ANSWER TWO is the answer", "über naïve café"];
         tokenizer.train(&mut trainer, corpus.iter()).unwrap();
         let mut tokenizer = Tokenizer::from(tokenizer);
         let specials: Vec<AddedToken> = specials.iter().map(|s| AddedToken::from(s.to_string(), true)).collect();
@@ -295,8 +283,7 @@ mod tests {
 
     /// The trained tokens, decoded (special tokens kept).
     fn trained_text(encoder: &Encoder, encoded: &EncodedExample) -> String {
-        let ids: Vec<u32> =
-            encoded.input_ids.iter().zip(&encoded.trained).filter(|(_, &t)| t).map(|(&id, _)| id).collect();
+        let ids: Vec<u32> = encoded.input_ids.iter().zip(&encoded.trained).filter(|(_, &t)| t).map(|(&id, _)| id).collect();
         encoder.tokenizer().decode(&ids, false).unwrap()
     }
 
@@ -343,8 +330,7 @@ mod tests {
     #[test]
     fn prompt_completion_trains_the_completion_and_eos() {
         let encoder = chatml_encoder(false, 1024);
-        let example =
-            Example::PromptCompletion { prompt: "What is CVE-2021-44228?".into(), completion: " ANSWER ONE".into() };
+        let example = Example::PromptCompletion { prompt: "What is CVE-2021-44228?".into(), completion: " ANSWER ONE".into() };
         let encoded = encoder.encode(&example).unwrap();
         assert_eq!(trained_text(&encoder, &encoded), " ANSWER ONE<|endoftext|>");
         assert_eq!(encoded.input_ids.last(), encoder.tokenizer().token_to_id("<|endoftext|>").as_ref());
@@ -356,11 +342,8 @@ mod tests {
     #[test]
     fn text_gets_bos_and_eos_and_trains_all_but_the_first_token() {
         let tokenizer = tiny_tokenizer(&["<|begin_of_text|>", "<|end_of_text|>"]);
-        let special =
-            SpecialTokens { bos: Some("<|begin_of_text|>".into()), eos: Some("<|end_of_text|>".into()), pad: None };
-        let encoder =
-            Encoder::new(tokenizer, None, &special, EncodeOptions { max_seq_length: 64, train_on_inputs: false })
-                .unwrap();
+        let special = SpecialTokens { bos: Some("<|begin_of_text|>".into()), eos: Some("<|end_of_text|>".into()), pad: None };
+        let encoder = Encoder::new(tokenizer, None, &special, EncodeOptions { max_seq_length: 64, train_on_inputs: false }).unwrap();
         let encoded = encoder.encode(&Example::Text { text: "ANSWER ONE".into() }).unwrap();
         let tokens = encoder.tokenizer().decode(&encoded.input_ids, false).unwrap();
         assert_eq!(tokens, "<|begin_of_text|>ANSWER ONE<|end_of_text|>");
@@ -372,19 +355,11 @@ mod tests {
 
     #[test]
     fn llama3_headers_are_not_trained_and_bos_comes_from_the_template() {
-        let tokenizer =
-            tiny_tokenizer(&["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]);
-        let template =
-            ChatTemplate::from_source(LLAMA3, Some("<|begin_of_text|>".into()), Some("<|eot_id|>".into())).unwrap();
-        let special =
-            SpecialTokens { bos: Some("<|begin_of_text|>".into()), eos: Some("<|eot_id|>".into()), pad: None };
-        let encoder = Encoder::new(
-            tokenizer,
-            Some(template),
-            &special,
-            EncodeOptions { max_seq_length: 1024, train_on_inputs: false },
-        )
-        .unwrap();
+        let tokenizer = tiny_tokenizer(&["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]);
+        let template = ChatTemplate::from_source(LLAMA3, Some("<|begin_of_text|>".into()), Some("<|eot_id|>".into())).unwrap();
+        let special = SpecialTokens { bos: Some("<|begin_of_text|>".into()), eos: Some("<|eot_id|>".into()), pad: None };
+        let encoder =
+            Encoder::new(tokenizer, Some(template), &special, EncodeOptions { max_seq_length: 1024, train_on_inputs: false }).unwrap();
         let encoded = encoder.encode(&Example::Chat { messages: conversation() }).unwrap();
         assert_eq!(trained_text(&encoder, &encoded), "ANSWER ONE<|eot_id|>ANSWER TWO über<|eot_id|>");
         let bos = encoder.tokenizer().token_to_id("<|begin_of_text|>").unwrap();
@@ -396,19 +371,11 @@ mod tests {
         let tokenizer = tiny_tokenizer(&["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>"]);
         let template = ChatTemplate::from_source(QWEN3, None, Some("<|im_end|>".into())).unwrap();
         let special = SpecialTokens { bos: None, eos: Some("<|im_end|>".into()), pad: None };
-        let encoder = Encoder::new(
-            tokenizer,
-            Some(template),
-            &special,
-            EncodeOptions { max_seq_length: 1024, train_on_inputs: false },
-        )
-        .unwrap();
+        let encoder =
+            Encoder::new(tokenizer, Some(template), &special, EncodeOptions { max_seq_length: 1024, train_on_inputs: false }).unwrap();
         let encoded = encoder.encode(&Example::Chat { messages: conversation() }).unwrap();
         // The last turn is rendered with an empty think block, which is part of what it learns.
-        assert_eq!(
-            trained_text(&encoder, &encoded),
-            "ANSWER ONE<|im_end|><think>\n\n</think>\n\nANSWER TWO über<|im_end|>"
-        );
+        assert_eq!(trained_text(&encoder, &encoded), "ANSWER ONE<|im_end|><think>\n\n</think>\n\nANSWER TWO über<|im_end|>");
     }
 
     #[test]

@@ -31,8 +31,8 @@ pub fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> Result<Va
         None if indent.is_some() => (",".to_string(), ": ".to_string()),
         None => (", ".to_string(), ": ".to_string()),
     };
-    let json = serde_json::to_value(value)
-        .map_err(|e| Error::new(ErrorKind::InvalidOperation, "tojson: value is not JSON").with_source(e))?;
+    let json =
+        serde_json::to_value(value).map_err(|e| Error::new(ErrorKind::InvalidOperation, "tojson: value is not JSON").with_source(e))?;
     let style = Style { indent, item_sep, key_sep, ensure_ascii, sort_keys };
     let mut out = String::new();
     write_json(&json, &style, 0, &mut out);
@@ -123,25 +123,12 @@ fn write_string(s: &str, ensure_ascii: bool, out: &mut String) {
 /// `strftime_now(format)`: Llama 3.1+ templates put today's date in the system prompt. UTC,
 /// because a training run should not depend on the machine's time zone.
 pub fn strftime_now(format: &str) -> Result<String, Error> {
-    let seconds =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let seconds = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     format_utc(seconds, format)
 }
 
-const MONTHS: [&str; 12] = [
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-];
+const MONTHS: [&str; 12] =
+    ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
 const WEEKDAYS: [&str; 7] = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
 
 /// The subset of C `strftime` that chat templates use, for a UTC Unix time.
@@ -174,10 +161,7 @@ pub fn format_utc(unix_seconds: i64, format: &str) -> Result<String, Error> {
             Some('%') => out.push('%'),
             other => {
                 let code = other.map(String::from).unwrap_or_default();
-                return Err(Error::new(
-                    ErrorKind::InvalidOperation,
-                    format!("strftime_now: unsupported format `%{code}`"),
-                ));
+                return Err(Error::new(ErrorKind::InvalidOperation, format!("strftime_now: unsupported format `%{code}`")));
             }
         }
     }
@@ -222,7 +206,10 @@ mod tests {
             r#"{"name": "lookup_cve", "parameters": {"type": "object", "properties": {"id": {"type": "string", "description": "<CVE id> & \"quoted\" é"}}, "required": ["id"]}}"#
         );
         assert_eq!(
-            render("{{ tool.parameters.required | tojson(indent=2) }}|{{ {} | tojson(indent=4) }}|{{ 'é' | tojson(ensure_ascii=true) }}", ctx),
+            render(
+                "{{ tool.parameters.required | tojson(indent=2) }}|{{ {} | tojson(indent=4) }}|{{ 'é' | tojson(ensure_ascii=true) }}",
+                ctx
+            ),
             "[\n  \"id\"\n]|{}|\"\\u00e9\""
         );
     }

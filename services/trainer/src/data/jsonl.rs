@@ -12,8 +12,8 @@
 
 use std::path::Path;
 
-pub use lathe_core::training_file::{parse_line, ChatMessage, DataFormat, Example};
 use lathe_core::training_file::{parse_jsonl, FileError};
+pub use lathe_core::training_file::{parse_line, ChatMessage, DataFormat, Example};
 
 use crate::{Result, TrainerError};
 
@@ -43,13 +43,11 @@ mod tests {
         read_examples(file.path()).unwrap_err().to_string()
     }
 
-    const GOOD_CHAT: &str =
-        r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#;
+    const GOOD_CHAT: &str = r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#;
 
     #[test]
     fn prompt_completion_and_text_files_parse() {
-        let file =
-            write("{\"prompt\": \"2+2=\", \"completion\": \"4\"}\r\n{\"prompt\": \"\", \"completion\": \"x\"}\n");
+        let file = write("{\"prompt\": \"2+2=\", \"completion\": \"4\"}\r\n{\"prompt\": \"\", \"completion\": \"x\"}\n");
         let examples = read_examples(file.path()).unwrap();
         assert_eq!(examples[0], Example::PromptCompletion { prompt: "2+2=".into(), completion: "4".into() });
         assert_eq!(examples[1].format(), DataFormat::PromptCompletion);

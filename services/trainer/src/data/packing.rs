@@ -97,11 +97,7 @@ mod tests {
 
     /// An example of `len` tokens with ids `first..first+len`, all trained.
     fn example(first: u32, len: u32) -> EncodedExample {
-        EncodedExample {
-            input_ids: (first..first + len).collect(),
-            trained: vec![true; len as usize],
-            truncated: false,
-        }
+        EncodedExample { input_ids: (first..first + len).collect(), trained: vec![true; len as usize], truncated: false }
     }
 
     #[test]
@@ -110,10 +106,7 @@ mod tests {
         let examples = [example(10, 3), example(20, 4), example(30, 5), example(40, 2), example(50, 6)];
         let rows = pack(&examples, 8);
         let ids: Vec<Vec<u32>> = rows.iter().map(|r| r.input_ids.clone()).collect();
-        assert_eq!(
-            ids,
-            vec![vec![10, 11, 12, 20, 21, 22, 23], vec![30, 31, 32, 33, 34, 40, 41], vec![50, 51, 52, 53, 54, 55]]
-        );
+        assert_eq!(ids, vec![vec![10, 11, 12, 20, 21, 22, 23], vec![30, 31, 32, 33, 34, 40, 41], vec![50, 51, 52, 53, 54, 55]]);
         assert!(rows.iter().all(|r| r.len() <= 8));
     }
 

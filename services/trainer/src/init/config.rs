@@ -141,9 +141,7 @@ pub(crate) fn config_json(arch: Arch, dims: &Dimensions, vocab_size: usize, ids:
             "tie_word_embeddings": false,
         }),
     };
-    let (Value::Object(config_map), Value::Object(family_map)) = (&mut config, family) else {
-        unreachable!("both are json objects")
-    };
+    let (Value::Object(config_map), Value::Object(family_map)) = (&mut config, family) else { unreachable!("both are json objects") };
     config_map.extend(family_map);
     config
 }

@@ -179,11 +179,7 @@ fn ensure_out_is_free(out: &Path) -> Result<()> {
 /// directory, then renames it to `out` (replacing `out` only if it is an empty directory).
 /// On error the temp directory is removed and `out` is untouched.
 fn write_dir_atomically(out: &Path, contents: &[(&'static str, Vec<u8>)]) -> Result<Vec<PathBuf>> {
-    let name = out
-        .file_name()
-        .ok_or_else(|| TrainerError::file(out, "is not a directory name"))?
-        .to_string_lossy()
-        .into_owned();
+    let name = out.file_name().ok_or_else(|| TrainerError::file(out, "is not a directory name"))?.to_string_lossy().into_owned();
     let parent = match out.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
         _ => PathBuf::from("."),

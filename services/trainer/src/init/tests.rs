@@ -173,8 +173,7 @@ fn norm_weights_are_near_one_but_not_one_and_embeddings_have_unit_rows() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("m");
     tiny(Arch::Qwen3, 3, &dir);
-    for name in ["model.norm.weight", "model.layers.0.input_layernorm.weight", "model.layers.1.self_attn.k_norm.weight"]
-    {
+    for name in ["model.norm.weight", "model.layers.0.input_layernorm.weight", "model.layers.1.self_attn.k_norm.weight"] {
         let values = f32_values(&dir, name);
         assert!(values.iter().all(|v| (0.4..1.6).contains(v)), "{name}");
         assert!(values.iter().filter(|v| **v != 1.0).count() == values.len(), "{name} has weights of exactly 1");
@@ -321,8 +320,7 @@ fn an_existing_non_empty_directory_is_refused_and_left_alone() {
     let out = root.path().join("model");
     fs::create_dir(&out).unwrap();
     fs::write(out.join("notes.txt"), "mine").unwrap();
-    let err =
-        init_model(&InitOptions { arch: Arch::Qwen3, preset: Preset::Tiny, seed: 0, out: out.clone() }).unwrap_err();
+    let err = init_model(&InitOptions { arch: Arch::Qwen3, preset: Preset::Tiny, seed: 0, out: out.clone() }).unwrap_err();
     assert!(err.to_string().contains("not empty"), "{err}");
     let entries: Vec<_> = fs::read_dir(&out).unwrap().map(|entry| entry.unwrap().file_name()).collect();
     assert_eq!(entries, vec![std::ffi::OsString::from("notes.txt")]);

@@ -33,10 +33,10 @@ const QWEN2_TEMPLATE: &str = include_str!("../../assets/chat_templates/qwen2.jin
 const LLAMA3_TEMPLATE: &str = include_str!("../../assets/chat_templates/llama3.jinja");
 
 /// Qwen2/Qwen3 split regex (from their tokenizer.json).
-const QWEN_SPLIT: &str =
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Llama 3 split regex: the same except that digits group by up to three.
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 type BpeTokenizer = TokenizerImpl<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>;
 
@@ -79,13 +79,7 @@ impl TrainedTokenizer {
 /// (content, special) of the tokens added after the BPE vocabulary, in id order.
 fn added_tokens(arch: Arch) -> &'static [(&'static str, bool)] {
     match arch {
-        Arch::Qwen3 => &[
-            ("<|endoftext|>", true),
-            ("<|im_start|>", true),
-            ("<|im_end|>", true),
-            ("<think>", false),
-            ("</think>", false),
-        ],
+        Arch::Qwen3 => &[("<|endoftext|>", true), ("<|im_start|>", true), ("<|im_end|>", true), ("<think>", false), ("</think>", false)],
         Arch::Qwen2 => &[("<|endoftext|>", true), ("<|im_start|>", true), ("<|im_end|>", true)],
         Arch::Llama => &[
             ("<|begin_of_text|>", true),
@@ -118,13 +112,9 @@ pub(crate) fn train(arch: Arch, vocab_target: usize) -> Result<TrainedTokenizer>
             tokenizer.add_tokens(&[token]);
         }
     }
-    let id_of = |content: &str| {
-        tokenizer.token_to_id(content).ok_or_else(|| TrainerError::Tokenizer(format!("`{content}` was not added")))
-    };
-    let added_ids = added
-        .iter()
-        .map(|&(content, special)| Ok(AddedTokenId { id: id_of(content)?, content, special }))
-        .collect::<Result<Vec<_>>>()?;
+    let id_of = |content: &str| tokenizer.token_to_id(content).ok_or_else(|| TrainerError::Tokenizer(format!("`{content}` was not added")));
+    let added_ids =
+        added.iter().map(|&(content, special)| Ok(AddedTokenId { id: id_of(content)?, content, special })).collect::<Result<Vec<_>>>()?;
     let special_ids = match arch {
         Arch::Qwen3 | Arch::Qwen2 => {
             let (end_of_text, im_end) = (id_of("<|endoftext|>")?, id_of("<|im_end|>")?);
@@ -151,13 +141,10 @@ pub(crate) fn train(arch: Arch, vocab_target: usize) -> Result<TrainedTokenizer>
 fn untrained_tokenizer(arch: Arch) -> Result<BpeTokenizer> {
     // The ByteLevel decoder ignores its flags; they are set as each family's file has them.
     let (normalizer, split_regex, decoder) = match arch {
-        Arch::Qwen3 | Arch::Qwen2 => {
-            (Some(NormalizerWrapper::from(NFC)), QWEN_SPLIT, ByteLevel::new(false, false, false))
-        }
+        Arch::Qwen3 | Arch::Qwen2 => (Some(NormalizerWrapper::from(NFC)), QWEN_SPLIT, ByteLevel::new(false, false, false)),
         Arch::Llama => (None, LLAMA3_SPLIT, ByteLevel::default()),
     };
-    let split = Split::new(SplitPattern::Regex(split_regex.into()), SplitDelimiterBehavior::Isolated, false)
-        .map_err(tokenizer_error)?;
+    let split = Split::new(SplitPattern::Regex(split_regex.into()), SplitDelimiterBehavior::Isolated, false).map_err(tokenizer_error)?;
     let byte_level = ByteLevel::new(false, false, false);
     let pre_tokenizer = PreTokenizerSequence::new(vec![split.into(), byte_level.into()]);
     TokenizerBuilder::new()
@@ -194,9 +181,7 @@ fn corpus_documents() -> Result<Vec<String>> {
             serde_json::from_str::<Value>(line)
                 .ok()
                 .and_then(|doc| doc.get("text").and_then(Value::as_str).map(str::to_owned))
-                .ok_or_else(|| {
-                    TrainerError::data_line("assets/tokenizer_corpus.jsonl", index + 1, "expected {\"text\": …}")
-                })
+                .ok_or_else(|| TrainerError::data_line("assets/tokenizer_corpus.jsonl", index + 1, "expected {\"text\": …}"))
         })
         .collect()
 }

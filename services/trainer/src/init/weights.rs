@@ -100,8 +100,7 @@ pub(crate) fn random_safetensors(layout: &[TensorLayout], dtype: StoredDtype, se
         })
         .collect::<Result<Vec<_>>>()?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize(views, Some(metadata))
-        .map_err(|err| TrainerError::invalid("model.safetensors", err.to_string()))
+    safetensors::serialize(views, Some(metadata)).map_err(|err| TrainerError::invalid("model.safetensors", err.to_string()))
 }
 
 /// The little-endian bytes of every tensor, in layout order.

@@ -103,10 +103,7 @@ struct WeightSource<'a> {
 
 impl WeightSource<'_> {
     fn take(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
-        let tensor = self
-            .weights
-            .remove(name)
-            .ok_or_else(|| TrainerError::file(self.what, format!("missing tensor {name}")))?;
+        let tensor = self.weights.remove(name).ok_or_else(|| TrainerError::file(self.what, format!("missing tensor {name}")))?;
         if tensor.size() != shape {
             return Err(TrainerError::file(
                 self.what,

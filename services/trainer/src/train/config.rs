@@ -187,8 +187,8 @@ impl TrainConfig {
     /// Reads a TOML file; relative paths inside it are taken from the file's directory.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| TrainerError::io(path, e))?;
-        let mut config: TrainConfig =
-            toml::from_str(&text).map_err(|e| TrainerError::file(path, format!("invalid config: {}", e.message().trim())).with_toml_span(&text, e.span()))?;
+        let mut config: TrainConfig = toml::from_str(&text)
+            .map_err(|e| TrainerError::file(path, format!("invalid config: {}", e.message().trim())).with_toml_span(&text, e.span()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut config.model, &mut config.train_file, &mut config.output_dir] {
             if p.is_relative() {

@@ -24,12 +24,28 @@ pub enum Event {
     /// One optimizer step finished.
     Step(StepMetrics),
     /// A validation pass finished.
-    Eval { step: u64, valid_loss: f64, valid_mean_token_accuracy: f64, valid_tokens: u64 },
+    Eval {
+        step: u64,
+        valid_loss: f64,
+        valid_mean_token_accuracy: f64,
+        valid_tokens: u64,
+    },
     /// A resumable checkpoint is on disk (renamed into place and fsynced).
-    Checkpoint { step: u64, path: String },
-    Log { level: String, message: String },
+    Checkpoint {
+        step: u64,
+        path: String,
+    },
+    Log {
+        level: String,
+        message: String,
+    },
     /// Outputs written; the run is over.
-    Finished { step: u64, adapter_dir: Option<String>, model_dir: Option<String>, results_csv: String },
+    Finished {
+        step: u64,
+        adapter_dir: Option<String>,
+        model_dir: Option<String>,
+        results_csv: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

@@ -19,8 +19,8 @@ use tch::Device;
 
 use crate::checkpoint::{self, CheckpointState};
 use crate::data::encode::{EncodeOptions, Encoder};
-use crate::models::decoder::{Decoder, Trainable};
 use crate::model_dir::ModelDir;
+use crate::models::decoder::{Decoder, Trainable};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::{Decay, Schedule};
 use crate::{device, export, models, peft, Result, TrainerError};
@@ -57,6 +57,7 @@ pub fn run(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks) -> Re
     }
     let device = device::parse_device(&config.train.device)?;
     let kind = device::resolve_dtype(&config.train.dtype, device)?;
+    device::reset_peak_memory(device);
     let model_dir = ModelDir::open(&config.model)?;
     let encoder = Encoder::from_model_dir(
         &config.model,
@@ -88,12 +89,8 @@ pub fn run(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks) -> Re
     let per_epoch = steps_per_epoch(train.rows.len(), rows_per_step);
     let total_steps = t.max_steps.map_or(per_epoch * t.epochs, |m| m.min(per_epoch * t.epochs));
     let warmup_steps = config.optim.warmup_steps.unwrap_or((config.optim.warmup_ratio * total_steps as f64).ceil() as u64);
-    let schedule = Schedule {
-        peak_lr: config.optim.learning_rate,
-        warmup_steps,
-        total_steps,
-        decay: config.optim.lr_scheduler.parse::<Decay>()?,
-    };
+    let schedule =
+        Schedule { peak_lr: config.optim.learning_rate, warmup_steps, total_steps, decay: config.optim.lr_scheduler.parse::<Decay>()? };
 
     let lora = match config.method {
         Method::Lora => Some(config.lora_config()?),
@@ -106,7 +103,12 @@ pub fn run(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks) -> Re
     let mut decoder = models::load(&model_dir, &trainable, kind, device)?;
     let mut optimizer = AdamW::new(
         decoder.trainable_parameters(),
-        AdamWConfig { beta1: config.optim.beta1, beta2: config.optim.beta2, eps: config.optim.eps, weight_decay: config.optim.weight_decay },
+        AdamWConfig {
+            beta1: config.optim.beta1,
+            beta2: config.optim.beta2,
+            eps: config.optim.eps,
+            weight_decay: config.optim.weight_decay,
+        },
     );
     let mut start_step = 0;
     let mut tokens_seen = 0;
@@ -152,7 +154,8 @@ pub fn run(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks) -> Re
             return Err(TrainerError::Stopped(format!("abandoned before step {step}")));
         }
         if (hooks.should_stop)() {
-            let checkpoint = save_checkpoint(config, &decoder, &optimizer, &mut log, step - 1, total_steps, tokens_seen, &fingerprint, lora.as_ref())?;
+            let checkpoint =
+                save_checkpoint(config, &decoder, &optimizer, &mut log, step - 1, total_steps, tokens_seen, &fingerprint, lora.as_ref())?;
             return Ok(Outcome::Stopped { step: step - 1, checkpoint });
         }
         let step_started = Instant::now();
@@ -199,7 +202,10 @@ pub fn run(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks) -> Re
             elapsed_seconds: started.elapsed().as_secs_f64(),
         };
         if !last_loss.is_finite() {
-            return Err(TrainerError::invalid("optim.learning_rate", format!("loss became {last_loss} at step {step}; lower the learning rate")));
+            return Err(TrainerError::invalid(
+                "optim.learning_rate",
+                format!("loss became {last_loss} at step {step}; lower the learning rate"),
+            ));
         }
         log.step(&metrics)?;
 
@@ -250,12 +256,14 @@ pub fn run(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks) -> Re
 fn restore(decoder: &mut Decoder, optimizer: &mut AdamW, r: &checkpoint::LoadedCheckpoint) -> Result<()> {
     let _guard = tch::no_grad_guard();
     for p in &mut optimizer.params {
-        let saved = r
-            .trainable
-            .get(&p.name)
-            .ok_or_else(|| TrainerError::file(&r.dir, format!("checkpoint lacks tensor {} (different method or LoRA settings?)", p.name)))?;
+        let saved = r.trainable.get(&p.name).ok_or_else(|| {
+            TrainerError::file(&r.dir, format!("checkpoint lacks tensor {} (different method or LoRA settings?)", p.name))
+        })?;
         if saved.size() != p.param.size() {
-            return Err(TrainerError::file(&r.dir, format!("tensor {} has shape {:?}, expected {:?}", p.name, saved.size(), p.param.size())));
+            return Err(TrainerError::file(
+                &r.dir,
+                format!("tensor {} has shape {:?}, expected {:?}", p.name, saved.size(), p.param.size()),
+            ));
         }
         p.param.copy_(&saved.to_kind(p.param.kind()).to_device(p.param.device()));
     }
@@ -299,7 +307,10 @@ fn save_checkpoint(
             // A usable PEFT adapter inside each checkpoint, like a hosted checkpoint model.
             let adapter = tmp.join("adapter");
             std::fs::create_dir_all(&adapter).map_err(|e| TrainerError::io(&adapter, e))?;
-            checkpoint::write_json(&adapter.join(peft::ADAPTER_CONFIG), &peft::adapter_config_json(l, &config.model.display().to_string()))?;
+            checkpoint::write_json(
+                &adapter.join(peft::ADAPTER_CONFIG),
+                &peft::adapter_config_json(l, &config.model.display().to_string()),
+            )?;
             checkpoint::write_tensors(&adapter.join(peft::ADAPTER_WEIGHTS), &peft::adapter_tensors(decoder))?;
         }
         // Written last: its presence marks the checkpoint complete.
@@ -312,7 +323,13 @@ fn save_checkpoint(
 }
 
 /// Mean loss and token accuracy over rows, without gradients.
-fn evaluate(decoder: &Decoder, rows: &[crate::data::packing::Sequence], batch_size: usize, packed: bool, device: Device) -> (f64, f64, u64) {
+fn evaluate(
+    decoder: &Decoder,
+    rows: &[crate::data::packing::Sequence],
+    batch_size: usize,
+    packed: bool,
+    device: Device,
+) -> (f64, f64, u64) {
     let (mut loss_sum, mut correct, mut tokens) = (0.0, 0i64, 0u64);
     for chunk in rows.chunks(batch_size) {
         let seqs: Vec<_> = chunk.iter().collect();

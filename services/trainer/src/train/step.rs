@@ -116,4 +116,3 @@ pub fn evaluate_batch(decoder: &Decoder, batch: &MicroBatch) -> MicroResult {
         MicroResult { loss_sum: loss_sum.double_value(&[]), correct: correct.int64_value(&[]) }
     })
 }
-

@@ -1,0 +1,58 @@
+//! Compiles `cpp/shim.cpp` against the headers of the libtorch that tch links, and makes every
+//! binary that uses this crate load libtorch's GPU backend.
+//!
+//! Why the backend needs help: libtorch registers CUDA (or HIP) from the static initialisers of
+//! `libtorch_cuda.so` (`libtorch_hip.so`). Rust code calls nothing in that library directly, and
+//! rustc links with `--as-needed`, so the linker drops it from the ELF dependencies: the binary
+//! then runs with a CPU-only libtorch on a GPU machine. `cargo:rustc-link-arg` cannot fix this,
+//! since it only reaches this package's own binaries. What does work from a library crate is a
+//! real reference: the shim takes the address of a function defined in the backend library
+//! (`lathe_gpu_backend_anchor`), and the Rust side calls the shim whenever it resolves a device,
+//! so any binary that can train references the backend and the linker keeps it.
+
+use std::path::{Path, PathBuf};
+
+fn main() {
+    println!("cargo:rerun-if-changed=cpp/shim.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    println!("cargo::rustc-check-cfg=cfg(lathe_gpu_backend)");
+
+    // torch-sys (links = "tch") publishes the libtorch lib directory it linked against.
+    let lib_dir = PathBuf::from(
+        std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys did not report its libtorch directory (DEP_TCH_LIBTORCH_LIB)"),
+    );
+    let root = lib_dir.parent().expect("libtorch lib directory has a parent");
+    let includes = [root.join("include"), root.join("include/torch/csrc/api/include")];
+
+    let backend = gpu_backend(&lib_dir);
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .pic(true)
+        .std("c++17")
+        .warnings(false)
+        .includes(&includes)
+        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .define("GLOG_USE_GLOG_EXPORT", None)
+        .file("cpp/shim.cpp");
+    if backend.is_some() {
+        build.define("LATHE_GPU_BACKEND", None);
+    }
+    build.compile("lathe_torch_ext");
+
+    println!("cargo:rustc-link-search=native={}", lib_dir.display());
+    if let Some(name) = backend {
+        // After the shim on the link line, so the shim's reference keeps it under --as-needed.
+        println!("cargo:rustc-link-lib=dylib={name}");
+        println!("cargo:rustc-cfg=lathe_gpu_backend");
+        println!("cargo:rustc-env=LATHE_GPU_BACKEND_LIB=lib{name}.so");
+    }
+    println!("cargo:rustc-link-lib=dylib=c10");
+}
+
+/// `torch_cuda` for a CUDA libtorch, `torch_hip` for a ROCm one, `None` for a CPU-only build.
+fn gpu_backend(lib_dir: &Path) -> Option<&'static str> {
+    ["torch_cuda", "torch_hip"].into_iter().find(|name| lib_dir.join(format!("lib{name}.so")).exists())
+}

@@ -1,0 +1,20 @@
+//! What `tch` lacks, and what a person debugging a GPU node needs to see. It sits under the
+//! trainer (device choice, peak device memory) and `lathe doctor`:
+//!
+//! ```text
+//! cpp/shim.cpp ──extern "C"──▶ ffi ──▶ backend (is the GPU backend linked, libtorch version)
+//!                                  └─▶ memory  (CUDA caching allocator: peak bytes per device)
+//! /proc/self/maps ───────────────────▶ libraries (which libtorch / CUDA libraries are loaded)
+//! libcuda.so.1 (dlopen) ─────────────▶ driver  (driver version, device names, memory, capability)
+//! ```
+//!
+//! The shim is compiled by `build.rs` against the headers of the very libtorch that tch links.
+//! That build script is also what makes binaries load libtorch's GPU backend at all: read its
+//! header before touching how this crate is linked. One shim crate for everything tch lacks:
+//! the data-parallel process group (c10d) belongs here too.
+
+pub mod backend;
+pub mod driver;
+mod ffi;
+pub mod libraries;
+pub mod memory;
