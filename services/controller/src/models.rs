@@ -3,15 +3,17 @@
 
 use std::path::{Path, PathBuf};
 
-use lathe_core::spec::is_model_name;
+use lathe_core::ModelName;
 
-/// The directory of base model `name`, if the name is well formed and a model lives there.
-pub fn resolve(models_root: &Path, name: &str) -> Option<PathBuf> {
-    if !is_model_name(name) {
-        return None;
-    }
-    let dir = models_root.join(name);
+/// The directory of base model `name`, if a model lives there.
+pub fn resolve(models_root: &Path, name: &ModelName) -> Option<PathBuf> {
+    let dir = name.dir_under(models_root);
     dir.join("config.json").is_file().then_some(dir)
+}
+
+/// [`resolve`] for a name from a request (a path segment, an evaluation's `model`).
+pub fn resolve_str(models_root: &Path, name: &str) -> Option<PathBuf> {
+    resolve(models_root, &ModelName::parse(name).ok()?)
 }
 
 /// Every base model under the root (`name`, created as Unix seconds), sorted by name.
@@ -27,7 +29,7 @@ fn collect(dir: &Path, prefix: &str, depth: usize, found: &mut Vec<(String, i64)
     for entry in entries.flatten() {
         let path = entry.path();
         let Some(name) = path.file_name().and_then(|n| n.to_str()).map(|n| format!("{prefix}{n}")) else { continue };
-        if !path.is_dir() || !is_model_name(&name) {
+        if !path.is_dir() || ModelName::parse(&name).is_err() {
             continue;
         }
         let config = path.join("config.json");
@@ -46,11 +48,9 @@ mod tests {
 
     #[test]
     fn names_that_could_escape_the_root_are_refused() {
+        let root = Path::new("/models");
         for bad in ["", "..", "../etc", "a/../b", "/abs", "a/b/c", ".hidden", "a b", "a\\b"] {
-            assert!(!is_model_name(bad), "{bad:?} accepted");
-        }
-        for good in ["tiny-qwen3", "Qwen/Qwen3-0.6B", "llama_3.2"] {
-            assert!(is_model_name(good), "{good:?} refused");
+            assert!(resolve_str(root, bad).is_none(), "{bad:?} accepted");
         }
     }
 
@@ -64,7 +64,7 @@ mod tests {
         std::fs::write(root.join("Org/big/config.json"), "{}").unwrap();
         let names: Vec<String> = list(&root).into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["Org/big", "tiny"]);
-        assert!(resolve(&root, "tiny").is_some() && resolve(&root, "Org/not-a-model").is_none());
+        assert!(resolve_str(&root, "tiny").is_some() && resolve_str(&root, "Org/not-a-model").is_none());
         std::fs::remove_dir_all(root).unwrap();
     }
 }

@@ -6,21 +6,17 @@
 //! when their specs are.
 //!
 //! Defaults, resolved here once: all items, 0 shots, seed 0, no system prompt, greedy
-//! generation, 32 new tokens for CTI-MCQ, 384 for CTI-RCM, 256 for an own file; extraction by
-//! the benchmark's rule (`mcq-last-line-letter`, `rcm-last-cwe`, `exact-match` for a file);
-//! unparsable answers count as wrong.
+//! generation, the benchmark's answer budget and extraction rule ([`Benchmark::rule`],
+//! [`Benchmark::default_max_new_tokens`]); unparsable answers count as wrong.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::benchmark::{Benchmark, Rule};
 use crate::ids::FileId;
 use crate::spec::request::{failing_path, without_position};
 use crate::spec::SpecError;
 
-/// The benchmarks an evaluation may name. `file` is the user's own JSONL validation set.
-pub const EVALUATION_BENCHMARKS: [&str; 4] = ["cti-mcq", "cti-rcm", "cti-rcm-2021", "file"];
-/// Answer-extraction rules (`lathe_eval::extract::Rule`).
-pub const EXTRACTION_RULES: [&str; 3] = ["mcq-last-line-letter", "rcm-last-cwe", "exact-match"];
 pub const MAX_NEW_TOKENS_LIMIT: u32 = 4096;
 pub const MAX_SHOTS: u32 = 32;
 
@@ -87,7 +83,7 @@ pub enum EvaluationMode {
 /// The protocol of one evaluation, every default resolved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EvaluationSpec {
-    pub benchmark: String,
+    pub benchmark: Benchmark,
     /// The own validation set, for `benchmark: "file"`.
     pub file: Option<FileId>,
     /// Evaluate this many items, stratified by answer and chosen with `seed`; None = all.
@@ -98,7 +94,7 @@ pub struct EvaluationSpec {
     pub system_prompt: Option<String>,
     pub mode: EvaluationMode,
     pub max_new_tokens: u32,
-    pub extraction: String,
+    pub extraction: Rule,
     pub unparsable_counts_as_wrong: bool,
 }
 
@@ -111,20 +107,14 @@ impl EvaluationSpec {
             None => {
                 return Err(SpecError::new(
                     param("benchmark"),
-                    format!("{}: required; one of {}", param("benchmark"), EVALUATION_BENCHMARKS.join(", ")),
+                    format!("{}: required; one of {}", param("benchmark"), Benchmark::names(&Benchmark::ALL)),
                 ))
             }
-            Some(name) if EVALUATION_BENCHMARKS.contains(&name) => name.to_string(),
-            Some(name) => {
-                return Err(SpecError::invalid(
-                    &param("benchmark"),
-                    format!("unknown benchmark {name:?}; known: {}", EVALUATION_BENCHMARKS.join(", ")),
-                ))
-            }
+            Some(name) => name.parse::<Benchmark>().map_err(|e| SpecError::invalid(&param("benchmark"), e.to_string()))?,
         };
-        let file = match (&request.file, benchmark.as_str()) {
-            (Some(id), "file") => Some(FileId::parse(id).map_err(|e| SpecError::invalid(&param("file"), e))?),
-            (None, "file") => {
+        let file = match (&request.file, benchmark) {
+            (Some(id), Benchmark::File) => Some(FileId::parse(id).map_err(|e| SpecError::invalid(&param("file"), e))?),
+            (None, Benchmark::File) => {
                 return Err(SpecError::invalid(
                     &param("file"),
                     "required with benchmark \"file\": the id of an uploaded JSONL validation set",
@@ -155,7 +145,7 @@ impl EvaluationSpec {
         };
         let mode = match request.mode.as_deref() {
             None | Some("generate") => EvaluationMode::Generate,
-            Some("likelihood") if benchmark == "cti-mcq" => EvaluationMode::Likelihood,
+            Some("likelihood") if benchmark.is_mcq() => EvaluationMode::Likelihood,
             Some("likelihood") => {
                 return Err(SpecError::invalid(
                     &param("mode"),
@@ -165,32 +155,23 @@ impl EvaluationSpec {
             Some(other) => return Err(SpecError::invalid(&param("mode"), format!("{other:?} is neither \"generate\" nor \"likelihood\""))),
         };
         let max_new_tokens = match request.max_new_tokens {
-            None => match benchmark.as_str() {
-                "cti-mcq" => 32,
-                "file" => 256,
-                _ => 384,
-            },
+            None => benchmark.default_max_new_tokens(),
             Some(n) if (1..=i64::from(MAX_NEW_TOKENS_LIMIT)).contains(&n) => n as u32,
             Some(n) => {
                 return Err(SpecError::invalid(&param("max_new_tokens"), format!("must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {n}")))
             }
         };
         let extraction = match request.extraction.as_deref() {
-            None => default_rule(&benchmark).to_string(),
+            None => benchmark.rule(),
             // CTIBench answers have one form; only the user's own file may choose its rule.
-            Some(rule) if benchmark != "file" && rule != default_rule(&benchmark) => {
+            Some(rule) if benchmark != Benchmark::File && rule != benchmark.rule().name() => {
                 return Err(SpecError::invalid(
                     &param("extraction"),
-                    format!("{benchmark} is scored by {}; other rules apply to the \"file\" benchmark", default_rule(&benchmark)),
+                    format!("{benchmark} is scored by {}; other rules apply to the \"file\" benchmark", benchmark.rule()),
                 ))
             }
-            Some(rule) if EXTRACTION_RULES.contains(&rule) => rule.to_string(),
-            Some(rule) => {
-                return Err(SpecError::invalid(
-                    &param("extraction"),
-                    format!("unknown rule {rule:?}; known: {}", EXTRACTION_RULES.join(", ")),
-                ))
-            }
+            Some(rule) => Rule::parse(rule)
+                .ok_or_else(|| SpecError::invalid(&param("extraction"), format!("unknown rule {rule:?}; known: {}", Rule::names())))?,
         };
         if let Some(system) = &request.system_prompt {
             if system.len() > 16_384 {
@@ -212,15 +193,6 @@ impl EvaluationSpec {
     }
 }
 
-/// The extraction rule a benchmark is scored by unless the request names another.
-fn default_rule(benchmark: &str) -> &'static str {
-    match benchmark {
-        "cti-mcq" => "mcq-last-line-letter",
-        "file" => "exact-match",
-        _ => "rcm-last-cwe",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,12 +205,12 @@ mod tests {
     #[test]
     fn defaults_follow_the_benchmark() {
         let mcq = resolve(json!({"benchmark": "cti-mcq"})).unwrap();
-        assert_eq!((mcq.max_new_tokens, mcq.extraction.as_str(), mcq.mode), (32, "mcq-last-line-letter", EvaluationMode::Generate));
+        assert_eq!((mcq.max_new_tokens, mcq.extraction.name(), mcq.mode), (32, "mcq-last-line-letter", EvaluationMode::Generate));
         assert!(mcq.unparsable_counts_as_wrong && mcq.shots == 0 && mcq.limit.is_none());
         let rcm = resolve(json!({"benchmark": "cti-rcm-2021", "limit": 50, "shots": 3, "seed": 7})).unwrap();
-        assert_eq!((rcm.max_new_tokens, rcm.extraction.as_str(), rcm.limit, rcm.shots), (384, "rcm-last-cwe", Some(50), 3));
+        assert_eq!((rcm.max_new_tokens, rcm.extraction.name(), rcm.limit, rcm.shots), (384, "rcm-last-cwe", Some(50), 3));
         let own = resolve(json!({"benchmark": "file", "file": "file-abcdefghijklmnopqrstuvwx"})).unwrap();
-        assert_eq!(own.extraction, "exact-match");
+        assert_eq!(own.extraction.name(), "exact-match");
     }
 
     #[test]
@@ -254,7 +226,7 @@ mod tests {
         assert_eq!(param(json!({"benchmark": "cti-rcm", "extraction": "regex"})), "extraction");
         assert_eq!(param(json!({"benchmark": "cti-mcq", "extraction": "rcm-last-cwe"})), "extraction");
         let own = resolve(json!({"benchmark": "file", "file": "file-abcdefghijklmnopqrstuvwx", "extraction": "rcm-last-cwe"})).unwrap();
-        assert_eq!(own.extraction, "rcm-last-cwe");
+        assert_eq!(own.extraction.name(), "rcm-last-cwe");
         let nested = EvaluationRequest::from_value(json!({"shots": -1, "benchmark": "cti-mcq"}), "evaluations[2].").unwrap();
         assert_eq!(EvaluationSpec::resolve(&nested, "evaluations[2].").unwrap_err().param, "evaluations[2].shots");
         let message = resolve(json!({"benchmark": "mmlu"})).unwrap_err().message;

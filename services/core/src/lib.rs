@@ -19,16 +19,20 @@
 //! Everything here is a pure function of its inputs: the controller, the reconciler, the
 //! worker and the tests call it the same way.
 
+pub mod benchmark;
 pub mod error_code;
 pub mod evaluation;
 pub mod ids;
 pub mod job;
+pub mod model_name;
 pub mod spec;
 pub mod training_file;
 
+pub use benchmark::{Benchmark, Rule};
 pub use error_code::ErrorCode;
 pub use evaluation::{EvaluationRequest, EvaluationSpec};
 pub use ids::{fine_tuned_model_name, CheckpointId, EvaluationId, EventId, FileId, IdError, JobId};
 pub use job::{can_transition, transition, IllegalTransition, JobStatus};
+pub use model_name::ModelName;
 pub use spec::{CreateJobRequest, JobSpec, Method, SpecError};
 pub use training_file::{validate_training_file, DataFormat, Example, FileError, FileSummary};

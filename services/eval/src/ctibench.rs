@@ -3,9 +3,8 @@
 //! columns are found by their header names, so a reordered file still reads.
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::EvalError;
 
@@ -19,51 +18,16 @@ mod tests {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Benchmark {
-    CtiMcq,
-    CtiRcm,
-    CtiRcm2021,
-    /// The user's own JSONL validation set (see [`crate::chat_file`]): not a CTIBench file.
-    File,
+pub use lathe_core::Benchmark;
+
+/// The benchmark's data file in the CTIBench data directory.
+pub fn data_file(benchmark: Benchmark, data_dir: &Path) -> PathBuf {
+    data_dir.join(format!("{}.tsv", benchmark.name()))
 }
 
-impl Benchmark {
-    pub const ALL: [Benchmark; 3] = [Benchmark::CtiMcq, Benchmark::CtiRcm, Benchmark::CtiRcm2021];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Benchmark::CtiMcq => "cti-mcq",
-            Benchmark::CtiRcm => "cti-rcm",
-            Benchmark::CtiRcm2021 => "cti-rcm-2021",
-            Benchmark::File => "file",
-        }
-    }
-
-    pub fn file(self, data_dir: &Path) -> PathBuf {
-        data_dir.join(format!("{}.tsv", self.name()))
-    }
-
-    /// The authors' stored answers of five LLMs, row-aligned with the data file.
-    pub fn responses_file(self, data_dir: &Path) -> PathBuf {
-        data_dir.join("responses").join(format!("{}-responses.tsv", self.name()))
-    }
-
-    pub fn is_mcq(self) -> bool {
-        self == Benchmark::CtiMcq
-    }
-}
-
-impl FromStr for Benchmark {
-    type Err = EvalError;
-    fn from_str(name: &str) -> Result<Self, EvalError> {
-        Benchmark::ALL
-            .into_iter()
-            .chain([Benchmark::File])
-            .find(|b| b.name() == name)
-            .ok_or_else(|| EvalError::UnknownBenchmark(name.to_string()))
-    }
+/// The authors' stored answers of five LLMs, row-aligned with the data file.
+pub fn responses_file(benchmark: Benchmark, data_dir: &Path) -> PathBuf {
+    data_dir.join("responses").join(format!("{}-responses.tsv", benchmark.name()))
 }
 
 /// One evaluation item.
@@ -147,11 +111,11 @@ fn column(header: &[String], name: &str, path: &Path) -> Result<usize, EvalError
 
 /// Reads several benchmarks as one item list (the contamination check protects them all at
 /// once); indices are renumbered to stay distinct across benchmarks.
-pub fn load_all(names: &[String], data_dir: &Path) -> Result<Vec<Item>, EvalError> {
+pub fn load_all(benchmarks: &[Benchmark], data_dir: &Path) -> Result<Vec<Item>, EvalError> {
     let mut items = Vec::new();
-    for name in names {
+    for &benchmark in benchmarks {
         let offset = items.len();
-        items.extend(load(name.parse()?, data_dir)?.into_iter().map(|mut item| {
+        items.extend(load(benchmark, data_dir)?.into_iter().map(|mut item| {
             item.index += offset;
             item
         }));
@@ -170,7 +134,7 @@ pub fn load(benchmark: Benchmark, data_dir: &Path) -> Result<Vec<Item>, EvalErro
     if !data_dir.is_dir() {
         return Err(EvalError::File { path: data_dir.into(), message: "not a directory (the CTIBench data directory)".into() });
     }
-    let path = benchmark.file(data_dir);
+    let path = data_file(benchmark, data_dir);
     let (header, rows) = read_tsv(&path)?;
     let (url, prompt, gt) = (column(&header, "URL", &path)?, column(&header, "Prompt", &path)?, column(&header, "GT", &path)?);
     let description = if benchmark.is_mcq() { None } else { Some(column(&header, "Description", &path)?) };

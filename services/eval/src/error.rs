@@ -6,8 +6,8 @@ use std::path::PathBuf;
 pub enum EvalError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("unknown benchmark {0:?}; known: cti-mcq, cti-rcm, cti-rcm-2021, file")]
-    UnknownBenchmark(String),
+    #[error(transparent)]
+    UnknownBenchmark(#[from] lathe_core::benchmark::UnknownBenchmark),
     #[error("{path}:{line}: {message}")]
     Row { path: PathBuf, line: usize, message: String },
     #[error("{path}: {message}")]

@@ -9,32 +9,16 @@
 //! - Own files (`exact-match`): the whole output against the expected answer, both trimmed,
 //!   lower-cased, with runs of whitespace collapsed and a trailing period dropped.
 
-use serde::Serialize;
+pub use lathe_core::Rule;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Rule {
-    RcmLastCwe,
-    McqLastLineLetter,
-    ExactMatch,
+/// Applies a [`Rule`] (named and documented in lathe-core) to a model's output.
+pub trait Extract {
+    /// The answer `output` gives under this rule; `None` when it gives none (unparsable).
+    fn extract(self, output: &str) -> Option<String>;
 }
 
-impl Rule {
-    pub fn name(self) -> &'static str {
-        match self {
-            Rule::RcmLastCwe => "rcm-last-cwe",
-            Rule::McqLastLineLetter => "mcq-last-line-letter",
-            Rule::ExactMatch => "exact-match",
-        }
-    }
-
-    pub const ALL: [Rule; 3] = [Rule::RcmLastCwe, Rule::McqLastLineLetter, Rule::ExactMatch];
-
-    pub fn parse(name: &str) -> Option<Rule> {
-        Rule::ALL.into_iter().find(|r| r.name() == name)
-    }
-
-    pub fn extract(self, output: &str) -> Option<String> {
+impl Extract for Rule {
+    fn extract(self, output: &str) -> Option<String> {
         match self {
             Rule::RcmLastCwe => last_cwe(output),
             Rule::McqLastLineLetter => mcq_letter(output).map(String::from),

@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use crate::ctibench::{Benchmark, Item};
-use crate::extract::Rule;
+use crate::extract::{Extract, Rule};
 
 /// One item's outcome, kept with the result (per-item predictions and raw outputs).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -29,19 +29,10 @@ pub struct Scored {
     pub predictions: Vec<Prediction>,
 }
 
-/// The default extraction rule of a benchmark.
-pub fn rule_for(benchmark: Benchmark) -> Rule {
-    match benchmark {
-        Benchmark::CtiMcq => Rule::McqLastLineLetter,
-        Benchmark::CtiRcm | Benchmark::CtiRcm2021 => Rule::RcmLastCwe,
-        Benchmark::File => Rule::ExactMatch,
-    }
-}
-
 /// Scores `outputs` (one per item, same order). Unparsable outputs count as wrong unless
 /// `unparsable_counts_as_wrong` is false, in which case they leave the denominator.
 pub fn score(benchmark: Benchmark, items: &[Item], outputs: &[String], unparsable_counts_as_wrong: bool) -> Scored {
-    score_with(benchmark, rule_for(benchmark), items, outputs, unparsable_counts_as_wrong)
+    score_with(benchmark, benchmark.rule(), items, outputs, unparsable_counts_as_wrong)
 }
 
 /// [`score`] under an explicit extraction rule. The expected answer goes through the same rule

@@ -19,7 +19,7 @@ fn datasets() -> PathBuf {
 
 /// The stored answers of one model, row-aligned with the benchmark.
 fn stored_answers(benchmark: Benchmark, model: &str) -> Vec<String> {
-    let (header, rows) = read_tsv(&benchmark.responses_file(&datasets().join("ctibench"))).unwrap();
+    let (header, rows) = read_tsv(&lathe_eval::ctibench::responses_file(benchmark, &datasets().join("ctibench"))).unwrap();
     let column = header.iter().position(|h| h == model).unwrap();
     rows.into_iter().map(|(_, cells)| cells[column].clone()).collect()
 }
@@ -81,7 +81,7 @@ fn cve_cwe_training_rows_that_leak_cti_rcm_2021_are_flagged_and_dropped() {
 fn bad_inputs_name_the_problem() {
     let missing = load(Benchmark::CtiRcm, Path::new("/nonexistent/ctibench")).unwrap_err();
     assert!(missing.to_string().contains("/nonexistent/ctibench") && missing.to_string().contains("not a directory"), "{missing}");
-    let unknown = "cti-xyz".parse::<Benchmark>().unwrap_err();
+    let unknown = EvalError::from("cti-xyz".parse::<Benchmark>().unwrap_err());
     assert!(matches!(unknown, EvalError::UnknownBenchmark(_)) && unknown.to_string().contains("cti-mcq"), "{unknown}");
 
     let dir = std::env::temp_dir().join(format!("lathe-bad-tsv-{}", std::process::id()));

@@ -164,7 +164,7 @@ pub(crate) async fn insert_evaluation(tx: &mut Transaction<'_, Postgres>, new: N
     .bind(new.project_id)
     .bind(new.model)
     .bind(new.job_id)
-    .bind(&new.spec.benchmark)
+    .bind(new.spec.benchmark.name())
     .bind(new.spec.file.as_ref().map(|f| f.as_str()))
     .bind(Json(new.spec))
     .fetch_one(&mut **tx)

@@ -136,7 +136,7 @@ pub async fn create_job(pool: &PgPool, project_id: &str, spec: &JobSpec, idempot
     .bind(id.as_str())
     .bind(project_id)
     .bind(Json(&spec_json))
-    .bind(&spec.model)
+    .bind(spec.model.as_str())
     .bind(spec.training_file.as_str())
     .bind(spec.validation_file.as_ref().map(FileId::as_str))
     .bind(spec.suffix.as_deref())

@@ -1,26 +1,9 @@
 //! Learning-rate schedule: linear warmup from 0, then cosine or linear decay to 0 (the
 //! `transformers` `get_cosine_schedule_with_warmup` / `get_linear_schedule_with_warmup` shapes).
 
-use crate::{Result, TrainerError};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decay {
-    Cosine,
-    Linear,
-    Constant,
-}
-
-impl std::str::FromStr for Decay {
-    type Err = TrainerError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "cosine" => Ok(Decay::Cosine),
-            "linear" => Ok(Decay::Linear),
-            "constant" => Ok(Decay::Constant),
-            other => Err(TrainerError::invalid("lr_scheduler", format!("expected cosine, linear or constant, got {other:?}"))),
-        }
-    }
-}
+/// What follows warmup: cosine or linear decay to 0, or a constant rate (lathe-core's type, so
+/// the API's value reaches the loop without a string in between).
+pub use lathe_core::spec::LrScheduler as Decay;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Schedule {

@@ -29,7 +29,7 @@ fn protocol(benchmark: Benchmark, mode: Mode, limit: usize) -> Protocol {
         limit: Some(limit),
         max_new_tokens: 12,
         decoding: "greedy",
-        rule: lathe_eval::score::rule_for(benchmark),
+        rule: benchmark.rule(),
         unparsable_counts_as_wrong: true,
     }
 }

@@ -326,7 +326,7 @@ fn decontaminate(
     };
     let message = format!(
         "Decontamination against {}: {flagged} of {} training examples overlap (description {}, CVE id {}, n-gram {}), covering {} of {} evaluation items; {}",
-        request.benchmarks.join(", "),
+        lathe_core::Benchmark::names(&request.benchmarks),
         report.training_rows,
         report.count(Reason::Description),
         report.count(Reason::CveId),

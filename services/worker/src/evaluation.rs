@@ -13,8 +13,7 @@ use std::time::Duration;
 
 use lathe_core::evaluation::EvaluationMode;
 use lathe_core::EvaluationSpec;
-use lathe_eval::extract::Rule;
-use lathe_eval::{Benchmark, Item};
+use lathe_eval::Item;
 use lathe_proto::v1::{ClaimEvaluationResponse, EvaluationItem, FailEvaluationRequest, FailureClass, FinishEvaluationRequest};
 use lathe_trainer::evaluate::{EvalRequest, EvalResult, Mode, Protocol};
 use lathe_trainer::TrainerError;
@@ -169,9 +168,7 @@ impl Drop for AdapterDir {
 fn prepare(config: &WorkerConfig, claim: &ClaimEvaluationResponse) -> Result<Prepared, Unrunnable> {
     let spec: EvaluationSpec = serde_json::from_str(&claim.spec_json)
         .map_err(|e| Unrunnable::job("invalid_spec", format!("the evaluation spec is not readable by this worker: {e}")))?;
-    let benchmark: Benchmark = spec.benchmark.parse().map_err(|e: lathe_eval::EvalError| Unrunnable::job("invalid_spec", e.to_string()))?;
-    let rule = Rule::parse(&spec.extraction)
-        .ok_or_else(|| Unrunnable::job("invalid_spec", format!("unknown extraction rule {:?}", spec.extraction)))?;
+    let (benchmark, rule) = (spec.benchmark, spec.extraction);
     let items = match &claim.file {
         Some(file) => {
             verify_file("file", &file.path, &file.sha256)?;
@@ -191,7 +188,8 @@ fn prepare(config: &WorkerConfig, claim: &ClaimEvaluationResponse) -> Result<Pre
             })?
         }
     };
-    let model_dir = model_dir(&config.models_root, &claim.base_model)?;
+    let base_model = lathe_core::ModelName::parse(&claim.base_model).map_err(|e| Unrunnable::job("invalid_spec", e))?;
+    let model_dir = model_dir(&config.models_root, &base_model)?;
     let adapter = if claim.adapter_files.is_empty() {
         None
     } else {

@@ -3,8 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use lathe_core::spec::{LrScheduler, Quantization};
+use lathe_core::spec::Quantization;
 use lathe_core::JobSpec;
+use lathe_core::ModelName;
 use lathe_trainer::train::config::{
     DataSettings, DebugSettings, LoopSettings, LoraSettings, OptimSettings, OutputSettings, TargetModulesSetting,
 };
@@ -53,11 +54,6 @@ pub fn train_config(spec: &JobSpec, paths: Paths<'_>, settings: Settings<'_>) ->
     }
     let model = model_dir(settings.models_root, &spec.model)?;
     let lora = spec.lora.as_ref();
-    let lr_scheduler = match spec.lr_scheduler {
-        LrScheduler::Cosine => "cosine",
-        LrScheduler::Linear => "linear",
-        LrScheduler::Constant => "constant",
-    };
     Ok(TrainConfig {
         model,
         train_file: paths.training_file.to_path_buf(),
@@ -78,7 +74,7 @@ pub fn train_config(spec: &JobSpec, paths: Paths<'_>, settings: Settings<'_>) ->
         },
         optim: OptimSettings {
             learning_rate: spec.learning_rate,
-            lr_scheduler: lr_scheduler.into(),
+            lr_scheduler: spec.lr_scheduler,
             warmup_ratio: spec.warmup_ratio,
             ..OptimSettings::default()
         },
@@ -100,11 +96,11 @@ pub fn train_config(spec: &JobSpec, paths: Paths<'_>, settings: Settings<'_>) ->
     })
 }
 
-/// The base model's directory; the name was checked by the controller and is checked again
-/// here, since it becomes a path on this machine.
-pub(crate) fn model_dir(models_root: &Path, name: &str) -> Result<PathBuf, Unrunnable> {
-    let dir = models_root.join(name);
-    if !lathe_core::spec::is_model_name(name) || !dir.join("config.json").is_file() {
+/// The base model's directory. A [`ModelName`] stays under the root by construction (it was
+/// checked when the spec was decoded); what can still be wrong is this machine's models root.
+pub(crate) fn model_dir(models_root: &Path, name: &ModelName) -> Result<PathBuf, Unrunnable> {
+    let dir = name.dir_under(models_root);
+    if !dir.join("config.json").is_file() {
         return Err(Unrunnable::here(
             "model_not_found",
             format!("model {name:?} is not under this worker's models root {}", models_root.display()),

@@ -92,7 +92,7 @@ pub struct RunArgs {
     /// generate (greedy, then extract) or likelihood (MCQ: best of A-D by next-token probability).
     #[arg(long, default_value = "generate")]
     mode: String,
-    /// Answer length limit [default: 32 for MCQ, 384 for RCM].
+    /// Answer length limit [default: the benchmark's own budget, recorded in the result's protocol].
     #[arg(long)]
     max_new_tokens: Option<usize>,
     /// Leave unparsable answers out of the denominator instead of counting them wrong.
@@ -123,7 +123,7 @@ fn run_model(args: RunArgs) -> anyhow::Result<()> {
     let rule = match &args.rule {
         Some(name) => Some(
             lathe_eval::extract::Rule::parse(name)
-                .with_context(|| format!("--rule: unknown rule {name:?}; known: rcm-last-cwe, mcq-last-line-letter, exact-match"))?,
+                .with_context(|| format!("--rule: unknown rule {name:?}; known: {}", lathe_eval::extract::Rule::names()))?,
         ),
         None => None,
     };
@@ -155,13 +155,9 @@ fn run_model(args: RunArgs) -> anyhow::Result<()> {
             shots: args.shots,
             seed: args.seed,
             limit: args.limit,
-            max_new_tokens: args.max_new_tokens.unwrap_or(match benchmark {
-                Benchmark::CtiMcq => 32,
-                Benchmark::File => 256,
-                _ => 384,
-            }),
+            max_new_tokens: args.max_new_tokens.unwrap_or(benchmark.default_max_new_tokens() as usize),
             decoding: if mode == Mode::Generate { "greedy" } else { "likelihood" },
-            rule: rule.unwrap_or_else(|| lathe_eval::score::rule_for(benchmark)),
+            rule: rule.unwrap_or_else(|| benchmark.rule()),
             unparsable_counts_as_wrong: !args.skip_unparsable,
         };
         let bar = indicatif::ProgressBar::new(0).with_prefix(benchmark.name());
@@ -271,7 +267,7 @@ pub fn run(command: EvalCommand) -> anyhow::Result<()> {
         EvalCommand::Score { benchmark, data_dir, responses, column, skip_unparsable, json } => {
             let benchmark: Benchmark = benchmark.parse()?;
             let items = load(benchmark, &data_dir)?;
-            let path = responses.unwrap_or_else(|| benchmark.responses_file(&data_dir));
+            let path = responses.unwrap_or_else(|| lathe_eval::ctibench::responses_file(benchmark, &data_dir));
             let (header, rows) = read_tsv(&path)?;
             let index = header
                 .iter()
@@ -298,7 +294,8 @@ pub fn run(command: EvalCommand) -> anyhow::Result<()> {
             }
         }
         EvalCommand::Contamination { training_file, benchmarks, data_dir, out } => {
-            let items = lathe_eval::ctibench::load_all(&benchmarks, &data_dir)?;
+            let parsed = benchmarks.iter().map(|b| b.parse::<Benchmark>()).collect::<Result<Vec<_>, _>>()?;
+            let items = lathe_eval::ctibench::load_all(&parsed, &data_dir)?;
             let report = check_file(&training_file, &items)?;
             println!(
                 "{}: {} of {} rows overlap {} (description {}, CVE id {}, {}-gram {}), covering {} of {} items",

@@ -33,7 +33,7 @@ pub async fn create(State(state): State<AppState>, project: Project, body: Bytes
         lathe_store::StoreError::NotFound => ApiError::invalid(Some("file"), "file_not_found", "file: the file was deleted"),
         other => other.into(),
     })?;
-    tracing::info!(evaluation_id = %evaluation.id, model, benchmark = spec.benchmark, "evaluation created");
+    tracing::info!(evaluation_id = %evaluation.id, model, benchmark = %spec.benchmark, "evaluation created");
     Ok(Json(views::evaluation(&evaluation)))
 }
 
@@ -60,7 +60,7 @@ async fn resolve_model(state: &AppState, project: &Project, model: &str) -> ApiR
         }
         return Ok(Some(job));
     }
-    if models::resolve(&state.config.models_root, model).is_none() {
+    if models::resolve_str(&state.config.models_root, model).is_none() {
         return Err(ApiError::invalid(
             Some("model"),
             "model_not_found",
@@ -108,23 +108,26 @@ pub async fn check_data(state: &AppState, project: &Project, spec: &EvaluationSp
             Some(dir) => dir.clone(),
         },
     };
-    let (benchmark, file) = (spec.benchmark.clone(), spec.file.is_some());
-    let items = tokio::task::spawn_blocking(move || {
-        let benchmark: lathe_eval::Benchmark = benchmark.parse()?;
-        if file {
-            lathe_eval::chat_file::load(&path)
-        } else {
-            lathe_eval::ctibench::load(benchmark, &path)
-        }
-    })
-    .await
-    .map_err(ApiError::internal)?
-    .map_err(|error| {
-        let (field, code) = if file { ("file", "invalid_file") } else { ("benchmark", "invalid_benchmark_data") };
-        ApiError::invalid(Some(&param(field)), code, format!("{}: {}", param(field), strip_data_root(&error.to_string(), state)))
-    })?;
-    if let Some(rule) = lathe_eval::extract::Rule::parse(&spec.extraction).filter(|r| *r != lathe_eval::extract::Rule::ExactMatch) {
-        if let Some(item) = items.iter().find(|item| rule.extract(&item.answer).is_none()) {
+    let (benchmark, file) = (spec.benchmark, spec.file.is_some());
+    let items =
+        tokio::task::spawn_blocking(
+            move || {
+                if file {
+                    lathe_eval::chat_file::load(&path)
+                } else {
+                    lathe_eval::ctibench::load(benchmark, &path)
+                }
+            },
+        )
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|error| {
+            let (field, code) = if file { ("file", "invalid_file") } else { ("benchmark", "invalid_benchmark_data") };
+            ApiError::invalid(Some(&param(field)), code, format!("{}: {}", param(field), strip_data_root(&error.to_string(), state)))
+        })?;
+    let rule = spec.extraction;
+    if rule != lathe_core::Rule::ExactMatch {
+        if let Some(item) = items.iter().find(|item| lathe_eval::extract::Extract::extract(rule, &item.answer).is_none()) {
             return Err(ApiError::invalid(
                 Some(&param("extraction")),
                 "invalid_value",

@@ -132,7 +132,7 @@ pub fn event(event: &Event) -> Value {
 }
 
 pub fn checkpoint(checkpoint: &Checkpoint, job: &Job) -> Value {
-    let model = fine_tuned_model_name(&job.spec.model, job.spec.suffix.as_deref(), &job.id);
+    let model = fine_tuned_model_name(job.spec.model.as_str(), job.spec.suffix.as_deref(), &job.id);
     let mut metrics = checkpoint.metrics.clone();
     if let Some(map) = metrics.as_object_mut() {
         map.insert("step".into(), json!(checkpoint.step));

@@ -342,7 +342,7 @@ impl Attempt {
             .await?;
             ids.push(id.as_str().to_string());
         }
-        let model = fine_tuned_model_name(&self.job.spec.model, self.job.spec.suffix.as_deref(), &self.job.id);
+        let model = fine_tuned_model_name(self.job.spec.model.as_str(), self.job.spec.suffix.as_deref(), &self.job.id);
         let outcome = AttemptOutcome::Succeeded {
             fine_tuned_model: model.clone(),
             result_files: ids.clone(),

@@ -79,7 +79,7 @@ async fn describe(state: &AppState, claim: &EvaluationClaim) -> Result<ClaimEval
             if adapter.len() != ADAPTER_FILES.len() {
                 return Err(gone("model", format!("the adapter files of {} were deleted", evaluation.model)));
             }
-            (job.spec.model.clone(), adapter)
+            (job.spec.model.to_string(), adapter)
         }
     };
     let file = match &evaluation.spec.file {
@@ -157,7 +157,7 @@ pub async fn finish(state: &AppState, worker_id: &str, request: FinishEvaluation
     tracing::info!(
         evaluation_id = %evaluation.id,
         model = evaluation.model,
-        benchmark = evaluation.spec.benchmark,
+        benchmark = %evaluation.spec.benchmark,
         accuracy = result["accuracy"].as_f64(),
         items = items.len(),
         "evaluation succeeded"

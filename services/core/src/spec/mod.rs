@@ -28,7 +28,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::benchmark::Benchmark;
 use crate::ids::FileId;
+use crate::model_name::ModelName;
 use crate::training_file::{DataFormat, FileSummary};
 
 pub use request::{
@@ -146,7 +148,7 @@ pub struct Resources {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
     /// Base model name, resolved under the models root by the controller.
-    pub model: String,
+    pub model: ModelName,
     pub training_file: FileId,
     pub validation_file: Option<FileId>,
     pub method: Method,
@@ -200,12 +202,10 @@ fn resolve_evaluations(request: Option<Vec<Value>>) -> Result<Vec<crate::evaluat
         .collect()
 }
 
-/// Benchmarks whose items a job checks its training data against (docs/architecture.md §1).
-pub const DECONTAMINATION_BENCHMARKS: [&str; 3] = ["cti-mcq", "cti-rcm", "cti-rcm-2021"];
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decontaminate {
-    pub benchmarks: Vec<String>,
+    /// CTIBench benchmarks ([`Benchmark::CTIBENCH`]) whose items the training data is checked against.
+    pub benchmarks: Vec<Benchmark>,
     /// Overlaps are reported but kept.
     pub keep: bool,
 }
@@ -216,14 +216,15 @@ fn resolve_decontaminate(request: Option<DecontaminateRequest>) -> Result<Option
     if benchmarks.is_empty() {
         return Err(SpecError::invalid("decontaminate.benchmarks", "name at least one benchmark"));
     }
-    for name in &benchmarks {
-        if !DECONTAMINATION_BENCHMARKS.contains(&name.as_str()) {
-            return Err(SpecError::invalid(
-                "decontaminate.benchmarks",
-                format!("unknown benchmark {name:?}; known: {}", DECONTAMINATION_BENCHMARKS.join(", ")),
-            ));
-        }
-    }
+    let known = Benchmark::CTIBENCH;
+    let benchmarks = benchmarks
+        .iter()
+        .map(|name| {
+            name.parse::<Benchmark>().ok().filter(|b| known.contains(b)).ok_or_else(|| {
+                SpecError::invalid("decontaminate.benchmarks", format!("unknown benchmark {name:?}; known: {}", Benchmark::names(&known)))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Some(Decontaminate { benchmarks, keep: request.keep.unwrap_or(false) }))
 }
 
@@ -477,7 +478,7 @@ fn validate_modules(names: &[String]) -> Result<Vec<String>, SpecError> {
 
 /// A name under the models root: `/`-separated segments of `[A-Za-z0-9._-]`, none `.` or `..`,
 /// so the controller can join it to the root without leaving it.
-fn validate_model_name(model: Option<&str>) -> Result<String, SpecError> {
+fn validate_model_name(model: Option<&str>) -> Result<ModelName, SpecError> {
     let model = match model {
         None | Some("") => return Err(SpecError::invalid("model", "missing required parameter")),
         Some(m) => m,
@@ -485,25 +486,7 @@ fn validate_model_name(model: Option<&str>) -> Result<String, SpecError> {
     if model.starts_with("ft:") {
         return Err(SpecError::invalid("model", "fine-tuning a fine-tuned model is not supported yet; give its base model"));
     }
-    if !is_model_name(model) {
-        return Err(SpecError::invalid(
-            "model",
-            format!("{model:?} is not a model name (one or two '/'-separated segments of letters, digits, '.', '_', '-', not starting with '.')"),
-        ));
-    }
-    Ok(model.to_string())
-}
-
-/// Whether `name` is a base model name: `tiny-qwen3` or `Qwen/Qwen3-0.6B` — one or two
-/// segments of `[A-Za-z0-9._-]`, none empty or starting with a dot. Such a name can be joined
-/// to a models root without leaving it; the controller and the workers both rely on that.
-pub fn is_model_name(name: &str) -> bool {
-    let segments: Vec<&str> = name.split('/').collect();
-    name.len() <= 256
-        && segments.len() <= 2
-        && segments
-            .iter()
-            .all(|s| !s.is_empty() && !s.starts_with('.') && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)))
+    ModelName::parse(model).map_err(|e| SpecError::invalid("model", e))
 }
 
 fn parse_file_id(param: &str, id: &str) -> Result<FileId, SpecError> {

@@ -189,7 +189,7 @@ fn model_names_cannot_climb_out_of_the_models_root() {
         let error = rejection(json!({ "model": model }));
         assert_eq!(error.param, "model", "{model}");
     }
-    assert_eq!(spec(json!({"model": "Qwen/Qwen3-0.6B"})).unwrap().model, "Qwen/Qwen3-0.6B");
+    assert_eq!(spec(json!({"model": "Qwen/Qwen3-0.6B"})).unwrap().model.as_str(), "Qwen/Qwen3-0.6B");
     assert!(rejection(json!({"model": "ft:tiny:x:ftjob-1"})).message.contains("fine-tuned model"));
 }
 
@@ -296,7 +296,7 @@ fn decontamination_defaults_to_cti_rcm_and_names_an_unknown_benchmark() {
     };
     assert_eq!(spec(serde_json::json!({})).unwrap().decontaminate, None);
     let on = spec(serde_json::json!({"decontaminate": {}})).unwrap().decontaminate.unwrap();
-    assert_eq!((on.benchmarks, on.keep), (vec!["cti-rcm".to_string()], false));
+    assert_eq!((on.benchmarks, on.keep), (vec![crate::Benchmark::CtiRcm], false));
     let error = spec(serde_json::json!({"decontaminate": {"benchmarks": ["mmlu"]}})).unwrap_err();
     assert_eq!(error.param, "decontaminate.benchmarks");
     assert!(error.message.contains("mmlu") && error.message.contains("cti-rcm-2021"), "{}", error.message);

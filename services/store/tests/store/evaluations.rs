@@ -134,9 +134,9 @@ async fn a_succeeding_job_queues_the_evaluations_it_asked_for() {
     let queued = list_evaluations(&db.pool, &project_id, by_job, None, 10).await.unwrap().items;
     assert_eq!(queued.len(), 2);
     assert!(queued.iter().all(|e| e.model == model && e.status == EvaluationStatus::Queued));
-    let mut benchmarks: Vec<_> = queued.iter().map(|e| (e.spec.benchmark.clone(), e.spec.limit, e.spec.shots)).collect();
+    let mut benchmarks: Vec<_> = queued.iter().map(|e| (e.spec.benchmark.name(), e.spec.limit, e.spec.shots)).collect();
     benchmarks.sort();
-    assert_eq!(benchmarks, vec![("cti-mcq".into(), Some(5), 0), ("cti-rcm".into(), None, 2)]);
+    assert_eq!(benchmarks, vec![("cti-mcq", Some(5), 0), ("cti-rcm", None, 2)]);
     let by_model = EvaluationFilter { model: Some(&model), job_id: None };
     assert_eq!(list_evaluations(&db.pool, &project_id, by_model, None, 10).await.unwrap().items.len(), 2);
 }

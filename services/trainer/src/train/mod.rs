@@ -22,7 +22,7 @@ use crate::data::encode::{EncodeOptions, Encoder};
 use crate::model_dir::ModelDir;
 use crate::models::decoder::{Decoder, Trainable};
 use crate::optim::{AdamW, AdamWConfig};
-use crate::schedule::{Decay, Schedule};
+use crate::schedule::Schedule;
 use crate::{device, export, models, peft, Result, TrainerError};
 use batches::{epoch_order, make_micro_batch, row_trained_tokens, step_rows, steps_per_epoch};
 pub use config::{Method, TrainConfig};
@@ -89,8 +89,7 @@ pub fn run(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks) -> Re
     let per_epoch = steps_per_epoch(train.rows.len(), rows_per_step);
     let total_steps = t.max_steps.map_or(per_epoch * t.epochs, |m| m.min(per_epoch * t.epochs));
     let warmup_steps = config.optim.warmup_steps.unwrap_or((config.optim.warmup_ratio * total_steps as f64).ceil() as u64);
-    let schedule =
-        Schedule { peak_lr: config.optim.learning_rate, warmup_steps, total_steps, decay: config.optim.lr_scheduler.parse::<Decay>()? };
+    let schedule = Schedule { peak_lr: config.optim.learning_rate, warmup_steps, total_steps, decay: config.optim.lr_scheduler };
 
     let lora = match config.method {
         Method::Lora => Some(config.lora_config()?),
