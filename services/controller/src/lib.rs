@@ -21,6 +21,7 @@ pub mod error;
 pub mod grpc;
 pub mod models;
 pub mod reconciler;
+pub mod result_file;
 pub mod state;
 pub mod storage;
 pub mod telemetry;

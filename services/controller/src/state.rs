@@ -43,4 +43,13 @@ impl AppState {
             tracing::warn!(job_id, %error, message, "could not record a job event");
         }
     }
+
+    /// Wakes a worker for a queued job. Redis being down is not an error for the user: the job
+    /// is committed and the reconciler publishes it when Redis is back.
+    pub async fn publish_job(&self, job: &lathe_store::jobs::Job) {
+        let resources = &job.spec.resources;
+        if let Err(error) = self.queue.publish(&resources.pool, &job.id, resources.priority).await {
+            tracing::warn!(job_id = %job.id, %error, "could not publish to Redis; the reconciler will");
+        }
+    }
 }

@@ -130,13 +130,12 @@ pub async fn run(
 ) -> Ended {
     let hello = Hello { job_id: claim.job_id.clone(), attempt: claim.attempt };
     let mut session = Session::new(client, hello, PathBuf::from(&claim.output_dir));
-    let job_id = claim.job_id.clone();
 
     let prepared = prepare(config, &claim);
     let (train, resume, decontamination) = match prepared {
         Ok(ready) => ready,
         Err(unrunnable) => {
-            tracing::warn!(job_id, code = unrunnable.code, message = %unrunnable.message, "job cannot run here");
+            tracing::warn!(code = unrunnable.code, message = %unrunnable.message, "job cannot run here");
             // A problem of this machine (storage not mounted, model missing) is retried
             // elsewhere; a problem of the job itself fails it at once.
             let class = if unrunnable.this_worker { FailureClass::Crash } else { FailureClass::BadInput };
@@ -155,7 +154,10 @@ pub async fn run(
 
     let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
     let trainer_signals = signals.clone();
+    // The blocking thread does not inherit the task's span; the trainer's own logs should.
+    let span = tracing::Span::current();
     let mut trainer = tokio::task::spawn_blocking(move || {
+        let _in_attempt = span.enter();
         let mut on_event = |event: &Event| {
             let _ = events_tx.send(event.clone());
         };
@@ -181,7 +183,7 @@ pub async fn run(
                 points.flush(&mut session);
                 session.reconnect_if_needed().await;
                 if signals.lease_overdue() && signals.cause() != Some(StopCause::LeaseLost) {
-                    tracing::warn!(job_id, "no lease renewal from the controller in time: stopping, the job may be reassigned");
+                    tracing::warn!("no lease renewal from the controller in time: stopping, the job may be reassigned");
                     signals.stop(StopCause::LeaseLost);
                 }
             }
@@ -190,7 +192,7 @@ pub async fn run(
                 // A closed channel means the signal source is gone: treat it as a stop too.
                 if changed.is_err() || *shutdown.borrow() {
                     preempting = true;
-                    tracing::info!(job_id, "SIGTERM: checkpointing and giving the job back");
+                    tracing::info!("SIGTERM: checkpointing and giving the job back");
                     signals.stop(StopCause::Preempted);
                 }
             }
@@ -234,7 +236,7 @@ pub async fn run(
         },
         (Ok(Err(error)), _) => {
             let (class, code) = classify(&error);
-            tracing::warn!(job_id, %error, ?class, "training failed");
+            tracing::warn!(%error, ?class, "training failed");
             session.push(Up::Fail(Fail { class: class as i32, code: code.into(), message: error.to_string() }));
             if class == FailureClass::BadInput {
                 Ended::Failed
@@ -244,7 +246,7 @@ pub async fn run(
         }
         (Err(join_error), _) => {
             let message = format!("the trainer panicked: {join_error}");
-            tracing::error!(job_id, message, "training crashed");
+            tracing::error!(message, "training crashed");
             session.push(Up::Fail(Fail { class: FailureClass::Crash as i32, code: "trainer_crashed".into(), message }));
             Ended::Crashed
         }
@@ -583,7 +585,7 @@ impl Session {
                 self.link = Some(Link { tx, inbound: response.into_inner() });
             }
             Err(status) => {
-                tracing::warn!(job_id = self.hello.job_id, %status, "attempt stream unavailable; retrying");
+                tracing::warn!(%status, "attempt stream unavailable; retrying");
                 self.link = None;
             }
         }
@@ -628,7 +630,7 @@ impl Session {
         let deadline = Instant::now() + FINAL_ACK_TIMEOUT;
         while !self.unacked.is_empty() && Instant::now() < deadline {
             if signals.lease_overdue() {
-                tracing::warn!(job_id = self.hello.job_id, "no lease renewal from the controller in time: giving the attempt up");
+                tracing::warn!("no lease renewal from the controller in time: giving the attempt up");
                 signals.stop(StopCause::LeaseLost);
                 return;
             }
@@ -643,7 +645,7 @@ impl Session {
             }
         }
         if !self.unacked.is_empty() {
-            tracing::warn!(job_id = self.hello.job_id, unacked = self.unacked.len(), "controller did not ack the attempt's end");
+            tracing::warn!(unacked = self.unacked.len(), "controller did not ack the attempt's end");
         }
     }
 }

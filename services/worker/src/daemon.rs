@@ -11,6 +11,7 @@ use lathe_proto::v1::{
 use lathe_queue::Queue;
 use tokio::sync::watch;
 use tonic::Code;
+use tracing::Instrument;
 
 use crate::attempt::{self, Signals, StopCause};
 use crate::client::{self, Client};
@@ -68,11 +69,16 @@ pub async fn run(config: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> R
                     let claim = response.into_inner();
                     let signals = Arc::new(EvalSignals::default());
                     current.lock().expect("current lock").evaluation = Some((claim.evaluation_id.clone(), claim.attempt, signals.clone()));
-                    tracing::info!(evaluation_id = claim.evaluation_id, attempt = claim.attempt, model = claim.model, "evaluation started");
-                    let (id, attempt) = (claim.evaluation_id.clone(), claim.attempt);
-                    let ended = evaluation::run(client.clone(), &config, claim, signals, shutdown.clone()).await;
+                    // Every log line of the evaluation, here and inside, carries its id and attempt.
+                    let span = tracing::info_span!("evaluation", evaluation_id = %claim.evaluation_id, attempt = claim.attempt);
+                    async {
+                        tracing::info!(model = claim.model, "evaluation started");
+                        let ended = evaluation::run(client.clone(), &config, claim, signals, shutdown.clone()).await;
+                        tracing::info!(outcome = ended, "evaluation ended");
+                    }
+                    .instrument(span)
+                    .await;
                     current.lock().expect("current lock").evaluation = None;
-                    tracing::info!(evaluation_id = id, attempt, outcome = ended, "evaluation ended");
                     after_evaluation = true;
                     continue;
                 }
@@ -117,10 +123,17 @@ pub async fn run(config: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> R
         let signals = Arc::new(Signals::new(Instant::now() + timing.trusted_lease()));
         let reference = AttemptRef { job_id: claim.job_id.clone(), attempt: claim.attempt };
         current.lock().expect("current lock").attempt = Some((reference, signals.clone()));
-        tracing::info!(job_id = claim.job_id, attempt = claim.attempt, resume = claim.resume_from.is_some(), "attempt started");
-        let ended = attempt::run(client.clone(), &config, claim.clone(), signals, &telemetry, shutdown.clone()).await;
+        // Every log line of the attempt, here, in the stream and in the trainer, carries the job id
+        // and the attempt (the fencing token) through this span.
+        let span = tracing::info_span!("attempt", job_id = %claim.job_id, attempt = claim.attempt);
+        async {
+            tracing::info!(resume = claim.resume_from.is_some(), "attempt started");
+            let ended = attempt::run(client.clone(), &config, claim.clone(), signals, &telemetry, shutdown.clone()).await;
+            tracing::info!(outcome = ended.as_str(), "attempt ended");
+        }
+        .instrument(span)
+        .await;
         current.lock().expect("current lock").attempt = None;
-        tracing::info!(job_id = claim.job_id, attempt = claim.attempt, outcome = ended.as_str(), "attempt ended");
     }
     tracing::info!("worker stopped");
     Ok(())
@@ -216,7 +229,7 @@ async fn heartbeat(mut client: Client, current: Arc<Mutex<Current>>, timing: Tim
                 if let Some((reference, signals)) = &current.attempt {
                     let mine = |job_id: &str, attempt: u32| job_id == reference.job_id && attempt == reference.attempt;
                     if r.lost.iter().any(|l| mine(&l.job_id, l.attempt)) {
-                        tracing::warn!(job_id = reference.job_id, "heartbeat: lease lost");
+                        tracing::warn!(job_id = reference.job_id, attempt = reference.attempt, "heartbeat: lease lost");
                         signals.stop(StopCause::LeaseLost);
                     } else if r.renewed.iter().any(|l| mine(&l.job_id, l.attempt)) {
                         signals.renewed(sent_at + timing.trusted_lease());

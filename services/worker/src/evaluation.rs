@@ -58,11 +58,10 @@ pub async fn run(
     signals: Arc<EvalSignals>,
     mut shutdown: watch::Receiver<bool>,
 ) -> &'static str {
-    let id = claim.evaluation_id.clone();
     let prepared = match prepare(config, &claim) {
         Ok(prepared) => prepared,
         Err(unrunnable) => {
-            tracing::warn!(evaluation_id = id, code = unrunnable.code, message = %unrunnable.message, "evaluation cannot run here");
+            tracing::warn!(code = unrunnable.code, message = %unrunnable.message, "evaluation cannot run here");
             let class = if unrunnable.this_worker { FailureClass::Crash } else { FailureClass::BadInput };
             report_failure(&mut client, &claim, class, unrunnable.code, unrunnable.message).await;
             return "failed";
@@ -71,13 +70,14 @@ pub async fn run(
 
     let (threads, device) = (config.threads, config.device.clone());
     let thread_signals = signals.clone();
-    let mut evaluating = tokio::task::spawn_blocking(move || evaluate(prepared, threads, &device, &thread_signals));
+    let span = tracing::Span::current();
+    let mut evaluating = tokio::task::spawn_blocking(move || span.in_scope(|| evaluate(prepared, threads, &device, &thread_signals)));
     let result = loop {
         tokio::select! {
             result = &mut evaluating => break result,
             changed = shutdown.changed() => {
                 if changed.is_err() || *shutdown.borrow() {
-                    tracing::info!(evaluation_id = id, "SIGTERM: giving the evaluation back");
+                    tracing::info!("SIGTERM: giving the evaluation back");
                     signals.abandon();
                     // Wait for the thread to see it (between two batches).
                     let _ = (&mut evaluating).await;
@@ -99,17 +99,17 @@ pub async fn run(
             .await
             {
                 Ok(()) => {
-                    tracing::info!(evaluation_id = id, accuracy, items = result.result.predictions.len(), "evaluation finished");
+                    tracing::info!(accuracy, items = result.result.predictions.len(), "evaluation finished");
                     "succeeded"
                 }
                 Err(status) if matches!(status.code(), Code::FailedPrecondition | Code::NotFound) => {
-                    tracing::warn!(evaluation_id = id, %status, "the controller refused the result (cancelled or reassigned)");
+                    tracing::warn!(%status, "the controller refused the result (cancelled or reassigned)");
                     "abandoned"
                 }
                 Err(status) => {
                     // Refused for another reason (too large, unreadable): say why instead of
                     // letting the lease expire and the evaluation be retried for nothing.
-                    tracing::warn!(evaluation_id = id, %status, "the controller could not store the result");
+                    tracing::warn!(%status, "the controller could not store the result");
                     let class = if matches!(status.code(), Code::ResourceExhausted | Code::OutOfRange | Code::InvalidArgument) {
                         FailureClass::BadInput
                     } else {
@@ -128,7 +128,7 @@ pub async fn run(
             }
         }
         Ok(Err(TrainerError::Stopped(_))) => {
-            tracing::info!(evaluation_id = id, "evaluation stopped (cancelled or lease lost)");
+            tracing::info!("evaluation stopped (cancelled or lease lost)");
             "abandoned"
         }
         Ok(Err(error)) => {
@@ -136,7 +136,7 @@ pub async fn run(
                 TrainerError::Io { .. } | TrainerError::Torch(_) => FailureClass::Crash,
                 _ => FailureClass::BadInput,
             };
-            tracing::warn!(evaluation_id = id, %error, "evaluation failed");
+            tracing::warn!(%error, "evaluation failed");
             report_failure(&mut client, &claim, class, "evaluation_error", error.to_string()).await;
             "failed"
         }
@@ -303,7 +303,7 @@ async fn report_failure(client: &mut Client, claim: &ClaimEvaluationResponse, cl
     })
     .await;
     if let Err(status) = sent {
-        tracing::warn!(evaluation_id = claim.evaluation_id, %status, "could not report the failure; the lease will expire");
+        tracing::warn!(%status, "could not report the failure; the lease will expire");
     }
 }
 

@@ -8,7 +8,7 @@ use axum::Json;
 use lathe_core::{validate_training_file, CreateJobRequest, FileSummary, JobSpec};
 use lathe_store::dispatch::EventLevel;
 use lathe_store::files::{self, StoredFile, PURPOSE_FINE_TUNE};
-use lathe_store::jobs::{self, Job};
+use lathe_store::jobs;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -69,7 +69,7 @@ pub async fn create(State(state): State<AppState>, project: Project, headers: He
     if created {
         tracing::info!(job_id = %job.id, project = %project.id, model = %spec.model, "job created");
         state.note_event(job.id.as_str(), EventLevel::Info, &format!("Created fine-tuning job: {}", job.id), None).await;
-        publish(&state, &job).await;
+        state.publish_job(&job).await;
     }
     Ok(Json(views::job(&job)))
 }
@@ -94,15 +94,6 @@ async fn checked_file(state: &AppState, project: &Project, id: &str, param: &str
     let bytes = tokio::fs::read(&path).await.map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
     let summary = if training { validate_training_file(&bytes) } else { lathe_core::training_file::validate_jsonl(&bytes) };
     summary.map_err(|e| ApiError::bad_file(param, &e))
-}
-
-/// Wakes a worker. Redis being down is not an error for the user: the job is committed and
-/// the reconciler publishes it when Redis is back.
-pub async fn publish(state: &AppState, job: &Job) {
-    let resources = &job.spec.resources;
-    if let Err(error) = state.queue.publish(&resources.pool, &job.id, resources.priority).await {
-        tracing::warn!(job_id = %job.id, %error, "could not publish to Redis; the reconciler will");
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -148,7 +139,7 @@ pub async fn resume(State(state): State<AppState>, project: Project, Path(id): P
     let job = jobs::resume_job(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
     state.note_event(job.id.as_str(), EventLevel::Info, "Job resumed", Some(&json!({"status": job.status.as_str()}))).await;
     if job.status == lathe_core::JobStatus::Queued {
-        publish(&state, &job).await;
+        state.publish_job(&job).await;
     }
     Ok(Json(views::job(&job)))
 }

@@ -10,6 +10,7 @@ pub mod health;
 pub mod jobs;
 pub mod models;
 pub mod progress;
+pub mod request_id;
 pub mod views;
 
 use std::time::Instant;
@@ -19,6 +20,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use tracing::Instrument;
 
 use crate::AppState;
 
@@ -94,12 +96,24 @@ async fn not_found() -> Response {
     .into_response()
 }
 
-/// Latency by route template (never the raw path: ids would explode the label set), and one
-/// structured log line per request; a 413 from the body limit gets the OpenAI envelope.
+/// A span per request (with its [`request_id`], echoed in the `x-request-id` header); latency
+/// by route template (never the raw path: ids would explode the label set), and one structured
+/// log line per request; a 413 from the body limit gets the OpenAI envelope.
 async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let started = Instant::now();
+    let id = request_id::from_headers(request.headers());
     let method = request.method().clone();
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_string();
+    let span = tracing::info_span!("request", request_id = %id, %method, route);
+    let mut response = request_id::CURRENT.scope(id.clone(), observed(state, route, request, next).instrument(span)).await;
+    if let Ok(value) = axum::http::HeaderValue::from_str(&id) {
+        response.headers_mut().insert(request_id::HEADER, value);
+    }
+    response
+}
+
+async fn observed(state: AppState, route: String, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
     // A declared length over the limit is refused before a byte of the body is read (and
     // before hyper answers `Expect: 100-continue`), so a huge upload costs nothing.
     let limit = if route == "/v1/files" { state.config.max_upload_bytes } else { JSON_BODY_LIMIT };
@@ -114,6 +128,6 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
     }
     let elapsed = started.elapsed();
     state.telemetry.observe_http(method.as_str(), &route, response.status().as_u16(), elapsed);
-    tracing::debug!(%method, route, status = response.status().as_u16(), ms = elapsed.as_secs_f64() * 1e3, "request");
+    tracing::debug!(status = response.status().as_u16(), ms = elapsed.as_secs_f64() * 1e3, "request");
     response
 }

@@ -151,20 +151,3 @@ pub fn checkpoint(checkpoint: &Checkpoint, job: &Job) -> Value {
 pub fn metric_point(point: &MetricPoint) -> Value {
     serde_json::to_value(point).expect("metric points serialize")
 }
-
-/// The result file of a job: OpenAI's `step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy`.
-pub fn results_csv(points: &[MetricPoint]) -> String {
-    let mut csv = String::from("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n");
-    let cell = |v: Option<f32>| v.map(|v| v.to_string()).unwrap_or_default();
-    for p in points {
-        csv.push_str(&format!(
-            "{},{},{},{},{}\n",
-            p.step,
-            cell(p.train_loss),
-            cell(p.train_mean_token_accuracy),
-            cell(p.valid_loss),
-            cell(p.valid_mean_token_accuracy)
-        ));
-    }
-    csv
-}

@@ -24,9 +24,10 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
+use tracing::Instrument;
 
 use super::status;
-use crate::api::views::results_csv;
+use crate::result_file::results_csv;
 use crate::AppState;
 
 /// How often the stream looks at the job row for a cancel, a pause or a lost lease.
@@ -40,7 +41,6 @@ struct Attempt {
     state: AppState,
     job: Job,
     attempt: i32,
-    worker_id: String,
 }
 
 /// What handling one message leads to.
@@ -72,8 +72,10 @@ pub(super) async fn open(
     }
     let job = get_job_unscoped(&state.pool, &hello.job_id).await.map_err(status)?;
     let _ = tx.send(Ok(down(Down::Ack(Ack { seq: first.seq })))).await;
-    let attempt = Attempt { state, job, attempt, worker_id };
-    tokio::spawn(attempt.serve(inbound, tx));
+    // Every log line about this attempt carries the job, the attempt and the worker.
+    let span = tracing::info_span!("attempt", job_id = %hello.job_id, attempt, worker_id = %worker_id);
+    let attempt = Attempt { state, job, attempt };
+    tokio::spawn(attempt.serve(inbound, tx).instrument(span));
     Ok(ReceiverStream::new(rx))
 }
 
@@ -127,7 +129,7 @@ impl Attempt {
                         }
                         Err(StoreError::Unavailable(error)) => {
                             // Not acked: the worker reconnects and resends once Postgres is back.
-                            tracing::warn!(job_id = self.job_id(), attempt = self.attempt, %error, "attempt write failed; the worker will resend");
+                            tracing::warn!(%error, "attempt write failed; the worker will resend");
                             let _ = tx.send(Err(status(StoreError::Unavailable(error)))).await;
                             break;
                         }
@@ -135,7 +137,7 @@ impl Attempt {
                             // A report that can never be stored (a path outside the job, a value
                             // Postgres refuses): resending it would block every report behind it.
                             // Acked and dropped, with an error event the user can see.
-                            tracing::error!(job_id = self.job_id(), attempt = self.attempt, error = %other, "a worker report was refused");
+                            tracing::error!(error = %other, "a worker report was refused");
                             let message = format!("A report from the worker was refused: {other}");
                             self.state.note_event(self.job_id(), EventLevel::Error, &message, None).await;
                             let _ = tx.send(Ok(down(Down::Ack(Ack { seq })))).await;
@@ -264,9 +266,9 @@ impl Attempt {
                     _ => (EventLevel::Error, format!("Attempt {attempt} crashed: {}; status now {}", fail.message, job.status.as_str())),
                 };
                 self.state.note_event(job_id, level, &message, None).await;
-                tracing::info!(job_id, attempt, class = ?class, status = job.status.as_str(), "attempt failed");
+                tracing::info!(class = ?class, status = job.status.as_str(), "attempt failed");
                 if job.status == JobStatus::Queued && job.next_attempt_at.is_none() {
-                    crate::api::jobs::publish(&self.state, &job).await;
+                    self.state.publish_job(&job).await;
                 }
                 Ok(Next::Close)
             }
@@ -275,7 +277,7 @@ impl Attempt {
                     let job = finish_attempt(pool, job_id, attempt, AttemptOutcome::Paused, &self.state.config.retry).await?;
                     if job.status == JobStatus::Queued {
                         // Resumed while the worker was checkpointing for the pause.
-                        crate::api::jobs::publish(&self.state, &job).await;
+                        self.state.publish_job(&job).await;
                     } else {
                         self.state
                             .note_event(job_id, EventLevel::Info, "Job paused; resume continues from the last checkpoint", None)
@@ -359,7 +361,7 @@ impl Attempt {
         self.state.telemetry.forget_job(job_id);
         self.state.note_event(job_id, EventLevel::Info, &format!("New fine-tuned model created: {model}"), None).await;
         self.state.note_event(job_id, EventLevel::Info, "The job has successfully completed", None).await;
-        tracing::info!(job_id, attempt = self.attempt, worker_id = %self.worker_id, model, "job succeeded");
+        tracing::info!(model, "job succeeded");
         Ok(())
     }
 }

@@ -178,7 +178,7 @@ impl WorkerService for Service {
                     AttemptOutcome::Preempted { reason: format!("claim could not be completed: {}", error.message()) }
                 };
                 match finish_attempt(&state.pool, claim.job_id.as_str(), claim.attempt, outcome, &state.config.retry).await {
-                    Ok(job) if job.status == lathe_core::JobStatus::Queued => crate::api::jobs::publish(state, &job).await,
+                    Ok(job) if job.status == lathe_core::JobStatus::Queued => state.publish_job(&job).await,
                     Ok(_) => {}
                     Err(e) => {
                         tracing::warn!(job_id = %claim.job_id, error = %e, "could not release a half-done claim; the lease will expire")
