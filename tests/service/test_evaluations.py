@@ -92,7 +92,7 @@ def test_an_evaluation_stores_every_item_and_matches_the_local_run(service, api_
     # The same items under another protocol (likelihood of A-D), side by side with the CLI.
     likelihood = wait_for_evaluation(service, api_key, evaluate(service, api_key, dict(body, mode="likelihood"))["id"])
     assert likelihood["result"]["unparsable"] == 0, "likelihood mode always answers a letter"
-    shown = service.lathe("evals", "compare", created["id"], likelihood["id"], "--api-url", service.v1_url, "--api-key", api_key)
+    shown = service.lathe("evaluations", "compare", created["id"], likelihood["id"], "--api-url", service.v1_url, "--api-key", api_key)
     assert f"on the 8 items both evaluated" in shown and "the protocols differ" in shown, shown
     b_minus_a = likelihood["result"]["accuracy"] - result["accuracy"]
     assert f"B - A: {b_minus_a:+.4f}" in shown, shown

@@ -23,7 +23,9 @@ enum Command {
     /// Create, run and merge models.
     #[command(subcommand)]
     Model(commands::model::ModelCommand),
-    /// Score answers on CTIBench; check training data for contamination.
+    /// Evaluate on this machine, no server: CTIBench runs, scoring, comparisons, contamination
+    ///
+    /// `lathe evaluations` runs evaluations through a Lathe server instead.
     #[command(subcommand)]
     Eval(commands::eval::EvalCommand),
     /// Controller and workers in one process (a laptop, a single GPU box).
@@ -41,9 +43,11 @@ enum Command {
     /// Create, follow, list and cancel fine-tuning jobs on a Lathe server.
     #[command(subcommand)]
     Jobs(commands::client::JobsCommand),
-    /// Evaluate models on a Lathe server (CTIBench or your own file) and read the results.
-    #[command(subcommand)]
-    Evals(commands::evals::EvalsCommand),
+    /// Evaluations on a Lathe server (CTIBench or your own file): create, follow, read, compare
+    ///
+    /// `lathe eval` evaluates on this machine instead, without a server. (Alias: `evals`.)
+    #[command(subcommand, alias = "evals")]
+    Evaluations(commands::evaluations::EvalsCommand),
     /// Check this machine's GPU stack: libtorch, its CUDA/ROCm backend, driver, devices, NCCL.
     Doctor(commands::doctor::DoctorArgs),
 }
@@ -70,7 +74,7 @@ fn main() -> std::process::ExitCode {
         Command::Admin(cmd) => commands::admin::run(cmd),
         Command::Files(cmd) => commands::client::files(cmd),
         Command::Jobs(cmd) => commands::client::jobs(cmd),
-        Command::Evals(cmd) => commands::evals::run(cmd),
+        Command::Evaluations(cmd) => commands::evaluations::run(cmd),
         Command::Doctor(args) => commands::doctor::run(args),
     };
     match result {

@@ -16,10 +16,10 @@
 //! directory ([`storage`]), in paths made from ids only.
 
 pub mod api;
+pub mod base_models;
 pub mod config;
 pub mod error;
 pub mod grpc;
-pub mod models;
 pub mod reconciler;
 pub mod result_file;
 pub mod state;

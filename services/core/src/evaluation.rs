@@ -71,6 +71,39 @@ impl EvaluationRequest {
     }
 }
 
+/// Where an evaluation is in its life (beside [`crate::JobStatus`] for jobs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvaluationStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl EvaluationStatus {
+    pub const ALL: [EvaluationStatus; 5] = [Self::Queued, Self::Running, Self::Succeeded, Self::Failed, Self::Cancelled];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EvaluationStatus::Queued => "queued",
+            EvaluationStatus::Running => "running",
+            EvaluationStatus::Succeeded => "succeeded",
+            EvaluationStatus::Failed => "failed",
+            EvaluationStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EvaluationMode {

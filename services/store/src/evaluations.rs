@@ -25,36 +25,11 @@ use crate::{random, Page, StoreError};
 /// `error.code` of an evaluation failed because its attempts kept losing their worker.
 pub const EVALUATION_POISON_CODE: &str = "evaluation_crashed_repeatedly";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EvaluationStatus {
-    Queued,
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
+pub use lathe_core::evaluation::EvaluationStatus;
 
-impl EvaluationStatus {
-    pub const ALL: [EvaluationStatus; 5] = [Self::Queued, Self::Running, Self::Succeeded, Self::Failed, Self::Cancelled];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EvaluationStatus::Queued => "queued",
-            EvaluationStatus::Running => "running",
-            EvaluationStatus::Succeeded => "succeeded",
-            EvaluationStatus::Failed => "failed",
-            EvaluationStatus::Cancelled => "cancelled",
-        }
-    }
-
-    fn parse(text: &str) -> Result<Self, StoreError> {
-        Self::ALL.into_iter().find(|s| s.as_str() == text).ok_or_else(|| corrupt(format!("evaluation status {text:?}")))
-    }
-
-    pub fn is_finished(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
-    }
+/// A stored status string, or the row is corrupt.
+fn parse_status(text: &str) -> Result<EvaluationStatus, StoreError> {
+    EvaluationStatus::parse(text).ok_or_else(|| corrupt(format!("evaluation status {text:?}")))
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -108,7 +83,7 @@ impl TryFrom<EvaluationRow> for Evaluation {
             model: row.model,
             job_id: row.job_id,
             spec: serde_json::from_value(row.spec.0).map_err(corrupt)?,
-            status: EvaluationStatus::parse(&row.status)?,
+            status: parse_status(&row.status)?,
             items_done: row.items_done,
             items_total: row.items_total,
             result: row.result.map(|r| r.0),
@@ -228,7 +203,7 @@ pub async fn cancel_evaluation(pool: &PgPool, project_id: &str, id: &str) -> Res
         .fetch_optional(&mut *tx)
         .await?
         .ok_or(StoreError::NotFound)?;
-    let status = EvaluationStatus::parse(&status)?;
+    let status = parse_status(&status)?;
     if status.is_finished() {
         return Err(StoreError::InvalidState(format!("evaluation {id} already {}", status.as_str())));
     }
@@ -511,7 +486,7 @@ async fn requeue_after_crash(
     .bind(reason)
     .fetch_one(&mut **tx)
     .await?;
-    EvaluationStatus::parse(&status)
+    parse_status(&status)
 }
 
 /// Running evaluations whose lease expired before `now` go back to the queue (a crash each).
@@ -541,5 +516,5 @@ pub async fn requeue_expired_evaluations(
 /// How many evaluations are in each status (a gauge).
 pub async fn count_by_status(pool: &PgPool) -> Result<Vec<(EvaluationStatus, i64)>, StoreError> {
     let rows: Vec<(String, i64)> = sqlx::query_as("SELECT status, count(*) FROM evaluations GROUP BY status").fetch_all(pool).await?;
-    rows.into_iter().map(|(status, n)| Ok((EvaluationStatus::parse(&status)?, n))).collect()
+    rows.into_iter().map(|(status, n)| Ok((parse_status(&status)?, n))).collect()
 }

@@ -4,8 +4,8 @@
 //! through an event callback.
 //!
 //! The flow through the crate:
-//! - [`model_dir`] finds and checks the files of a model directory; [`config`] turns its
-//!   `config.json` into a validated [`config::ModelConfig`].
+//! - [`model_dir`] finds and checks the files of a model directory; [`model_config`] turns its
+//!   `config.json` into a validated [`model_config::ModelConfig`].
 //! - [`models::decoder`] is the one decoder implementation; [`lora`] adapts its linear layers.
 //! - [`data`] reads JSONL, renders chat with the tokenizer's own template
 //!   ([`chat_template`]), marks which tokens carry loss, and packs sequences into batches.
@@ -15,7 +15,6 @@
 
 pub mod chat_template;
 pub mod checkpoint;
-pub mod config;
 pub mod data;
 pub mod device;
 pub mod error;
@@ -25,6 +24,7 @@ pub mod generate;
 mod hash;
 pub mod init;
 pub mod lora;
+pub mod model_config;
 pub mod model_dir;
 pub mod models;
 pub mod optim;

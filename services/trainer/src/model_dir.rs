@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, Tensor};
 
-use crate::config::ModelConfig;
+use crate::model_config::ModelConfig;
 use crate::{Result, TrainerError};
 
 /// Weight formats that execute code when loaded; never read.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use lathe_core::spec::Quantization;
 use lathe_core::JobSpec;
 use lathe_core::ModelName;
-use lathe_trainer::train::config::{
+use lathe_trainer::train::train_config::{
     DataSettings, DebugSettings, LoopSettings, LoraSettings, OptimSettings, OutputSettings, TargetModulesSetting,
 };
 use lathe_trainer::train::{Method, TrainConfig};

@@ -20,7 +20,7 @@ use super::auth::Project;
 use super::error::{ApiError, ApiResult};
 use super::files::page_limit;
 use super::views;
-use crate::{models, AppState};
+use crate::{base_models, AppState};
 
 pub async fn create(State(state): State<AppState>, project: Project, body: Bytes) -> ApiResult<Json<Value>> {
     let request = EvaluationRequest::from_json(&body)?;
@@ -60,7 +60,7 @@ async fn resolve_model(state: &AppState, project: &Project, model: &str) -> ApiR
         }
         return Ok(Some(job));
     }
-    if models::resolve_str(&state.config.models_root, model).is_none() {
+    if base_models::resolve_str(&state.config.models_root, model).is_none() {
         return Err(ApiError::invalid(
             Some("model"),
             "model_not_found",

@@ -16,7 +16,7 @@ use super::auth::Project;
 use super::error::{ApiError, ApiResult};
 use super::files::page_limit;
 use super::views;
-use crate::{models, AppState};
+use crate::{base_models, AppState};
 
 const IDEMPOTENCY_KEY_MAX: usize = 255;
 
@@ -41,7 +41,7 @@ pub async fn create(State(state): State<AppState>, project: Project, headers: He
         }
     }
     let spec = JobSpec::try_from(CreateJobRequest::from_json(&body)?)?;
-    if models::resolve(&state.config.models_root, &spec.model).is_none() {
+    if base_models::resolve(&state.config.models_root, &spec.model).is_none() {
         return Err(ApiError::invalid(
             Some("model"),
             "model_not_found",

@@ -7,11 +7,11 @@ use serde_json::{json, Value};
 
 use super::auth::Project;
 use super::error::{ApiError, ApiResult};
-use crate::{models, AppState};
+use crate::{base_models, AppState};
 
 async fn all_models(state: &AppState, project: &Project) -> ApiResult<Vec<Value>> {
     let root = state.config.models_root.clone();
-    let base = tokio::task::spawn_blocking(move || models::list(&root)).await.map_err(ApiError::internal)?;
+    let base = tokio::task::spawn_blocking(move || base_models::list(&root)).await.map_err(ApiError::internal)?;
     let mut data: Vec<Value> =
         base.into_iter().map(|(id, created)| json!({"id": id, "object": "model", "created": created, "owned_by": "system"})).collect();
     for (name, base, finished) in list_fine_tuned_models(&state.pool, &project.id).await? {

@@ -9,8 +9,8 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::Json;
 use futures_util::stream::{self, Stream};
 use lathe_core::EventId;
-use lathe_store::dispatch::{events_after, list_checkpoints, list_events, list_metrics};
 use lathe_store::jobs::get_job;
+use lathe_store::progress::{events_after, list_checkpoints, list_events, list_metrics};
 use serde::Deserialize;
 use serde_json::{json, Value};
 

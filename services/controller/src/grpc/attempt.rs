@@ -15,10 +15,11 @@ use lathe_proto::v1::{
 };
 use lathe_store::dispatch::renew_lease;
 use lathe_store::dispatch::{
-    append_events, commit_checkpoint, finish_attempt, list_metrics, record_progress, AttemptOutcome, EventLevel, MetricPoint, NewEvent,
+    append_events, commit_checkpoint, finish_attempt, record_progress, AttemptOutcome, EventLevel, MetricPoint, NewEvent,
 };
 use lathe_store::files::{insert_file, new_file_id, NewFile, PURPOSE_FINE_TUNE_RESULTS};
 use lathe_store::jobs::{get_job_unscoped, Job, JobError};
+use lathe_store::progress::list_metrics;
 use lathe_store::StoreError;
 use serde_json::json;
 use tokio::sync::mpsc;

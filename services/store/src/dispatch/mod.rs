@@ -39,14 +39,14 @@
 mod claim;
 mod finish;
 mod reconcile;
-mod report;
+pub(crate) mod report;
 
 pub use claim::{claim_job, renew_lease, Claim, ClaimRequest, LeaseRenewal};
 pub use finish::{finish_attempt, release_preempted, AttemptOutcome};
 pub use reconcile::{queued_job_ids, requeue_expired_leases, QueuedJob, RequeuedJob, RetryPolicy, POISON_ERROR_CODE};
 pub use report::{
-    add_job_event, append_events, commit_checkpoint, events_after, latest_checkpoint, list_checkpoints, list_events, list_metrics,
-    record_metrics, record_progress, Checkpoint, Event, EventLevel, MetricPoint, NewEvent,
+    add_job_event, append_events, commit_checkpoint, latest_checkpoint, record_metrics, record_progress, Checkpoint, Event, EventLevel,
+    MetricPoint, NewEvent,
 };
 
 use sqlx::{Postgres, Transaction};

@@ -1,5 +1,5 @@
 //! What a running attempt reports — metric points, events, checkpoint commits — each write
-//! fenced by the attempt number; and the reads the API serves from them.
+//! fenced by the attempt number. What the API reads back from them is `crate::progress`.
 
 use std::collections::BTreeMap;
 
@@ -11,7 +11,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 
 use super::lock_attempt;
 use crate::error::corrupt;
-use crate::{random, Page, StoreError};
+use crate::{random, StoreError};
 
 /// One optimizer step of the loss curve.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
@@ -29,7 +29,7 @@ pub struct MetricPoint {
     pub memory_bytes: Option<i64>,
 }
 
-const METRIC_COLUMNS: &str = "step, total_steps, train_loss, valid_loss, train_mean_token_accuracy, \
+pub(crate) const METRIC_COLUMNS: &str = "step, total_steps, train_loss, valid_loss, train_mean_token_accuracy, \
     valid_mean_token_accuracy, learning_rate, grad_norm, tokens_per_second, tokens_seen, memory_bytes";
 
 /// Stores a batch of points in one statement. Idempotent on (job, step): a point resent by the
@@ -109,16 +109,6 @@ async fn insert_metrics(
     Ok(written)
 }
 
-/// The whole loss curve of a project's job, by step.
-pub async fn list_metrics(pool: &PgPool, project_id: &str, job_id: &str) -> Result<Vec<MetricPoint>, StoreError> {
-    ensure_job_in_project(pool, project_id, job_id).await?;
-    let points = sqlx::query_as::<_, MetricPoint>(&format!("SELECT {METRIC_COLUMNS} FROM metrics WHERE job_id = $1 ORDER BY step"))
-        .bind(job_id)
-        .fetch_all(pool)
-        .await?;
-    Ok(points)
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventLevel {
@@ -170,7 +160,7 @@ pub struct Event {
 }
 
 #[derive(sqlx::FromRow)]
-struct EventRow {
+pub(crate) struct EventRow {
     id: i64,
     job_id: String,
     level: String,
@@ -245,30 +235,6 @@ pub async fn add_job_event(
     Ok(EventId::from_sequence(id))
 }
 
-/// Newest first, as OpenAI lists job events; `after` is the last event of the previous page.
-pub async fn list_events(
-    pool: &PgPool,
-    project_id: &str,
-    job_id: &str,
-    after: Option<&EventId>,
-    limit: i64,
-) -> Result<Page<Event>, StoreError> {
-    ensure_job_in_project(pool, project_id, job_id).await?;
-    let before_sequence = after.map(|id| id.sequence().unwrap_or(0));
-    let rows = sqlx::query_as::<_, EventRow>(
-        "SELECT id, job_id, level, type, message, data, created_at FROM events
-         WHERE job_id = $1 AND ($2::bigint IS NULL OR id < $2)
-         ORDER BY id DESC LIMIT $3",
-    )
-    .bind(job_id)
-    .bind(before_sequence)
-    .bind(limit + 1)
-    .fetch_all(pool)
-    .await?;
-    let events = rows.into_iter().map(Event::try_from).collect::<Result<Vec<_>, _>>()?;
-    Ok(Page::from_overfetch(events, limit))
-}
-
 /// A committed checkpoint: written, fsynced and renamed by the worker before it is committed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Checkpoint {
@@ -283,7 +249,7 @@ pub struct Checkpoint {
 }
 
 #[derive(sqlx::FromRow)]
-struct CheckpointRow {
+pub(crate) struct CheckpointRow {
     id: String,
     job_id: String,
     attempt: i32,
@@ -293,7 +259,7 @@ struct CheckpointRow {
     created_at: OffsetDateTime,
 }
 
-const CHECKPOINT_COLUMNS: &str = "id, job_id, attempt, step, path, metrics, created_at";
+pub(crate) const CHECKPOINT_COLUMNS: &str = "id, job_id, attempt, step, path, metrics, created_at";
 
 impl TryFrom<CheckpointRow> for Checkpoint {
     type Error = StoreError;
@@ -356,58 +322,4 @@ pub async fn latest_checkpoint(pool: &PgPool, job_id: &str) -> Result<Option<Che
     let checkpoint = latest_checkpoint_in(&mut tx, job_id).await?;
     tx.commit().await?;
     Ok(checkpoint)
-}
-
-/// A project's job's checkpoints, newest (highest step) first; `after` is a checkpoint id.
-pub async fn list_checkpoints(
-    pool: &PgPool,
-    project_id: &str,
-    job_id: &str,
-    after: Option<&str>,
-    limit: i64,
-) -> Result<Page<Checkpoint>, StoreError> {
-    ensure_job_in_project(pool, project_id, job_id).await?;
-    let rows = sqlx::query_as::<_, CheckpointRow>(&format!(
-        "SELECT {CHECKPOINT_COLUMNS} FROM checkpoints
-         WHERE job_id = $1 AND ($2::text IS NULL OR step < (SELECT step FROM checkpoints WHERE id = $2 AND job_id = $1))
-         ORDER BY step DESC LIMIT $3"
-    ))
-    .bind(job_id)
-    .bind(after)
-    .bind(limit + 1)
-    .fetch_all(pool)
-    .await?;
-    let checkpoints = rows.into_iter().map(Checkpoint::try_from).collect::<Result<Vec<_>, _>>()?;
-    Ok(Page::from_overfetch(checkpoints, limit))
-}
-
-async fn ensure_job_in_project(pool: &PgPool, project_id: &str, job_id: &str) -> Result<(), StoreError> {
-    let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM jobs WHERE id = $1 AND project_id = $2")
-        .bind(job_id)
-        .bind(project_id)
-        .fetch_optional(pool)
-        .await?;
-    found.map(|_| ()).ok_or(StoreError::NotFound)
-}
-
-/// Events with a sequence above `after_sequence`, oldest first: what a live stream (SSE) has
-/// not sent yet.
-pub async fn events_after(
-    pool: &PgPool,
-    project_id: &str,
-    job_id: &str,
-    after_sequence: i64,
-    limit: i64,
-) -> Result<Vec<Event>, StoreError> {
-    ensure_job_in_project(pool, project_id, job_id).await?;
-    let rows = sqlx::query_as::<_, EventRow>(
-        "SELECT id, job_id, level, type, message, data, created_at FROM events
-         WHERE job_id = $1 AND id > $2 ORDER BY id LIMIT $3",
-    )
-    .bind(job_id)
-    .bind(after_sequence)
-    .bind(limit)
-    .fetch_all(pool)
-    .await?;
-    rows.into_iter().map(Event::try_from).collect()
 }

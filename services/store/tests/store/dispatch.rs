@@ -2,11 +2,11 @@ use std::time::Duration;
 
 use lathe_core::JobStatus;
 use lathe_store::dispatch::{
-    append_events, claim_job, commit_checkpoint, finish_attempt, list_checkpoints, list_events, list_metrics, queued_job_ids,
-    record_metrics, record_progress, release_preempted, renew_lease, requeue_expired_leases, AttemptOutcome, ClaimRequest, EventLevel,
-    MetricPoint, NewEvent, RetryPolicy, POISON_ERROR_CODE,
+    append_events, claim_job, commit_checkpoint, finish_attempt, queued_job_ids, record_metrics, record_progress, release_preempted,
+    renew_lease, requeue_expired_leases, AttemptOutcome, ClaimRequest, EventLevel, MetricPoint, NewEvent, RetryPolicy, POISON_ERROR_CODE,
 };
 use lathe_store::jobs::{create_job, get_job, pause_job};
+use lathe_store::progress::{list_checkpoints, list_events, list_metrics};
 use lathe_store::time::OffsetDateTime;
 use lathe_store::{PgPool, StoreError};
 use serde_json::json;

@@ -3,7 +3,7 @@
 //!
 //! The directory looks like a real Qwen3, Qwen2.5 or Llama 3 checkpoint and loads unchanged in
 //! `transformers`:
-//! - `config.json` as those checkpoints write it ([`config`]),
+//! - `config.json` as those checkpoints write it ([`presets`]),
 //! - `model.safetensors` with the exact HF tensor names and `[out, in]` shapes ([`weights`]),
 //! - `tokenizer.json`, a byte-level BPE trained here on an embedded corpus, plus
 //!   `tokenizer_config.json` with the family's chat template and `generation_config.json`
@@ -14,7 +14,7 @@
 //! fsynced, and the directory is renamed into place, so a crash or an error leaves nothing at
 //! `out`.
 
-mod config;
+mod presets;
 mod tokenizer;
 mod weights;
 
@@ -131,18 +131,18 @@ struct ModelFiles {
 }
 
 fn build_model_files(opts: &InitOptions) -> Result<ModelFiles> {
-    let dims = config::Dimensions::of(opts.preset);
+    let dims = presets::Dimensions::of(opts.preset);
     let trained = tokenizer::train(opts.arch, dims.tokenizer_vocab_target)?;
     let vocab_size = trained.len().next_multiple_of(64);
     let ids = trained.special_ids;
 
-    let config_json = config::config_json(opts.arch, &dims, vocab_size, &ids);
+    let config_json = presets::config_json(opts.arch, &dims, vocab_size, &ids);
     let layout = weights::tensor_layout(opts.arch, &dims, vocab_size);
     let parameters = layout.iter().map(|tensor| tensor.numel()).sum();
     let safetensors = weights::random_safetensors(&layout, dims.dtype, opts.seed)?;
 
     let generation_config = tokenizer::generation_config_json(opts.arch, &ids);
-    let max_length = config::max_position_embeddings(opts.arch);
+    let max_length = presets::max_position_embeddings(opts.arch);
     let tokenizer_config = tokenizer::tokenizer_config_json(opts.arch, &ids, max_length);
     let contents = vec![
         ("config.json", to_pretty_json(&config_json)),

@@ -5,7 +5,7 @@ use std::path::Path;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-use super::config::Dimensions;
+use super::presets::Dimensions;
 use super::*;
 
 fn tiny(arch: Arch, seed: u64, out: &Path) -> InitSummary {

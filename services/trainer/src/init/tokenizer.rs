@@ -23,7 +23,7 @@ use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{AddedToken, DecoderWrapper, SplitDelimiterBehavior, Tokenizer, TokenizerBuilder, TokenizerImpl};
 
-use super::config::one_or_many;
+use super::presets::one_or_many;
 use super::Arch;
 use crate::{Result, TrainerError};
 

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
-use super::config::{Dimensions, StoredDtype};
+use super::presets::{Dimensions, StoredDtype};
 use super::Arch;
 use crate::{Result, TrainerError};
 

@@ -11,8 +11,8 @@ use std::collections::HashMap;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{ModelConfig, RopeScaling};
 use crate::lora::{Linear, LoraConfig, LoraPair};
+use crate::model_config::{ModelConfig, RopeScaling};
 use crate::{Result, TrainerError};
 
 /// What is trained: nothing (inference), LoRA pairs on a frozen base, or every weight.

@@ -6,10 +6,10 @@
 //! AdamW step, zero grads; then log, evaluate and checkpoint as configured.
 
 pub mod batches;
-pub mod config;
 mod data;
 pub mod events;
 mod step;
+pub mod train_config;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -25,9 +25,9 @@ use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::Schedule;
 use crate::{device, export, models, peft, Result, TrainerError};
 use batches::{epoch_order, make_micro_batch, row_trained_tokens, step_rows, steps_per_epoch};
-pub use config::{Method, TrainConfig};
 pub use events::{Event, StepMetrics};
 use step::{evaluate_batch, forward_backward, DropoutSeed};
+pub use train_config::{Method, TrainConfig};
 
 /// How the caller watches and steers a run.
 pub struct Hooks<'a> {

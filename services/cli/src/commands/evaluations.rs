@@ -1,4 +1,4 @@
-//! `lathe evals …`: evaluations on a Lathe server (`/v1/evaluations`) — create one and follow
+//! `lathe evaluations …` (alias `evals`): evaluations on a Lathe server (`/v1/evaluations`) — create one and follow
 //! it with a progress bar, list them per model or job, show one, save its per-item predictions,
 //! cancel. `lathe eval run` does the same on this machine without a server.
 

@@ -1,0 +1,98 @@
+//! What the API reads of a job's progress: the loss curve, the events (pages, and the live tail
+//! an SSE stream follows) and the committed checkpoints. Every read is scoped to the caller's
+//! project; another project's job is `NotFound`. The writes are `dispatch` (fenced by attempt).
+
+use lathe_core::EventId;
+use sqlx::PgPool;
+
+use crate::dispatch::report::{CheckpointRow, EventRow, CHECKPOINT_COLUMNS, METRIC_COLUMNS};
+use crate::dispatch::{Checkpoint, Event, MetricPoint};
+use crate::{Page, StoreError};
+
+/// The whole loss curve of a project's job, by step.
+pub async fn list_metrics(pool: &PgPool, project_id: &str, job_id: &str) -> Result<Vec<MetricPoint>, StoreError> {
+    ensure_job_in_project(pool, project_id, job_id).await?;
+    let points = sqlx::query_as::<_, MetricPoint>(&format!("SELECT {METRIC_COLUMNS} FROM metrics WHERE job_id = $1 ORDER BY step"))
+        .bind(job_id)
+        .fetch_all(pool)
+        .await?;
+    Ok(points)
+}
+
+/// Newest first, as OpenAI lists job events; `after` is the last event of the previous page.
+pub async fn list_events(
+    pool: &PgPool,
+    project_id: &str,
+    job_id: &str,
+    after: Option<&EventId>,
+    limit: i64,
+) -> Result<Page<Event>, StoreError> {
+    ensure_job_in_project(pool, project_id, job_id).await?;
+    let before_sequence = after.map(|id| id.sequence().unwrap_or(0));
+    let rows = sqlx::query_as::<_, EventRow>(
+        "SELECT id, job_id, level, type, message, data, created_at FROM events
+         WHERE job_id = $1 AND ($2::bigint IS NULL OR id < $2)
+         ORDER BY id DESC LIMIT $3",
+    )
+    .bind(job_id)
+    .bind(before_sequence)
+    .bind(limit + 1)
+    .fetch_all(pool)
+    .await?;
+    let events = rows.into_iter().map(Event::try_from).collect::<Result<Vec<_>, _>>()?;
+    Ok(Page::from_overfetch(events, limit))
+}
+
+/// A project's job's checkpoints, newest (highest step) first; `after` is a checkpoint id.
+pub async fn list_checkpoints(
+    pool: &PgPool,
+    project_id: &str,
+    job_id: &str,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Page<Checkpoint>, StoreError> {
+    ensure_job_in_project(pool, project_id, job_id).await?;
+    let rows = sqlx::query_as::<_, CheckpointRow>(&format!(
+        "SELECT {CHECKPOINT_COLUMNS} FROM checkpoints
+         WHERE job_id = $1 AND ($2::text IS NULL OR step < (SELECT step FROM checkpoints WHERE id = $2 AND job_id = $1))
+         ORDER BY step DESC LIMIT $3"
+    ))
+    .bind(job_id)
+    .bind(after)
+    .bind(limit + 1)
+    .fetch_all(pool)
+    .await?;
+    let checkpoints = rows.into_iter().map(Checkpoint::try_from).collect::<Result<Vec<_>, _>>()?;
+    Ok(Page::from_overfetch(checkpoints, limit))
+}
+
+async fn ensure_job_in_project(pool: &PgPool, project_id: &str, job_id: &str) -> Result<(), StoreError> {
+    let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM jobs WHERE id = $1 AND project_id = $2")
+        .bind(job_id)
+        .bind(project_id)
+        .fetch_optional(pool)
+        .await?;
+    found.map(|_| ()).ok_or(StoreError::NotFound)
+}
+
+/// Events with a sequence above `after_sequence`, oldest first: what a live stream (SSE) has
+/// not sent yet.
+pub async fn events_after(
+    pool: &PgPool,
+    project_id: &str,
+    job_id: &str,
+    after_sequence: i64,
+    limit: i64,
+) -> Result<Vec<Event>, StoreError> {
+    ensure_job_in_project(pool, project_id, job_id).await?;
+    let rows = sqlx::query_as::<_, EventRow>(
+        "SELECT id, job_id, level, type, message, data, created_at FROM events
+         WHERE job_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+    )
+    .bind(job_id)
+    .bind(after_sequence)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter().map(Event::try_from).collect()
+}
