@@ -18,7 +18,7 @@
 
 use std::collections::BTreeSet;
 
-use lathe_store::dispatch::{queued_job_ids, requeue_expired_leases, EventLevel};
+use lathe_store::dispatch::{queued_job_ids, requeue_expired_leases, EventLevel, QueuedJob};
 use lathe_store::time::OffsetDateTime;
 use tokio::sync::watch;
 
@@ -35,59 +35,72 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = stop.wait_for(|stopped| *stopped) => return,
         }
-        if let Err(error) = pass_with(&state, started.elapsed() >= grace).await {
+        let leases = if started.elapsed() >= grace { Leases::Enforce } else { Leases::SpareAfterStart };
+        if let Err(error) = pass_with(&state, leases).await {
             tracing::warn!(%error, "reconciler pass failed; retrying next tick");
         }
     }
 }
 
-/// One pass; public so that tests can force one.
-pub async fn pass(state: &AppState) -> Result<(), lathe_store::StoreError> {
-    pass_with(state, true).await
+/// Whether a pass requeues jobs and evaluations whose lease expired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leases {
+    Enforce,
+    /// The first heartbeat intervals after the controller starts: the workers still training
+    /// renew first (see the module comment).
+    SpareAfterStart,
 }
 
-async fn pass_with(state: &AppState, requeue: bool) -> Result<(), lathe_store::StoreError> {
-    let grace = state.config.heartbeat_interval * 2;
-    let requeued = if requeue {
-        requeue_expired_leases(&state.pool, OffsetDateTime::now_utc() - grace, &state.config.retry).await?
-    } else {
-        Vec::new()
-    };
-    for job in &requeued {
+/// One pass; public so that tests can force one.
+pub async fn pass(state: &AppState) -> Result<(), lathe_store::StoreError> {
+    pass_with(state, Leases::Enforce).await
+}
+
+async fn pass_with(state: &AppState, leases: Leases) -> Result<(), lathe_store::StoreError> {
+    if leases == Leases::Enforce {
+        requeue_expired(state).await?;
+    }
+    let queued = queued_job_ids(&state.pool).await?;
+    let redis_ok = republish(state, &queued).await;
+    refresh_gauges(state, &queued, redis_ok).await
+}
+
+/// Steps 1 and 3: jobs and evaluations whose lease expired go back to the queue (or fail).
+async fn requeue_expired(state: &AppState) -> Result<(), lathe_store::StoreError> {
+    let expired_before = OffsetDateTime::now_utc() - state.config.heartbeat_interval * 2;
+    for job in requeue_expired_leases(&state.pool, expired_before, &state.config.retry).await? {
         state.telemetry.requeued.inc();
         state.telemetry.forget_job(job.job_id.as_str());
         let message = format!("Attempt {} lost its worker (lease expired); job is now {}", job.attempt, job.status.as_str());
         tracing::warn!(job_id = %job.job_id, attempt = job.attempt, status = job.status.as_str(), "lease expired");
         state.note_event(job.job_id.as_str(), EventLevel::Warn, &message, None).await;
     }
-
-    if requeue {
-        let evaluations =
-            lathe_store::evaluations::requeue_expired_evaluations(&state.pool, OffsetDateTime::now_utc() - grace, &state.config.retry)
-                .await?;
-        for (id, status) in evaluations {
-            tracing::warn!(evaluation_id = id, status = status.as_str(), "evaluation lease expired");
-        }
+    let evaluations = lathe_store::evaluations::requeue_expired_evaluations(&state.pool, expired_before, &state.config.retry).await?;
+    for (id, status) in evaluations {
+        tracing::warn!(evaluation_id = id, status = status.as_str(), "evaluation lease expired");
     }
+    Ok(())
+}
 
-    let queued = queued_job_ids(&state.pool).await?;
-    let mut redis_ok = true;
-    for job in &queued {
+/// Step 2: every queued job to Redis. False when Redis is unreachable.
+async fn republish(state: &AppState, queued: &[QueuedJob]) -> bool {
+    for job in queued {
         match state.queue.publish(&job.pool, &job.job_id, job.priority as i32).await {
             Ok(true) => {
                 state.telemetry.republished.inc();
             }
             Ok(false) => {}
             Err(error) => {
-                if redis_ok {
-                    tracing::warn!(%error, "cannot publish queued jobs to Redis; workers poll Postgres meanwhile");
-                }
-                redis_ok = false;
-                break;
+                tracing::warn!(%error, "cannot publish queued jobs to Redis; workers poll Postgres meanwhile");
+                return false;
             }
         }
     }
+    true
+}
 
+/// Step 4: the gauges that mirror Postgres (and Redis's queue depth when it answers).
+async fn refresh_gauges(state: &AppState, queued: &[QueuedJob], redis_ok: bool) -> Result<(), lathe_store::StoreError> {
     let by_status = lathe_store::jobs::count_by_status(&state.pool).await?;
     let statuses: Vec<(String, i64)> = lathe_core::JobStatus::ALL
         .iter()

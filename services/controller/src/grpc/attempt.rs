@@ -178,117 +178,139 @@ impl Attempt {
         )
     }
 
+    /// One message from the worker, written fenced by the attempt.
     async fn handle(&self, message: WorkerMessage) -> Result<Next, StoreError> {
-        let (pool, job_id, attempt) = (&self.state.pool, self.job_id(), self.attempt);
         let event_seq = message.seq as i64 * EVENTS_PER_MESSAGE;
         match message.body {
             None | Some(Up::Hello(_)) => Ok(Next::Continue),
-            Some(Up::Metrics(batch)) => {
-                let points: Vec<MetricPoint> = batch.points.iter().map(to_store_point).collect();
-                let events: Vec<NewEvent> = batch
-                    .points
-                    .iter()
-                    .take(EVENTS_PER_MESSAGE as usize)
-                    .enumerate()
-                    .map(|(i, p)| metrics_event(event_seq + i as i64, p))
-                    .collect();
-                record_progress(pool, job_id, attempt, &points, &events).await?;
-                self.state.telemetry.metric_points_ingested.inc_by(points.len() as u64);
-                if let Some(last) = batch.points.iter().max_by_key(|p| p.step) {
-                    self.state.telemetry.observe_job_point(job_id, last.step, last.train_loss, last.tokens_per_second);
-                }
-                Ok(Next::Continue)
-            }
-            Some(Up::Log(log)) => {
-                let level = match LogLevel::try_from(log.level).unwrap_or(LogLevel::Info) {
-                    LogLevel::Warn => EventLevel::Warn,
-                    LogLevel::Error => EventLevel::Error,
-                    _ => EventLevel::Info,
+            Some(Up::Metrics(batch)) => self.record_metrics(batch, event_seq).await,
+            Some(Up::Log(log)) => self.record_log(log, event_seq).await,
+            Some(Up::Checkpoint(checkpoint)) => self.commit_checkpoint(checkpoint, event_seq).await,
+            Some(Up::Finish(finish)) => self.on_finish(finish).await,
+            Some(Up::Fail(fail)) => self.on_fail(fail).await,
+            Some(Up::Stopped(stopped)) => self.on_stopped(stopped).await,
+        }
+    }
+
+    /// A batch of metric points: the loss curve and its `metrics` events, in one transaction.
+    async fn record_metrics(&self, batch: lathe_proto::v1::MetricsBatch, event_seq: i64) -> Result<Next, StoreError> {
+        let (pool, job_id, attempt) = (&self.state.pool, self.job_id(), self.attempt);
+        let points: Vec<MetricPoint> = batch.points.iter().map(to_store_point).collect();
+        let events: Vec<NewEvent> = batch
+            .points
+            .iter()
+            .take(EVENTS_PER_MESSAGE as usize)
+            .enumerate()
+            .map(|(i, p)| metrics_event(event_seq + i as i64, p))
+            .collect();
+        record_progress(pool, job_id, attempt, &points, &events).await?;
+        self.state.telemetry.metric_points_ingested.inc_by(points.len() as u64);
+        if let Some(last) = batch.points.iter().max_by_key(|p| p.step) {
+            self.state.telemetry.observe_job_point(job_id, last.step, last.train_loss, last.tokens_per_second);
+        }
+        Ok(Next::Continue)
+    }
+
+    async fn record_log(&self, log: lathe_proto::v1::LogEvent, event_seq: i64) -> Result<Next, StoreError> {
+        let (pool, job_id, attempt) = (&self.state.pool, self.job_id(), self.attempt);
+        let level = match LogLevel::try_from(log.level).unwrap_or(LogLevel::Info) {
+            LogLevel::Warn => EventLevel::Warn,
+            LogLevel::Error => EventLevel::Error,
+            _ => EventLevel::Info,
+        };
+        let data = serde_json::from_str(&log.data_json).ok();
+        let event = NewEvent { seq: event_seq, level, kind: "message".into(), message: text(&log.message), data };
+        append_events(pool, job_id, attempt, &[event]).await?;
+        Ok(Next::Continue)
+    }
+
+    /// A checkpoint the worker wrote (inside the job's directory) becomes the resume point.
+    async fn commit_checkpoint(&self, checkpoint: lathe_proto::v1::CheckpointCommit, event_seq: i64) -> Result<Next, StoreError> {
+        let (pool, job_id, attempt) = (&self.state.pool, self.job_id(), self.attempt);
+        let path = self
+            .state
+            .storage
+            .lexically_inside_job_dir(job_id, &checkpoint.path)
+            .map(|p| p.display().to_string())
+            .ok_or_else(|| StoreError::Conflict(format!("checkpoint path {:?} is outside the job's directory", checkpoint.path)))?;
+        let metrics: serde_json::Value = serde_json::from_str(&checkpoint.metrics_json).unwrap_or_else(|_| json!({}));
+        commit_checkpoint(pool, job_id, attempt, checkpoint.step as i64, &path, &metrics).await?;
+        let event = NewEvent {
+            seq: event_seq,
+            level: EventLevel::Info,
+            kind: "message".into(),
+            message: format!("Checkpoint created at step {}", checkpoint.step),
+            data: Some(json!({"step": checkpoint.step})),
+        };
+        append_events(pool, job_id, attempt, &[event]).await?;
+        Ok(Next::Continue)
+    }
+
+    /// Training finished: store the outputs and succeed, or fail the job if they cannot be stored.
+    async fn on_finish(&self, finish: lathe_proto::v1::Finish) -> Result<Next, StoreError> {
+        let (pool, job_id, attempt) = (&self.state.pool, self.job_id(), self.attempt);
+        match self.finish(finish).await {
+            Ok(()) => {}
+            Err(error @ (StoreError::Unavailable(_) | StoreError::StaleAttempt { .. } | StoreError::NotFound)) => return Err(error),
+            Err(other) => {
+                // Retrying cannot help (an output the controller cannot read): the job
+                // fails with a clear code instead of crashing its workers forever.
+                let error = JobError {
+                    code: "result_files_failed".into(),
+                    message: format!("training finished but its outputs could not be stored: {other}"),
+                    param: None,
                 };
-                let data = serde_json::from_str(&log.data_json).ok();
-                let event = NewEvent { seq: event_seq, level, kind: "message".into(), message: text(&log.message), data };
-                append_events(pool, job_id, attempt, &[event]).await?;
-                Ok(Next::Continue)
-            }
-            Some(Up::Checkpoint(checkpoint)) => {
-                let path =
-                    self.state.storage.lexically_inside_job_dir(job_id, &checkpoint.path).map(|p| p.display().to_string()).ok_or_else(
-                        || StoreError::Conflict(format!("checkpoint path {:?} is outside the job's directory", checkpoint.path)),
-                    )?;
-                let metrics: serde_json::Value = serde_json::from_str(&checkpoint.metrics_json).unwrap_or_else(|_| json!({}));
-                commit_checkpoint(pool, job_id, attempt, checkpoint.step as i64, &path, &metrics).await?;
-                let event = NewEvent {
-                    seq: event_seq,
-                    level: EventLevel::Info,
-                    kind: "message".into(),
-                    message: format!("Checkpoint created at step {}", checkpoint.step),
-                    data: Some(json!({"step": checkpoint.step})),
-                };
-                append_events(pool, job_id, attempt, &[event]).await?;
-                Ok(Next::Continue)
-            }
-            Some(Up::Finish(finish)) => {
-                match self.finish(finish).await {
-                    Ok(()) => {}
-                    Err(error @ (StoreError::Unavailable(_) | StoreError::StaleAttempt { .. } | StoreError::NotFound)) => {
-                        return Err(error)
-                    }
-                    Err(other) => {
-                        // Retrying cannot help (an output the controller cannot read): the job
-                        // fails with a clear code instead of crashing its workers forever.
-                        let error = JobError {
-                            code: "result_files_failed".into(),
-                            message: format!("training finished but its outputs could not be stored: {other}"),
-                            param: None,
-                        };
-                        finish_attempt(pool, job_id, attempt, AttemptOutcome::Failed(error), &self.state.config.retry).await?;
-                        self.state.telemetry.forget_job(job_id);
-                    }
-                }
-                Ok(Next::Close)
-            }
-            Some(Up::Fail(fail)) => {
-                let class = FailureClass::try_from(fail.class).unwrap_or(FailureClass::Crash);
-                let fail = lathe_proto::v1::Fail { message: text(&fail.message), code: text(&fail.code), ..fail };
-                let outcome = match class {
-                    FailureClass::BadInput => AttemptOutcome::Failed(JobError {
-                        code: if fail.code.is_empty() { "invalid_job".into() } else { fail.code.clone() },
-                        message: fail.message.clone(),
-                        param: None,
-                    }),
-                    FailureClass::Preempted => AttemptOutcome::Preempted { reason: fail.message.clone() },
-                    _ => AttemptOutcome::Crashed { reason: fail.message.clone() },
-                };
-                let job = finish_attempt(pool, job_id, attempt, outcome, &self.state.config.retry).await?;
+                finish_attempt(pool, job_id, attempt, AttemptOutcome::Failed(error), &self.state.config.retry).await?;
                 self.state.telemetry.forget_job(job_id);
-                let (level, message) = match class {
-                    FailureClass::BadInput => (EventLevel::Error, format!("Job failed: {}", fail.message)),
-                    FailureClass::Preempted => (EventLevel::Warn, "Worker preempted; the job goes back to the queue".to_string()),
-                    _ => (EventLevel::Error, format!("Attempt {attempt} crashed: {}; status now {}", fail.message, job.status.as_str())),
-                };
-                self.state.note_event(job_id, level, &message, None).await;
-                tracing::info!(class = ?class, status = job.status.as_str(), "attempt failed");
-                if job.status == JobStatus::Queued && job.next_attempt_at.is_none() {
-                    self.state.publish_job(&job).await;
-                }
-                Ok(Next::Close)
-            }
-            Some(Up::Stopped(stopped)) => {
-                if StopReason::try_from(stopped.reason) == Ok(StopReason::Paused) {
-                    let job = finish_attempt(pool, job_id, attempt, AttemptOutcome::Paused, &self.state.config.retry).await?;
-                    if job.status == JobStatus::Queued {
-                        // Resumed while the worker was checkpointing for the pause.
-                        self.state.publish_job(&job).await;
-                    } else {
-                        self.state
-                            .note_event(job_id, EventLevel::Info, "Job paused; resume continues from the last checkpoint", None)
-                            .await;
-                    }
-                }
-                self.state.telemetry.forget_job(job_id);
-                Ok(Next::Close)
             }
         }
+        Ok(Next::Close)
+    }
+
+    /// The attempt failed: bad input fails the job; a crash retries (or poisons); a preemption
+    /// requeues without spending a retry.
+    async fn on_fail(&self, fail: lathe_proto::v1::Fail) -> Result<Next, StoreError> {
+        let (pool, job_id, attempt) = (&self.state.pool, self.job_id(), self.attempt);
+        let class = FailureClass::try_from(fail.class).unwrap_or(FailureClass::Crash);
+        let fail = lathe_proto::v1::Fail { message: text(&fail.message), code: text(&fail.code), ..fail };
+        let outcome = match class {
+            FailureClass::BadInput => AttemptOutcome::Failed(JobError {
+                code: if fail.code.is_empty() { "invalid_job".into() } else { fail.code.clone() },
+                message: fail.message.clone(),
+                param: None,
+            }),
+            FailureClass::Preempted => AttemptOutcome::Preempted { reason: fail.message.clone() },
+            _ => AttemptOutcome::Crashed { reason: fail.message.clone() },
+        };
+        let job = finish_attempt(pool, job_id, attempt, outcome, &self.state.config.retry).await?;
+        self.state.telemetry.forget_job(job_id);
+        let (level, message) = match class {
+            FailureClass::BadInput => (EventLevel::Error, format!("Job failed: {}", fail.message)),
+            FailureClass::Preempted => (EventLevel::Warn, "Worker preempted; the job goes back to the queue".to_string()),
+            _ => (EventLevel::Error, format!("Attempt {attempt} crashed: {}; status now {}", fail.message, job.status.as_str())),
+        };
+        self.state.note_event(job_id, level, &message, None).await;
+        tracing::info!(class = ?class, status = job.status.as_str(), "attempt failed");
+        if job.status == JobStatus::Queued && job.next_attempt_at.is_none() {
+            self.state.publish_job(&job).await;
+        }
+        Ok(Next::Close)
+    }
+
+    /// The worker stopped on request (pause or cancel).
+    async fn on_stopped(&self, stopped: lathe_proto::v1::Stopped) -> Result<Next, StoreError> {
+        let (pool, job_id, attempt) = (&self.state.pool, self.job_id(), self.attempt);
+        if StopReason::try_from(stopped.reason) == Ok(StopReason::Paused) {
+            let job = finish_attempt(pool, job_id, attempt, AttemptOutcome::Paused, &self.state.config.retry).await?;
+            if job.status == JobStatus::Queued {
+                // Resumed while the worker was checkpointing for the pause.
+                self.state.publish_job(&job).await;
+            } else {
+                self.state.note_event(job_id, EventLevel::Info, "Job paused; resume continues from the last checkpoint", None).await;
+            }
+        }
+        self.state.telemetry.forget_job(job_id);
+        Ok(Next::Close)
     }
 
     /// A file the worker asks us to read, checked to lie inside this job's directory.

@@ -291,64 +291,17 @@ impl TryFrom<CreateJobRequest> for JobSpec {
 
     fn try_from(request: CreateJobRequest) -> Result<Self, SpecError> {
         let model = validate_model_name(request.model.as_deref())?;
-        let training_file = match request.training_file.as_deref() {
-            None | Some("") => return Err(SpecError::invalid("training_file", "missing required parameter")),
-            Some(id) => parse_file_id("training_file", id)?,
-        };
-        let validation_file = match request.validation_file.as_deref() {
-            None | Some("") => None,
-            Some(id) => Some(parse_file_id("validation_file", id)?),
-        };
+        let (training_file, validation_file) = resolve_files(&request)?;
         let (method, hyperparameters_request, hyperparameters_param) = resolve_method(&request)?;
-
-        let lora = match (method, &request.lora) {
-            (Method::Full, Some(_)) => {
-                return Err(SpecError::invalid("lora", "method.type full trains every weight; remove `lora`"));
-            }
-            (Method::Full, None) | (Method::ContinuedPretraining, None) => None,
-            (_, Some(lora)) => Some(resolve_lora(lora)?),
-            (Method::Supervised, None) => Some(resolve_lora(&LoraRequest::default())?),
-        };
-        let quantization = match request.quantization.as_deref() {
-            None => None,
-            Some("nf4") if lora.is_some() => Some(Quantization::Nf4),
-            Some("nf4") => {
-                return Err(SpecError::invalid(
-                    "quantization",
-                    "nf4 (QLoRA) freezes a 4-bit base under a LoRA adapter; it needs LoRA, and this job trains every weight",
-                ))
-            }
-            Some(other) => return Err(SpecError::invalid("quantization", format!("expected \"nf4\" or null, got {other:?}"))),
-        };
-
-        let h = hyperparameters_request.unwrap_or_default();
-        let n_epochs = resolve_count(h.n_epochs, DEFAULT_N_EPOCHS, 1..=50, &format!("{hyperparameters_param}.n_epochs"))?;
-        let batch_size = resolve_count(h.batch_size, DEFAULT_BATCH_SIZE, 1..=256, &format!("{hyperparameters_param}.batch_size"))?;
-        let base = base_learning_rate(lora.is_some());
-        let learning_rate = match (request.learning_rate, h.learning_rate_multiplier) {
-            (Some(lr), _) => {
-                if !(lr > 0.0 && lr <= 1.0) {
-                    return Err(SpecError::invalid("learning_rate", format!("must be in (0, 1], got {lr}")));
-                }
-                lr
-            }
-            (None, None | Some(AutoOr::Auto)) => base,
-            (None, Some(AutoOr::Value(m))) => {
-                if !(m > 0.0 && m <= 100.0) {
-                    let param = format!("{hyperparameters_param}.learning_rate_multiplier");
-                    return Err(SpecError::invalid(&param, format!("must be in (0, 100], got {m}")));
-                }
-                m * base
-            }
-        };
-        let hyperparameters = Hyperparameters { n_epochs, batch_size, learning_rate_multiplier: round_to_12_digits(learning_rate / base) };
-
-        let lr_scheduler = match request.lr_scheduler.as_deref() {
-            None | Some("cosine") => LrScheduler::Cosine,
-            Some("linear") => LrScheduler::Linear,
-            Some("constant") => LrScheduler::Constant,
-            Some(other) => return Err(SpecError::invalid("lr_scheduler", format!("expected cosine, linear or constant, got {other:?}"))),
-        };
+        let lora = resolve_method_lora(method, request.lora.as_ref())?;
+        let quantization = resolve_quantization(request.quantization.as_deref(), lora.is_some())?;
+        let (hyperparameters, learning_rate) = resolve_hyperparameters(
+            hyperparameters_request.unwrap_or_default(),
+            &hyperparameters_param,
+            request.learning_rate,
+            lora.is_some(),
+        )?;
+        let lr_scheduler = resolve_lr_scheduler(request.lr_scheduler.as_deref())?;
         let warmup_ratio = request.warmup_ratio.unwrap_or(DEFAULT_WARMUP_RATIO);
         if !(0.0..=1.0).contains(&warmup_ratio) {
             return Err(SpecError::invalid("warmup_ratio", format!("must be in [0, 1], got {warmup_ratio}")));
@@ -393,6 +346,81 @@ impl TryFrom<CreateJobRequest> for JobSpec {
             decontaminate: resolve_decontaminate(request.decontaminate)?,
             evaluations,
         })
+    }
+}
+
+/// `training_file` (required) and `validation_file` (optional), as file ids.
+fn resolve_files(request: &CreateJobRequest) -> Result<(FileId, Option<FileId>), SpecError> {
+    let training_file = match request.training_file.as_deref() {
+        None | Some("") => return Err(SpecError::invalid("training_file", "missing required parameter")),
+        Some(id) => parse_file_id("training_file", id)?,
+    };
+    let validation_file = match request.validation_file.as_deref() {
+        None | Some("") => None,
+        Some(id) => Some(parse_file_id("validation_file", id)?),
+    };
+    Ok((training_file, validation_file))
+}
+
+/// The LoRA adapter a method trains: the request's, the default for supervised jobs, none for
+/// full fine-tuning (which refuses one).
+fn resolve_method_lora(method: Method, lora: Option<&LoraRequest>) -> Result<Option<LoraSpec>, SpecError> {
+    match (method, lora) {
+        (Method::Full, Some(_)) => Err(SpecError::invalid("lora", "method.type full trains every weight; remove `lora`")),
+        (Method::Full, None) | (Method::ContinuedPretraining, None) => Ok(None),
+        (_, Some(lora)) => Ok(Some(resolve_lora(lora)?)),
+        (Method::Supervised, None) => Ok(Some(resolve_lora(&LoraRequest::default())?)),
+    }
+}
+
+fn resolve_quantization(quantization: Option<&str>, lora: bool) -> Result<Option<Quantization>, SpecError> {
+    match quantization {
+        None => Ok(None),
+        Some("nf4") if lora => Ok(Some(Quantization::Nf4)),
+        Some("nf4") => Err(SpecError::invalid(
+            "quantization",
+            "nf4 (QLoRA) freezes a 4-bit base under a LoRA adapter; it needs LoRA, and this job trains every weight",
+        )),
+        Some(other) => Err(SpecError::invalid("quantization", format!("expected \"nf4\" or null, got {other:?}"))),
+    }
+}
+
+/// Epochs, batch size and the learning rate: the absolute `learning_rate` extension wins over
+/// OpenAI's multiplier of the method's base rate.
+fn resolve_hyperparameters(
+    h: HyperparametersRequest,
+    param: &str,
+    learning_rate: Option<f64>,
+    lora: bool,
+) -> Result<(Hyperparameters, f64), SpecError> {
+    let n_epochs = resolve_count(h.n_epochs, DEFAULT_N_EPOCHS, 1..=50, &format!("{param}.n_epochs"))?;
+    let batch_size = resolve_count(h.batch_size, DEFAULT_BATCH_SIZE, 1..=256, &format!("{param}.batch_size"))?;
+    let base = base_learning_rate(lora);
+    let learning_rate = match (learning_rate, h.learning_rate_multiplier) {
+        (Some(lr), _) => {
+            if !(lr > 0.0 && lr <= 1.0) {
+                return Err(SpecError::invalid("learning_rate", format!("must be in (0, 1], got {lr}")));
+            }
+            lr
+        }
+        (None, None | Some(AutoOr::Auto)) => base,
+        (None, Some(AutoOr::Value(m))) => {
+            if !(m > 0.0 && m <= 100.0) {
+                return Err(SpecError::invalid(&format!("{param}.learning_rate_multiplier"), format!("must be in (0, 100], got {m}")));
+            }
+            m * base
+        }
+    };
+    let hyperparameters = Hyperparameters { n_epochs, batch_size, learning_rate_multiplier: round_to_12_digits(learning_rate / base) };
+    Ok((hyperparameters, learning_rate))
+}
+
+fn resolve_lr_scheduler(name: Option<&str>) -> Result<LrScheduler, SpecError> {
+    match name {
+        None | Some("cosine") => Ok(LrScheduler::Cosine),
+        Some("linear") => Ok(LrScheduler::Linear),
+        Some("constant") => Ok(LrScheduler::Constant),
+        Some(other) => Err(SpecError::invalid("lr_scheduler", format!("expected cosine, linear or constant, got {other:?}"))),
     }
 }
 

@@ -50,176 +50,60 @@ const PAD_ID: i64 = 0;
 
 /// Runs a whole training job described by `config`, resuming from `resume_from` when given.
 pub fn run(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks) -> Result<Outcome> {
-    // ---- setup: everything that can fail on bad input, before anything is written ----
-    config.validate()?;
-    if config.train.threads > 0 {
-        tch::set_num_threads(config.train.threads as i32);
-    }
-    let device = device::parse_device(&config.train.device)?;
-    let kind = device::resolve_dtype(&config.train.dtype, device)?;
-    device::reset_peak_memory(device);
-    let model_dir = ModelDir::open(&config.model)?;
-    let encoder = Encoder::from_model_dir(
-        &config.model,
-        EncodeOptions { max_seq_length: config.data.max_seq_length, train_on_inputs: config.data.train_on_inputs },
-    )?;
-    let train = data::prepare(&config.train_file, &encoder, config.data.packing, config.data.max_seq_length)?;
-    let valid = match &config.validation_file {
-        Some(path) => Some(data::prepare(path, &encoder, config.data.packing, config.data.max_seq_length)?),
-        None => None,
-    };
-    let fingerprint = data::fingerprint(&train.rows);
-    let resume = match resume_from {
-        Some(dir) => Some(checkpoint::load_checkpoint(dir)?),
-        None => None,
-    };
-    if let Some(r) = &resume {
-        if r.state.data_fingerprint != fingerprint {
-            return Err(TrainerError::file(&r.dir, "checkpoint was trained on different data (fingerprint differs)"));
-        }
-    } else if config.output_dir.join("events.jsonl").exists() {
-        return Err(TrainerError::file(
-            &config.output_dir,
-            "already holds a run (events.jsonl); resume it with --resume-from or choose another output_dir",
-        ));
-    }
-
-    let t = &config.train;
-    let rows_per_step = t.batch_size * t.gradient_accumulation_steps;
-    let per_epoch = steps_per_epoch(train.rows.len(), rows_per_step);
-    let total_steps = t.max_steps.map_or(per_epoch * t.epochs, |m| m.min(per_epoch * t.epochs));
-    let warmup_steps = config.optim.warmup_steps.unwrap_or((config.optim.warmup_ratio * total_steps as f64).ceil() as u64);
-    let schedule = Schedule { peak_lr: config.optim.learning_rate, warmup_steps, total_steps, decay: config.optim.lr_scheduler };
-
-    let lora = match config.method {
-        Method::Lora => Some(config.lora_config()?),
-        Method::Full => None,
-    };
-    let trainable = match &lora {
-        Some(l) => Trainable::Lora(l.clone()),
-        None => Trainable::Everything,
-    };
-    let mut decoder = models::load(&model_dir, &trainable, kind, device)?;
-    let mut optimizer = AdamW::new(
-        decoder.trainable_parameters(),
-        AdamWConfig {
-            beta1: config.optim.beta1,
-            beta2: config.optim.beta2,
-            eps: config.optim.eps,
-            weight_decay: config.optim.weight_decay,
-        },
-    );
-    let mut start_step = 0;
-    let mut tokens_seen = 0;
-    if let Some(r) = &resume {
-        restore(&mut decoder, &mut optimizer, r)?;
-        start_step = r.state.step;
-        tokens_seen = r.state.tokens_seen;
-    }
+    let inputs = Inputs::prepare(config, resume_from)?;
+    let plan = Plan::of(config, inputs.train.rows.len());
+    let mut model = Model::load(config, &inputs)?;
 
     // ---- outputs ----
     let out = &config.output_dir;
     std::fs::create_dir_all(out).map_err(|e| TrainerError::io(out, e))?;
-    let mut log = RunLog::open(out, hooks.on_event, start_step)?;
-    if config.debug.dump_batches && start_step == 0 {
-        if let Some(l) = &lora {
-            peft::write_adapter(&out.join("debug/initial_adapter"), &decoder, l, &config.model.display().to_string())?;
+    let mut log = RunLog::open(out, hooks.on_event, model.start_step)?;
+    if config.debug.dump_batches && model.start_step == 0 {
+        if let Some(l) = &model.lora {
+            peft::write_adapter(&out.join("debug/initial_adapter"), &model.decoder, l, &config.model.display().to_string())?;
         }
     }
-    let mut batch_dump = Vec::new();
-    let trainable_parameters: i64 = optimizer.params.iter().map(|p| p.param.numel() as i64).sum();
+    let trainable_parameters: i64 = model.optimizer.params.iter().map(|p| p.param.numel() as i64).sum();
     log.emit(&Event::Started {
-        total_steps,
-        start_step,
-        epochs: t.epochs,
-        train_examples: train.examples,
-        train_rows: train.rows.len(),
-        validation_examples: valid.as_ref().map_or(0, |v| v.examples),
-        truncated_examples: train.truncated,
-        dropped_examples: train.dropped,
+        total_steps: plan.total_steps,
+        start_step: model.start_step,
+        epochs: config.train.epochs,
+        train_examples: inputs.train.examples,
+        train_rows: inputs.train.rows.len(),
+        validation_examples: inputs.valid.as_ref().map_or(0, |v| v.examples),
+        truncated_examples: inputs.train.truncated,
+        dropped_examples: inputs.train.dropped,
         trainable_parameters,
-        total_parameters: model_dir.config.num_parameters(),
-        device: format!("{device:?}").to_lowercase(),
-        dtype: device::dtype_name(kind).into(),
+        total_parameters: inputs.model_dir.config.num_parameters(),
+        device: format!("{:?}", inputs.device).to_lowercase(),
+        dtype: device::dtype_name(inputs.kind).into(),
     })?;
 
     // ---- loop ----
-    let dropout = lora.as_ref().is_some_and(|l| l.dropout > 0.0);
+    let t = &config.train;
     let started = Instant::now();
+    let mut batch_dump = Vec::new();
     let mut last_loss = f64::NAN;
-    let mut last_eval_step = None;
-    for step in start_step + 1..=total_steps {
+    for step in model.start_step + 1..=plan.total_steps {
         if (hooks.abandon)() {
             return Err(TrainerError::Stopped(format!("abandoned before step {step}")));
         }
         if (hooks.should_stop)() {
-            let checkpoint =
-                save_checkpoint(config, &decoder, &optimizer, &mut log, step - 1, total_steps, tokens_seen, &fingerprint, lora.as_ref())?;
+            let checkpoint = model.save_checkpoint(config, &mut log, step - 1, plan.total_steps, &inputs.fingerprint)?;
             return Ok(Outcome::Stopped { step: step - 1, checkpoint });
         }
-        let step_started = Instant::now();
-        let epoch = (step - 1) / per_epoch;
-        let order = epoch_order(train.rows.len(), config.seed, epoch, t.shuffle);
-        let micro_rows = step_rows(&order, (step - 1) % per_epoch, t.batch_size, t.gradient_accumulation_steps);
-        let step_tokens: u64 = micro_rows.iter().flatten().map(|&r| row_trained_tokens(&train.rows[r])).sum();
-        let normalizer = step_tokens.max(1) as f64;
-        let (mut loss_sum, mut correct, mut real_tokens) = (0.0, 0i64, 0u64);
-        for (m, rows) in micro_rows.iter().enumerate() {
-            let seqs: Vec<_> = rows.iter().map(|&r| &train.rows[r]).collect();
-            let batch = make_micro_batch(&seqs, config.data.packing, PAD_ID, device);
-            if config.debug.dump_batches {
-                let key = format!("step{step}.micro{m}");
-                batch_dump.push((format!("{key}.input_ids"), batch.input_ids.shallow_clone()));
-                batch_dump.push((format!("{key}.targets"), batch.targets.shallow_clone()));
-                batch_dump.push((format!("{key}.attention_mask"), batch.attention_mask.shallow_clone()));
-            }
-            let seed = dropout.then_some(DropoutSeed { seed: config.seed, step, micro: m as u64 });
-            let r = forward_backward(&decoder, &batch, normalizer, t.gradient_checkpointing, seed);
-            loss_sum += r.loss_sum;
-            correct += r.correct;
-            real_tokens += batch.real_tokens;
-        }
-        let grad_norm = optimizer.clip_grad_norm(config.optim.max_grad_norm);
-        let lr = schedule.lr_at(step);
-        optimizer.step(lr);
-        optimizer.zero_grad();
-
-        tokens_seen += real_tokens;
-        last_loss = loss_sum / normalizer;
-        let metrics = StepMetrics {
-            step,
-            total_steps,
-            epoch,
-            loss: last_loss,
-            lr,
-            grad_norm,
-            train_mean_token_accuracy: correct as f64 / normalizer,
-            trained_tokens: step_tokens,
-            tokens_seen,
-            tokens_per_second: real_tokens as f64 / step_started.elapsed().as_secs_f64().max(1e-9),
-            peak_memory_bytes: device::peak_memory_bytes(device),
-            elapsed_seconds: started.elapsed().as_secs_f64(),
-        };
-        if !last_loss.is_finite() {
-            return Err(TrainerError::invalid(
-                "optim.learning_rate",
-                format!("loss became {last_loss} at step {step}; lower the learning rate"),
-            ));
-        }
+        let metrics = model.train_step(config, &inputs, &plan, step, started, &mut batch_dump)?;
+        last_loss = metrics.loss;
         log.step(&metrics)?;
 
-        let eval_now = valid.is_some() && (step == total_steps || (t.eval_every > 0 && step % t.eval_every == 0));
-        if eval_now {
-            let v = valid.as_ref().expect("checked");
-            let (valid_loss, valid_acc, valid_tokens) = evaluate(&decoder, &v.rows, t.batch_size, config.data.packing, device);
+        if let Some(v) = inputs.valid.as_ref().filter(|_| step == plan.total_steps || (t.eval_every > 0 && step % t.eval_every == 0)) {
+            let (valid_loss, valid_acc, valid_tokens) = evaluate(&model.decoder, &v.rows, t.batch_size, config.data.packing, inputs.device);
             log.eval(step, valid_loss, valid_acc, valid_tokens)?;
-            last_eval_step = Some(step);
         }
-        if t.checkpoint_every > 0 && step % t.checkpoint_every == 0 && step < total_steps {
-            save_checkpoint(config, &decoder, &optimizer, &mut log, step, total_steps, tokens_seen, &fingerprint, lora.as_ref())?;
+        if t.checkpoint_every > 0 && step % t.checkpoint_every == 0 && step < plan.total_steps {
+            model.save_checkpoint(config, &mut log, step, plan.total_steps, &inputs.fingerprint)?;
         }
     }
-    let _ = last_eval_step;
 
     // ---- save ----
     if config.debug.dump_batches && !batch_dump.is_empty() {
@@ -227,29 +111,220 @@ pub fn run(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks) -> Re
         std::fs::create_dir_all(&debug_dir).map_err(|e| TrainerError::io(&debug_dir, e))?;
         checkpoint::write_tensors(&out.join("debug/batches.safetensors"), &batch_dump)?;
     }
-    let adapter_dir = match &lora {
-        Some(l) => {
-            let dir = out.join("adapter");
-            peft::write_adapter(&dir, &decoder, l, &config.model.display().to_string())?;
-            Some(dir)
-        }
-        None => None,
-    };
-    let model_out = if lora.is_none() || config.output.merge {
-        let dir = out.join(if lora.is_none() { "model" } else { "merged" });
-        export::write_merged_model(&dir, &config.model, &decoder, models::stored_kind(&model_dir))?;
-        Some(dir)
-    } else {
-        None
-    };
+    let (adapter_dir, model_out) = model.export(config, &inputs.model_dir)?;
     let results_csv = log.write_results()?;
     log.emit(&Event::Finished {
-        step: total_steps,
+        step: plan.total_steps,
         adapter_dir: adapter_dir.as_ref().map(|p| p.display().to_string()),
         model_dir: model_out.as_ref().map(|p| p.display().to_string()),
         results_csv: results_csv.display().to_string(),
     })?;
-    Ok(Outcome::Finished { step: total_steps, adapter_dir, model_dir: model_out, results_csv, final_loss: last_loss })
+    Ok(Outcome::Finished { step: plan.total_steps, adapter_dir, model_dir: model_out, results_csv, final_loss: last_loss })
+}
+
+/// Setup: everything that can fail on bad input, checked before anything is written.
+struct Inputs {
+    device: Device,
+    kind: tch::Kind,
+    model_dir: ModelDir,
+    train: data::PreparedData,
+    valid: Option<data::PreparedData>,
+    /// Of the training rows: a checkpoint only resumes the data it was trained on.
+    fingerprint: String,
+    resume: Option<checkpoint::LoadedCheckpoint>,
+}
+
+impl Inputs {
+    fn prepare(config: &TrainConfig, resume_from: Option<&Path>) -> Result<Inputs> {
+        config.validate()?;
+        if config.train.threads > 0 {
+            tch::set_num_threads(config.train.threads as i32);
+        }
+        let device = device::parse_device(&config.train.device)?;
+        let kind = device::resolve_dtype(&config.train.dtype, device)?;
+        device::reset_peak_memory(device);
+        let model_dir = ModelDir::open(&config.model)?;
+        let encoder = Encoder::from_model_dir(
+            &config.model,
+            EncodeOptions { max_seq_length: config.data.max_seq_length, train_on_inputs: config.data.train_on_inputs },
+        )?;
+        let train = data::prepare(&config.train_file, &encoder, config.data.packing, config.data.max_seq_length)?;
+        let valid = match &config.validation_file {
+            Some(path) => Some(data::prepare(path, &encoder, config.data.packing, config.data.max_seq_length)?),
+            None => None,
+        };
+        let fingerprint = data::fingerprint(&train.rows);
+        let resume = match resume_from {
+            Some(dir) => Some(checkpoint::load_checkpoint(dir)?),
+            None => None,
+        };
+        if let Some(r) = &resume {
+            if r.state.data_fingerprint != fingerprint {
+                return Err(TrainerError::file(&r.dir, "checkpoint was trained on different data (fingerprint differs)"));
+            }
+        } else if config.output_dir.join("events.jsonl").exists() {
+            return Err(TrainerError::file(
+                &config.output_dir,
+                "already holds a run (events.jsonl); resume it with --resume-from or choose another output_dir",
+            ));
+        }
+        Ok(Inputs { device, kind, model_dir, train, valid, fingerprint, resume })
+    }
+}
+
+/// How many steps, and the learning rate of each.
+struct Plan {
+    per_epoch: u64,
+    total_steps: u64,
+    schedule: Schedule,
+}
+
+impl Plan {
+    fn of(config: &TrainConfig, rows: usize) -> Plan {
+        let t = &config.train;
+        let per_epoch = steps_per_epoch(rows, t.batch_size * t.gradient_accumulation_steps);
+        let total_steps = t.max_steps.map_or(per_epoch * t.epochs, |m| m.min(per_epoch * t.epochs));
+        let warmup_steps = config.optim.warmup_steps.unwrap_or((config.optim.warmup_ratio * total_steps as f64).ceil() as u64);
+        let schedule = Schedule { peak_lr: config.optim.learning_rate, warmup_steps, total_steps, decay: config.optim.lr_scheduler };
+        Plan { per_epoch, total_steps, schedule }
+    }
+}
+
+/// The model being trained, its optimizer, and how far it got.
+struct Model {
+    lora: Option<crate::lora::LoraConfig>,
+    decoder: Decoder,
+    optimizer: AdamW,
+    start_step: u64,
+    tokens_seen: u64,
+}
+
+impl Model {
+    /// Loads the base weights with the trainable part (a fresh LoRA adapter, or every weight),
+    /// and restores both from the checkpoint when resuming.
+    fn load(config: &TrainConfig, inputs: &Inputs) -> Result<Model> {
+        let lora = match config.method {
+            Method::Lora => Some(config.lora_config()?),
+            Method::Full => None,
+        };
+        let trainable = match &lora {
+            Some(l) => Trainable::Lora(l.clone()),
+            None => Trainable::Everything,
+        };
+        let mut decoder = models::load(&inputs.model_dir, &trainable, inputs.kind, inputs.device)?;
+        let mut optimizer = AdamW::new(
+            decoder.trainable_parameters(),
+            AdamWConfig {
+                beta1: config.optim.beta1,
+                beta2: config.optim.beta2,
+                eps: config.optim.eps,
+                weight_decay: config.optim.weight_decay,
+            },
+        );
+        let (mut start_step, mut tokens_seen) = (0, 0);
+        if let Some(r) = &inputs.resume {
+            restore(&mut decoder, &mut optimizer, r)?;
+            start_step = r.state.step;
+            tokens_seen = r.state.tokens_seen;
+        }
+        Ok(Model { lora, decoder, optimizer, start_step, tokens_seen })
+    }
+
+    /// One optimizer step: forward and backward over the step's micro-batches, clip, AdamW.
+    fn train_step(
+        &mut self,
+        config: &TrainConfig,
+        inputs: &Inputs,
+        plan: &Plan,
+        step: u64,
+        started: Instant,
+        batch_dump: &mut Vec<(String, tch::Tensor)>,
+    ) -> Result<StepMetrics> {
+        let t = &config.train;
+        let rows = &inputs.train.rows;
+        let step_started = Instant::now();
+        let epoch = (step - 1) / plan.per_epoch;
+        let order = epoch_order(rows.len(), config.seed, epoch, t.shuffle);
+        let micro_rows = step_rows(&order, (step - 1) % plan.per_epoch, t.batch_size, t.gradient_accumulation_steps);
+        let step_tokens: u64 = micro_rows.iter().flatten().map(|&r| row_trained_tokens(&rows[r])).sum();
+        let normalizer = step_tokens.max(1) as f64;
+        let dropout = self.lora.as_ref().is_some_and(|l| l.dropout > 0.0);
+        let (mut loss_sum, mut correct, mut real_tokens) = (0.0, 0i64, 0u64);
+        for (m, micro) in micro_rows.iter().enumerate() {
+            let seqs: Vec<_> = micro.iter().map(|&r| &rows[r]).collect();
+            let batch = make_micro_batch(&seqs, config.data.packing, PAD_ID, inputs.device);
+            if config.debug.dump_batches {
+                let key = format!("step{step}.micro{m}");
+                batch_dump.push((format!("{key}.input_ids"), batch.input_ids.shallow_clone()));
+                batch_dump.push((format!("{key}.targets"), batch.targets.shallow_clone()));
+                batch_dump.push((format!("{key}.attention_mask"), batch.attention_mask.shallow_clone()));
+            }
+            let seed = dropout.then_some(DropoutSeed { seed: config.seed, step, micro: m as u64 });
+            let r = forward_backward(&self.decoder, &batch, normalizer, t.gradient_checkpointing, seed);
+            loss_sum += r.loss_sum;
+            correct += r.correct;
+            real_tokens += batch.real_tokens;
+        }
+        let grad_norm = self.optimizer.clip_grad_norm(config.optim.max_grad_norm);
+        let lr = plan.schedule.lr_at(step);
+        self.optimizer.step(lr);
+        self.optimizer.zero_grad();
+
+        self.tokens_seen += real_tokens;
+        let loss = loss_sum / normalizer;
+        if !loss.is_finite() {
+            return Err(TrainerError::invalid(
+                "optim.learning_rate",
+                format!("loss became {loss} at step {step}; lower the learning rate"),
+            ));
+        }
+        Ok(StepMetrics {
+            step,
+            total_steps: plan.total_steps,
+            epoch,
+            loss,
+            lr,
+            grad_norm,
+            train_mean_token_accuracy: correct as f64 / normalizer,
+            trained_tokens: step_tokens,
+            tokens_seen: self.tokens_seen,
+            tokens_per_second: real_tokens as f64 / step_started.elapsed().as_secs_f64().max(1e-9),
+            peak_memory_bytes: device::peak_memory_bytes(inputs.device),
+            elapsed_seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn save_checkpoint(
+        &self,
+        config: &TrainConfig,
+        log: &mut RunLog,
+        step: u64,
+        total_steps: u64,
+        fingerprint: &str,
+    ) -> Result<Option<PathBuf>> {
+        save_checkpoint(config, &self.decoder, &self.optimizer, log, step, total_steps, self.tokens_seen, fingerprint, self.lora.as_ref())
+    }
+
+    /// The PEFT adapter (LoRA) and the full model (full fine-tuning, or LoRA with `merge`).
+    fn export(&self, config: &TrainConfig, model_dir: &ModelDir) -> Result<(Option<PathBuf>, Option<PathBuf>)> {
+        let out = &config.output_dir;
+        let adapter_dir = match &self.lora {
+            Some(l) => {
+                let dir = out.join("adapter");
+                peft::write_adapter(&dir, &self.decoder, l, &config.model.display().to_string())?;
+                Some(dir)
+            }
+            None => None,
+        };
+        let model_out = if self.lora.is_none() || config.output.merge {
+            let dir = out.join(if self.lora.is_none() { "model" } else { "merged" });
+            export::write_merged_model(&dir, &config.model, &self.decoder, models::stored_kind(model_dir))?;
+            Some(dir)
+        } else {
+            None
+        };
+        Ok((adapter_dir, model_out))
+    }
 }
 
 fn restore(decoder: &mut Decoder, optimizer: &mut AdamW, r: &checkpoint::LoadedCheckpoint) -> Result<()> {
