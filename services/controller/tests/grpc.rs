@@ -183,7 +183,8 @@ async fn a_write_from_a_stale_attempt_is_refused_and_the_worker_told_to_stop() {
     b_tx.send(metrics(1, 2)).unwrap();
     assert!(matches!(next(&mut b_in).await, Down::Ack(ack) if ack.seq == 1));
     let project = lathe_store::projects::get_project_by_name(&harness.state.pool, "acme").await.unwrap();
-    let curve = lathe_store::progress::list_metrics(&harness.state.pool, &project.id, &job_id).await.unwrap();
+    let curve =
+        lathe_store::progress::list_metrics(&harness.state.pool, &project.id, &lathe_core::JobId::parse(&job_id).unwrap()).await.unwrap();
     assert_eq!(curve.iter().map(|p| p.step).collect::<Vec<_>>(), [1, 2]);
     assert_eq!(curve[1].train_loss, Some(2.8));
     drop((a_tx, b_tx));

@@ -147,7 +147,8 @@ pub(crate) async fn insert_evaluation(tx: &mut Transaction<'_, Postgres>, new: N
     .try_into()
 }
 
-pub async fn get_evaluation(pool: &PgPool, project_id: &str, id: &str) -> Result<Evaluation, StoreError> {
+pub async fn get_evaluation(pool: &PgPool, project_id: &str, id: &EvaluationId) -> Result<Evaluation, StoreError> {
+    let id = id.as_str();
     sqlx::query_as::<_, EvaluationRow>(&format!("SELECT {COLUMNS} FROM evaluations WHERE id = $1 AND project_id = $2"))
         .bind(id)
         .bind(project_id)
@@ -195,7 +196,8 @@ pub async fn list_evaluations(
 
 /// Cancels a queued or running evaluation (a running one's worker learns it at its next
 /// heartbeat and stops). Cancelling a finished one is `InvalidState`.
-pub async fn cancel_evaluation(pool: &PgPool, project_id: &str, id: &str) -> Result<Evaluation, StoreError> {
+pub async fn cancel_evaluation(pool: &PgPool, project_id: &str, id: &EvaluationId) -> Result<Evaluation, StoreError> {
+    let id = id.as_str();
     let mut tx = pool.begin().await?;
     let status: String = sqlx::query_scalar("SELECT status FROM evaluations WHERE id = $1 AND project_id = $2 FOR UPDATE")
         .bind(id)
@@ -233,12 +235,13 @@ pub struct EvaluationItem {
 pub async fn list_items(
     pool: &PgPool,
     project_id: &str,
-    id: &str,
+    id: &EvaluationId,
     after: Option<i32>,
     limit: i64,
 ) -> Result<Page<EvaluationItem>, StoreError> {
     // The evaluation first, so a foreign or unknown id is NotFound rather than an empty page.
     get_evaluation(pool, project_id, id).await?;
+    let id = id.as_str();
     let rows: Vec<(i32, String, Option<String>, bool, String)> = sqlx::query_as(
         "SELECT item_index, expected, extracted, correct, output FROM evaluation_items
          WHERE evaluation_id = $1 AND ($2::int IS NULL OR item_index > $2)

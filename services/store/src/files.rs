@@ -123,7 +123,8 @@ pub async fn insert_file(pool: &PgPool, file: NewFile<'_>) -> Result<StoredFile,
 }
 
 /// A live file of the project.
-pub async fn get_file(pool: &PgPool, project_id: &str, file_id: &str) -> Result<StoredFile, StoreError> {
+pub async fn get_file(pool: &PgPool, project_id: &str, file_id: &FileId) -> Result<StoredFile, StoreError> {
+    let file_id = file_id.as_str();
     sqlx::query_as::<_, FileRow>(&format!("SELECT {FILE_COLUMNS} FROM files WHERE id = $1 AND project_id = $2 AND deleted_at IS NULL"))
         .bind(file_id)
         .bind(project_id)
@@ -161,7 +162,8 @@ pub async fn list_files(
 
 /// Soft delete: jobs keep referring to the row, the API no longer shows it. The caller removes
 /// the bytes afterwards.
-pub async fn delete_file(pool: &PgPool, project_id: &str, file_id: &str) -> Result<(), StoreError> {
+pub async fn delete_file(pool: &PgPool, project_id: &str, file_id: &FileId) -> Result<(), StoreError> {
+    let file_id = file_id.as_str();
     let deleted = sqlx::query("UPDATE files SET deleted_at = now() WHERE id = $1 AND project_id = $2 AND deleted_at IS NULL")
         .bind(file_id)
         .bind(project_id)

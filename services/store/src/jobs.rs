@@ -166,7 +166,8 @@ pub async fn find_by_idempotency_key(pool: &PgPool, project_id: &str, key: &str)
     row.map(Job::try_from).transpose()
 }
 
-pub async fn get_job(pool: &PgPool, project_id: &str, job_id: &str) -> Result<Job, StoreError> {
+pub async fn get_job(pool: &PgPool, project_id: &str, job_id: &JobId) -> Result<Job, StoreError> {
+    let job_id = job_id.as_str();
     sqlx::query_as::<_, JobRow>(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND project_id = $2"))
         .bind(job_id)
         .bind(project_id)
@@ -178,7 +179,12 @@ pub async fn get_job(pool: &PgPool, project_id: &str, job_id: &str) -> Result<Jo
 
 /// A job by id alone, for the controller's own use (gRPC service, reconciler): never for a
 /// user-facing request, which goes through [`get_job`].
-pub async fn get_job_unscoped(pool: &PgPool, job_id: &str) -> Result<Job, StoreError> {
+pub async fn get_job_unscoped(pool: &PgPool, job_id: &JobId) -> Result<Job, StoreError> {
+    get_job_by_id(pool, job_id.as_str()).await
+}
+
+/// [`get_job_unscoped`] for an id the store itself read (a fenced write's job).
+pub(crate) async fn get_job_by_id(pool: &PgPool, job_id: &str) -> Result<Job, StoreError> {
     sqlx::query_as::<_, JobRow>(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
         .bind(job_id)
         .fetch_optional(pool)
@@ -229,7 +235,8 @@ async fn fetch_locked(tx: &mut Transaction<'_, Postgres>, job_id: &str) -> Resul
 /// Cancels at once, whatever the job was doing. A running job's attempt is ended here, so the
 /// worker's next fenced write (or lease renewal) is refused and it stops; the GPU is freed
 /// within one heartbeat.
-pub async fn cancel_job(pool: &PgPool, project_id: &str, job_id: &str) -> Result<Job, StoreError> {
+pub async fn cancel_job(pool: &PgPool, project_id: &str, job_id: &JobId) -> Result<Job, StoreError> {
+    let job_id = job_id.as_str();
     let mut tx = pool.begin().await?;
     let (from, _) = lock_job(&mut tx, project_id, job_id).await?;
     transition(from, JobStatus::Cancelled)?;
@@ -249,7 +256,8 @@ pub async fn cancel_job(pool: &PgPool, project_id: &str, job_id: &str) -> Result
 
 /// A queued job pauses at once. A running one is asked to: it stays `running` with
 /// `pause_requested` until its worker checkpoints and finishes the attempt as paused.
-pub async fn pause_job(pool: &PgPool, project_id: &str, job_id: &str) -> Result<Job, StoreError> {
+pub async fn pause_job(pool: &PgPool, project_id: &str, job_id: &JobId) -> Result<Job, StoreError> {
+    let job_id = job_id.as_str();
     let mut tx = pool.begin().await?;
     let (from, _) = lock_job(&mut tx, project_id, job_id).await?;
     transition(from, JobStatus::Paused)?;
@@ -266,7 +274,8 @@ pub async fn pause_job(pool: &PgPool, project_id: &str, job_id: &str) -> Result<
 
 /// A paused job goes back to the queue (and resumes from its last checkpoint when claimed);
 /// a running job with a pause pending simply keeps running.
-pub async fn resume_job(pool: &PgPool, project_id: &str, job_id: &str) -> Result<Job, StoreError> {
+pub async fn resume_job(pool: &PgPool, project_id: &str, job_id: &JobId) -> Result<Job, StoreError> {
+    let job_id = job_id.as_str();
     let mut tx = pool.begin().await?;
     let (from, pause_requested) = lock_job(&mut tx, project_id, job_id).await?;
     let update = match from {
@@ -281,7 +290,8 @@ pub async fn resume_job(pool: &PgPool, project_id: &str, job_id: &str) -> Result
 }
 
 /// Fails a job that never reached a worker (e.g. its files failed validation).
-pub async fn fail_job(pool: &PgPool, project_id: &str, job_id: &str, error: &JobError) -> Result<Job, StoreError> {
+pub async fn fail_job(pool: &PgPool, project_id: &str, job_id: &JobId, error: &JobError) -> Result<Job, StoreError> {
+    let job_id = job_id.as_str();
     let mut tx = pool.begin().await?;
     let (from, _) = lock_job(&mut tx, project_id, job_id).await?;
     transition(from, JobStatus::Failed)?;

@@ -2,7 +2,7 @@
 //! an SSE stream follows) and the committed checkpoints. Every read is scoped to the caller's
 //! project; another project's job is `NotFound`. The writes are `dispatch` (fenced by attempt).
 
-use lathe_core::EventId;
+use lathe_core::{EventId, JobId};
 use sqlx::PgPool;
 
 use crate::dispatch::report::{CheckpointRow, EventRow, CHECKPOINT_COLUMNS, METRIC_COLUMNS};
@@ -10,7 +10,8 @@ use crate::dispatch::{Checkpoint, Event, MetricPoint};
 use crate::{Page, StoreError};
 
 /// The whole loss curve of a project's job, by step.
-pub async fn list_metrics(pool: &PgPool, project_id: &str, job_id: &str) -> Result<Vec<MetricPoint>, StoreError> {
+pub async fn list_metrics(pool: &PgPool, project_id: &str, job_id: &JobId) -> Result<Vec<MetricPoint>, StoreError> {
+    let job_id = job_id.as_str();
     ensure_job_in_project(pool, project_id, job_id).await?;
     let points = sqlx::query_as::<_, MetricPoint>(&format!("SELECT {METRIC_COLUMNS} FROM metrics WHERE job_id = $1 ORDER BY step"))
         .bind(job_id)
@@ -23,10 +24,11 @@ pub async fn list_metrics(pool: &PgPool, project_id: &str, job_id: &str) -> Resu
 pub async fn list_events(
     pool: &PgPool,
     project_id: &str,
-    job_id: &str,
+    job_id: &JobId,
     after: Option<&EventId>,
     limit: i64,
 ) -> Result<Page<Event>, StoreError> {
+    let job_id = job_id.as_str();
     ensure_job_in_project(pool, project_id, job_id).await?;
     let before_sequence = after.map(|id| id.sequence().unwrap_or(0));
     let rows = sqlx::query_as::<_, EventRow>(
@@ -47,10 +49,11 @@ pub async fn list_events(
 pub async fn list_checkpoints(
     pool: &PgPool,
     project_id: &str,
-    job_id: &str,
+    job_id: &JobId,
     after: Option<&str>,
     limit: i64,
 ) -> Result<Page<Checkpoint>, StoreError> {
+    let job_id = job_id.as_str();
     ensure_job_in_project(pool, project_id, job_id).await?;
     let rows = sqlx::query_as::<_, CheckpointRow>(&format!(
         "SELECT {CHECKPOINT_COLUMNS} FROM checkpoints
@@ -80,10 +83,11 @@ async fn ensure_job_in_project(pool: &PgPool, project_id: &str, job_id: &str) ->
 pub async fn events_after(
     pool: &PgPool,
     project_id: &str,
-    job_id: &str,
+    job_id: &JobId,
     after_sequence: i64,
     limit: i64,
 ) -> Result<Vec<Event>, StoreError> {
+    let job_id = job_id.as_str();
     ensure_job_in_project(pool, project_id, job_id).await?;
     let rows = sqlx::query_as::<_, EventRow>(
         "SELECT id, job_id, level, type, message, data, created_at FROM events

@@ -77,7 +77,7 @@ pub async fn check_data(state: &AppState, project: &Project, spec: &EvaluationSp
     let param = |field: &str| format!("{prefix}{field}");
     let path = match &spec.file {
         Some(file) => {
-            let stored = lathe_store::files::get_file(&state.pool, &project.id, file.as_str()).await.map_err(|e| match e {
+            let stored = lathe_store::files::get_file(&state.pool, &project.id, file).await.map_err(|e| match e {
                 lathe_store::StoreError::NotFound => {
                     ApiError::invalid(Some(&param("file")), "file_not_found", format!("{}: no such file: {file}", param("file")))
                 }
@@ -186,8 +186,8 @@ pub async fn list_for_job(
     Path(id): Path<String>,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<Value>> {
-    super::job_id(&id)?;
-    jobs::get_job(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
+    let job_id = super::job_id(&id)?;
+    jobs::get_job(&state.pool, &project.id, &job_id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
     let limit = page_limit(q.limit)?;
     let after = super::cursor(q.after.as_deref(), lathe_core::EvaluationId::parse)?;
     let filter = EvaluationFilter { model: None, job_id: Some(&id) };
@@ -196,9 +196,10 @@ pub async fn list_for_job(
 }
 
 pub async fn retrieve(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    super::evaluation_id(&id)?;
-    let evaluation =
-        evaluations::get_evaluation(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "evaluation", &id))?;
+    let evaluation_id = super::evaluation_id(&id)?;
+    let evaluation = evaluations::get_evaluation(&state.pool, &project.id, &evaluation_id)
+        .await
+        .map_err(|e| ApiError::from_store(e, "evaluation", &id))?;
     Ok(Json(views::evaluation(&evaluation)))
 }
 
@@ -215,17 +216,17 @@ pub async fn items(
     Path(id): Path<String>,
     Query(q): Query<ItemsQuery>,
 ) -> ApiResult<Json<Value>> {
-    super::evaluation_id(&id)?;
+    let evaluation_id = super::evaluation_id(&id)?;
     let limit = page_limit(q.limit)?;
-    let page = evaluations::list_items(&state.pool, &project.id, &id, q.after, limit)
+    let page = evaluations::list_items(&state.pool, &project.id, &evaluation_id, q.after, limit)
         .await
         .map_err(|e| ApiError::from_store(e, "evaluation", &id))?;
     Ok(Json(views::list(page, |i| i.index.to_string(), views::evaluation_item)))
 }
 
 pub async fn cancel(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    super::evaluation_id(&id)?;
-    let evaluation = evaluations::cancel_evaluation(&state.pool, &project.id, &id).await.map_err(|e| match e {
+    let evaluation_id = super::evaluation_id(&id)?;
+    let evaluation = evaluations::cancel_evaluation(&state.pool, &project.id, &evaluation_id).await.map_err(|e| match e {
         lathe_store::StoreError::InvalidState(message) => {
             ApiError::invalid(None, "invalid_evaluation_state", format!("{message}; it cannot be cancelled"))
         }

@@ -122,14 +122,14 @@ pub async fn list(State(state): State<AppState>, project: Project, Query(q): Que
 }
 
 pub async fn retrieve(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    super::file_id(&id)?;
-    let file = files::get_file(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "file", &id))?;
+    let file_id = super::file_id(&id)?;
+    let file = files::get_file(&state.pool, &project.id, &file_id).await.map_err(|e| ApiError::from_store(e, "file", &id))?;
     Ok(Json(views::file(&file)))
 }
 
 pub async fn content(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Response> {
-    super::file_id(&id)?;
-    let file = files::get_file(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "file", &id))?;
+    let file_id = super::file_id(&id)?;
+    let file = files::get_file(&state.pool, &project.id, &file_id).await.map_err(|e| ApiError::from_store(e, "file", &id))?;
     let path = state.storage.file_path(file.id.as_str());
     // Streamed: result files can be whole models.
     let bytes = tokio::fs::File::open(&path).await.map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
@@ -150,7 +150,7 @@ fn header_safe(name: &str) -> String {
 pub async fn delete(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     // The id names the bytes on disk: only a well-formed id of a row just deleted gets there.
     let file_id = lathe_core::FileId::parse(&id).map_err(|_| ApiError::not_found("file", &id))?;
-    files::delete_file(&state.pool, &project.id, file_id.as_str()).await.map_err(|e| ApiError::from_store(e, "file", &id))?;
+    files::delete_file(&state.pool, &project.id, &file_id).await.map_err(|e| ApiError::from_store(e, "file", &id))?;
     state.storage.remove_file(file_id.as_str());
     Ok(Json(json!({"id": id, "object": "file", "deleted": true})))
 }

@@ -48,9 +48,9 @@ pub async fn create(State(state): State<AppState>, project: Project, headers: He
             format!("model: {:?} is not a base model of this server (GET /v1/models lists them)", spec.model),
         ));
     }
-    let training = checked_file(&state, &project, spec.training_file.as_str(), "training_file", true).await?;
+    let training = checked_file(&state, &project, &spec.training_file, "training_file", true).await?;
     let validation = match &spec.validation_file {
-        Some(id) => Some(checked_file(&state, &project, id.as_str(), "validation_file", false).await?),
+        Some(id) => Some(checked_file(&state, &project, id, "validation_file", false).await?),
         None => None,
     };
     spec.check_files(&training, validation.as_ref())?;
@@ -76,7 +76,7 @@ pub async fn create(State(state): State<AppState>, project: Project, headers: He
 
 /// Looks up a file of the caller's project for a job and validates its bytes again (they are
 /// read back from storage, so a file damaged on disk is caught here, not on a GPU).
-async fn checked_file(state: &AppState, project: &Project, id: &str, param: &str, training: bool) -> ApiResult<FileSummary> {
+async fn checked_file(state: &AppState, project: &Project, id: &lathe_core::FileId, param: &str, training: bool) -> ApiResult<FileSummary> {
     let not_found = || ApiError::invalid(Some(param), "file_not_found", format!("{param}: no such file: {id}"));
     let file: StoredFile = match files::get_file(&state.pool, &project.id, id).await {
         Ok(file) => file,
@@ -110,14 +110,14 @@ pub async fn list(State(state): State<AppState>, project: Project, Query(q): Que
 }
 
 pub async fn retrieve(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    super::job_id(&id)?;
-    let job = jobs::get_job(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
+    let job_id = super::job_id(&id)?;
+    let job = jobs::get_job(&state.pool, &project.id, &job_id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
     Ok(Json(views::job(&job)))
 }
 
 pub async fn cancel(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    super::job_id(&id)?;
-    let job = jobs::cancel_job(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
+    let job_id = super::job_id(&id)?;
+    let job = jobs::cancel_job(&state.pool, &project.id, &job_id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
     let _ = state.queue.remove(&job.spec.resources.pool, &job.id).await;
     state.telemetry.forget_job(job.id.as_str());
     state.note_event(job.id.as_str(), EventLevel::Info, "Job cancelled by the user", None).await;
@@ -126,8 +126,8 @@ pub async fn cancel(State(state): State<AppState>, project: Project, Path(id): P
 }
 
 pub async fn pause(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    super::job_id(&id)?;
-    let job = jobs::pause_job(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
+    let job_id = super::job_id(&id)?;
+    let job = jobs::pause_job(&state.pool, &project.id, &job_id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
     let _ = state.queue.remove(&job.spec.resources.pool, &job.id).await;
     let message = if job.pause_requested { "Pause requested; the worker checkpoints and stops" } else { "Job paused" };
     state.note_event(job.id.as_str(), EventLevel::Info, message, None).await;
@@ -135,8 +135,8 @@ pub async fn pause(State(state): State<AppState>, project: Project, Path(id): Pa
 }
 
 pub async fn resume(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    super::job_id(&id)?;
-    let job = jobs::resume_job(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
+    let job_id = super::job_id(&id)?;
+    let job = jobs::resume_job(&state.pool, &project.id, &job_id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
     state.note_event(job.id.as_str(), EventLevel::Info, "Job resumed", Some(&json!({"status": job.status.as_str()}))).await;
     if job.status == lathe_core::JobStatus::Queued {
         state.publish_job(&job).await;

@@ -32,7 +32,7 @@ pub async fn events(
     Path(id): Path<String>,
     Query(q): Query<PageQuery>,
 ) -> ApiResult<Json<Value>> {
-    super::job_id(&id)?;
+    let job_id = super::job_id(&id)?;
     let limit = page_limit(q.limit)?;
     let after = match q.after.as_deref() {
         Some(text) => Some(
@@ -41,7 +41,8 @@ pub async fn events(
         ),
         None => None,
     };
-    let page = list_events(&state.pool, &project.id, &id, after.as_ref(), limit).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
+    let page =
+        list_events(&state.pool, &project.id, &job_id, after.as_ref(), limit).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
     Ok(Json(views::list(page, |e| e.id.as_str().to_string(), views::event)))
 }
 
@@ -51,20 +52,21 @@ pub async fn checkpoints(
     Path(id): Path<String>,
     Query(q): Query<PageQuery>,
 ) -> ApiResult<Json<Value>> {
-    super::job_id(&id)?;
+    let job_id = super::job_id(&id)?;
     let limit = page_limit(q.limit.or(Some(10)))?;
     let after = super::cursor(q.after.as_deref(), lathe_core::CheckpointId::parse)?;
-    let job = get_job(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
-    let page =
-        list_checkpoints(&state.pool, &project.id, &id, after.as_deref(), limit).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
+    let job = get_job(&state.pool, &project.id, &job_id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
+    let page = list_checkpoints(&state.pool, &project.id, &job_id, after.as_deref(), limit)
+        .await
+        .map_err(|e| ApiError::from_store(e, "job", &id))?;
     Ok(Json(views::list(page, |c| c.id.as_str().to_string(), |c| views::checkpoint(c, &job))))
 }
 
 /// Native: every step of the loss curve, across attempts (a resumed attempt's steps replace
 /// the ones it replayed).
 pub async fn metrics(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    super::job_id(&id)?;
-    let points = list_metrics(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
+    let job_id = super::job_id(&id)?;
+    let points = list_metrics(&state.pool, &project.id, &job_id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
     Ok(Json(json!({"object": "list", "data": points.iter().map(views::metric_point).collect::<Vec<_>>()})))
 }
 
@@ -80,17 +82,17 @@ pub async fn stream(
     Query(q): Query<PageQuery>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     // Check access before the stream starts, so a foreign id is a plain 404.
-    super::job_id(&id)?;
-    get_job(&state.pool, &project.id, &id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
+    let job_id = super::job_id(&id)?;
+    get_job(&state.pool, &project.id, &job_id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
     let start = q.after.as_deref().and_then(|a| EventId::parse(a).ok()).and_then(|e| e.sequence()).unwrap_or(0);
     struct Cursor {
         state: AppState,
         project: String,
-        job: String,
+        job: lathe_core::JobId,
         after: i64,
         done: bool,
     }
-    let cursor = Cursor { state, project: project.id, job: id, after: start, done: false };
+    let cursor = Cursor { state, project: project.id, job: job_id, after: start, done: false };
     let events = stream::unfold(cursor, |mut c| async move {
         loop {
             if c.done {

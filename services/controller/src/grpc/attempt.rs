@@ -71,7 +71,8 @@ pub(super) async fn open(
         }
         Err(other) => return Err(status(other)),
     }
-    let job = get_job_unscoped(&state.pool, &hello.job_id).await.map_err(status)?;
+    let job_id = lathe_core::JobId::parse(&hello.job_id).map_err(|e| Status::invalid_argument(format!("Hello: {e}")))?;
+    let job = get_job_unscoped(&state.pool, &job_id).await.map_err(status)?;
     let _ = tx.send(Ok(down(Down::Ack(Ack { seq: first.seq })))).await;
     // Every log line about this attempt carries the job, the attempt and the worker.
     let span = tracing::info_span!("attempt", job_id = %hello.job_id, attempt, worker_id = %worker_id);
@@ -327,7 +328,7 @@ impl Attempt {
         let project = self.job.project_id.as_str();
         // Fenced before any file is published: a stale or cancelled attempt publishes nothing.
         if !matches!(lathe_store::jobs::attempt_control(pool, job_id, self.attempt).await?, Some((JobStatus::Running, _))) {
-            let current = get_job_unscoped(pool, job_id).await?.attempt;
+            let current = get_job_unscoped(pool, &self.job.id).await?.attempt;
             return Err(StoreError::StaleAttempt { job: job_id.to_string(), attempt: self.attempt, current });
         }
         let mut sources = Vec::new();
@@ -336,7 +337,7 @@ impl Attempt {
             let name = Path::new(&result.filename).file_name().and_then(|n| n.to_str()).unwrap_or("result").to_string();
             sources.push((name, Source::Path(path)));
         }
-        let points = list_metrics(pool, project, job_id).await?;
+        let points = list_metrics(pool, project, &self.job.id).await?;
         sources.insert(0, ("step_metrics.csv".into(), Source::Bytes(results_csv(&points).into_bytes())));
 
         let mut ids = Vec::new();
@@ -365,19 +366,19 @@ impl Attempt {
                 },
             )
             .await?;
-            ids.push(id.as_str().to_string());
+            ids.push(id);
         }
         let model = fine_tuned_model_name(self.job.spec.model.as_str(), self.job.spec.suffix.as_deref(), &self.job.id);
         let outcome = AttemptOutcome::Succeeded {
             fine_tuned_model: model.clone(),
-            result_files: ids.clone(),
+            result_files: ids.iter().map(|id| id.as_str().to_string()).collect(),
             trained_tokens: Some(finish.trained_tokens as i64),
         };
         if let Err(error) = finish_attempt(pool, job_id, self.attempt, outcome, &self.state.config.retry).await {
             // Lost a race (cancel, lease) after publishing: take the files back.
             for id in &ids {
                 let _ = lathe_store::files::delete_file(pool, project, id).await;
-                self.state.storage.remove_file(id);
+                self.state.storage.remove_file(id.as_str());
             }
             return Err(error);
         }

@@ -64,10 +64,16 @@ async fn describe(state: &AppState, claim: &EvaluationClaim) -> Result<ClaimEval
     let (base_model, adapter_files) = match &evaluation.job_id {
         None => (evaluation.model.clone(), Vec::new()),
         Some(job_id) => {
-            let job = get_job_unscoped(&state.pool, job_id).await.map_err(internal)?;
+            let job_id = lathe_core::JobId::parse(job_id).map_err(|e| JobError {
+                code: "server_error".into(),
+                message: e.to_string(),
+                param: None,
+            })?;
+            let job = get_job_unscoped(&state.pool, &job_id).await.map_err(internal)?;
             let mut adapter = Vec::new();
             for id in &job.result_files {
-                let file = match get_file(&state.pool, &evaluation.project_id, id).await {
+                let Ok(file_id) = lathe_core::FileId::parse(id) else { continue };
+                let file = match get_file(&state.pool, &evaluation.project_id, &file_id).await {
                     Ok(file) => file,
                     Err(StoreError::NotFound) => continue,
                     Err(other) => return Err(internal(other)),
@@ -85,7 +91,7 @@ async fn describe(state: &AppState, claim: &EvaluationClaim) -> Result<ClaimEval
     let file = match &evaluation.spec.file {
         None => None,
         Some(id) => {
-            let stored = get_file(&state.pool, &evaluation.project_id, id.as_str()).await.map_err(|e| match e {
+            let stored = get_file(&state.pool, &evaluation.project_id, id).await.map_err(|e| match e {
                 StoreError::NotFound => gone("file", format!("the file {id} was deleted before the evaluation could run")),
                 other => internal(other),
             })?;

@@ -202,7 +202,7 @@ impl Service {
     /// Everything a worker needs for a committed claim.
     async fn claimed(&self, claim: &lathe_store::dispatch::Claim, worker_id: &str) -> Result<ClaimJobResponse, Status> {
         let state = &self.state;
-        let job = get_job_unscoped(&state.pool, claim.job_id.as_str()).await.map_err(status)?;
+        let job = get_job_unscoped(&state.pool, &claim.job_id).await.map_err(status)?;
         if claim.attempt == 1 {
             let waited = OffsetDateTime::now_utc() - job.created_at;
             state.telemetry.claim_latency.observe(waited.as_seconds_f64().max(0.0));
@@ -212,7 +212,7 @@ impl Service {
             let project = claim.project_id.clone();
             let id = id.clone();
             async move {
-                let file = get_file(&state.pool, &project, id.as_str()).await.map_err(status)?;
+                let file = get_file(&state.pool, &project, &id).await.map_err(status)?;
                 Ok::<_, Status>(file_ref(&state, &file))
             }
         };

@@ -7,7 +7,7 @@ use sqlx::PgPool;
 use super::lock_attempt;
 use super::reconcile::{requeue_after_crash, RetryPolicy};
 use crate::evaluations::{insert_evaluation, NewEvaluation};
-use crate::jobs::{end_live_attempt, get_job_unscoped, Job, JobError};
+use crate::jobs::{end_live_attempt, get_job_by_id, Job, JobError};
 use crate::StoreError;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -94,7 +94,7 @@ pub async fn finish_attempt(
         }
     }
     tx.commit().await?;
-    get_job_unscoped(pool, job_id).await
+    get_job_by_id(pool, job_id).await
 }
 
 /// A preempted attempt gives the job back: queued (or paused, if a pause was pending) at

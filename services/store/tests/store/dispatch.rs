@@ -11,7 +11,7 @@ use lathe_store::time::OffsetDateTime;
 use lathe_store::{PgPool, StoreError};
 use serde_json::json;
 
-use crate::support::{project, queued_job, spec, training_file, worker, worker_with, TestDb};
+use crate::support::{as_job_id, project, queued_job, spec, training_file, worker, worker_with, TestDb};
 
 const LEASE: Duration = Duration::from_secs(60);
 
@@ -44,7 +44,7 @@ async fn a_claim_increments_the_attempt_and_a_write_with_the_old_attempt_is_refu
     assert_eq!(first.attempt, 1);
     assert_eq!(first.resume_from, None);
     assert_eq!(first.project_id, project_id);
-    let running = get_job(&db.pool, &project_id, &job_id).await.unwrap();
+    let running = get_job(&db.pool, &project_id, &as_job_id(&job_id)).await.unwrap();
     assert_eq!((running.status, running.attempt), (JobStatus::Running, 1));
 
     release_preempted(&db.pool, &job_id, 1).await.unwrap();
@@ -68,8 +68,8 @@ async fn a_claim_increments_the_attempt_and_a_write_with_the_old_attempt_is_refu
     assert!(matches!(stale_renewal, Err(StoreError::StaleAttempt { attempt: 1, current: 2, .. })));
 
     assert_eq!(record_metrics(&db.pool, &job_id, 2, &[point(1, 2.0)]).await.unwrap(), 1);
-    assert!(list_metrics(&db.pool, &project_id, &job_id).await.unwrap().iter().all(|p| p.step == 1));
-    assert_eq!(get_job(&db.pool, &project_id, &job_id).await.unwrap().status, JobStatus::Running);
+    assert!(list_metrics(&db.pool, &project_id, &as_job_id(&job_id)).await.unwrap().iter().all(|p| p.step == 1));
+    assert_eq!(get_job(&db.pool, &project_id, &as_job_id(&job_id)).await.unwrap().status, JobStatus::Running);
 }
 
 #[tokio::test]
@@ -114,7 +114,7 @@ async fn an_expired_lease_is_requeued_and_the_next_claim_resumes_from_the_last_c
     let requeued = requeue_expired_leases(&db.pool, OffsetDateTime::now_utc(), &NO_BACKOFF).await.unwrap();
     assert_eq!(requeued.len(), 1);
     assert_eq!((requeued[0].job_id.as_str(), requeued[0].attempt, requeued[0].status), (job_id.as_str(), 1, JobStatus::Queued));
-    let job = get_job(&db.pool, &project_id, &job_id).await.unwrap();
+    let job = get_job(&db.pool, &project_id, &as_job_id(&job_id)).await.unwrap();
     assert_eq!((job.status, job.retries), (JobStatus::Queued, 1));
     assert_eq!(queued_job_ids(&db.pool).await.unwrap().iter().map(|q| q.job_id.to_string()).collect::<Vec<_>>(), [job_id.as_str()]);
 
@@ -156,7 +156,7 @@ async fn a_job_failing_past_the_retry_limit_is_failed_as_poison() {
     let requeued = requeue_expired_leases(&db.pool, OffsetDateTime::now_utc(), &NO_BACKOFF).await.unwrap();
     assert_eq!((requeued[0].attempt, requeued[0].status), (3, JobStatus::Failed));
 
-    let job = get_job(&db.pool, &project_id, &job_id).await.unwrap();
+    let job = get_job(&db.pool, &project_id, &as_job_id(&job_id)).await.unwrap();
     assert_eq!((job.status, job.retries), (JobStatus::Failed, 3));
     let error = job.error.expect("a poison job says why");
     assert_eq!(error.code, POISON_ERROR_CODE);
@@ -177,7 +177,7 @@ async fn a_crash_is_retried_only_after_its_backoff() {
     let before = OffsetDateTime::now_utc();
     finish_attempt(&db.pool, &job_id, attempt, AttemptOutcome::Crashed { reason: "oom".into() }, &policy).await.unwrap();
 
-    let job = get_job(&db.pool, &project_id, &job_id).await.unwrap();
+    let job = get_job(&db.pool, &project_id, &as_job_id(&job_id)).await.unwrap();
     let wait = job.next_attempt_at.expect("backoff set") - before;
     assert!(wait.whole_seconds() >= 29 && wait.whole_seconds() <= 31, "{wait}");
     assert!(claim(&db.pool, &worker_id, &job_id, LEASE).await.is_none(), "claimed during backoff");
@@ -196,7 +196,7 @@ async fn a_preempted_attempt_is_requeued_without_spending_a_retry() {
         let job = release_preempted(&db.pool, &job_id, claimed.attempt).await.unwrap();
         assert_eq!((job.status, job.retries, job.next_attempt_at), (JobStatus::Queued, 0, None));
     }
-    assert_eq!(get_job(&db.pool, &project_id, &job_id).await.unwrap().attempt, 5);
+    assert_eq!(get_job(&db.pool, &project_id, &as_job_id(&job_id)).await.unwrap().attempt, 5);
 }
 
 #[tokio::test]
@@ -214,7 +214,7 @@ async fn metric_points_resent_after_a_reconnect_are_stored_once() {
     resent.push(point(51, 2.0));
     assert_eq!(record_metrics(&db.pool, &job_id, attempt, &resent).await.unwrap(), 1);
 
-    let curve = list_metrics(&db.pool, &project_id, &job_id).await.unwrap();
+    let curve = list_metrics(&db.pool, &project_id, &as_job_id(&job_id)).await.unwrap();
     assert_eq!(curve.len(), 51);
     assert_eq!(curve.iter().map(|p| p.step).collect::<Vec<_>>(), (1..=51).collect::<Vec<_>>());
     assert_eq!(curve[9].train_loss, Some(2.9));
@@ -233,7 +233,8 @@ async fn steps_replayed_by_a_resumed_attempt_replace_the_older_attempts_points()
     let second = claim(&db.pool, &worker_id, &job_id, LEASE).await.unwrap().attempt;
     record_metrics(&db.pool, &job_id, second, &[point(2, 2.7), point(3, 2.6)]).await.unwrap();
 
-    let losses: Vec<Option<f32>> = list_metrics(&db.pool, &project_id, &job_id).await.unwrap().iter().map(|p| p.train_loss).collect();
+    let losses: Vec<Option<f32>> =
+        list_metrics(&db.pool, &project_id, &as_job_id(&job_id)).await.unwrap().iter().map(|p| p.train_loss).collect();
     assert_eq!(losses, [Some(3.0), Some(2.7), Some(2.6)]);
 }
 
@@ -254,18 +255,18 @@ async fn events_resent_with_the_same_seq_are_stored_once_and_listed_newest_first
     assert_eq!(append_events(&db.pool, &job_id, attempt, &[event(1, "loading model"), event(2, "step 1")]).await.unwrap(), 2);
     assert_eq!(append_events(&db.pool, &job_id, attempt, &[event(2, "step 1"), event(3, "step 2")]).await.unwrap(), 1);
 
-    let page = list_events(&db.pool, &project_id, &job_id, None, 2).await.unwrap();
+    let page = list_events(&db.pool, &project_id, &as_job_id(&job_id), None, 2).await.unwrap();
     assert!(page.has_more);
     assert_eq!(page.items.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(), ["step 2", "step 1"]);
     assert_eq!(page.items[0].data, Some(json!({ "seq": 3 })));
-    let rest = list_events(&db.pool, &project_id, &job_id, Some(&page.items[1].id), 10).await.unwrap();
+    let rest = list_events(&db.pool, &project_id, &as_job_id(&job_id), Some(&page.items[1].id), 10).await.unwrap();
     assert_eq!(rest.items.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(), ["loading model"]);
     assert!(!rest.has_more);
 
     let other_project = project(&db.pool, "other").await;
-    assert!(matches!(list_events(&db.pool, &other_project, &job_id, None, 10).await, Err(StoreError::NotFound)));
-    assert!(matches!(list_metrics(&db.pool, &other_project, &job_id).await, Err(StoreError::NotFound)));
-    assert!(matches!(list_checkpoints(&db.pool, &other_project, &job_id, None, 10).await, Err(StoreError::NotFound)));
+    assert!(matches!(list_events(&db.pool, &other_project, &as_job_id(&job_id), None, 10).await, Err(StoreError::NotFound)));
+    assert!(matches!(list_metrics(&db.pool, &other_project, &as_job_id(&job_id)).await, Err(StoreError::NotFound)));
+    assert!(matches!(list_checkpoints(&db.pool, &other_project, &as_job_id(&job_id), None, 10).await, Err(StoreError::NotFound)));
 }
 
 #[tokio::test]
@@ -290,7 +291,7 @@ async fn a_succeeded_attempt_finishes_the_job_with_its_model_and_result_files() 
     assert_eq!(job.trained_tokens, Some(12345));
     assert!(job.finished_at.is_some());
     assert!(matches!(record_metrics(&db.pool, &job_id, attempt, &[point(1, 1.0)]).await, Err(StoreError::StaleAttempt { .. })));
-    assert_eq!(get_job(&db.pool, &project_id, &job_id).await.unwrap(), job);
+    assert_eq!(get_job(&db.pool, &project_id, &as_job_id(&job_id)).await.unwrap(), job);
 }
 
 #[tokio::test]
@@ -300,14 +301,14 @@ async fn a_pause_of_a_running_job_reaches_the_worker_and_ends_the_attempt_as_pau
     let worker_id = worker(&db.pool, "a").await;
     let attempt = claim(&db.pool, &worker_id, &job_id, LEASE).await.unwrap().attempt;
 
-    let requested = pause_job(&db.pool, &project_id, &job_id).await.unwrap();
+    let requested = pause_job(&db.pool, &project_id, &as_job_id(&job_id)).await.unwrap();
     assert_eq!((requested.status, requested.pause_requested), (JobStatus::Running, true));
     assert!(renew_lease(&db.pool, &job_id, attempt, &worker_id, LEASE).await.unwrap().pause_requested);
 
     commit_checkpoint(&db.pool, &job_id, attempt, 7, "ckpt-7", &json!({})).await.unwrap();
     let paused = finish_attempt(&db.pool, &job_id, attempt, AttemptOutcome::Paused, &RetryPolicy::default()).await.unwrap();
     assert_eq!((paused.status, paused.pause_requested), (JobStatus::Paused, false));
-    let page = list_checkpoints(&db.pool, &project_id, &job_id, None, 10).await.unwrap();
+    let page = list_checkpoints(&db.pool, &project_id, &as_job_id(&job_id), None, 10).await.unwrap();
     assert_eq!(page.items.iter().map(|c| c.step).collect::<Vec<_>>(), [7]);
 }
 
@@ -358,7 +359,7 @@ async fn a_point_resent_with_its_validation_loss_is_completed_not_ignored() {
     let completed = MetricPoint { valid_loss: Some(2.25), valid_mean_token_accuracy: Some(0.5), ..point(10, 2.5) };
     assert_eq!(record_metrics(&db.pool, &job_id, attempt, std::slice::from_ref(&completed)).await.unwrap(), 1);
     assert_eq!(record_metrics(&db.pool, &job_id, attempt, &[completed]).await.unwrap(), 0, "an identical resend writes nothing");
-    let curve = list_metrics(&db.pool, &project_id, &job_id).await.unwrap();
+    let curve = list_metrics(&db.pool, &project_id, &as_job_id(&job_id)).await.unwrap();
     assert_eq!((curve[0].train_loss, curve[0].valid_loss), (Some(2.5), Some(2.25)));
 }
 
@@ -382,8 +383,8 @@ async fn progress_is_written_whole_by_the_holder_and_not_at_all_by_a_stale_attem
 
     let stale = record_progress(&db.pool, &job_id, first, &[point(3, 2.8)], &[event(2048, 3)]).await;
     assert!(matches!(stale, Err(StoreError::StaleAttempt { attempt, current, .. }) if attempt == first && current == second));
-    let curve = list_metrics(&db.pool, &project_id, &job_id).await.unwrap();
+    let curve = list_metrics(&db.pool, &project_id, &as_job_id(&job_id)).await.unwrap();
     assert_eq!(curve.iter().map(|p| p.step).collect::<Vec<_>>(), [1, 2]);
-    let events = list_events(&db.pool, &project_id, &job_id, None, 100).await.unwrap().items;
+    let events = list_events(&db.pool, &project_id, &as_job_id(&job_id), None, 100).await.unwrap().items;
     assert_eq!(events.iter().filter(|e| e.kind == "metrics").count(), 2, "the stale attempt's event was stored");
 }

@@ -42,7 +42,7 @@ async fn an_evaluation_is_claimed_once_and_its_items_and_score_land_together() {
         .await
         .unwrap();
     assert_eq!((created.status, created.attempt), (EvaluationStatus::Queued, 0));
-    assert!(matches!(get_evaluation(&db.pool, &other, created.id.as_str()).await, Err(StoreError::NotFound)), "another project's id");
+    assert!(matches!(get_evaluation(&db.pool, &other, &created.id).await, Err(StoreError::NotFound)), "another project's id");
 
     let id = created.id.as_str();
     let claim = claim_evaluation(&db.pool, &worker_a, None, LEASE).await.unwrap().expect("claimed");
@@ -50,7 +50,7 @@ async fn an_evaluation_is_claimed_once_and_its_items_and_score_land_together() {
     assert!(claim_evaluation(&db.pool, &worker_b, Some(id), LEASE).await.unwrap().is_none(), "claimed twice");
 
     renew_evaluation_lease(&db.pool, id, 1, &worker_a, LEASE, Some((2, 3))).await.unwrap();
-    let running = get_evaluation(&db.pool, &project_id, id).await.unwrap();
+    let running = get_evaluation(&db.pool, &project_id, &created.id).await.unwrap();
     assert_eq!((running.status, running.items_done, running.items_total), (EvaluationStatus::Running, 2, Some(3)));
     let refused = renew_evaluation_lease(&db.pool, id, 1, &worker_b, LEASE, None).await;
     assert!(matches!(refused, Err(StoreError::StaleAttempt { .. })), "another worker renewed: {refused:?}");
@@ -60,16 +60,16 @@ async fn an_evaluation_is_claimed_once_and_its_items_and_score_land_together() {
     let done = finish_evaluation(&db.pool, id, 1, &worker_a, &result, &items).await.unwrap();
     assert_eq!((done.status, done.items_done, done.result), (EvaluationStatus::Succeeded, 3, Some(result)));
     assert!(done.finished_at.is_some());
-    let page = list_items(&db.pool, &project_id, id, None, 2).await.unwrap();
+    let page = list_items(&db.pool, &project_id, &created.id, None, 2).await.unwrap();
     assert_eq!(page.items.iter().map(|i| i.index).collect::<Vec<_>>(), vec![4, 9]);
     assert!(page.has_more);
-    let rest = list_items(&db.pool, &project_id, id, Some(9), 2).await.unwrap();
+    let rest = list_items(&db.pool, &project_id, &created.id, Some(9), 2).await.unwrap();
     assert_eq!((rest.items.len(), rest.items[0].index, rest.has_more), (1, 17, false));
     assert_eq!(page.items[1].output, "no idea\u{FFFD}", "a NUL from the model is stored, replaced");
-    assert!(matches!(list_items(&db.pool, &other, id, None, 10).await, Err(StoreError::NotFound)));
+    assert!(matches!(list_items(&db.pool, &other, &created.id, None, 10).await, Err(StoreError::NotFound)));
     let late = finish_evaluation(&db.pool, id, 1, &worker_a, &json!({}), &[]).await;
     assert!(matches!(late, Err(StoreError::StaleAttempt { .. })), "a finished evaluation took a second result");
-    assert!(matches!(cancel_evaluation(&db.pool, &project_id, id).await, Err(StoreError::InvalidState(_))));
+    assert!(matches!(cancel_evaluation(&db.pool, &project_id, &created.id).await, Err(StoreError::InvalidState(_))));
 }
 
 #[tokio::test]
@@ -106,7 +106,7 @@ async fn expired_leases_are_retried_then_failed_and_cancel_stops_the_worker() {
     let cancelled = create_evaluation(&db.pool, new()).await.unwrap();
     let cid = cancelled.id.as_str();
     claim_evaluation(&db.pool, &worker_a, Some(cid), LEASE).await.unwrap().expect("claimed");
-    assert_eq!(cancel_evaluation(&db.pool, &project_id, cid).await.unwrap().status, EvaluationStatus::Cancelled);
+    assert_eq!(cancel_evaluation(&db.pool, &project_id, &cancelled.id).await.unwrap().status, EvaluationStatus::Cancelled);
     let renewal = renew_evaluation_lease(&db.pool, cid, 1, &worker_a, LEASE, None).await;
     assert!(matches!(renewal, Err(StoreError::StaleAttempt { .. })), "the worker must learn of the cancel: {renewal:?}");
 

@@ -10,7 +10,7 @@ async fn a_stored_file_comes_back_with_its_validation_summary() {
     let project_id = project(&db.pool, "acme").await;
     let id = training_file(&db.pool, &project_id).await;
 
-    let file = get_file(&db.pool, &project_id, id.as_str()).await.unwrap();
+    let file = get_file(&db.pool, &project_id, &id).await.unwrap();
     assert_eq!(file.filename, "cve-cwe.jsonl");
     assert_eq!(file.bytes, 3456);
     let summary = file.summary.unwrap();
@@ -45,10 +45,10 @@ async fn a_deleted_file_is_gone_from_get_list_and_a_second_delete() {
     let project_id = project(&db.pool, "acme").await;
     let id = training_file(&db.pool, &project_id).await;
 
-    delete_file(&db.pool, &project_id, id.as_str()).await.unwrap();
-    assert!(matches!(get_file(&db.pool, &project_id, id.as_str()).await, Err(StoreError::NotFound)));
+    delete_file(&db.pool, &project_id, &id).await.unwrap();
+    assert!(matches!(get_file(&db.pool, &project_id, &id).await, Err(StoreError::NotFound)));
     assert!(list_files(&db.pool, &project_id, None, None, 10).await.unwrap().items.is_empty());
-    assert!(matches!(delete_file(&db.pool, &project_id, id.as_str()).await, Err(StoreError::NotFound)));
+    assert!(matches!(delete_file(&db.pool, &project_id, &id).await, Err(StoreError::NotFound)));
 }
 
 #[tokio::test]
@@ -58,10 +58,10 @@ async fn project_b_cannot_get_list_or_delete_project_a_file() {
     let project_b = project(&db.pool, "b").await;
     let id = training_file(&db.pool, &project_a).await;
 
-    assert!(matches!(get_file(&db.pool, &project_b, id.as_str()).await, Err(StoreError::NotFound)));
+    assert!(matches!(get_file(&db.pool, &project_b, &id).await, Err(StoreError::NotFound)));
     assert!(list_files(&db.pool, &project_b, None, None, 10).await.unwrap().items.is_empty());
-    assert!(matches!(delete_file(&db.pool, &project_b, id.as_str()).await, Err(StoreError::NotFound)));
-    assert!(get_file(&db.pool, &project_a, id.as_str()).await.is_ok());
+    assert!(matches!(delete_file(&db.pool, &project_b, &id).await, Err(StoreError::NotFound)));
+    assert!(get_file(&db.pool, &project_a, &id).await.is_ok());
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ use lathe_store::jobs::{cancel_job, create_job, fail_job, get_job, list_jobs, pa
 use lathe_store::StoreError;
 use serde_json::json;
 
-use crate::support::{project, queued_job, spec, training_file, worker, TestDb};
+use crate::support::{as_job_id, project, queued_job, spec, training_file, worker, TestDb};
 
 #[tokio::test]
 async fn a_created_job_is_queued_with_its_spec_and_resources() {
@@ -27,7 +27,7 @@ async fn a_created_job_is_queued_with_its_spec_and_resources() {
             .await
             .unwrap();
     assert_eq!((pool.as_str(), priority, memory), ("a100", 5, Some(40)));
-    assert_eq!(get_job(&db.pool, &project_id, job.id.as_str()).await.unwrap(), job);
+    assert_eq!(get_job(&db.pool, &project_id, &job.id).await.unwrap(), job);
 }
 
 #[tokio::test]
@@ -113,12 +113,12 @@ async fn project_b_cannot_get_list_cancel_pause_or_resume_project_a_job() {
     let (project_a, job_id) = queued_job(&db.pool, "a").await;
     let project_b = project(&db.pool, "b").await;
 
-    assert!(matches!(get_job(&db.pool, &project_b, &job_id).await, Err(StoreError::NotFound)));
+    assert!(matches!(get_job(&db.pool, &project_b, &as_job_id(&job_id)).await, Err(StoreError::NotFound)));
     assert!(list_jobs(&db.pool, &project_b, None, 10).await.unwrap().items.is_empty());
-    assert!(matches!(cancel_job(&db.pool, &project_b, &job_id).await, Err(StoreError::NotFound)));
-    assert!(matches!(pause_job(&db.pool, &project_b, &job_id).await, Err(StoreError::NotFound)));
-    assert!(matches!(resume_job(&db.pool, &project_b, &job_id).await, Err(StoreError::NotFound)));
-    assert_eq!(get_job(&db.pool, &project_a, &job_id).await.unwrap().status, JobStatus::Queued);
+    assert!(matches!(cancel_job(&db.pool, &project_b, &as_job_id(&job_id)).await, Err(StoreError::NotFound)));
+    assert!(matches!(pause_job(&db.pool, &project_b, &as_job_id(&job_id)).await, Err(StoreError::NotFound)));
+    assert!(matches!(resume_job(&db.pool, &project_b, &as_job_id(&job_id)).await, Err(StoreError::NotFound)));
+    assert_eq!(get_job(&db.pool, &project_a, &as_job_id(&job_id)).await.unwrap().status, JobStatus::Queued);
 }
 
 #[tokio::test]
@@ -126,15 +126,15 @@ async fn a_cancelled_job_is_final_and_cannot_be_cancelled_or_resumed_again() {
     let db = TestDb::new().await;
     let (project_id, job_id) = queued_job(&db.pool, "acme").await;
 
-    let cancelled = cancel_job(&db.pool, &project_id, &job_id).await.unwrap();
+    let cancelled = cancel_job(&db.pool, &project_id, &as_job_id(&job_id)).await.unwrap();
     assert_eq!(cancelled.status, JobStatus::Cancelled);
     assert!(cancelled.finished_at.is_some());
-    let again = cancel_job(&db.pool, &project_id, &job_id).await;
+    let again = cancel_job(&db.pool, &project_id, &as_job_id(&job_id)).await;
     assert!(matches!(
         again,
         Err(StoreError::IllegalTransition(IllegalTransition { from: JobStatus::Cancelled, to: JobStatus::Cancelled }))
     ));
-    assert!(matches!(resume_job(&db.pool, &project_id, &job_id).await, Err(StoreError::IllegalTransition(_))));
+    assert!(matches!(resume_job(&db.pool, &project_id, &as_job_id(&job_id)).await, Err(StoreError::IllegalTransition(_))));
 }
 
 #[tokio::test]
@@ -144,10 +144,10 @@ async fn a_paused_queued_job_is_not_claimed_until_resumed() {
     let worker_id = worker(&db.pool, "w1").await;
     let request = ClaimRequest { worker_id: &worker_id, job_id: None, lease: std::time::Duration::from_secs(60) };
 
-    assert_eq!(pause_job(&db.pool, &project_id, &job_id).await.unwrap().status, JobStatus::Paused);
+    assert_eq!(pause_job(&db.pool, &project_id, &as_job_id(&job_id)).await.unwrap().status, JobStatus::Paused);
     assert!(claim_job(&db.pool, request.clone()).await.unwrap().is_none());
 
-    assert_eq!(resume_job(&db.pool, &project_id, &job_id).await.unwrap().status, JobStatus::Queued);
+    assert_eq!(resume_job(&db.pool, &project_id, &as_job_id(&job_id)).await.unwrap().status, JobStatus::Queued);
     let claim = claim_job(&db.pool, request).await.unwrap().expect("claimed after resume");
     assert_eq!(claim.job_id.as_str(), job_id);
 }
@@ -160,7 +160,7 @@ async fn cancelling_a_running_job_ends_its_attempt_and_frees_the_lease() {
     let request = ClaimRequest { worker_id: &worker_id, job_id: Some(&job_id), lease: std::time::Duration::from_secs(60) };
     claim_job(&db.pool, request).await.unwrap().expect("claimed");
 
-    let cancelled = cancel_job(&db.pool, &project_id, &job_id).await.unwrap();
+    let cancelled = cancel_job(&db.pool, &project_id, &as_job_id(&job_id)).await.unwrap();
     assert_eq!(cancelled.status, JobStatus::Cancelled);
     let (owner, outcome): (Option<String>, Option<String>) =
         sqlx::query_as("SELECT j.lease_owner, a.outcome FROM jobs j JOIN attempts a ON a.job_id = j.id WHERE j.id = $1")
@@ -177,9 +177,9 @@ async fn failing_a_job_records_the_error_object() {
     let (project_id, job_id) = queued_job(&db.pool, "acme").await;
     let error = JobError { code: "invalid_training_file".into(), message: "line 3: bad".into(), param: Some("training_file".into()) };
     // A queued job never "fails" in core's rules: only validation or a run can fail it.
-    assert!(matches!(fail_job(&db.pool, &project_id, &job_id, &error).await, Err(StoreError::IllegalTransition(_))));
+    assert!(matches!(fail_job(&db.pool, &project_id, &as_job_id(&job_id), &error).await, Err(StoreError::IllegalTransition(_))));
     sqlx::query("UPDATE jobs SET status = 'validating_files' WHERE id = $1").bind(&job_id).execute(&db.pool).await.unwrap();
-    let failed = fail_job(&db.pool, &project_id, &job_id, &error).await.unwrap();
+    let failed = fail_job(&db.pool, &project_id, &as_job_id(&job_id), &error).await.unwrap();
     assert_eq!(failed.status, JobStatus::Failed);
     assert_eq!(failed.error, Some(error));
 }
@@ -191,7 +191,7 @@ async fn a_repeated_key_returns_the_job_even_after_its_file_was_deleted() {
     let file = training_file(&db.pool, &project_id).await;
     let spec = spec(&file, json!({}));
     let (job, _) = create_job(&db.pool, &project_id, &spec, Some("retry-me")).await.unwrap();
-    lathe_store::files::delete_file(&db.pool, &project_id, file.as_str()).await.unwrap();
+    lathe_store::files::delete_file(&db.pool, &project_id, &file).await.unwrap();
 
     let (again, created) = create_job(&db.pool, &project_id, &spec, Some("retry-me")).await.unwrap();
     assert_eq!((again.id, created), (job.id, false));

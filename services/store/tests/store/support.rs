@@ -107,3 +107,8 @@ pub async fn worker_with(pool: &PgPool, name: &str, pools: &[String], gpu_memory
     };
     register_worker(pool, new).await.expect("worker registered").worker.id
 }
+
+/// A job id the store handed out as text, typed again for the calls that take a `JobId`.
+pub fn as_job_id(text: &str) -> lathe_core::JobId {
+    lathe_core::JobId::parse(text).expect("a job id from the store")
+}
