@@ -152,23 +152,7 @@ pub async fn run(
         session.push(log(LogLevel::Info, message, data.to_string()));
     }
 
-    let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
-    let trainer_signals = signals.clone();
-    // The blocking thread does not inherit the task's span; the trainer's own logs should.
-    let span = tracing::Span::current();
-    let mut trainer = tokio::task::spawn_blocking(move || {
-        let _in_attempt = span.enter();
-        let mut on_event = |event: &Event| {
-            let _ = events_tx.send(event.clone());
-        };
-        let should_stop = || trainer_signals.should_stop();
-        let abandon = || trainer_signals.should_abandon();
-        lathe_trainer::train::run(
-            &train,
-            resume.as_deref(),
-            Hooks { on_event: &mut on_event, should_stop: &should_stop, abandon: &abandon },
-        )
-    });
+    let (mut trainer, mut events) = start_trainer(train, resume, signals.clone());
 
     let mut points = Points::default();
     let mut flush = tokio::time::interval(FLUSH_EVERY);
@@ -205,7 +189,22 @@ pub async fn run(
     }
     points.flush(&mut session);
 
-    let ended = match (result, signals.cause()) {
+    let ended = report_end(result, signals.cause(), &mut session, tokens_seen);
+    if ended != Ended::LeaseLost {
+        session.drain(&signals).await;
+    }
+    telemetry.attempt_ended(ended.as_str());
+    ended
+}
+
+/// Tells the controller how the attempt ended (finish, stop, fail) and says what it was.
+fn report_end(
+    result: Result<lathe_trainer::Result<Outcome>, tokio::task::JoinError>,
+    cause: Option<StopCause>,
+    session: &mut Session,
+    tokens_seen: u64,
+) -> Ended {
+    match (result, cause) {
         (_, Some(StopCause::LeaseLost)) => Ended::LeaseLost,
         (Ok(Ok(Outcome::Finished { adapter_dir, model_dir, .. })), _) => {
             let dir = adapter_dir.or(model_dir).unwrap_or_default();
@@ -250,12 +249,33 @@ pub async fn run(
             session.push(Up::Fail(Fail { class: FailureClass::Crash as i32, code: "trainer_crashed".into(), message }));
             Ended::Crashed
         }
-    };
-    if ended != Ended::LeaseLost {
-        session.drain(&signals).await;
     }
-    telemetry.attempt_ended(ended.as_str());
-    ended
+}
+
+/// Runs the trainer on a blocking thread (inside the attempt's span); its events arrive on the
+/// returned channel, and it polls `signals` between steps.
+fn start_trainer(
+    train: lathe_trainer::train::TrainConfig,
+    resume: Option<PathBuf>,
+    signals: Arc<Signals>,
+) -> (tokio::task::JoinHandle<lathe_trainer::Result<Outcome>>, mpsc::UnboundedReceiver<Event>) {
+    let (events_tx, events) = mpsc::unbounded_channel::<Event>();
+    // The blocking thread does not inherit the task's span; the trainer's own logs should.
+    let span = tracing::Span::current();
+    let trainer = tokio::task::spawn_blocking(move || {
+        let _in_attempt = span.enter();
+        let mut on_event = |event: &Event| {
+            let _ = events_tx.send(event.clone());
+        };
+        let should_stop = || signals.should_stop();
+        let abandon = || signals.should_abandon();
+        lathe_trainer::train::run(
+            &train,
+            resume.as_deref(),
+            Hooks { on_event: &mut on_event, should_stop: &should_stop, abandon: &abandon },
+        )
+    });
+    (trainer, events)
 }
 
 /// What the decontamination step reports: an event message and its data.
