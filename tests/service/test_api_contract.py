@@ -239,6 +239,33 @@ def test_a_malformed_cursor_is_400_naming_after(service, api_key):
     assert error["param"] == "after"
 
 
+@pytest.mark.parametrize("query,param", [("model=tiny%00", "model"), ("fine_tuning_job=ftjob-x%00", "fine_tuning_job")])
+def test_a_nul_in_an_evaluation_filter_is_400_naming_it(service, api_key, query, param):
+    error = assert_error_envelope(service.request("GET", f"/v1/evaluations?{query}", key=api_key), 400)
+    assert error["param"] == param and "NUL" in error["message"], error
+
+
+def test_a_nul_in_metadata_is_400_and_a_tiny_learning_rate_is_400_and_the_job_list_still_answers(service, client, api_key,
+                                                                                                 training_file_id):
+    before = job_ids(client)
+    for extra, param in [({"metadata": {"team": "red\u0000"}}, "metadata"), ({"learning_rate": 1e-310}, "learning_rate"),
+                         ({"learning_rate": 5e-324}, "learning_rate")]:
+        body = {"model": MODEL, "training_file": training_file_id, **extra}
+        resp = service.request("POST", "/v1/fine_tuning/jobs", key=api_key, json_body=body)
+        error = assert_error_envelope(resp, 400)
+        assert error["param"] == param, error
+    assert job_ids(client) == before
+    assert service.request("GET", "/v1/fine_tuning/jobs?limit=100", key=api_key).status == 200
+
+
+def test_error_envelopes_carry_the_request_id_of_the_x_request_id_header(service, api_key):
+    resp = service.request("GET", "/v1/fine_tuning/jobs/ftjob-x", key=api_key, headers={"X-Request-Id": "trace-7"})
+    error = assert_error_envelope(resp, 404)
+    assert error["request_id"] == "trace-7" and resp.headers.get("x-request-id") == "trace-7", (error, resp.headers)
+    fresh = service.request("GET", "/v1/fine_tuning/jobs/ftjob-x", key=api_key)
+    assert fresh.headers.get("x-request-id", "").startswith("req_") and fresh.json()["error"]["request_id"] == fresh.headers["x-request-id"]
+
+
 def test_one_file_can_be_both_training_and_validation_file(client, training_file_id):
     job = create_job(client, training_file_id, pool=PARKED_POOL, validation_file=training_file_id)
     assert job.validation_file == training_file_id == job.training_file

@@ -207,6 +207,7 @@ impl EvaluationSpec {
                 .ok_or_else(|| SpecError::invalid(&param("extraction"), format!("unknown rule {rule:?}; known: {}", Rule::names())))?,
         };
         if let Some(system) = &request.system_prompt {
+            crate::spec::storable_text(&param("system_prompt"), system)?;
             if system.len() > 16_384 {
                 return Err(SpecError::invalid(&param("system_prompt"), format!("at most 16384 bytes, got {}", system.len())));
             }
@@ -264,5 +265,13 @@ mod tests {
         assert_eq!(EvaluationSpec::resolve(&nested, "evaluations[2].").unwrap_err().param, "evaluations[2].shots");
         let message = resolve(json!({"benchmark": "mmlu"})).unwrap_err().message;
         assert!(message.contains("cti-mcq, cti-rcm, cti-rcm-2021, file"), "{message}");
+    }
+
+    #[test]
+    fn a_nul_character_in_the_system_prompt_is_refused_naming_the_field() {
+        let error = resolve(json!({"benchmark": "cti-mcq", "system_prompt": "be brief\u{0}"})).unwrap_err();
+        assert_eq!(error.param, "system_prompt");
+        let nested = EvaluationRequest::from_value(json!({"benchmark": "cti-mcq", "system_prompt": "\u{0}"}), "evaluations[1].").unwrap();
+        assert_eq!(EvaluationSpec::resolve(&nested, "evaluations[1].").unwrap_err().param, "evaluations[1].system_prompt");
     }
 }

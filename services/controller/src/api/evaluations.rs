@@ -47,6 +47,7 @@ async fn resolve_model(state: &AppState, project: &Project, model: &str) -> ApiR
             "model: required; a base model (GET /v1/models) or a fine-tuned ft:… model",
         ));
     }
+    lathe_core::spec::storable_text("model", model)?;
     if model.starts_with("ft:") {
         let job = jobs::find_by_fine_tuned_model(&state.pool, &project.id, model).await?.ok_or_else(|| {
             ApiError::invalid(Some("model"), "model_not_found", format!("model: {model:?} is not a fine-tuned model of this project"))
@@ -174,6 +175,12 @@ pub struct ListQuery {
 pub async fn list(State(state): State<AppState>, project: Project, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
     let limit = page_limit(q.limit)?;
     let after = super::cursor(q.after.as_deref(), lathe_core::EvaluationId::parse)?;
+    // Filters reach SQL as text: Postgres refuses a NUL in them.
+    for (param, value) in [("model", &q.model), ("fine_tuning_job", &q.fine_tuning_job)] {
+        if let Some(value) = value {
+            lathe_core::spec::storable_text(param, value)?;
+        }
+    }
     let filter = EvaluationFilter { model: q.model.as_deref(), job_id: q.fine_tuning_job.as_deref() };
     let page = evaluations::list_evaluations(&state.pool, &project.id, filter, after.as_deref(), limit).await?;
     Ok(Json(views::list(page, |e| e.id.as_str().to_string(), views::evaluation)))

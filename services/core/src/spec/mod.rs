@@ -44,6 +44,9 @@ pub const LORA_BASE_LEARNING_RATE: f64 = 1e-4;
 pub const FULL_BASE_LEARNING_RATE: f64 = 1e-5;
 pub const DEFAULT_SEED: u64 = 0;
 pub const DEFAULT_WARMUP_RATIO: f64 = 0.03;
+/// The smallest learning rate a job may ask for: below it nothing trains, and far below it
+/// (subnormal floats) the arithmetic on it stops being exact.
+pub const MIN_LEARNING_RATE: f64 = 1e-10;
 pub const DEFAULT_MAX_SEQ_LENGTH: u32 = 2048;
 pub const MAX_SEQ_LENGTH_LIMIT: u32 = 131_072;
 pub const DEFAULT_POOL: &str = "default";
@@ -398,15 +401,16 @@ fn resolve_hyperparameters(
     let base = base_learning_rate(lora);
     let learning_rate = match (learning_rate, h.learning_rate_multiplier) {
         (Some(lr), _) => {
-            if !(lr > 0.0 && lr <= 1.0) {
-                return Err(SpecError::invalid("learning_rate", format!("must be in (0, 1], got {lr}")));
+            if !(MIN_LEARNING_RATE..=1.0).contains(&lr) {
+                return Err(SpecError::invalid("learning_rate", format!("must be in [{MIN_LEARNING_RATE:e}, 1], got {lr:e}")));
             }
             lr
         }
         (None, None | Some(AutoOr::Auto)) => base,
         (None, Some(AutoOr::Value(m))) => {
-            if !(m > 0.0 && m <= 100.0) {
-                return Err(SpecError::invalid(&format!("{param}.learning_rate_multiplier"), format!("must be in (0, 100], got {m}")));
+            if !(m > 0.0 && m <= 100.0) || m * base < MIN_LEARNING_RATE {
+                let message = format!("must be in (0, 100] and give a learning rate of at least {MIN_LEARNING_RATE:e}, got {m:e}");
+                return Err(SpecError::invalid(&format!("{param}.learning_rate_multiplier"), message));
             }
             m * base
         }
@@ -532,6 +536,15 @@ fn validate_suffix(suffix: Option<String>) -> Result<Option<String>, SpecError> 
     Ok(Some(suffix))
 }
 
+/// Text Postgres can store: a `text` column refuses the NUL character (the database answers
+/// with an error, which would surface as a 500). Every string the API stores passes here.
+pub fn storable_text(param: &str, text: &str) -> Result<(), SpecError> {
+    match text.find('\0') {
+        Some(at) => Err(SpecError::invalid(param, format!("contains a NUL character (\\u0000) at byte {at}, which cannot be stored"))),
+        None => Ok(()),
+    }
+}
+
 /// OpenAI's limits: 16 pairs, keys up to 64 characters, values up to 512.
 fn validate_metadata(metadata: Option<BTreeMap<String, String>>) -> Result<BTreeMap<String, String>, SpecError> {
     let metadata = metadata.unwrap_or_default();
@@ -539,6 +552,8 @@ fn validate_metadata(metadata: Option<BTreeMap<String, String>>) -> Result<BTree
         return Err(SpecError::invalid("metadata", format!("at most 16 pairs, got {}", metadata.len())));
     }
     for (key, value) in &metadata {
+        storable_text("metadata", key)?;
+        storable_text("metadata", value)?;
         if key.is_empty() || key.chars().count() > 64 {
             return Err(SpecError::invalid("metadata", format!("key {key:?} must be 1 to 64 characters")));
         }
@@ -576,5 +591,11 @@ fn round_to_12_digits(x: f64) -> f64 {
         return x;
     }
     let scale = 10f64.powi(11 - x.abs().log10().floor() as i32);
-    (x * scale).round() / scale
+    let rounded = (x * scale).round() / scale;
+    // Far from 1 the scale over- or underflows: keep the value rather than store a NaN.
+    if rounded.is_finite() && rounded != 0.0 {
+        rounded
+    } else {
+        x
+    }
 }

@@ -319,3 +319,37 @@ fn job_evaluations_are_validated_with_their_index() {
     let full = spec(serde_json::json!({"method": {"type": "full"}, "evaluations": [{"benchmark": "cti-mcq"}]})).unwrap_err();
     assert_eq!(full.param, "evaluations");
 }
+
+#[test]
+fn tiny_learning_rates_are_refused_before_anything_is_stored() {
+    // 1e-310 and 5e-324 once passed the range check and were stored as a null multiplier,
+    // after which the project's job list answered 500.
+    for lr in [1e-310, 5e-324, 1e-11] {
+        let error = rejection(json!({"learning_rate": lr}));
+        assert_eq!(error.param, "learning_rate", "{lr:e}: {}", error.message);
+    }
+    let error = rejection(json!({"hyperparameters": {"learning_rate_multiplier": 1e-300}}));
+    assert_eq!(error.param, "hyperparameters.learning_rate_multiplier");
+    // The smallest accepted rate stores and reads back as it was accepted.
+    let smallest = spec(json!({"learning_rate": MIN_LEARNING_RATE})).unwrap();
+    let stored: JobSpec = serde_json::from_value(serde_json::to_value(&smallest).unwrap()).unwrap();
+    assert_eq!(stored, smallest);
+    assert!(stored.hyperparameters.learning_rate_multiplier.is_finite() && stored.hyperparameters.learning_rate_multiplier > 0.0);
+}
+
+#[test]
+fn rounding_a_multiplier_never_makes_a_nan_or_a_zero() {
+    for x in [1e-306, 5e-324, 1e300, 1.7976931348623157e308, 0.5] {
+        let rounded = round_to_12_digits(x);
+        assert!(rounded.is_finite() && rounded > 0.0, "{x:e} -> {rounded:e}");
+    }
+}
+
+#[test]
+fn a_nul_character_in_metadata_is_refused_naming_the_field() {
+    for metadata in [json!({"k\u{0}": "v"}), json!({"k": "v\u{0}"})] {
+        let error = rejection(json!({"metadata": metadata}));
+        assert_eq!(error.param, "metadata");
+        assert!(error.message.contains("NUL"), "{}", error.message);
+    }
+}
