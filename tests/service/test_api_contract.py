@@ -4,6 +4,7 @@ nothing stored."""
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import secrets
@@ -173,6 +174,25 @@ def test_malformed_training_file_is_refused_naming_the_line(client, tmp_path):
     assert re.search(r"\bline 3\b", error["message"]), f"the message does not name line 3: {error['message']!r}"
     assert (error.get("param"), error.get("code")) == ("file", "invalid_training_file"), error
     assert file_ids(client) == before, "a rejected file was stored"
+
+
+def test_an_over_long_file_name_is_refused_and_nothing_is_stored(client):
+    before = file_ids(client)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.files.create(file=("n" * 300 + ".jsonl", "".join(r + "\n" for r in example_rows(12)).encode()), purpose="fine-tune")
+    error = error_body(caught.value)
+    assert error.get("param") == "file" and "at most 255" in error["message"], error
+    assert file_ids(client) == before
+
+
+def test_an_example_with_too_many_messages_is_refused_at_upload_naming_its_line(client):
+    rows = example_rows(12)
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}] * 2500
+    rows[4] = json.dumps({"messages": turns})
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.files.create(file=("chatty.jsonl", "".join(r + "\n" for r in rows).encode()), purpose="fine-tune")
+    error = error_body(caught.value)
+    assert re.search(r"\bline 5\b", error["message"]) and "at most 1024" in error["message"], error
 
 
 def test_training_file_with_too_few_examples_is_refused(client):

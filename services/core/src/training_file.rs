@@ -16,6 +16,13 @@ use serde_json::{Map, Value};
 
 /// OpenAI refuses training files with fewer examples; so do we.
 pub const MIN_TRAINING_EXAMPLES: usize = 10;
+/// Messages in one chat example. Far more than any conversation a model trains on, and low
+/// enough that one line cannot tie a worker up before training (the cost of rendering a
+/// conversation grows faster than its length).
+pub const MAX_MESSAGES_PER_EXAMPLE: usize = 1024;
+/// Characters in one line: four times the longest context any supported model has (131,072
+/// tokens at ~4 characters each), so no trainable example is refused.
+pub const MAX_CHARACTERS_PER_EXAMPLE: usize = 2 * 1024 * 1024;
 
 /// One message of a chat example.
 #[derive(Debug, Clone, PartialEq)]
@@ -170,6 +177,13 @@ pub fn parse_jsonl(bytes: &[u8]) -> Result<ParsedFile, FileError> {
 
 /// Parses and validates one line; the error is the reason, without file or line number.
 pub fn parse_line(line: &str) -> Result<Example, String> {
+    // Bytes bound characters from above: count characters only when the bytes could be too many.
+    if line.len() > MAX_CHARACTERS_PER_EXAMPLE && line.chars().count() > MAX_CHARACTERS_PER_EXAMPLE {
+        return Err(format!(
+            "the example has {} characters; at most {MAX_CHARACTERS_PER_EXAMPLE} are allowed per line",
+            line.chars().count()
+        ));
+    }
     let value: Value = serde_json::from_str(line).map_err(|e| {
         // serde's message ends with "at line 1 column N"; a JSONL line is always line 1.
         let message = e.to_string();
@@ -223,6 +237,9 @@ fn parse_messages(messages: &Value) -> Result<Vec<ChatMessage>, String> {
     };
     if items.is_empty() {
         return Err("`messages` is empty".into());
+    }
+    if items.len() > MAX_MESSAGES_PER_EXAMPLE {
+        return Err(format!("`messages` has {} messages; at most {MAX_MESSAGES_PER_EXAMPLE} are allowed per example", items.len()));
     }
     let messages = items
         .iter()
@@ -446,5 +463,25 @@ mod tests {
         content.extend_from_slice(&[0xff, b'"', b'}', b'\n']);
         let error = validate_jsonl(&content).unwrap_err();
         assert_eq!(error.to_string(), "line 2: not valid UTF-8 at byte 13 of the line");
+    }
+
+    #[test]
+    fn an_example_with_too_many_messages_is_refused_naming_its_line() {
+        // Once 10,000 messages in one line held a worker for minutes before training.
+        let turn = r#"{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}"#;
+        let huge = format!(r#"{{"messages": [{}]}}"#, vec![turn; MAX_MESSAGES_PER_EXAMPLE / 2 + 1].join(", "));
+        let content = format!("{}\n{huge}\n", vec![GOOD_CHAT; 3].join("\n"));
+        let message = error_of(&content).to_string();
+        assert!(message.contains("line 4") && message.contains("at most 1024"), "{message}");
+        let fits = format!(r#"{{"messages": [{}]}}"#, vec![turn; MAX_MESSAGES_PER_EXAMPLE / 2].join(", "));
+        assert!(parse_line(&fits).is_ok());
+    }
+
+    #[test]
+    fn an_over_long_line_is_refused_naming_its_line() {
+        let long = format!(r#"{{"text": "{}"}}"#, "x".repeat(MAX_CHARACTERS_PER_EXAMPLE));
+        let content = format!("{GOOD_CHAT}\n{long}\n");
+        let message = error_of(&content).to_string();
+        assert!(message.contains("line 2") && message.contains("characters"), "{message}");
     }
 }

@@ -62,6 +62,9 @@ async fn read_upload(mut form: Multipart, limit: usize) -> ApiResult<Upload> {
     Ok(Upload { filename, bytes, purpose })
 }
 
+/// As on common filesystems (ext4, NTFS, APFS).
+pub const MAX_FILENAME_BYTES: usize = 255;
+
 pub async fn upload(State(state): State<AppState>, project: Project, form: Multipart) -> ApiResult<Json<Value>> {
     let upload = read_upload(form, state.config.max_upload_bytes).await?;
     if upload.purpose != PURPOSE_FINE_TUNE {
@@ -71,6 +74,17 @@ pub async fn upload(State(state): State<AppState>, project: Project, form: Multi
             format!("purpose: only 'fine-tune' files can be uploaded, got {:?}", upload.purpose),
         ));
     }
+    // A name is shown back in every listing and in Content-Disposition: bounded like a file
+    // name on disk, and storable.
+    if upload.filename.len() > MAX_FILENAME_BYTES {
+        let shown: String = upload.filename.chars().take(40).collect();
+        return Err(ApiError::invalid(
+            Some("file"),
+            "invalid_value",
+            format!("file: the file name {shown:?}… is {} bytes long; at most {MAX_FILENAME_BYTES} are allowed", upload.filename.len()),
+        ));
+    }
+    lathe_core::spec::storable_text("file", &upload.filename)?;
     if !upload.filename.ends_with(".jsonl") {
         return Err(ApiError::invalid(
             Some("file"),
