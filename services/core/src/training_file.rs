@@ -470,7 +470,7 @@ mod tests {
         // Once 10,000 messages in one line held a worker for minutes before training.
         let turn = r#"{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}"#;
         let huge = format!(r#"{{"messages": [{}]}}"#, vec![turn; MAX_MESSAGES_PER_EXAMPLE / 2 + 1].join(", "));
-        let content = format!("{}\n{huge}\n", vec![GOOD_CHAT; 3].join("\n"));
+        let content = format!("{}\n{huge}\n", [GOOD_CHAT; 3].join("\n"));
         let message = error_of(&content).to_string();
         assert!(message.contains("line 4") && message.contains("at most 1024"), "{message}");
         let fits = format!(r#"{{"messages": [{}]}}"#, vec![turn; MAX_MESSAGES_PER_EXAMPLE / 2].join(", "));
