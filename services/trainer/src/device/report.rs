@@ -109,11 +109,6 @@ impl DeviceReport {
         }
         None
     }
-
-    /// Devices for the controller: (kind, first GPU's name, its memory).
-    pub fn primary_gpu(&self) -> Option<&GpuView> {
-        self.driver.as_ref().ok().and_then(|d| d.devices.first())
-    }
 }
 
 fn device_name(device: tch::Device) -> String {
