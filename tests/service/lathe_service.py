@@ -218,13 +218,18 @@ class Service:
 
     # -- processes ----------------------------------------------------------------------------
 
-    def start_controller(self, ready_timeout: float = 60):
+    def start_controller(self, ready_timeout: float = 60, extra_args: tuple[str, ...] = (),
+                         max_upload_bytes: int = UPLOAD_LIMIT_BYTES):
         self.controller = Process("controller", [
             str(self.bin), "controller",
             "--http-listen", f"127.0.0.1:{self.http_port}", "--grpc-listen", f"127.0.0.1:{self.grpc_port}",
             "--data-dir", str(self.data_dir), "--models-root", str(self.models_root),
             "--lease-seconds", str(LEASE_SECONDS), "--heartbeat-seconds", "1", "--reconcile-seconds", "1",
-            "--max-upload-bytes", str(UPLOAD_LIMIT_BYTES), "--eval-data-dir", str(self.eval_data_dir),
+            "--max-upload-bytes", str(max_upload_bytes), "--eval-data-dir", str(self.eval_data_dir),
+            *(extra_args or (
+                # The suite's clients are scripted, not users: far above the default per-key
+                # limit (test_limits.py checks the limit on a controller of its own).
+                "--rate-limit-per-minute", "100000")),
         ], self.env, self.workdir, self.log_dir)
 
         def ready():
@@ -238,7 +243,7 @@ class Service:
 
         wait_until(ready, ready_timeout, lambda: f"GET /readyz never answered 200\n{self.controller.tail(80)}")
 
-    def start_worker(self, grpc_port: int | None = None) -> Process:
+    def start_worker(self, grpc_port: int | None = None, pools: str = "default") -> Process:
         """A worker process; `grpc_port` reaches the controller some other way (a proxy)."""
         name = f"worker-{len(self.workers) + 1}"
         token = self.lathe("admin", "create-worker", "--name", name)
@@ -246,7 +251,7 @@ class Service:
         worker = Process(name, [
             str(self.bin), "worker", "--controller", f"http://127.0.0.1:{grpc_port or self.grpc_port}", "--token", token,
             "--name", name, "--device", "cpu", "--threads", "1", "--checkpoint-every", str(CHECKPOINT_EVERY),
-            "--models-root", str(self.models_root), "--eval-data-dir", str(CTIBENCH),
+            "--models-root", str(self.models_root), "--eval-data-dir", str(CTIBENCH), "--pools", pools,
         ], self.env, self.workdir, self.log_dir)
         self.workers.append(worker)
         return worker
@@ -389,6 +394,43 @@ def post_large_upload(service: Service, key: str, filename: str, content: bytes,
                 status = reader.next_status(wait=timeout)
         assert status is not None, "the server sent no HTTP status for an oversized upload"
         return status
+
+
+def stream_upload(port: int, key: str, filename: str, row: bytes, total_bytes: int, timeout: float = 600) -> tuple[int, bytes]:
+    """POST /v1/files with a file of `row` repeated to about `total_bytes`, generated while it is
+    sent (the client never holds the file). Returns the status and the response body."""
+    boundary = f"lathe-stream-{secrets.token_hex(8)}"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
+            "Content-Type: application/jsonl\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    rows_per_chunk = max(1, (1 << 20) // len(row))
+    chunks = max(1, total_bytes // (rows_per_chunk * len(row)))
+    chunk = row * rows_per_chunk
+
+    def body():
+        yield head
+        for _ in range(chunks):
+            yield chunk
+        yield tail
+
+    length = len(head) + chunks * len(chunk) + len(tail)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/v1/files", body=body(), headers={
+            "Authorization": f"Bearer {key}", "Content-Type": f"multipart/form-data; boundary={boundary}",
+            "Content-Length": str(length)})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def peak_rss_bytes(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process, from /proc."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    kib = lambda name: int(fields[name].split()[0]) * 1024
+    return kib("VmRSS"), kib("VmHWM")
 
 
 class _StatusReader:

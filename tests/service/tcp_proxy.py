@@ -1,6 +1,8 @@
 """A TCP proxy the tests can cut: every open connection is reset and new ones are refused until
 `restore()`. Put between the controller and Postgres, it makes "Postgres briefly down" without
-touching the Postgres server other tests (and other users of this machine) rely on."""
+touching the Postgres server other tests (and other users of this machine) rely on. Given
+fallback ports, each new connection goes to the first target that accepts it: a load balancer
+in front of controller replicas."""
 
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ import threading
 
 
 class CuttableProxy:
-    def __init__(self, target_host: str, target_port: int):
-        self.target = (target_host, target_port)
+    def __init__(self, target_host: str, target_port: int, *fallback_ports: int):
+        self.targets = [(target_host, port) for port in (target_port, *fallback_ports)]
         self.port = 0
         self._listener: socket.socket | None = None
         self._connections: list[socket.socket] = []
@@ -55,10 +57,15 @@ class CuttableProxy:
             if self._listener is not listener:  # cut while this connection was arriving
                 client.close()
                 return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-                upstream.settimeout(None)
-            except OSError:
+            upstream = None
+            for target in self.targets:
+                try:
+                    upstream = socket.create_connection(target, timeout=5)
+                    upstream.settimeout(None)
+                    break
+                except OSError:
+                    continue
+            if upstream is None:
                 client.close()
                 continue
             with self._lock:

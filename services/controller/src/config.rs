@@ -27,6 +27,16 @@ pub struct ControllerConfig {
     pub reconcile_interval: Duration,
     pub retry: RetryPolicy,
     pub max_db_connections: u32,
+    /// Open REST connections at most; at the cap the oldest idle one is closed.
+    pub max_connections: usize,
+    /// A request head must arrive within this of connecting (or of the previous response).
+    pub header_read_timeout: Duration,
+    /// A request must produce its response head within this (uploads and streams excepted).
+    pub request_timeout: Duration,
+    /// Requests per minute per API key; 0 = unlimited.
+    pub rate_limit_per_minute: u32,
+    /// When set, `/metrics` needs `Authorization: Bearer <token>`.
+    pub metrics_token: Option<String>,
 }
 
 impl ControllerConfig {
@@ -47,6 +57,11 @@ impl ControllerConfig {
             reconcile_interval: Duration::from_secs(5),
             retry: RetryPolicy::default(),
             max_db_connections: 16,
+            max_connections: 4096,
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(120),
+            rate_limit_per_minute: 1200,
+            metrics_token: None,
         }
     }
 }

@@ -62,7 +62,7 @@ fn every_store_error_maps_to_the_same_code_over_rest_and_grpc() {
 
 #[test]
 fn domain_errors_are_bad_requests_naming_the_field() {
-    let error = ApiError::from(SpecError { param: "learning_rate".into(), message: "must be positive".into() });
+    let error = ApiError::from(SpecError::invalid("learning_rate", "must be positive"));
     assert_eq!(error.status.as_u16(), ErrorCode::BadRequest.http_status());
     assert_eq!(error.param.as_deref(), Some("learning_rate"));
 }

@@ -18,13 +18,16 @@
 pub mod api;
 pub mod base_models;
 pub mod config;
+pub mod data_check;
 pub mod error;
 pub mod grpc;
+pub mod http_server;
 pub mod reconciler;
 pub mod result_file;
 pub mod state;
 pub mod storage;
 pub mod telemetry;
+pub mod upload;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -68,7 +71,11 @@ impl BoundController {
 
         let reconciler = tokio::spawn(reconciler::run(self.state.clone(), stop_rx.clone()));
         let router = api::router(self.state.clone());
-        let http = axum::serve(self.http, router.into_make_service()).with_graceful_shutdown(wait(stop_rx.clone()));
+        let limits = http_server::Limits {
+            max_connections: self.state.config.max_connections,
+            header_read_timeout: self.state.config.header_read_timeout,
+        };
+        let http = http_server::serve(self.http, router, limits, wait(stop_rx.clone()));
         let grpc = tonic::transport::Server::builder()
             .add_service(grpc::server(self.state.clone()))
             .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(self.grpc), wait(stop_rx.clone()));

@@ -8,8 +8,11 @@
 //! 4. refreshes the gauges that mirror Postgres (jobs and evaluations by status, workers,
 //!    queue depth).
 //!
-//! Every step is safe to run from several controller replicas at once (row locks with SKIP
-//! LOCKED, idempotent publishes), and a failed pass is just logged: the next one retries.
+//! Steps 1 to 3 run on one replica at a time, the one holding the reconciler lock
+//! (`lathe_store::leadership`); step 4 runs on every replica, since each serves its own
+//! `/metrics`. The steps would also be safe on several replicas at once (row locks with SKIP
+//! LOCKED, idempotent publishes): the lock saves the repeated work, not correctness. A failed
+//! pass is just logged: the next one retries.
 //!
 //! A lease counts as expired only two heartbeat intervals after its expiry, and not at all in
 //! the first two intervals after the controller starts: after an outage of the controller or of
@@ -19,6 +22,7 @@
 use std::collections::BTreeSet;
 
 use lathe_store::dispatch::{queued_job_ids, requeue_expired_leases, EventLevel, QueuedJob};
+use lathe_store::leadership::Leadership;
 use lathe_store::time::OffsetDateTime;
 use tokio::sync::watch;
 
@@ -29,6 +33,7 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
     let started = std::time::Instant::now();
     let grace = state.config.heartbeat_interval * 2;
     let mut tick = tokio::time::interval(state.config.reconcile_interval);
+    let mut leadership = Leadership::default();
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -36,10 +41,28 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
             _ = stop.wait_for(|stopped| *stopped) => return,
         }
         let leases = if started.elapsed() >= grace { Leases::Enforce } else { Leases::SpareAfterStart };
-        if let Err(error) = pass_with(&state, leases).await {
+        let was_leader = leadership.is_leader();
+        let leader = match leadership.lead(&state.pool).await {
+            Ok(leader) => leader,
+            Err(error) => {
+                tracing::warn!(%error, "cannot reach Postgres for the reconciler lock");
+                false
+            }
+        };
+        if leader != was_leader {
+            tracing::info!(leader, "reconciler leadership changed");
+        }
+        let result = if leader { pass_with(&state, leases).await } else { follower_pass(&state).await };
+        if let Err(error) = result {
             tracing::warn!(%error, "reconciler pass failed; retrying next tick");
         }
     }
+}
+
+/// What a replica that does not lead still does: its own gauges.
+async fn follower_pass(state: &AppState) -> Result<(), lathe_store::StoreError> {
+    let queued = queued_job_ids(&state.pool).await?;
+    refresh_gauges(state, &queued, true).await
 }
 
 /// Whether a pass requeues jobs and evaluations whose lease expired.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use lathe_queue::Queue;
 use lathe_store::PgPool;
 
+use crate::api::limits::RateLimiter;
 use crate::storage::Storage;
 use crate::telemetry::Telemetry;
 use crate::{ControllerConfig, ControllerError};
@@ -17,6 +18,8 @@ pub struct AppState {
     pub config: Arc<ControllerConfig>,
     pub storage: Storage,
     pub telemetry: Arc<Telemetry>,
+    /// Per-key request limits; None when `rate_limit_per_minute` is 0.
+    pub rate_limiter: Option<Arc<RateLimiter>>,
 }
 
 impl AppState {
@@ -24,7 +27,8 @@ impl AppState {
         let pool = lathe_store::connect(&config.database_url, config.max_db_connections).await?;
         let queue = Queue::open(&config.redis_url, &config.redis_prefix).await?;
         let storage = Storage::open(&config.data_dir)?;
-        Ok(AppState { pool, queue, storage, config: Arc::new(config), telemetry: Arc::new(Telemetry::new()) })
+        let rate_limiter = RateLimiter::new(config.rate_limit_per_minute).map(Arc::new);
+        Ok(AppState { pool, queue, storage, config: Arc::new(config), telemetry: Arc::new(Telemetry::new()), rate_limiter })
     }
 }
 

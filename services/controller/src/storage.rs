@@ -77,6 +77,16 @@ impl Storage {
         Ok((out.hasher.finalize().into(), size as i64))
     }
 
+    /// Where an upload is written while it streams in ([`crate::upload::Sink`]).
+    pub fn upload_path(&self, file_id: &str) -> PathBuf {
+        self.root.join("tmp").join(format!("{file_id}.upload"))
+    }
+
+    /// Moves a complete, fsynced upload into place as the file `file_id`.
+    pub fn commit_upload(&self, upload: &Path, file_id: &str) -> std::io::Result<()> {
+        std::fs::rename(upload, self.file_path(file_id))
+    }
+
     pub fn remove_file(&self, file_id: &str) {
         let _ = std::fs::remove_file(self.file_path(file_id));
     }

@@ -22,7 +22,7 @@ pub const MAX_SHOTS: u32 = 32;
 
 /// The body as it arrives; every field optional so a wrong one is reported with its `param`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct EvaluationRequest {
     /// A base model under the models root or a fine-tuned `ft:…` model. Absent in a job's
     /// `evaluations` (the job's own fine-tuned model is evaluated).
@@ -66,7 +66,7 @@ impl EvaluationRequest {
         }
         serde_json::from_value::<Self>(value.clone()).map_err(|error| {
             let param = format!("{prefix}{}", failing_path::<Self>(&value));
-            SpecError::invalid(param.trim_end_matches('.'), without_position(&error))
+            SpecError::from_serde(param.trim_end_matches('.'), without_position(&error))
         })
     }
 }

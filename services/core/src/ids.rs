@@ -132,28 +132,40 @@ define_id!(
     "ftckpt_"
 );
 define_id!(
-    /// A job event, `ftevt-…`: the event's sequence number, see [`EventId::from_sequence`].
+    /// A job event, `ftevt-…`: its job and its number in the job, see [`EventId::of_job`].
     EventId,
     "ftevt-"
 );
 
+/// Characters of an event id that name its job; the rest number the event within the job.
+const EVENT_JOB_PART: usize = 12;
+
 impl EventId {
-    /// The id of the event numbered `sequence` by Postgres (`events.id bigserial`).
-    pub fn from_sequence(sequence: i64) -> Self {
-        let mut value = sequence.max(0) as u64;
+    /// The id of event number `sequence` of job `job_id`: twelve characters of the job id, then
+    /// the number in base 62. Numbered per job, an id says nothing about other jobs (a global
+    /// counter showed every project's activity), and within a job ids sort in commit order.
+    pub fn of_job(job_id: &str, sequence: i64) -> Self {
+        let job_body = job_id.strip_prefix(JobId::PREFIX).unwrap_or(job_id).as_bytes();
         let mut digits = [DIGITS[0]; ID_BODY_LEN];
-        for slot in digits.iter_mut().rev() {
+        for (slot, byte) in digits[..EVENT_JOB_PART].iter_mut().zip(job_body) {
+            *slot = *byte;
+        }
+        let mut value = sequence.max(0) as u64;
+        for slot in digits[EVENT_JOB_PART..].iter_mut().rev() {
             *slot = DIGITS[(value % 62) as usize];
             value /= 62;
         }
         EventId(format!("{}{}", Self::PREFIX, std::str::from_utf8(&digits).expect("ASCII")))
     }
 
-    /// The sequence number back, or `None` for an id that no event of ours can have.
-    pub fn sequence(&self) -> Option<i64> {
-        let body = &self.0[Self::PREFIX.len()..];
+    /// The event's number within job `job_id`, or `None` for an id that is not one of that
+    /// job's events.
+    pub fn sequence_in(&self, job_id: &str) -> Option<i64> {
+        if EventId::of_job(job_id, 0).0[..Self::PREFIX.len() + EVENT_JOB_PART] != self.0[..Self::PREFIX.len() + EVENT_JOB_PART] {
+            return None;
+        }
         let mut value: u64 = 0;
-        for byte in body.bytes() {
+        for byte in self.0[Self::PREFIX.len() + EVENT_JOB_PART..].bytes() {
             let digit = DIGITS.iter().position(|d| *d == byte)? as u64;
             value = value.checked_mul(62)?.checked_add(digit)?;
         }
@@ -233,15 +245,20 @@ mod tests {
     }
 
     #[test]
-    fn event_ids_round_trip_their_sequence_and_sort_like_it() {
+    fn event_ids_round_trip_their_number_in_their_job_and_sort_like_it() {
+        let job = JobId::from_random([7; 18]);
+        let other = JobId::from_random([8; 18]);
         for n in [0, 1, 61, 62, 1_000_000, i64::MAX] {
-            let id = EventId::from_sequence(n);
-            assert_eq!(EventId::parse(id.as_str()).unwrap().sequence(), Some(n), "{id}");
+            let id = EventId::of_job(job.as_str(), n);
+            assert_eq!(EventId::parse(id.as_str()).unwrap().sequence_in(job.as_str()), Some(n), "{id}");
+            assert_eq!(id.sequence_in(other.as_str()), None, "{id} is not an event of another job");
         }
-        assert!(EventId::from_sequence(99) < EventId::from_sequence(100));
-        assert!(EventId::from_sequence(61) < EventId::from_sequence(62));
+        assert!(EventId::of_job(job.as_str(), 99) < EventId::of_job(job.as_str(), 100));
+        assert!(EventId::of_job(job.as_str(), 61) < EventId::of_job(job.as_str(), 62));
+        assert_ne!(EventId::of_job(job.as_str(), 1), EventId::of_job(other.as_str(), 1));
         // A valid-looking id beyond i64 is no event of ours.
-        assert_eq!(EventId::parse("ftevt-zzzzzzzzzzzzzzzzzzzzzzzz").unwrap().sequence(), None);
+        let body = &job.as_str()[JobId::PREFIX.len()..][..12];
+        assert_eq!(EventId::parse(&format!("ftevt-{body}zzzzzzzzzzzz")).unwrap().sequence_in(job.as_str()), None);
     }
 
     #[test]

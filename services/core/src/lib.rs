@@ -34,5 +34,5 @@ pub use evaluation::{EvaluationRequest, EvaluationSpec};
 pub use ids::{fine_tuned_model_name, CheckpointId, EvaluationId, EventId, FileId, IdError, JobId};
 pub use job::{can_transition, transition, IllegalTransition, JobStatus};
 pub use model_name::ModelName;
-pub use spec::{CreateJobRequest, JobSpec, Method, SpecError};
+pub use spec::{CreateJobRequest, JobSpec, Method, SpecCode, SpecError};
 pub use training_file::{validate_training_file, DataFormat, Example, FileError, FileSummary};

@@ -23,6 +23,9 @@ pub const MAX_MESSAGES_PER_EXAMPLE: usize = 1024;
 /// Characters in one line: four times the longest context any supported model has (131,072
 /// tokens at ~4 characters each), so no trainable example is refused.
 pub const MAX_CHARACTERS_PER_EXAMPLE: usize = 2 * 1024 * 1024;
+/// Bytes in one line: a longer line has more than [`MAX_CHARACTERS_PER_EXAMPLE`] characters
+/// (at most 4 bytes each), so a streaming reader may refuse it without holding it whole.
+pub const MAX_LINE_BYTES: usize = 4 * MAX_CHARACTERS_PER_EXAMPLE;
 
 /// One message of a chat example.
 #[derive(Debug, Clone, PartialEq)]
@@ -112,7 +115,11 @@ const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 /// Checks a training file: a valid JSONL file of one format with at least
 /// [`MIN_TRAINING_EXAMPLES`] examples.
 pub fn validate_training_file(bytes: &[u8]) -> Result<FileSummary, FileError> {
-    let summary = validate_jsonl(bytes)?;
+    enough_to_train(validate_jsonl(bytes)?)
+}
+
+/// A training file needs at least [`MIN_TRAINING_EXAMPLES`] examples.
+pub fn enough_to_train(summary: FileSummary) -> Result<FileSummary, FileError> {
     if summary.examples < MIN_TRAINING_EXAMPLES {
         return Err(FileError::TooFewExamples { examples: summary.examples });
     }
@@ -121,14 +128,19 @@ pub fn validate_training_file(bytes: &[u8]) -> Result<FileSummary, FileError> {
 
 /// Checks a JSONL file of examples with no minimum count (a validation file may be small).
 pub fn validate_jsonl(bytes: &[u8]) -> Result<FileSummary, FileError> {
-    let parsed = parse_jsonl(bytes)?;
-    Ok(FileSummary { format: parsed.format, examples: parsed.examples.len(), lines: parsed.lines, bytes: bytes.len() })
+    let mut reader = LineReader::default();
+    for line in split_lines(bytes) {
+        reader.push(line)?;
+    }
+    reader.summary(bytes.len())
 }
 
 /// The examples of a JSONL file, all of one format.
 pub struct ParsedFile {
     pub format: DataFormat,
     pub examples: Vec<Example>,
+    /// The 1-based line of each example (blank lines count as lines but hold no example).
+    pub example_lines: Vec<usize>,
     /// Lines in the file, blank ones included.
     pub lines: usize,
 }
@@ -136,27 +148,61 @@ pub struct ParsedFile {
 /// Parses a whole JSONL file: UTF-8, one example per non-blank line, every line in the format
 /// of the first. The one reader behind upload checks, job-create checks and the trainer.
 pub fn parse_jsonl(bytes: &[u8]) -> Result<ParsedFile, FileError> {
-    let text = std::str::from_utf8(bytes).map_err(|e| {
-        let before = &bytes[..e.valid_up_to()];
-        let line = before.iter().filter(|b| **b == b'\n').count() + 1;
-        let column = before.len() - before.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1) + 1;
-        FileError::Line { line, reason: format!("not valid UTF-8 at byte {column} of the line") }
-    })?;
-    // Editors on Windows like to start UTF-8 files with a byte-order mark; it is not JSON.
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut reader = LineReader::default();
+    let (mut examples, mut example_lines) = (Vec::new(), Vec::new());
+    for line in split_lines(bytes) {
+        if let Some(example) = reader.push(line)? {
+            examples.push(example);
+            example_lines.push(reader.lines());
+        }
+    }
+    let (format, _) = reader.finish()?;
+    Ok(ParsedFile { format, examples, example_lines, lines: reader.lines })
+}
 
-    let mut examples = Vec::new();
-    let mut lines = 0;
-    let mut first: Option<(usize, DataFormat)> = None;
-    for (index, line) in text.lines().enumerate() {
-        let line_number = index + 1;
-        lines = line_number;
+/// The lines of a file as `str::lines` sees them: split at `\n`, no empty line after a final one.
+pub fn split_lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let trailing = bytes.ends_with(b"\n") || bytes.is_empty();
+    let mut pieces = bytes.split(|b| *b == b'\n').peekable();
+    std::iter::from_fn(move || {
+        let piece = pieces.next()?;
+        if trailing && pieces.peek().is_none() {
+            return None;
+        }
+        Some(piece)
+    })
+}
+
+/// Checks a JSONL file one line at a time, so a file of any size is checked in the memory of
+/// its longest line (uploads are streamed through it). The rules are those of [`parse_jsonl`].
+#[derive(Debug, Default)]
+pub struct LineReader {
+    lines: usize,
+    examples: usize,
+    first: Option<(usize, DataFormat)>,
+}
+
+impl LineReader {
+    /// Feeds the next line, without its `\n` (a trailing `\r` is dropped). Returns its example,
+    /// or `None` for a blank line.
+    pub fn push(&mut self, raw: &[u8]) -> Result<Option<Example>, FileError> {
+        self.lines += 1;
+        let line_number = self.lines;
+        let mut raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if line_number == 1 {
+            // Editors on Windows like to start UTF-8 files with a byte-order mark; it is not JSON.
+            raw = raw.strip_prefix("\u{feff}".as_bytes()).unwrap_or(raw);
+        }
+        let line = std::str::from_utf8(raw).map_err(|e| FileError::Line {
+            line: line_number,
+            reason: format!("not valid UTF-8 at byte {} of the line", e.valid_up_to() + 1),
+        })?;
         if line.trim().is_empty() {
-            continue;
+            return Ok(None);
         }
         let example = parse_line(line).map_err(|reason| FileError::Line { line: line_number, reason })?;
-        match first {
-            None => first = Some((line_number, example.format())),
+        match self.first {
+            None => self.first = Some((line_number, example.format())),
             Some((first_line, format)) if format != example.format() => {
                 let reason = format!(
                     "this line is in {} format but line {first_line} is in {} format; use one format per file",
@@ -167,12 +213,38 @@ pub fn parse_jsonl(bytes: &[u8]) -> Result<ParsedFile, FileError> {
             }
             Some(_) => {}
         }
-        examples.push(example);
+        self.examples += 1;
+        Ok(Some(example))
     }
-    let Some((_, format)) = first else {
-        return Err(FileError::Empty);
-    };
-    Ok(ParsedFile { format, examples, lines })
+
+    /// The error for line `lines() + 1` when it grows past [`MAX_LINE_BYTES`] before its end.
+    pub fn line_too_long(&self) -> FileError {
+        FileError::Line {
+            line: self.lines + 1,
+            reason: format!(
+                "the line is longer than {MAX_LINE_BYTES} bytes, so it has more than {MAX_CHARACTERS_PER_EXAMPLE} characters; at most {MAX_CHARACTERS_PER_EXAMPLE} are allowed per line"
+            ),
+        }
+    }
+
+    /// Lines fed so far, blank ones included.
+    pub fn lines(&self) -> usize {
+        self.lines
+    }
+
+    /// The file's format and example count, once every line is in.
+    pub fn finish(&self) -> Result<(DataFormat, usize), FileError> {
+        match self.first {
+            Some((_, format)) => Ok((format, self.examples)),
+            None => Err(FileError::Empty),
+        }
+    }
+
+    /// [`LineReader::finish`] as the summary the API stores for a file of `bytes` bytes.
+    pub fn summary(&self, bytes: usize) -> Result<FileSummary, FileError> {
+        let (format, examples) = self.finish()?;
+        Ok(FileSummary { format, examples, lines: self.lines, bytes })
+    }
 }
 
 /// Parses and validates one line; the error is the reason, without file or line number.
@@ -483,5 +555,17 @@ mod tests {
         let content = format!("{GOOD_CHAT}\n{long}\n");
         let message = error_of(&content).to_string();
         assert!(message.contains("line 2") && message.contains("characters"), "{message}");
+    }
+
+    #[test]
+    fn lines_split_like_str_lines_and_examples_know_their_line() {
+        for text in ["", "\n", "a", "a\n", "a\n\nb", "a\r\nb\n", "a\n\n"] {
+            let ours: Vec<&[u8]> = split_lines(text.as_bytes()).collect();
+            let std: Vec<&[u8]> = text.lines().map(|l| l.as_bytes()).map(|l| l.strip_suffix(b"\r").unwrap_or(l)).collect();
+            let ours: Vec<&[u8]> = ours.into_iter().map(|l| l.strip_suffix(b"\r").unwrap_or(l)).collect();
+            assert_eq!(ours, std, "{text:?}");
+        }
+        let parsed = parse_jsonl(format!("\n{}\n\n{}\n", r#"{"text": "a"}"#, r#"{"text": "b"}"#).as_bytes()).unwrap();
+        assert_eq!((parsed.example_lines, parsed.lines), (vec![2, 4], 4));
     }
 }

@@ -42,6 +42,10 @@ pub struct Job {
     /// attempt as paused.
     pub pause_requested: bool,
     pub idempotency_key: Option<String>,
+    /// SHA-256 of the create request (canonical JSON), compared when the key is reused.
+    pub request_sha256: Option<String>,
+    /// The job-create check's counts: examples, truncated, dropped.
+    pub training_data: Option<serde_json::Value>,
     pub created_at: OffsetDateTime,
     pub started_at: Option<OffsetDateTime>,
     pub finished_at: Option<OffsetDateTime>,
@@ -62,6 +66,8 @@ pub(crate) struct JobRow {
     next_attempt_at: Option<OffsetDateTime>,
     pause_requested: bool,
     idempotency_key: Option<String>,
+    request_sha256: Option<String>,
+    training_data: Option<Json<serde_json::Value>>,
     created_at: OffsetDateTime,
     started_at: Option<OffsetDateTime>,
     finished_at: Option<OffsetDateTime>,
@@ -69,7 +75,7 @@ pub(crate) struct JobRow {
 
 pub(crate) const JOB_COLUMNS: &str = "id, project_id, status, spec, fine_tuned_model, result_files, \
     trained_tokens, error, attempt, retries, next_attempt_at, pause_requested, idempotency_key, \
-    created_at, started_at, finished_at";
+    request_sha256, training_data, created_at, started_at, finished_at";
 
 impl TryFrom<JobRow> for Job {
     type Error = StoreError;
@@ -88,6 +94,8 @@ impl TryFrom<JobRow> for Job {
             next_attempt_at: row.next_attempt_at,
             pause_requested: row.pause_requested,
             idempotency_key: row.idempotency_key,
+            request_sha256: row.request_sha256,
+            training_data: row.training_data.map(|d| d.0),
             created_at: row.created_at,
             started_at: row.started_at,
             finished_at: row.finished_at,
@@ -107,6 +115,23 @@ pub(crate) fn parse_status(text: &str) -> Result<JobStatus, StoreError> {
 /// Concurrent creates with one key race on the unique (project, key) index: `ON CONFLICT DO
 /// NOTHING` lets exactly one insert win and every other call reads the winner's row.
 pub async fn create_job(pool: &PgPool, project_id: &str, spec: &JobSpec, idempotency_key: Option<&str>) -> Result<(Job, bool), StoreError> {
+    admit_job(pool, project_id, spec, &Admission { idempotency_key, ..Admission::default() }).await
+}
+
+/// What the API learned while checking a create request, stored with the job.
+#[derive(Debug, Default)]
+pub struct Admission<'a> {
+    pub idempotency_key: Option<&'a str>,
+    /// See [`Job::request_sha256`].
+    pub request_sha256: Option<&'a str>,
+    /// See [`Job::training_data`].
+    pub training_data: Option<&'a serde_json::Value>,
+}
+
+/// [`create_job`] with everything the API checked. An existing job for the key is returned as
+/// it is: comparing its `request_sha256` is the caller's business.
+pub async fn admit_job(pool: &PgPool, project_id: &str, spec: &JobSpec, admission: &Admission<'_>) -> Result<(Job, bool), StoreError> {
+    let idempotency_key = admission.idempotency_key;
     if let Some(key) = idempotency_key {
         if let Some(existing) = find_by_idempotency_key(pool, project_id, key).await? {
             return Ok((existing, false));
@@ -128,8 +153,8 @@ pub async fn create_job(pool: &PgPool, project_id: &str, spec: &JobSpec, idempot
     let id = JobId::from_random(random::id_bytes());
     let inserted = sqlx::query_as::<_, JobRow>(&format!(
         "INSERT INTO jobs (id, project_id, status, spec, model, training_file, validation_file, suffix,
-                           priority, pool, gpu_memory_gb, idempotency_key)
-         VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                           priority, pool, gpu_memory_gb, idempotency_key, request_sha256, training_data)
+         VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
          ON CONFLICT (project_id, idempotency_key) DO NOTHING
          RETURNING {JOB_COLUMNS}"
     ))
@@ -144,6 +169,8 @@ pub async fn create_job(pool: &PgPool, project_id: &str, spec: &JobSpec, idempot
     .bind(&spec.resources.pool)
     .bind(spec.resources.gpu_memory_gb.map(|gb| gb as i32))
     .bind(idempotency_key)
+    .bind(admission.request_sha256)
+    .bind(admission.training_data.map(Json))
     .fetch_optional(pool)
     .await?;
     if let Some(row) = inserted {

@@ -26,6 +26,7 @@ pub mod evaluations;
 pub mod files;
 pub mod jobs;
 pub mod keys;
+pub mod leadership;
 pub mod progress;
 pub mod projects;
 mod random;

@@ -30,11 +30,11 @@ pub async fn list_events(
 ) -> Result<Page<Event>, StoreError> {
     let job_id = job_id.as_str();
     ensure_job_in_project(pool, project_id, job_id).await?;
-    let before_sequence = after.map(|id| id.sequence().unwrap_or(0));
+    let before_sequence = after.map(|id| id.sequence_in(job_id).unwrap_or(0));
     let rows = sqlx::query_as::<_, EventRow>(
-        "SELECT id, job_id, level, type, message, data, created_at FROM events
-         WHERE job_id = $1 AND ($2::bigint IS NULL OR id < $2)
-         ORDER BY id DESC LIMIT $3",
+        "SELECT job_seq, job_id, level, type, message, data, created_at FROM events
+         WHERE job_id = $1 AND ($2::bigint IS NULL OR job_seq < $2)
+         ORDER BY job_seq DESC LIMIT $3",
     )
     .bind(job_id)
     .bind(before_sequence)
@@ -90,8 +90,8 @@ pub async fn events_after(
     let job_id = job_id.as_str();
     ensure_job_in_project(pool, project_id, job_id).await?;
     let rows = sqlx::query_as::<_, EventRow>(
-        "SELECT id, job_id, level, type, message, data, created_at FROM events
-         WHERE job_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+        "SELECT job_seq, job_id, level, type, message, data, created_at FROM events
+         WHERE job_id = $1 AND job_seq > $2 ORDER BY job_seq LIMIT $3",
     )
     .bind(job_id)
     .bind(after_sequence)

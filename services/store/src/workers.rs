@@ -66,13 +66,30 @@ pub async fn register_worker(pool: &PgPool, worker: NewWorker<'_>) -> Result<Reg
     Ok(RegisteredWorker { worker: row, token })
 }
 
-/// The worker a token belongs to, or `None` (the gRPC service answers UNAUTHENTICATED).
+/// The worker a token belongs to, or `None` for an unknown or revoked token (the gRPC service
+/// answers UNAUTHENTICATED).
 pub async fn authenticate_worker(pool: &PgPool, token: &str) -> Result<Option<String>, StoreError> {
-    let id = sqlx::query_scalar::<_, String>("SELECT id FROM workers WHERE token_hash = $1")
+    let id = sqlx::query_scalar::<_, String>("SELECT id FROM workers WHERE token_hash = $1 AND revoked_at IS NULL")
         .bind(random::sha256(token))
         .fetch_optional(pool)
         .await?;
     Ok(id)
+}
+
+/// Revokes a worker's token, by worker id or name (every worker of that name). Returns the ids
+/// revoked; none is `NotFound`. Revoking twice is harmless.
+pub async fn revoke_worker(pool: &PgPool, id_or_name: &str) -> Result<Vec<String>, StoreError> {
+    let ids: Vec<String> = sqlx::query_scalar(
+        "UPDATE workers SET revoked_at = coalesce(revoked_at, now()), draining = true
+         WHERE id = $1 OR name = $1 RETURNING id",
+    )
+    .bind(id_or_name)
+    .fetch_all(pool)
+    .await?;
+    if ids.is_empty() {
+        return Err(StoreError::NotFound);
+    }
+    Ok(ids)
 }
 
 pub async fn heartbeat(pool: &PgPool, worker_id: &str) -> Result<(), StoreError> {

@@ -60,4 +60,19 @@ impl TrainerError {
     }
 }
 
+impl From<lathe_encode::EncodeError> for TrainerError {
+    fn from(error: lathe_encode::EncodeError) -> Self {
+        use lathe_encode::EncodeError as E;
+        match error {
+            E::File { path, message } => TrainerError::File { path, message },
+            E::Io { path, source } => TrainerError::Io { path, source },
+            E::InvalidSetting { field, message } => TrainerError::InvalidSetting { field, message },
+            E::ChatTemplate(message) => TrainerError::ChatTemplate(message),
+            E::Tokenizer(message) => TrainerError::Tokenizer(message),
+            // Callers that know the file map lines themselves (see `train::data`).
+            E::Line { line, message } => TrainerError::InvalidSetting { field: format!("line {line}"), message },
+        }
+    }
+}
+
 pub type Result<T, E = TrainerError> = std::result::Result<T, E>;

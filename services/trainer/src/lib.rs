@@ -7,13 +7,13 @@
 //! - [`model_dir`] finds and checks the files of a model directory; [`model_config`] turns its
 //!   `config.json` into a validated [`model_config::ModelConfig`].
 //! - [`models::decoder`] is the one decoder implementation; [`lora`] adapts its linear layers.
-//! - [`data`] reads JSONL, renders chat with the tokenizer's own template
-//!   ([`chat_template`]), marks which tokens carry loss, and packs sequences into batches.
+//! - [`data`] reads JSONL, encodes it with `lathe-encode` (the tokenizer's own chat template
+//!   decides the text, the loss mask follows the assistant turns), and packs sequences into
+//!   batches.
 //! - [`train`] runs the loop ([`optim`], [`schedule`]), writes [`checkpoint`]s and exports
 //!   a PEFT adapter or merged model ([`export`]).
 //! - [`init`] writes a random model in the real HF layout, for tests, demos and benchmarks.
 
-pub mod chat_template;
 pub mod checkpoint;
 pub mod data;
 pub mod device;
@@ -33,3 +33,6 @@ pub mod schedule;
 pub mod train;
 
 pub use error::{Result, TrainerError};
+/// The encoding side (template, tokenizer, loss mask) lives in `lathe-encode`, shared with the
+/// controller's job-create checks.
+pub use lathe_encode::chat_template;

@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::Streaming;
 
 use crate::client::Client;
+use crate::redact::Redactor;
 use crate::spec::{train_config, Paths, Settings, Unrunnable};
 use crate::telemetry::Telemetry;
 use crate::WorkerConfig;
@@ -131,6 +132,7 @@ pub async fn run(
     let hello = Hello { job_id: claim.job_id.clone(), attempt: claim.attempt };
     let mut session = Session::new(client, hello, PathBuf::from(&claim.output_dir));
 
+    let redactor = Redactor::for_claim(&claim, config);
     let prepared = prepare(config, &claim);
     let (train, resume, decontamination) = match prepared {
         Ok(ready) => ready,
@@ -139,7 +141,7 @@ pub async fn run(
             // A problem of this machine (storage not mounted, model missing) is retried
             // elsewhere; a problem of the job itself fails it at once.
             let class = if unrunnable.this_worker { FailureClass::Crash } else { FailureClass::BadInput };
-            let fail = Fail { class: class as i32, code: unrunnable.code.into(), message: unrunnable.message };
+            let fail = Fail { class: class as i32, code: unrunnable.code.into(), message: redactor.apply(&unrunnable.message) };
             session.connect().await;
             session.push(Up::Fail(fail));
             session.drain(&signals).await;
@@ -189,7 +191,7 @@ pub async fn run(
     }
     points.flush(&mut session);
 
-    let ended = report_end(result, signals.cause(), &mut session, tokens_seen);
+    let ended = report_end(result, signals.cause(), &mut session, tokens_seen, &redactor);
     if ended != Ended::LeaseLost {
         session.drain(&signals).await;
     }
@@ -203,6 +205,7 @@ fn report_end(
     cause: Option<StopCause>,
     session: &mut Session,
     tokens_seen: u64,
+    redactor: &Redactor,
 ) -> Ended {
     match (result, cause) {
         (_, Some(StopCause::LeaseLost)) => Ended::LeaseLost,
@@ -236,7 +239,7 @@ fn report_end(
         (Ok(Err(error)), _) => {
             let (class, code) = classify(&error);
             tracing::warn!(%error, ?class, "training failed");
-            session.push(Up::Fail(Fail { class: class as i32, code: code.into(), message: error.to_string() }));
+            session.push(Up::Fail(Fail { class: class as i32, code: code.into(), message: redactor.apply(&error.to_string()) }));
             if class == FailureClass::BadInput {
                 Ended::Failed
             } else {
@@ -244,7 +247,7 @@ fn report_end(
             }
         }
         (Err(join_error), _) => {
-            let message = format!("the trainer panicked: {join_error}");
+            let message = redactor.apply(&format!("the trainer panicked: {join_error}"));
             tracing::error!(message, "training crashed");
             session.push(Up::Fail(Fail { class: FailureClass::Crash as i32, code: "trainer_crashed".into(), message }));
             Ended::Crashed

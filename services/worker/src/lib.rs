@@ -25,6 +25,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod evaluation;
+mod redact;
 pub mod spec;
 pub mod telemetry;
 

@@ -39,6 +39,14 @@ pub enum AdminCommand {
         #[command(flatten)]
         database: Database,
     },
+    /// Revoke a worker's token, by worker id or name: its next call is refused, and a job it
+    /// holds is requeued when the lease runs out.
+    RevokeWorker {
+        /// The worker id (`wrk_…`, from the worker's log) or its name.
+        worker: String,
+        #[command(flatten)]
+        database: Database,
+    },
 }
 
 pub fn run(command: AdminCommand) -> anyhow::Result<()> {
@@ -89,6 +97,22 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                 .await?;
                 eprintln!("created worker {} ({name}); it reports its device and pools when it starts", worker.worker.id);
                 println!("{}", worker.token);
+            }
+            AdminCommand::RevokeWorker { worker, database } => {
+                let pool = lathe_store::connect(&database.database_url, 2).await?;
+                let revoked = lathe_store::workers::revoke_worker(&pool, &worker).await.map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot revoke {worker:?}: {}",
+                        if matches!(e, lathe_store::StoreError::NotFound) {
+                            "no worker has that id or name".to_string()
+                        } else {
+                            e.to_string()
+                        }
+                    )
+                })?;
+                for id in revoked {
+                    eprintln!("revoked {id}");
+                }
             }
         }
         Ok(())

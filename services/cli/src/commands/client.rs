@@ -236,12 +236,28 @@ fn create(args: CreateArgs) -> anyhow::Result<()> {
     let job = client.post("/fine_tuning/jobs", &body)?;
     let id = job["id"].as_str().context("create returned no id")?.to_string();
     eprintln!("created {id} ({})", job["status"].as_str().unwrap_or(""));
+    if let Some(line) = training_data_line(&job["lathe"]["training_data"]) {
+        eprintln!("{line}");
+    }
     if args.watch {
         watch(&client, &id, args.download.as_deref())
     } else {
         println!("{id}");
         Ok(())
     }
+}
+
+/// What the server's create check found in the training data, when truncation costs anything.
+fn training_data_line(data: &Value) -> Option<String> {
+    let count = |key: &str| data[key].as_u64().unwrap_or(0);
+    let (examples, truncated, dropped) = (count("examples"), count("truncated"), count("dropped"));
+    (truncated > 0).then(|| {
+        format!(
+            "warning: {truncated} of {examples} training examples are longer than max_seq_length {} and are truncated; \
+             {dropped} of them lose every trained token and are dropped",
+            count("max_seq_length")
+        )
+    })
 }
 
 /// Sets `key` in a request body when the flag was given.

@@ -50,6 +50,25 @@ pub struct ControllerArgs {
     /// Largest accepted upload, in bytes (larger requests get 413).
     #[arg(long, env = "LATHE_MAX_UPLOAD_BYTES", default_value_t = 512 * 1024 * 1024)]
     max_upload_bytes: usize,
+    /// Open REST connections at most; at the cap a new one closes the oldest idle one.
+    #[arg(long, env = "LATHE_MAX_CONNECTIONS", default_value_t = 4096)]
+    max_connections: usize,
+    /// A client must send its request head within this many seconds of connecting (or of its
+    /// previous response on a kept-alive connection), else the connection is closed.
+    #[arg(long, env = "LATHE_HEADER_READ_TIMEOUT_SECONDS", default_value_t = 10.0)]
+    header_read_timeout_seconds: f64,
+    /// A request must be answered within this many seconds (uploads and streams excepted),
+    /// else 503 with Retry-After.
+    #[arg(long, env = "LATHE_REQUEST_TIMEOUT_SECONDS", default_value_t = 120.0)]
+    request_timeout_seconds: f64,
+    /// Requests per minute per API key, in bursts of ten seconds' worth (429 with Retry-After
+    /// beyond); 0 = unlimited. Counted per controller replica.
+    #[arg(long, env = "LATHE_RATE_LIMIT_PER_MINUTE", default_value_t = 1200)]
+    rate_limit_per_minute: u32,
+    /// Require 'Authorization: Bearer <token>' on /metrics (job ids and loss curves are in it);
+    /// unset, /metrics is open to anyone who reaches the port.
+    #[arg(long, env = "LATHE_METRICS_TOKEN", hide_env_values = true)]
+    metrics_token: Option<String>,
     /// A worker that sends no heartbeat for this long loses its job (requeued).
     #[arg(long, default_value_t = 60.0)]
     lease_seconds: f64,
@@ -87,6 +106,12 @@ impl ControllerArgs {
         config.models_root = self.models_root.clone().unwrap_or_else(|| self.data_dir.join("models"));
         config.max_upload_bytes = self.max_upload_bytes;
         config.eval_data_dir = self.eval_data_dir.clone();
+        anyhow::ensure!(self.max_connections > 0, "--max-connections must be at least 1");
+        config.max_connections = self.max_connections;
+        config.header_read_timeout = seconds("header-read-timeout-seconds", self.header_read_timeout_seconds)?;
+        config.request_timeout = seconds("request-timeout-seconds", self.request_timeout_seconds)?;
+        config.rate_limit_per_minute = self.rate_limit_per_minute;
+        config.metrics_token = self.metrics_token.clone().filter(|t| !t.is_empty());
         config.lease = seconds("lease-seconds", self.lease_seconds)?;
         config.heartbeat_interval = seconds("heartbeat-seconds", self.heartbeat_seconds)?;
         config.reconcile_interval = seconds("reconcile-seconds", self.reconcile_seconds)?;

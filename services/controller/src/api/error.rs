@@ -135,7 +135,7 @@ pub fn http_status(code: ErrorCode) -> StatusCode {
 
 impl From<SpecError> for ApiError {
     fn from(error: SpecError) -> ApiError {
-        ApiError::invalid(Some(&error.param), "invalid_value", error.message)
+        ApiError::invalid(Some(&error.param), error.code.as_str(), error.message)
     }
 }
 

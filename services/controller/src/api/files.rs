@@ -1,12 +1,13 @@
-//! `/v1/files`: upload (multipart, validated before anything is stored), list, retrieve,
-//! content, delete.
+//! `/v1/files`: upload (multipart, streamed to disk and validated line by line before anything
+//! is recorded), list, retrieve, content, delete.
 
-use axum::body::Body;
-use axum::extract::{Multipart, Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap};
 use axum::response::Response;
 use axum::Json;
-use lathe_core::validate_training_file;
+use futures_util::StreamExt;
+use lathe_core::FileSummary;
 use lathe_store::files::{self, NewFile, PURPOSE_FINE_TUNE};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -14,6 +15,7 @@ use serde_json::{json, Value};
 use super::auth::Project;
 use super::error::{ApiError, ApiResult};
 use super::views;
+use crate::upload::{Framing, FramingError, Sink, SinkError};
 use crate::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -30,84 +32,78 @@ pub fn page_limit(limit: Option<i64>) -> ApiResult<i64> {
     }
 }
 
-/// The uploaded parts we read; anything else in the form is ignored.
-struct Upload {
-    filename: String,
-    bytes: Vec<u8>,
-    purpose: String,
-}
-
-async fn read_upload(mut form: Multipart, limit: usize) -> ApiResult<Upload> {
-    let too_large_or_bad = |error: axum::extract::multipart::MultipartError| {
-        if error.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(limit)
-        } else {
-            ApiError::invalid(None, "invalid_multipart", format!("Could not read the multipart form: {}", error.body_text()))
-        }
-    };
-    let (mut file, mut purpose) = (None, None);
-    while let Some(field) = form.next_field().await.map_err(too_large_or_bad)? {
-        match field.name() {
-            Some("file") => {
-                let filename = field.file_name().unwrap_or("upload.jsonl").to_string();
-                let bytes = field.bytes().await.map_err(too_large_or_bad)?;
-                file = Some((filename, bytes.to_vec()));
-            }
-            Some("purpose") => purpose = Some(field.text().await.map_err(too_large_or_bad)?),
-            _ => {}
-        }
-    }
-    let (filename, bytes) = file.ok_or_else(|| ApiError::invalid(Some("file"), "missing_field", "file: a 'file' part is required"))?;
-    let purpose = purpose.ok_or_else(|| ApiError::invalid(Some("purpose"), "missing_field", "purpose: required, use 'fine-tune'"))?;
-    Ok(Upload { filename, bytes, purpose })
-}
-
 /// As on common filesystems (ext4, NTFS, APFS).
 pub const MAX_FILENAME_BYTES: usize = 255;
+/// `purpose` is one short word.
+const MAX_PURPOSE_BYTES: usize = 64;
 
-pub async fn upload(State(state): State<AppState>, project: Project, form: Multipart) -> ApiResult<Json<Value>> {
-    let upload = read_upload(form, state.config.max_upload_bytes).await?;
-    if upload.purpose != PURPOSE_FINE_TUNE {
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// `POST /v1/files`: the form is read as a stream ([`crate::upload`]): the file part goes to a
+/// temporary file while it is hashed and validated line by line, and becomes a file (renamed
+/// into place, then recorded) only when every line passed.
+pub async fn upload(State(state): State<AppState>, project: Project, headers: HeaderMap, body: Body) -> ApiResult<Json<Value>> {
+    let limit = state.config.max_upload_bytes;
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let boundary = multer::parse_boundary(content_type).map_err(|_| {
+        ApiError::invalid(
+            None,
+            "invalid_multipart",
+            format!("Content-Type: an upload is multipart/form-data with a boundary, got {content_type:?}"),
+        )
+    })?;
+    let mut framing = Framing::new(&boundary, limit);
+    let stream = body.into_data_stream().map(move |chunk| {
+        let chunk = chunk.map_err(|e| Box::new(e) as BoxError)?;
+        framing.inspect(&chunk).map_err(|e| Box::new(e) as BoxError)?;
+        Ok::<Bytes, BoxError>(chunk)
+    });
+    let mut form = multer::Multipart::new(stream, boundary);
+
+    let id = files::new_file_id();
+    let (mut file, mut purpose) = (None, None);
+    while let Some(mut field) = form.next_field().await.map_err(|e| multipart_error(e, limit))? {
+        match field.name() {
+            Some("file") if file.is_some() => {
+                return Err(ApiError::invalid(Some("file"), "invalid_value", "file: the form has more than one 'file' part"))
+            }
+            Some("file") => {
+                let filename = field.file_name().unwrap_or("upload.jsonl").to_string();
+                check_filename(&filename)?;
+                let written = write_part(&state, &id, &mut field, limit).await?;
+                file = Some((filename, written));
+            }
+            Some("purpose") => purpose = Some(small_text(&mut field, "purpose", limit).await?),
+            // Other parts are read past, never kept.
+            _ => while field.chunk().await.map_err(|e| multipart_error(e, limit))?.is_some() {},
+        }
+    }
+    let (filename, (tmp, sha256, summary)) =
+        file.ok_or_else(|| ApiError::invalid(Some("file"), "missing_field", "file: a 'file' part is required"))?;
+    let purpose = purpose.ok_or_else(|| ApiError::invalid(Some("purpose"), "missing_field", "purpose: required, use 'fine-tune'"))?;
+    if purpose != PURPOSE_FINE_TUNE {
+        let _ = std::fs::remove_file(&tmp);
         return Err(ApiError::invalid(
             Some("purpose"),
             "invalid_value",
-            format!("purpose: only 'fine-tune' files can be uploaded, got {:?}", upload.purpose),
+            format!("purpose: only 'fine-tune' files can be uploaded, got {purpose:?}"),
         ));
     }
-    // A name is shown back in every listing and in Content-Disposition: bounded like a file
-    // name on disk, and storable.
-    if upload.filename.len() > MAX_FILENAME_BYTES {
-        let shown: String = upload.filename.chars().take(40).collect();
-        return Err(ApiError::invalid(
-            Some("file"),
-            "invalid_value",
-            format!("file: the file name {shown:?}… is {} bytes long; at most {MAX_FILENAME_BYTES} are allowed", upload.filename.len()),
-        ));
-    }
-    lathe_core::spec::storable_text("file", &upload.filename)?;
-    if !upload.filename.ends_with(".jsonl") {
-        return Err(ApiError::invalid(
-            Some("file"),
-            "invalid_file_format",
-            format!("file: {:?} is not a .jsonl file; fine-tuning data is JSON Lines", upload.filename),
-        ));
-    }
-    let summary = validate_training_file(&upload.bytes).map_err(|e| ApiError::bad_file("file", &e))?;
-
-    let id = files::new_file_id();
-    let storage = state.storage.clone();
-    let (bytes, file_id) = (upload.bytes, id.as_str().to_string());
-    let sha256 = tokio::task::spawn_blocking(move || storage.write_file(&file_id, &bytes))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::internal)?;
+    let summary = match lathe_core::training_file::enough_to_train(summary) {
+        Ok(summary) => summary,
+        Err(error) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(ApiError::bad_file("file", &error));
+        }
+    };
+    state.storage.commit_upload(&tmp, id.as_str()).map_err(ApiError::internal)?;
     let stored = files::insert_file(
         &state.pool,
         NewFile {
             id: id.clone(),
             project_id: &project.id,
             purpose: PURPOSE_FINE_TUNE,
-            filename: &upload.filename,
+            filename: &filename,
             sha256,
             bytes: summary.bytes as i64,
             summary: Some(summary),
@@ -116,7 +112,7 @@ pub async fn upload(State(state): State<AppState>, project: Project, form: Multi
     .await;
     match stored {
         Ok(file) => {
-            tracing::info!(file_id = %file.id, project = %project.id, examples = summary.examples, "file uploaded");
+            tracing::info!(file_id = %file.id, project = %project.id, examples = summary.examples, bytes = summary.bytes, "file uploaded");
             Ok(Json(views::file(&file)))
         }
         Err(error) => {
@@ -125,6 +121,109 @@ pub async fn upload(State(state): State<AppState>, project: Project, form: Multi
             Err(error.into())
         }
     }
+}
+
+/// A name is shown back in every listing and in Content-Disposition: bounded like a file name
+/// on disk, storable, and a JSON Lines name.
+fn check_filename(filename: &str) -> ApiResult<()> {
+    if filename.len() > MAX_FILENAME_BYTES {
+        let shown: String = filename.chars().take(40).collect();
+        return Err(ApiError::invalid(
+            Some("file"),
+            "invalid_value",
+            format!("file: the file name {shown:?}… is {} bytes long; at most {MAX_FILENAME_BYTES} are allowed", filename.len()),
+        ));
+    }
+    lathe_core::spec::storable_text("file", filename)?;
+    if !filename.ends_with(".jsonl") {
+        return Err(ApiError::invalid(
+            Some("file"),
+            "invalid_file_format",
+            format!("file: {filename:?} is not a .jsonl file; fine-tuning data is JSON Lines"),
+        ));
+    }
+    Ok(())
+}
+
+/// What a chunk sent to the writing thread means.
+enum Piece {
+    Chunk(Bytes),
+    /// The part ended cleanly: finish the file. A channel closed without it (an error, a client
+    /// that went away) drops the sink, which removes the temporary file.
+    End,
+}
+
+/// Streams the file part into a [`Sink`] on a blocking thread; returns the temporary path, the
+/// SHA-256 and the summary of a file whose every line is valid.
+async fn write_part(
+    state: &AppState,
+    id: &lathe_core::FileId,
+    field: &mut multer::Field<'static>,
+    limit: usize,
+) -> ApiResult<(std::path::PathBuf, [u8; 32], FileSummary)> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Piece>(4);
+    let path = state.storage.upload_path(id.as_str());
+    let writer = tokio::task::spawn_blocking(move || -> Result<Option<_>, SinkError> {
+        let mut sink = Sink::create(path)?;
+        while let Some(piece) = rx.blocking_recv() {
+            match piece {
+                Piece::Chunk(chunk) => sink.write(&chunk)?,
+                Piece::End => return sink.finish().map(Some),
+            }
+        }
+        Ok(None)
+    });
+    let mut read_error = None;
+    loop {
+        match field.chunk().await {
+            Ok(Some(chunk)) => {
+                if tx.send(Piece::Chunk(chunk)).await.is_err() {
+                    break; // the writer stopped on an invalid line: its error is the answer
+                }
+            }
+            Ok(None) => {
+                let _ = tx.send(Piece::End).await;
+                break;
+            }
+            Err(error) => {
+                read_error = Some(multipart_error(error, limit));
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let written = writer.await.map_err(ApiError::internal)?;
+    match (written, read_error) {
+        (Err(SinkError::Invalid(error)), _) => Err(ApiError::bad_file("file", &error)),
+        (Err(other @ SinkError::Io { .. }), _) => Err(ApiError::internal(other)),
+        (Ok(_), Some(error)) => Err(error),
+        (Ok(Some(written)), None) => Ok(written),
+        (Ok(None), None) => Err(ApiError::internal("the upload writer ended without the end of the part")),
+    }
+}
+
+/// A short text part (`purpose`), refused past `MAX_PURPOSE_BYTES` rather than buffered.
+async fn small_text(field: &mut multer::Field<'static>, param: &str, limit: usize) -> ApiResult<String> {
+    let mut bytes = Vec::new();
+    while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, limit))? {
+        bytes.extend_from_slice(&chunk);
+        if bytes.len() > MAX_PURPOSE_BYTES {
+            return Err(ApiError::invalid(Some(param), "invalid_value", format!("{param}: longer than {MAX_PURPOSE_BYTES} bytes")));
+        }
+    }
+    String::from_utf8(bytes).map_err(|_| ApiError::invalid(Some(param), "invalid_value", format!("{param}: not UTF-8")))
+}
+
+/// A multipart error in the OpenAI envelope: the size limit is a 413, anything else a 400.
+fn multipart_error(error: multer::Error, limit: usize) -> ApiError {
+    if let multer::Error::StreamReadFailed(source) = &error {
+        match source.downcast_ref::<FramingError>() {
+            Some(FramingError::TooLarge(_)) => return ApiError::too_large(limit),
+            Some(framing) => return ApiError::invalid(None, "invalid_multipart", format!("Could not read the multipart form: {framing}")),
+            None => {}
+        }
+    }
+    ApiError::invalid(None, "invalid_multipart", format!("Could not read the multipart form: {error}"))
 }
 
 pub async fn list(State(state): State<AppState>, project: Project, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {

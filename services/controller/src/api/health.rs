@@ -1,4 +1,6 @@
-//! Liveness, readiness and the Prometheus scrape endpoint (no API key: scrapers and probes).
+//! Liveness, readiness and the Prometheus scrape endpoint. Probes need no key; `/metrics`
+//! needs the scrape token when the controller has one (`--metrics-token`): job ids and loss
+//! curves are in it.
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -6,6 +8,9 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::json;
 
+use sha2::Digest;
+
+use super::error::ApiError;
 use crate::AppState;
 
 pub async fn healthz() -> impl IntoResponse {
@@ -26,6 +31,14 @@ async fn sqlx_ping(state: &AppState) -> Result<(), String> {
     lathe_store::ping(&state.pool).await.map_err(|e| e.to_string())
 }
 
-pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.telemetry.render())
+pub async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) -> axum::response::Response {
+    if let Some(token) = &state.config.metrics_token {
+        let presented = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let matches = presented.is_some_and(|p| sha2::Sha256::digest(p.trim().as_bytes()) == sha2::Sha256::digest(token.as_bytes()));
+        if !matches {
+            return ApiError::unauthorized("/metrics needs the scrape token: 'Authorization: Bearer <LATHE_METRICS_TOKEN>'.")
+                .into_response();
+        }
+    }
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.telemetry.render()).into_response()
 }

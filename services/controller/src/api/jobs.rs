@@ -1,82 +1,161 @@
-//! `/v1/fine_tuning/jobs`: create (validated against the models root and the stored files,
-//! idempotent on `Idempotency-Key`), list, retrieve, cancel, pause, resume.
+//! `/v1/fine_tuning/jobs`: create (validated against the models root, every example of the
+//! stored files encoded for the model, idempotent on `Idempotency-Key` with the body's hash
+//! stored beside it), list, retrieve, cancel, pause, resume.
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
-use lathe_core::{validate_training_file, CreateJobRequest, FileSummary, JobSpec};
+use lathe_core::{CreateJobRequest, JobSpec};
+use lathe_encode::{EncodeOptions, Tally};
 use lathe_store::dispatch::EventLevel;
 use lathe_store::files::{self, StoredFile, PURPOSE_FINE_TUNE};
-use lathe_store::jobs;
+use lathe_store::jobs::{self, Job};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use super::auth::Project;
 use super::error::{ApiError, ApiResult};
 use super::files::page_limit;
 use super::views;
+use crate::data_check::{self, CheckedFile, DataCheckError};
 use crate::{base_models, AppState};
 
 const IDEMPOTENCY_KEY_MAX: usize = 255;
 
 pub async fn create(State(state): State<AppState>, project: Project, headers: HeaderMap, body: Bytes) -> ApiResult<Json<Value>> {
-    let idempotency_key = match headers.get("idempotency-key") {
-        None => None,
-        Some(value) => match value.to_str() {
-            Ok(key) if !key.is_empty() && key.len() <= IDEMPOTENCY_KEY_MAX => Some(key.to_string()),
-            _ => {
-                return Err(ApiError::invalid(
-                    Some("Idempotency-Key"),
-                    "invalid_value",
-                    format!("Idempotency-Key: must be 1 to {IDEMPOTENCY_KEY_MAX} visible ASCII characters"),
-                ))
-            }
-        },
-    };
+    let idempotency_key = idempotency_key(&headers)?;
+    let request_sha256 = request_sha256(&body);
     // A retry of an accepted create returns its job, even if its file was deleted since.
     if let Some(key) = &idempotency_key {
         if let Some(job) = jobs::find_by_idempotency_key(&state.pool, &project.id, key).await? {
-            return Ok(Json(views::job(&job)));
+            return replay(job, key, &request_sha256);
         }
     }
     let spec = JobSpec::try_from(CreateJobRequest::from_json(&body)?)?;
-    if base_models::resolve(&state.config.models_root, &spec.model).is_none() {
+    let Some(model_dir) = base_models::resolve(&state.config.models_root, &spec.model) else {
         return Err(ApiError::invalid(
             Some("model"),
             "model_not_found",
             format!("model: {:?} is not a base model of this server (GET /v1/models lists them)", spec.model),
         ));
-    }
-    let training = checked_file(&state, &project, &spec.training_file, "training_file", true).await?;
+    };
+    let training = checked_file(&state, &project, &spec, &model_dir, &spec.training_file, "training_file").await?;
     let validation = match &spec.validation_file {
-        Some(id) => Some(checked_file(&state, &project, id, "validation_file", false).await?),
+        Some(id) => Some(checked_file(&state, &project, &spec, &model_dir, id, "validation_file").await?),
         None => None,
     };
-    spec.check_files(&training, validation.as_ref())?;
+    spec.check_files(&training.summary, validation.as_ref().map(|v| &v.summary))?;
     // The evaluations run when the job succeeds, maybe hours from now: their data must load today.
     for (i, evaluation) in spec.evaluations.iter().enumerate() {
         super::evaluations::check_data(&state, &project, evaluation, &format!("evaluations[{i}].")).await?;
     }
 
-    let (job, created) = jobs::create_job(&state.pool, &project.id, &spec, idempotency_key.as_deref()).await.map_err(|e| match e {
+    let tally = training.tally;
+    let training_data = json!({
+        "examples": tally.examples, "truncated": tally.truncated, "dropped": tally.dropped, "max_seq_length": spec.max_seq_length,
+    });
+    let admission = jobs::Admission {
+        idempotency_key: idempotency_key.as_deref(),
+        request_sha256: Some(&request_sha256),
+        training_data: Some(&training_data),
+    };
+    let (job, created) = jobs::admit_job(&state.pool, &project.id, &spec, &admission).await.map_err(|e| match e {
         // The files were there a moment ago: deleted in between.
         lathe_store::StoreError::NotFound => {
             ApiError::invalid(Some("training_file"), "file_not_found", "training_file: the file was deleted")
         }
         other => other.into(),
     })?;
-    if created {
-        tracing::info!(job_id = %job.id, project = %project.id, model = %spec.model, "job created");
-        state.note_event(job.id.as_str(), EventLevel::Info, &format!("Created fine-tuning job: {}", job.id), None).await;
-        state.publish_job(&job).await;
+    if !created {
+        // Another request with the same key won the race.
+        return replay(job, idempotency_key.as_deref().unwrap_or_default(), &request_sha256);
     }
+    tracing::info!(job_id = %job.id, project = %project.id, model = %spec.model, "job created");
+    state.note_event(job.id.as_str(), EventLevel::Info, &format!("Created fine-tuning job: {}", job.id), None).await;
+    let (level, message) = training_data_message(&tally, spec.max_seq_length);
+    state.note_event(job.id.as_str(), level, &message, Some(&training_data)).await;
+    state.publish_job(&job).await;
     Ok(Json(views::job(&job)))
 }
 
-/// Looks up a file of the caller's project for a job and validates its bytes again (they are
-/// read back from storage, so a file damaged on disk is caught here, not on a GPU).
-async fn checked_file(state: &AppState, project: &Project, id: &lathe_core::FileId, param: &str, training: bool) -> ApiResult<FileSummary> {
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    match headers.get("idempotency-key") {
+        None => Ok(None),
+        Some(value) => match value.to_str() {
+            Ok(key) if !key.is_empty() && key.len() <= IDEMPOTENCY_KEY_MAX => Ok(Some(key.to_string())),
+            _ => Err(ApiError::invalid(
+                Some("Idempotency-Key"),
+                "invalid_value",
+                format!("Idempotency-Key: must be 1 to {IDEMPOTENCY_KEY_MAX} visible ASCII characters"),
+            )),
+        },
+    }
+}
+
+/// The job a reused `Idempotency-Key` created, if this request is the same one; a different
+/// body under the same key is a client bug that must not look like success.
+fn replay(job: Job, key: &str, request_sha256: &str) -> ApiResult<Json<Value>> {
+    match &job.request_sha256 {
+        Some(stored) if stored != request_sha256 => Err(ApiError {
+            status: StatusCode::CONFLICT,
+            kind: "invalid_request_error",
+            message: format!(
+                "Idempotency-Key {key:?} was already used for a different request (job {}); send the same body to retry it, or use a new key",
+                job.id
+            ),
+            param: Some("Idempotency-Key".into()),
+            code: Some("idempotency_key_conflict".into()),
+        }),
+        _ => Ok(Json(views::job(&job))),
+    }
+}
+
+/// SHA-256 of the body as canonical JSON (keys sorted, no whitespace), so a retry that orders
+/// its keys differently is still the same request; a body that is not JSON is hashed as bytes.
+fn request_sha256(body: &[u8]) -> String {
+    fn canonical(value: &Value) -> Value {
+        match value {
+            Value::Object(map) => {
+                let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+                Value::Object(entries.into_iter().map(|(k, v)| (k.clone(), canonical(v))).collect())
+            }
+            Value::Array(items) => Value::Array(items.iter().map(canonical).collect()),
+            other => other.clone(),
+        }
+    }
+    let bytes = match serde_json::from_slice::<Value>(body) {
+        Ok(value) => canonical(&value).to_string().into_bytes(),
+        Err(_) => body.to_vec(),
+    };
+    Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The job event that says what truncation will cost, so a dropped example is never silent.
+fn training_data_message(tally: &Tally, max_seq_length: u32) -> (EventLevel, String) {
+    if tally.truncated == 0 {
+        return (EventLevel::Info, format!("Training data: {} examples, none longer than max_seq_length {max_seq_length}", tally.examples));
+    }
+    let message = format!(
+        "Training data: {} examples; {} longer than max_seq_length {max_seq_length} are truncated, {} of them to nothing and will not be trained on",
+        tally.examples, tally.truncated, tally.dropped
+    );
+    (EventLevel::Warn, message)
+}
+
+/// Looks up a file of the caller's project for a job, then validates and encodes its stored
+/// bytes for the job's model ([`data_check`]): template refusals and truncation are found here,
+/// not on a GPU.
+async fn checked_file(
+    state: &AppState,
+    project: &Project,
+    spec: &JobSpec,
+    model_dir: &std::path::Path,
+    id: &lathe_core::FileId,
+    param: &str,
+) -> ApiResult<CheckedFile> {
     let not_found = || ApiError::invalid(Some(param), "file_not_found", format!("{param}: no such file: {id}"));
     let file: StoredFile = match files::get_file(&state.pool, &project.id, id).await {
         Ok(file) => file,
@@ -91,9 +170,23 @@ async fn checked_file(state: &AppState, project: &Project, id: &lathe_core::File
         ));
     }
     let path = state.storage.file_path(file.id.as_str());
-    let bytes = tokio::fs::read(&path).await.map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
-    let summary = if training { validate_training_file(&bytes) } else { lathe_core::training_file::validate_jsonl(&bytes) };
-    summary.map_err(|e| ApiError::bad_file(param, &e))
+    let options = EncodeOptions { max_seq_length: spec.max_seq_length as usize, train_on_inputs: spec.train_on_inputs };
+    let (model_dir, training) = (model_dir.to_path_buf(), param == "training_file");
+    let checked = tokio::task::spawn_blocking(move || data_check::check_file(&model_dir, &path, options, training))
+        .await
+        .map_err(ApiError::internal)?;
+    checked.map_err(|e| match e {
+        DataCheckError::File(error) => ApiError::bad_file(param, &error),
+        DataCheckError::Line { line, message } => ApiError::invalid(
+            Some(param),
+            "invalid_training_file",
+            format!("Invalid training file: line {line}: {message} (checked against the chat template and tokenizer of {})", spec.model),
+        ),
+        nothing @ DataCheckError::NothingToTrain { .. } => {
+            ApiError::invalid(Some(param), "invalid_training_file", format!("Invalid training file: {nothing}"))
+        }
+        DataCheckError::Server(message) => ApiError::internal(message),
+    })
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,6 +8,7 @@ pub mod evaluations;
 pub mod files;
 pub mod health;
 pub mod jobs;
+pub mod limits;
 pub mod models;
 pub mod progress;
 pub mod request_id;
@@ -80,7 +81,10 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .fallback(not_found)
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(state.clone(), limits::timeout))
+        .layer(middleware::from_fn_with_state(state.clone(), limits::rate_limit))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
@@ -119,15 +123,77 @@ async fn observed(state: AppState, route: String, request: Request, next: Next) 
     let limit = if route == "/v1/files" { state.config.max_upload_bytes } else { JSON_BODY_LIMIT };
     let declared =
         request.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
-    let mut response =
-        if declared.is_some_and(|n| n > limit) { error::ApiError::too_large(limit).into_response() } else { next.run(request).await };
-    if response.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE
-        && response.headers().get(axum::http::header::CONTENT_TYPE).is_none_or(|v| v != "application/json")
-    {
-        response = error::ApiError::too_large(limit).into_response();
-    }
+    let response = if declared.is_some_and(|n| n > limit) {
+        error::ApiError::too_large(limit).into_response()
+    } else if let Some(refused) = unsupported_media_type(&request) {
+        refused.into_response()
+    } else {
+        next.run(request).await
+    };
+    let response = in_envelope(response, limit).await;
     let elapsed = started.elapsed();
     state.telemetry.observe_http(method.as_str(), &route, response.status().as_u16(), elapsed);
     tracing::debug!(status = response.status().as_u16(), ms = elapsed.as_secs_f64() * 1e3, "request");
     response
+}
+
+/// A JSON route's body must say it is JSON: a form or a text body sent by mistake is refused
+/// by name rather than parsed as if it were JSON. Uploads are multipart; bodiless POSTs
+/// (cancel, pause) may send no Content-Type.
+fn unsupported_media_type(request: &Request) -> Option<error::ApiError> {
+    use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
+    let headers = request.headers();
+    let has_body = headers.contains_key(TRANSFER_ENCODING)
+        || headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim() != "0");
+    if request.method() != axum::http::Method::POST || !has_body || request.uri().path() == "/v1/files" {
+        return None;
+    }
+    let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    (essence != "application/json").then(|| error::ApiError {
+        status: axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        kind: "invalid_request_error",
+        message: format!("Content-Type: this route takes a JSON body (application/json), got {content_type:?}"),
+        param: None,
+        code: Some("unsupported_media_type".into()),
+    })
+}
+
+/// Every error leaves in the OpenAI envelope, including the ones axum writes itself (a query
+/// string that does not parse, a 405 with an empty body, a body over the limit): those
+/// arrive here as plain text or empty, and their text becomes the message.
+async fn in_envelope(response: Response, limit: usize) -> Response {
+    use axum::http::StatusCode;
+    let status = response.status();
+    let is_json = response.headers().get(axum::http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if status.as_u16() < 400 || is_json || status == StatusCode::SWITCHING_PROTOCOLS {
+        return response;
+    }
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        return error::ApiError::too_large(limit).into_response();
+    }
+    let allow = response.headers().get(axum::http::header::ALLOW).cloned();
+    let text = axum::body::to_bytes(response.into_body(), 64 * 1024).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_string();
+    let (code, fallback) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "This route does not take that method."),
+        StatusCode::NOT_FOUND => ("unknown_url", "Unknown endpoint."),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", "Unsupported Content-Type."),
+        StatusCode::UNPROCESSABLE_ENTITY | StatusCode::BAD_REQUEST => ("invalid_request", "The request could not be read."),
+        _ if status.is_server_error() => ("server_error", "The server had an error processing the request."),
+        _ => ("invalid_request", "The request was refused."),
+    };
+    let mut out = error::ApiError {
+        // axum answers a body it cannot deserialize with 422; OpenAI's clients expect 400.
+        status: if status == StatusCode::UNPROCESSABLE_ENTITY { StatusCode::BAD_REQUEST } else { status },
+        kind: if status.is_server_error() { "server_error" } else { "invalid_request_error" },
+        message: if text.is_empty() || status.is_server_error() { fallback.to_string() } else { text },
+        param: None,
+        code: Some(code.into()),
+    }
+    .into_response();
+    if let Some(allow) = allow {
+        out.headers_mut().insert(axum::http::header::ALLOW, allow);
+    }
+    out
 }

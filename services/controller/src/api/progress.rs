@@ -37,7 +37,9 @@ pub async fn events(
     let after = match q.after.as_deref() {
         Some(text) => Some(
             EventId::parse(text)
-                .map_err(|_| ApiError::invalid(Some("after"), "invalid_value", format!("after: {text:?} is not an event id")))?,
+                .ok()
+                .filter(|e| e.sequence_in(job_id.as_str()).is_some())
+                .ok_or_else(|| ApiError::invalid(Some("after"), "invalid_value", format!("after: {text:?} is not an event of {id}")))?,
         ),
         None => None,
     };
@@ -84,7 +86,7 @@ pub async fn stream(
     // Check access before the stream starts, so a foreign id is a plain 404.
     let job_id = super::job_id(&id)?;
     get_job(&state.pool, &project.id, &job_id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
-    let start = q.after.as_deref().and_then(|a| EventId::parse(a).ok()).and_then(|e| e.sequence()).unwrap_or(0);
+    let start = q.after.as_deref().and_then(|a| EventId::parse(a).ok()).and_then(|e| e.sequence_in(job_id.as_str())).unwrap_or(0);
     struct Cursor {
         state: AppState,
         project: String,
@@ -105,7 +107,7 @@ pub async fn stream(
             };
             match events_after(&c.state.pool, &c.project, &c.job, c.after, 200).await {
                 Ok(batch) if !batch.is_empty() => {
-                    c.after = batch.last().and_then(|e| e.id.sequence()).unwrap_or(c.after);
+                    c.after = batch.last().and_then(|e| e.id.sequence_in(c.job.as_str())).unwrap_or(c.after);
                     let items: Vec<Result<SseEvent, Infallible>> =
                         batch.iter().map(|e| Ok(SseEvent::default().id(e.id.as_str()).data(views::event(e).to_string()))).collect();
                     return Some((stream::iter(items), c));

@@ -68,6 +68,8 @@ pub fn job(job: &Job) -> Value {
             "attempt": job.attempt,
             "retries": job.retries,
             "pause_requested": job.pause_requested,
+            // Counted at create with the model's tokenizer: {examples, truncated, dropped}.
+            "training_data": job.training_data,
         },
     })
 }

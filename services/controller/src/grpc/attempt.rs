@@ -219,8 +219,10 @@ impl Attempt {
             LogLevel::Error => EventLevel::Error,
             _ => EventLevel::Info,
         };
-        let data = serde_json::from_str(&log.data_json).ok();
-        let event = NewEvent { seq: event_seq, level, kind: "message".into(), message: text(&log.message), data };
+        // A worker's event is shown to the tenant and kept for the job's life: bounded, so a
+        // worker (buggy or hostile) cannot store megabytes per message.
+        let data = if log.data_json.len() <= MAX_EVENT_DATA_BYTES { serde_json::from_str(&log.data_json).ok() } else { None };
+        let event = NewEvent { seq: event_seq, level, kind: "message".into(), message: bounded_message(&log.message), data };
         append_events(pool, job_id, attempt, &[event]).await?;
         Ok(Next::Continue)
     }
@@ -399,6 +401,22 @@ enum Source {
 /// Text from a worker, made storable: Postgres text cannot hold NUL.
 fn text(value: &str) -> String {
     value.replace('\0', "\u{FFFD}")
+}
+
+/// Longest event message stored from a worker, in bytes; the rest is cut with a note.
+pub const MAX_EVENT_MESSAGE_BYTES: usize = 4096;
+/// Largest event `data` stored from a worker; larger data is dropped (the message stays).
+pub const MAX_EVENT_DATA_BYTES: usize = 16 * 1024;
+
+fn bounded_message(message: &str) -> String {
+    if message.len() <= MAX_EVENT_MESSAGE_BYTES {
+        return text(message);
+    }
+    let mut end = MAX_EVENT_MESSAGE_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… (cut from {} bytes)", text(&message[..end]), message.len())
 }
 
 fn to_store_point(p: &WireMetricPoint) -> MetricPoint {

@@ -72,7 +72,7 @@ impl Service {
         workers::authenticate_worker(&self.state.pool, token.trim())
             .await
             .map_err(status)?
-            .ok_or_else(|| Status::unauthenticated("unknown worker token (create one with 'lathe admin create-worker')"))
+            .ok_or_else(|| Status::unauthenticated("unknown or revoked worker token (create one with 'lathe admin create-worker')"))
     }
 }
 

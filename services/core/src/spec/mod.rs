@@ -63,16 +63,54 @@ pub const LINEAR_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "
 pub struct SpecError {
     pub param: String,
     pub message: String,
+    pub code: SpecCode,
+}
+
+/// Why a request was refused, as the OpenAI envelope's `code`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpecCode {
+    /// A known field with a wrong value (or a missing required one).
+    InvalidValue,
+    /// A field no version of the API defines: most often a typo (`learnig_rate`).
+    UnknownParameter,
+    /// A field OpenAI defines that Lathe does not implement (`integrations`, `method.dpo`).
+    UnsupportedParameter,
+}
+
+impl SpecCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpecCode::InvalidValue => "invalid_value",
+            SpecCode::UnknownParameter => "unknown_parameter",
+            SpecCode::UnsupportedParameter => "unsupported_parameter",
+        }
+    }
 }
 
 impl SpecError {
     pub fn new(param: impl Into<String>, message: impl Into<String>) -> Self {
-        SpecError { param: param.into(), message: message.into() }
+        SpecError { param: param.into(), message: message.into(), code: SpecCode::InvalidValue }
     }
 
     /// `lora.rank: must be at least 1, got 0`.
     pub fn invalid(param: &str, detail: impl std::fmt::Display) -> Self {
-        SpecError { param: param.to_string(), message: format!("{param}: {detail}") }
+        SpecError { param: param.to_string(), message: format!("{param}: {detail}"), code: SpecCode::InvalidValue }
+    }
+
+    /// `integrations: not supported by Lathe; …`.
+    pub fn unsupported(param: &str, detail: impl std::fmt::Display) -> Self {
+        SpecError { param: param.to_string(), message: format!("{param}: {detail}"), code: SpecCode::UnsupportedParameter }
+    }
+
+    /// The error for a body that does not deserialize: `param` is the failing path, and serde's
+    /// "unknown field" (from `deny_unknown_fields`) becomes `unknown_parameter`.
+    pub(crate) fn from_serde(param: &str, detail: String) -> Self {
+        let code = if detail.starts_with("unknown field") { SpecCode::UnknownParameter } else { SpecCode::InvalidValue };
+        if param.is_empty() {
+            SpecError { param: String::new(), message: detail, code }
+        } else {
+            SpecError { param: param.to_string(), message: format!("{param}: {detail}"), code }
+        }
     }
 }
 
@@ -293,6 +331,7 @@ impl TryFrom<CreateJobRequest> for JobSpec {
     type Error = SpecError;
 
     fn try_from(request: CreateJobRequest) -> Result<Self, SpecError> {
+        refuse_unsupported(&request)?;
         let model = validate_model_name(request.model.as_deref())?;
         let (training_file, validation_file) = resolve_files(&request)?;
         let (method, hyperparameters_request, hyperparameters_param) = resolve_method(&request)?;
@@ -379,7 +418,11 @@ fn resolve_method_lora(method: Method, lora: Option<&LoraRequest>) -> Result<Opt
 fn resolve_quantization(quantization: Option<&str>, lora: bool) -> Result<Option<Quantization>, SpecError> {
     match quantization {
         None => Ok(None),
-        Some("nf4") if lora => Ok(Some(Quantization::Nf4)),
+        // QLoRA is planned, not built: no worker can load a 4-bit base yet, so the job is refused
+        // here rather than accepted and failed by every worker that claims it.
+        Some("nf4") if lora => {
+            Err(SpecError::unsupported("quantization", "nf4 (QLoRA) is not implemented by Lathe's workers yet; submit without it"))
+        }
         Some("nf4") => Err(SpecError::invalid(
             "quantization",
             "nf4 (QLoRA) freezes a 4-bit base under a LoRA adapter; it needs LoRA, and this job trains every weight",
@@ -428,6 +471,21 @@ fn resolve_lr_scheduler(name: Option<&str>) -> Result<LrScheduler, SpecError> {
     }
 }
 
+/// Fields OpenAI defines that Lathe does not implement: refused, never silently ignored.
+fn refuse_unsupported(request: &CreateJobRequest) -> Result<(), SpecError> {
+    match &request.integrations {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(list)) if list.is_empty() => {}
+        Some(_) => {
+            return Err(SpecError::unsupported(
+                "integrations",
+                "not supported by Lathe (metrics are at /v1/fine_tuning/jobs/{id}/events and /metrics); send [] or omit it",
+            ))
+        }
+    }
+    Ok(())
+}
+
 /// The method, its hyperparameters, and the param prefix errors about them should carry.
 fn resolve_method(request: &CreateJobRequest) -> Result<(Method, Option<HyperparametersRequest>, String), SpecError> {
     let top_level = request.hyperparameters.clone().filter(|h| !h.is_empty());
@@ -438,8 +496,11 @@ fn resolve_method(request: &CreateJobRequest) -> Result<(Method, Option<Hyperpar
         Some("supervised") => (Method::Supervised, &method.supervised),
         Some("continued_pretraining") => (Method::ContinuedPretraining, &method.continued_pretraining),
         Some("full") => (Method::Full, &method.full),
-        Some("dpo") => {
-            return Err(SpecError::invalid("method.type", "dpo is not supported; supported: supervised, continued_pretraining, full"))
+        Some(kind @ ("dpo" | "reinforcement")) => {
+            return Err(SpecError::unsupported(
+                "method.type",
+                format!("{kind} is not supported by Lathe; supported: supervised, continued_pretraining, full"),
+            ))
         }
         Some(other) => {
             return Err(SpecError::invalid(
@@ -449,6 +510,14 @@ fn resolve_method(request: &CreateJobRequest) -> Result<(Method, Option<Hyperpar
         }
         None => return Err(SpecError::invalid("method.type", "missing required parameter")),
     };
+    for (name, settings) in [("dpo", &method.dpo), ("reinforcement", &method.reinforcement)] {
+        if settings.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(SpecError::unsupported(
+                &format!("method.{name}"),
+                format!("{name} is not supported by Lathe; supported: supervised, continued_pretraining, full"),
+            ));
+        }
+    }
     let nested = settings.as_ref().and_then(|s| s.hyperparameters.clone()).filter(|h| !h.is_empty());
     match (top_level, nested) {
         (Some(_), Some(_)) => Err(SpecError::invalid(

@@ -2,7 +2,9 @@
 //! extensions (sent by the SDK through `extra_body`). Every field is optional here so that a
 //! missing or mistyped one is reported by [`JobSpec::try_from`](super::JobSpec) or
 //! [`CreateJobRequest::from_json`] with its exact `param`, never as a bare serde message.
-//! Unknown fields (`integrations`, future OpenAI additions) are ignored.
+//! A field no version of the API defines is refused (`unknown_parameter`, naming its path), so a
+//! typo such as `learnig_rate` cannot silently train at the default; fields OpenAI defines that
+//! Lathe does not implement are read only to be refused as `unsupported_parameter`.
 
 use std::collections::BTreeMap;
 
@@ -13,7 +15,7 @@ use serde_json::Value;
 use super::SpecError;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct CreateJobRequest {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
@@ -32,6 +34,9 @@ pub struct CreateJobRequest {
     pub metadata: Option<BTreeMap<String, String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub method: Option<MethodRequest>,
+    /// OpenAI's Weights & Biases integration: only an empty list (or null) is accepted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub integrations: Option<Value>,
 
     // Lathe extensions.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -70,7 +75,7 @@ pub struct CreateJobRequest {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct DecontaminateRequest {
     /// Benchmarks to protect: `cti-mcq`, `cti-rcm`, `cti-rcm-2021`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -81,7 +86,7 @@ pub struct DecontaminateRequest {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct HyperparametersRequest {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub n_epochs: Option<AutoOr<i64>>,
@@ -100,7 +105,7 @@ impl HyperparametersRequest {
 /// `{"type": "supervised", "supervised": {"hyperparameters": {…}}}`; the settings object is
 /// looked up under the name of the type.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct MethodRequest {
     #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
@@ -110,17 +115,22 @@ pub struct MethodRequest {
     pub continued_pretraining: Option<MethodSettingsRequest>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub full: Option<MethodSettingsRequest>,
+    /// OpenAI's preference and reinforcement methods: refused as unsupported when present.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reinforcement: Option<Value>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct MethodSettingsRequest {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hyperparameters: Option<HyperparametersRequest>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct LoraRequest {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rank: Option<i64>,
@@ -182,15 +192,8 @@ impl CreateJobRequest {
         if !value.is_object() {
             return Err(SpecError::new("", "the request body must be a JSON object"));
         }
-        serde_json::from_value::<Self>(value.clone()).map_err(|error| {
-            let param = failing_path::<Self>(&value);
-            let detail = without_position(&error);
-            if param.is_empty() {
-                SpecError::new("", detail)
-            } else {
-                SpecError::invalid(&param, detail)
-            }
-        })
+        serde_json::from_value::<Self>(value.clone())
+            .map_err(|error| SpecError::from_serde(&failing_path::<Self>(&value), without_position(&error)))
     }
 }
 

@@ -52,7 +52,6 @@ fn the_cve_cwe_recipe_round_trips_through_the_stored_json() {
         "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 10, "batch_size": 8}}},
         "lora": {"rank": 64, "alpha": 128, "dropout": 0.05, "target_modules": ["v_proj", "q_proj"], "use_rslora": true},
         "learning_rate": 5e-5,
-        "quantization": "nf4",
         "lr_scheduler": "linear",
         "max_seq_length": 1024,
         "packing": true,
@@ -62,20 +61,19 @@ fn the_cve_cwe_recipe_round_trips_through_the_stored_json() {
         "pool": "a100",
         "gpu_memory_gb": 24,
         "priority": 10,
-        "integrations": [{"type": "wandb"}]
+        "integrations": []
     }))
     .unwrap();
     assert_eq!(spec.hyperparameters, Hyperparameters { n_epochs: 10, batch_size: 8, learning_rate_multiplier: 0.5 });
     assert_eq!(spec.learning_rate, 5e-5);
     let lora = spec.lora.as_ref().unwrap();
     assert_eq!(lora.target_modules, ["q_proj", "v_proj"], "checkpoint order");
-    assert_eq!(spec.quantization, Some(Quantization::Nf4));
+    assert_eq!(spec.quantization, None);
     assert_eq!(spec.suffix.as_deref(), Some("cve-cwe"));
     assert_eq!(spec.resources, Resources { pool: "a100".into(), gpu_memory_gb: Some(24), priority: 10 });
 
     let stored = serde_json::to_value(&spec).unwrap();
     assert_eq!(stored["method"], "supervised");
-    assert_eq!(stored["quantization"], "nf4");
     assert_eq!(stored["lr_scheduler"], "linear");
     assert_eq!(stored["training_file"], training_file());
     assert_eq!(serde_json::from_value::<JobSpec>(stored).unwrap(), spec);
@@ -196,8 +194,10 @@ fn model_names_cannot_climb_out_of_the_models_root() {
 #[test]
 fn dpo_and_unknown_methods_are_refused_naming_method_type() {
     let error = rejection(json!({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}}}));
-    assert_eq!(error.param, "method.type");
+    assert_eq!((error.param.as_str(), error.code), ("method.type", SpecCode::UnsupportedParameter));
     assert!(error.message.contains("dpo is not supported"), "{}", error.message);
+    let error = rejection(json!({"method": {"type": "supervised", "dpo": {"hyperparameters": {"beta": 0.1}}}}));
+    assert_eq!((error.param.as_str(), error.code), ("method.dpo", SpecCode::UnsupportedParameter));
     assert_eq!(rejection(json!({"method": {"type": "reinforcement"}})).param, "method.type");
     assert_eq!(rejection(json!({"method": {}})).param, "method.type");
 }
@@ -352,4 +352,35 @@ fn a_nul_character_in_metadata_is_refused_naming_the_field() {
         assert_eq!(error.param, "metadata");
         assert!(error.message.contains("NUL"), "{}", error.message);
     }
+}
+
+#[test]
+fn an_unknown_field_is_refused_naming_its_path() {
+    for (body, param) in [
+        (json!({"learnig_rate": 1e-4}), "learnig_rate"),
+        (json!({"lora": {"rnak": 8}}), "lora.rnak"),
+        (json!({"hyperparameters": {"epochs": 2}}), "hyperparameters.epochs"),
+        (
+            json!({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epoch": 2}}}}),
+            "method.supervised.hyperparameters.n_epoch",
+        ),
+        (json!({"decontaminate": {"benchmark": ["cti-rcm"]}}), "decontaminate.benchmark"),
+    ] {
+        let error = rejection(body);
+        assert_eq!((error.param.as_str(), error.code), (param, SpecCode::UnknownParameter), "{}", error.message);
+        assert!(error.message.starts_with(&format!("{param}: unknown field")), "{}", error.message);
+    }
+    // The typo's intended field is among those listed.
+    assert!(rejection(json!({"learnig_rate": 1e-4})).message.contains("`learning_rate`"));
+}
+
+#[test]
+fn fields_openai_defines_but_lathe_does_not_implement_are_unsupported() {
+    let error = rejection(json!({"integrations": [{"type": "wandb", "wandb": {"project": "x"}}]}));
+    assert_eq!((error.param.as_str(), error.code), ("integrations", SpecCode::UnsupportedParameter));
+    let error = rejection(json!({"quantization": "nf4"}));
+    assert_eq!((error.param.as_str(), error.code), ("quantization", SpecCode::UnsupportedParameter));
+    // An empty list (what some clients send by default) asks for nothing.
+    assert!(spec(json!({"integrations": []})).is_ok());
+    assert!(spec(json!({"integrations": null})).is_ok());
 }

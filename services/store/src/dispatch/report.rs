@@ -161,7 +161,7 @@ pub struct Event {
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct EventRow {
-    id: i64,
+    job_seq: i64,
     job_id: String,
     level: String,
     #[sqlx(rename = "type")]
@@ -175,7 +175,7 @@ impl TryFrom<EventRow> for Event {
     type Error = StoreError;
     fn try_from(row: EventRow) -> Result<Self, StoreError> {
         Ok(Event {
-            id: EventId::from_sequence(row.id),
+            id: EventId::of_job(&row.job_id, row.job_seq),
             job_id: row.job_id,
             level: EventLevel::parse(&row.level)?,
             kind: row.kind,
@@ -196,12 +196,23 @@ pub async fn append_events(pool: &PgPool, job_id: &str, attempt: i32, events: &[
     Ok(inserted)
 }
 
+/// Takes `n` numbers from the job's event counter (see the hardening migration): the row lock
+/// it takes is held until the caller's transaction commits, so a job's events commit in number
+/// order. Resent events that turn out to be duplicates leave gaps, which readers do not mind.
+const NUMBER_EVENTS: &str = "INSERT INTO event_counters (job_id, last) VALUES ($1, $2)
+     ON CONFLICT (job_id) DO UPDATE SET last = event_counters.last + $2 RETURNING last";
+
 async fn insert_events(tx: &mut Transaction<'_, Postgres>, job_id: &str, attempt: i32, events: &[NewEvent]) -> Result<u64, StoreError> {
+    if events.is_empty() {
+        return Ok(0);
+    }
+    let last: i64 = sqlx::query_scalar(NUMBER_EVENTS).bind(job_id).bind(events.len() as i64).fetch_one(&mut **tx).await?;
+    let first = last - events.len() as i64;
     let inserted = sqlx::query(
-        "INSERT INTO events (job_id, attempt, seq, level, type, message, data)
-         SELECT $1, $2, e.seq, e.level, e.kind, e.message, e.data::jsonb
-         FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[])
-              AS e(seq, level, kind, message, data)
+        "INSERT INTO events (job_id, attempt, seq, level, type, message, data, job_seq)
+         SELECT $1, $2, e.seq, e.level, e.kind, e.message, e.data::jsonb, $8 + e.ord
+         FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[]) WITH ORDINALITY
+              AS e(seq, level, kind, message, data, ord)
          ON CONFLICT (job_id, attempt, seq) DO NOTHING",
     )
     .bind(job_id)
@@ -211,6 +222,7 @@ async fn insert_events(tx: &mut Transaction<'_, Postgres>, job_id: &str, attempt
     .bind(events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.message.as_str()).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.data.as_ref().map(|d| d.to_string())).collect::<Vec<_>>())
+    .bind(first)
     .execute(&mut **tx)
     .await?
     .rows_affected();
@@ -225,14 +237,18 @@ pub async fn add_job_event(
     message: &str,
     data: Option<&serde_json::Value>,
 ) -> Result<EventId, StoreError> {
-    let id: i64 = sqlx::query_scalar("INSERT INTO events (job_id, level, message, data) VALUES ($1, $2, $3, $4) RETURNING id")
+    let mut tx = pool.begin().await?;
+    let number: i64 = sqlx::query_scalar(NUMBER_EVENTS).bind(job_id).bind(1i64).fetch_one(&mut *tx).await?;
+    sqlx::query("INSERT INTO events (job_id, level, message, data, job_seq) VALUES ($1, $2, $3, $4, $5)")
         .bind(job_id)
         .bind(level.as_str())
         .bind(message)
         .bind(data.map(Json))
-        .fetch_one(pool)
+        .bind(number)
+        .execute(&mut *tx)
         .await?;
-    Ok(EventId::from_sequence(id))
+    tx.commit().await?;
+    Ok(EventId::of_job(job_id, number))
 }
 
 /// A committed checkpoint: written, fsynced and renamed by the worker before it is committed.

@@ -388,3 +388,40 @@ async fn progress_is_written_whole_by_the_holder_and_not_at_all_by_a_stale_attem
     let events = list_events(&db.pool, &project_id, &as_job_id(&job_id), None, 100).await.unwrap().items;
     assert_eq!(events.iter().filter(|e| e.kind == "metrics").count(), 2, "the stale attempt's event was stored");
 }
+
+#[tokio::test]
+async fn events_are_numbered_per_job_and_a_reader_following_writers_never_skips_one() {
+    use lathe_store::dispatch::add_job_event;
+    use lathe_store::progress::events_after;
+    let db = TestDb::new().await;
+    let (project_id, job_a) = queued_job(&db.pool, "acme").await;
+    let (_, job_b) = queued_job(&db.pool, "other").await;
+    add_job_event(&db.pool, &job_b, EventLevel::Info, "b's first", None).await.unwrap();
+
+    // Eight writers race on job A while a reader follows it as SSE does (`job_seq > cursor`).
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let (pool, job) = (db.pool.clone(), job_a.clone());
+            tokio::spawn(async move {
+                for i in 0..25 {
+                    add_job_event(&pool, &job, EventLevel::Info, &format!("w{w} e{i}"), None).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    let (mut seen, mut cursor) = (Vec::new(), 0);
+    while seen.len() < 200 {
+        for event in events_after(&db.pool, &project_id, &as_job_id(&job_a), cursor, 50).await.unwrap() {
+            cursor = event.id.sequence_in(&job_a).expect("an event of job A");
+            seen.push(cursor);
+        }
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    assert_eq!(seen, (1..=200).collect::<Vec<i64>>(), "the reader skipped or repeated an event");
+    // Job B's numbering is its own: its one event is number 1, whatever happened in job A.
+    let numbers: Vec<i64> =
+        sqlx::query_scalar("SELECT job_seq FROM events WHERE job_id = $1").bind(&job_b).fetch_all(&db.pool).await.unwrap();
+    assert_eq!(numbers, [1]);
+}

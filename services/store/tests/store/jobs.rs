@@ -31,6 +31,26 @@ async fn a_created_job_is_queued_with_its_spec_and_resources() {
 }
 
 #[tokio::test]
+async fn an_admitted_job_keeps_its_request_hash_and_training_data_and_a_retry_sees_them() {
+    use lathe_store::jobs::{admit_job, Admission};
+    let db = TestDb::new().await;
+    let project_id = project(&db.pool, "acme").await;
+    let file = training_file(&db.pool, &project_id).await;
+    let spec = spec(&file, json!({}));
+    let data = json!({"examples": 12, "truncated": 3, "dropped": 1, "max_seq_length": 64});
+    let admission = Admission { idempotency_key: Some("k1"), request_sha256: Some("aa11"), training_data: Some(&data) };
+    let (job, created) = admit_job(&db.pool, &project_id, &spec, &admission).await.unwrap();
+    assert!(created);
+    assert_eq!((job.request_sha256.as_deref(), job.training_data.as_ref()), (Some("aa11"), Some(&data)));
+    // A retry with the key gets the first job back, hash included, for the caller to compare.
+    let other = Admission { idempotency_key: Some("k1"), request_sha256: Some("bb22"), training_data: None };
+    let (again, created) = admit_job(&db.pool, &project_id, &spec, &other).await.unwrap();
+    assert!(!created);
+    assert_eq!((again.id, again.request_sha256.as_deref()), (job.id.clone(), Some("aa11")));
+    assert_eq!(get_job(&db.pool, &project_id, &job.id).await.unwrap().training_data, Some(data));
+}
+
+#[tokio::test]
 async fn a_job_on_a_missing_or_foreign_file_is_refused_and_nothing_is_stored() {
     let db = TestDb::new().await;
     let project_a = project(&db.pool, "a").await;

@@ -18,11 +18,11 @@ pub use lathe_core::training_file::{parse_line, ChatMessage, DataFormat, Example
 use crate::{Result, TrainerError};
 
 /// Reads and validates a JSONL file: every non-blank line is one example, all in the format of
-/// the first one.
-pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
+/// the first one. Returns the examples and the 1-based line of each.
+pub fn read_examples(path: &Path) -> Result<(Vec<Example>, Vec<usize>)> {
     let bytes = std::fs::read(path).map_err(|e| TrainerError::io(path, e))?;
     match parse_jsonl(&bytes) {
-        Ok(parsed) => Ok(parsed.examples),
+        Ok(parsed) => Ok((parsed.examples, parsed.example_lines)),
         Err(FileError::Line { line, reason }) => Err(TrainerError::data_line(path, line, reason)),
         Err(other) => Err(TrainerError::file(path, other.to_string())),
     }
@@ -48,12 +48,12 @@ mod tests {
     #[test]
     fn prompt_completion_and_text_files_parse() {
         let file = write("{\"prompt\": \"2+2=\", \"completion\": \"4\"}\r\n{\"prompt\": \"\", \"completion\": \"x\"}\n");
-        let examples = read_examples(file.path()).unwrap();
+        let (examples, _) = read_examples(file.path()).unwrap();
         assert_eq!(examples[0], Example::PromptCompletion { prompt: "2+2=".into(), completion: "4".into() });
         assert_eq!(examples[1].format(), DataFormat::PromptCompletion);
 
         let file = write("\u{feff}{\"text\": \"CVE-2024-0001 is a heap overflow\"}\n");
-        let examples = read_examples(file.path()).unwrap();
+        let (examples, _) = read_examples(file.path()).unwrap();
         assert_eq!(examples, vec![Example::Text { text: "CVE-2024-0001 is a heap overflow".into() }]);
     }
 

@@ -2,7 +2,8 @@
 
 use std::path::Path;
 
-use crate::data::encode::Encoder;
+use lathe_encode::{encode_examples, EncodeError, Encoder};
+
 use crate::data::jsonl::read_examples;
 use crate::data::packing::{pack, Sequence};
 use crate::{Result, TrainerError};
@@ -16,27 +17,18 @@ pub struct PreparedData {
 }
 
 pub fn prepare(path: &Path, encoder: &Encoder, packing: bool, max_seq_length: usize) -> Result<PreparedData> {
-    let examples = read_examples(path)?;
-    let mut encoded = Vec::with_capacity(examples.len());
-    let (mut truncated, mut dropped) = (0, 0);
-    for (i, example) in examples.iter().enumerate() {
-        let e = encoder.encode(example).map_err(|e| match e {
-            // Template and tokenizer problems are about a line of this file.
-            TrainerError::ChatTemplate(m) | TrainerError::Tokenizer(m) => TrainerError::data_line(path, i + 1, m),
-            other => other,
-        })?;
-        truncated += e.truncated as usize;
-        if e.trained.iter().skip(1).any(|&t| t) {
-            encoded.push(e);
-        } else {
-            dropped += 1;
-        }
-    }
-    if encoded.is_empty() {
+    let (examples, lines) = read_examples(path)?;
+    let encoded = encode_examples(encoder, &examples, &lines).map_err(|e| match e {
+        // Template and tokenizer problems are about a line of this file.
+        EncodeError::Line { line, message } => TrainerError::data_line(path, line, message),
+        other => other.into(),
+    })?;
+    if encoded.kept.is_empty() {
         return Err(TrainerError::file(path, "no example has a token to train on (all empty or truncated away)"));
     }
-    let rows = if packing { pack(&encoded, max_seq_length) } else { encoded.iter().map(Sequence::from_example).collect() };
-    Ok(PreparedData { rows, examples: examples.len(), truncated, dropped })
+    let rows = if packing { pack(&encoded.kept, max_seq_length) } else { encoded.kept.iter().map(Sequence::from_example).collect() };
+    let tally = encoded.tally;
+    Ok(PreparedData { rows, examples: tally.examples, truncated: tally.truncated, dropped: tally.dropped })
 }
 
 /// FNV-1a over every row's tokens and loss mask: a resume with different data is refused.

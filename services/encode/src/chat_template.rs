@@ -12,9 +12,9 @@ use std::path::Path;
 use minijinja::{Environment, Error, ErrorKind, Value};
 use serde_json::Value as Json;
 
-use crate::data::jinja_compat;
-use crate::data::jsonl::ChatMessage;
-use crate::{Result, TrainerError};
+use crate::jinja_compat;
+use crate::{EncodeError, Result};
+use lathe_core::training_file::ChatMessage;
 
 const TEMPLATE_NAME: &str = "chat_template";
 
@@ -45,14 +45,14 @@ impl ChatTemplate {
                 if !sibling.is_file() {
                     return Ok(None);
                 }
-                std::fs::read_to_string(&sibling).map_err(|e| TrainerError::io(&sibling, e))?
+                std::fs::read_to_string(&sibling).map_err(|e| EncodeError::io(&sibling, e))?
             }
             Some(Json::String(source)) => source.clone(),
             // Some models ship several named templates (e.g. "default" and "tool_use").
             Some(Json::Array(named)) => default_of_named_templates(path, named)?,
-            Some(_) => return Err(TrainerError::file(path, "`chat_template` must be a string or a list of {name, template}")),
+            Some(_) => return Err(EncodeError::file(path, "`chat_template` must be a string or a list of {name, template}")),
         };
-        let template = ChatTemplate::from_source(&source, special.bos, special.eos).map_err(|e| TrainerError::file(path, e.to_string()))?;
+        let template = ChatTemplate::from_source(&source, special.bos, special.eos).map_err(|e| EncodeError::file(path, e.to_string()))?;
         Ok(Some(template))
     }
 
@@ -67,7 +67,7 @@ impl ChatTemplate {
         });
         env.add_function("strftime_now", |format: String| jinja_compat::strftime_now(&format));
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
-            .map_err(|e| TrainerError::ChatTemplate(format!("cannot parse the template: {e:#}")))?;
+            .map_err(|e| EncodeError::ChatTemplate(format!("cannot parse the template: {e:#}")))?;
         Ok(ChatTemplate { env, bos_token, eos_token })
     }
 
@@ -84,7 +84,7 @@ impl ChatTemplate {
             context.push(("eos_token", Value::from(eos.as_str())));
         }
         let template = self.env.get_template(TEMPLATE_NAME).expect("added in from_source");
-        template.render(Value::from_iter(context)).map_err(|e| TrainerError::ChatTemplate(render_error_message(&e)))
+        template.render(Value::from_iter(context)).map_err(|e| EncodeError::ChatTemplate(render_error_message(&e)))
     }
 }
 
@@ -101,20 +101,20 @@ fn special_tokens_of(path: &Path, config: &serde_json::Map<String, Json>) -> Res
             Some(Json::String(s)) => Ok(Some(s.clone())),
             Some(Json::Object(o)) => match o.get("content") {
                 Some(Json::String(s)) => Ok(Some(s.clone())),
-                _ => Err(TrainerError::file(path, format!("`{key}` is an object without a string `content`"))),
+                _ => Err(EncodeError::file(path, format!("`{key}` is an object without a string `content`"))),
             },
-            Some(_) => Err(TrainerError::file(path, format!("`{key}` must be a string, null or an object with `content`"))),
+            Some(_) => Err(EncodeError::file(path, format!("`{key}` must be a string, null or an object with `content`"))),
         }
     };
     Ok(SpecialTokens { bos: token("bos_token")?, eos: token("eos_token")?, pad: token("pad_token")? })
 }
 
 fn read_json_object(path: &Path) -> Result<serde_json::Map<String, Json>> {
-    let text = std::fs::read_to_string(path).map_err(|e| TrainerError::io(path, e))?;
+    let text = std::fs::read_to_string(path).map_err(|e| EncodeError::io(path, e))?;
     match serde_json::from_str(&text) {
         Ok(Json::Object(object)) => Ok(object),
-        Ok(_) => Err(TrainerError::file(path, "expected a JSON object")),
-        Err(e) => Err(TrainerError::file(path, format!("not valid JSON: {e}"))),
+        Ok(_) => Err(EncodeError::file(path, "expected a JSON object")),
+        Err(e) => Err(EncodeError::file(path, format!("not valid JSON: {e}"))),
     }
 }
 
@@ -126,10 +126,10 @@ fn default_of_named_templates(path: &Path, named: &[Json]) -> Result<String> {
         match (name, template) {
             (Some("default"), Some(template)) => return Ok(template.to_string()),
             (Some(name), Some(_)) => names.push(name.to_string()),
-            _ => return Err(TrainerError::file(path, "`chat_template` list entries need a string `name` and `template`")),
+            _ => return Err(EncodeError::file(path, "`chat_template` list entries need a string `name` and `template`")),
         }
     }
-    Err(TrainerError::file(path, format!("`chat_template` has no template named `default` (found: {})", names.join(", "))))
+    Err(EncodeError::file(path, format!("`chat_template` has no template named `default` (found: {})", names.join(", "))))
 }
 
 /// The message as the template sees it: the OpenAI dict, minus our `weight`.
@@ -160,9 +160,9 @@ mod tests {
     use super::*;
 
     const CHATML: &str = "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}";
-    const QWEN2_5: &str = include_str!("data/testdata/qwen2_5_instruct.jinja");
-    const QWEN3: &str = include_str!("data/testdata/qwen3.jinja");
-    const LLAMA3: &str = include_str!("data/testdata/llama3_instruct.jinja");
+    const QWEN2_5: &str = include_str!("testdata/qwen2_5_instruct.jinja");
+    const QWEN3: &str = include_str!("testdata/qwen3.jinja");
+    const LLAMA3: &str = include_str!("testdata/llama3_instruct.jinja");
 
     fn msg(role: &str, content: &str) -> ChatMessage {
         ChatMessage { role: role.into(), content: content.into(), weight: None, extra: Default::default() }

@@ -19,6 +19,13 @@
 //!
 //! Offsets from `Tokenizer::encode` are byte offsets, as are Rust string lengths, so the
 //! comparison is safe for non-ASCII text.
+//!
+//! Cost: rendering turn i's prefix costs the length of the conversation before it, so marking
+//! every turn of a long conversation would be quadratic in its length (a 10,000-message line
+//! once took minutes). Only the first `max_seq_length` tokens are kept, and a turn that starts
+//! after them carries no kept token, so turns are rendered only up to that cut: the work is
+//! one render and one tokenization of the whole line plus at most `max_seq_length`-bounded
+//! renders, linear in the line for a given `max_seq_length`.
 
 use std::ops::Range;
 use std::path::Path;
@@ -26,8 +33,8 @@ use std::path::Path;
 use tokenizers::Tokenizer;
 
 use crate::chat_template::{read_special_tokens, ChatTemplate, SpecialTokens};
-use crate::data::jsonl::{ChatMessage, Example};
-use crate::{Result, TrainerError};
+use crate::{EncodeError, Result};
+use lathe_core::training_file::{ChatMessage, Example};
 
 /// One example as tokens. `trained[i]` is true when token i is a target of the loss (it is
 /// predicted from tokens 0..i). Same length as `input_ids`.
@@ -63,18 +70,18 @@ pub struct Encoder {
 impl Encoder {
     pub fn new(mut tokenizer: Tokenizer, template: Option<ChatTemplate>, special: &SpecialTokens, opts: EncodeOptions) -> Result<Encoder> {
         if opts.max_seq_length < 2 {
-            return Err(TrainerError::invalid("max_seq_length", "must be at least 2 (one token predicts the next)"));
+            return Err(EncodeError::invalid("max_seq_length", "must be at least 2 (one token predicts the next)"));
         }
         // Some tokenizer.json files ship with truncation or padding switched on; either would
         // silently change our ids. We truncate ourselves, and packing replaces padding.
-        tokenizer.with_truncation(None).map_err(|e| TrainerError::Tokenizer(format!("cannot disable truncation: {e}")))?;
+        tokenizer.with_truncation(None).map_err(|e| EncodeError::Tokenizer(format!("cannot disable truncation: {e}")))?;
         tokenizer.with_padding(None);
         let id_of = |name: &str, token: &Option<String>| -> Result<Option<u32>> {
             let Some(token) = token else { return Ok(None) };
             tokenizer
                 .token_to_id(token)
                 .map(Some)
-                .ok_or_else(|| TrainerError::Tokenizer(format!("{name} `{token}` from tokenizer_config.json is not in the vocabulary")))
+                .ok_or_else(|| EncodeError::Tokenizer(format!("{name} `{token}` from tokenizer_config.json is not in the vocabulary")))
         };
         let bos_id = id_of("bos_token", &special.bos)?;
         let eos_id = id_of("eos_token", &special.eos)?;
@@ -88,10 +95,10 @@ impl Encoder {
     pub fn from_model_dir(dir: &Path, opts: EncodeOptions) -> Result<Encoder> {
         let tokenizer_path = dir.join("tokenizer.json");
         if !tokenizer_path.is_file() {
-            return Err(TrainerError::file(&tokenizer_path, "missing: the model directory needs a tokenizer.json"));
+            return Err(EncodeError::file(&tokenizer_path, "missing: the model directory needs a tokenizer.json"));
         }
         let tokenizer = Tokenizer::from_file(&tokenizer_path)
-            .map_err(|e| TrainerError::file(&tokenizer_path, format!("cannot load the tokenizer: {e}")))?;
+            .map_err(|e| EncodeError::file(&tokenizer_path, format!("cannot load the tokenizer: {e}")))?;
         let config_path = dir.join("tokenizer_config.json");
         let special = read_special_tokens(&config_path)?;
         let template = ChatTemplate::from_tokenizer_config(&config_path)?;
@@ -127,7 +134,7 @@ impl Encoder {
 
     fn encode_chat(&self, messages: &[ChatMessage]) -> Result<(Vec<u32>, Vec<bool>)> {
         let template = self.template.as_ref().ok_or_else(|| {
-            TrainerError::ChatTemplate(
+            EncodeError::ChatTemplate(
                 "the model has no chat template (no `chat_template` in tokenizer_config.json); \
                  use prompt/completion data or a model with a template"
                     .into(),
@@ -138,18 +145,21 @@ impl Encoder {
         let encoding = self
             .tokenizer
             .encode(text.as_str(), false)
-            .map_err(|e| TrainerError::Tokenizer(format!("cannot tokenize the rendered conversation: {e}")))?;
+            .map_err(|e| EncodeError::Tokenizer(format!("cannot tokenize the rendered conversation: {e}")))?;
         let trained = if self.opts.train_on_inputs {
             vec![true; encoding.get_ids().len()]
         } else {
-            let spans = assistant_spans(template, messages, &text)?;
-            encoding.get_offsets().iter().map(|&(start, _)| spans.iter().any(|s| s.contains(&start))).collect()
+            let offsets = encoding.get_offsets();
+            let kept = &offsets[..offsets.len().min(self.opts.max_seq_length)];
+            let cut = kept.iter().map(|&(start, _)| start).max().unwrap_or(0);
+            let spans = assistant_spans(template, messages, &text, cut)?;
+            offsets.iter().map(|&(start, _)| in_spans(&spans, start)).collect()
         };
         Ok((encoding.get_ids().to_vec(), trained))
     }
 
     fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self.tokenizer.encode(text, false).map_err(|e| TrainerError::Tokenizer(format!("cannot tokenize: {e}")))?;
+        let encoding = self.tokenizer.encode(text, false).map_err(|e| EncodeError::Tokenizer(format!("cannot tokenize: {e}")))?;
         Ok(encoding.get_ids().to_vec())
     }
 }
@@ -186,15 +196,20 @@ fn finish(mut input_ids: Vec<u32>, mut trained: Vec<bool>, max_seq_length: usize
 }
 
 /// Byte ranges of `full` (the rendered conversation) that carry loss: each assistant turn with
-/// weight ≠ 0, from after its header to its end-of-turn token.
-fn assistant_spans(template: &ChatTemplate, messages: &[ChatMessage], full: &str) -> Result<Vec<Range<usize>>> {
+/// weight ≠ 0, from after its header to its end-of-turn token, in order. Turns that start after
+/// byte `cut` (the start of the last kept token) are not looked at: they are truncated away.
+fn assistant_spans(template: &ChatTemplate, messages: &[ChatMessage], full: &str, cut: usize) -> Result<Vec<Range<usize>>> {
     let mut spans = Vec::new();
     for (i, message) in messages.iter().enumerate() {
         if message.role != "assistant" || message.weight == Some(0) {
             continue;
         }
-        let not_stable = || TrainerError::ChatTemplate(format!("template is not prefix-stable at message {i}"));
+        let not_stable = || EncodeError::ChatTemplate(format!("template is not prefix-stable at message {i}"));
         let prefix = template.render(&messages[..i], true)?;
+        if prefix.len() > cut {
+            // Prefixes only grow (each is a prefix of `full`), so every later turn starts later.
+            break;
+        }
         let upto = template.render(&messages[..=i], false)?;
         if !upto.starts_with(&prefix) || !full.starts_with(&prefix) {
             return Err(not_stable());
@@ -211,6 +226,13 @@ fn assistant_spans(template: &ChatTemplate, messages: &[ChatMessage], full: &str
         }
     }
     Ok(spans)
+}
+
+/// Whether byte `at` lies in one of `spans` (sorted and disjoint): a binary search, so marking
+/// every token stays O(tokens · log turns).
+fn in_spans(spans: &[Range<usize>], at: usize) -> bool {
+    let i = spans.partition_point(|span| span.end <= at);
+    spans.get(i).is_some_and(|span| span.contains(&at))
 }
 
 /// For templates that render the last turn differently (Qwen3's empty `<think>` block): find
@@ -376,6 +398,39 @@ mod tests {
         let encoded = encoder.encode(&Example::Chat { messages: conversation() }).unwrap();
         // The last turn is rendered with an empty think block, which is part of what it learns.
         assert_eq!(trained_text(&encoder, &encoded), "ANSWER ONE<|im_end|><think>\n\n</think>\n\nANSWER TWO über<|im_end|>");
+    }
+
+    #[test]
+    fn turns_past_the_kept_tokens_are_not_rendered() {
+        // The template refuses to render a long prefix; the whole conversation (rendered without
+        // the generation prompt) is fine. With 64 kept tokens only the first turns are marked,
+        // so no long prefix is rendered: marking costs what is kept, not the whole line.
+        let source = format!("{{% if add_generation_prompt and messages | length > 40 %}}{{{{ raise_exception('rendered a long prefix') }}}}{{% endif %}}{CHATML}");
+        let tokenizer = tiny_tokenizer(&["<|im_start|>", "<|im_end|>", "<|endoftext|>"]);
+        let template = ChatTemplate::from_source(&source, None, Some("<|im_end|>".into())).unwrap();
+        let special = SpecialTokens { bos: None, eos: Some("<|endoftext|>".into()), pad: None };
+        let options = |max_seq_length| EncodeOptions { max_seq_length, train_on_inputs: false };
+        let messages: Vec<ChatMessage> =
+            (0..1000).map(|i| if i % 2 == 0 { msg("user", "What is CVE-2021-44228?") } else { msg("assistant", "ANSWER ONE") }).collect();
+        let example = Example::Chat { messages };
+
+        let encoder = Encoder::new(tokenizer.clone(), Some(template), &special, options(64)).unwrap();
+        let encoded = encoder.encode(&example).unwrap();
+        assert!(encoded.truncated);
+        assert_eq!(encoded.input_ids.len(), 64);
+        assert!(trained_text(&encoder, &encoded).starts_with("ANSWER ONE<|im_end|>ANSWER ONE<|im_end|>"));
+
+        // Same marks as a run that keeps everything, cut to 64 tokens.
+        let whole = Encoder::new(
+            tokenizer,
+            Some(ChatTemplate::from_source(CHATML, None, Some("<|im_end|>".into())).unwrap()),
+            &special,
+            options(1 << 20),
+        )
+        .unwrap()
+        .encode(&example)
+        .unwrap();
+        assert_eq!((&whole.input_ids[..64], &whole.trained[..64]), (&encoded.input_ids[..], &encoded.trained[..]));
     }
 
     #[test]
