@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 LATHE=${LATHE_BIN:-$ROOT/target/release/lathe}
+CONTROLLER_BIN=${LATHE_CONTROLLER_BIN:-$(dirname "$LATHE")/lathe-controller}
 DIR=${BENCH_DIR:-$ROOT/runs/bench-upload}
 UPLOADS=${BENCH_UPLOADS:-4}
 MB=${BENCH_UPLOAD_MB:-500}
@@ -20,7 +21,7 @@ export LATHE_DATABASE_URL=postgres://postgres@127.0.0.1:5432/$DB
 export LATHE_REDIS_PREFIX="lathe-bench-$DB:"
 HTTP=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 GRPC=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$LATHE" controller --http-listen 127.0.0.1:$HTTP --grpc-listen 127.0.0.1:$GRPC --data-dir "$DIR/data" \
+"$CONTROLLER_BIN" --http-listen 127.0.0.1:$HTTP --grpc-listen 127.0.0.1:$GRPC --data-dir "$DIR/data" \
   --max-upload-bytes $(( (MB + 16) * 1024 * 1024 )) >"$DIR/controller.log" 2>&1 &
 CONTROLLER=$!
 cleanup() {

@@ -39,6 +39,6 @@ rustflags = ["-C", "link-arg=-Wl,-rpath,$TORCH_DIR/lib"]
 CFG
 
 step "building the workspace (release)"
-cargo build --release --locked -p lathe-cli
+cargo build --release --locked -p lathe-cli -p lathe-controller
 ln -sf "$ROOT/target/release/lathe" "$VENV/bin/lathe"
 step "done: $ROOT/target/release/lathe (also on PATH inside .venv)"

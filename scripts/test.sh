@@ -19,7 +19,7 @@ cargo test --release --locked --workspace
 
 echo "==> Python interop tests (transformers, peft)"
 # The interop suite drives the real binary: make sure it is the one just tested.
-cargo build --release --locked -p lathe-cli
+cargo build --release --locked -p lathe-cli -p lathe-controller
 export LATHE_BIN="$PWD/target/release/lathe"
 .venv/bin/python -m pytest tests/interop -q
 

@@ -57,6 +57,16 @@ def find_lathe_bin() -> Path:
     return candidate
 
 
+def find_controller_bin(lathe_bin: Path) -> Path:
+    """`lathe-controller` (the controller without libtorch) beside the `lathe` binary: what a
+    deployment runs, and what these tests measure."""
+    candidate = Path(os.environ.get("LATHE_CONTROLLER_BIN") or lathe_bin.with_name("lathe-controller"))
+    if not candidate.is_file() or not os.access(candidate, os.X_OK):
+        pytest.fail(f"lathe-controller not found at {candidate}: run scripts/setup.sh or set LATHE_CONTROLLER_BIN",
+                    pytrace=False)
+    return candidate
+
+
 def require_postgres_and_redis():
     for tool in ("psql", "redis-cli"):
         if shutil.which(tool) is None:
@@ -149,7 +159,7 @@ class Process:
 
     def tail(self, lines: int = 40) -> str:
         state = "running" if self.alive() else f"exited {self.popen.returncode}"
-        parts = [f"=== {self.name} (pid {self.pid}, {state}): lathe {self.cmd[1]} ==="]
+        parts = [f"=== {self.name} (pid {self.pid}, {state}): {Path(self.cmd[0]).name} {self.cmd[1]} ==="]
         for path in (self.stderr_log, self.stdout_log):
             text = path.read_text(errors="replace") if path.exists() else ""
             if text.strip():
@@ -221,7 +231,7 @@ class Service:
     def start_controller(self, ready_timeout: float = 60, extra_args: tuple[str, ...] = (),
                          max_upload_bytes: int = UPLOAD_LIMIT_BYTES):
         self.controller = Process("controller", [
-            str(self.bin), "controller",
+            str(find_controller_bin(self.bin)),
             "--http-listen", f"127.0.0.1:{self.http_port}", "--grpc-listen", f"127.0.0.1:{self.grpc_port}",
             "--data-dir", str(self.data_dir), "--models-root", str(self.models_root),
             "--lease-seconds", str(LEASE_SECONDS), "--heartbeat-seconds", "1", "--reconcile-seconds", "1",
@@ -243,15 +253,16 @@ class Service:
 
         wait_until(ready, ready_timeout, lambda: f"GET /readyz never answered 200\n{self.controller.tail(80)}")
 
-    def start_worker(self, grpc_port: int | None = None, pools: str = "default") -> Process:
+    def start_worker(self, grpc_port: int | None = None, pools: str = "default", scheme: str = "http",
+                     extra_args: tuple[str, ...] = ()) -> Process:
         """A worker process; `grpc_port` reaches the controller some other way (a proxy)."""
         name = f"worker-{len(self.workers) + 1}"
         token = self.lathe("admin", "create-worker", "--name", name)
         assert token and len(token.split()) == 1, f"create-worker printed {token!r}, not a token alone"
         worker = Process(name, [
-            str(self.bin), "worker", "--controller", f"http://127.0.0.1:{grpc_port or self.grpc_port}", "--token", token,
+            str(self.bin), "worker", "--controller", f"{scheme}://127.0.0.1:{grpc_port or self.grpc_port}", "--token", token,
             "--name", name, "--device", "cpu", "--threads", "1", "--checkpoint-every", str(CHECKPOINT_EVERY),
-            "--models-root", str(self.models_root), "--eval-data-dir", str(CTIBENCH), "--pools", pools,
+            "--models-root", str(self.models_root), "--eval-data-dir", str(CTIBENCH), "--pools", pools, *extra_args,
         ], self.env, self.workdir, self.log_dir)
         self.workers.append(worker)
         return worker

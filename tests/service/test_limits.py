@@ -121,6 +121,7 @@ def test_concurrent_large_uploads_are_streamed_not_held_in_memory(limited, clien
     assert [status for status, _ in results] == [200] * 4, [body[:200] for _, body in results]
     _, peak = peak_rss_bytes(limited.controller.pid)
     grown = (peak - rss_before) / 2**20
-    print(f"4 x 60 MB uploads at once: controller peak RSS grew by {grown:.0f} MB")
+    print(f"4 x 60 MB uploads at once: controller peak RSS {peak / 2**20:.0f} MB (grew by {grown:.0f} MB)")
     assert grown < 60, f"the controller grew by {grown:.0f} MB for 4 concurrent 60 MB uploads"
+    assert peak < 300 * 2**20, f"the controller peaked at {peak / 2**20:.0f} MB resident"
     assert {f.id for f in client.files.list()} == before, "another project's uploads are visible"

@@ -37,6 +37,17 @@ pub struct ControllerConfig {
     pub rate_limit_per_minute: u32,
     /// When set, `/metrics` needs `Authorization: Bearer <token>`.
     pub metrics_token: Option<String>,
+    /// TLS on the worker gRPC listener; None = plaintext (a private network, or a proxy).
+    pub grpc_tls: Option<GrpcTls>,
+}
+
+/// The gRPC listener's certificate and key (PEM), and, for mutual TLS, the CA whose
+/// certificates workers must present.
+#[derive(Debug, Clone)]
+pub struct GrpcTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 impl ControllerConfig {
@@ -62,6 +73,7 @@ impl ControllerConfig {
             request_timeout: Duration::from_secs(120),
             rate_limit_per_minute: 1200,
             metrics_token: None,
+            grpc_tls: None,
         }
     }
 }

@@ -13,4 +13,7 @@ pub enum ControllerError {
     DataDir { path: std::path::PathBuf, source: std::io::Error },
     #[error("server failed: {0}")]
     Serve(std::io::Error),
+    /// A flag or variable with an impossible value.
+    #[error("{0}")]
+    Config(String),
 }

@@ -17,6 +17,7 @@
 
 pub mod api;
 pub mod base_models;
+pub mod cli;
 pub mod config;
 pub mod data_check;
 pub mod error;
@@ -76,7 +77,11 @@ impl BoundController {
             header_read_timeout: self.state.config.header_read_timeout,
         };
         let http = http_server::serve(self.http, router, limits, wait(stop_rx.clone()));
-        let grpc = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &self.state.config.grpc_tls {
+            builder = builder.tls_config(grpc_tls_config(tls)?).map_err(|e| ControllerError::Config(format!("gRPC TLS: {e}")))?;
+        }
+        let grpc = builder
             .add_service(grpc::server(self.state.clone()))
             .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(self.grpc), wait(stop_rx.clone()));
         tokio::spawn(async move {
@@ -89,6 +94,18 @@ impl BoundController {
         let _ = reconciler.await;
         Ok(())
     }
+}
+
+/// The gRPC listener's TLS from its PEM files; with a client CA, workers must present a
+/// certificate it signed (mutual TLS).
+fn grpc_tls_config(tls: &config::GrpcTls) -> Result<tonic::transport::ServerTlsConfig, ControllerError> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let read = |path: &std::path::Path| std::fs::read(path).map_err(|source| ControllerError::DataDir { path: path.into(), source });
+    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+    if let Some(ca) = &tls.client_ca {
+        config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(config)
 }
 
 #[cfg(test)]

@@ -19,3 +19,14 @@ pub use crate::redis::{Queue, QueuedJob, DEFAULT_KEY_PREFIX};
 pub use error::QueueError;
 pub use lathe_core::JobId;
 pub use pool::{Pool, MAX_PRIORITY, MIN_PRIORITY};
+
+/// Makes rustls's ring provider the process default, once. The Redis client's TLS builds its
+/// rustls config from the process default; Postgres (sqlx) and gRPC (tonic) name ring
+/// themselves. Called before any TLS connection; later calls do nothing.
+pub fn install_tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err means another provider is already the default: keep it.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}

@@ -139,7 +139,10 @@ impl Queue {
     /// A queue on the Redis at `redis_url` (`redis://host:port/db`), its keys under
     /// `key_prefix`. Connects lazily: Redis being down now is not an error, so the controller
     /// and workers start anyway and poll Postgres until it is back. Fails only on a bad URL.
+    /// `rediss://` URLs speak TLS, verified against the system's roots (`SSL_CERT_FILE` /
+    /// `SSL_CERT_DIR` add a private CA, as for OpenSSL).
     pub async fn open(redis_url: &str, key_prefix: &str) -> Result<Queue, QueueError> {
+        crate::install_tls_provider();
         let client = Client::open(redis_url).map_err(QueueError::InvalidUrl)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))

@@ -30,4 +30,16 @@ pub struct WorkerConfig {
     pub metrics_listen: Option<String>,
     /// The CTIBench data directory, for jobs that ask for decontamination.
     pub eval_data_dir: Option<PathBuf>,
+    /// TLS to the controller (`https://` URLs).
+    pub tls: ClientTls,
+}
+
+/// What a worker needs for TLS to the controller: the CA that signed the controller's
+/// certificate (else the system's roots), and its own certificate and key when the controller
+/// asks for client certificates (mutual TLS).
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }

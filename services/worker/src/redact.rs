@@ -72,6 +72,7 @@ mod tests {
             redis_prefix: String::new(),
             metrics_listen: None,
             eval_data_dir: None,
+            tls: Default::default(),
         };
         let redactor = Redactor::for_claim(&claim, &config);
         assert_eq!(

@@ -10,6 +10,7 @@ pub mod health;
 pub mod jobs;
 pub mod limits;
 pub mod models;
+pub mod openapi;
 pub mod progress;
 pub mod request_id;
 pub mod views;
@@ -75,6 +76,7 @@ pub fn router(state: AppState) -> Router {
         .route("/evaluations/{id}/cancel", post(evaluations::cancel))
         .route("/models", get(models::list))
         .route("/models/{*id}", get(models::retrieve))
+        .route("/openapi.json", get(|| async { axum::Json(openapi::document()) }))
         .fallback(not_found);
     Router::new()
         .nest("/v1", v1)

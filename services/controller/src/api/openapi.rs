@@ -1,0 +1,313 @@
+//! The OpenAPI 3.1 document of the REST API, served at `/v1/openapi.json` and kept in the repo as
+//! `docs/openapi.json` (`lathe-controller --print-openapi`; a test compares the two). It is
+//! checked against the running API by schemathesis (`tests/service/test_openapi.py`): every
+//! response must match it and none may be a 5xx, so it cannot drift from what `api::views`
+//! renders. Routes are listed here in the order of `api::router`.
+
+use serde_json::{json, Value};
+
+/// The document. `info.version` is the crate's version.
+pub fn document() -> Value {
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Lathe",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Fine-tuning service with OpenAI's /v1/files and /v1/fine_tuning/jobs API, plus evaluations and metrics.",
+            "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "paths": paths(),
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": schemas(),
+            "responses": {
+                "Error": {"description": "An error in OpenAI's envelope", "content": json_of("#/components/schemas/Error")},
+            },
+            "parameters": {
+                "After": {"name": "after", "in": "query", "required": false, "schema": {"type": "string", "maxLength": 64},
+                          "description": "Cursor: the id of the last object of the previous page"},
+                "Limit": {"name": "limit", "in": "query", "required": false,
+                          "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+                "JobId": {"name": "id", "in": "path", "required": true, "schema": {"type": "string", "maxLength": 64}},
+                "FileId": {"name": "id", "in": "path", "required": true, "schema": {"type": "string", "maxLength": 64}},
+                "EvaluationId": {"name": "id", "in": "path", "required": true, "schema": {"type": "string", "maxLength": 64}},
+            },
+        },
+    })
+}
+
+fn json_of(schema: &str) -> Value {
+    json!({"application/json": {"schema": {"$ref": schema}}})
+}
+
+fn ok(schema: &str) -> Value {
+    json!({"description": "OK", "content": json_of(schema)})
+}
+
+/// The error statuses an operation can answer with (all in the envelope).
+fn errors(codes: &[u16]) -> Vec<(String, Value)> {
+    codes.iter().map(|c| (c.to_string(), json!({"$ref": "#/components/responses/Error"}))).collect()
+}
+
+fn operation(id: &str, summary: &str, parameters: Value, body: Option<Value>, success: Value, error_codes: &[u16]) -> Value {
+    let mut responses = serde_json::Map::new();
+    responses.insert("200".into(), success);
+    for (code, response) in errors(error_codes) {
+        responses.insert(code, response);
+    }
+    let mut op = json!({"operationId": id, "summary": summary, "parameters": parameters, "responses": responses});
+    if let Some(body) = body {
+        op["requestBody"] = body;
+    }
+    op
+}
+
+/// Statuses any authenticated route may answer with: bad request, key, rate limit, limits, the
+/// database being away.
+const COMMON: &[u16] = &[400, 401, 404, 429, 503];
+
+fn param(name: &str) -> Value {
+    json!({"$ref": format!("#/components/parameters/{name}")})
+}
+
+fn paths() -> Value {
+    let page = || json!([param("After"), param("Limit")]);
+    let json_body = |schema: &str| json!({"required": true, "content": json_of(schema)});
+    json!({
+        "/v1/files": {
+            "get": operation("listFiles", "List the project's files", json!([param("After"), param("Limit"),
+                {"name": "purpose", "in": "query", "required": false, "schema": {"type": "string", "maxLength": 64}}]), None,
+                ok("#/components/schemas/FileList"), COMMON),
+            "post": operation("uploadFile", "Upload a JSONL training file (multipart: file, purpose=fine-tune)", json!([]),
+                Some(json!({"required": true, "content": {"multipart/form-data": {"schema": {
+                    "type": "object", "required": ["file", "purpose"],
+                    "properties": {"file": {"type": "string", "contentMediaType": "application/octet-stream"},
+                                   "purpose": {"type": "string", "enum": ["fine-tune"]}}}}}})),
+                ok("#/components/schemas/File"), &[400, 401, 413, 429, 503]),
+        },
+        "/v1/files/{id}": {
+            "get": operation("retrieveFile", "A file", json!([param("FileId")]), None, ok("#/components/schemas/File"), COMMON),
+            "delete": operation("deleteFile", "Delete a file", json!([param("FileId")]), None, ok("#/components/schemas/Deleted"), COMMON),
+        },
+        "/v1/files/{id}/content": {
+            "get": operation("downloadFile", "A file's bytes", json!([param("FileId")]), None,
+                json!({"description": "The bytes", "content": {"application/octet-stream": {"schema": {"type": "string"}}}}), COMMON),
+        },
+        "/v1/fine_tuning/jobs": {
+            "get": operation("listJobs", "List the project's jobs, newest first", page(), None, ok("#/components/schemas/JobList"), COMMON),
+            "post": operation("createJob", "Create a fine-tuning job (Idempotency-Key honoured)",
+                json!([{"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string", "minLength": 1, "maxLength": 255}}]),
+                Some(json_body("#/components/schemas/CreateJob")), ok("#/components/schemas/Job"), &[400, 401, 404, 409, 415, 429, 503]),
+        },
+        "/v1/fine_tuning/jobs/{id}": {
+            "get": operation("retrieveJob", "A job", json!([param("JobId")]), None, ok("#/components/schemas/Job"), COMMON),
+        },
+        "/v1/fine_tuning/jobs/{id}/cancel": {
+            "post": operation("cancelJob", "Cancel a job", json!([param("JobId")]), None, ok("#/components/schemas/Job"), COMMON),
+        },
+        "/v1/fine_tuning/jobs/{id}/pause": {
+            "post": operation("pauseJob", "Pause a job (it checkpoints and stops)", json!([param("JobId")]), None, ok("#/components/schemas/Job"), COMMON),
+        },
+        "/v1/fine_tuning/jobs/{id}/resume": {
+            "post": operation("resumeJob", "Resume a paused job", json!([param("JobId")]), None, ok("#/components/schemas/Job"), COMMON),
+        },
+        "/v1/fine_tuning/jobs/{id}/events": {
+            "get": operation("listJobEvents", "A job's events, newest first", json!([param("JobId"), param("After"), param("Limit")]), None,
+                ok("#/components/schemas/EventList"), COMMON),
+        },
+        "/v1/fine_tuning/jobs/{id}/checkpoints": {
+            "get": operation("listJobCheckpoints", "A job's committed checkpoints", json!([param("JobId"), param("After"), param("Limit")]), None,
+                ok("#/components/schemas/CheckpointList"), COMMON),
+        },
+        "/v1/fine_tuning/jobs/{id}/metrics": {
+            "get": operation("listJobMetrics", "A job's loss curve, one point per step", json!([param("JobId")]), None,
+                ok("#/components/schemas/MetricList"), COMMON),
+        },
+        "/v1/fine_tuning/jobs/{id}/evaluations": {
+            "get": operation("listJobEvaluations", "Evaluations of a job's fine-tuned model", json!([param("JobId"), param("After"), param("Limit")]), None,
+                ok("#/components/schemas/EvaluationList"), COMMON),
+        },
+        "/v1/evaluations": {
+            "get": operation("listEvaluations", "The project's evaluations, newest first", json!([param("After"), param("Limit"),
+                {"name": "model", "in": "query", "required": false, "schema": {"type": "string", "maxLength": 256}},
+                {"name": "fine_tuning_job", "in": "query", "required": false, "schema": {"type": "string", "maxLength": 64}}]), None,
+                ok("#/components/schemas/EvaluationList"), COMMON),
+            "post": operation("createEvaluation", "Evaluate a model on a benchmark", json!([]),
+                Some(json_body("#/components/schemas/CreateEvaluation")), ok("#/components/schemas/Evaluation"), &[400, 401, 404, 415, 429, 503]),
+        },
+        "/v1/evaluations/{id}": {
+            "get": operation("retrieveEvaluation", "An evaluation", json!([param("EvaluationId")]), None, ok("#/components/schemas/Evaluation"), COMMON),
+        },
+        "/v1/evaluations/{id}/items": {
+            "get": operation("listEvaluationItems", "An evaluation's scored items", json!([param("EvaluationId"),
+                {"name": "after", "in": "query", "required": false, "schema": {"type": "integer", "minimum": -1}}, param("Limit")]), None,
+                ok("#/components/schemas/EvaluationItemList"), COMMON),
+        },
+        "/v1/evaluations/{id}/cancel": {
+            "post": operation("cancelEvaluation", "Cancel an evaluation", json!([param("EvaluationId")]), None, ok("#/components/schemas/Evaluation"), COMMON),
+        },
+        "/v1/models": {
+            "get": operation("listModels", "Base models and the project's fine-tuned models", json!([]), None, ok("#/components/schemas/ModelList"), COMMON),
+        },
+        "/v1/models/{model}": {
+            "get": operation("retrieveModel", "A model", json!([{"name": "model", "in": "path", "required": true, "schema": {"type": "string", "maxLength": 256}}]),
+                None, ok("#/components/schemas/Model"), COMMON),
+        },
+        "/healthz": {"get": {"operationId": "healthz", "security": [], "responses": {"200": {"description": "Alive"}}}},
+    })
+}
+
+fn list_of(item: &str) -> Value {
+    json!({
+        "type": "object", "required": ["object", "data", "has_more"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": {"$ref": format!("#/components/schemas/{item}")}},
+            "has_more": {"type": "boolean"},
+            "first_id": {"type": ["string", "null"]},
+            "last_id": {"type": ["string", "null"]},
+        },
+    })
+}
+
+fn nullable(kind: &str) -> Value {
+    json!({"type": [kind, "null"]})
+}
+
+fn schemas() -> Value {
+    let error_object = json!({"type": ["object", "null"], "properties": {
+        "code": nullable("string"), "message": {"type": "string"}, "param": nullable("string")}});
+    json!({
+        "Error": {
+            "type": "object", "required": ["error"],
+            "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"], "properties": {
+                "message": {"type": "string"}, "type": {"type": "string"}, "param": nullable("string"),
+                "code": nullable("string"), "request_id": nullable("string"),
+            }}},
+        },
+        "File": {
+            "type": "object", "required": ["id", "object", "bytes", "created_at", "filename", "purpose", "status"],
+            "properties": {
+                "id": {"type": "string", "pattern": "^file-"}, "object": {"const": "file"}, "bytes": {"type": "integer"},
+                "created_at": {"type": "integer"}, "filename": {"type": "string"}, "purpose": {"type": "string"},
+                "status": {"type": "string"}, "status_details": nullable("string"), "expires_at": nullable("integer"),
+            },
+        },
+        "FileList": list_of("File"),
+        "Deleted": {"type": "object", "required": ["id", "object", "deleted"],
+                    "properties": {"id": {"type": "string"}, "object": {"type": "string"}, "deleted": {"type": "boolean"}}},
+        "CreateJob": {
+            "type": "object", "required": ["model", "training_file"], "additionalProperties": false,
+            "properties": {
+                "model": {"type": "string"}, "training_file": {"type": "string"}, "validation_file": nullable("string"),
+                "suffix": nullable("string"), "seed": nullable("integer"),
+                "metadata": {"type": ["object", "null"], "additionalProperties": {"type": "string"}},
+                "hyperparameters": {"$ref": "#/components/schemas/Hyperparameters"},
+                "method": {"type": "object", "properties": {"type": {"type": "string"},
+                    "supervised": {"type": "object", "properties": {"hyperparameters": {"$ref": "#/components/schemas/Hyperparameters"}}}}},
+                "integrations": {"type": ["array", "null"], "maxItems": 0},
+                "lora": {"type": "object", "additionalProperties": false, "properties": {
+                    "rank": {"type": "integer"}, "alpha": {"type": "number"}, "dropout": {"type": "number"},
+                    "target_modules": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+                    "use_rslora": {"type": "boolean"}}},
+                "learning_rate": {"type": "number"}, "lr_scheduler": {"type": "string", "enum": ["cosine", "linear", "constant"]},
+                "warmup_ratio": {"type": "number"}, "max_seq_length": {"type": "integer"}, "packing": {"type": "boolean"},
+                "train_on_inputs": {"type": "boolean"}, "gradient_checkpointing": {"type": "boolean"},
+                "gpu_memory_gb": {"type": "integer"}, "pool": {"type": "string"}, "priority": {"type": "integer"},
+                "decontaminate": {"type": "object"}, "evaluations": {"type": "array", "items": {"type": "object"}},
+            },
+        },
+        "Hyperparameters": {
+            "type": "object", "additionalProperties": false,
+            "properties": {
+                "n_epochs": {"oneOf": [{"const": "auto"}, {"type": "integer"}]},
+                "batch_size": {"oneOf": [{"const": "auto"}, {"type": "integer"}]},
+                "learning_rate_multiplier": {"oneOf": [{"const": "auto"}, {"type": "number"}]},
+            },
+        },
+        "Job": {
+            "type": "object",
+            "required": ["id", "object", "created_at", "error", "fine_tuned_model", "finished_at", "hyperparameters", "model",
+                         "organization_id", "result_files", "status", "trained_tokens", "training_file", "validation_file", "seed"],
+            "properties": {
+                "id": {"type": "string", "pattern": "^ftjob-"}, "object": {"const": "fine_tuning.job"},
+                "created_at": {"type": "integer"}, "error": error_object, "fine_tuned_model": nullable("string"),
+                "finished_at": nullable("integer"), "hyperparameters": {"type": "object"}, "model": {"type": "string"},
+                "organization_id": {"type": "string"}, "result_files": {"type": "array", "items": {"type": "string"}},
+                "status": {"type": "string", "enum": ["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"]},
+                "trained_tokens": nullable("integer"), "training_file": {"type": "string"}, "validation_file": nullable("string"),
+                "seed": {"type": "integer"}, "method": {"type": "object"}, "metadata": {"type": ["object", "null"]},
+                "estimated_finish": nullable("integer"), "integrations": {"type": "array"}, "user_provided_suffix": nullable("string"),
+                "lathe": {"type": "object"},
+            },
+        },
+        "JobList": list_of("Job"),
+        "Event": {
+            "type": "object", "required": ["id", "object", "created_at", "level", "message", "type"],
+            "properties": {
+                "id": {"type": "string", "pattern": "^ftevt-"}, "object": {"const": "fine_tuning.job.event"},
+                "created_at": {"type": "integer"}, "level": {"type": "string", "enum": ["info", "warn", "error"]},
+                "message": {"type": "string"}, "data": {}, "type": {"type": "string", "enum": ["message", "metrics"]},
+            },
+        },
+        "EventList": list_of("Event"),
+        "Checkpoint": {
+            "type": "object", "required": ["id", "object", "created_at", "fine_tuned_model_checkpoint", "fine_tuning_job_id", "metrics", "step_number"],
+            "properties": {
+                "id": {"type": "string"}, "object": {"const": "fine_tuning.job.checkpoint"}, "created_at": {"type": "integer"},
+                "fine_tuned_model_checkpoint": {"type": "string"}, "fine_tuning_job_id": {"type": "string"},
+                "metrics": {"type": "object"}, "step_number": {"type": "integer"},
+            },
+        },
+        "CheckpointList": list_of("Checkpoint"),
+        "MetricPoint": {"type": "object", "required": ["step"], "properties": {"step": {"type": "integer"}}},
+        "MetricList": {"type": "object", "required": ["object", "data"], "properties": {
+            "object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": "#/components/schemas/MetricPoint"}}}},
+        "CreateEvaluation": {
+            "type": "object", "required": ["model", "benchmark"], "additionalProperties": false,
+            "properties": {
+                "model": {"type": "string"}, "benchmark": {"type": "string"}, "file": {"type": "string"},
+                "limit": {"type": "integer"}, "shots": {"type": "integer"}, "seed": {"type": "integer"},
+                "system_prompt": {"type": "string"}, "mode": {"type": "string", "enum": ["generate", "likelihood"]},
+                "max_new_tokens": {"type": "integer"}, "extraction": {"type": "string"},
+                "unparsable_counts_as_wrong": {"type": "boolean"},
+            },
+        },
+        "Evaluation": {
+            "type": "object", "required": ["id", "object", "created_at", "model", "benchmark", "status", "progress"],
+            "properties": {
+                "id": {"type": "string", "pattern": "^eval-"}, "object": {"const": "evaluation"},
+                "created_at": {"type": "integer"}, "started_at": nullable("integer"), "finished_at": nullable("integer"),
+                "model": {"type": "string"}, "fine_tuning_job": nullable("string"), "benchmark": {"type": "string"},
+                "status": {"type": "string"}, "protocol": {"type": "object"}, "progress": {"type": "object"},
+                "result": {"type": ["object", "null"]}, "error": error_object, "attempt": {"type": "integer"},
+                "retries": {"type": "integer"},
+            },
+        },
+        "EvaluationList": list_of("Evaluation"),
+        "EvaluationItem": {"type": "object", "required": ["object", "index"], "properties": {
+            "object": {"const": "evaluation.item"}, "index": {"type": "integer"}, "expected": {}, "extracted": {},
+            "correct": nullable("boolean"), "output": nullable("string")}},
+        "EvaluationItemList": {"type": "object", "required": ["object", "data"], "properties": {
+            "object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": "#/components/schemas/EvaluationItem"}},
+            "has_more": {"type": "boolean"}}},
+        "Model": {"type": "object", "required": ["id", "object", "created", "owned_by"], "properties": {
+            "id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"}, "owned_by": {"type": "string"}}},
+        "ModelList": {"type": "object", "required": ["object", "data"], "properties": {
+            "object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}}},
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_repo_copy_is_the_document_the_code_serves() {
+        let served = super::document();
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.json");
+        let stored: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("docs/openapi.json")).expect("docs/openapi.json is JSON");
+        assert!(stored == served, "docs/openapi.json is stale: regenerate it with `lathe-controller --print-openapi > docs/openapi.json`");
+    }
+}

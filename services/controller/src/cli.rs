@@ -1,0 +1,177 @@
+//! The controller's command line, shared by the torch-free `lathe-controller` binary and by
+//! `lathe controller` / `lathe up` in the full `lathe` binary: the flags, their `LATHE_*`
+//! variables, and the run loop (signals, bind, serve).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use tokio::sync::watch;
+
+use crate::{BoundController, ControllerConfig, ControllerError};
+
+/// Where Postgres is: the controller and admin commands (workers never see it).
+#[derive(Args, Clone)]
+pub struct Database {
+    /// Postgres URL; the database is created if missing and migrated on start.
+    #[arg(long, env = "LATHE_DATABASE_URL", default_value = crate::config::DEFAULT_DATABASE_URL)]
+    pub database_url: String,
+}
+
+/// Where Redis is: the controller publishes job ids there, workers wait on them.
+#[derive(Args, Clone)]
+pub struct Redis {
+    /// Redis URL (job wake-ups only; Postgres is the record).
+    #[arg(long, env = "LATHE_REDIS_URL", default_value = crate::config::DEFAULT_REDIS_URL)]
+    pub redis_url: String,
+    /// Prefix of Lathe's Redis keys.
+    #[arg(long, env = "LATHE_REDIS_PREFIX", default_value = "lathe:")]
+    pub redis_prefix: String,
+}
+
+#[derive(Args, Clone)]
+pub struct ControllerArgs {
+    #[command(flatten)]
+    pub database: Database,
+    #[command(flatten)]
+    pub redis: Redis,
+    /// REST API, /metrics, /healthz, /readyz.
+    #[arg(long, env = "LATHE_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub http_listen: String,
+    /// gRPC for workers.
+    #[arg(long, env = "LATHE_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
+    pub grpc_listen: String,
+    /// Uploaded files and job outputs; must be shared with the workers.
+    #[arg(long, env = "LATHE_DATA_DIR", default_value = "lathe-data")]
+    pub data_dir: PathBuf,
+    /// Base models, one Hugging Face directory per name [default: DATA_DIR/models].
+    #[arg(long, env = "LATHE_MODELS_ROOT")]
+    pub models_root: Option<PathBuf>,
+    /// Largest accepted upload, in bytes (larger requests get 413).
+    #[arg(long, env = "LATHE_MAX_UPLOAD_BYTES", default_value_t = 512 * 1024 * 1024)]
+    pub max_upload_bytes: usize,
+    /// Open REST connections at most; at the cap a new one closes the oldest idle one.
+    #[arg(long, env = "LATHE_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// A client must send its request head within this many seconds of connecting (or of its
+    /// previous response on a kept-alive connection), else the connection is closed.
+    #[arg(long, env = "LATHE_HEADER_READ_TIMEOUT_SECONDS", default_value_t = 10.0)]
+    pub header_read_timeout_seconds: f64,
+    /// A request must be answered within this many seconds (uploads and streams excepted),
+    /// else 503 with Retry-After.
+    #[arg(long, env = "LATHE_REQUEST_TIMEOUT_SECONDS", default_value_t = 120.0)]
+    pub request_timeout_seconds: f64,
+    /// Requests per minute per API key, in bursts of ten seconds' worth (429 with Retry-After
+    /// beyond); 0 = unlimited. Counted per controller replica.
+    #[arg(long, env = "LATHE_RATE_LIMIT_PER_MINUTE", default_value_t = 1200)]
+    pub rate_limit_per_minute: u32,
+    /// Require 'Authorization: Bearer <token>' on /metrics (job ids and loss curves are in it);
+    /// unset, /metrics is open to anyone who reaches the port.
+    #[arg(long, env = "LATHE_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+    /// TLS on the worker gRPC port: the controller's certificate (PEM); workers then use
+    /// https://. Without it gRPC is plaintext (keep it on a private network).
+    #[arg(long, env = "LATHE_GRPC_TLS_CERT", requires = "grpc_tls_key")]
+    pub grpc_tls_cert: Option<PathBuf>,
+    /// The key (PEM) of --grpc-tls-cert.
+    #[arg(long, env = "LATHE_GRPC_TLS_KEY", requires = "grpc_tls_cert")]
+    pub grpc_tls_key: Option<PathBuf>,
+    /// Mutual TLS: workers must present a certificate signed by this CA (PEM).
+    #[arg(long, env = "LATHE_GRPC_CLIENT_CA", requires = "grpc_tls_cert")]
+    pub grpc_client_ca: Option<PathBuf>,
+    /// A worker that sends no heartbeat for this long loses its job (requeued).
+    #[arg(long, default_value_t = 60.0)]
+    pub lease_seconds: f64,
+    /// How often workers send heartbeats.
+    #[arg(long, default_value_t = 10.0)]
+    pub heartbeat_seconds: f64,
+    /// How often the reconciler requeues expired leases and re-publishes queued jobs.
+    #[arg(long, default_value_t = 5.0)]
+    pub reconcile_seconds: f64,
+    /// Crashes a job may have before it fails as poison.
+    #[arg(long, default_value_t = 3)]
+    pub max_retries: i32,
+    /// Backoff after a crash, doubled for each further crash.
+    #[arg(long, default_value_t = 10.0)]
+    pub retry_backoff_seconds: f64,
+    /// The CTIBench data directory (not shipped: CC BY-NC-SA 4.0), as the workers see it:
+    /// evaluations on cti-* benchmarks are checked against it at create [default: none; only
+    /// evaluations on the user's own files are accepted].
+    #[arg(long, env = "LATHE_EVAL_DATA_DIR")]
+    pub eval_data_dir: Option<PathBuf>,
+}
+
+impl ControllerArgs {
+    pub fn config(&self) -> Result<ControllerConfig, ControllerError> {
+        let seconds = |name: &str, s: f64| {
+            if !(s > 0.0 && s.is_finite()) {
+                return Err(ControllerError::Config(format!("--{name} must be a positive number of seconds, got {s}")));
+            }
+            Ok(Duration::from_secs_f64(s))
+        };
+        let mut config = ControllerConfig::local(self.data_dir.clone());
+        config.database_url = self.database.database_url.clone();
+        config.redis_url = self.redis.redis_url.clone();
+        config.redis_prefix = self.redis.redis_prefix.clone();
+        config.http_listen = self.http_listen.clone();
+        config.grpc_listen = self.grpc_listen.clone();
+        config.models_root = self.models_root.clone().unwrap_or_else(|| self.data_dir.join("models"));
+        config.max_upload_bytes = self.max_upload_bytes;
+        config.eval_data_dir = self.eval_data_dir.clone();
+        if self.max_connections == 0 {
+            return Err(ControllerError::Config("--max-connections must be at least 1".into()));
+        }
+        config.max_connections = self.max_connections;
+        config.header_read_timeout = seconds("header-read-timeout-seconds", self.header_read_timeout_seconds)?;
+        config.request_timeout = seconds("request-timeout-seconds", self.request_timeout_seconds)?;
+        config.rate_limit_per_minute = self.rate_limit_per_minute;
+        config.metrics_token = self.metrics_token.clone().filter(|t| !t.is_empty());
+        config.grpc_tls = match (&self.grpc_tls_cert, &self.grpc_tls_key) {
+            (Some(cert), Some(key)) => {
+                Some(crate::config::GrpcTls { cert: cert.clone(), key: key.clone(), client_ca: self.grpc_client_ca.clone() })
+            }
+            _ => None,
+        };
+        config.lease = seconds("lease-seconds", self.lease_seconds)?;
+        config.heartbeat_interval = seconds("heartbeat-seconds", self.heartbeat_seconds)?;
+        config.reconcile_interval = seconds("reconcile-seconds", self.reconcile_seconds)?;
+        config.retry.max_retries = self.max_retries;
+        config.retry.base_backoff = seconds("retry-backoff-seconds", self.retry_backoff_seconds)?;
+        if config.heartbeat_interval >= config.lease {
+            return Err(ControllerError::Config("--heartbeat-seconds must be shorter than --lease-seconds".into()));
+        }
+        Ok(config)
+    }
+}
+
+/// A channel that turns true on SIGINT or SIGTERM.
+pub fn stop_on_signals() -> std::io::Result<watch::Receiver<bool>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = watch::channel(false);
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("stop requested");
+        let _ = tx.send(true);
+        // Keep the sender: receivers that wait for a change would otherwise wake at once, forever.
+        std::future::pending::<()>().await;
+    });
+    Ok(rx)
+}
+
+pub async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// `lathe-controller` / `lathe controller`: serve until SIGINT or SIGTERM.
+pub fn run(args: &ControllerArgs) -> Result<(), ControllerError> {
+    let config = args.config()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(ControllerError::Serve)?;
+    runtime.block_on(async move {
+        let stop = stop_on_signals().map_err(ControllerError::Serve)?;
+        let bound = BoundController::bind(config).await?;
+        eprintln!("lathe controller: REST http://{}/v1, gRPC {}", bound.http_addr, bound.grpc_addr);
+        bound.serve(stopped(stop)).await
+    })
+}
