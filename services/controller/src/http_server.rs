@@ -8,7 +8,7 @@
 //! - At most `max_connections` are open. At the cap, a new connection evicts the oldest one
 //!   with no request in flight (silent, or idle between requests); if every connection is busy,
 //!   the new one is closed at once. A fresh client (a health probe) therefore always gets in.
-//! - Shutdown stops accepting and lets requests in flight finish.
+//! - Shutdown stops accepting and lets requests in flight finish, for at most 20 s.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -23,6 +23,9 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::Notify;
 use tower_service::Service;
+
+/// How long shutdown waits for open requests and streams.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -160,7 +163,11 @@ pub async fn serve(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    // Requests in flight finish; a stream that would outlive a deployment's stop timeout (an SSE
+    // follower of a long job) is cut after this grace period.
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+        tracing::warn!(seconds = SHUTDOWN_GRACE.as_secs(), "connections still open after the grace period: closing them");
+    }
     Ok(())
 }
 

@@ -92,6 +92,19 @@ pub async fn revoke_worker(pool: &PgPool, id_or_name: &str) -> Result<Vec<String
     Ok(ids)
 }
 
+/// Drains workers by id or name: each finishes what it runs and claims nothing more (with
+/// `--exit-when-idle` it then exits). Returns the ids; none is `NotFound`.
+pub async fn drain_workers(pool: &PgPool, id_or_name: &str) -> Result<Vec<String>, StoreError> {
+    let ids: Vec<String> = sqlx::query_scalar("UPDATE workers SET draining = true WHERE id = $1 OR name = $1 RETURNING id")
+        .bind(id_or_name)
+        .fetch_all(pool)
+        .await?;
+    if ids.is_empty() {
+        return Err(StoreError::NotFound);
+    }
+    Ok(ids)
+}
+
 pub async fn heartbeat(pool: &PgPool, worker_id: &str) -> Result<(), StoreError> {
     let updated = sqlx::query("UPDATE workers SET last_heartbeat_at = now() WHERE id = $1").bind(worker_id).execute(pool).await?;
     if updated.rows_affected() == 0 {

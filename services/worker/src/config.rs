@@ -32,6 +32,17 @@ pub struct WorkerConfig {
     pub eval_data_dir: Option<PathBuf>,
     /// TLS to the controller (`https://` URLs).
     pub tls: ClientTls,
+    /// When to leave: a pilot under Slurm or a scaled-out replica gives its GPU back.
+    pub lifecycle: Lifecycle,
+}
+
+/// When a worker exits on its own (both off by default: a daemon runs until stopped).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Lifecycle {
+    /// Exit (status 0) after this long with no job or evaluation to run.
+    pub exit_when_idle: Option<std::time::Duration>,
+    /// Exit (status 0) after this many attempts, whatever their outcome.
+    pub max_jobs: Option<u32>,
 }
 
 /// What a worker needs for TLS to the controller: the CA that signed the controller's
@@ -42,4 +53,32 @@ pub struct ClientTls {
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+}
+
+impl Lifecycle {
+    /// Why the worker should leave now, if it should: idle past the limit, or its jobs done.
+    pub fn done(&self, idle_for: std::time::Duration, attempts_run: u32) -> Option<String> {
+        if let Some(max) = self.max_jobs.filter(|&max| attempts_run >= max) {
+            return Some(format!("ran {attempts_run} of --max-jobs {max}"));
+        }
+        self.exit_when_idle
+            .filter(|&limit| idle_for >= limit)
+            .map(|limit| format!("idle for {:.0} s (--exit-when-idle {:.0})", idle_for.as_secs_f64(), limit.as_secs_f64()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_worker_leaves_when_idle_long_enough_or_when_its_jobs_are_done() {
+        let forever = Lifecycle::default();
+        assert_eq!(forever.done(Duration::from_secs(86_400), 1_000), None);
+        let pilot = Lifecycle { exit_when_idle: Some(Duration::from_secs(60)), max_jobs: Some(2) };
+        assert_eq!(pilot.done(Duration::from_secs(59), 1), None);
+        assert!(pilot.done(Duration::from_secs(60), 1).unwrap().contains("idle for 60 s"));
+        assert!(pilot.done(Duration::ZERO, 2).unwrap().contains("--max-jobs 2"));
+    }
 }

@@ -53,7 +53,12 @@ pub async fn run(config: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> R
 
     let mut queue: Option<Queue> = None;
     let mut after_evaluation = false;
+    let (mut idle_since, mut attempts_run) = (Instant::now(), 0u32);
     while !*shutdown.borrow() {
+        if let Some(reason) = config.lifecycle.done(idle_since.elapsed(), attempts_run) {
+            tracing::info!(reason, "worker leaving");
+            break;
+        }
         if current.lock().expect("current lock").draining {
             tokio::select! { _ = tokio::time::sleep(WAIT) => {}, _ = shutdown.changed() => {} }
             continue;
@@ -80,6 +85,7 @@ pub async fn run(config: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> R
                     .await;
                     current.lock().expect("current lock").evaluation = None;
                     after_evaluation = true;
+                    idle_since = Instant::now();
                     continue;
                 }
                 Err(status) if status.code() == Code::Unauthenticated => return Err(WorkerError::Unauthenticated(status.message().into())),
@@ -134,6 +140,8 @@ pub async fn run(config: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> R
         .instrument(span)
         .await;
         current.lock().expect("current lock").attempt = None;
+        attempts_run += 1;
+        idle_since = Instant::now();
     }
     tracing::info!("worker stopped");
     Ok(())

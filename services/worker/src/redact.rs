@@ -73,6 +73,7 @@ mod tests {
             metrics_listen: None,
             eval_data_dir: None,
             tls: Default::default(),
+            lifecycle: Default::default(),
         };
         let redactor = Redactor::for_claim(&claim, &config);
         assert_eq!(

@@ -39,6 +39,14 @@ pub enum AdminCommand {
         #[command(flatten)]
         database: Database,
     },
+    /// Drain a worker, by id or name: it finishes its current job and claims nothing more
+    /// (with --exit-when-idle it then exits).
+    DrainWorker {
+        /// The worker id (`wrk_…`) or its name.
+        worker: String,
+        #[command(flatten)]
+        database: Database,
+    },
     /// Revoke a worker's token, by worker id or name: its next call is refused, and a job it
     /// holds is requeued when the lease runs out.
     RevokeWorker {
@@ -97,6 +105,16 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                 .await?;
                 eprintln!("created worker {} ({name}); it reports its device and pools when it starts", worker.worker.id);
                 println!("{}", worker.token);
+            }
+            AdminCommand::DrainWorker { worker, database } => {
+                let pool = lathe_store::connect(&database.database_url, 2).await?;
+                let drained = lathe_store::workers::drain_workers(&pool, &worker).await.map_err(|e| match e {
+                    lathe_store::StoreError::NotFound => anyhow::anyhow!("cannot drain {worker:?}: no worker has that id or name"),
+                    other => anyhow::anyhow!("cannot drain {worker:?}: {other}"),
+                })?;
+                for id in drained {
+                    eprintln!("draining {id}");
+                }
             }
             AdminCommand::RevokeWorker { worker, database } => {
                 let pool = lathe_store::connect(&database.database_url, 2).await?;

@@ -68,6 +68,13 @@ pub struct WorkerArgs {
     /// The key (PEM) of --tls-cert.
     #[arg(long, env = "LATHE_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Exit (status 0) after this many seconds with nothing to run: a pilot job under Slurm,
+    /// or a scaled-out replica, gives its GPU back [default: never].
+    #[arg(long, env = "LATHE_EXIT_WHEN_IDLE", value_name = "SECONDS")]
+    exit_when_idle: Option<f64>,
+    /// Exit (status 0) after running this many jobs [default: no limit].
+    #[arg(long, env = "LATHE_MAX_JOBS", value_name = "N")]
+    max_jobs: Option<u32>,
 }
 
 #[derive(Args, Clone)]
@@ -133,10 +140,11 @@ struct WorkerPlace {
     metrics_listen: Option<String>,
     eval_data_dir: Option<PathBuf>,
     tls: lathe_worker::ClientTls,
+    lifecycle: lathe_worker::Lifecycle,
 }
 
 fn worker_config(training: &TrainingArgs, device: &ResolvedDevice, redis: &Redis, place: WorkerPlace) -> WorkerConfig {
-    let WorkerPlace { controller, token, name, models_root, metrics_listen, eval_data_dir, tls } = place;
+    let WorkerPlace { controller, token, name, models_root, metrics_listen, eval_data_dir, tls, lifecycle } = place;
     WorkerConfig {
         controller_url: controller,
         token,
@@ -153,11 +161,21 @@ fn worker_config(training: &TrainingArgs, device: &ResolvedDevice, redis: &Redis
         metrics_listen,
         eval_data_dir,
         tls,
+        lifecycle,
     }
 }
 
 pub fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     Ok(lathe_controller::cli::run(&args)?)
+}
+
+fn idle_limit(seconds: Option<f64>) -> anyhow::Result<Option<std::time::Duration>> {
+    seconds
+        .map(|s| {
+            anyhow::ensure!(s >= 0.0 && s.is_finite(), "--exit-when-idle must be a number of seconds, got {s}");
+            Ok(std::time::Duration::from_secs_f64(s))
+        })
+        .transpose()
 }
 
 pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
@@ -170,6 +188,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         metrics_listen: args.metrics_listen.clone(),
         eval_data_dir: args.eval_data_dir.clone(),
         tls: lathe_worker::ClientTls { ca: args.tls_ca.clone(), cert: args.tls_cert.clone(), key: args.tls_key.clone() },
+        lifecycle: lathe_worker::Lifecycle { exit_when_idle: idle_limit(args.exit_when_idle)?, max_jobs: args.max_jobs },
     };
     let device = resolve_device(&args.training)?;
     let config = worker_config(&args.training, &device, &args.redis, place);
@@ -216,6 +235,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
                 metrics_listen: None,
                 eval_data_dir: args.controller.eval_data_dir.clone(),
                 tls: lathe_worker::ClientTls::default(),
+                lifecycle: lathe_worker::Lifecycle::default(),
             };
             let config = worker_config(&args.training, &device, &args.controller.redis, place);
             workers.push(tokio::spawn(lathe_worker::run(config, stop.clone())));
