@@ -14,6 +14,10 @@ step() { printf '\n==> %s\n' "$*"; }
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust from https://rustup.rs" >&2; exit 1; }
 command -v "$PYTHON" >/dev/null || { echo "setup: $PYTHON not found; install Python 3.10+" >&2; exit 1; }
 
+step "Slurm for the Slurm tests (slurmctld, slurmd, slurm-client, munge; never started as services)"
+source scripts/lib/slurm.sh
+ensure_slurm_packages
+
 if [ ! -x "$VENV/bin/python" ]; then
   step "creating Python venv in .venv"
   "$PYTHON" -m venv "$VENV"
@@ -21,6 +25,14 @@ fi
 
 step "installing Python packages (torch 2.13.0 = the libtorch of tch 0.26; transformers, peft for interop tests)"
 "$VENV/bin/pip" install -q --disable-pip-version-check -r scripts/requirements.txt
+
+step "npm packages for the Kubernetes manifest checks (tests/deploy: @kubernetes-models/keda, yaml)"
+if command -v npm >/dev/null; then
+  # Exactly the versions in tests/deploy/package-lock.json; node_modules is rebuilt each run.
+  (cd tests/deploy && npm ci --no-audit --no-fund)
+else
+  echo "setup: npm not found; tests/service/test_k8s_manifests.py needs Node.js and npm (apt-get install nodejs npm)" >&2
+fi
 
 TORCH_DIR=$("$VENV/bin/python" -c 'import torch, os; print(os.path.dirname(torch.__file__))')
 step "libtorch: $TORCH_DIR"

@@ -8,6 +8,7 @@ The job helpers below are what a user of the OpenAI SDK would write: create, pol
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -178,6 +179,9 @@ class HttpResponse:
         return json.loads(self.body)
 
 
+_RUN_SALT = secrets.token_hex(16)
+
+
 class Service:
     """A controller and its workers, on a database and a Redis prefix no other run uses."""
 
@@ -201,8 +205,25 @@ class Service:
         self.grpc_port = free_port()
         self.controller: Process | None = None
         self.workers: list[Process] = []
+        # Other processes of a test (an autoscaler): their logs join a failure's report.
+        self.others: list[Process] = []
         # The controller checks evaluations against this CTIBench directory.
         self.eval_data_dir: Path = CTIBENCH
+
+    # The admin endpoints (/v1/admin/…) and fleet enrolment are on for every controller of the
+    # suite. Their secrets follow the database: a second controller on the same one (a replica, a
+    # differently configured sibling) shares them, as replicas must (another --fleet-secret
+    # would rotate the fleet's).
+    def _secret(self, kind: str) -> str:
+        return f"{kind}-" + hashlib.sha256(f"{_RUN_SALT}:{kind}:{self.env['LATHE_DATABASE_URL']}".encode()).hexdigest()[:32]
+
+    @property
+    def admin_token(self) -> str:
+        return self._secret("admin")
+
+    @property
+    def fleet_secret(self) -> str:
+        return self._secret("fleet")
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -236,6 +257,7 @@ class Service:
             "--data-dir", str(self.data_dir), "--models-root", str(self.models_root),
             "--lease-seconds", str(LEASE_SECONDS), "--heartbeat-seconds", "1", "--reconcile-seconds", "1",
             "--max-upload-bytes", str(max_upload_bytes), "--eval-data-dir", str(self.eval_data_dir),
+            "--admin-token", self.admin_token, "--fleet-secret", self.fleet_secret,
             *(extra_args or (
                 # The suite's clients are scripted, not users: far above the default per-key
                 # limit (test_limits.py checks the limit on a controller of its own).
@@ -254,16 +276,20 @@ class Service:
         wait_until(ready, ready_timeout, lambda: f"GET /readyz never answered 200\n{self.controller.tail(80)}")
 
     def start_worker(self, grpc_port: int | None = None, pools: str = "default", scheme: str = "http",
-                     extra_args: tuple[str, ...] = ()) -> Process:
-        """A worker process; `grpc_port` reaches the controller some other way (a proxy)."""
+                     extra_args: tuple[str, ...] = (), token: str | None = None) -> Process:
+        """A worker process; `grpc_port` reaches the controller some other way (a proxy). Its token
+        is minted for it (`lathe admin create-worker`) unless given (e.g. the fleet secret)."""
         name = f"worker-{len(self.workers) + 1}"
-        token = self.lathe("admin", "create-worker", "--name", name)
-        assert token and len(token.split()) == 1, f"create-worker printed {token!r}, not a token alone"
+        if token is None:
+            token = self.lathe("admin", "create-worker", "--name", name)
+            assert token and len(token.split()) == 1, f"create-worker printed {token!r}, not a token alone"
         worker = Process(name, [
             str(self.bin), "worker", "--controller", f"{scheme}://127.0.0.1:{grpc_port or self.grpc_port}", "--token", token,
             "--name", name, "--device", "cpu", "--threads", "1", "--checkpoint-every", str(CHECKPOINT_EVERY),
             "--models-root", str(self.models_root), "--eval-data-dir", str(CTIBENCH), "--pools", pools, *extra_args,
         ], self.env, self.workdir, self.log_dir)
+        # The session's kind of worker: straight to this controller, default pool, own token.
+        worker.plain = grpc_port is None and scheme == "http" and pools == "default" and not extra_args and token is None
         self.workers.append(worker)
         return worker
 
@@ -276,10 +302,14 @@ class Service:
         return live[0]
 
     def ensure_one_worker(self):
+        """One plain worker (see start_worker) and no other: a worker a test left behind may talk
+        through a proxy it has cut, or serve another pool."""
         live = self.live_workers()
-        for extra in live[1:]:
-            extra.stop()
-        if not live:
+        keep = next((w for w in live if getattr(w, "plain", False)), None)
+        for extra in live:
+            if extra is not keep:
+                extra.stop()
+        if keep is None:
             self.start_worker()
 
     def shutdown(self):
@@ -296,8 +326,20 @@ class Service:
         for start in range(0, len(keys), 500):
             redis_cli("DEL", *keys[start:start + 500])
 
+    def worker_env(self) -> dict:
+        """What a worker started outside this harness (a Slurm pilot) needs in its environment."""
+        return dict(self.env, LATHE_CONTROLLER=f"http://127.0.0.1:{self.grpc_port}", LATHE_WORKER_TOKEN=self.fleet_secret,
+                    LATHE_MODELS_ROOT=str(self.models_root), LATHE_DEVICE="cpu", LATHE_THREADS="1",
+                    LATHE_CHECKPOINT_EVERY=str(CHECKPOINT_EVERY), LATHE_BIN=str(self.bin))
+
+    def admin(self, path: str):
+        """GET /v1/admin/<path> with the admin token; the JSON answer."""
+        resp = self.request("GET", f"/v1/admin/{path}", key=self.admin_token)
+        assert resp.status == 200, f"GET /v1/admin/{path} answered {resp.status}: {resp.body[:300]!r}"
+        return resp.json()
+
     def processes(self) -> list[Process]:
-        return [p for p in [self.controller, *self.workers] if p is not None]
+        return [p for p in [self.controller, *self.workers, *self.others] if p is not None]
 
     def log_tails(self, lines: int = 40) -> str:
         return "\n\n".join(p.tail(lines) for p in self.processes()) + f"\n\n(full logs in {self.log_dir})"

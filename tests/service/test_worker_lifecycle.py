@@ -4,6 +4,8 @@ session's worker never takes these jobs."""
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from lathe_service import LONG_EPOCHS, create_job, wait_for_status, wait_until
@@ -36,3 +38,16 @@ def test_a_drained_worker_finishes_its_job_claims_no_other_and_exits(service, cl
     assert client.fine_tuning.jobs.retrieve(second.id).status == "queued", "a draining worker claimed a new job"
     client.fine_tuning.jobs.cancel(second.id)
     wait_until(lambda: client.fine_tuning.jobs.retrieve(second.id).status == "cancelled", 30, "the queued job did not cancel")
+
+
+def test_sigusr1_drains_a_worker_it_finishes_its_job_claims_no_other_and_exits(service, client, training_file_id):
+    worker = service.start_worker(pools="usr1-pool")
+    first = create_job(client, training_file_id, n_epochs=LONG_EPOCHS, pool="usr1-pool")
+    wait_for_status(client, first.id, "running", timeout=120)
+    worker.popen.send_signal(signal.SIGUSR1)
+    second = create_job(client, training_file_id, pool="usr1-pool")
+    wait_for_status(client, first.id, "succeeded", timeout=180)
+    assert worker.wait(timeout=60) == 0, worker.tail()
+    assert "drained (SIGUSR1)" in worker.tail(200), worker.tail()
+    assert [a["outcome"] for a in service.attempts(first.id)] == ["succeeded"], "the drained job did not finish where it ran"
+    assert client.fine_tuning.jobs.retrieve(second.id).status == "queued", "a draining worker claimed a new job"

@@ -48,6 +48,9 @@ enum Command {
     /// `lathe eval` evaluates on this machine instead, without a server. (Alias: `evals`.)
     #[command(subcommand, alias = "evals")]
     Evaluations(commands::evaluations::EvalsCommand),
+    /// Run workers as Slurm jobs: the autoscaler that submits pilots for queued work.
+    #[command(subcommand)]
+    Slurm(commands::slurm::SlurmCommand),
     /// Check this machine's GPU stack: libtorch, its CUDA/ROCm backend, driver, devices, NCCL.
     Doctor(commands::doctor::DoctorArgs),
 }
@@ -56,7 +59,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // The service logs what it does; one-shot commands only warn.
     let default_level = match cli.command {
-        Command::Up(_) | Command::Controller(_) | Command::Worker(_) => "info",
+        Command::Up(_) | Command::Controller(_) | Command::Worker(_) | Command::Slurm(_) => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -76,6 +79,7 @@ fn main() -> std::process::ExitCode {
         Command::Jobs(cmd) => commands::client::jobs(cmd),
         Command::Evaluations(cmd) => commands::evaluations::run(cmd),
         Command::Doctor(args) => commands::doctor::run(args),
+        Command::Slurm(command) => commands::slurm::run(command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -93,7 +93,16 @@ async fn main() {
         let name = format!("bench-{i}");
         let worker = register_worker(
             &pool,
-            NewWorker { name: &name, device_kind: "cpu", gpu_name: None, gpu_memory_bytes: None, pools: &pools, version: "bench" },
+            NewWorker {
+                name: &name,
+                device_kind: "cpu",
+                gpu_name: None,
+                gpu_memory_bytes: None,
+                pools: &pools,
+                version: "bench",
+                slurm_job_id: None,
+                pod_name: None,
+            },
         )
         .await
         .unwrap();

@@ -69,6 +69,15 @@ pub struct ControllerArgs {
     /// unset, /metrics is open to anyone who reaches the port.
     #[arg(long, env = "LATHE_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
+    /// Require 'Authorization: Bearer <token>' on /v1/admin/… (demand per pool for
+    /// autoscalers, the worker list); unset, those endpoints answer 403.
+    #[arg(long, env = "LATHE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// A shared secret any number of worker instances enrol with, each getting its own identity
+    /// (give it to workers as LATHE_WORKER_TOKEN); rotating it leaves enrolled workers running.
+    /// More fleets: `lathe admin create-fleet`.
+    #[arg(long, env = "LATHE_FLEET_SECRET", hide_env_values = true)]
+    pub fleet_secret: Option<String>,
     /// TLS on the worker gRPC port: the controller's certificate (PEM); workers then use
     /// https://. Without it gRPC is plaintext (keep it on a private network).
     #[arg(long, env = "LATHE_GRPC_TLS_CERT", requires = "grpc_tls_key")]
@@ -126,6 +135,11 @@ impl ControllerArgs {
         config.request_timeout = seconds("request-timeout-seconds", self.request_timeout_seconds)?;
         config.rate_limit_per_minute = self.rate_limit_per_minute;
         config.metrics_token = self.metrics_token.clone().filter(|t| !t.is_empty());
+        config.admin_token = self.admin_token.clone().filter(|t| !t.is_empty());
+        config.fleet_secret = self.fleet_secret.clone().filter(|t| !t.is_empty());
+        if config.fleet_secret.as_ref().is_some_and(|s| s.len() < 16) {
+            return Err(ControllerError::Config("--fleet-secret must be at least 16 characters (it admits workers)".into()));
+        }
         config.grpc_tls = match (&self.grpc_tls_cert, &self.grpc_tls_key) {
             (Some(cert), Some(key)) => {
                 Some(crate::config::GrpcTls { cert: cert.clone(), key: key.clone(), client_ca: self.grpc_client_ca.clone() })

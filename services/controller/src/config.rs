@@ -37,6 +37,12 @@ pub struct ControllerConfig {
     pub rate_limit_per_minute: u32,
     /// When set, `/metrics` needs `Authorization: Bearer <token>`.
     pub metrics_token: Option<String>,
+    /// The bearer token of the admin endpoints (`/v1/admin/…`: demand per pool, workers);
+    /// None = those endpoints are off (403).
+    pub admin_token: Option<String>,
+    /// A fleet secret worker instances enrol with (stored hashed, as the fleet
+    /// [`FLEET_FROM_CONFIG`]); None = only fleets made with `lathe admin create-fleet`.
+    pub fleet_secret: Option<String>,
     /// TLS on the worker gRPC listener; None = plaintext (a private network, or a proxy).
     pub grpc_tls: Option<GrpcTls>,
 }
@@ -73,10 +79,15 @@ impl ControllerConfig {
             request_timeout: Duration::from_secs(120),
             rate_limit_per_minute: 1200,
             metrics_token: None,
+            admin_token: None,
+            fleet_secret: None,
             grpc_tls: None,
         }
     }
 }
+
+/// The fleet `--fleet-secret` creates (and rotates, when the secret changes).
+pub const FLEET_FROM_CONFIG: &str = "controller-config";
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/lathe";
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";

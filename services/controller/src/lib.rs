@@ -51,6 +51,12 @@ impl BoundController {
     /// binds both listeners, so that the caller knows the addresses before serving.
     pub async fn bind(config: ControllerConfig) -> Result<BoundController, ControllerError> {
         let state = AppState::connect(config).await?;
+        if let Some(secret) = &state.config.fleet_secret {
+            let fleet = lathe_store::fleets::ensure_fleet_secret(&state.pool, config::FLEET_FROM_CONFIG, secret).await?;
+            if fleet.revoked_at.is_some() {
+                tracing::warn!(fleet = fleet.name, "the fleet of --fleet-secret is revoked: workers cannot enrol with it");
+            }
+        }
         let http = tokio::net::TcpListener::bind(&state.config.http_listen)
             .await
             .map_err(|e| ControllerError::Bind(state.config.http_listen.clone(), e))?;

@@ -6,7 +6,7 @@
 //!    heals a Redis restart or FLUSHALL and any wake-up lost between a pop and a claim;
 //! 3. requeues running evaluations whose lease expired (a crash each; failed past the limit);
 //! 4. refreshes the gauges that mirror Postgres (jobs and evaluations by status, workers,
-//!    queue depth).
+//!    demand per pool, queue depth).
 //!
 //! Steps 1 to 3 run on one replica at a time, the one holding the reconciler lock
 //! (`lathe_store::leadership`); step 4 runs on every replica, since each serves its own
@@ -136,6 +136,8 @@ async fn refresh_gauges(state: &AppState, queued: &[QueuedJob], redis_ok: bool) 
         .map(|s| (s.as_str().to_string(), by_status.iter().find(|(st, _)| st == s).map_or(0, |(_, n)| *n)))
         .collect();
     Telemetry::set_gauges(&state.telemetry.evaluations, "status", &evaluations);
+
+    state.telemetry.set_pool_demand(&lathe_store::demand::pool_demand(&state.pool, state.config.lease).await?);
 
     let workers = lathe_store::workers::list_workers(&state.pool).await?;
     let stale_before = OffsetDateTime::now_utc() - state.config.lease;

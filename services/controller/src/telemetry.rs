@@ -21,14 +21,23 @@ pub struct Telemetry {
     pub evaluations: Family<Labels, Gauge>,
     pub queue_depth: Family<Labels, Gauge>,
     pub workers: Family<Labels, Gauge>,
+    pub pool_demand: Family<Labels, Gauge>,
+    pub pool_workers: Family<Labels, Gauge>,
+    pub pool_gpu_memory_asked: Family<Labels, Gauge>,
+    /// Every pool seen since start: a pool whose work is done reads 0 rather than vanishing, so a
+    /// scaler sees the fall (a missing series is "no data", not zero, to most queries).
+    pools_seen: std::sync::Mutex<std::collections::BTreeSet<String>>,
     pub job_train_loss: Family<Labels, FloatGauge>,
     pub job_tokens_per_second: Family<Labels, FloatGauge>,
     pub job_step: Family<Labels, Gauge>,
+    pub job_valid_loss: Family<Labels, FloatGauge>,
     pub claim_latency: Histogram,
     pub http_duration: Family<Labels, Histogram>,
     pub metric_points_ingested: Counter,
     pub requeued: Counter,
     pub republished: Counter,
+    /// More metrics served on the same /metrics: the workers `lathe up` runs in this process.
+    others: std::sync::Mutex<Vec<Box<dyn Fn() -> String + Send + Sync>>>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -44,22 +53,44 @@ impl Telemetry {
             evaluations: Family::default(),
             queue_depth: Family::default(),
             workers: Family::default(),
+            pool_demand: Family::default(),
+            pool_workers: Family::default(),
+            pool_gpu_memory_asked: Family::default(),
+            pools_seen: Default::default(),
             job_train_loss: Family::default(),
             job_tokens_per_second: Family::default(),
             job_step: Family::default(),
+            job_valid_loss: Family::default(),
             claim_latency: latency_histogram(),
             http_duration: Family::new_with_constructor(latency_histogram),
             metric_points_ingested: Counter::default(),
             requeued: Counter::default(),
             republished: Counter::default(),
+            others: Default::default(),
             registry: Registry::default(),
         };
         registry.register("lathe_jobs", "Jobs by status", t.jobs.clone());
         registry.register("lathe_evaluations", "Evaluations by status", t.evaluations.clone());
         registry.register("lathe_queue_depth", "Job ids waiting in Redis, per pool", t.queue_depth.clone());
         registry.register("lathe_workers", "Registered workers by state (live, stale, draining)", t.workers.clone());
+        registry.register(
+            "lathe_pool_demand",
+            "Jobs and evaluations queued or running per pool: the workers it needs (what autoscalers scale on)",
+            t.pool_demand.clone(),
+        );
+        registry.register("lathe_pool_workers", "Live workers (not draining) serving each pool", t.pool_workers.clone());
+        registry.register(
+            "lathe_pool_gpu_memory_asked_gb",
+            "Device memory asked by the queued and running jobs of each pool, in GB",
+            t.pool_gpu_memory_asked.clone(),
+        );
         registry.register("lathe_job_train_loss", "Latest training loss of a running job", t.job_train_loss.clone());
         registry.register("lathe_job_tokens_per_second", "Latest throughput of a running job", t.job_tokens_per_second.clone());
+        registry.register(
+            "lathe_job_validation_loss",
+            "Latest validation loss of a running job (at its validation passes)",
+            t.job_valid_loss.clone(),
+        );
         registry.register("lathe_job_step", "Latest optimizer step of a running job", t.job_step.clone());
         registry.register("lathe_claim_latency_seconds", "Time from job creation to its first claim", t.claim_latency.clone());
         registry.register(
@@ -80,7 +111,20 @@ impl Telemetry {
     pub fn render(&self) -> String {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        // One exposition ends with one `# EOF`: the other registries' families go before it.
+        for other in self.others.lock().expect("others lock").iter() {
+            let text = other();
+            if let Some(body) = out.strip_suffix("# EOF\n") {
+                out = format!("{body}{text}");
+            }
+        }
         out
+    }
+
+    /// Serves another registry's text (OpenMetrics, ending in `# EOF`, with family names of its
+    /// own) on this /metrics too.
+    pub fn also_serve(&self, render: impl Fn() -> String + Send + Sync + 'static) {
+        self.others.lock().expect("others lock").push(Box::new(render));
     }
 
     pub fn observe_http(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
@@ -95,11 +139,20 @@ impl Telemetry {
     pub fn observe_job_point(&self, job_id: &str, step: u64, loss: Option<f64>, tokens_per_second: Option<f64>) {
         let labels = job_labels(job_id);
         self.job_step.get_or_create(&labels).set(step as i64);
-        if let Some(loss) = loss {
-            self.job_train_loss.get_or_create(&labels).set(loss);
-        }
+        self.observe_job_loss(job_id, loss, None);
         if let Some(tps) = tokens_per_second {
             self.job_tokens_per_second.get_or_create(&labels).set(tps);
+        }
+    }
+
+    /// The newest train loss and (at a validation pass) validation loss of a running job.
+    pub fn observe_job_loss(&self, job_id: &str, loss: Option<f64>, valid_loss: Option<f64>) {
+        let labels = job_labels(job_id);
+        if let Some(valid) = valid_loss {
+            self.job_valid_loss.get_or_create(&labels).set(valid);
+        }
+        if let Some(loss) = loss {
+            self.job_train_loss.get_or_create(&labels).set(loss);
         }
     }
 
@@ -108,7 +161,23 @@ impl Telemetry {
         let labels = job_labels(job_id);
         self.job_step.remove(&labels);
         self.job_train_loss.remove(&labels);
+        self.job_valid_loss.remove(&labels);
         self.job_tokens_per_second.remove(&labels);
+    }
+
+    /// The demand gauges, one series per pool seen since start (0 once its work is done).
+    pub fn set_pool_demand(&self, demand: &[lathe_store::demand::PoolDemand]) {
+        let mut seen = self.pools_seen.lock().expect("pools lock");
+        seen.extend(demand.iter().map(|d| d.pool.clone()));
+        let value = |pool: &str, f: fn(&lathe_store::demand::PoolDemand) -> i64| demand.iter().find(|d| d.pool == pool).map_or(0, f);
+        for (family, f) in [
+            (&self.pool_demand, (|d| d.demand()) as fn(&lathe_store::demand::PoolDemand) -> i64),
+            (&self.pool_workers, |d| d.workers),
+            (&self.pool_gpu_memory_asked, |d| d.gpu_memory_gb_asked),
+        ] {
+            let values: Vec<(String, i64)> = seen.iter().map(|pool| (pool.clone(), value(pool, f))).collect();
+            Telemetry::set_gauges(family, "pool", &values);
+        }
     }
 
     pub fn set_gauges(family: &Family<Labels, Gauge>, label: &str, values: &[(String, i64)]) {
@@ -143,6 +212,10 @@ mod tests {
         assert!(text.contains("lathe_job_train_loss{job_id=\"ftjob-a\"} 2.5"), "{text}");
         assert!(text.contains("lathe_metric_points_ingested_total 7"), "{text}");
         assert!(text.contains("lathe_http_request_duration_seconds_bucket{"), "{text}");
+        t.also_serve(|| "# TYPE lathe_worker_busy gauge\nlathe_worker_busy{worker=\"w\"} 1\n# EOF\n".to_string());
+        let text = t.render();
+        assert_eq!(text.matches("# EOF").count(), 1, "{text}");
+        assert!(text.ends_with("lathe_worker_busy{worker=\"w\"} 1\n# EOF\n"), "{text}");
         t.forget_job("ftjob-a");
         assert!(!t.render().contains("ftjob-a"));
     }

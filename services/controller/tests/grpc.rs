@@ -61,7 +61,16 @@ impl Harness {
         let pools = vec!["default".to_string()];
         let registered = register_worker(
             &self.state.pool,
-            NewWorker { name, device_kind: "cpu", gpu_name: None, gpu_memory_bytes: None, pools: &pools, version: "test" },
+            NewWorker {
+                name,
+                device_kind: "cpu",
+                gpu_name: None,
+                gpu_memory_bytes: None,
+                pools: &pools,
+                version: "test",
+                slurm_job_id: None,
+                pod_name: None,
+            },
         )
         .await
         .unwrap();

@@ -20,10 +20,12 @@
 //! [`MIGRATOR`]. Timestamps are `time::OffsetDateTime` (re-exported as [`time`]); the API shows
 //! them as Unix seconds (`.unix_timestamp()`).
 
+pub mod demand;
 pub mod dispatch;
 pub mod error;
 pub mod evaluations;
 pub mod files;
+pub mod fleets;
 pub mod jobs;
 pub mod keys;
 pub mod leadership;

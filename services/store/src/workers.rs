@@ -2,6 +2,10 @@
 //! token (stored hashed, like API keys), kept alive by heartbeats. A claim reads the worker's
 //! pools and GPU memory from here, not from the request, so a worker cannot take a job its
 //! registration says it cannot fit.
+//!
+//! A worker gets its token one of two ways: an operator mints one for a named worker
+//! ([`register_worker`], `lathe admin create-worker`), or an instance enrols with a fleet's
+//! shared secret ([`enroll_worker`]) and is given a token of its own.
 
 use sqlx::types::time::OffsetDateTime;
 use sqlx::PgPool;
@@ -24,10 +28,16 @@ pub struct Worker {
     pub last_heartbeat_at: OffsetDateTime,
     /// Finishes its attempt and claims no more.
     pub draining: bool,
+    pub revoked_at: Option<OffsetDateTime>,
+    /// The fleet it enrolled with, if it did.
+    pub fleet_id: Option<String>,
+    /// Where a scheduler placed it: the Slurm job (`SLURM_JOB_ID`) or Kubernetes pod.
+    pub slurm_job_id: Option<String>,
+    pub pod_name: Option<String>,
 }
 
-const WORKER_COLUMNS: &str =
-    "id, name, device_kind, gpu_name, gpu_memory_bytes, pools, version, registered_at, last_heartbeat_at, draining";
+const WORKER_COLUMNS: &str = "id, name, device_kind, gpu_name, gpu_memory_bytes, pools, version, registered_at, last_heartbeat_at, \
+                              draining, revoked_at, fleet_id, slurm_job_id, pod_name";
 
 #[derive(Debug, Clone)]
 pub struct NewWorker<'a> {
@@ -37,6 +47,8 @@ pub struct NewWorker<'a> {
     pub gpu_memory_bytes: Option<i64>,
     pub pools: &'a [String],
     pub version: &'a str,
+    pub slurm_job_id: Option<&'a str>,
+    pub pod_name: Option<&'a str>,
 }
 
 /// A registered worker and its plaintext token, returned once.
@@ -47,10 +59,25 @@ pub struct RegisteredWorker {
 }
 
 pub async fn register_worker(pool: &PgPool, worker: NewWorker<'_>) -> Result<RegisteredWorker, StoreError> {
+    insert_worker(pool, None, worker).await?.ok_or(StoreError::NotFound)
+}
+
+/// Enrols a new instance with a fleet's secret: a worker row of its own and a token for it.
+/// `None` when the secret is unknown or its fleet revoked.
+pub async fn enroll_worker(pool: &PgPool, fleet_secret: &str, worker: NewWorker<'_>) -> Result<Option<RegisteredWorker>, StoreError> {
+    insert_worker(pool, Some(fleet_secret), worker).await
+}
+
+/// One statement either way: with a fleet secret, the row is inserted only if a live fleet has
+/// that secret, so a revocation racing an enrolment cannot let an instance in.
+async fn insert_worker(pool: &PgPool, fleet_secret: Option<&str>, worker: NewWorker<'_>) -> Result<Option<RegisteredWorker>, StoreError> {
     let token = random::token(WORKER_TOKEN_PREFIX);
     let row = sqlx::query_as::<_, Worker>(&format!(
-        "INSERT INTO workers (id, name, device_kind, gpu_name, gpu_memory_bytes, pools, token_hash, version)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        "INSERT INTO workers (id, name, device_kind, gpu_name, gpu_memory_bytes, pools, token_hash, version, slurm_job_id,
+                              pod_name, fleet_id)
+         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, f.id
+         FROM (SELECT NULL::text AS id WHERE $11::bytea IS NULL
+               UNION ALL SELECT id FROM fleets WHERE token_hash = $11 AND revoked_at IS NULL) f
          RETURNING {WORKER_COLUMNS}"
     ))
     .bind(random::alphanumeric("wrk_", 16))
@@ -61,41 +88,41 @@ pub async fn register_worker(pool: &PgPool, worker: NewWorker<'_>) -> Result<Reg
     .bind(worker.pools)
     .bind(random::sha256(&token))
     .bind(worker.version)
-    .fetch_one(pool)
+    .bind(worker.slurm_job_id)
+    .bind(worker.pod_name)
+    .bind(fleet_secret.map(random::sha256))
+    .fetch_optional(pool)
     .await?;
-    Ok(RegisteredWorker { worker: row, token })
+    Ok(row.map(|worker| RegisteredWorker { worker, token }))
 }
 
 /// The worker a token belongs to, or `None` for an unknown or revoked token (the gRPC service
 /// answers UNAUTHENTICATED).
 pub async fn authenticate_worker(pool: &PgPool, token: &str) -> Result<Option<String>, StoreError> {
-    let id = sqlx::query_scalar::<_, String>("SELECT id FROM workers WHERE token_hash = $1 AND revoked_at IS NULL")
-        .bind(random::sha256(token))
-        .fetch_optional(pool)
-        .await?;
+    let id = sqlx::query_scalar::<_, String>(
+        "SELECT w.id FROM workers w LEFT JOIN fleets f ON f.id = w.fleet_id
+         WHERE w.token_hash = $1 AND w.revoked_at IS NULL AND f.revoked_at IS NULL",
+    )
+    .bind(random::sha256(token))
+    .fetch_optional(pool)
+    .await?;
     Ok(id)
 }
 
 /// Revokes a worker's token, by worker id or name (every worker of that name). Returns the ids
 /// revoked; none is `NotFound`. Revoking twice is harmless.
 pub async fn revoke_worker(pool: &PgPool, id_or_name: &str) -> Result<Vec<String>, StoreError> {
-    let ids: Vec<String> = sqlx::query_scalar(
-        "UPDATE workers SET revoked_at = coalesce(revoked_at, now()), draining = true
-         WHERE id = $1 OR name = $1 RETURNING id",
-    )
-    .bind(id_or_name)
-    .fetch_all(pool)
-    .await?;
-    if ids.is_empty() {
-        return Err(StoreError::NotFound);
-    }
-    Ok(ids)
+    mark_workers(pool, id_or_name, "revoked_at = coalesce(revoked_at, now()), draining = true").await
 }
 
 /// Drains workers by id or name: each finishes what it runs and claims nothing more (with
 /// `--exit-when-idle` it then exits). Returns the ids; none is `NotFound`.
 pub async fn drain_workers(pool: &PgPool, id_or_name: &str) -> Result<Vec<String>, StoreError> {
-    let ids: Vec<String> = sqlx::query_scalar("UPDATE workers SET draining = true WHERE id = $1 OR name = $1 RETURNING id")
+    mark_workers(pool, id_or_name, "draining = true").await
+}
+
+async fn mark_workers(pool: &PgPool, id_or_name: &str, set: &'static str) -> Result<Vec<String>, StoreError> {
+    let ids: Vec<String> = sqlx::query_scalar(&format!("UPDATE workers SET {set} WHERE id = $1 OR name = $1 RETURNING id"))
         .bind(id_or_name)
         .fetch_all(pool)
         .await?;
@@ -131,7 +158,7 @@ pub async fn list_workers(pool: &PgPool) -> Result<Vec<Worker>, StoreError> {
 pub async fn update_registration(pool: &PgPool, worker_id: &str, worker: NewWorker<'_>) -> Result<Worker, StoreError> {
     sqlx::query_as::<_, Worker>(&format!(
         "UPDATE workers SET name = $2, device_kind = $3, gpu_name = $4, gpu_memory_bytes = $5, pools = $6,
-                version = $7, last_heartbeat_at = now()
+                version = $7, slurm_job_id = $8, pod_name = $9, last_heartbeat_at = now()
          WHERE id = $1
          RETURNING {WORKER_COLUMNS}"
     ))
@@ -142,6 +169,8 @@ pub async fn update_registration(pool: &PgPool, worker_id: &str, worker: NewWork
     .bind(worker.gpu_memory_bytes)
     .bind(worker.pools)
     .bind(worker.version)
+    .bind(worker.slurm_job_id)
+    .bind(worker.pod_name)
     .fetch_optional(pool)
     .await?
     .ok_or(StoreError::NotFound)

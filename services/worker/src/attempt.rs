@@ -29,7 +29,7 @@ use tonic::Streaming;
 use crate::client::Client;
 use crate::redact::Redactor;
 use crate::spec::{train_config, Paths, Settings, Unrunnable};
-use crate::telemetry::Telemetry;
+use crate::telemetry::WorkerMetrics;
 use crate::WorkerConfig;
 
 /// Why the running trainer was asked to stop.
@@ -126,7 +126,7 @@ pub async fn run(
     config: &WorkerConfig,
     claim: ClaimJobResponse,
     signals: Arc<Signals>,
-    telemetry: &Telemetry,
+    telemetry: &WorkerMetrics,
     mut shutdown: watch::Receiver<bool>,
 ) -> Ended {
     let hello = Hello { job_id: claim.job_id.clone(), attempt: claim.attempt };
@@ -408,7 +408,14 @@ fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-fn on_event(event: &Event, session: &mut Session, points: &mut Points, signals: &Signals, telemetry: &Telemetry, tokens_seen: &mut u64) {
+fn on_event(
+    event: &Event,
+    session: &mut Session,
+    points: &mut Points,
+    signals: &Signals,
+    telemetry: &WorkerMetrics,
+    tokens_seen: &mut u64,
+) {
     if signals.cause() == Some(StopCause::LeaseLost) {
         return;
     }
@@ -446,6 +453,7 @@ fn on_event(event: &Event, session: &mut Session, points: &mut Points, signals: 
             );
         }
         Event::Eval { step, valid_loss, valid_mean_token_accuracy, .. } => {
+            telemetry.valid_loss.set(*valid_loss);
             let mut point = points.take(*step);
             point.valid_loss = Some(*valid_loss);
             point.valid_mean_token_accuracy = Some(*valid_mean_token_accuracy);

@@ -2,11 +2,12 @@
 
 use std::path::PathBuf;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WorkerConfig {
     /// The controller's gRPC address, e.g. `http://127.0.0.1:50051`.
     pub controller_url: String,
-    /// This worker's bearer token (`lathe admin create-worker`).
+    /// This worker's bearer token (`lathe admin create-worker`), or a fleet secret it enrols
+    /// with (then replaced by the instance's own token at registration).
     pub token: String,
     /// Shown to operators; defaults to the host name.
     pub name: String,
@@ -34,6 +35,20 @@ pub struct WorkerConfig {
     pub tls: ClientTls,
     /// When to leave: a pilot under Slurm or a scaled-out replica gives its GPU back.
     pub lifecycle: Lifecycle,
+    /// Where a scheduler placed this worker, reported to operators.
+    pub placement: Placement,
+    /// A metrics registry shared with other workers of the process (`lathe up`); None = the
+    /// worker's own, served on `metrics_listen`.
+    pub shared_telemetry: Option<std::sync::Arc<crate::telemetry::Telemetry>>,
+}
+
+/// The scheduler's name for this worker's slot, when one placed it.
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    /// `$SLURM_JOB_ID` inside a Slurm job.
+    pub slurm_job_id: Option<String>,
+    /// The Kubernetes pod (`LATHE_POD_NAME`, from the downward API).
+    pub pod_name: Option<String>,
 }
 
 /// When a worker exits on its own (both off by default: a daemon runs until stopped).

@@ -1,6 +1,7 @@
 //! The daemon's loop: register, keep a heartbeat, wait for work, claim, run one attempt at a
 //! time. SIGTERM (the `shutdown` signal) preempts the running attempt — checkpoint, give the
-//! job back — and ends the loop.
+//! job back — and ends the loop. SIGUSR1 drains: the running attempt finishes, nothing more is
+//! claimed, and the worker exits (`scancel --signal=USR1`, a node going into maintenance).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,7 +17,7 @@ use tracing::Instrument;
 use crate::attempt::{self, Signals, StopCause};
 use crate::client::{self, Client};
 use crate::evaluation::{self, EvalSignals};
-use crate::telemetry::{self, Telemetry};
+use crate::telemetry::{self, Telemetry, WorkerMetrics};
 use crate::{WorkerConfig, WorkerError};
 
 /// How long one wait in Redis lasts before the worker asks the controller directly (the path
@@ -31,19 +32,31 @@ struct Current {
     /// The evaluation running now: (id, attempt, signals).
     evaluation: Option<(String, u32, Arc<EvalSignals>)>,
     draining: bool,
+    /// SIGUSR1: leave once the running work is done.
+    leave_when_idle: bool,
 }
 
-pub async fn run(config: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
-    let telemetry = Arc::new(Telemetry::new());
+pub async fn run(mut config: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
+    // `lathe up` hands its workers one registry, which the controller's /metrics serves.
+    let telemetry = config.shared_telemetry.clone().unwrap_or_else(|| Arc::new(Telemetry::new()));
+    let metrics = WorkerMetrics::new(telemetry.clone(), &config.name);
     if let Some(listen) = &config.metrics_listen {
         telemetry::serve(listen, telemetry.clone()).await?;
     }
     let mut client = client::connect(&config)?;
-    let timing = match register(&mut client, &config, &mut shutdown).await? {
-        Some(timing) => timing,
+    let (timing, own_token, worker_id) = match register(&mut client, &config, &mut shutdown).await? {
+        Some(registered) => registered,
         None => return Ok(()),
     };
+    // Enrolled with a fleet secret: from now on this instance speaks with its own token.
+    if let Some(token) = own_token {
+        config.token = token;
+        client = client::connect(&config)?;
+    }
+    let placement = &config.placement;
+    metrics.identify(&worker_id, &config.pools, &config.device, placement.slurm_job_id.as_deref(), placement.pod_name.as_deref());
     let current = Arc::new(Mutex::new(Current::default()));
+    drain_on_sigusr1(current.clone())?;
     // The heartbeat outlives a SIGTERM: a preempted attempt still checkpoints and hands the job
     // back under its lease. It stops when this function returns.
     let (_heartbeat_guard, heartbeat_stop) = watch::channel(false);
@@ -57,6 +70,10 @@ pub async fn run(config: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> R
     while !*shutdown.borrow() {
         if let Some(reason) = config.lifecycle.done(idle_since.elapsed(), attempts_run) {
             tracing::info!(reason, "worker leaving");
+            break;
+        }
+        if current.lock().expect("current lock").leave_when_idle {
+            tracing::info!("drained (SIGUSR1); worker leaving");
             break;
         }
         if current.lock().expect("current lock").draining {
@@ -134,7 +151,7 @@ pub async fn run(config: WorkerConfig, mut shutdown: watch::Receiver<bool>) -> R
         let span = tracing::info_span!("attempt", job_id = %claim.job_id, attempt = claim.attempt);
         async {
             tracing::info!(resume = claim.resume_from.is_some(), "attempt started");
-            let ended = attempt::run(client.clone(), &config, claim.clone(), signals, &telemetry, shutdown.clone()).await;
+            let ended = attempt::run(client.clone(), &config, claim.clone(), signals, &metrics, shutdown.clone()).await;
             tracing::info!(outcome = ended.as_str(), "attempt ended");
         }
         .instrument(span)
@@ -163,8 +180,26 @@ impl Timing {
     }
 }
 
+/// SIGUSR1 drains this worker: what runs finishes, nothing more is claimed, then it exits.
+fn drain_on_sigusr1(current: Arc<Mutex<Current>>) -> Result<(), WorkerError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut usr1 = signal(SignalKind::user_defined1()).map_err(WorkerError::Signal)?;
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            tracing::info!("SIGUSR1: draining — finishing the current work, claiming nothing more");
+            current.lock().expect("current lock").leave_when_idle = true;
+        }
+    });
+    Ok(())
+}
+
 /// Registers, retrying while the controller is unreachable; `None` if shut down meanwhile.
-async fn register(client: &mut Client, config: &WorkerConfig, shutdown: &mut watch::Receiver<bool>) -> Result<Option<Timing>, WorkerError> {
+/// Also returns the instance's own token when the worker enrolled with a fleet secret.
+async fn register(
+    client: &mut Client,
+    config: &WorkerConfig,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Option<(Timing, Option<String>, String)>, WorkerError> {
     let device_kind = match (config.device.starts_with("cuda"), tch::utils::has_hip()) {
         (true, true) => DeviceKind::Rocm,
         (true, false) => DeviceKind::Cuda,
@@ -177,16 +212,20 @@ async fn register(client: &mut Client, config: &WorkerConfig, shutdown: &mut wat
         gpu_memory_bytes: config.gpu_memory_bytes,
         pools: config.pools.clone(),
         version: env!("CARGO_PKG_VERSION").into(),
+        slurm_job_id: config.placement.slurm_job_id.clone().unwrap_or_default(),
+        pod_name: config.placement.pod_name.clone().unwrap_or_default(),
     };
     loop {
         match client.register(request.clone()).await {
             Ok(response) => {
                 let r = response.into_inner();
-                tracing::info!(worker_id = r.worker_id, name = config.name, pools = ?config.pools, "registered with the controller");
-                return Ok(Some(Timing {
+                let enrolled = !r.worker_token.is_empty();
+                tracing::info!(worker_id = r.worker_id, name = config.name, pools = ?config.pools, enrolled, "registered with the controller");
+                let timing = Timing {
                     heartbeat: Duration::from_millis(r.heartbeat_interval_ms.max(100) as u64),
                     lease: Duration::from_millis(r.lease_duration_ms.max(1000) as u64),
-                }));
+                };
+                return Ok(Some((timing, Some(r.worker_token).filter(|t| !t.is_empty()), r.worker_id)));
             }
             Err(status) if status.code() == Code::Unauthenticated => return Err(WorkerError::Unauthenticated(status.message().into())),
             Err(status) => {

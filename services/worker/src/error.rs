@@ -5,10 +5,14 @@
 pub enum WorkerError {
     #[error("invalid controller address {url:?}: {message}")]
     ControllerUrl { url: String, message: String },
-    #[error("the controller refused this worker: {0} (check LATHE_WORKER_TOKEN; create one with 'lathe admin create-worker')")]
+    #[error(
+        "the controller refused this worker: {0} (check LATHE_WORKER_TOKEN: a fleet secret or a token from 'lathe admin create-worker')"
+    )]
     Unauthenticated(String),
     #[error("invalid setting {field}: {message}")]
     Setting { field: &'static str, message: String },
     #[error("cannot serve metrics on {0}: {1}")]
     MetricsListen(String, std::io::Error),
+    #[error("cannot listen for signals: {0}")]
+    Signal(std::io::Error),
 }

@@ -29,6 +29,6 @@ mod redact;
 pub mod spec;
 pub mod telemetry;
 
-pub use config::{ClientTls, Lifecycle, WorkerConfig};
+pub use config::{ClientTls, Lifecycle, Placement, WorkerConfig};
 pub use daemon::run;
 pub use error::WorkerError;

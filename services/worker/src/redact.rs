@@ -74,6 +74,8 @@ mod tests {
             eval_data_dir: None,
             tls: Default::default(),
             lifecycle: Default::default(),
+            placement: Default::default(),
+            shared_telemetry: None,
         };
         let redactor = Redactor::for_claim(&claim, &config);
         assert_eq!(

@@ -1,4 +1,6 @@
-//! The worker's Prometheus metrics, served on `--metrics-listen` when set.
+//! The worker's Prometheus metrics, served on `--metrics-listen` when set. Every series carries
+//! the worker's name (`worker`), so several workers can share one registry: `lathe up` runs its
+//! workers in the controller's process and serves their metrics on the controller's /metrics.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -11,14 +13,20 @@ use prometheus_client::registry::Registry;
 
 use crate::WorkerError;
 
+type Labels = Vec<(String, String)>;
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// The registry of one worker process (or of every worker of `lathe up`).
 pub struct Telemetry {
     registry: Registry,
-    pub busy: Gauge,
-    pub train_loss: Gauge<f64, AtomicU64>,
-    pub tokens_per_second: Gauge<f64, AtomicU64>,
-    pub step: Gauge,
-    pub memory_bytes: Gauge,
-    pub attempts: Family<Vec<(String, String)>, Counter>,
+    busy: Family<Labels, Gauge>,
+    train_loss: Family<Labels, FloatGauge>,
+    valid_loss: Family<Labels, FloatGauge>,
+    tokens_per_second: Family<Labels, FloatGauge>,
+    step: Family<Labels, Gauge>,
+    memory_bytes: Family<Labels, Gauge>,
+    attempts: Family<Labels, Counter>,
+    info: Family<Labels, Gauge>,
 }
 
 impl Telemetry {
@@ -26,25 +34,28 @@ impl Telemetry {
         let mut registry = Registry::default();
         let t = Telemetry {
             registry: Registry::default(),
-            busy: Gauge::default(),
-            train_loss: Gauge::default(),
-            tokens_per_second: Gauge::default(),
-            step: Gauge::default(),
-            memory_bytes: Gauge::default(),
+            busy: Family::default(),
+            train_loss: Family::default(),
+            valid_loss: Family::default(),
+            tokens_per_second: Family::default(),
+            step: Family::default(),
+            memory_bytes: Family::default(),
             attempts: Family::default(),
+            info: Family::default(),
         };
         registry.register("lathe_worker_busy", "1 while an attempt runs", t.busy.clone());
         registry.register("lathe_worker_train_loss", "Training loss of the current attempt", t.train_loss.clone());
+        registry.register("lathe_worker_validation_loss", "Latest validation loss of the current attempt", t.valid_loss.clone());
         registry.register("lathe_worker_tokens_per_second", "Throughput of the current attempt", t.tokens_per_second.clone());
         registry.register("lathe_worker_step", "Optimizer step of the current attempt", t.step.clone());
         registry.register("lathe_worker_memory_bytes", "Peak device (or process) memory of the current attempt", t.memory_bytes.clone());
         registry.register("lathe_worker_attempts", "Attempts ended, by outcome", t.attempts.clone());
+        registry.register(
+            "lathe_worker_info",
+            "1 per worker: its id, pools, device and where a scheduler placed it (Slurm job, pod)",
+            t.info.clone(),
+        );
         Telemetry { registry, ..t }
-    }
-
-    pub fn attempt_ended(&self, outcome: &str) {
-        self.busy.set(0);
-        self.attempts.get_or_create(&vec![("outcome".to_string(), outcome.to_string())]).inc();
     }
 
     pub fn render(&self) -> String {
@@ -57,6 +68,59 @@ impl Telemetry {
 impl Default for Telemetry {
     fn default() -> Self {
         Telemetry::new()
+    }
+}
+
+/// One worker's series in a [`Telemetry`].
+pub struct WorkerMetrics {
+    telemetry: Arc<Telemetry>,
+    worker: String,
+    pub busy: Gauge,
+    pub train_loss: FloatGauge,
+    pub valid_loss: FloatGauge,
+    pub tokens_per_second: FloatGauge,
+    pub step: Gauge,
+    pub memory_bytes: Gauge,
+}
+
+impl WorkerMetrics {
+    pub fn new(telemetry: Arc<Telemetry>, worker: &str) -> WorkerMetrics {
+        let labels = vec![("worker".to_string(), worker.to_string())];
+        let t = &telemetry;
+        let (busy, step, memory_bytes) =
+            (t.busy.get_or_create(&labels).clone(), t.step.get_or_create(&labels).clone(), t.memory_bytes.get_or_create(&labels).clone());
+        let (train_loss, valid_loss, tokens_per_second) = (
+            t.train_loss.get_or_create(&labels).clone(),
+            t.valid_loss.get_or_create(&labels).clone(),
+            t.tokens_per_second.get_or_create(&labels).clone(),
+        );
+        WorkerMetrics { busy, train_loss, valid_loss, tokens_per_second, step, memory_bytes, worker: worker.to_string(), telemetry }
+    }
+
+    /// Who this worker is, once registered: `lathe_worker_info{…} 1`.
+    pub fn identify(&self, worker_id: &str, pools: &[String], device: &str, slurm_job_id: Option<&str>, pod_name: Option<&str>) {
+        let labels = vec![
+            ("worker".to_string(), self.worker.clone()),
+            ("worker_id".to_string(), worker_id.to_string()),
+            ("pools".to_string(), pools.join(",")),
+            ("device".to_string(), device.to_string()),
+            ("slurm_job_id".to_string(), slurm_job_id.unwrap_or_default().to_string()),
+            ("pod_name".to_string(), pod_name.unwrap_or_default().to_string()),
+        ];
+        self.telemetry.info.get_or_create(&labels).set(1);
+    }
+
+    /// The attempt is over: its gauges go back to idle (a finished job's last loss must not
+    /// look like a running one's), and the outcome is counted.
+    pub fn attempt_ended(&self, outcome: &str) {
+        self.busy.set(0);
+        self.step.set(0);
+        self.tokens_per_second.set(0.0);
+        self.memory_bytes.set(0);
+        self.train_loss.set(f64::NAN);
+        self.valid_loss.set(f64::NAN);
+        let labels = vec![("worker".to_string(), self.worker.clone()), ("outcome".to_string(), outcome.to_string())];
+        self.telemetry.attempts.get_or_create(&labels).inc();
     }
 }
 
@@ -74,4 +138,27 @@ pub async fn serve(listen: &str, telemetry: Arc<Telemetry>) -> Result<(), Worker
         let _ = axum::serve(listener, app).await;
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_workers_share_a_registry_and_an_ended_attempt_reads_idle() {
+        let telemetry = Arc::new(Telemetry::new());
+        let (a, b) = (WorkerMetrics::new(telemetry.clone(), "a"), WorkerMetrics::new(telemetry.clone(), "b"));
+        a.busy.set(1);
+        a.step.set(7);
+        b.train_loss.set(2.5);
+        a.identify("wrk_1", &["a100".into()], "cuda:0", Some("4242"), None);
+        let text = telemetry.render();
+        assert!(text.contains("lathe_worker_step{worker=\"a\"} 7"), "{text}");
+        assert!(text.contains("lathe_worker_train_loss{worker=\"b\"} 2.5"), "{text}");
+        assert!(text.contains("slurm_job_id=\"4242\""), "{text}");
+        a.attempt_ended("succeeded");
+        let text = telemetry.render();
+        assert!(text.contains("lathe_worker_busy{worker=\"a\"} 0") && text.contains("lathe_worker_step{worker=\"a\"} 0"), "{text}");
+        assert!(text.contains("lathe_worker_attempts_total{worker=\"a\",outcome=\"succeeded\"} 1"), "{text}");
+    }
 }

@@ -39,6 +39,25 @@ pub enum AdminCommand {
         #[command(flatten)]
         database: Database,
     },
+    /// Create a fleet: one secret any number of worker instances enrol with (Slurm pilots,
+    /// Kubernetes pods), each getting its own identity; prints the secret once.
+    CreateFleet {
+        /// A name to revoke it by.
+        name: String,
+        #[command(flatten)]
+        database: Database,
+    },
+    /// Revoke a fleet (by name or id) and every worker enrolled with it.
+    RevokeFleet {
+        fleet: String,
+        #[command(flatten)]
+        database: Database,
+    },
+    /// List workers: id, state, pools, fleet, Slurm job or pod, last heartbeat.
+    ListWorkers {
+        #[command(flatten)]
+        database: Database,
+    },
     /// Drain a worker, by id or name: it finishes its current job and claims nothing more
     /// (with --exit-when-idle it then exits).
     DrainWorker {
@@ -100,11 +119,49 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                         gpu_memory_bytes: None,
                         pools: &pools,
                         version: "",
+                        slurm_job_id: None,
+                        pod_name: None,
                     },
                 )
                 .await?;
                 eprintln!("created worker {} ({name}); it reports its device and pools when it starts", worker.worker.id);
                 println!("{}", worker.token);
+            }
+            AdminCommand::CreateFleet { name, database } => {
+                let pool = lathe_store::connect(&database.database_url, 2).await?;
+                let (fleet, secret) = lathe_store::fleets::create_fleet(&pool, &name).await?;
+                eprintln!("created fleet {} ({}); give the secret to workers as LATHE_WORKER_TOKEN", fleet.name, fleet.id);
+                println!("{secret}");
+            }
+            AdminCommand::RevokeFleet { fleet, database } => {
+                let pool = lathe_store::connect(&database.database_url, 2).await?;
+                let (revoked, workers) = lathe_store::fleets::revoke_fleet(&pool, &fleet).await.map_err(|e| match e {
+                    lathe_store::StoreError::NotFound => anyhow::anyhow!("cannot revoke {fleet:?}: no fleet has that name or id"),
+                    other => anyhow::anyhow!("cannot revoke {fleet:?}: {other}"),
+                })?;
+                eprintln!("revoked fleet {} and its {} worker(s)", revoked.name, workers.len());
+            }
+            AdminCommand::ListWorkers { database } => {
+                let pool = lathe_store::connect(&database.database_url, 2).await?;
+                let now = lathe_store::time::OffsetDateTime::now_utc();
+                println!("ID\tNAME\tSTATE\tPOOLS\tFLEET\tPLACEMENT\tLAST HEARTBEAT");
+                for w in lathe_store::workers::list_workers(&pool).await? {
+                    // The controller's default lease: a worker silent for longer has lost its jobs.
+                    let state = lathe_controller::api::admin::worker_state(&w, now - std::time::Duration::from_secs(60));
+                    let placement = match (&w.slurm_job_id, &w.pod_name) {
+                        (Some(job), _) => format!("slurm:{job}"),
+                        (None, Some(pod)) => format!("pod:{pod}"),
+                        (None, None) => "-".into(),
+                    };
+                    let ago = (now - w.last_heartbeat_at).whole_seconds();
+                    println!(
+                        "{}\t{}\t{state}\t{}\t{}\t{placement}\t{ago} s ago",
+                        w.id,
+                        w.name,
+                        w.pools.join(","),
+                        w.fleet_id.as_deref().unwrap_or("-")
+                    );
+                }
             }
             AdminCommand::DrainWorker { worker, database } => {
                 let pool = lathe_store::connect(&database.database_url, 2).await?;

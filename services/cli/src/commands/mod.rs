@@ -5,4 +5,5 @@ pub mod eval;
 pub mod evaluations;
 pub mod model;
 pub mod service;
+pub mod slurm;
 pub mod train;

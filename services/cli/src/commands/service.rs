@@ -42,7 +42,9 @@ pub struct WorkerArgs {
     /// The controller's gRPC address.
     #[arg(long, env = "LATHE_CONTROLLER", default_value = "http://127.0.0.1:50051")]
     controller: String,
-    /// This worker's token, from `lathe admin create-worker`.
+    /// A fleet secret (the controller's --fleet-secret, or `lathe admin create-fleet`): this
+    /// instance enrols and gets an identity of its own; or one worker's token from
+    /// `lathe admin create-worker`.
     #[arg(long, env = "LATHE_WORKER_TOKEN", hide_env_values = true)]
     token: String,
     /// Name shown to operators [default: the host name].
@@ -75,6 +77,10 @@ pub struct WorkerArgs {
     /// Exit (status 0) after running this many jobs [default: no limit].
     #[arg(long, env = "LATHE_MAX_JOBS", value_name = "N")]
     max_jobs: Option<u32>,
+    /// The Kubernetes pod this worker runs in, shown to operators (set it from the downward
+    /// API: fieldRef metadata.name). Under Slurm, $SLURM_JOB_ID is reported by itself.
+    #[arg(long, env = "LATHE_POD_NAME")]
+    pod_name: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -141,10 +147,13 @@ struct WorkerPlace {
     eval_data_dir: Option<PathBuf>,
     tls: lathe_worker::ClientTls,
     lifecycle: lathe_worker::Lifecycle,
+    placement: lathe_worker::Placement,
+    shared_telemetry: Option<std::sync::Arc<lathe_worker::telemetry::Telemetry>>,
 }
 
 fn worker_config(training: &TrainingArgs, device: &ResolvedDevice, redis: &Redis, place: WorkerPlace) -> WorkerConfig {
-    let WorkerPlace { controller, token, name, models_root, metrics_listen, eval_data_dir, tls, lifecycle } = place;
+    let WorkerPlace { controller, token, name, models_root, metrics_listen, eval_data_dir, tls, lifecycle, placement, shared_telemetry } =
+        place;
     WorkerConfig {
         controller_url: controller,
         token,
@@ -162,6 +171,8 @@ fn worker_config(training: &TrainingArgs, device: &ResolvedDevice, redis: &Redis
         eval_data_dir,
         tls,
         lifecycle,
+        placement,
+        shared_telemetry,
     }
 }
 
@@ -189,6 +200,11 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         eval_data_dir: args.eval_data_dir.clone(),
         tls: lathe_worker::ClientTls { ca: args.tls_ca.clone(), cert: args.tls_cert.clone(), key: args.tls_key.clone() },
         lifecycle: lathe_worker::Lifecycle { exit_when_idle: idle_limit(args.exit_when_idle)?, max_jobs: args.max_jobs },
+        placement: lathe_worker::Placement {
+            slurm_job_id: std::env::var("SLURM_JOB_ID").ok().filter(|id| !id.is_empty()),
+            pod_name: args.pod_name.clone().filter(|name| !name.is_empty()),
+        },
+        shared_telemetry: None,
     };
     let device = resolve_device(&args.training)?;
     let config = worker_config(&args.training, &device, &args.redis, place);
@@ -211,6 +227,11 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         let models_root = bound.state.config.models_root.clone();
         std::fs::create_dir_all(&models_root).with_context(|| format!("creating {}", models_root.display()))?;
         let (controller_stop, controller_stopped) = watch::channel(false);
+        // The workers' metrics (busy, loss, memory, …) on the controller's /metrics: one port
+        // for Prometheus to scrape, as there is one process.
+        let worker_telemetry = std::sync::Arc::new(lathe_worker::telemetry::Telemetry::new());
+        let served = worker_telemetry.clone();
+        bound.state.telemetry.also_serve(move || served.render());
 
         let mut workers = Vec::new();
         for i in 0..args.workers {
@@ -224,6 +245,8 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
                     gpu_memory_bytes: None,
                     pools: &args.training.pools,
                     version: env!("CARGO_PKG_VERSION"),
+                    slurm_job_id: None,
+                    pod_name: None,
                 },
             )
             .await?;
@@ -236,6 +259,8 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
                 eval_data_dir: args.controller.eval_data_dir.clone(),
                 tls: lathe_worker::ClientTls::default(),
                 lifecycle: lathe_worker::Lifecycle::default(),
+                placement: lathe_worker::Placement::default(),
+                shared_telemetry: Some(worker_telemetry.clone()),
             };
             let config = worker_config(&args.training, &device, &args.controller.redis, place);
             workers.push(tokio::spawn(lathe_worker::run(config, stop.clone())));

@@ -8,8 +8,6 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::json;
 
-use sha2::Digest;
-
 use super::error::ApiError;
 use crate::AppState;
 
@@ -33,9 +31,7 @@ async fn sqlx_ping(state: &AppState) -> Result<(), String> {
 
 pub async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) -> axum::response::Response {
     if let Some(token) = &state.config.metrics_token {
-        let presented = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-        let matches = presented.is_some_and(|p| sha2::Sha256::digest(p.trim().as_bytes()) == sha2::Sha256::digest(token.as_bytes()));
-        if !matches {
+        if !super::admin::bearer_is(&headers, token) {
             return ApiError::unauthorized("/metrics needs the scrape token: 'Authorization: Bearer <LATHE_METRICS_TOKEN>'.")
                 .into_response();
         }

@@ -2,6 +2,7 @@
 //! parse, call `lathe-store` / `lathe-core`, render with [`views`]; errors become the OpenAI
 //! envelope in [`error`].
 
+pub mod admin;
 pub mod auth;
 pub mod error;
 pub mod evaluations;
@@ -76,6 +77,8 @@ pub fn router(state: AppState) -> Router {
         .route("/evaluations/{id}/cancel", post(evaluations::cancel))
         .route("/models", get(models::list))
         .route("/models/{*id}", get(models::retrieve))
+        .route("/admin/demand", get(admin::demand))
+        .route("/admin/workers", get(admin::workers))
         .route("/openapi.json", get(|| async { axum::Json(openapi::document()) }))
         .fallback(not_found);
     Router::new()

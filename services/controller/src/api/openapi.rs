@@ -21,7 +21,7 @@ pub fn document() -> Value {
         "paths": paths(),
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": schemas(),
+            "schemas": merged(schemas(), admin_schemas()),
             "responses": {
                 "Error": {"description": "An error in OpenAI's envelope", "content": json_of("#/components/schemas/Error")},
             },
@@ -67,6 +67,9 @@ fn operation(id: &str, summary: &str, parameters: Value, body: Option<Value>, su
 /// Statuses any authenticated route may answer with: bad request, key, rate limit, limits, the
 /// database being away.
 const COMMON: &[u16] = &[400, 401, 404, 429, 503];
+
+/// The admin routes: 403 when the controller has no admin token.
+const ADMIN: &[u16] = &[400, 401, 403, 429, 503];
 
 fn param(name: &str) -> Value {
     json!({"$ref": format!("#/components/parameters/{name}")})
@@ -155,6 +158,15 @@ fn paths() -> Value {
             "get": operation("retrieveModel", "A model", json!([{"name": "model", "in": "path", "required": true, "schema": {"type": "string", "maxLength": 256}}]),
                 None, ok("#/components/schemas/Model"), COMMON),
         },
+        "/v1/admin/demand": {
+            "get": operation("poolDemand", "Jobs and evaluations queued and running per pool, and live workers (admin token)",
+                json!([{"name": "pool", "in": "query", "required": false, "schema": {"type": "string", "maxLength": 64}}]), None,
+                ok("#/components/schemas/PoolDemandList"), ADMIN),
+        },
+        "/v1/admin/workers": {
+            "get": operation("listWorkers", "Every worker, its state and placement (admin token)", json!([]), None,
+                ok("#/components/schemas/WorkerList"), ADMIN),
+        },
         "/healthz": {"get": {"operationId": "healthz", "security": [], "responses": {"200": {"description": "Alive"}}}},
     })
 }
@@ -174,6 +186,35 @@ fn list_of(item: &str) -> Value {
 
 fn nullable(kind: &str) -> Value {
     json!({"type": [kind, "null"]})
+}
+
+fn merged(mut a: Value, b: Value) -> Value {
+    if let (Some(a), Value::Object(b)) = (a.as_object_mut(), b) {
+        a.extend(b);
+    }
+    a
+}
+
+/// The objects of the admin routes (`api::admin`).
+fn admin_schemas() -> Value {
+    json!({
+        "PoolDemand": {"type": "object", "required": ["object", "pool", "demand", "queued_jobs", "running_jobs", "workers"], "properties": {
+            "object": {"const": "pool_demand"}, "pool": {"type": "string"}, "demand": {"type": "integer"},
+            "queued_jobs": {"type": "integer"}, "running_jobs": {"type": "integer"}, "queued_evaluations": {"type": "integer"},
+            "running_evaluations": {"type": "integer"}, "gpu_memory_gb_asked": {"type": "integer"}, "workers": {"type": "integer"},
+            "draining_workers": {"type": "integer"}}},
+        "PoolDemandList": {"type": "object", "required": ["object", "data"], "properties": {
+            "object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": "#/components/schemas/PoolDemand"}}}},
+        "Worker": {"type": "object", "required": ["object", "id", "name", "state", "pools"], "properties": {
+            "object": {"const": "worker"}, "id": {"type": "string"}, "name": {"type": "string"},
+            "state": {"type": "string", "enum": ["live", "stale", "draining", "revoked"]},
+            "pools": {"type": "array", "items": {"type": "string"}}, "device_kind": {"type": "string"},
+            "gpu_name": nullable("string"), "gpu_memory_bytes": nullable("integer"), "version": {"type": "string"},
+            "fleet_id": nullable("string"), "slurm_job_id": nullable("string"), "pod_name": nullable("string"),
+            "registered_at": {"type": "integer"}, "last_heartbeat_at": {"type": "integer"}}},
+        "WorkerList": {"type": "object", "required": ["object", "data"], "properties": {
+            "object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": "#/components/schemas/Worker"}}}},
+    })
 }
 
 fn schemas() -> Value {

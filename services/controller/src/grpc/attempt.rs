@@ -209,6 +209,9 @@ impl Attempt {
         if let Some(last) = batch.points.iter().max_by_key(|p| p.step) {
             self.state.telemetry.observe_job_point(job_id, last.step, last.train_loss, last.tokens_per_second);
         }
+        if let Some(validated) = batch.points.iter().filter(|p| p.valid_loss.is_some()).max_by_key(|p| p.step) {
+            self.state.telemetry.observe_job_loss(job_id, None, validated.valid_loss);
+        }
         Ok(Next::Continue)
     }
 

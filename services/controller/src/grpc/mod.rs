@@ -61,25 +61,33 @@ fn millis(t: OffsetDateTime) -> i64 {
     (t.unix_timestamp_nanos() / 1_000_000) as i64
 }
 
+/// The `authorization: Bearer <token>` of a request.
+fn bearer(metadata: &MetadataMap) -> Result<&str, Status> {
+    metadata
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| Status::unauthenticated("missing 'authorization: Bearer <worker token>'"))
+}
+
+const UNKNOWN_TOKEN: &str =
+    "unknown or revoked worker token (a fleet secret: --fleet-secret or 'lathe admin create-fleet'; one worker: 'lathe admin create-worker')";
+
 impl Service {
     /// The worker a request's `authorization: Bearer <token>` belongs to.
     async fn worker_id(&self, metadata: &MetadataMap) -> Result<String, Status> {
-        let token = metadata
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("missing 'authorization: Bearer <worker token>'"))?;
-        workers::authenticate_worker(&self.state.pool, token.trim())
+        workers::authenticate_worker(&self.state.pool, bearer(metadata)?)
             .await
             .map_err(status)?
-            .ok_or_else(|| Status::unauthenticated("unknown or revoked worker token (create one with 'lathe admin create-worker')"))
+            .ok_or_else(|| Status::unauthenticated(UNKNOWN_TOKEN))
     }
 }
 
 #[tonic::async_trait]
 impl WorkerService for Service {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
-        let worker_id = self.worker_id(request.metadata()).await?;
+        let token = bearer(request.metadata())?.to_string();
         let r = request.into_inner();
         let device_kind = match DeviceKind::try_from(r.device_kind).unwrap_or(DeviceKind::Unspecified) {
             DeviceKind::Cuda => "cuda",
@@ -90,25 +98,40 @@ impl WorkerService for Service {
         for pool in &pools {
             lathe_queue::Pool::parse(pool).map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
-        let registered = workers::update_registration(
-            &self.state.pool,
-            &worker_id,
-            NewWorker {
-                name: &r.name,
-                device_kind,
-                gpu_name: Some(r.gpu_name.as_str()).filter(|n| !n.is_empty()),
-                gpu_memory_bytes: Some(r.gpu_memory_bytes as i64).filter(|b| *b > 0),
-                pools: &pools,
-                version: &r.version,
-            },
-        )
-        .await
-        .map_err(status)?;
-        tracing::info!(worker_id, name = %registered.name, device_kind, pools = ?pools, "worker registered");
+        let non_empty = |s: &str| Some(s.to_string()).filter(|s| !s.is_empty());
+        let (gpu_name, slurm_job_id, pod_name) = (non_empty(&r.gpu_name), non_empty(&r.slurm_job_id), non_empty(&r.pod_name));
+        let registration = NewWorker {
+            name: &r.name,
+            device_kind,
+            gpu_name: gpu_name.as_deref(),
+            gpu_memory_bytes: Some(r.gpu_memory_bytes as i64).filter(|b| *b > 0),
+            pools: &pools,
+            version: &r.version,
+            slurm_job_id: slurm_job_id.as_deref(),
+            pod_name: pod_name.as_deref(),
+        };
+        let pool = &self.state.pool;
+        // The worker's own token, else a fleet secret: enrol a new instance and hand it its token.
+        let (worker_id, worker_token) = match workers::authenticate_worker(pool, &token).await.map_err(status)? {
+            Some(worker_id) => {
+                workers::update_registration(pool, &worker_id, registration).await.map_err(status)?;
+                (worker_id, String::new())
+            }
+            None => {
+                let enrolled = workers::enroll_worker(pool, &token, registration)
+                    .await
+                    .map_err(status)?
+                    .ok_or_else(|| Status::unauthenticated(UNKNOWN_TOKEN))?;
+                tracing::info!(worker_id = enrolled.worker.id, fleet_id = ?enrolled.worker.fleet_id, "worker enrolled");
+                (enrolled.worker.id, enrolled.token)
+            }
+        };
+        tracing::info!(worker_id, name = %r.name, device_kind, pools = ?pools, slurm_job_id, pod_name, "worker registered");
         Ok(Response::new(RegisterResponse {
             worker_id,
             heartbeat_interval_ms: self.state.config.heartbeat_interval.as_millis() as u32,
             lease_duration_ms: self.state.config.lease.as_millis() as u32,
+            worker_token,
         }))
     }
 

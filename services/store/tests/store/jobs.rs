@@ -6,7 +6,7 @@ use lathe_store::jobs::{cancel_job, create_job, fail_job, get_job, list_jobs, pa
 use lathe_store::StoreError;
 use serde_json::json;
 
-use crate::support::{as_job_id, project, queued_job, spec, training_file, worker, TestDb};
+use crate::support::{as_job_id, project, queued_job, spec, training_file, worker, worker_with, TestDb};
 
 #[tokio::test]
 async fn a_created_job_is_queued_with_its_spec_and_resources() {
@@ -216,4 +216,46 @@ async fn a_repeated_key_returns_the_job_even_after_its_file_was_deleted() {
     let (again, created) = create_job(&db.pool, &project_id, &spec, Some("retry-me")).await.unwrap();
     assert_eq!((again.id, created), (job.id, false));
     assert!(matches!(create_job(&db.pool, &project_id, &spec, Some("new-key")).await, Err(StoreError::NotFound)));
+}
+
+#[tokio::test]
+async fn demand_per_pool_counts_queued_and_running_jobs_and_live_workers() {
+    use lathe_store::demand::{pool_demand, PoolDemand};
+    use std::time::Duration;
+    let db = TestDb::new().await;
+    let project_id = project(&db.pool, "acme").await;
+    let file = training_file(&db.pool, &project_id).await;
+    let a100 = spec(&file, serde_json::json!({"pool": "a100", "gpu_memory_gb": 40}));
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(lathe_store::jobs::create_job(&db.pool, &project_id, &a100, None).await.unwrap().0.id.to_string());
+    }
+    lathe_store::jobs::create_job(&db.pool, &project_id, &spec(&file, serde_json::json!({})), None).await.unwrap();
+    let worker = worker_with(&db.pool, "gpu-1", &["a100".to_string()], Some(80 << 30)).await;
+    let claimed = lathe_store::dispatch::claim_job(
+        &db.pool,
+        lathe_store::dispatch::ClaimRequest { worker_id: &worker, job_id: Some(&ids[0]), lease: Duration::from_secs(60) },
+    )
+    .await
+    .unwrap();
+    assert!(claimed.is_some());
+    lathe_store::jobs::cancel_job(&db.pool, &project_id, &as_job_id(&ids[2])).await.unwrap();
+
+    let demand = pool_demand(&db.pool, Duration::from_secs(60)).await.unwrap();
+    let a100 = demand.iter().find(|d| d.pool == "a100").unwrap();
+    assert_eq!(
+        a100,
+        &PoolDemand {
+            pool: "a100".into(),
+            queued_jobs: 1,
+            running_jobs: 1,
+            gpu_memory_gb_asked: 80,
+            workers: 1,
+            ..PoolDemand::empty("a100")
+        }
+    );
+    assert_eq!(a100.demand(), 2);
+    assert_eq!(demand.iter().find(|d| d.pool == "default").unwrap().demand(), 1);
+    // A worker whose heartbeat is older than the window is not live.
+    assert_eq!(pool_demand(&db.pool, Duration::ZERO).await.unwrap().iter().find(|d| d.pool == "a100").unwrap().workers, 0);
 }

@@ -104,6 +104,8 @@ pub async fn worker_with(pool: &PgPool, name: &str, pools: &[String], gpu_memory
         gpu_memory_bytes,
         pools,
         version: "test",
+        slurm_job_id: None,
+        pod_name: None,
     };
     register_worker(pool, new).await.expect("worker registered").worker.id
 }

@@ -1,0 +1,100 @@
+//! Slurm through its own commands: `squeue` to find the pilots again, `sbatch` to submit more.
+//! One squeue and at most one sbatch per pool and pass, whatever the demand: pilots are
+//! submitted as one job array (`--array=0-(n-1)`), and `squeue --array` lists its tasks one per
+//! line, `%A` being each started task's own job id, the `SLURM_JOB_ID` its worker reports.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::{AutoscaleConfig, FleetError, PoolConfig};
+
+/// A pilot as squeue shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pilot {
+    /// The id its worker reports (`SLURM_JOB_ID`): a plain job id, also for array tasks.
+    pub job_id: String,
+    pub state: String,
+}
+
+impl Pilot {
+    /// Whether the pilot is, or will be, a worker: pending or running. COMPLETING and later
+    /// states have a worker that already left.
+    pub fn is_supply(&self) -> bool {
+        matches!(self.state.as_str(), "PENDING" | "CONFIGURING" | "RUNNING" | "REQUEUED" | "RESIZING" | "SUSPENDED")
+    }
+}
+
+fn run(command: &mut Command) -> Result<String, FleetError> {
+    let shown = format!("{command:?}").replace('"', "");
+    let output = command.output().map_err(|e| FleetError::Slurm { command: shown.clone(), message: e.to_string() })?;
+    if !output.status.success() {
+        return Err(FleetError::Slurm {
+            command: shown,
+            message: format!("{}: {}", output.status, String::from_utf8_lossy(&output.stderr).trim()),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Every job named `job_name` in the queue.
+pub fn pilots(job_name: &str) -> Result<Vec<Pilot>, FleetError> {
+    let out = run(Command::new("squeue").args(["--noheader", "--array", "--name", job_name, "--format", "%A|%T"]))?;
+    Ok(parse_squeue(&out))
+}
+
+/// `%A|%T` lines: with `--array`, `%A` is each task's own job id.
+pub fn parse_squeue(out: &str) -> Vec<Pilot> {
+    out.lines()
+        .filter_map(|line| {
+            let (id, state) = line.trim().split_once('|')?;
+            Some(Pilot { job_id: id.trim().to_string(), state: state.trim().to_string() })
+        })
+        .collect()
+}
+
+/// The sbatch arguments for `count` pilots of `pool` (options on the command line override
+/// the template's `#SBATCH` lines).
+pub fn sbatch_args(config: &AutoscaleConfig, pool: &str, settings: &PoolConfig, count: u32) -> Vec<String> {
+    let mut args = vec!["--parsable".to_string(), format!("--job-name={}", config.job_name(pool))];
+    if count > 1 {
+        args.push(format!("--array=0-{}", count - 1));
+    }
+    for (flag, value) in [
+        ("--partition", &settings.partition),
+        ("--gres", &settings.gres),
+        ("--constraint", &settings.constraint),
+        ("--time", &settings.time_limit),
+    ] {
+        if let Some(value) = value {
+            args.push(format!("{flag}={value}"));
+        }
+    }
+    if let Some(dir) = &config.output_dir {
+        args.push(format!("--output={}/%x-%A_%a.out", dir.display()));
+    }
+    // Whatever the template says, the worker must hear of a time limit in time to checkpoint.
+    args.push("--signal=B:TERM@120".into());
+    args.push(format!("--export=ALL,LATHE_POOLS={pool},LATHE_EXIT_WHEN_IDLE={}", settings.idle_exit_seconds));
+    args.extend(settings.extra_sbatch_args.iter().cloned());
+    args
+}
+
+/// Submits `count` pilots in one call; returns the job (array) id.
+pub fn submit(config: &AutoscaleConfig, pool: &str, settings: &PoolConfig, count: u32, template: &Path) -> Result<String, FleetError> {
+    let out = run(Command::new("sbatch").args(sbatch_args(config, pool, settings, count)).arg(template))?;
+    // --parsable: "<id>" or "<id>;<cluster>".
+    Ok(out.trim().split(';').next().unwrap_or_default().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn squeue_lines_become_pilots_and_only_live_ones_are_supply() {
+        let pilots = parse_squeue("101|RUNNING\n102|PENDING\n103|COMPLETING\n\n");
+        assert_eq!(pilots.len(), 3);
+        assert_eq!(pilots[0], Pilot { job_id: "101".into(), state: "RUNNING".into() });
+        assert_eq!(pilots.iter().filter(|p| p.is_supply()).count(), 2);
+    }
+}

@@ -1,0 +1,80 @@
+//! Demand per pool: what an autoscaler scales workers on. A pool needs one worker per job or
+//! evaluation that is queued or running in it; Postgres is the only place that knows (Redis
+//! holds ids only until a worker pops them, and running jobs are not in it at all).
+//!
+//! Evaluations carry no pool: any worker takes them between jobs. They count toward the
+//! `default` pool, so a fleet that serves only named pools still drains them while it is up.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use crate::StoreError;
+
+/// The pool evaluations count toward (see the module comment).
+pub const EVALUATION_POOL: &str = "default";
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct PoolDemand {
+    pub pool: String,
+    pub queued_jobs: i64,
+    pub running_jobs: i64,
+    pub queued_evaluations: i64,
+    pub running_evaluations: i64,
+    /// The device memory the pool's queued and running jobs ask for (`gpu_memory_gb`), in GB.
+    pub gpu_memory_gb_asked: i64,
+    /// Live workers serving the pool (heartbeat within the liveness window, not draining).
+    pub workers: i64,
+    pub draining_workers: i64,
+}
+
+impl PoolDemand {
+    /// Workers the pool needs now: one per queued or running job and evaluation.
+    pub fn demand(&self) -> i64 {
+        self.queued_jobs + self.running_jobs + self.queued_evaluations + self.running_evaluations
+    }
+
+    pub fn empty(pool: &str) -> PoolDemand {
+        PoolDemand { pool: pool.to_string(), ..Default::default() }
+    }
+}
+
+/// Every pool that has work or workers, by name. A worker is live when its last heartbeat is
+/// younger than `live_within`; revoked workers do not count.
+pub async fn pool_demand(pool: &PgPool, live_within: Duration) -> Result<Vec<PoolDemand>, StoreError> {
+    let rows = sqlx::query_as::<_, PoolDemand>(
+        "WITH j AS (
+             SELECT pool,
+                    count(*) FILTER (WHERE status = 'queued') AS queued_jobs,
+                    count(*) FILTER (WHERE status = 'running') AS running_jobs,
+                    coalesce(sum(gpu_memory_gb), 0)::bigint AS gpu_memory_gb_asked
+             FROM jobs WHERE status IN ('queued', 'running') GROUP BY pool),
+         e AS (
+             SELECT $2::text AS pool,
+                    count(*) FILTER (WHERE status = 'queued') AS queued_evaluations,
+                    count(*) FILTER (WHERE status = 'running') AS running_evaluations
+             FROM evaluations WHERE status IN ('queued', 'running') HAVING count(*) > 0),
+         w AS (
+             SELECT p.pool,
+                    count(*) FILTER (WHERE NOT w.draining) AS workers,
+                    count(*) FILTER (WHERE w.draining) AS draining_workers
+             FROM workers w CROSS JOIN LATERAL unnest(w.pools) AS p(pool)
+             LEFT JOIN fleets f ON f.id = w.fleet_id
+             WHERE w.revoked_at IS NULL AND f.revoked_at IS NULL
+               AND w.last_heartbeat_at > now() - make_interval(secs => $1)
+             GROUP BY p.pool)
+         SELECT pool,
+                coalesce(j.queued_jobs, 0) AS queued_jobs, coalesce(j.running_jobs, 0) AS running_jobs,
+                coalesce(e.queued_evaluations, 0) AS queued_evaluations,
+                coalesce(e.running_evaluations, 0) AS running_evaluations,
+                coalesce(j.gpu_memory_gb_asked, 0) AS gpu_memory_gb_asked,
+                coalesce(w.workers, 0) AS workers, coalesce(w.draining_workers, 0) AS draining_workers
+         FROM j FULL JOIN e USING (pool) FULL JOIN w USING (pool)
+         ORDER BY pool",
+    )
+    .bind(live_within.as_secs_f64())
+    .bind(EVALUATION_POOL)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows)
+}
