@@ -65,8 +65,8 @@ def first_step_latency(service, cluster, client, training, env, workdir, runs: i
                     marks["submitted"] = now
                 if any(p["state"] == "RUNNING" for p in pilots) and "running" not in marks:
                     marks["running"] = now
-                if "registered" not in marks and any(
-                        w["slurm_job_id"] and w["state"] == "live" and "a100" in w["pools"] for w in service.admin("workers")["data"]):
+                if "registered" not in marks and any(w["slurm_job_id"] in {p["id"] for p in pilots} and w["state"] == "live"
+                                                     for w in service.admin("workers")["data"]):
                     marks["registered"] = now
                 if metrics_curve(service, service.bench_key, job.id):
                     marks["first_step"] = now

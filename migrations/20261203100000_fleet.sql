@@ -16,6 +16,9 @@ ALTER TABLE workers ADD COLUMN fleet_id text REFERENCES fleets (id);
 -- pilot counted in squeue is not counted again as a live worker).
 ALTER TABLE workers ADD COLUMN slurm_job_id text;
 ALTER TABLE workers ADD COLUMN pod_name text;
+-- A worker that exits on its own (idle, --max-jobs, drained, SIGTERM) says so: it stops counting
+-- as supply at once, not a lease later (an autoscaler would otherwise wait for it).
+ALTER TABLE workers ADD COLUMN left_at timestamptz;
 
 -- Demand per pool is counted on every reconciler pass: by status and pool.
 CREATE INDEX jobs_active_by_pool ON jobs (pool) WHERE status IN ('queued', 'running');

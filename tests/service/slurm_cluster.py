@@ -250,7 +250,7 @@ class SlurmCluster:
     def squeue_jobs(self, name: str | None = None) -> list[dict]:
         """Jobs squeue shows (pending, running, completing): dicts with id, name, state
         (PENDING, RUNNING, …) and node ("" while pending)."""
-        args = ["squeue", "--noheader", "--format", "%i|%j|%T|%N"]
+        args = ["squeue", "--noheader", "--array", "--format", "%i|%j|%T|%N"]  # array tasks one per line
         if name is not None:
             args += ["--name", name]
         jobs = []

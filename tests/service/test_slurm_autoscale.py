@@ -123,6 +123,7 @@ def test_queued_jobs_bring_pilots_that_run_each_once_then_leave(service, client,
         assert slurm.scontrol_job(worker["slurm_job_id"])["NodeList"] == "n1", "an a100 pilot ran off the a100 node"
     # Idle pilots leave by themselves; nothing is cancelled.
     wait_until(lambda: not autoscaler.pilots("a100"), IDLE_EXIT_SECONDS + 60, "the pilots did not exit when idle")
+    assert service.admin("demand?pool=a100")["data"][0]["workers"] == 0, "exited pilots still count as workers"
     states = {slurm.scontrol_job(w["slurm_job_id"])["JobState"] for w in service.admin("workers")["data"] if w["slurm_job_id"]}
     assert states == {"COMPLETED"}, f"pilots ended {states}, not by their idle exit"
 

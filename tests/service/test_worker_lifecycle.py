@@ -17,6 +17,10 @@ def test_an_idle_worker_exits_cleanly_after_its_idle_limit(service):
     worker = service.start_worker(pools="idle-pool", extra_args=("--exit-when-idle", "2"))
     assert worker.wait(timeout=40) == 0, worker.tail()
     assert "worker leaving" in worker.tail(200) and "idle for" in worker.tail(200), worker.tail()
+    # It said so: it stops counting as supply at once, not when its heartbeats are missed.
+    (row,) = [w for w in service.admin("workers")["data"] if w["name"] == worker.name]
+    assert row["state"] == "left", row
+    assert service.admin("demand?pool=idle-pool")["data"][0]["workers"] == 0
 
 
 def test_a_worker_with_max_jobs_1_runs_one_job_and_exits(service, client, training_file_id):

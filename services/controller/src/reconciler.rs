@@ -143,7 +143,7 @@ async fn refresh_gauges(state: &AppState, queued: &[QueuedJob], redis_ok: bool) 
     let stale_before = OffsetDateTime::now_utc() - state.config.lease;
     let mut counts = [("live", 0i64), ("stale", 0), ("draining", 0)];
     let mut pools: BTreeSet<String> = queued.iter().map(|j| j.pool.clone()).collect();
-    for worker in &workers {
+    for worker in workers.iter().filter(|w| w.left_at.is_none() && w.revoked_at.is_none()) {
         let slot = if worker.last_heartbeat_at < stale_before {
             1
         } else if worker.draining {

@@ -40,7 +40,7 @@ impl PoolDemand {
 }
 
 /// Every pool that has work or workers, by name. A worker is live when its last heartbeat is
-/// younger than `live_within`; revoked workers do not count.
+/// younger than `live_within`; revoked workers and those that left do not count.
 pub async fn pool_demand(pool: &PgPool, live_within: Duration) -> Result<Vec<PoolDemand>, StoreError> {
     let rows = sqlx::query_as::<_, PoolDemand>(
         "WITH j AS (
@@ -60,7 +60,7 @@ pub async fn pool_demand(pool: &PgPool, live_within: Duration) -> Result<Vec<Poo
                     count(*) FILTER (WHERE w.draining) AS draining_workers
              FROM workers w CROSS JOIN LATERAL unnest(w.pools) AS p(pool)
              LEFT JOIN fleets f ON f.id = w.fleet_id
-             WHERE w.revoked_at IS NULL AND f.revoked_at IS NULL
+             WHERE w.revoked_at IS NULL AND f.revoked_at IS NULL AND w.left_at IS NULL
                AND w.last_heartbeat_at > now() - make_interval(secs => $1)
              GROUP BY p.pool)
          SELECT pool,

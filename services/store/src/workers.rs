@@ -34,10 +34,12 @@ pub struct Worker {
     /// Where a scheduler placed it: the Slurm job (`SLURM_JOB_ID`) or Kubernetes pod.
     pub slurm_job_id: Option<String>,
     pub pod_name: Option<String>,
+    /// When it said it was exiting ([`leave`]); cleared by its next registration.
+    pub left_at: Option<OffsetDateTime>,
 }
 
 const WORKER_COLUMNS: &str = "id, name, device_kind, gpu_name, gpu_memory_bytes, pools, version, registered_at, last_heartbeat_at, \
-                              draining, revoked_at, fleet_id, slurm_job_id, pod_name";
+                              draining, revoked_at, fleet_id, slurm_job_id, pod_name, left_at";
 
 #[derive(Debug, Clone)]
 pub struct NewWorker<'a> {
@@ -158,7 +160,7 @@ pub async fn list_workers(pool: &PgPool) -> Result<Vec<Worker>, StoreError> {
 pub async fn update_registration(pool: &PgPool, worker_id: &str, worker: NewWorker<'_>) -> Result<Worker, StoreError> {
     sqlx::query_as::<_, Worker>(&format!(
         "UPDATE workers SET name = $2, device_kind = $3, gpu_name = $4, gpu_memory_bytes = $5, pools = $6,
-                version = $7, slurm_job_id = $8, pod_name = $9, last_heartbeat_at = now()
+                version = $7, slurm_job_id = $8, pod_name = $9, last_heartbeat_at = now(), left_at = NULL
          WHERE id = $1
          RETURNING {WORKER_COLUMNS}"
     ))
@@ -174,6 +176,15 @@ pub async fn update_registration(pool: &PgPool, worker_id: &str, worker: NewWork
     .fetch_optional(pool)
     .await?
     .ok_or(StoreError::NotFound)
+}
+
+/// The worker is exiting: no longer live (demand's worker counts, the admin list).
+pub async fn leave(pool: &PgPool, worker_id: &str) -> Result<(), StoreError> {
+    let updated = sqlx::query("UPDATE workers SET left_at = now() WHERE id = $1").bind(worker_id).execute(pool).await?;
+    if updated.rows_affected() == 0 {
+        return Err(StoreError::NotFound);
+    }
+    Ok(())
 }
 
 /// Whether the worker has been told to drain.

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lathe_proto::v1::{
-    AttemptRef, ClaimEvaluationRequest, ClaimJobRequest, DeviceKind, EvaluationProgress, HeartbeatRequest, RegisterRequest,
+    AttemptRef, ClaimEvaluationRequest, ClaimJobRequest, DeviceKind, EvaluationProgress, HeartbeatRequest, LeaveRequest, RegisterRequest,
 };
 use lathe_queue::Queue;
 use tokio::sync::watch;
@@ -67,13 +67,16 @@ pub async fn run(mut config: WorkerConfig, mut shutdown: watch::Receiver<bool>) 
     let mut queue: Option<Queue> = None;
     let mut after_evaluation = false;
     let (mut idle_since, mut attempts_run) = (Instant::now(), 0u32);
+    let mut leaving = "stopped";
     while !*shutdown.borrow() {
         if let Some(reason) = config.lifecycle.done(idle_since.elapsed(), attempts_run) {
             tracing::info!(reason, "worker leaving");
+            leaving = "lifecycle";
             break;
         }
         if current.lock().expect("current lock").leave_when_idle {
             tracing::info!("drained (SIGUSR1); worker leaving");
+            leaving = "drained";
             break;
         }
         if current.lock().expect("current lock").draining {
@@ -159,6 +162,13 @@ pub async fn run(mut config: WorkerConfig, mut shutdown: watch::Receiver<bool>) 
         current.lock().expect("current lock").attempt = None;
         attempts_run += 1;
         idle_since = Instant::now();
+    }
+    // Tell the controller, so that autoscalers stop counting this worker now rather than when
+    // its heartbeats are missed. Best effort, and brief: the process is on its way out.
+    let mut leave = tonic::Request::new(LeaveRequest { reason: leaving.into() });
+    leave.set_timeout(Duration::from_secs(2));
+    if let Err(status) = client.leave(leave).await {
+        tracing::debug!(%status, "could not tell the controller this worker is leaving");
     }
     tracing::info!("worker stopped");
     Ok(())

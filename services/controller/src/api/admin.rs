@@ -88,10 +88,13 @@ pub async fn workers(_: Admin, State(state): State<AppState>) -> ApiResult<Json<
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
-/// `revoked`, `stale` (no heartbeat within a lease), `draining` or `live`.
+/// `revoked`, `left` (exited on its own), `stale` (no heartbeat within a lease), `draining` or
+/// `live`.
 pub fn worker_state(worker: &Worker, stale_before: lathe_store::time::OffsetDateTime) -> &'static str {
     if worker.revoked_at.is_some() {
         "revoked"
+    } else if worker.left_at.is_some() {
+        "left"
     } else if worker.last_heartbeat_at < stale_before {
         "stale"
     } else if worker.draining {

@@ -207,7 +207,7 @@ fn admin_schemas() -> Value {
             "object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": "#/components/schemas/PoolDemand"}}}},
         "Worker": {"type": "object", "required": ["object", "id", "name", "state", "pools"], "properties": {
             "object": {"const": "worker"}, "id": {"type": "string"}, "name": {"type": "string"},
-            "state": {"type": "string", "enum": ["live", "stale", "draining", "revoked"]},
+            "state": {"type": "string", "enum": ["live", "stale", "draining", "left", "revoked"]},
             "pools": {"type": "array", "items": {"type": "string"}}, "device_kind": {"type": "string"},
             "gpu_name": nullable("string"), "gpu_memory_bytes": nullable("integer"), "version": {"type": "string"},
             "fleet_id": nullable("string"), "slurm_job_id": nullable("string"), "pod_name": nullable("string"),

@@ -11,7 +11,7 @@ use lathe_proto::v1::worker_service_server::{WorkerService, WorkerServiceServer}
 use lathe_proto::v1::{
     AttemptRef, Checkpoint, ClaimEvaluationRequest, ClaimEvaluationResponse, ClaimJobRequest, ClaimJobResponse, ControllerMessage,
     DeviceKind, FailEvaluationRequest, FailEvaluationResponse, FileRef, FinishEvaluationRequest, FinishEvaluationResponse,
-    HeartbeatRequest, HeartbeatResponse, Lease, RegisterRequest, RegisterResponse, WorkerMessage,
+    HeartbeatRequest, HeartbeatResponse, Lease, LeaveRequest, LeaveResponse, RegisterRequest, RegisterResponse, WorkerMessage,
 };
 use lathe_store::dispatch::{claim_job, finish_attempt, renew_lease, AttemptOutcome, ClaimRequest, EventLevel};
 use lathe_store::files::get_file;
@@ -156,6 +156,13 @@ impl WorkerService for Service {
         }
         response.evaluations_lost = evaluation::renew(&self.state, &worker_id, r.evaluations).await?;
         Ok(Response::new(response))
+    }
+
+    async fn leave(&self, request: Request<LeaveRequest>) -> Result<Response<LeaveResponse>, Status> {
+        let worker_id = self.worker_id(request.metadata()).await?;
+        workers::leave(&self.state.pool, &worker_id).await.map_err(status)?;
+        tracing::info!(worker_id, reason = request.into_inner().reason, "worker left");
+        Ok(Response::new(LeaveResponse {}))
     }
 
     async fn claim_evaluation(&self, request: Request<ClaimEvaluationRequest>) -> Result<Response<ClaimEvaluationResponse>, Status> {

@@ -258,4 +258,8 @@ async fn demand_per_pool_counts_queued_and_running_jobs_and_live_workers() {
     assert_eq!(demand.iter().find(|d| d.pool == "default").unwrap().demand(), 1);
     // A worker whose heartbeat is older than the window is not live.
     assert_eq!(pool_demand(&db.pool, Duration::ZERO).await.unwrap().iter().find(|d| d.pool == "a100").unwrap().workers, 0);
+    // Nor one that said it is leaving.
+    lathe_store::workers::leave(&db.pool, &worker).await.unwrap();
+    let after = pool_demand(&db.pool, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(after.iter().find(|d| d.pool == "a100").unwrap().workers, 0);
 }
