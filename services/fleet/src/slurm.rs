@@ -38,7 +38,8 @@ fn run(command: &mut Command) -> Result<String, FleetError> {
 
 /// Every job named `job_name` in the queue.
 pub fn pilots(job_name: &str) -> Result<Vec<Pilot>, FleetError> {
-    let out = run(Command::new("squeue").args(["--noheader", "--array", "--name", job_name, "--format", "%A|%T"]))?;
+    // --me: another user's job that happens to carry the name is not a pilot of ours.
+    let out = run(Command::new("squeue").args(["--me", "--noheader", "--array", "--name", job_name, "--format", "%A|%T"]))?;
     Ok(parse_squeue(&out))
 }
 
@@ -81,7 +82,9 @@ pub fn sbatch_args(config: &AutoscaleConfig, pool: &str, settings: &PoolConfig, 
 
 /// Submits `count` pilots in one call; returns the job (array) id.
 pub fn submit(config: &AutoscaleConfig, pool: &str, settings: &PoolConfig, count: u32, template: &Path) -> Result<String, FleetError> {
-    let out = run(Command::new("sbatch").args(sbatch_args(config, pool, settings, count)).arg(template))?;
+    // --export=ALL hands pilots the autoscaler's environment; the admin token is not theirs to
+    // have (Slurm keeps a job's environment, and accounting may store it).
+    let out = run(Command::new("sbatch").args(sbatch_args(config, pool, settings, count)).arg(template).env_remove("LATHE_ADMIN_TOKEN"))?;
     // --parsable: "<id>" or "<id>;<cluster>".
     Ok(out.trim().split(';').next().unwrap_or_default().to_string())
 }

@@ -38,11 +38,13 @@ pub async fn create_fleet(pool: &PgPool, name: &str) -> Result<(Fleet, String), 
 
 /// The fleet whose secret an operator configured on the controller (`--fleet-secret`), created
 /// under `name` on first start. A changed secret replaces the old one for new enrolments
-/// (instances already enrolled keep their own tokens); a revoked fleet stays revoked.
+/// (instances already enrolled keep their own tokens). A revoked fleet stays revoked while its
+/// secret is unchanged; a new secret is the way back (the old instances stay revoked).
 pub async fn ensure_fleet_secret(pool: &PgPool, name: &str, secret: &str) -> Result<Fleet, StoreError> {
     let fleet = sqlx::query_as::<_, Fleet>(&format!(
         "INSERT INTO fleets (id, name, token_hash) VALUES ($1, $2, $3)
-         ON CONFLICT (name) DO UPDATE SET token_hash = EXCLUDED.token_hash
+         ON CONFLICT (name) DO UPDATE SET token_hash = EXCLUDED.token_hash,
+             revoked_at = CASE WHEN fleets.token_hash = EXCLUDED.token_hash THEN fleets.revoked_at END
          RETURNING {FLEET_COLUMNS}"
     ))
     .bind(random::alphanumeric("flt_", 16))

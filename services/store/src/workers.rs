@@ -70,16 +70,22 @@ pub async fn enroll_worker(pool: &PgPool, fleet_secret: &str, worker: NewWorker<
     insert_worker(pool, Some(fleet_secret), worker).await
 }
 
-/// One statement either way: with a fleet secret, the row is inserted only if a live fleet has
-/// that secret, so a revocation racing an enrolment cannot let an instance in.
+/// One statement either way. With a fleet secret the row is inserted only if a live fleet has
+/// that secret, and the fleet row is share-locked until the insert commits, so a revocation
+/// (which updates it) waits for the enrolment and then revokes the new instance too.
 async fn insert_worker(pool: &PgPool, fleet_secret: Option<&str>, worker: NewWorker<'_>) -> Result<Option<RegisteredWorker>, StoreError> {
     let token = random::token(WORKER_TOKEN_PREFIX);
+    let source = match fleet_secret {
+        Some(_) => {
+            "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, f.id FROM fleets f
+                    WHERE f.token_hash = $11 AND f.revoked_at IS NULL FOR SHARE"
+        }
+        None => "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL::text WHERE $11::bytea IS NULL",
+    };
     let row = sqlx::query_as::<_, Worker>(&format!(
         "INSERT INTO workers (id, name, device_kind, gpu_name, gpu_memory_bytes, pools, token_hash, version, slurm_job_id,
                               pod_name, fleet_id)
-         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, f.id
-         FROM (SELECT NULL::text AS id WHERE $11::bytea IS NULL
-               UNION ALL SELECT id FROM fleets WHERE token_hash = $11 AND revoked_at IS NULL) f
+         {source}
          RETURNING {WORKER_COLUMNS}"
     ))
     .bind(random::alphanumeric("wrk_", 16))

@@ -1,7 +1,8 @@
 //! The daemon's loop: register, keep a heartbeat, wait for work, claim, run one attempt at a
 //! time. SIGTERM (the `shutdown` signal) preempts the running attempt — checkpoint, give the
 //! job back — and ends the loop. SIGUSR1 drains: the running attempt finishes, nothing more is
-//! claimed, and the worker exits (`scancel --signal=USR1`, a node going into maintenance).
+//! claimed, and the worker exits (`scancel --signal=USR1 --batch` on a pilot, a node going into
+//! maintenance).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,6 +44,9 @@ pub async fn run(mut config: WorkerConfig, mut shutdown: watch::Receiver<bool>) 
     if let Some(listen) = &config.metrics_listen {
         telemetry::serve(listen, telemetry.clone()).await?;
     }
+    // Before anything that waits: SIGUSR1's default action would kill the process.
+    let current = Arc::new(Mutex::new(Current::default()));
+    drain_on_sigusr1(current.clone())?;
     let mut client = client::connect(&config)?;
     let (timing, own_token, worker_id) = match register(&mut client, &config, &mut shutdown).await? {
         Some(registered) => registered,
@@ -55,8 +59,6 @@ pub async fn run(mut config: WorkerConfig, mut shutdown: watch::Receiver<bool>) 
     }
     let placement = &config.placement;
     metrics.identify(&worker_id, &config.pools, &config.device, placement.slurm_job_id.as_deref(), placement.pod_name.as_deref());
-    let current = Arc::new(Mutex::new(Current::default()));
-    drain_on_sigusr1(current.clone())?;
     // The heartbeat outlives a SIGTERM: a preempted attempt still checkpoints and hands the job
     // back under its lease. It stops when this function returns.
     let (_heartbeat_guard, heartbeat_stop) = watch::channel(false);
@@ -136,6 +138,10 @@ pub async fn run(mut config: WorkerConfig, mut shutdown: watch::Receiver<bool>) 
                 }
             }
         };
+        // A drain (SIGUSR1, or the controller's flag) that arrived during the wait claims nothing.
+        if current.lock().map(|c| c.leave_when_idle || c.draining).expect("current lock") {
+            continue;
+        }
         let claim = match client.claim_job(ClaimJobRequest { job_id }).await {
             Ok(response) => response.into_inner(),
             Err(status) if matches!(status.code(), Code::NotFound | Code::Aborted | Code::FailedPrecondition) => continue,

@@ -38,7 +38,9 @@ fn autoscale(args: AutoscaleArgs) -> anyhow::Result<()> {
     let config = lathe_fleet::AutoscaleConfig::load(&args.config)?;
     let controller = lathe_fleet::controller::Controller::new(&config.controller, &args.admin_token)?;
     if args.once {
-        for r in lathe_fleet::pass(&config, &controller)? {
+        let reports = lathe_fleet::pass(&config, &controller)?;
+        let failed = reports.iter().filter(|r| r.error.is_some()).count();
+        for r in reports {
             println!(
                 "{}\tdemand {}\tpilots {}\tother workers {}\tsubmitted {}{}\tslurm calls {}{}",
                 r.pool,
@@ -51,6 +53,8 @@ fn autoscale(args: AutoscaleArgs) -> anyhow::Result<()> {
                 r.error.map(|e| format!("\terror: {e}")).unwrap_or_default()
             );
         }
+        // Non-zero when a pool's pass failed, so that cron (or a person) notices.
+        anyhow::ensure!(failed == 0, "{failed} pool(s) failed this pass (the lines above say why)");
         return Ok(());
     }
     let stop = Arc::new(AtomicBool::new(false));

@@ -126,6 +126,14 @@ async fn a_configured_fleet_secret_is_created_once_and_can_be_rotated() {
     assert!(enroll_worker(&db.pool, "secret-one", instance("b", &pools, None)).await.unwrap().is_none(), "the old secret still enrols");
     assert!(enroll_worker(&db.pool, "secret-two", instance("b", &pools, None)).await.unwrap().is_some());
     // Rotation does not cut off instances already enrolled.
-    assert_eq!(authenticate_worker(&db.pool, &enrolled.token).await.unwrap(), Some(enrolled.worker.id));
+    assert_eq!(authenticate_worker(&db.pool, &enrolled.token).await.unwrap(), Some(enrolled.worker.id.clone()));
     assert_eq!(list_fleets(&db.pool).await.unwrap().len(), 1);
+
+    // Revoked, it stays revoked across restarts with the same secret; a new secret is the way back.
+    lathe_store::fleets::revoke_fleet(&db.pool, "default").await.unwrap();
+    assert!(ensure_fleet_secret(&db.pool, "default", "secret-two").await.unwrap().revoked_at.is_some());
+    assert!(enroll_worker(&db.pool, "secret-two", instance("c", &pools, None)).await.unwrap().is_none());
+    assert!(ensure_fleet_secret(&db.pool, "default", "secret-three").await.unwrap().revoked_at.is_none());
+    assert!(enroll_worker(&db.pool, "secret-three", instance("c", &pools, None)).await.unwrap().is_some());
+    assert_eq!(authenticate_worker(&db.pool, &enrolled.token).await.unwrap(), None, "the revoked instances came back");
 }
