@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 fn main() {
     println!("cargo:rerun-if-changed=cpp/shim.cpp");
+    println!("cargo:rerun-if-changed=cpp/dist.cpp");
+    println!("cargo:rerun-if-changed=cpp/gloo_decls");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     println!("cargo::rustc-check-cfg=cfg(lathe_gpu_backend)");
 
@@ -22,7 +24,8 @@ fn main() {
         std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys did not report its libtorch directory (DEP_TCH_LIBTORCH_LIB)"),
     );
     let root = lib_dir.parent().expect("libtorch lib directory has a parent");
-    let includes = [root.join("include"), root.join("include/torch/csrc/api/include")];
+    // gloo_decls: the wheel has no Gloo headers; see cpp/gloo_decls/README.md.
+    let includes = [root.join("include"), root.join("include/torch/csrc/api/include"), PathBuf::from("cpp/gloo_decls")];
 
     let backend = gpu_backend(&lib_dir);
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
@@ -36,7 +39,8 @@ fn main() {
         .includes(&includes)
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
         .define("GLOG_USE_GLOG_EXPORT", None)
-        .file("cpp/shim.cpp");
+        .file("cpp/shim.cpp")
+        .file("cpp/dist.cpp");
     if backend.is_some() {
         build.define("LATHE_GPU_BACKEND", None);
     }
@@ -49,6 +53,7 @@ fn main() {
         println!("cargo:rustc-cfg=lathe_gpu_backend");
         println!("cargo:rustc-env=LATHE_GPU_BACKEND_LIB=lib{name}.so");
     }
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
 }
 

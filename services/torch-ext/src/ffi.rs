@@ -17,3 +17,26 @@ extern "C" {
     pub fn lathe_cuda_memory(device: c_int, out: *mut LatheDeviceMemory) -> c_int;
     pub fn lathe_cuda_reset_peak_memory(device: c_int) -> c_int;
 }
+
+// cpp/dist.cpp: the c10d process group. `tensor` is tch's `C_tensor`, an `at::Tensor*`.
+extern "C" {
+    #[allow(clippy::too_many_arguments)]
+    pub fn lathe_pg_new(
+        host: *const c_char,
+        port: u16,
+        rank: c_int,
+        world: c_int,
+        is_server: c_int,
+        prefix: *const c_char,
+        join_timeout_ms: i64,
+        op_timeout_ms: i64,
+        iface: *const c_char,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut c_void;
+    pub fn lathe_pg_free(group: *mut c_void);
+    pub fn lathe_pg_all_reduce(group: *mut c_void, tensor: *mut torch_sys::C_tensor, op: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    pub fn lathe_pg_broadcast(group: *mut c_void, tensor: *mut torch_sys::C_tensor, root: c_int, err: *mut c_char, err_len: usize)
+        -> c_int;
+    pub fn lathe_pg_barrier(group: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
+}

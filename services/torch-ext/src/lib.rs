@@ -4,16 +4,17 @@
 //! ```text
 //! cpp/shim.cpp ──extern "C"──▶ ffi ──▶ backend (is the GPU backend linked, libtorch version)
 //!                                  └─▶ memory  (CUDA caching allocator: peak bytes per device)
+//! cpp/dist.cpp ──extern "C"──▶ ffi ──▶ dist    (c10d: TCPStore + ProcessGroupGloo collectives)
 //! /proc/self/maps ───────────────────▶ libraries (which libtorch / CUDA libraries are loaded)
 //! libcuda.so.1 (dlopen) ─────────────▶ driver  (driver version, device names, memory, capability)
 //! ```
 //!
 //! The shim is compiled by `build.rs` against the headers of the very libtorch that tch links.
 //! That build script is also what makes binaries load libtorch's GPU backend at all: read its
-//! header before touching how this crate is linked. One shim crate for everything tch lacks:
-//! the data-parallel process group (c10d) belongs here too.
+//! header before touching how this crate is linked. One shim crate for everything tch lacks.
 
 pub mod backend;
+pub mod dist;
 pub mod driver;
 mod ffi;
 pub mod libraries;

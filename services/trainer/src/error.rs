@@ -33,6 +33,10 @@ pub enum TrainerError {
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 
+    /// A collective of a data-parallel run failed: another rank died, or timed out.
+    #[error("data parallel: {0}")]
+    Distributed(#[from] lathe_torch_ext::dist::DistError),
+
     /// The caller asked the run to stop (cancel or preemption); a checkpoint may have been written.
     #[error("training stopped: {0}")]
     Stopped(String),

@@ -23,6 +23,7 @@ pub mod export;
 pub mod generate;
 mod hash;
 pub mod init;
+pub mod launch;
 pub mod lora;
 pub mod model_config;
 pub mod model_dir;

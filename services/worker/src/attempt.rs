@@ -385,6 +385,8 @@ fn classify(error: &TrainerError) -> (FailureClass, &'static str) {
         TrainerError::InvalidSetting { .. } => (FailureClass::BadInput, "invalid_hyperparameters"),
         TrainerError::ChatTemplate(_) | TrainerError::Tokenizer(_) => (FailureClass::BadInput, "invalid_model"),
         TrainerError::Io { .. } | TrainerError::Torch(_) | TrainerError::Stopped(_) => (FailureClass::Crash, "trainer_error"),
+        // A rank died or hung: the attempt is retried from the last checkpoint.
+        TrainerError::Distributed(_) => (FailureClass::Crash, "rank_failed"),
     }
 }
 

@@ -1,10 +1,13 @@
-//! `lathe train CONFIG.toml`: a training run on this machine.
+//! `lathe train CONFIG.toml`: a training run on this machine, or one rank of a data-parallel
+//! run (`--nproc N`, `torchrun --no-python lathe train …`, `srun lathe train …`).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use lathe_trainer::train::{self, Hooks, Outcome, TrainConfig};
+use lathe_trainer::launch::{self, LocalRanks, RankEnv, Timeouts};
+use lathe_trainer::train::{self, Gang, Hooks, Outcome, TrainConfig};
 
 use crate::progress::ProgressPrinter;
 
@@ -33,6 +36,18 @@ pub struct TrainArgs {
     /// Print one JSON event per line instead of a progress bar.
     #[arg(long)]
     json: bool,
+    /// Data parallel on this machine: N ranks (this process and N-1 children), each training
+    /// batch_size rows of every step, so a step trains N × batch_size rows. With CUDA each rank
+    /// takes its own GPU (cuda:RANK). Under torchrun or srun, leave it out: they set the ranks.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    nproc: u16,
+    /// Data parallel: how long ranks wait for each other to arrive.
+    #[arg(long, default_value_t = 300, env = "LATHE_DIST_JOIN_TIMEOUT_SECONDS")]
+    dist_join_timeout_seconds: u64,
+    /// Data parallel: how long a rank waits in a collective (another rank may be writing a
+    /// checkpoint or validating meanwhile) before the run fails.
+    #[arg(long, default_value_t = 1800, env = "LATHE_DIST_TIMEOUT_SECONDS")]
+    dist_timeout_seconds: u64,
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
@@ -58,13 +73,54 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         (None, false) => None,
     };
 
+    let timeouts =
+        Timeouts { join: Duration::from_secs(args.dist_join_timeout_seconds), op: Duration::from_secs(args.dist_timeout_seconds) };
+    let launched = launch::from_env(|k| std::env::var(k).ok())?;
+    if launched.is_some() && args.nproc > 1 {
+        anyhow::bail!("--nproc starts its own ranks; under torchrun or srun leave it out (they set RANK/SLURM_PROCID)");
+    }
+    let mut local = None;
+    let gang = match launched {
+        Some(env) => {
+            place_rank(&mut config, &env);
+            Gang::of(lathe_torch_ext::dist::ProcessGroup::join(&env.rendezvous(timeouts))?)
+        }
+        None if args.nproc > 1 => {
+            let exe = std::env::current_exe().context("finding the lathe binary to start the other ranks")?;
+            let mut ranks = LocalRanks::spawn(&exe, &rank_args(), args.nproc as usize)?;
+            place_rank(&mut config, &ranks.env);
+            let group = ranks.join(timeouts)?;
+            local = Some(ranks);
+            Gang::of(group)
+        }
+        None => Gang::single(),
+    };
+    let leader = gang.is_leader();
+
     let stop = crate::progress::install_stop_flag();
     let mut printer = ProgressPrinter::new(args.json);
-    let mut on_event = |e: &train::Event| printer.handle(e);
+    let mut on_event = |e: &train::Event| {
+        if leader {
+            printer.handle(e)
+        }
+    };
     let should_stop = || stop.load(std::sync::atomic::Ordering::SeqCst);
-    let outcome =
-        train::run(&config, resume_from.as_deref(), Hooks { on_event: &mut on_event, should_stop: &should_stop, abandon: &|| false })?;
+    let outcome = train::run_in(
+        &config,
+        resume_from.as_deref(),
+        Hooks { on_event: &mut on_event, should_stop: &should_stop, abandon: &|| false },
+        &gang,
+    )?;
     printer.finish();
+    if let Some(ranks) = local {
+        ranks.wait()?;
+    }
+    if !leader {
+        return match outcome {
+            Outcome::Finished { .. } => Ok(()),
+            Outcome::Stopped { .. } => std::process::exit(130),
+        };
+    }
     match outcome {
         Outcome::Finished { adapter_dir, model_dir, results_csv, final_loss, step } => {
             if !args.json {
@@ -87,4 +143,27 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             std::process::exit(130);
         }
     }
+}
+
+/// With several ranks on a node, each takes its own GPU: `cuda` (or `auto` on a CUDA machine)
+/// becomes `cuda:LOCAL_RANK`.
+fn place_rank(config: &mut TrainConfig, env: &RankEnv) {
+    let device = config.train.device.as_str();
+    if device == "cuda" || (device == "auto" && tch::Cuda::is_available()) {
+        config.train.device = format!("cuda:{}", env.local_rank);
+    }
+}
+
+/// This command line without `--nproc`: what the child ranks run.
+fn rank_args() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--nproc" {
+            args.next();
+        } else if !a.starts_with("--nproc=") {
+            out.push(a);
+        }
+    }
+    out
 }

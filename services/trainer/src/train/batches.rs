@@ -46,9 +46,26 @@ pub fn epoch_order(rows: usize, seed: u64, epoch: u64, shuffle: bool) -> Vec<usi
 
 /// The rows of optimizer step `step_in_epoch` (0-based), split into micro-batches.
 pub fn step_rows(order: &[usize], step_in_epoch: u64, batch_size: usize, accumulation: usize) -> Vec<Vec<usize>> {
-    let per_step = batch_size * accumulation;
-    let start = (step_in_epoch as usize * per_step).min(order.len());
-    let end = (start + per_step).min(order.len());
+    rank_rows(order, step_in_epoch, batch_size, accumulation, 0, 1)
+}
+
+/// The rows rank `rank` of `world` trains in optimizer step `step_in_epoch`, split into
+/// micro-batches. A step takes `batch_size * accumulation * world` rows of the epoch order and
+/// rank r the r-th contiguous share of them, so `world` ranks with batch b train exactly the
+/// rows one process with batch `world * b` would. A pure function of the arguments: no rank
+/// needs to ask another which rows it has. The last step of an epoch may leave a rank nothing.
+pub fn rank_rows(
+    order: &[usize],
+    step_in_epoch: u64,
+    batch_size: usize,
+    accumulation: usize,
+    rank: usize,
+    world: usize,
+) -> Vec<Vec<usize>> {
+    let share = batch_size * accumulation;
+    let step_start = step_in_epoch as usize * share * world;
+    let start = (step_start + rank * share).min(order.len());
+    let end = (start + share).min(order.len());
     order[start..end].chunks(batch_size).map(|c| c.to_vec()).collect()
 }
 
@@ -136,6 +153,20 @@ mod tests {
         assert_eq!(steps_per_epoch(10, 4), 3);
         assert_eq!(step_rows(&order, 0, 2, 2), vec![vec![0, 1], vec![2, 3]]);
         assert_eq!(step_rows(&order, 2, 2, 2), vec![vec![8, 9]]);
+    }
+
+    #[test]
+    fn ranks_share_a_step_as_one_process_with_the_whole_batch_would() {
+        let order: Vec<usize> = (0..20).rev().collect();
+        for step in 0..3 {
+            let whole: Vec<usize> = step_rows(&order, step, 8, 1).concat();
+            let shared: Vec<usize> = (0..2).flat_map(|r| rank_rows(&order, step, 4, 1, r, 2).concat()).collect();
+            assert_eq!(shared, whole, "step {step}");
+        }
+        // 20 rows, 8 per step: the third step has 4, all on rank 0.
+        assert_eq!(rank_rows(&order, 2, 4, 1, 0, 2), vec![vec![3, 2, 1, 0]]);
+        assert!(rank_rows(&order, 2, 4, 1, 1, 2).is_empty());
+        assert_eq!(rank_rows(&order, 0, 2, 2, 1, 2), vec![vec![15, 14], vec![13, 12]]);
     }
 
     #[test]

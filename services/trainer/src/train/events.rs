@@ -20,6 +20,8 @@ pub enum Event {
         total_parameters: i64,
         device: String,
         dtype: String,
+        /// Data-parallel ranks (1 for a one-process run).
+        ranks: usize,
     },
     /// One optimizer step finished.
     Step(StepMetrics),
@@ -66,6 +68,12 @@ pub struct StepMetrics {
     pub tokens_per_second: f64,
     pub peak_memory_bytes: u64,
     pub elapsed_seconds: f64,
+    /// Data parallel: each rank's forward + backward time this step (a straggler shows as the
+    /// largest); empty for a one-process run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rank_step_seconds: Vec<f64>,
+    /// Data parallel: time spent summing gradients over ranks; 0 for a one-process run.
+    pub all_reduce_seconds: f64,
 }
 
 impl Event {

@@ -4,10 +4,15 @@
 //! trained tokens and divided by the trained-token count of the whole step (so accumulation
 //! weighs every token equally, whatever the padding); then clip, set the learning rate,
 //! AdamW step, zero grads; then log, evaluate and checkpoint as configured.
+//!
+//! Data parallel ([`gang`]): each rank runs this same loop on its share of every step's rows;
+//! the trained-token count and the gradients are summed over ranks before the update, and rank
+//! 0 alone writes events, checkpoints and outputs.
 
 pub mod batches;
 mod data;
 pub mod events;
+pub mod gang;
 mod step;
 pub mod train_config;
 
@@ -24,8 +29,9 @@ use crate::models::decoder::{Decoder, Trainable};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::Schedule;
 use crate::{device, export, models, peft, Result, TrainerError};
-use batches::{epoch_order, make_micro_batch, row_trained_tokens, step_rows, steps_per_epoch};
+use batches::{epoch_order, make_micro_batch, rank_rows, row_trained_tokens, steps_per_epoch};
 pub use events::{Event, StepMetrics};
+pub use gang::Gang;
 use step::{evaluate_batch, forward_backward, DropoutSeed};
 pub use train_config::{Method, TrainConfig};
 
@@ -50,15 +56,23 @@ const PAD_ID: i64 = 0;
 
 /// Runs a whole training job described by `config`, resuming from `resume_from` when given.
 pub fn run(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks) -> Result<Outcome> {
-    let inputs = Inputs::prepare(config, resume_from)?;
-    let plan = Plan::of(config, inputs.train.rows.len());
-    let mut model = Model::load(config, &inputs)?;
+    run_in(config, resume_from, hooks, &Gang::single())
+}
+
+/// [`run`] as one rank of a data-parallel gang. Every rank is called with the same config and
+/// checkpoint; ranks other than 0 write nothing and return an `Outcome` without outputs.
+pub fn run_in(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks, gang: &Gang) -> Result<Outcome> {
+    let inputs = Inputs::prepare(config, resume_from, gang.is_leader())?;
+    let plan = Plan::of(config, inputs.train.rows.len(), gang.world());
+    let mut model = Model::load(config, &inputs, gang)?;
 
     // ---- outputs ----
     let out = &config.output_dir;
-    std::fs::create_dir_all(out).map_err(|e| TrainerError::io(out, e))?;
-    let mut log = RunLog::open(out, hooks.on_event, model.start_step)?;
-    if config.debug.dump_batches && model.start_step == 0 {
+    if gang.is_leader() {
+        std::fs::create_dir_all(out).map_err(|e| TrainerError::io(out, e))?;
+    }
+    let mut log = RunLog::open(out, hooks.on_event, model.start_step, gang.is_leader())?;
+    if config.debug.dump_batches && model.start_step == 0 && gang.is_leader() {
         if let Some(l) = &model.lora {
             peft::write_adapter(&out.join("debug/initial_adapter"), &model.decoder, l, &config.model.display().to_string())?;
         }
@@ -77,6 +91,7 @@ pub fn run(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks) -> Re
         total_parameters: inputs.model_dir.config.num_parameters(),
         device: format!("{:?}", inputs.device).to_lowercase(),
         dtype: device::dtype_name(inputs.kind).into(),
+        ranks: gang.world(),
     })?;
 
     // ---- loop ----
@@ -85,24 +100,40 @@ pub fn run(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks) -> Re
     let mut batch_dump = Vec::new();
     let mut last_loss = f64::NAN;
     for step in model.start_step + 1..=plan.total_steps {
-        if (hooks.abandon)() {
+        // One rank stopping alone would leave the others waiting in a collective.
+        let [abandon, stop] = gang.any([(hooks.abandon)(), (hooks.should_stop)()])?;
+        if abandon {
             return Err(TrainerError::Stopped(format!("abandoned before step {step}")));
         }
-        if (hooks.should_stop)() {
-            let checkpoint = model.save_checkpoint(config, &mut log, step - 1, plan.total_steps, &inputs.fingerprint)?;
+        if stop {
+            let checkpoint = model.save_checkpoint(config, &mut log, step - 1, plan.total_steps, &inputs.fingerprint, gang)?;
+            // The others exit once the checkpoint is on disk, so a launcher that sees every
+            // rank gone can resume from it.
+            gang.barrier()?;
             return Ok(Outcome::Stopped { step: step - 1, checkpoint });
         }
-        let metrics = model.train_step(config, &inputs, &plan, step, started, &mut batch_dump)?;
+        let metrics = model.train_step(config, &inputs, &plan, step, started, &mut batch_dump, gang)?;
         last_loss = metrics.loss;
         log.step(&metrics)?;
 
-        if let Some(v) = inputs.valid.as_ref().filter(|_| step == plan.total_steps || (t.eval_every > 0 && step % t.eval_every == 0)) {
+        // Validation and checkpoints on rank 0; the others wait for it at the next collective.
+        let eval_now = step == plan.total_steps || (t.eval_every > 0 && step % t.eval_every == 0);
+        if let Some(v) = inputs.valid.as_ref().filter(|_| eval_now && gang.is_leader()) {
             let (valid_loss, valid_acc, valid_tokens) = evaluate(&model.decoder, &v.rows, t.batch_size, config.data.packing, inputs.device);
             log.eval(step, valid_loss, valid_acc, valid_tokens)?;
         }
         if t.checkpoint_every > 0 && step % t.checkpoint_every == 0 && step < plan.total_steps {
-            model.save_checkpoint(config, &mut log, step, plan.total_steps, &inputs.fingerprint)?;
+            model.save_checkpoint(config, &mut log, step, plan.total_steps, &inputs.fingerprint, gang)?;
         }
+    }
+    if !gang.is_leader() {
+        return Ok(Outcome::Finished {
+            step: plan.total_steps,
+            adapter_dir: None,
+            model_dir: None,
+            results_csv: log.results_path(),
+            final_loss: last_loss,
+        });
     }
 
     // ---- save ----
@@ -135,7 +166,7 @@ struct Inputs {
 }
 
 impl Inputs {
-    fn prepare(config: &TrainConfig, resume_from: Option<&Path>) -> Result<Inputs> {
+    fn prepare(config: &TrainConfig, resume_from: Option<&Path>, leader: bool) -> Result<Inputs> {
         config.validate()?;
         if config.train.threads > 0 {
             tch::set_num_threads(config.train.threads as i32);
@@ -162,7 +193,7 @@ impl Inputs {
             if r.state.data_fingerprint != fingerprint {
                 return Err(TrainerError::file(&r.dir, "checkpoint was trained on different data (fingerprint differs)"));
             }
-        } else if config.output_dir.join("events.jsonl").exists() {
+        } else if leader && config.output_dir.join("events.jsonl").exists() {
             return Err(TrainerError::file(
                 &config.output_dir,
                 "already holds a run (events.jsonl); resume it with --resume-from or choose another output_dir",
@@ -180,9 +211,9 @@ struct Plan {
 }
 
 impl Plan {
-    fn of(config: &TrainConfig, rows: usize) -> Plan {
+    fn of(config: &TrainConfig, rows: usize, world: usize) -> Plan {
         let t = &config.train;
-        let per_epoch = steps_per_epoch(rows, t.batch_size * t.gradient_accumulation_steps);
+        let per_epoch = steps_per_epoch(rows, t.batch_size * t.gradient_accumulation_steps * world);
         let total_steps = t.max_steps.map_or(per_epoch * t.epochs, |m| m.min(per_epoch * t.epochs));
         let warmup_steps = config.optim.warmup_steps.unwrap_or((config.optim.warmup_ratio * total_steps as f64).ceil() as u64);
         let schedule = Schedule { peak_lr: config.optim.learning_rate, warmup_steps, total_steps, decay: config.optim.lr_scheduler };
@@ -202,7 +233,7 @@ struct Model {
 impl Model {
     /// Loads the base weights with the trainable part (a fresh LoRA adapter, or every weight),
     /// and restores both from the checkpoint when resuming.
-    fn load(config: &TrainConfig, inputs: &Inputs) -> Result<Model> {
+    fn load(config: &TrainConfig, inputs: &Inputs, gang: &Gang) -> Result<Model> {
         let lora = match config.method {
             Method::Lora => Some(config.lora_config()?),
             Method::Full => None,
@@ -227,10 +258,15 @@ impl Model {
             start_step = r.state.step;
             tokens_seen = r.state.tokens_seen;
         }
+        // Ranks start from rank 0's weights (the same by construction; now also by contract).
+        let trainable: Vec<tch::Tensor> = optimizer.params.iter().map(|p| p.param.shallow_clone()).collect();
+        gang.broadcast_from_leader(&trainable)?;
         Ok(Model { lora, decoder, optimizer, start_step, tokens_seen })
     }
 
-    /// One optimizer step: forward and backward over the step's micro-batches, clip, AdamW.
+    /// One optimizer step: forward and backward over this rank's micro-batches, gradients
+    /// summed over ranks, clip, AdamW.
+    #[allow(clippy::too_many_arguments)]
     fn train_step(
         &mut self,
         config: &TrainConfig,
@@ -239,14 +275,18 @@ impl Model {
         step: u64,
         started: Instant,
         batch_dump: &mut Vec<(String, tch::Tensor)>,
+        gang: &Gang,
     ) -> Result<StepMetrics> {
         let t = &config.train;
         let rows = &inputs.train.rows;
         let step_started = Instant::now();
         let epoch = (step - 1) / plan.per_epoch;
         let order = epoch_order(rows.len(), config.seed, epoch, t.shuffle);
-        let micro_rows = step_rows(&order, (step - 1) % plan.per_epoch, t.batch_size, t.gradient_accumulation_steps);
-        let step_tokens: u64 = micro_rows.iter().flatten().map(|&r| row_trained_tokens(&rows[r])).sum();
+        let (rank, world) = (gang.rank(), gang.world());
+        let micro_rows = rank_rows(&order, (step - 1) % plan.per_epoch, t.batch_size, t.gradient_accumulation_steps, rank, world);
+        let mut step_tokens = [micro_rows.iter().flatten().map(|&r| row_trained_tokens(&rows[r])).sum::<u64>() as f64];
+        gang.sum(&mut step_tokens)?;
+        let step_tokens = step_tokens[0] as u64;
         let normalizer = step_tokens.max(1) as f64;
         let dropout = self.lora.as_ref().is_some_and(|l| l.dropout > 0.0);
         let (mut loss_sum, mut correct, mut real_tokens) = (0.0, 0i64, 0u64);
@@ -259,12 +299,27 @@ impl Model {
                 batch_dump.push((format!("{key}.targets"), batch.targets.shallow_clone()));
                 batch_dump.push((format!("{key}.attention_mask"), batch.attention_mask.shallow_clone()));
             }
-            let seed = dropout.then_some(DropoutSeed { seed: config.seed, step, micro: m as u64 });
+            // Numbered across ranks, so a rank's masks match those of one process doing it all.
+            let micro = (rank * t.gradient_accumulation_steps + m) as u64;
+            let seed = dropout.then_some(DropoutSeed { seed: config.seed, step, micro });
             let r = forward_backward(&self.decoder, &batch, normalizer, t.gradient_checkpointing, seed);
             loss_sum += r.loss_sum;
             correct += r.correct;
             real_tokens += batch.real_tokens;
         }
+        let trainable: Vec<tch::Tensor> = self.optimizer.params.iter().map(|p| p.param.shallow_clone()).collect();
+        if micro_rows.is_empty() && world > 1 {
+            gang::zero_backward(&trainable);
+        }
+        let compute_seconds = step_started.elapsed().as_secs_f64();
+        let all_reduce = gang.all_reduce_grads(&trainable)?;
+        // loss, correct, real tokens, then each rank's compute time in its own slot.
+        let mut totals = vec![0.0; 3 + world];
+        totals[..3].copy_from_slice(&[loss_sum, correct as f64, real_tokens as f64]);
+        totals[3 + rank] = compute_seconds;
+        gang.sum(&mut totals)?;
+        let (loss_sum, correct, real_tokens) = (totals[0], totals[1], totals[2] as u64);
+        let rank_step_seconds = if world > 1 { totals[3..].to_vec() } else { Vec::new() };
         let grad_norm = self.optimizer.clip_grad_norm(config.optim.max_grad_norm);
         let lr = plan.schedule.lr_at(step);
         self.optimizer.step(lr);
@@ -285,12 +340,14 @@ impl Model {
             loss,
             lr,
             grad_norm,
-            train_mean_token_accuracy: correct as f64 / normalizer,
+            train_mean_token_accuracy: correct / normalizer,
             trained_tokens: step_tokens,
             tokens_seen: self.tokens_seen,
             tokens_per_second: real_tokens as f64 / step_started.elapsed().as_secs_f64().max(1e-9),
             peak_memory_bytes: device::peak_memory_bytes(inputs.device),
             elapsed_seconds: started.elapsed().as_secs_f64(),
+            rank_step_seconds,
+            all_reduce_seconds: all_reduce.as_secs_f64(),
         })
     }
 
@@ -301,7 +358,11 @@ impl Model {
         step: u64,
         total_steps: u64,
         fingerprint: &str,
+        gang: &Gang,
     ) -> Result<Option<PathBuf>> {
+        if !gang.is_leader() {
+            return Ok(None);
+        }
         save_checkpoint(config, &self.decoder, &self.optimizer, log, step, total_steps, self.tokens_seen, fingerprint, self.lora.as_ref())
     }
 
@@ -420,18 +481,22 @@ fn evaluate(
 /// events.jsonl (appended as the run goes) and results.csv (rewritten whole, atomically).
 struct RunLog<'a> {
     out: PathBuf,
-    events: std::fs::File,
+    /// None on ranks other than 0, which write nothing.
+    events: Option<std::fs::File>,
     on_event: &'a mut dyn FnMut(&Event),
     /// step -> (train_loss, train_accuracy, valid_loss, valid_accuracy)
     rows: std::collections::BTreeMap<u64, (f64, f64, Option<f64>, Option<f64>)>,
 }
 
 impl<'a> RunLog<'a> {
-    fn open(out: &Path, on_event: &'a mut dyn FnMut(&Event), resume_step: u64) -> Result<Self> {
+    fn open(out: &Path, on_event: &'a mut dyn FnMut(&Event), resume_step: u64, writes: bool) -> Result<Self> {
         let path = out.join("events.jsonl");
-        let events = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| TrainerError::io(&path, e))?;
+        let events = match writes {
+            true => Some(std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| TrainerError::io(&path, e))?),
+            false => None,
+        };
         let mut rows = std::collections::BTreeMap::new();
-        if resume_step > 0 {
+        if resume_step > 0 && writes {
             // Keep the curve of the steps before the checkpoint.
             if let Ok(text) = std::fs::read_to_string(out.join("results.csv")) {
                 for line in text.lines().skip(1) {
@@ -447,7 +512,14 @@ impl<'a> RunLog<'a> {
 
     fn emit(&mut self, event: &Event) -> Result<()> {
         (self.on_event)(event);
-        writeln!(self.events, "{}", event.to_json_line()).map_err(|e| TrainerError::io(self.out.join("events.jsonl"), e))
+        match &mut self.events {
+            Some(f) => writeln!(f, "{}", event.to_json_line()).map_err(|e| TrainerError::io(self.out.join("events.jsonl"), e)),
+            None => Ok(()),
+        }
+    }
+
+    fn results_path(&self) -> PathBuf {
+        self.out.join("results.csv")
     }
 
     fn step(&mut self, m: &StepMetrics) -> Result<()> {
@@ -464,7 +536,10 @@ impl<'a> RunLog<'a> {
     }
 
     fn write_results(&mut self) -> Result<PathBuf> {
-        let path = self.out.join("results.csv");
+        let path = self.results_path();
+        if self.events.is_none() {
+            return Ok(path);
+        }
         let tmp = self.out.join(".results.csv.tmp");
         let mut text = String::from("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n");
         let opt = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();

@@ -1,0 +1,2 @@
+// See ../../README.md: only what c10d's ProcessGroupGloo.hpp needs to parse.
+#pragma once

@@ -1,0 +1,323 @@
+//! Which rank this process is, read from the launcher's environment (docs/architecture.md §7):
+//!
+//! | launcher | rank | ranks | store |
+//! |---|---|---|---|
+//! | `torchrun --no-python lathe train …` | `RANK`, `LOCAL_RANK` | `WORLD_SIZE` | `MASTER_ADDR:MASTER_PORT`; hosted by the torchrun agent when `TORCHELASTIC_USE_AGENT_STORE=True` |
+//! | `srun lathe train …` (in an allocation) | `SLURM_PROCID`, `SLURM_LOCALID` | `SLURM_STEP_NUM_TASKS` | `MASTER_ADDR` or the step's first node; `MASTER_PORT` or a port from the job id |
+//! | `lathe train --nproc N` | sets the torchrun variables for its children | | rank 0 |
+//!
+//! Pure functions of the environment, so every case is tested without launching anything.
+
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use lathe_torch_ext::dist::{ProcessGroup, Rendezvous};
+
+use crate::{Result, TrainerError};
+
+/// How long ranks wait for each other: to form the gang, and in each collective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub join: Duration,
+    pub op: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts { join: Duration::from_secs(300), op: Duration::from_secs(1800) }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankEnv {
+    pub launcher: &'static str,
+    pub rank: usize,
+    pub local_rank: usize,
+    pub world: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+    /// torchrun's agent hosts the store; every rank is a client of it.
+    pub agent_store: bool,
+    /// torchrun's restart count: each restart rendezvouses under a fresh key prefix.
+    pub restart_count: u64,
+    /// GLOO_SOCKET_IFNAME.
+    pub interface: Option<String>,
+}
+
+impl RankEnv {
+    pub fn rendezvous(&self, timeouts: Timeouts) -> Rendezvous {
+        Rendezvous {
+            host: self.master_addr.clone(),
+            port: self.master_port,
+            rank: self.rank,
+            world: self.world,
+            host_store: !self.agent_store && self.rank == 0,
+            // torchrun's workers use this prefix in the agent's store (torch.distributed.elastic).
+            prefix: if self.agent_store { format!("/worker/attempt_{}", self.restart_count) } else { "lathe".into() },
+            join_timeout: timeouts.join,
+            op_timeout: timeouts.op,
+            interface: self.interface.clone(),
+        }
+    }
+}
+
+/// Ranks 1..N of a gang on this machine, as child processes; this process is rank 0
+/// (`lathe train --nproc N`, and a worker running a multi-device job). Children get the
+/// torchrun variables, die with this process (PR_SET_PDEATHSIG), and are killed when this value
+/// is dropped, so no rank outlives a failed attempt.
+pub struct LocalRanks {
+    children: Vec<(usize, Child)>,
+    pub env: RankEnv,
+}
+
+impl LocalRanks {
+    /// Starts `exe args…` as ranks 1..world with a store on a free local port.
+    pub fn spawn(exe: &Path, args: &[String], world: usize) -> Result<LocalRanks> {
+        let master_port =
+            std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| TrainerError::io("127.0.0.1:0", e))?.port();
+        let env = RankEnv {
+            launcher: "local",
+            rank: 0,
+            local_rank: 0,
+            world,
+            master_addr: "127.0.0.1".into(),
+            master_port,
+            agent_store: false,
+            restart_count: 0,
+            interface: Some("lo".into()),
+        };
+        // Each rank takes its share of the cores unless the caller chose (torchrun sets 1).
+        let threads = std::env::var("OMP_NUM_THREADS")
+            .unwrap_or_else(|_| (std::thread::available_parallelism().map_or(1, |n| n.get()) / world).max(1).to_string());
+        let mut ranks = LocalRanks { children: Vec::new(), env };
+        for rank in 1..world {
+            let mut cmd = Command::new(exe);
+            cmd.args(args)
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("LOCAL_WORLD_SIZE", world.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", master_port.to_string())
+                .env("GLOO_SOCKET_IFNAME", "lo")
+                .env("OMP_NUM_THREADS", &threads)
+                .env_remove("TORCHELASTIC_USE_AGENT_STORE")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null());
+            die_with_parent(&mut cmd);
+            let child = cmd.spawn().map_err(|e| TrainerError::io(exe, e))?;
+            ranks.children.push((rank, child));
+        }
+        Ok(ranks)
+    }
+
+    /// Joins the gang as rank 0, giving up as soon as a child rank exits instead of waiting
+    /// out the rendezvous timeout.
+    pub fn join(&mut self, timeouts: Timeouts) -> Result<ProcessGroup> {
+        let rendezvous = self.env.rendezvous(timeouts);
+        let joining = std::thread::spawn(move || ProcessGroup::join(&rendezvous));
+        loop {
+            if joining.is_finished() {
+                return Ok(joining.join().expect("the join thread does not panic")?);
+            }
+            if let Some((rank, status)) = self.exited() {
+                return Err(TrainerError::Stopped(format!("rank {rank} exited ({status}) before the gang formed")));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The first child rank that has exited, with its status.
+    pub fn exited(&mut self) -> Option<(usize, ExitStatus)> {
+        self.children.iter_mut().find_map(|(rank, c)| c.try_wait().ok().flatten().map(|s| (*rank, s)))
+    }
+
+    /// Waits for every child; the first failure, if any.
+    pub fn wait(mut self) -> Result<()> {
+        let mut failed = None;
+        for (rank, child) in &mut self.children {
+            let status = child.wait().map_err(|e| TrainerError::io(format!("rank {rank}"), e))?;
+            if !status.success() && failed.is_none() {
+                failed = Some(format!("rank {rank} exited ({status})"));
+            }
+        }
+        self.children.clear();
+        failed.map_or(Ok(()), |m| Err(TrainerError::Stopped(m)))
+    }
+
+    /// Process ids of the child ranks.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(|(_, c)| c.id()).collect()
+    }
+}
+
+impl Drop for LocalRanks {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+/// The rank this process is, or None when it runs alone (no launcher, or a world of one).
+pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Option<RankEnv>> {
+    let number = |name: &str| -> Result<Option<u64>> {
+        match get(name) {
+            None => Ok(None),
+            Some(v) => v.trim().parse::<u64>().map(Some).map_err(|_| TrainerError::invalid(name, format!("{v:?} is not a number"))),
+        }
+    };
+    let required = |name: &str, launcher: &str| -> Result<u64> {
+        number(name)?.ok_or_else(|| TrainerError::invalid(name, format!("is not set, but {launcher} variables are")))
+    };
+    let interface = get("GLOO_SOCKET_IFNAME").filter(|s| !s.is_empty());
+    let env = if get("RANK").is_some() || get("WORLD_SIZE").is_some() {
+        let launcher = "torchrun";
+        let master_addr = get("MASTER_ADDR").ok_or_else(|| TrainerError::invalid("MASTER_ADDR", "is not set, but RANK is"))?;
+        RankEnv {
+            launcher,
+            rank: required("RANK", launcher)? as usize,
+            local_rank: number("LOCAL_RANK")?.unwrap_or(0) as usize,
+            world: required("WORLD_SIZE", launcher)? as usize,
+            master_addr,
+            master_port: port(required("MASTER_PORT", launcher)?)?,
+            agent_store: get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true")),
+            restart_count: number("TORCHELASTIC_RESTART_COUNT")?.unwrap_or(0),
+            interface,
+        }
+    } else if let Some(world) = number("SLURM_STEP_NUM_TASKS")? {
+        // Only inside an srun step: a batch script also has SLURM_NTASKS, and must not count
+        // itself as rank 0 of a gang that never starts.
+        let launcher = "srun";
+        if world <= 1 {
+            return Ok(None);
+        }
+        let nodes = get("SLURM_STEP_NODELIST").or_else(|| get("SLURM_JOB_NODELIST")).unwrap_or_default();
+        let master_addr = match get("MASTER_ADDR") {
+            Some(a) => a,
+            None => first_host(&nodes)
+                .ok_or_else(|| TrainerError::invalid("SLURM_STEP_NODELIST", format!("no host in {nodes:?}; set MASTER_ADDR")))?,
+        };
+        let master_port = match number("MASTER_PORT")? {
+            Some(p) => port(p)?,
+            // Different jobs sharing a node get different ports.
+            None => 20_000 + (required("SLURM_JOB_ID", launcher)? % 20_000) as u16,
+        };
+        RankEnv {
+            launcher,
+            rank: required("SLURM_PROCID", launcher)? as usize,
+            local_rank: number("SLURM_LOCALID")?.unwrap_or(0) as usize,
+            world: world as usize,
+            master_addr,
+            master_port,
+            agent_store: false,
+            restart_count: 0,
+            interface,
+        }
+    } else {
+        return Ok(None);
+    };
+    if env.world == 0 || env.rank >= env.world {
+        return Err(TrainerError::invalid("RANK", format!("rank {} is not below the world size {}", env.rank, env.world)));
+    }
+    Ok((env.world > 1).then_some(env))
+}
+
+fn port(p: u64) -> Result<u16> {
+    u16::try_from(p).ok().filter(|&p| p > 0).ok_or_else(|| TrainerError::invalid("MASTER_PORT", format!("{p} is not a TCP port")))
+}
+
+/// The first host of a Slurm host list: `gpu[03-05,9],login1` → `gpu03`.
+pub fn first_host(list: &str) -> Option<String> {
+    let list = list.trim();
+    let end = list.find([',', '[']).unwrap_or(list.len());
+    let prefix = &list[..end];
+    if list[end..].starts_with('[') {
+        let inner = &list[end + 1..];
+        let first = inner.split([',', '-', ']']).next()?;
+        return Some(format!("{prefix}{first}"));
+    }
+    (!prefix.is_empty()).then(|| prefix.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> Result<Option<RankEnv>> {
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        from_env(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn torchrun_with_its_agent_store_makes_every_rank_a_client_under_the_attempt_prefix() {
+        let e = env(&[
+            ("RANK", "1"),
+            ("LOCAL_RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "10.0.0.5"),
+            ("MASTER_PORT", "29500"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+            ("TORCHELASTIC_RESTART_COUNT", "2"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!((e.launcher, e.rank, e.local_rank, e.world), ("torchrun", 1, 1, 2));
+        let r = e.rendezvous(Timeouts::default());
+        assert!(!r.host_store);
+        assert_eq!(r.prefix, "/worker/attempt_2");
+        assert_eq!((r.host.as_str(), r.port), ("10.0.0.5", 29500));
+        let own = env(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")]).unwrap().unwrap();
+        assert!(own.rendezvous(Timeouts::default()).host_store, "without an agent store rank 0 hosts it");
+    }
+
+    #[test]
+    fn srun_uses_the_step_and_its_first_node_and_a_batch_script_alone_is_no_gang() {
+        let e = env(&[
+            ("SLURM_PROCID", "3"),
+            ("SLURM_LOCALID", "1"),
+            ("SLURM_STEP_NUM_TASKS", "4"),
+            ("SLURM_STEP_NODELIST", "gpu[07-08]"),
+            ("SLURM_JOB_ID", "20123"),
+            ("SLURM_NTASKS", "4"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!((e.launcher, e.rank, e.local_rank, e.world), ("srun", 3, 1, 4));
+        assert_eq!((e.master_addr.as_str(), e.master_port), ("gpu07", 20_123));
+        assert_eq!(env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "4"), ("SLURM_JOB_ID", "5")]).unwrap(), None);
+        assert_eq!(env(&[("SLURM_PROCID", "0"), ("SLURM_STEP_NUM_TASKS", "1"), ("SLURM_JOB_ID", "5")]).unwrap(), None);
+    }
+
+    #[test]
+    fn a_half_set_environment_names_the_missing_variable() {
+        let err = env(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h")]).unwrap_err().to_string();
+        assert!(err.contains("MASTER_PORT"), "{err}");
+        let err = env(&[("RANK", "2"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "5")]).unwrap_err().to_string();
+        assert!(err.contains("not below the world size 2"), "{err}");
+        let err = env(&[("RANK", "x"), ("WORLD_SIZE", "2")]).unwrap_err().to_string();
+        assert!(err.contains("RANK"), "{err}");
+    }
+
+    #[test]
+    fn first_host_of_slurm_host_lists() {
+        assert_eq!(first_host("gpu[03-05,9],login1").as_deref(), Some("gpu03"));
+        assert_eq!(first_host("node1,node2").as_deref(), Some("node1"));
+        assert_eq!(first_host("c[7]").as_deref(), Some("c7"));
+        assert_eq!(first_host("").as_deref(), None);
+    }
+}
