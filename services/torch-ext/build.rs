@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 fn main() {
     println!("cargo:rerun-if-changed=cpp/shim.cpp");
     println!("cargo:rerun-if-changed=cpp/dist.cpp");
+    println!("cargo:rerun-if-changed=cpp/dist_nccl.cpp");
+    println!("cargo:rerun-if-env-changed=LATHE_CUDA_INCLUDE");
+    println!("cargo::rustc-check-cfg=cfg(lathe_nccl)");
     println!("cargo:rerun-if-changed=cpp/gloo_decls");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     println!("cargo::rustc-check-cfg=cfg(lathe_gpu_backend)");
@@ -44,6 +47,17 @@ fn main() {
     if backend.is_some() {
         build.define("LATHE_GPU_BACKEND", None);
     }
+    // NCCL for data parallel on CUDA: its c10d header needs nccl.h and the CUDA runtime headers,
+    // which the CUDA torch wheel's nvidia-* packages ship. Without them (a CPU or ROCm libtorch)
+    // GPU ranks are refused with a message saying so (cpp/dist.cpp).
+    let nccl_includes = match backend {
+        Some("torch_cuda") => cuda_includes(root),
+        _ => None,
+    };
+    if let Some(dirs) = &nccl_includes {
+        build.define("LATHE_NCCL", None).includes(dirs).file("cpp/dist_nccl.cpp");
+        println!("cargo:rustc-cfg=lathe_nccl");
+    }
     build.compile("lathe_torch_ext");
 
     println!("cargo:rustc-link-search=native={}", lib_dir.display());
@@ -53,8 +67,30 @@ fn main() {
         println!("cargo:rustc-cfg=lathe_gpu_backend");
         println!("cargo:rustc-env=LATHE_GPU_BACKEND_LIB=lib{name}.so");
     }
+    if nccl_includes.is_some() {
+        // c10::cuda::set_device (dist_nccl.cpp); ProcessGroupNCCL itself is in torch_cuda.
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    }
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
+}
+
+/// The include directories holding `nccl.h` and the CUDA runtime headers (with `crt/`, from
+/// nvidia-cuda-crt in scripts/requirements.txt): `LATHE_CUDA_INCLUDE`
+/// (colon-separated), else the `nvidia/*/include` folders beside the torch package, else
+/// `/usr/local/cuda/include`.
+fn cuda_includes(torch_root: &Path) -> Option<Vec<PathBuf>> {
+    let mut candidates: Vec<PathBuf> = std::env::var("LATHE_CUDA_INCLUDE").map(|v| std::env::split_paths(&v).collect()).unwrap_or_default();
+    if let Some(site) = torch_root.parent() {
+        if let Ok(entries) = std::fs::read_dir(site.join("nvidia")) {
+            let mut found: Vec<PathBuf> = entries.flatten().map(|e| e.path().join("include")).filter(|p| p.is_dir()).collect();
+            found.sort();
+            candidates.extend(found);
+        }
+    }
+    candidates.push(PathBuf::from("/usr/local/cuda/include"));
+    let has = |file: &str| candidates.iter().any(|d| d.join(file).is_file());
+    (has("nccl.h") && has("cuda_runtime_api.h") && has("crt/host_config.h")).then_some(candidates)
 }
 
 /// `torch_cuda` for a CUDA libtorch, `torch_hip` for a ROCm one, `None` for a CPU-only build.

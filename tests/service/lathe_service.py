@@ -525,7 +525,7 @@ def make_client(service: Service, key: str) -> openai.OpenAI:
 
 
 def create_job(client, training_file: str, *, n_epochs: int = 1, seed: int = 0, suffix: str | None = None,
-               pool: str | None = None, extra: dict | None = None, **options):
+               pool: str | None = None, extra: dict | None = None, batch_size: int | None = None, **options):
     """A tiny LoRA job on the tiny model; `extra` adds body extensions (priority, gpu_memory_gb …),
     `options` go to jobs.create (extra_headers, …)."""
     body = dict(JOB_EXTENSIONS, **(extra or {}))
@@ -535,7 +535,7 @@ def create_job(client, training_file: str, *, n_epochs: int = 1, seed: int = 0, 
         options["suffix"] = suffix
     return client.fine_tuning.jobs.create(
         model=MODEL, training_file=training_file, seed=seed,
-        hyperparameters={"n_epochs": n_epochs, "batch_size": BATCH_SIZE}, extra_body=body, **options)
+        hyperparameters={"n_epochs": n_epochs, "batch_size": batch_size or BATCH_SIZE}, extra_body=body, **options)
 
 
 def wait_for_status(client, job_id: str, wanted, timeout: float = 180, interval: float = 0.25):

@@ -99,6 +99,7 @@ async fn main() {
                 gpu_name: None,
                 gpu_memory_bytes: None,
                 pools: &pools,
+                gpus: 1,
                 version: "bench",
                 slurm_job_id: None,
                 pod_name: None,

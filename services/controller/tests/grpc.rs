@@ -67,6 +67,7 @@ impl Harness {
                 gpu_name: None,
                 gpu_memory_bytes: None,
                 pools: &pools,
+                gpus: 1,
                 version: "test",
                 slurm_job_id: None,
                 pod_name: None,

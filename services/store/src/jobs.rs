@@ -153,8 +153,8 @@ pub async fn admit_job(pool: &PgPool, project_id: &str, spec: &JobSpec, admissio
     let id = JobId::from_random(random::id_bytes());
     let inserted = sqlx::query_as::<_, JobRow>(&format!(
         "INSERT INTO jobs (id, project_id, status, spec, model, training_file, validation_file, suffix,
-                           priority, pool, gpu_memory_gb, idempotency_key, request_sha256, training_data)
-         VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                           priority, pool, gpu_memory_gb, idempotency_key, request_sha256, training_data, gpus, nodes)
+         VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
          ON CONFLICT (project_id, idempotency_key) DO NOTHING
          RETURNING {JOB_COLUMNS}"
     ))
@@ -171,6 +171,8 @@ pub async fn admit_job(pool: &PgPool, project_id: &str, spec: &JobSpec, admissio
     .bind(idempotency_key)
     .bind(admission.request_sha256)
     .bind(admission.training_data.map(Json))
+    .bind(spec.resources.gpus as i32)
+    .bind(spec.resources.nodes as i32)
     .fetch_optional(pool)
     .await?;
     if let Some(row) = inserted {

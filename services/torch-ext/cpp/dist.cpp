@@ -15,8 +15,14 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <stdexcept>
 #include <string>
 #include <vector>
+
+#ifdef LATHE_NCCL
+c10::intrusive_ptr<c10d::Backend> lathe_make_nccl(const c10::intrusive_ptr<c10d::Store>& store, int rank, int world,
+                                                  std::chrono::milliseconds timeout, int device);
+#endif
 
 namespace {
 
@@ -49,12 +55,14 @@ int guarded(char* err, size_t err_len, F&& body) {
 
 extern "C" {
 
-// Joins (or, with is_server, hosts) the TCPStore at host:port, then builds a Gloo group of
-// `world` ranks on it. join_timeout_ms bounds reaching the store, op_timeout_ms every collective. `prefix` namespaces the keys (torchrun's agent store is shared with the
+// Joins (or, with is_server, hosts) the TCPStore at host:port, then builds a group of `world`
+// ranks on it: NCCL on the GPU `cuda_device` when it is >= 0, else Gloo. join_timeout_ms bounds
+// reaching the store, op_timeout_ms every collective. `prefix` namespaces the keys (torchrun's agent store is shared with the
 // agent); `iface`, when not null, is the network interface Gloo binds (GLOO_SOCKET_IFNAME).
 // Returns null on failure, with the reason in err.
 void* lathe_pg_new(const char* host, uint16_t port, int rank, int world, int is_server, const char* prefix,
-                   int64_t join_timeout_ms, int64_t op_timeout_ms, const char* iface, char* err, size_t err_len) {
+                   int64_t join_timeout_ms, int64_t op_timeout_ms, const char* iface, int cuda_device, char* err,
+                   size_t err_len) {
   Group* group = nullptr;
   guarded(err, err_len, [&] {
     const auto timeout = std::chrono::milliseconds(join_timeout_ms);
@@ -67,6 +75,16 @@ void* lathe_pg_new(const char* host, uint16_t port, int rank, int world, int is_
     c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::TCPStore>(std::string(host), options);
     store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), store);
 
+    if (cuda_device >= 0) {
+#ifdef LATHE_NCCL
+      group = new Group{store, lathe_make_nccl(store, rank, world, std::chrono::milliseconds(op_timeout_ms), cuda_device)};
+      return;
+#else
+      throw std::runtime_error(
+          "this lathe was built without NCCL (a CPU libtorch, or the NCCL/CUDA headers of the torch wheel's nvidia "
+          "packages were not found); use the gloo backend");
+#endif
+    }
     // Gloo's own waits, connecting the mesh included, use the collective timeout: a rank may
     // spend minutes writing a checkpoint while the others wait for it.
     auto gloo = c10d::ProcessGroupGloo::Options::create(std::chrono::milliseconds(op_timeout_ms));

@@ -1,7 +1,8 @@
-//! A c10d process group (TCPStore rendezvous + ProcessGroupGloo) over `cpp/dist.cpp`, with the
-//! three collectives data-parallel training needs: all-reduce, broadcast and barrier, in place
-//! on tch tensors. Gloo takes CPU tensors and CUDA tensors alike (the latter through host
-//! staging). Calls must be made in the same order on every rank, as with torch.distributed.
+//! A c10d process group (TCPStore rendezvous + ProcessGroupGloo or ProcessGroupNCCL) over
+//! `cpp/dist.cpp`, with the three collectives data-parallel training needs: all-reduce,
+//! broadcast and barrier, in place on tch tensors. NCCL serves GPU ranks when this build has it
+//! ([`NCCL_BUILT`]); Gloo serves CPU ranks, and GPU ranks otherwise (through host staging).
+//! Calls must be made in the same order on every rank, as with torch.distributed.
 
 use std::ffi::{c_char, c_void, CString};
 use std::time::Duration;
@@ -9,6 +10,29 @@ use std::time::Duration;
 use tch::Tensor;
 
 use crate::ffi;
+
+/// Whether this build can create NCCL groups (a CUDA libtorch with the NCCL headers found at
+/// build time; see build.rs).
+pub const NCCL_BUILT: bool = cfg!(lathe_nccl);
+
+/// Which c10d backend carries the collectives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Gloo,
+    /// On this rank's GPU `cuda:N`.
+    Nccl {
+        device: usize,
+    },
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Gloo => "gloo",
+            Backend::Nccl { .. } => "nccl",
+        }
+    }
+}
 
 /// Where and how a rank joins its group.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +52,7 @@ pub struct Rendezvous {
     pub op_timeout: Duration,
     /// The network interface Gloo binds (GLOO_SOCKET_IFNAME); None: the address of the hostname.
     pub interface: Option<String>,
+    pub backend: Backend,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +97,10 @@ impl ProcessGroup {
                 r.join_timeout.as_millis() as i64,
                 r.op_timeout.as_millis() as i64,
                 iface.as_ref().map_or(std::ptr::null(), |i| i.as_ptr()),
+                match r.backend {
+                    Backend::Gloo => -1,
+                    Backend::Nccl { device } => device as i32,
+                },
                 err.as_mut_ptr(),
                 ERR_LEN,
             )
@@ -152,6 +181,7 @@ mod tests {
             join_timeout: Duration::from_secs(30),
             op_timeout: Duration::from_secs(30),
             interface: Some("lo".into()),
+            backend: Backend::Gloo,
         }
     }
 
@@ -180,6 +210,17 @@ mod tests {
             assert_eq!(sum, vec![3.0, 30.0, 1.5]);
             assert_eq!(max, vec![2.0, 0.0]);
             assert_eq!(weights, vec![2.0; 4]);
+        }
+    }
+
+    #[test]
+    fn nccl_without_a_gpu_fails_with_a_reason_not_a_crash() {
+        let mut r = rendezvous(free_port(), 0, 1);
+        r.backend = Backend::Nccl { device: 0 };
+        let err = ProcessGroup::join(&r).err().expect("no GPU here, so no NCCL group");
+        assert!(!err.message.is_empty(), "{err}");
+        if !NCCL_BUILT {
+            assert!(err.message.contains("without NCCL"), "{err}");
         }
     }
 

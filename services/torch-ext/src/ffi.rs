@@ -31,6 +31,7 @@ extern "C" {
         join_timeout_ms: i64,
         op_timeout_ms: i64,
         iface: *const c_char,
+        cuda_device: c_int,
         err: *mut c_char,
         err_len: usize,
     ) -> *mut c_void;

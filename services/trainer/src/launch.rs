@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use lathe_torch_ext::dist::{ProcessGroup, Rendezvous};
+use lathe_torch_ext::dist::{Backend, ProcessGroup, Rendezvous, NCCL_BUILT};
 
 use crate::{Result, TrainerError};
 
@@ -46,7 +46,7 @@ pub struct RankEnv {
 }
 
 impl RankEnv {
-    pub fn rendezvous(&self, timeouts: Timeouts) -> Rendezvous {
+    pub fn rendezvous(&self, timeouts: Timeouts, backend: Backend) -> Rendezvous {
         Rendezvous {
             host: self.master_addr.clone(),
             port: self.master_port,
@@ -58,7 +58,27 @@ impl RankEnv {
             join_timeout: timeouts.join,
             op_timeout: timeouts.op,
             interface: self.interface.clone(),
+            backend,
         }
+    }
+}
+
+/// The collectives' backend for a rank training on `device` (already placed: `cuda:N`): NCCL
+/// on a GPU when this build has it, else Gloo (CPU ranks; GPU ranks through host staging).
+/// `LATHE_DIST_BACKEND=gloo` forces Gloo; `=nccl` refuses to fall back.
+pub fn backend_for(device: &str, forced: Option<&str>) -> Result<Backend> {
+    let gpu = device.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()).or((device == "cuda").then_some(0));
+    match (forced, gpu) {
+        (Some("gloo"), _) => Ok(Backend::Gloo),
+        (Some("nccl"), Some(device)) if NCCL_BUILT => Ok(Backend::Nccl { device }),
+        (Some("nccl"), None) => Err(TrainerError::invalid("LATHE_DIST_BACKEND", format!("nccl needs a CUDA device, not {device:?}"))),
+        (Some("nccl"), Some(_)) => Err(TrainerError::invalid(
+            "LATHE_DIST_BACKEND",
+            "this lathe was built without NCCL (see services/torch-ext/build.rs); use gloo",
+        )),
+        (Some(other), _) => Err(TrainerError::invalid("LATHE_DIST_BACKEND", format!("expected gloo or nccl, got {other:?}"))),
+        (None, Some(device)) if NCCL_BUILT => Ok(Backend::Nccl { device }),
+        (None, _) => Ok(Backend::Gloo),
     }
 }
 
@@ -114,8 +134,8 @@ impl LocalRanks {
 
     /// Joins the gang as rank 0, giving up as soon as a child rank exits instead of waiting
     /// out the rendezvous timeout.
-    pub fn join(&mut self, timeouts: Timeouts) -> Result<ProcessGroup> {
-        let rendezvous = self.env.rendezvous(timeouts);
+    pub fn join(&mut self, timeouts: Timeouts, backend: Backend) -> Result<ProcessGroup> {
+        let rendezvous = self.env.rendezvous(timeouts, backend);
         let joining = std::thread::spawn(move || ProcessGroup::join(&rendezvous));
         loop {
             if joining.is_finished() {
@@ -277,12 +297,12 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!((e.launcher, e.rank, e.local_rank, e.world), ("torchrun", 1, 1, 2));
-        let r = e.rendezvous(Timeouts::default());
+        let r = e.rendezvous(Timeouts::default(), Backend::Gloo);
         assert!(!r.host_store);
         assert_eq!(r.prefix, "/worker/attempt_2");
         assert_eq!((r.host.as_str(), r.port), ("10.0.0.5", 29500));
         let own = env(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")]).unwrap().unwrap();
-        assert!(own.rendezvous(Timeouts::default()).host_store, "without an agent store rank 0 hosts it");
+        assert!(own.rendezvous(Timeouts::default(), Backend::Gloo).host_store, "without an agent store rank 0 hosts it");
     }
 
     #[test]
@@ -311,6 +331,16 @@ mod tests {
         assert!(err.contains("not below the world size 2"), "{err}");
         let err = env(&[("RANK", "x"), ("WORLD_SIZE", "2")]).unwrap_err().to_string();
         assert!(err.contains("RANK"), "{err}");
+    }
+
+    #[test]
+    fn gpu_ranks_get_nccl_when_built_with_it_and_cpu_ranks_gloo() {
+        assert_eq!(backend_for("cpu", None).unwrap(), Backend::Gloo);
+        let gpu = if NCCL_BUILT { Backend::Nccl { device: 1 } } else { Backend::Gloo };
+        assert_eq!(backend_for("cuda:1", None).unwrap(), gpu);
+        assert_eq!(backend_for("cuda:1", Some("gloo")).unwrap(), Backend::Gloo);
+        assert!(backend_for("cpu", Some("nccl")).unwrap_err().to_string().contains("LATHE_DIST_BACKEND"));
+        assert!(backend_for("cpu", Some("mpi")).is_err());
     }
 
     #[test]

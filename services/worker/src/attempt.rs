@@ -20,7 +20,7 @@ use lathe_proto::v1::{
     CheckpointCommit, ClaimJobResponse, ControllerMessage, Fail, FailureClass, Finish, Hello, LogEvent, LogLevel, MetricPoint,
     MetricsBatch, ResultFile, StopReason, Stopped, WorkerMessage,
 };
-use lathe_trainer::train::{Event, Hooks, Outcome};
+use lathe_trainer::train::{Event, Gang, Hooks, Outcome};
 use lathe_trainer::TrainerError;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
@@ -134,7 +134,7 @@ pub async fn run(
 
     let redactor = Redactor::for_claim(&claim, config);
     let prepared = prepare(config, &claim);
-    let (train, resume, decontamination) = match prepared {
+    let Prepared { train, resume, decontamination, ranks } = match prepared {
         Ok(ready) => ready,
         Err(unrunnable) => {
             tracing::warn!(code = unrunnable.code, message = %unrunnable.message, "job cannot run here");
@@ -154,7 +154,10 @@ pub async fn run(
         session.push(log(LogLevel::Info, message, data.to_string()));
     }
 
-    let (mut trainer, mut events) = start_trainer(train, resume, signals.clone());
+    if ranks > 1 {
+        session.push(log(LogLevel::Info, format!("Data parallel: {ranks} ranks on this worker ({})", config.device), "{}".into()));
+    }
+    let (mut trainer, mut events) = start_trainer(train, resume, signals.clone(), ranks);
 
     let mut points = Points::default();
     let mut flush = tokio::time::interval(FLUSH_EVERY);
@@ -261,6 +264,7 @@ fn start_trainer(
     train: lathe_trainer::train::TrainConfig,
     resume: Option<PathBuf>,
     signals: Arc<Signals>,
+    ranks: usize,
 ) -> (tokio::task::JoinHandle<lathe_trainer::Result<Outcome>>, mpsc::UnboundedReceiver<Event>) {
     let (events_tx, events) = mpsc::unbounded_channel::<Event>();
     // The blocking thread does not inherit the task's span; the trainer's own logs should.
@@ -272,13 +276,62 @@ fn start_trainer(
         };
         let should_stop = || signals.should_stop();
         let abandon = || signals.should_abandon();
-        lathe_trainer::train::run(
+        // Ranks 1.. are child processes; dropping `children` kills whatever is left of them, so
+        // a failed attempt frees every rank.
+        let (gang, children) = match ranks {
+            1 => (Gang::single(), None),
+            n => {
+                let (gang, children) = start_ranks(&train, resume.as_deref(), n)?;
+                (gang, Some(children))
+            }
+        };
+        let outcome = lathe_trainer::train::run_in(
             &train,
             resume.as_deref(),
             Hooks { on_event: &mut on_event, should_stop: &should_stop, abandon: &abandon },
-        )
+            &gang,
+        )?;
+        if let Some(children) = children {
+            children.wait()?;
+        }
+        Ok(outcome)
     });
     (trainer, events)
+}
+
+/// Ranks 1..n of a data-parallel attempt, as `lathe train` child processes reading the same
+/// config (written next to the outputs), joined into one gang with this thread as rank 0.
+fn start_ranks(
+    train: &lathe_trainer::train::TrainConfig,
+    resume: Option<&Path>,
+    ranks: usize,
+) -> lathe_trainer::Result<(Gang, lathe_trainer::launch::LocalRanks)> {
+    let dir = &train.output_dir;
+    std::fs::create_dir_all(dir).map_err(|e| TrainerError::io(dir, e))?;
+    let mut rank_config = train.clone();
+    if rank_config.train.device.starts_with("cuda") {
+        // Each child takes cuda:LOCAL_RANK.
+        rank_config.train.device = "cuda".into();
+    }
+    let path = dir.join("rank-config.toml");
+    rank_config.write_toml_file(&path)?;
+    let mut args = vec!["train".to_string(), path.display().to_string()];
+    if let Some(checkpoint) = resume {
+        args.extend(["--resume-from".to_string(), checkpoint.display().to_string()]);
+    }
+    let exe = std::env::current_exe().map_err(|e| TrainerError::io("/proc/self/exe", e))?;
+    let mut children = lathe_trainer::launch::LocalRanks::spawn(&exe, &args, ranks)?;
+    let backend = lathe_trainer::launch::backend_for(&train.train.device, std::env::var("LATHE_DIST_BACKEND").ok().as_deref())?;
+    let group = children.join(lathe_trainer::launch::Timeouts::default(), backend)?;
+    Ok((Gang::of(group), children))
+}
+
+struct Prepared {
+    train: lathe_trainer::train::TrainConfig,
+    resume: Option<PathBuf>,
+    decontamination: Decontamination,
+    /// Data-parallel ranks: the job's `gpus`.
+    ranks: usize,
 }
 
 /// What the decontamination step reports: an event message and its data.
@@ -287,12 +340,14 @@ type Decontamination = Option<(String, serde_json::Value)>;
 /// Checks the claim's inputs and builds the trainer's configuration; also clears the output
 /// directory of a fresh start (a previous attempt that died before its first checkpoint) and,
 /// when the job asks, removes training examples that overlap evaluation sets.
-fn prepare(
-    config: &WorkerConfig,
-    claim: &ClaimJobResponse,
-) -> Result<(lathe_trainer::train::TrainConfig, Option<PathBuf>, Decontamination), Unrunnable> {
+fn prepare(config: &WorkerConfig, claim: &ClaimJobResponse) -> Result<Prepared, Unrunnable> {
     let spec: JobSpec = serde_json::from_str(&claim.spec_json)
         .map_err(|e| Unrunnable::job("invalid_spec", format!("the job spec is not readable by this worker: {e}")))?;
+    let ranks = spec.resources.gpus.max(1) as usize;
+    if ranks > config.gpus {
+        // The claim checks this; a worker restarted with fewer --gpus may still hold the lease.
+        return Err(Unrunnable::here("insufficient_gpus", format!("the job asks for {ranks} GPUs; this worker offers {}", config.gpus)));
+    }
     let training = claim.training_file.as_ref().ok_or_else(|| Unrunnable::job("invalid_spec", "the claim names no training file"))?;
     verify_file("training_file", &training.path, &training.sha256)?;
     if let Some(validation) = &claim.validation_file {
@@ -318,9 +373,10 @@ fn prepare(
             device: &config.device,
             checkpoint_every: config.checkpoint_every,
             threads: config.threads,
+            dtype: &config.dtype,
         },
     )?;
-    Ok((train, resume, decontamination))
+    Ok(Prepared { train, resume, decontamination, ranks })
 }
 
 /// Checks the training file against the job's evaluation sets; unless the job keeps them,
@@ -436,6 +492,9 @@ fn on_event(
             telemetry.train_loss.set(m.loss);
             telemetry.tokens_per_second.set(m.tokens_per_second);
             telemetry.memory_bytes.set(m.peak_memory_bytes as i64);
+            if !m.rank_step_seconds.is_empty() {
+                telemetry.ranks(&m.rank_step_seconds, m.all_reduce_seconds);
+            }
             points.pending.insert(
                 m.step,
                 MetricPoint {

@@ -19,6 +19,10 @@ pub struct WorkerConfig {
     pub gpu_name: String,
     /// Device memory offered to jobs (their `gpu_memory_gb` must fit); 0 = unknown.
     pub gpu_memory_bytes: u64,
+    /// Devices one job may use as data-parallel ranks (GPUs cuda:0..N, or CPU ranks).
+    pub gpus: usize,
+    /// The training dtype: auto, fp32 or bf16.
+    pub dtype: String,
     /// Where base models live on this machine (same names as the controller's root).
     pub models_root: PathBuf,
     /// Steps between checkpoints (and validation passes).

@@ -230,6 +230,7 @@ async fn register(
         version: env!("CARGO_PKG_VERSION").into(),
         slurm_job_id: config.placement.slurm_job_id.clone().unwrap_or_default(),
         pod_name: config.placement.pod_name.clone().unwrap_or_default(),
+        gpus: config.gpus as u32,
     };
     loop {
         match client.register(request.clone()).await {

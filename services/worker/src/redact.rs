@@ -65,6 +65,8 @@ mod tests {
             device: "cpu".into(),
             gpu_name: String::new(),
             gpu_memory_bytes: 0,
+            gpus: 1,
+            dtype: "auto".into(),
             models_root: "/srv/models/".into(),
             checkpoint_every: 1,
             threads: 0,

@@ -43,6 +43,8 @@ pub struct Settings<'a> {
     pub device: &'a str,
     pub checkpoint_every: u64,
     pub threads: usize,
+    /// fp32, bf16 or auto (bf16 where the device multiplies it natively).
+    pub dtype: &'a str,
 }
 
 pub fn train_config(spec: &JobSpec, paths: Paths<'_>, settings: Settings<'_>) -> Result<TrainConfig, Unrunnable> {
@@ -80,7 +82,8 @@ pub fn train_config(spec: &JobSpec, paths: Paths<'_>, settings: Settings<'_>) ->
         },
         train: LoopSettings {
             epochs: spec.hyperparameters.n_epochs as u64,
-            batch_size: spec.hyperparameters.batch_size as usize,
+            // The job's batch is global; each data-parallel rank trains its share of it.
+            batch_size: (spec.hyperparameters.batch_size / spec.resources.gpus.max(1)) as usize,
             device: settings.device.to_string(),
             eval_every: settings.checkpoint_every,
             checkpoint_every: settings.checkpoint_every,
@@ -89,6 +92,7 @@ pub fn train_config(spec: &JobSpec, paths: Paths<'_>, settings: Settings<'_>) ->
             keep_checkpoints: 0,
             gradient_checkpointing: spec.gradient_checkpointing,
             threads: settings.threads,
+            dtype: settings.dtype.to_string(),
             ..LoopSettings::default()
         },
         debug: DebugSettings::default(),
@@ -130,7 +134,7 @@ mod tests {
             "lora": {"rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}, "seed": 7,
         }));
         let paths = Paths { training_file: Path::new("/d/files/a"), validation_file: None, output_dir: Path::new("/d/jobs/j") };
-        let settings = Settings { models_root: &root, device: "cpu", checkpoint_every: 5, threads: 1 };
+        let settings = Settings { models_root: &root, device: "cpu", checkpoint_every: 5, threads: 1, dtype: "auto" };
         let config = train_config(&spec, paths, settings).unwrap();
         assert_eq!(config.method, Method::Lora);
         assert_eq!((config.train.epochs, config.train.batch_size, config.seed), (2, 8, 7));
@@ -142,7 +146,7 @@ mod tests {
 
         let missing = spec_with_model("absent");
         let paths = Paths { training_file: Path::new("/x"), validation_file: None, output_dir: Path::new("/y") };
-        let settings = Settings { models_root: &root, device: "cpu", checkpoint_every: 5, threads: 1 };
+        let settings = Settings { models_root: &root, device: "cpu", checkpoint_every: 5, threads: 1, dtype: "auto" };
         assert_eq!(train_config(&missing, paths, settings).unwrap_err().code, "model_not_found");
         std::fs::remove_dir_all(root).unwrap();
     }

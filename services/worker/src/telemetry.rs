@@ -27,6 +27,8 @@ pub struct Telemetry {
     memory_bytes: Family<Labels, Gauge>,
     attempts: Family<Labels, Counter>,
     info: Family<Labels, Gauge>,
+    rank_step_seconds: Family<Labels, FloatGauge>,
+    all_reduce_seconds: Family<Labels, FloatGauge>,
 }
 
 impl Telemetry {
@@ -42,6 +44,8 @@ impl Telemetry {
             memory_bytes: Family::default(),
             attempts: Family::default(),
             info: Family::default(),
+            rank_step_seconds: Family::default(),
+            all_reduce_seconds: Family::default(),
         };
         registry.register("lathe_worker_busy", "1 while an attempt runs", t.busy.clone());
         registry.register("lathe_worker_train_loss", "Training loss of the current attempt", t.train_loss.clone());
@@ -50,6 +54,16 @@ impl Telemetry {
         registry.register("lathe_worker_step", "Optimizer step of the current attempt", t.step.clone());
         registry.register("lathe_worker_memory_bytes", "Peak device (or process) memory of the current attempt", t.memory_bytes.clone());
         registry.register("lathe_worker_attempts", "Attempts ended, by outcome", t.attempts.clone());
+        registry.register(
+            "lathe_worker_rank_step_seconds",
+            "Data parallel: each rank's forward + backward time in the latest step (a straggler is the largest)",
+            t.rank_step_seconds.clone(),
+        );
+        registry.register(
+            "lathe_worker_all_reduce_seconds",
+            "Data parallel: time the latest step spent summing gradients over ranks",
+            t.all_reduce_seconds.clone(),
+        );
         registry.register(
             "lathe_worker_info",
             "1 per worker: its id, pools, device and where a scheduler placed it (Slurm job, pod)",
@@ -95,6 +109,16 @@ impl WorkerMetrics {
             t.tokens_per_second.get_or_create(&labels).clone(),
         );
         WorkerMetrics { busy, train_loss, valid_loss, tokens_per_second, step, memory_bytes, worker: worker.to_string(), telemetry }
+    }
+
+    /// A data-parallel step's per-rank compute times and gradient all-reduce time.
+    pub fn ranks(&self, rank_step_seconds: &[f64], all_reduce_seconds: f64) {
+        for (rank, seconds) in rank_step_seconds.iter().enumerate() {
+            let labels = vec![("worker".to_string(), self.worker.clone()), ("rank".to_string(), rank.to_string())];
+            self.telemetry.rank_step_seconds.get_or_create(&labels).set(*seconds);
+        }
+        let labels = vec![("worker".to_string(), self.worker.clone())];
+        self.telemetry.all_reduce_seconds.get_or_create(&labels).set(all_reduce_seconds);
     }
 
     /// Who this worker is, once registered: `lathe_worker_info{…} 1`.
@@ -156,6 +180,10 @@ mod tests {
         assert!(text.contains("lathe_worker_step{worker=\"a\"} 7"), "{text}");
         assert!(text.contains("lathe_worker_train_loss{worker=\"b\"} 2.5"), "{text}");
         assert!(text.contains("slurm_job_id=\"4242\""), "{text}");
+        a.ranks(&[0.5, 0.75], 0.125);
+        let text = telemetry.render();
+        assert!(text.contains("lathe_worker_rank_step_seconds{worker=\"a\",rank=\"1\"} 0.75"), "{text}");
+        assert!(text.contains("lathe_worker_all_reduce_seconds{worker=\"a\"} 0.125"), "{text}");
         a.attempt_ended("succeeded");
         let text = telemetry.render();
         assert!(text.contains("lathe_worker_busy{worker=\"a\"} 0") && text.contains("lathe_worker_step{worker=\"a\"} 0"), "{text}");

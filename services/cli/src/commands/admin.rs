@@ -118,6 +118,7 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                         gpu_name: None,
                         gpu_memory_bytes: None,
                         pools: &pools,
+                        gpus: 1,
                         version: "",
                         slurm_job_id: None,
                         pod_name: None,

@@ -31,6 +31,15 @@ pub struct TrainingArgs {
     /// GPU's memory on CUDA; 0 on the CPU, which takes only jobs that ask for none].
     #[arg(long, env = "LATHE_GPU_MEMORY_GB")]
     gpu_memory_gb: Option<u64>,
+    /// Devices a job may use as data-parallel ranks: a job asking for `gpus` ≤ N runs as that
+    /// many ranks on this worker (cuda:0..N-1 with CUDA; with --device cpu, CPU ranks sharing the
+    /// cores) [default: every visible GPU on CUDA, 1 on the CPU].
+    #[arg(long, env = "LATHE_GPUS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    gpus: Option<u16>,
+    /// Training dtype: auto (bf16 on GPUs and on CPUs that multiply bf16 natively, else fp32),
+    /// fp32 (bit-reproducible runs) or bf16.
+    #[arg(long, env = "LATHE_DTYPE", default_value = "auto", value_parser = ["auto", "fp32", "bf16"])]
+    dtype: String,
 }
 
 #[derive(Args, Clone)]
@@ -162,9 +171,15 @@ fn worker_config(training: &TrainingArgs, device: &ResolvedDevice, redis: &Redis
         device: device.name.clone(),
         gpu_name: device.gpu_name.clone(),
         gpu_memory_bytes: device.gpu_memory_bytes,
+        gpus: match training.gpus {
+            Some(n) => n as usize,
+            None if device.name.starts_with("cuda") => (tch::Cuda::device_count() as usize).max(1),
+            None => 1,
+        },
         models_root,
         checkpoint_every: training.checkpoint_every.max(1),
         threads: training.threads,
+        dtype: training.dtype.clone(),
         redis_url: redis.redis_url.clone(),
         redis_prefix: redis.redis_prefix.clone(),
         metrics_listen,
@@ -244,6 +259,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
                     gpu_name: None,
                     gpu_memory_bytes: None,
                     pools: &args.training.pools,
+                    gpus: 1,
                     version: env!("CARGO_PKG_VERSION"),
                     slurm_job_id: None,
                     pod_name: None,

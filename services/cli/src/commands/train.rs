@@ -80,16 +80,19 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         anyhow::bail!("--nproc starts its own ranks; under torchrun or srun leave it out (they set RANK/SLURM_PROCID)");
     }
     let mut local = None;
+    let forced_backend = std::env::var("LATHE_DIST_BACKEND").ok();
     let gang = match launched {
         Some(env) => {
             place_rank(&mut config, &env);
-            Gang::of(lathe_torch_ext::dist::ProcessGroup::join(&env.rendezvous(timeouts))?)
+            let backend = launch::backend_for(&config.train.device, forced_backend.as_deref())?;
+            Gang::of(lathe_torch_ext::dist::ProcessGroup::join(&env.rendezvous(timeouts, backend))?)
         }
         None if args.nproc > 1 => {
             let exe = std::env::current_exe().context("finding the lathe binary to start the other ranks")?;
             let mut ranks = LocalRanks::spawn(&exe, &rank_args(), args.nproc as usize)?;
             place_rank(&mut config, &ranks.env);
-            let group = ranks.join(timeouts)?;
+            let backend = launch::backend_for(&config.train.device, forced_backend.as_deref())?;
+            let group = ranks.join(timeouts, backend)?;
             local = Some(ranks);
             Gang::of(group)
         }

@@ -114,6 +114,7 @@ fn worker_view(w: &Worker, stale_before: lathe_store::time::OffsetDateTime) -> V
         "device_kind": w.device_kind,
         "gpu_name": w.gpu_name,
         "gpu_memory_bytes": w.gpu_memory_bytes,
+        "gpus": w.gpus,
         "version": w.version,
         "fleet_id": w.fleet_id,
         "slurm_job_id": w.slurm_job_id,

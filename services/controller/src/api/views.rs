@@ -62,6 +62,8 @@ pub fn job(job: &Job) -> Value {
             "gradient_checkpointing": spec.gradient_checkpointing,
             "pool": spec.resources.pool,
             "gpu_memory_gb": spec.resources.gpu_memory_gb,
+            "gpus": spec.resources.gpus,
+            "nodes": spec.resources.nodes,
             "priority": spec.resources.priority,
             "decontaminate": spec.decontaminate,
             "evaluations": spec.evaluations,

@@ -105,6 +105,7 @@ impl WorkerService for Service {
             device_kind,
             gpu_name: gpu_name.as_deref(),
             gpu_memory_bytes: Some(r.gpu_memory_bytes as i64).filter(|b| *b > 0),
+            gpus: r.gpus.clamp(1, 1024) as i32,
             pools: &pools,
             version: &r.version,
             slurm_job_id: slurm_job_id.as_deref(),

@@ -184,6 +184,16 @@ pub struct Resources {
     pub gpu_memory_gb: Option<u32>,
     /// -100..=100; higher is dispatched first.
     pub priority: i32,
+    /// Data-parallel ranks, one per GPU (docs/architecture.md §7); 1 unless asked.
+    #[serde(default = "one")]
+    pub gpus: u32,
+    /// Nodes those ranks span; 1 unless asked.
+    #[serde(default = "one")]
+    pub nodes: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -358,6 +368,7 @@ impl TryFrom<CreateJobRequest> for JobSpec {
             Some(s) if (0..=i64::from(i32::MAX)).contains(&s) => s as u64,
             Some(s) => return Err(SpecError::invalid("seed", format!("must be between 0 and {}, got {s}", i32::MAX))),
         };
+        let resources = resolve_resources(&request, hyperparameters.batch_size)?;
 
         let evaluations = resolve_evaluations(request.evaluations)?;
         if !evaluations.is_empty() && lora.is_none() {
@@ -384,7 +395,7 @@ impl TryFrom<CreateJobRequest> for JobSpec {
             seed,
             suffix: validate_suffix(request.suffix)?,
             metadata: validate_metadata(request.metadata)?,
-            resources: resolve_resources(request.pool, request.gpu_memory_gb, request.priority)?,
+            resources,
             decontaminate: resolve_decontaminate(request.decontaminate)?,
             evaluations,
         })
@@ -633,7 +644,8 @@ fn validate_metadata(metadata: Option<BTreeMap<String, String>>) -> Result<BTree
     Ok(metadata)
 }
 
-fn resolve_resources(pool: Option<String>, gpu_memory_gb: Option<i64>, priority: Option<i64>) -> Result<Resources, SpecError> {
+fn resolve_resources(request: &CreateJobRequest, batch_size: u32) -> Result<Resources, SpecError> {
+    let (pool, gpu_memory_gb, priority) = (request.pool.clone(), request.gpu_memory_gb, request.priority);
     let pool = pool.unwrap_or_else(|| DEFAULT_POOL.to_string());
     // The same rule as the Redis queue's pool keys, so an accepted job can always be published.
     let pool_ok =
@@ -651,7 +663,30 @@ fn resolve_resources(pool: Option<String>, gpu_memory_gb: Option<i64>, priority:
         Some(p) if (-100..=100).contains(&p) => p as i32,
         Some(p) => return Err(SpecError::invalid("priority", format!("must be between -100 and 100, got {p}"))),
     };
-    Ok(Resources { pool, gpu_memory_gb, priority })
+    let gpus = match request.gpus {
+        None => 1,
+        Some(g) if (1..=64).contains(&g) => g as u32,
+        Some(g) => return Err(SpecError::invalid("gpus", format!("must be between 1 and 64, got {g}"))),
+    };
+    if batch_size % gpus != 0 {
+        return Err(SpecError::invalid(
+            "gpus",
+            format!("hyperparameters.batch_size {batch_size} is the global batch and must split evenly over {gpus} GPUs"),
+        ));
+    }
+    let nodes = match request.nodes {
+        None | Some(1) => 1,
+        Some(n) if (2..=64).contains(&n) => {
+            // One worker runs all ranks of a job on its own node; a gang of workers across
+            // nodes is not dispatched yet. Multi-node runs go through srun (docs/data-parallel.md).
+            return Err(SpecError::unsupported(
+                "nodes",
+                format!("{n} nodes: the service runs a job on one node (up to its workers' GPUs); run multi-node training with srun, see docs/data-parallel.md"),
+            ));
+        }
+        Some(n) => return Err(SpecError::invalid("nodes", format!("must be between 1 and 64, got {n}"))),
+    };
+    Ok(Resources { pool, gpu_memory_gb, priority, gpus, nodes })
 }
 
 /// 5e-5 / 1e-4 is 0.5000000000000001 in binary; the job object shows 0.5.

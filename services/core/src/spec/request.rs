@@ -63,6 +63,13 @@ pub struct CreateJobRequest {
     pub gpu_memory_gb: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
+    /// Data-parallel ranks (GPUs) the job trains on; `hyperparameters.batch_size` is the
+    /// global batch, split evenly over them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<i64>,
+    /// Nodes the `gpus` span.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub priority: Option<i64>,
     /// Check the training file against evaluation sets before training and drop overlaps.

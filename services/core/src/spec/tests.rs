@@ -37,7 +37,7 @@ fn a_minimal_request_resolves_to_the_documented_defaults() {
     assert_eq!((spec.lr_scheduler, spec.warmup_ratio, spec.max_seq_length), (LrScheduler::Cosine, 0.03, 2048));
     assert!(!spec.packing && !spec.train_on_inputs && !spec.gradient_checkpointing);
     assert_eq!(spec.seed, 0);
-    assert_eq!(spec.resources, Resources { pool: "default".into(), gpu_memory_gb: None, priority: 0 });
+    assert_eq!(spec.resources, Resources { pool: "default".into(), gpu_memory_gb: None, priority: 0, gpus: 1, nodes: 1 });
 }
 
 #[test]
@@ -70,7 +70,7 @@ fn the_cve_cwe_recipe_round_trips_through_the_stored_json() {
     assert_eq!(lora.target_modules, ["q_proj", "v_proj"], "checkpoint order");
     assert_eq!(spec.quantization, None);
     assert_eq!(spec.suffix.as_deref(), Some("cve-cwe"));
-    assert_eq!(spec.resources, Resources { pool: "a100".into(), gpu_memory_gb: Some(24), priority: 10 });
+    assert_eq!(spec.resources, Resources { pool: "a100".into(), gpu_memory_gb: Some(24), priority: 10, gpus: 1, nodes: 1 });
 
     let stored = serde_json::to_value(&spec).unwrap();
     assert_eq!(stored["method"], "supervised");
@@ -245,6 +245,21 @@ fn suffix_metadata_and_resources_follow_openai_and_lathe_limits() {
     assert_eq!(spec(json!({"priority": -100})).unwrap().resources.priority, -100);
     assert_eq!(rejection(json!({"pool": "../x"})).param, "pool");
     assert_eq!(rejection(json!({"gpu_memory_gb": 0})).param, "gpu_memory_gb");
+}
+
+#[test]
+fn gpus_split_the_global_batch_and_multi_node_is_refused_by_name() {
+    let two = spec(json!({"gpus": 2, "hyperparameters": {"batch_size": 8}})).unwrap();
+    assert_eq!((two.resources.gpus, two.resources.nodes, two.hyperparameters.batch_size), (2, 1, 8));
+    let uneven = rejection(json!({"gpus": 3, "hyperparameters": {"batch_size": 8}}));
+    assert_eq!(uneven.param, "gpus");
+    assert!(uneven.message.contains("batch_size 8"), "{}", uneven.message);
+    assert_eq!(rejection(json!({"gpus": 0})).param, "gpus");
+    assert_eq!(rejection(json!({"gpus": 65})).param, "gpus");
+    let nodes = rejection(json!({"gpus": 2, "nodes": 2}));
+    assert_eq!(nodes.param, "nodes");
+    assert!(nodes.message.contains("srun"), "{}", nodes.message);
+    assert_eq!(spec(json!({"nodes": 1})).unwrap().resources.nodes, 1);
 }
 
 #[test]

@@ -103,6 +103,7 @@ pub async fn worker_with(pool: &PgPool, name: &str, pools: &[String], gpu_memory
         gpu_name: None,
         gpu_memory_bytes,
         pools,
+        gpus: 1,
         version: "test",
         slurm_job_id: None,
         pod_name: None,

@@ -13,6 +13,7 @@ async fn a_registered_worker_authenticates_with_its_token_and_heartbeats() {
         gpu_name: Some("A100"),
         gpu_memory_bytes: Some(80 << 30),
         pools: &pools,
+        gpus: 1,
         version: "0.1.0",
         slurm_job_id: None,
         pod_name: None,
@@ -41,6 +42,7 @@ async fn a_revoked_worker_token_no_longer_authenticates_and_the_worker_drains() 
         gpu_name: None,
         gpu_memory_bytes: None,
         pools: &pools,
+        gpus: 1,
         version: "",
         slurm_job_id: None,
         pod_name: None,
@@ -77,7 +79,17 @@ async fn one_replica_leads_until_its_session_ends() {
 }
 
 fn instance<'a>(name: &'a str, pools: &'a [String], slurm_job_id: Option<&'a str>) -> NewWorker<'a> {
-    NewWorker { name, device_kind: "cuda", gpu_name: None, gpu_memory_bytes: None, pools, version: "", slurm_job_id, pod_name: None }
+    NewWorker {
+        name,
+        device_kind: "cuda",
+        gpu_name: None,
+        gpu_memory_bytes: None,
+        pools,
+        gpus: 1,
+        version: "",
+        slurm_job_id,
+        pod_name: None,
+    }
 }
 
 #[tokio::test]

@@ -202,6 +202,15 @@ impl TrainConfig {
         Ok(config)
     }
 
+    /// Writes the config as TOML that [`TrainConfig::from_toml_file`] reads back unchanged: how
+    /// a worker hands a job's settings to the other ranks of a data-parallel attempt.
+    pub fn write_toml_file(&self, path: &Path) -> Result<()> {
+        let text = toml::to_string(self).map_err(|e| TrainerError::file(path, format!("cannot write the config as TOML: {e}")))?;
+        let tmp = path.with_extension("toml.tmp");
+        std::fs::write(&tmp, text).map_err(|e| TrainerError::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| TrainerError::io(path, e))
+    }
+
     pub fn lora_config(&self) -> Result<LoraConfig> {
         let target_modules = match &self.lora.target_modules {
             TargetModulesSetting::Keyword(k) if k == "all-linear" || k == "all" => TargetModules::AllLinear,
@@ -286,6 +295,21 @@ impl WithTomlSpan for TrainerError {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_config_written_as_toml_reads_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config: TrainConfig =
+            toml::from_str("model = \"/m\"\ntrain_file = \"/t.jsonl\"\noutput_dir = \"/o\"\n[lora]\ntarget_modules = [\"q_proj\"]\n")
+                .unwrap();
+        config.validation_file = Some("/v.jsonl".into());
+        config.train.batch_size = 3;
+        let path = dir.path().join("rank.toml");
+        config.write_toml_file(&path).unwrap();
+        let back = TrainConfig::from_toml_file(&path).unwrap();
+        assert_eq!(serde_json::to_value(&back).unwrap(), serde_json::to_value(&config).unwrap());
+    }
+
     use super::*;
 
     fn parse(extra: &str) -> TrainConfig {

@@ -1,0 +1,56 @@
+"""Data parallel through the service: a job asking for `gpus: 2` runs as two ranks on a worker
+that offers two (`--gpus 2`; CPU ranks here, cuda:0 and cuda:1 on a GPU node). Its batch_size
+is the global batch, so its loss curve equals the same job on one rank, and its adapter loads
+in PEFT. A worker offering fewer GPUs never claims it, and a multi-node job is refused at
+create, naming the field."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from lathe_service import MODEL, create_job, metrics_curve, wait_for_status, wait_until
+
+
+
+def test_a_2_gpu_job_runs_as_two_ranks_and_learns_what_one_rank_learns(service, client, api_key, training_file_id, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    # The session's plain worker offers one GPU: it must leave the 2-GPU job alone.
+    two = create_job(client, training_file_id, n_epochs=2, pool="dp", extra={"gpus": 2}, batch_size=8)
+    # fp32: bf16 rounds the two summation orders apart at its own 1e-3 level.
+    service.start_worker(pools="dp", extra_args=("--gpus", "2", "--dtype", "fp32"))
+    one = create_job(client, training_file_id, n_epochs=2, pool="dp", extra={"gpus": 1}, batch_size=8)
+    two, one = wait_for_status(client, two.id, "succeeded", timeout=300), wait_for_status(client, one.id, "succeeded", timeout=300)
+    assert service.psql(f"SELECT gpus FROM jobs WHERE id = '{two.id}'") == [["2"]]
+
+    events = [e.message for e in client.fine_tuning.jobs.list_events(two.id, limit=100)]
+    assert any("Data parallel: 2 ranks" in m for m in events), events
+    curve_two, curve_one = metrics_curve(service, api_key, two.id), metrics_curve(service, api_key, one.id)
+    assert [p["step"] for p in curve_two] == [p["step"] for p in curve_one] and len(curve_one) >= 2
+    for a, b in zip(curve_two, curve_one):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6), f"step {a['step']}: 2 ranks {a['train_loss']!r}, 1 rank {b['train_loss']!r}"
+
+    adapter_dir = tmp_path / "adapter"
+    adapter_dir.mkdir()
+    for file_id in two.result_files:
+        (adapter_dir / client.files.retrieve(file_id).filename).write_bytes(client.files.content(file_id).read())
+    torch.set_num_threads(1)
+    base = AutoModelForCausalLM.from_pretrained(service.models_root / MODEL, dtype=torch.float32).eval()
+    input_ids = torch.randint(0, base.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base_logits = base(input_ids=input_ids).logits
+        tuned_logits = PeftModel.from_pretrained(base, adapter_dir).eval()(input_ids=input_ids).logits
+    assert (tuned_logits - base_logits).abs().max().item() > 1e-3, "the 2-rank adapter changes nothing"
+
+
+def test_gpus_must_split_the_batch_and_multi_node_is_refused_at_create(client, training_file_id):
+    with pytest.raises(openai.BadRequestError) as uneven:
+        create_job(client, training_file_id, extra={"gpus": 3}, batch_size=4)
+    assert uneven.value.body["param"] == "gpus"
+    with pytest.raises(openai.BadRequestError) as nodes:
+        create_job(client, training_file_id, extra={"gpus": 2, "nodes": 2}, batch_size=4)
+    assert nodes.value.body["param"] == "nodes"
+    assert "srun" in nodes.value.body["message"]
