@@ -110,6 +110,35 @@ def loss_agreement(model_dir: Path, work: Path, device: str):
         "PASS" if ok else "FAIL")
 
 
+def data_parallel(model_dir: Path, work: Path, device: str, ranks: int):
+    """`lathe train --nproc N` (NCCL on GPUs when built with it, Gloo on the CPU) against one
+    process with N times the batch: same rows per step, so the losses must agree."""
+    steps, per_rank = 6, 2
+    one = lora_run(model_dir, work, "dp-one", device, "fp32", steps, batch_size=per_rank * ranks)
+    out = work / "dp-ranks"
+    data = write_chat_dataset(work / "train.jsonl")
+    train = {"device": device, "dtype": "fp32", "epochs": 50, "max_steps": steps, "batch_size": per_rank}
+    path = work / "dp-ranks.toml"
+    path.write_text(to_toml(train_config(model_dir, data, out, train=train, debug={"dump_batches": False})))
+    lathe("train", path, "--nproc", str(ranks))
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    started = next(e for e in events if e.get("type") == "started")
+    many = [e for e in events if e.get("type") == "step"]
+    worst = max(abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(many, one))
+    # CPU fp32 agrees to summation order (~1e-7); GPU kernels differ a little more per batch shape.
+    bound = 1e-6 if device == "cpu" else 1e-4
+    ok = len(many) == len(one) == steps and started["ranks"] == ranks and worst <= bound
+    row(f"data parallel {ranks} ranks ({started['dist_backend']}) vs 1 process, {device}",
+        f"worst relative loss difference {worst:.2e} (bound {bound:.0e})", "PASS" if ok else "FAIL")
+    reduce = statistics.median(e["all_reduce_seconds"] for e in many[1:])
+    step = statistics.median(max(e["rank_step_seconds"]) + e["all_reduce_seconds"] for e in many[1:])
+    row(f"data parallel {ranks} ranks: throughput", f"{statistics.median(e['tokens_per_second'] for e in many[1:]):,.0f} tokens/s "
+        f"summed over ranks; all-reduce {reduce * 1e3:.1f} ms = {reduce / step:.0%} of a step", "INFO")
+    if device != "cpu" and started["dist_backend"] != "nccl":
+        row("NCCL", f"GPU ranks ran on {started['dist_backend']}: this lathe was built without NCCL headers "
+            "(services/torch-ext/build.rs)", "FAIL")
+
+
 def throughput(model_dir: Path, work: Path, device: str, dtype: str, label: str, steps: int, **overrides):
     events = lora_run(model_dir, work, f"speed-{label}", device, dtype, steps, **overrides)
     rates = [e["tokens_per_second"] for e in events[1:]] or [events[0]["tokens_per_second"]]
@@ -198,6 +227,7 @@ def main():
               "  - a 5-step LoRA run on CUDA vs the CPU (relative loss difference <= 1e-3)\n"
               "  - small preset LoRA r16 seq 512 batch 4 bf16: tokens/s, peak device memory, vs transformers+PEFT\n"
               "  - a Qwen3-4B-shaped model, LoRA r64 bf16 with gradient checkpointing, if the GPU has >= 20 GiB\n"
+              "  - with 2+ GPUs: data parallel over every GPU on NCCL vs one GPU with the whole batch (<= 1e-4)\n"
               "Running the same harness on the CPU with the tiny preset instead (a self-test of this script).\n")
         device, preset = "cpu", "tiny"
     else:
@@ -223,8 +253,13 @@ def main():
             throughput(big, args.out, device, "bf16", "4B shape", 4, batch_size=1,
                        data={"max_seq_length": 1024, "packing": True}, lora={"rank": 64, "alpha": 128.0},
                        train={"gradient_checkpointing": True})
+        if gpus >= 2:
+            data_parallel(model_dir, args.out, device, gpus)
+        else:
+            row("data parallel (NCCL)", f"skipped: {gpus} GPU; needs 2", "SKIP")
     else:
         throughput(model_dir, args.out, "cpu", "fp32", "tiny (CPU self-test)", 4)
+        data_parallel(model_dir, args.out, "cpu", 2)
 
     (args.out / "gpu_check.json").write_text(json.dumps({"device": device, "doctor": report, "rows": ROWS}, indent=2))
     print("\n| verdict | check | result |\n|---|---|---|")

@@ -1,5 +1,6 @@
-"""Data parallel launched by Slurm: `srun lathe train …` in a two-node allocation of the test
-cluster (two slurmd on this machine) trains exactly what `lathe train --nproc 2` trains.
+"""Data parallel launched by Slurm: deploy/slurm/lathe-train-multinode.sbatch (`srun lathe
+train …`) in a two-node allocation of the test cluster (two slurmd on this machine) trains
+exactly what `lathe train --nproc 2` trains.
 
 srun sets SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_STEP_NODELIST for each task. The test
 cluster's node names (n1, n2) are not host names, so the batch script sets MASTER_ADDR, as a
@@ -10,7 +11,6 @@ used.
 from __future__ import annotations
 
 import json
-import shlex
 import subprocess
 from pathlib import Path
 
@@ -70,15 +70,12 @@ def test_srun_ranks_train_what_nproc_ranks_train(tmp_path):
                            capture_output=True, text=True, timeout=600)
     assert local.returncode == 0, local.stderr[-3000:]
 
-    script = tmp_path / "train.sbatch"
-    script.write_text(f"""#!/bin/bash
-#SBATCH --nodes=2
-#SBATCH --ntasks-per-node=1
-export MASTER_ADDR=127.0.0.1 GLOO_SOCKET_IFNAME=lo
-srun {shlex.quote(str(lathe))} train {shlex.quote(str(_config(tmp_path, model, "srun")))}
-""")
-    with SlurmCluster(tmp_path / "slurm", [Node("n1"), Node("n2")]) as cluster:
-        job = cluster.sbatch(str(script))
+    # The shipped template, on CPU nodes: one task per node, the fake GPU each node has.
+    template = Path(__file__).resolve().parents[2] / "deploy" / "slurm" / "lathe-train-multinode.sbatch"
+    env = "ALL,LATHE_DEVICE=cpu,MASTER_ADDR=127.0.0.1,GLOO_SOCKET_IFNAME=lo,OMP_NUM_THREADS=1," + f"LATHE_BIN={lathe}"
+    with SlurmCluster(tmp_path / "slurm", [Node("n1", gpus=1), Node("n2", gpus=1)]) as cluster:
+        job = cluster.sbatch("--nodes=2", "--ntasks-per-node=1", "--gres=gpu:1", "--cpus-per-task=1", f"--export={env}",
+                             str(template), str(_config(tmp_path, model, "srun")))
         cluster.wait_job_gone(job, timeout=300)
         output = cluster.output_of(job).read_text() if cluster.output_of(job).exists() else ""
     srun_out = tmp_path / "srun"

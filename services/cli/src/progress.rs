@@ -33,10 +33,13 @@ impl ProgressPrinter {
                 total_parameters,
                 device,
                 dtype,
+                ranks,
+                dist_backend,
                 ..
             } => {
+                let ranks = if *ranks > 1 { format!(" × {ranks} ranks ({dist_backend})") } else { String::new() };
                 eprintln!(
-                    "training {trainable_parameters} of {total_parameters} parameters on {device} ({dtype}); \
+                    "training {trainable_parameters} of {total_parameters} parameters on {device}{ranks} ({dtype}); \
                      {train_examples} examples in {train_rows} rows ({truncated_examples} truncated, {dropped_examples} without trainable tokens)"
                 );
                 let bar = ProgressBar::new(*total_steps);

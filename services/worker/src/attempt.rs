@@ -323,7 +323,7 @@ fn start_ranks(
     let mut children = lathe_trainer::launch::LocalRanks::spawn(&exe, &args, ranks)?;
     let backend = lathe_trainer::launch::backend_for(&train.train.device, std::env::var("LATHE_DIST_BACKEND").ok().as_deref())?;
     let group = children.join(lathe_trainer::launch::Timeouts::default(), backend)?;
-    Ok((Gang::of(group), children))
+    Ok((Gang::of(group, backend), children))
 }
 
 struct Prepared {

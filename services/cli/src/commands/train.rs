@@ -85,7 +85,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         Some(env) => {
             place_rank(&mut config, &env);
             let backend = launch::backend_for(&config.train.device, forced_backend.as_deref())?;
-            Gang::of(lathe_torch_ext::dist::ProcessGroup::join(&env.rendezvous(timeouts, backend))?)
+            Gang::of(lathe_torch_ext::dist::ProcessGroup::join(&env.rendezvous(timeouts, backend))?, backend)
         }
         None if args.nproc > 1 => {
             let exe = std::env::current_exe().context("finding the lathe binary to start the other ranks")?;
@@ -94,7 +94,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             let backend = launch::backend_for(&config.train.device, forced_backend.as_deref())?;
             let group = ranks.join(timeouts, backend)?;
             local = Some(ranks);
-            Gang::of(group)
+            Gang::of(group, backend)
         }
         None => Gang::single(),
     };

@@ -668,7 +668,7 @@ fn resolve_resources(request: &CreateJobRequest, batch_size: u32) -> Result<Reso
         Some(g) if (1..=64).contains(&g) => g as u32,
         Some(g) => return Err(SpecError::invalid("gpus", format!("must be between 1 and 64, got {g}"))),
     };
-    if batch_size % gpus != 0 {
+    if !batch_size.is_multiple_of(gpus) {
         return Err(SpecError::invalid(
             "gpus",
             format!("hyperparameters.batch_size {batch_size} is the global batch and must split evenly over {gpus} GPUs"),

@@ -22,6 +22,8 @@ pub enum Event {
         dtype: String,
         /// Data-parallel ranks (1 for a one-process run).
         ranks: usize,
+        /// The collectives' backend: gloo, nccl, or none for a one-process run.
+        dist_backend: String,
     },
     /// One optimizer step finished.
     Step(StepMetrics),

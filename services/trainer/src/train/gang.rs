@@ -15,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use lathe_torch_ext::dist::ProcessGroup;
+use lathe_torch_ext::dist::{Backend, ProcessGroup};
 use tch::{Kind, Tensor};
 
 use crate::Result;
@@ -26,16 +26,27 @@ const BUCKET_BYTES: usize = 64 << 20;
 
 pub struct Gang {
     group: Option<ProcessGroup>,
+    backend: Backend,
 }
 
 impl Gang {
     /// A run on one process.
     pub fn single() -> Gang {
-        Gang { group: None }
+        Gang { group: None, backend: Backend::Gloo }
     }
 
-    pub fn of(group: ProcessGroup) -> Gang {
-        Gang { group: (group.world() > 1).then_some(group) }
+    /// The ranks of `group`, whose collectives run on `backend`.
+    pub fn of(group: ProcessGroup, backend: Backend) -> Gang {
+        Gang { group: (group.world() > 1).then_some(group), backend }
+    }
+
+    /// "gloo" or "nccl"; "none" for a one-process run.
+    pub fn backend_name(&self) -> &'static str {
+        if self.group.is_some() {
+            self.backend.name()
+        } else {
+            "none"
+        }
     }
 
     pub fn rank(&self) -> usize {

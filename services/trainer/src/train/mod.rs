@@ -92,6 +92,7 @@ pub fn run_in(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks, ga
         device: format!("{:?}", inputs.device).to_lowercase(),
         dtype: device::dtype_name(inputs.kind).into(),
         ranks: gang.world(),
+        dist_backend: gang.backend_name().into(),
     })?;
 
     // ---- loop ----
