@@ -145,3 +145,28 @@ def test_torchrun_launches_the_same_run(tmp_path, tiny_model):
     a, b = _losses(tmp_path / "nproc"), _losses(tmp_path / "torchrun")
     assert a == b, "torchrun and --nproc ran different trainings"
     assert not list((tmp_path / "torchrun").glob("events.jsonl.*")), "only rank 0 writes"
+
+
+def test_sigterm_to_rank_0_stops_every_rank_at_a_checkpoint_and_resume_matches(tmp_path, tiny_model):
+    model = tiny_model("qwen3")
+    run_lathe("train", _config(tmp_path, model, "straight", 4), "--nproc", "2")
+    straight = _losses(tmp_path / "straight")
+
+    config = _config(tmp_path, model, "stopped", 4)
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([str(find_lathe_bin()), "train", str(config), "--nproc", "2", "--json"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(_losses(out) if (out / "events.jsonl").exists() else {}) < 5:
+        time.sleep(0.05)
+    children = _child_pids(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, f"expected exit 130 after SIGTERM, got {proc.returncode}: {stderr[-2000:]}"
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children), "a child rank outlived the stop"
+    stopped_at = max(_losses(out))
+    assert stopped_at < STEPS, "the run finished before SIGTERM arrived; the test proves nothing"
+    assert (out / "checkpoints" / f"step-{stopped_at:06d}" / "state.json").is_file(), stderr[-2000:]
+
+    run_lathe("train", config, "--resume", "--nproc", "2")
+    assert _losses(out) == straight

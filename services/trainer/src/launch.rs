@@ -82,6 +82,9 @@ pub fn backend_for(device: &str, forced: Option<&str>) -> Result<Backend> {
     }
 }
 
+/// How `lathe train` exits when asked to stop (SIGINT/SIGTERM) after writing a checkpoint.
+pub const STOPPED_EXIT_CODE: i32 = 130;
+
 /// Ranks 1..N of a gang on this machine, as child processes; this process is rank 0
 /// (`lathe train --nproc N`, and a worker running a multi-device job). Children get the
 /// torchrun variables, die with this process (PR_SET_PDEATHSIG), and are killed when this value
@@ -153,12 +156,13 @@ impl LocalRanks {
         self.children.iter_mut().find_map(|(rank, c)| c.try_wait().ok().flatten().map(|s| (*rank, s)))
     }
 
-    /// Waits for every child; the first failure, if any.
+    /// Waits for every child; the first failure, if any. Exit code 130 is a rank that stopped
+    /// with the others on request (SIGTERM): rank 0's outcome says so, it is no failure.
     pub fn wait(mut self) -> Result<()> {
         let mut failed = None;
         for (rank, child) in &mut self.children {
             let status = child.wait().map_err(|e| TrainerError::io(format!("rank {rank}"), e))?;
-            if !status.success() && failed.is_none() {
+            if !status.success() && status.code() != Some(STOPPED_EXIT_CODE) && failed.is_none() {
                 failed = Some(format!("rank {rank} exited ({status})"));
             }
         }

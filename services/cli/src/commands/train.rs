@@ -121,7 +121,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     if !leader {
         return match outcome {
             Outcome::Finished { .. } => Ok(()),
-            Outcome::Stopped { .. } => std::process::exit(130),
+            Outcome::Stopped { .. } => std::process::exit(launch::STOPPED_EXIT_CODE),
         };
     }
     match outcome {
@@ -143,7 +143,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 Some(c) => eprintln!("stopped after step {step}; resume with --resume-from {}", c.display()),
                 None => eprintln!("stopped before the first step"),
             }
-            std::process::exit(130);
+            std::process::exit(launch::STOPPED_EXIT_CODE);
         }
     }
 }
