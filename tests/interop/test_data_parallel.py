@@ -122,6 +122,8 @@ def test_a_rank_killed_with_sigkill_resumes_from_the_checkpoint_and_repeats_the_
     assert (out / "checkpoints" / "step-000005" / "state.json").is_file(), stderr[-2000:]
     assert not (out / "adapter").exists(), "a failed run must not write final outputs"
 
+    alone = subprocess.run([str(find_lathe_bin()), "train", str(config), "--resume"], capture_output=True, text=True, timeout=120)
+    assert alone.returncode != 0 and "--nproc 2" in alone.stderr, f"a 2-rank checkpoint resumed on 1 rank: {alone.stderr[-1000:]}"
     run_lathe("train", config, "--resume", "--nproc", "2")
     resumed = _losses(out)
     assert sorted(resumed) == sorted(straight)

@@ -6,10 +6,14 @@ create, naming the field."""
 
 from __future__ import annotations
 
+import os
+import signal
+from pathlib import Path
+
 import openai
 import pytest
 
-from lathe_service import MODEL, create_job, metrics_curve, wait_for_status, wait_until
+from lathe_service import MODEL, create_job, metrics_curve, wait_for_status, wait_for_step, wait_until
 
 
 
@@ -54,3 +58,35 @@ def test_gpus_must_split_the_batch_and_multi_node_is_refused_at_create(client, t
         create_job(client, training_file_id, extra={"gpus": 2, "nodes": 2}, batch_size=4)
     assert nodes.value.body["param"] == "nodes"
     assert "srun" in nodes.value.body["message"]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Children of every thread of `pid` (the worker spawns ranks from its training thread)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(p) for p in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def test_a_killed_rank_fails_the_attempt_and_the_job_resumes_to_the_unbroken_curve(service, client, api_key, training_file_id):
+    worker = service.start_worker(pools="dp-kill", extra_args=("--gpus", "2", "--dtype", "fp32"))
+    unbroken = create_job(client, training_file_id, n_epochs=6, pool="dp-kill", extra={"gpus": 2}, batch_size=8)
+    unbroken = wait_for_status(client, unbroken.id, "succeeded", timeout=300)
+
+    job = create_job(client, training_file_id, n_epochs=6, pool="dp-kill", extra={"gpus": 2}, batch_size=8)
+    wait_for_step(service, client, api_key, job.id, 5)
+    ranks = wait_until(lambda: _descendants(worker.pid) or None, 30, "the worker's child rank")
+    os.kill(ranks[0], signal.SIGKILL)
+    wait_for_status(client, job.id, "succeeded", timeout=300)
+
+    attempts = service.attempts(job.id)
+    assert attempts[0]["outcome"] == "crashed", attempts
+    assert len(attempts) >= 2 and attempts[-1]["resumed_from_step"], f"the job did not resume from a checkpoint: {attempts}"
+    reason = service.psql(f"SELECT reason FROM attempts WHERE job_id = '{job.id}' AND number = 1")[0][0]
+    assert "rank" in reason, reason
+    assert not _descendants(worker.pid), "a rank outlived its attempt"
+    assert [(p["step"], p["train_loss"]) for p in metrics_curve(service, api_key, job.id)] == \
+        [(p["step"], p["train_loss"]) for p in metrics_curve(service, api_key, unbroken.id)]

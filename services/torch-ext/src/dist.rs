@@ -70,10 +70,9 @@ pub struct ProcessGroup {
     world: usize,
 }
 
-// c10d backends may be used from any thread as long as calls are ordered, which `&self`
-// methods called from one training loop are.
+// A group may move to another thread (the worker's training thread); it is not Sync, since
+// calls from two threads at once could reach the ranks in different orders.
 unsafe impl Send for ProcessGroup {}
-unsafe impl Sync for ProcessGroup {}
 
 const ERR_LEN: usize = 2048;
 

@@ -33,6 +33,14 @@ pub struct CheckpointState {
     /// Fingerprint of the training rows; a resume with other data is refused.
     pub data_fingerprint: String,
     pub config: serde_json::Value,
+    /// Data-parallel ranks that trained it: a step's rows depend on the count, so a resume at
+    /// another count is refused. Absent (1) in checkpoints from before data parallel.
+    #[serde(default = "one_rank")]
+    pub ranks: usize,
+}
+
+fn one_rank() -> usize {
+    1
 }
 
 /// Writes `final_dir` atomically: `fill` writes into a temporary sibling directory which is

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use lathe_torch_ext::dist::{Backend, ProcessGroup, Rendezvous, NCCL_BUILT};
+use lathe_torch_ext::dist::{Backend, DistError, ProcessGroup, Rendezvous, NCCL_BUILT};
 
 use crate::{Result, TrainerError};
 
@@ -63,6 +63,28 @@ impl RankEnv {
     }
 }
 
+/// The device of local rank `local_rank` when the config says `device`: GPU ranks take
+/// consecutive GPUs from the configured one (`cuda` and `auto` on a CUDA machine start at 0),
+/// wrapping around the `cuda_count` GPUs this process sees (one, when srun binds a GPU per task).
+/// Other devices are left alone.
+pub fn rank_device(device: &str, local_rank: usize, cuda_count: usize) -> String {
+    let base = match device {
+        "cuda" => Some(0),
+        "auto" if cuda_count > 0 => Some(0),
+        d => d.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()),
+    };
+    match base {
+        Some(base) if cuda_count > 0 => format!("cuda:{}", (base + local_rank) % cuda_count),
+        _ => device.to_string(),
+    }
+}
+
+/// libtorch threads per rank when `ranks` share this machine's cores and nobody chose
+/// (OMP_NUM_THREADS or `train.threads`): an even share, at least one.
+pub fn threads_per_rank(ranks: usize) -> usize {
+    (std::thread::available_parallelism().map_or(1, |n| n.get()) / ranks.max(1)).max(1)
+}
+
 /// The collectives' backend for a rank training on `device` (already placed: `cuda:N`): NCCL
 /// on a GPU when this build has it, else Gloo (CPU ranks; GPU ranks through host staging).
 /// `LATHE_DIST_BACKEND=gloo` forces Gloo; `=nccl` refuses to fall back.
@@ -111,8 +133,7 @@ impl LocalRanks {
             interface: Some("lo".into()),
         };
         // Each rank takes its share of the cores unless the caller chose (torchrun sets 1).
-        let threads = std::env::var("OMP_NUM_THREADS")
-            .unwrap_or_else(|_| (std::thread::available_parallelism().map_or(1, |n| n.get()) / world).max(1).to_string());
+        let threads = std::env::var("OMP_NUM_THREADS").unwrap_or_else(|_| threads_per_rank(world).to_string());
         let mut ranks = LocalRanks { children: Vec::new(), env };
         for rank in 1..world {
             let mut cmd = Command::new(exe);
@@ -145,7 +166,7 @@ impl LocalRanks {
                 return Ok(joining.join().expect("the join thread does not panic")?);
             }
             if let Some((rank, status)) = self.exited() {
-                return Err(TrainerError::Stopped(format!("rank {rank} exited ({status}) before the gang formed")));
+                return Err(rank_failed(rank, self.env.world, format!("exited ({status}) before the gang formed")));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -163,11 +184,12 @@ impl LocalRanks {
         for (rank, child) in &mut self.children {
             let status = child.wait().map_err(|e| TrainerError::io(format!("rank {rank}"), e))?;
             if !status.success() && status.code() != Some(STOPPED_EXIT_CODE) && failed.is_none() {
-                failed = Some(format!("rank {rank} exited ({status})"));
+                failed = Some((*rank, format!("exited ({status})")));
             }
         }
         self.children.clear();
-        failed.map_or(Ok(()), |m| Err(TrainerError::Stopped(m)))
+        let world = self.env.world;
+        failed.map_or(Ok(()), |(rank, m)| Err(rank_failed(rank, world, m)))
     }
 
     /// Process ids of the child ranks.
@@ -185,12 +207,22 @@ impl Drop for LocalRanks {
     }
 }
 
+/// A child rank's failure: a crash of the attempt (retried from its checkpoint), never a stop.
+fn rank_failed(rank: usize, world: usize, message: String) -> TrainerError {
+    TrainerError::Distributed(DistError { op: "rank", rank, world, message })
+}
+
 fn die_with_parent(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
-        cmd.pre_exec(|| {
+        let parent = libc::getpid();
+        cmd.pre_exec(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            // The parent may have died before prctl took effect.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
             Ok(())
         });
     }
@@ -345,6 +377,18 @@ mod tests {
         assert_eq!(backend_for("cuda:1", Some("gloo")).unwrap(), Backend::Gloo);
         assert!(backend_for("cpu", Some("nccl")).unwrap_err().to_string().contains("LATHE_DIST_BACKEND"));
         assert!(backend_for("cpu", Some("mpi")).is_err());
+    }
+
+    #[test]
+    fn gpu_ranks_take_consecutive_gpus_from_the_configured_one() {
+        assert_eq!(rank_device("cuda", 3, 4), "cuda:3");
+        assert_eq!(rank_device("cuda:2", 1, 4), "cuda:3");
+        assert_eq!(rank_device("cuda:2", 3, 4), "cuda:1");
+        assert_eq!(rank_device("auto", 1, 2), "cuda:1");
+        // srun with one GPU bound per task: every rank sees cuda:0.
+        assert_eq!(rank_device("cuda", 5, 1), "cuda:0");
+        assert_eq!(rank_device("auto", 1, 0), "auto");
+        assert_eq!(rank_device("cpu", 1, 4), "cpu");
     }
 
     #[test]

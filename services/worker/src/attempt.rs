@@ -278,6 +278,10 @@ fn start_trainer(
         let abandon = || signals.should_abandon();
         // Ranks 1.. are child processes; dropping `children` kills whatever is left of them, so
         // a failed attempt frees every rank.
+        let mut train = train;
+        if ranks > 1 && train.train.threads == 0 && std::env::var_os("OMP_NUM_THREADS").is_none() {
+            train.train.threads = lathe_trainer::launch::threads_per_rank(ranks);
+        }
         let (gang, children) = match ranks {
             1 => (Gang::single(), None),
             n => {
@@ -292,7 +296,11 @@ fn start_trainer(
             &gang,
         )?;
         if let Some(children) = children {
-            children.wait()?;
+            match (children.wait(), &outcome) {
+                // Rank 0 finished every collective, so the others trained every step with it.
+                (Err(error), Outcome::Finished { .. }) => tracing::warn!(%error, "a rank failed after the run finished"),
+                (result, _) => result?,
+            }
         }
         Ok(outcome)
     });
@@ -308,18 +316,16 @@ fn start_ranks(
 ) -> lathe_trainer::Result<(Gang, lathe_trainer::launch::LocalRanks)> {
     let dir = &train.output_dir;
     std::fs::create_dir_all(dir).map_err(|e| TrainerError::io(dir, e))?;
-    let mut rank_config = train.clone();
-    if rank_config.train.device.starts_with("cuda") {
-        // Each child takes cuda:LOCAL_RANK.
-        rank_config.train.device = "cuda".into();
-    }
+    // The same device as rank 0 (cuda:i): each child takes the GPU its LOCAL_RANK further on
+    // (launch::rank_device).
     let path = dir.join("rank-config.toml");
-    rank_config.write_toml_file(&path)?;
+    train.write_toml_file(&path)?;
     let mut args = vec!["train".to_string(), path.display().to_string()];
     if let Some(checkpoint) = resume {
         args.extend(["--resume-from".to_string(), checkpoint.display().to_string()]);
     }
-    let exe = std::env::current_exe().map_err(|e| TrainerError::io("/proc/self/exe", e))?;
+    // The very binary running this worker, even if an upgrade replaced the file since.
+    let exe = PathBuf::from("/proc/self/exe");
     let mut children = lathe_trainer::launch::LocalRanks::spawn(&exe, &args, ranks)?;
     let backend = lathe_trainer::launch::backend_for(&train.train.device, std::env::var("LATHE_DIST_BACKEND").ok().as_deref())?;
     let group = children.join(lathe_trainer::launch::Timeouts::default(), backend)?;

@@ -173,7 +173,11 @@ fn worker_config(training: &TrainingArgs, device: &ResolvedDevice, redis: &Redis
         gpu_memory_bytes: device.gpu_memory_bytes,
         gpus: match training.gpus {
             Some(n) => n as usize,
-            None if device.name.starts_with("cuda") => (tch::Cuda::device_count() as usize).max(1),
+            // From the worker's GPU (cuda:N) to the last one it sees.
+            None if device.name.starts_with("cuda") => {
+                let first = device.name.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()).unwrap_or(0);
+                (tch::Cuda::device_count() as usize).saturating_sub(first).max(1)
+            }
             None => 1,
         },
         models_root,

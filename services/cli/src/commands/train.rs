@@ -41,7 +41,7 @@ pub struct TrainArgs {
     /// takes its own GPU (cuda:RANK). Under torchrun or srun, leave it out: they set the ranks.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     nproc: u16,
-    /// Data parallel: how long ranks wait for each other to arrive.
+    /// Data parallel: how long a rank waits for the store's host (rank 0, or torchrun's agent).
     #[arg(long, default_value_t = 300, env = "LATHE_DIST_JOIN_TIMEOUT_SECONDS")]
     dist_join_timeout_seconds: u64,
     /// Data parallel: how long a rank waits in a collective (another rank may be writing a
@@ -88,9 +88,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             Gang::of(lathe_torch_ext::dist::ProcessGroup::join(&env.rendezvous(timeouts, backend))?, backend)
         }
         None if args.nproc > 1 => {
-            let exe = std::env::current_exe().context("finding the lathe binary to start the other ranks")?;
+            // /proc/self/exe: the very binary running, even if the file was replaced since.
+            let exe = PathBuf::from("/proc/self/exe");
             let mut ranks = LocalRanks::spawn(&exe, &rank_args(), args.nproc as usize)?;
             place_rank(&mut config, &ranks.env);
+            if config.train.threads == 0 && std::env::var_os("OMP_NUM_THREADS").is_none() {
+                // This process is rank 0 and shares the cores like its children.
+                config.train.threads = launch::threads_per_rank(args.nproc as usize);
+            }
             let backend = launch::backend_for(&config.train.device, forced_backend.as_deref())?;
             let group = ranks.join(timeouts, backend)?;
             local = Some(ranks);
@@ -116,7 +121,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     )?;
     printer.finish();
     if let Some(ranks) = local {
-        ranks.wait()?;
+        match (ranks.wait(), &outcome) {
+            // Rank 0 finished every collective, so the others trained every step with it.
+            (Err(e), Outcome::Finished { .. }) => eprintln!("warning: after the run finished: {e}"),
+            (result, _) => result?,
+        }
     }
     if !leader {
         return match outcome {
@@ -148,13 +157,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     }
 }
 
-/// With several ranks on a node, each takes its own GPU: `cuda` (or `auto` on a CUDA machine)
-/// becomes `cuda:LOCAL_RANK`.
+/// With several ranks on a node, each takes its own GPU (`launch::rank_device`).
 fn place_rank(config: &mut TrainConfig, env: &RankEnv) {
-    let device = config.train.device.as_str();
-    if device == "cuda" || (device == "auto" && tch::Cuda::is_available()) {
-        config.train.device = format!("cuda:{}", env.local_rank);
-    }
+    let gpus = if tch::Cuda::is_available() { tch::Cuda::device_count().max(0) as usize } else { 0 };
+    config.train.device = launch::rank_device(&config.train.device, env.local_rank, gpus);
 }
 
 /// This command line without `--nproc`: what the child ranks run.

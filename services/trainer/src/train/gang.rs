@@ -16,7 +16,7 @@
 use std::time::{Duration, Instant};
 
 use lathe_torch_ext::dist::{Backend, ProcessGroup};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::Result;
 
@@ -65,19 +65,27 @@ impl Gang {
     /// For each flag, whether any rank raised it.
     pub fn any<const N: usize>(&self, flags: [bool; N]) -> Result<[bool; N]> {
         let Some(g) = &self.group else { return Ok(flags) };
-        let t = Tensor::from_slice(&flags.map(|f| f as i64));
+        let t = self.on_device(Tensor::from_slice(&flags.map(|f| f as i64)));
         g.all_reduce_max(&t)?;
-        let v: Vec<i64> = Vec::try_from(&t).expect("i64 flags");
+        let v: Vec<i64> = Vec::try_from(&t.to_device(Device::Cpu)).expect("i64 flags");
         Ok(std::array::from_fn(|i| v[i] != 0))
     }
 
     /// Sums `values` elementwise over ranks, in place (f64, so counts stay exact).
     pub fn sum(&self, values: &mut [f64]) -> Result<()> {
         let Some(g) = &self.group else { return Ok(()) };
-        let t = Tensor::from_slice(values);
+        let t = self.on_device(Tensor::from_slice(values));
         g.all_reduce_sum(&t)?;
-        values.copy_from_slice(&Vec::<f64>::try_from(&t).expect("f64 values"));
+        values.copy_from_slice(&Vec::<f64>::try_from(&t.to_device(Device::Cpu)).expect("f64 values"));
         Ok(())
+    }
+
+    /// NCCL reduces only tensors on the rank's GPU; Gloo takes them where they are.
+    fn on_device(&self, t: Tensor) -> Tensor {
+        match self.backend {
+            Backend::Nccl { device } => t.to_device(Device::Cuda(device)),
+            Backend::Gloo => t,
+        }
     }
 
     /// Sums the gradients of `params` over ranks, in place; returns the time it took. A
@@ -97,6 +105,10 @@ impl Gang {
                 let mut grad = grad.shallow_clone();
                 grad.copy_(&part.view_as(&grad));
             }
+        }
+        if let Backend::Nccl { device } = self.backend {
+            // NCCL's wait only orders the GPU stream; the time is the reduction's once it ran.
+            tch::Cuda::synchronize(device as i64);
         }
         Ok(started.elapsed())
     }

@@ -63,6 +63,15 @@ pub fn run(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks) -> Re
 /// checkpoint; ranks other than 0 write nothing and return an `Outcome` without outputs.
 pub fn run_in(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks, gang: &Gang) -> Result<Outcome> {
     let inputs = Inputs::prepare(config, resume_from, gang.is_leader())?;
+    if let Some(r) = inputs.resume.as_ref().filter(|r| r.state.ranks != gang.world()) {
+        return Err(TrainerError::file(
+            &r.dir,
+            format!(
+                "trained by {} data-parallel rank(s); resume it with as many (--nproc {}), since a step's rows depend on the count",
+                r.state.ranks, r.state.ranks
+            ),
+        ));
+    }
     let plan = Plan::of(config, inputs.train.rows.len(), gang.world());
     let mut model = Model::load(config, &inputs, gang)?;
 
@@ -300,7 +309,9 @@ impl Model {
                 batch_dump.push((format!("{key}.targets"), batch.targets.shallow_clone()));
                 batch_dump.push((format!("{key}.attention_mask"), batch.attention_mask.shallow_clone()));
             }
-            // Numbered across ranks, so a rank's masks match those of one process doing it all.
+            // Numbered across ranks, so a rank's masks are those one process would use for the
+            // same micro-batch with accumulation (masks follow the micro-batch split, so with
+            // dropout 2 ranks × batch 4 equal 1 × batch 4 × accumulation 2, not 1 × batch 8).
             let micro = (rank * t.gradient_accumulation_steps + m) as u64;
             let seed = dropout.then_some(DropoutSeed { seed: config.seed, step, micro });
             let r = forward_backward(&self.decoder, &batch, normalizer, t.gradient_checkpointing, seed);
@@ -364,7 +375,8 @@ impl Model {
         if !gang.is_leader() {
             return Ok(None);
         }
-        save_checkpoint(config, &self.decoder, &self.optimizer, log, step, total_steps, self.tokens_seen, fingerprint, self.lora.as_ref())
+        let progress = Progress { step, total_steps, tokens_seen: self.tokens_seen, ranks: gang.world() };
+        save_checkpoint(config, &self.decoder, &self.optimizer, log, progress, fingerprint, self.lora.as_ref())
     }
 
     /// The PEFT adapter (LoRA) and the full model (full fine-tuning, or LoRA with `merge`).
@@ -411,18 +423,24 @@ fn restore(decoder: &mut Decoder, optimizer: &mut AdamW, r: &checkpoint::LoadedC
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Where a run stands when it writes a checkpoint.
+struct Progress {
+    step: u64,
+    total_steps: u64,
+    tokens_seen: u64,
+    ranks: usize,
+}
+
 fn save_checkpoint(
     config: &TrainConfig,
     decoder: &Decoder,
     optimizer: &AdamW,
     log: &mut RunLog,
-    step: u64,
-    total_steps: u64,
-    tokens_seen: u64,
+    progress: Progress,
     fingerprint: &str,
     lora: Option<&crate::lora::LoraConfig>,
 ) -> Result<Option<PathBuf>> {
+    let Progress { step, total_steps, tokens_seen, ranks } = progress;
     if step == 0 {
         return Ok(None);
     }
@@ -435,6 +453,7 @@ fn save_checkpoint(
         tokens_seen,
         data_fingerprint: fingerprint.to_string(),
         config: serde_json::to_value(config).expect("config serializes"),
+        ranks,
     };
     checkpoint::write_dir_atomically(&dir, |tmp| {
         checkpoint::write_tensors(&tmp.join(checkpoint::TRAINABLE_FILE), &trainable)?;
