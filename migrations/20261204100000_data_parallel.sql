@@ -4,3 +4,7 @@
 ALTER TABLE jobs ADD COLUMN gpus integer NOT NULL DEFAULT 1 CHECK (gpus BETWEEN 1 AND 64);
 ALTER TABLE jobs ADD COLUMN nodes integer NOT NULL DEFAULT 1 CHECK (nodes BETWEEN 1 AND 64);
 ALTER TABLE workers ADD COLUMN gpus integer NOT NULL DEFAULT 1 CHECK (gpus BETWEEN 1 AND 1024);
+-- Nodes a worker can spread one job over: a worker inside a multi-node Slurm allocation
+-- (`lathe worker --nodes K`) runs rank 0 itself and the other ranks through srun. Its `gpus`
+-- are per node.
+ALTER TABLE workers ADD COLUMN nodes integer NOT NULL DEFAULT 1 CHECK (nodes BETWEEN 1 AND 64);

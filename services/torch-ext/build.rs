@@ -75,8 +75,8 @@ fn main() {
     println!("cargo:rustc-link-lib=dylib=c10");
 }
 
-/// The include directories holding `nccl.h` and the CUDA runtime headers (with `crt/`, from
-/// nvidia-cuda-crt in scripts/requirements.txt): `LATHE_CUDA_INCLUDE`
+/// The include directories holding `nccl.h` and the CUDA runtime headers (with `crt/` and
+/// `nv/target`, from nvidia-cuda-crt and nvidia-cuda-cccl in scripts/requirements.txt): `LATHE_CUDA_INCLUDE`
 /// (colon-separated), else the `nvidia/*/include` folders beside the torch package, else
 /// `/usr/local/cuda/include`.
 fn cuda_includes(torch_root: &Path) -> Option<Vec<PathBuf>> {
@@ -90,7 +90,11 @@ fn cuda_includes(torch_root: &Path) -> Option<Vec<PathBuf>> {
     }
     candidates.push(PathBuf::from("/usr/local/cuda/include"));
     let has = |file: &str| candidates.iter().any(|d| d.join(file).is_file());
-    (has("nccl.h") && has("cuda_runtime_api.h") && has("crt/host_config.h")).then_some(candidates)
+    let complete = ["nccl.h", "cuda_runtime_api.h", "crt/host_config.h", "nv/target"].into_iter().all(has);
+    if !complete {
+        println!("cargo:warning=NCCL process group not built: nccl.h or CUDA headers (crt/, nv/target) not found; GPU ranks will use Gloo");
+    }
+    complete.then_some(candidates)
 }
 
 /// `torch_cuda` for a CUDA libtorch, `torch_hip` for a ROCm one, `None` for a CPU-only build.

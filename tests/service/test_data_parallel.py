@@ -1,8 +1,8 @@
 """Data parallel through the service: a job asking for `gpus: 2` runs as two ranks on a worker
 that offers two (`--gpus 2`; CPU ranks here, cuda:0 and cuda:1 on a GPU node). Its batch_size
 is the global batch, so its loss curve equals the same job on one rank, and its adapter loads
-in PEFT. A worker offering fewer GPUs never claims it, and a multi-node job is refused at
-create, naming the field."""
+in PEFT. A worker offering fewer GPUs never claims it; a job whose batch or GPUs do not split
+is refused at create, naming the field. A killed rank fails the attempt and the job resumes."""
 
 from __future__ import annotations
 
@@ -50,14 +50,14 @@ def test_a_2_gpu_job_runs_as_two_ranks_and_learns_what_one_rank_learns(service, 
     assert (tuned_logits - base_logits).abs().max().item() > 1e-3, "the 2-rank adapter changes nothing"
 
 
-def test_gpus_must_split_the_batch_and_multi_node_is_refused_at_create(client, training_file_id):
+def test_gpus_must_split_the_batch_and_the_nodes_at_create(client, training_file_id):
     with pytest.raises(openai.BadRequestError) as uneven:
         create_job(client, training_file_id, extra={"gpus": 3}, batch_size=4)
     assert uneven.value.body["param"] == "gpus"
     with pytest.raises(openai.BadRequestError) as nodes:
-        create_job(client, training_file_id, extra={"gpus": 2, "nodes": 2}, batch_size=4)
+        create_job(client, training_file_id, extra={"gpus": 3, "nodes": 2}, batch_size=6)
     assert nodes.value.body["param"] == "nodes"
-    assert "srun" in nodes.value.body["message"]
+    assert "do not split evenly over 2 nodes" in nodes.value.body["message"]
 
 
 def _descendants(pid: int) -> list[int]:

@@ -100,6 +100,7 @@ async fn main() {
                 gpu_memory_bytes: None,
                 pools: &pools,
                 gpus: 1,
+                nodes: 1,
                 version: "bench",
                 slurm_job_id: None,
                 pod_name: None,

@@ -68,6 +68,7 @@ impl Harness {
                 gpu_memory_bytes: None,
                 pools: &pools,
                 gpus: 1,
+                nodes: 1,
                 version: "test",
                 slurm_job_id: None,
                 pod_name: None,

@@ -40,6 +40,9 @@ pub struct PoolConfig {
     pub gres: Option<String>,
     /// Node features the pool needs, e.g. `a100`.
     pub constraint: Option<String>,
+    /// Nodes per pilot: more than 1 makes each pilot a worker that spreads jobs asking for
+    /// `nodes` over its allocation (rank 0 on the first node, srun for the rest).
+    pub nodes: Option<u32>,
     /// Slurm time limit of a pilot, e.g. `08:00:00`.
     pub time_limit: Option<String>,
     /// Seconds a pilot's worker waits without work before it exits and frees its node.

@@ -70,6 +70,11 @@ pub fn sbatch_args(config: &AutoscaleConfig, pool: &str, settings: &PoolConfig, 
             args.push(format!("{flag}={value}"));
         }
     }
+    if let Some(nodes) = settings.nodes.filter(|&n| n > 1) {
+        // One task per node: the worker on the first, srun places the ranks (the template's
+        // --ntasks=1 would not fit on several nodes).
+        args.extend([format!("--nodes={nodes}"), format!("--ntasks={nodes}"), "--ntasks-per-node=1".to_string()]);
+    }
     if let Some(dir) = &config.output_dir {
         args.push(format!("--output={}/%x-%A_%a.out", dir.display()));
     }
@@ -92,6 +97,21 @@ pub fn submit(config: &AutoscaleConfig, pool: &str, settings: &PoolConfig, count
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_multi_node_pool_asks_for_its_nodes_with_one_task_each() {
+        let config: AutoscaleConfig = toml::from_str(
+            "controller = \"http://c:8080\"\ntemplate = \"p.sbatch\"\n[pools.big]\nmax_pilots = 1\nnodes = 2\ngres = \"gpu:4\"\n",
+        )
+        .unwrap();
+        let args = sbatch_args(&config, "big", &config.pools["big"], 1);
+        for wanted in ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--gres=gpu:4"] {
+            assert!(args.iter().any(|a| a == wanted), "{wanted} missing from {args:?}");
+        }
+        let single: AutoscaleConfig =
+            toml::from_str("controller = \"http://c:8080\"\ntemplate = \"p.sbatch\"\n[pools.a]\nmax_pilots = 1\n").unwrap();
+        assert!(!sbatch_args(&single, "a", &single.pools["a"], 1).iter().any(|a| a.starts_with("--nodes")));
+    }
 
     #[test]
     fn squeue_lines_become_pilots_and_only_live_ones_are_supply() {

@@ -22,8 +22,10 @@ pub struct Worker {
     pub device_kind: String,
     pub gpu_name: Option<String>,
     pub gpu_memory_bytes: Option<i64>,
-    /// Devices it runs one job on (a job's `gpus` must fit).
+    /// Devices it runs one job on, per node (a job's `gpus` must fit).
     pub gpus: i32,
+    /// Nodes it can spread a job over (a multi-node Slurm allocation).
+    pub nodes: i32,
     pub pools: Vec<String>,
     pub version: String,
     pub registered_at: OffsetDateTime,
@@ -40,7 +42,8 @@ pub struct Worker {
     pub left_at: Option<OffsetDateTime>,
 }
 
-const WORKER_COLUMNS: &str = "id, name, device_kind, gpu_name, gpu_memory_bytes, gpus, pools, version, registered_at, last_heartbeat_at, \
+const WORKER_COLUMNS: &str =
+    "id, name, device_kind, gpu_name, gpu_memory_bytes, gpus, nodes, pools, version, registered_at, last_heartbeat_at, \
                               draining, revoked_at, fleet_id, slurm_job_id, pod_name, left_at";
 
 #[derive(Debug, Clone)]
@@ -50,6 +53,7 @@ pub struct NewWorker<'a> {
     pub gpu_name: Option<&'a str>,
     pub gpu_memory_bytes: Option<i64>,
     pub gpus: i32,
+    pub nodes: i32,
     pub pools: &'a [String],
     pub version: &'a str,
     pub slurm_job_id: Option<&'a str>,
@@ -80,14 +84,14 @@ async fn insert_worker(pool: &PgPool, fleet_secret: Option<&str>, worker: NewWor
     let token = random::token(WORKER_TOKEN_PREFIX);
     let source = match fleet_secret {
         Some(_) => {
-            "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12, f.id FROM fleets f
+            "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12, $13, f.id FROM fleets f
                     WHERE f.token_hash = $11 AND f.revoked_at IS NULL FOR SHARE"
         }
-        None => "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12, NULL::text WHERE $11::bytea IS NULL",
+        None => "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12, $13, NULL::text WHERE $11::bytea IS NULL",
     };
     let row = sqlx::query_as::<_, Worker>(&format!(
         "INSERT INTO workers (id, name, device_kind, gpu_name, gpu_memory_bytes, pools, token_hash, version, slurm_job_id,
-                              pod_name, gpus, fleet_id)
+                              pod_name, gpus, nodes, fleet_id)
          {source}
          RETURNING {WORKER_COLUMNS}"
     ))
@@ -103,6 +107,7 @@ async fn insert_worker(pool: &PgPool, fleet_secret: Option<&str>, worker: NewWor
     .bind(worker.pod_name)
     .bind(fleet_secret.map(random::sha256))
     .bind(worker.gpus.max(1))
+    .bind(worker.nodes.max(1))
     .fetch_optional(pool)
     .await?;
     Ok(row.map(|worker| RegisteredWorker { worker, token }))
@@ -170,7 +175,7 @@ pub async fn list_workers(pool: &PgPool) -> Result<Vec<Worker>, StoreError> {
 pub async fn update_registration(pool: &PgPool, worker_id: &str, worker: NewWorker<'_>) -> Result<Worker, StoreError> {
     sqlx::query_as::<_, Worker>(&format!(
         "UPDATE workers SET name = $2, device_kind = $3, gpu_name = $4, gpu_memory_bytes = $5, pools = $6,
-                version = $7, slurm_job_id = $8, pod_name = $9, gpus = $10, last_heartbeat_at = now(), left_at = NULL
+                version = $7, slurm_job_id = $8, pod_name = $9, gpus = $10, nodes = $11, last_heartbeat_at = now(), left_at = NULL
          WHERE id = $1
          RETURNING {WORKER_COLUMNS}"
     ))
@@ -184,6 +189,7 @@ pub async fn update_registration(pool: &PgPool, worker_id: &str, worker: NewWork
     .bind(worker.slurm_job_id)
     .bind(worker.pod_name)
     .bind(worker.gpus.max(1))
+    .bind(worker.nodes.max(1))
     .fetch_optional(pool)
     .await?
     .ok_or(StoreError::NotFound)

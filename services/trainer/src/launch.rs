@@ -119,8 +119,7 @@ pub struct LocalRanks {
 impl LocalRanks {
     /// Starts `exe args…` as ranks 1..world with a store on a free local port.
     pub fn spawn(exe: &Path, args: &[String], world: usize) -> Result<LocalRanks> {
-        let master_port =
-            std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| TrainerError::io("127.0.0.1:0", e))?.port();
+        let master_port = free_port()?;
         let env = RankEnv {
             launcher: "local",
             rank: 0,
@@ -154,6 +153,71 @@ impl LocalRanks {
             ranks.children.push((rank, child));
         }
         Ok(ranks)
+    }
+
+    /// Starts ranks 1.. of a gang of `per_node × nodes` spread over the first `nodes` nodes of
+    /// this Slurm allocation, as one srun step (`--distribution=arbitrary`, the host of each
+    /// task listed in `hostfile`); this process, on the allocation's node it runs on, is rank 0
+    /// and local rank 0 there. The step's tasks learn their rank from SLURM_PROCID plus
+    /// LATHE_RANK_OFFSET (see [`from_env`]). Dropping the value kills srun, which ends the step.
+    pub fn spawn_srun(exe: &Path, args: &[String], per_node: usize, nodes: usize, hostfile: &Path) -> Result<LocalRanks> {
+        let here = std::env::var("SLURMD_NODENAME").map_err(|_| {
+            TrainerError::invalid("nodes", "a multi-node job needs a worker inside a Slurm allocation (SLURMD_NODENAME is not set)")
+        })?;
+        let list = std::env::var("SLURM_JOB_NODELIST").unwrap_or_default();
+        let out = Command::new("scontrol").args(["show", "hostnames", &list]).output().map_err(|e| TrainerError::io("scontrol", e))?;
+        let mut hosts: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect();
+        hosts.retain(|h| *h != here);
+        hosts.insert(0, here.clone());
+        if hosts.len() < nodes {
+            return Err(TrainerError::invalid("nodes", format!("the job asks for {nodes} nodes; this allocation has {}", hosts.len())));
+        }
+        hosts.truncate(nodes);
+        // Rank 0 is this process: its node runs per_node - 1 more, the others per_node each.
+        let tasks: Vec<&str> = hosts
+            .iter()
+            .enumerate()
+            .flat_map(|(i, h)| std::iter::repeat_n(h.as_str(), if i == 0 { per_node - 1 } else { per_node }))
+            .collect();
+        std::fs::write(hostfile, tasks.join("\n") + "\n").map_err(|e| TrainerError::io(hostfile, e))?;
+        let mut step_hosts: Vec<&str> = tasks.clone();
+        step_hosts.dedup();
+        let master_addr = match std::env::var("MASTER_ADDR") {
+            Ok(a) => a,
+            Err(_) => hostname()?,
+        };
+        let master_port = free_port()?;
+        let world = per_node * nodes;
+        let env = RankEnv {
+            launcher: "srun",
+            rank: 0,
+            local_rank: 0,
+            world,
+            master_addr: master_addr.clone(),
+            master_port,
+            agent_store: false,
+            restart_count: 0,
+            interface: std::env::var("GLOO_SOCKET_IFNAME").ok().filter(|s| !s.is_empty()),
+        };
+        let mut cmd = Command::new("srun");
+        cmd.arg(format!("--nodes={}", step_hosts.len()))
+            .arg(format!("--ntasks={}", world - 1))
+            .arg(format!("--nodelist={}", step_hosts.join(",")))
+            .args(["--distribution=arbitrary", "--kill-on-bad-exit=1", "--overlap", "--job-name=lathe-ranks"])
+            .arg(exe)
+            .args(args)
+            .env("SLURM_HOSTFILE", hostfile)
+            .env("LATHE_RANK_OFFSET", "1")
+            .env("LATHE_RANK_OFFSET_NODE", &here)
+            .env("MASTER_ADDR", &master_addr)
+            .env("MASTER_PORT", master_port.to_string())
+            .env_remove("RANK")
+            .env_remove("WORLD_SIZE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().map_err(|e| TrainerError::io("srun", e))?;
+        Ok(LocalRanks { children: vec![(1, child)], env })
     }
 
     /// Joins the gang as rank 0, giving up as soon as a child rank exits instead of waiting
@@ -207,6 +271,19 @@ impl Drop for LocalRanks {
     }
 }
 
+fn free_port() -> Result<u16> {
+    std::net::TcpListener::bind("0.0.0.0:0").and_then(|l| l.local_addr()).map(|a| a.port()).map_err(|e| TrainerError::io("0.0.0.0:0", e))
+}
+
+fn hostname() -> Result<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    if unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) } != 0 {
+        return Err(TrainerError::io("gethostname", std::io::Error::last_os_error()));
+    }
+    Ok(String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == 0).unwrap_or(buf.len())]).into_owned())
+}
+
 /// A child rank's failure: a crash of the attempt (retried from its checkpoint), never a stop.
 fn rank_failed(rank: usize, world: usize, message: String) -> TrainerError {
     TrainerError::Distributed(DistError { op: "rank", rank, world, message })
@@ -258,7 +335,7 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Option<RankEnv>>
         // Only inside an srun step: a batch script also has SLURM_NTASKS, and must not count
         // itself as rank 0 of a gang that never starts.
         let launcher = "srun";
-        if world <= 1 {
+        if world + number("LATHE_RANK_OFFSET")?.unwrap_or(0) <= 1 {
             return Ok(None);
         }
         let nodes = get("SLURM_STEP_NODELIST").or_else(|| get("SLURM_JOB_NODELIST")).unwrap_or_default();
@@ -272,11 +349,15 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Option<RankEnv>>
             // Different jobs sharing a node get different ports.
             None => 20_000 + (required("SLURM_JOB_ID", launcher)? % 20_000) as u16,
         };
+        // A worker spreading a job over its allocation is rank 0 itself and starts the rest
+        // with srun: their ranks and its node's local ranks are shifted by the offset.
+        let offset = number("LATHE_RANK_OFFSET")?.unwrap_or(0) as usize;
+        let on_offset_node = offset > 0 && get("SLURMD_NODENAME").is_some() && get("SLURMD_NODENAME") == get("LATHE_RANK_OFFSET_NODE");
         RankEnv {
             launcher,
-            rank: required("SLURM_PROCID", launcher)? as usize,
-            local_rank: number("SLURM_LOCALID")?.unwrap_or(0) as usize,
-            world: world as usize,
+            rank: required("SLURM_PROCID", launcher)? as usize + offset,
+            local_rank: number("SLURM_LOCALID")?.unwrap_or(0) as usize + if on_offset_node { offset } else { 0 },
+            world: world as usize + offset,
             master_addr,
             master_port,
             agent_store: false,
@@ -357,6 +438,34 @@ mod tests {
         assert_eq!((e.master_addr.as_str(), e.master_port), ("gpu07", 20_123));
         assert_eq!(env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "4"), ("SLURM_JOB_ID", "5")]).unwrap(), None);
         assert_eq!(env(&[("SLURM_PROCID", "0"), ("SLURM_STEP_NUM_TASKS", "1"), ("SLURM_JOB_ID", "5")]).unwrap(), None);
+    }
+
+    #[test]
+    fn ranks_started_by_a_worker_through_srun_follow_its_rank_0() {
+        let base = [
+            ("SLURM_STEP_NUM_TASKS", "3"),
+            ("MASTER_ADDR", "n1"),
+            ("MASTER_PORT", "4000"),
+            ("LATHE_RANK_OFFSET", "1"),
+            ("LATHE_RANK_OFFSET_NODE", "n1"),
+        ];
+        let on = |node: &'static str, procid: &'static str, localid: &'static str| {
+            let mut v = base.to_vec();
+            v.extend([("SLURMD_NODENAME", node), ("SLURM_PROCID", procid), ("SLURM_LOCALID", localid)]);
+            let e = env(&v).unwrap().unwrap();
+            (e.rank, e.local_rank, e.world)
+        };
+        assert_eq!(on("n1", "0", "0"), (1, 1, 4), "the worker's node: after its rank 0");
+        assert_eq!(on("n2", "1", "0"), (2, 0, 4));
+        assert_eq!(on("n2", "2", "1"), (3, 1, 4));
+        let one = [
+            ("SLURM_STEP_NUM_TASKS", "1"),
+            ("SLURM_PROCID", "0"),
+            ("MASTER_ADDR", "n1"),
+            ("MASTER_PORT", "4000"),
+            ("LATHE_RANK_OFFSET", "1"),
+        ];
+        assert_eq!(env(&one).unwrap().unwrap().world, 2, "a single srun task plus the worker is a gang of two");
     }
 
     #[test]

@@ -134,7 +134,7 @@ pub async fn run(
 
     let redactor = Redactor::for_claim(&claim, config);
     let prepared = prepare(config, &claim);
-    let Prepared { train, resume, decontamination, ranks } = match prepared {
+    let Prepared { train, resume, decontamination, ranks, nodes } = match prepared {
         Ok(ready) => ready,
         Err(unrunnable) => {
             tracing::warn!(code = unrunnable.code, message = %unrunnable.message, "job cannot run here");
@@ -155,9 +155,14 @@ pub async fn run(
     }
 
     if ranks > 1 {
-        session.push(log(LogLevel::Info, format!("Data parallel: {ranks} ranks on this worker ({})", config.device), "{}".into()));
+        let spread = if nodes > 1 {
+            format!("over {nodes} nodes of Slurm job {}", config.placement.slurm_job_id.as_deref().unwrap_or("?"))
+        } else {
+            "on this worker".into()
+        };
+        session.push(log(LogLevel::Info, format!("Data parallel: {ranks} ranks {spread} ({})", config.device), "{}".into()));
     }
-    let (mut trainer, mut events) = start_trainer(train, resume, signals.clone(), ranks);
+    let (mut trainer, mut events) = start_trainer(train, resume, signals.clone(), ranks, nodes);
 
     let mut points = Points::default();
     let mut flush = tokio::time::interval(FLUSH_EVERY);
@@ -265,6 +270,7 @@ fn start_trainer(
     resume: Option<PathBuf>,
     signals: Arc<Signals>,
     ranks: usize,
+    nodes: usize,
 ) -> (tokio::task::JoinHandle<lathe_trainer::Result<Outcome>>, mpsc::UnboundedReceiver<Event>) {
     let (events_tx, events) = mpsc::unbounded_channel::<Event>();
     // The blocking thread does not inherit the task's span; the trainer's own logs should.
@@ -285,7 +291,7 @@ fn start_trainer(
         let (gang, children) = match ranks {
             1 => (Gang::single(), None),
             n => {
-                let (gang, children) = start_ranks(&train, resume.as_deref(), n)?;
+                let (gang, children) = start_ranks(&train, resume.as_deref(), n, nodes)?;
                 (gang, Some(children))
             }
         };
@@ -307,12 +313,14 @@ fn start_trainer(
     (trainer, events)
 }
 
-/// Ranks 1..n of a data-parallel attempt, as `lathe train` child processes reading the same
-/// config (written next to the outputs), joined into one gang with this thread as rank 0.
+/// Ranks 1..n of a data-parallel attempt, as `lathe train` processes reading the same config
+/// (written next to the outputs): children of this worker, or on `nodes` nodes of its Slurm
+/// allocation through srun; joined into one gang with this thread as rank 0.
 fn start_ranks(
     train: &lathe_trainer::train::TrainConfig,
     resume: Option<&Path>,
     ranks: usize,
+    nodes: usize,
 ) -> lathe_trainer::Result<(Gang, lathe_trainer::launch::LocalRanks)> {
     let dir = &train.output_dir;
     std::fs::create_dir_all(dir).map_err(|e| TrainerError::io(dir, e))?;
@@ -326,7 +334,14 @@ fn start_ranks(
     }
     // The very binary running this worker, even if an upgrade replaced the file since.
     let exe = PathBuf::from("/proc/self/exe");
-    let mut children = lathe_trainer::launch::LocalRanks::spawn(&exe, &args, ranks)?;
+    let mut children = match nodes {
+        1 => lathe_trainer::launch::LocalRanks::spawn(&exe, &args, ranks)?,
+        n => {
+            // Another node runs it, so the path itself (/proc/self/exe would be slurmstepd there).
+            let exe = std::env::current_exe().map_err(|e| TrainerError::io("/proc/self/exe", e))?;
+            lathe_trainer::launch::LocalRanks::spawn_srun(&exe, &args, ranks / n, n, &dir.join("rank-hosts"))?
+        }
+    };
     let backend = lathe_trainer::launch::backend_for(&train.train.device, std::env::var("LATHE_DIST_BACKEND").ok().as_deref())?;
     let group = children.join(lathe_trainer::launch::Timeouts::default(), backend)?;
     Ok((Gang::of(group, backend), children))
@@ -338,6 +353,8 @@ struct Prepared {
     decontamination: Decontamination,
     /// Data-parallel ranks: the job's `gpus`.
     ranks: usize,
+    /// Nodes they span: the job's `nodes`.
+    nodes: usize,
 }
 
 /// What the decontamination step reports: an event message and its data.
@@ -350,9 +367,13 @@ fn prepare(config: &WorkerConfig, claim: &ClaimJobResponse) -> Result<Prepared, 
     let spec: JobSpec = serde_json::from_str(&claim.spec_json)
         .map_err(|e| Unrunnable::job("invalid_spec", format!("the job spec is not readable by this worker: {e}")))?;
     let ranks = spec.resources.gpus.max(1) as usize;
-    if ranks > config.gpus {
+    let nodes = spec.resources.nodes.max(1) as usize;
+    if nodes > config.nodes || ranks > config.gpus * nodes {
         // The claim checks this; a worker restarted with fewer --gpus may still hold the lease.
-        return Err(Unrunnable::here("insufficient_gpus", format!("the job asks for {ranks} GPUs; this worker offers {}", config.gpus)));
+        return Err(Unrunnable::here(
+            "insufficient_gpus",
+            format!("the job asks for {ranks} GPUs on {nodes} node(s); this worker offers {} per node on {}", config.gpus, config.nodes),
+        ));
     }
     let training = claim.training_file.as_ref().ok_or_else(|| Unrunnable::job("invalid_spec", "the claim names no training file"))?;
     verify_file("training_file", &training.path, &training.sha256)?;
@@ -382,7 +403,7 @@ fn prepare(config: &WorkerConfig, claim: &ClaimJobResponse) -> Result<Prepared, 
             dtype: &config.dtype,
         },
     )?;
-    Ok(Prepared { train, resume, decontamination, ranks })
+    Ok(Prepared { train, resume, decontamination, ranks, nodes })
 }
 
 /// Checks the training file against the job's evaluation sets; unless the job keeps them,

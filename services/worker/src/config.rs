@@ -21,6 +21,8 @@ pub struct WorkerConfig {
     pub gpu_memory_bytes: u64,
     /// Devices one job may use as data-parallel ranks (GPUs cuda:0..N, or CPU ranks).
     pub gpus: usize,
+    /// Nodes of its Slurm allocation it may spread one job over (rank 0 here, the rest by srun).
+    pub nodes: usize,
     /// The training dtype: auto, fp32 or bf16.
     pub dtype: String,
     /// Where base models live on this machine (same names as the controller's root).

@@ -231,6 +231,7 @@ async fn register(
         slurm_job_id: config.placement.slurm_job_id.clone().unwrap_or_default(),
         pod_name: config.placement.pod_name.clone().unwrap_or_default(),
         gpus: config.gpus as u32,
+        nodes: config.nodes as u32,
     };
     loop {
         match client.register(request.clone()).await {

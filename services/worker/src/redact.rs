@@ -66,6 +66,7 @@ mod tests {
             gpu_name: String::new(),
             gpu_memory_bytes: 0,
             gpus: 1,
+            nodes: 1,
             dtype: "auto".into(),
             models_root: "/srv/models/".into(),
             checkpoint_every: 1,

@@ -119,6 +119,7 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                         gpu_memory_bytes: None,
                         pools: &pools,
                         gpus: 1,
+                        nodes: 1,
                         version: "",
                         slurm_job_id: None,
                         pod_name: None,

@@ -36,6 +36,11 @@ pub struct TrainingArgs {
     /// cores) [default: every visible GPU on CUDA, 1 on the CPU].
     #[arg(long, env = "LATHE_GPUS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     gpus: Option<u16>,
+    /// Inside a multi-node Slurm allocation (`sbatch --nodes=K`): spread a job asking for
+    /// `nodes` ≤ K over them, this worker running rank 0 and srun the other ranks (--gpus per
+    /// node). See deploy/slurm/lathe-gang-worker.sbatch.
+    #[arg(long, env = "LATHE_NODES", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    nodes: u16,
     /// Training dtype: auto (bf16 on GPUs and on CPUs that multiply bf16 natively, else fp32),
     /// fp32 (bit-reproducible runs) or bf16.
     #[arg(long, env = "LATHE_DTYPE", default_value = "auto", value_parser = ["auto", "fp32", "bf16"])]
@@ -184,6 +189,7 @@ fn worker_config(training: &TrainingArgs, device: &ResolvedDevice, redis: &Redis
         checkpoint_every: training.checkpoint_every.max(1),
         threads: training.threads,
         dtype: training.dtype.clone(),
+        nodes: training.nodes as usize,
         redis_url: redis.redis_url.clone(),
         redis_prefix: redis.redis_prefix.clone(),
         metrics_listen,
@@ -209,6 +215,16 @@ fn idle_limit(seconds: Option<f64>) -> anyhow::Result<Option<std::time::Duration
 }
 
 pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    if args.training.nodes > 1 {
+        let allocated = std::env::var("SLURM_JOB_NUM_NODES").ok().and_then(|n| n.parse::<u16>().ok()).unwrap_or(0);
+        anyhow::ensure!(
+            allocated >= args.training.nodes,
+            "--nodes {} spreads jobs over the nodes of this Slurm allocation, which has {allocated} (SLURM_JOB_NUM_NODES); \
+             run it in `sbatch --nodes={}` (deploy/slurm/lathe-gang-worker.sbatch)",
+            args.training.nodes,
+            args.training.nodes
+        );
+    }
     let name = args.name.clone().unwrap_or_else(host_name);
     let place = WorkerPlace {
         controller: args.controller.clone(),
@@ -264,6 +280,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
                     gpu_memory_bytes: None,
                     pools: &args.training.pools,
                     gpus: 1,
+                    nodes: 1,
                     version: env!("CARGO_PKG_VERSION"),
                     slurm_job_id: None,
                     pod_name: None,

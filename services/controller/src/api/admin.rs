@@ -115,6 +115,7 @@ fn worker_view(w: &Worker, stale_before: lathe_store::time::OffsetDateTime) -> V
         "gpu_name": w.gpu_name,
         "gpu_memory_bytes": w.gpu_memory_bytes,
         "gpus": w.gpus,
+        "nodes": w.nodes,
         "version": w.version,
         "fleet_id": w.fleet_id,
         "slurm_job_id": w.slurm_job_id,

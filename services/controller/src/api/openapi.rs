@@ -210,7 +210,7 @@ fn admin_schemas() -> Value {
             "state": {"type": "string", "enum": ["live", "stale", "draining", "left", "revoked"]},
             "pools": {"type": "array", "items": {"type": "string"}}, "device_kind": {"type": "string"},
             "gpu_name": nullable("string"), "gpu_memory_bytes": nullable("integer"), "gpus": {"type": "integer"},
-            "version": {"type": "string"},
+            "nodes": {"type": "integer"}, "version": {"type": "string"},
             "fleet_id": nullable("string"), "slurm_job_id": nullable("string"), "pod_name": nullable("string"),
             "registered_at": {"type": "integer"}, "last_heartbeat_at": {"type": "integer"}}},
         "WorkerList": {"type": "object", "required": ["object", "data"], "properties": {
@@ -260,7 +260,8 @@ fn schemas() -> Value {
                 "gpu_memory_gb": {"type": "integer"}, "pool": {"type": "string"}, "priority": {"type": "integer"},
                 "gpus": {"type": "integer", "minimum": 1, "maximum": 64,
                          "description": "Data-parallel ranks (GPUs); hyperparameters.batch_size is the global batch, split evenly over them"},
-                "nodes": {"type": "integer", "minimum": 1, "maximum": 64, "description": "Nodes the gpus span; the service runs 1"},
+                "nodes": {"type": "integer", "minimum": 1, "maximum": 64,
+                          "description": "Nodes the gpus span (a worker in a multi-node Slurm allocation runs them)"},
                 "decontaminate": {"type": "object"}, "evaluations": {"type": "array", "items": {"type": "object"}},
             },
         },

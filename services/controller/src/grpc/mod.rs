@@ -106,6 +106,7 @@ impl WorkerService for Service {
             gpu_name: gpu_name.as_deref(),
             gpu_memory_bytes: Some(r.gpu_memory_bytes as i64).filter(|b| *b > 0),
             gpus: r.gpus.clamp(1, 1024) as i32,
+            nodes: r.nodes.clamp(1, 64) as i32,
             pools: &pools,
             version: &r.version,
             slurm_job_id: slurm_job_id.as_deref(),

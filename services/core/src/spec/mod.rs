@@ -675,17 +675,14 @@ fn resolve_resources(request: &CreateJobRequest, batch_size: u32) -> Result<Reso
         ));
     }
     let nodes = match request.nodes {
-        None | Some(1) => 1,
-        Some(n) if (2..=64).contains(&n) => {
-            // One worker runs all ranks of a job on its own node; a gang of workers across
-            // nodes is not dispatched yet. Multi-node runs go through srun (docs/data-parallel.md).
-            return Err(SpecError::unsupported(
-                "nodes",
-                format!("{n} nodes: the service runs a job on one node (up to its workers' GPUs); run multi-node training with srun, see docs/data-parallel.md"),
-            ));
-        }
+        None => 1,
+        Some(n) if (1..=64).contains(&n) => n as u32,
         Some(n) => return Err(SpecError::invalid("nodes", format!("must be between 1 and 64, got {n}"))),
     };
+    if !gpus.is_multiple_of(nodes) {
+        // Every node runs the same number of ranks (a worker spanning nodes offers --gpus per node).
+        return Err(SpecError::invalid("nodes", format!("{gpus} GPUs do not split evenly over {nodes} nodes")));
+    }
     Ok(Resources { pool, gpu_memory_gb, priority, gpus, nodes })
 }
 

@@ -248,7 +248,7 @@ fn suffix_metadata_and_resources_follow_openai_and_lathe_limits() {
 }
 
 #[test]
-fn gpus_split_the_global_batch_and_multi_node_is_refused_by_name() {
+fn gpus_split_the_global_batch_and_over_the_nodes() {
     let two = spec(json!({"gpus": 2, "hyperparameters": {"batch_size": 8}})).unwrap();
     assert_eq!((two.resources.gpus, two.resources.nodes, two.hyperparameters.batch_size), (2, 1, 8));
     let uneven = rejection(json!({"gpus": 3, "hyperparameters": {"batch_size": 8}}));
@@ -256,10 +256,12 @@ fn gpus_split_the_global_batch_and_multi_node_is_refused_by_name() {
     assert!(uneven.message.contains("batch_size 8"), "{}", uneven.message);
     assert_eq!(rejection(json!({"gpus": 0})).param, "gpus");
     assert_eq!(rejection(json!({"gpus": 65})).param, "gpus");
-    let nodes = rejection(json!({"gpus": 2, "nodes": 2}));
+    let nodes = rejection(json!({"gpus": 3, "nodes": 2, "hyperparameters": {"batch_size": 6}}));
     assert_eq!(nodes.param, "nodes");
-    assert!(nodes.message.contains("srun"), "{}", nodes.message);
-    assert_eq!(spec(json!({"nodes": 1})).unwrap().resources.nodes, 1);
+    assert!(nodes.message.contains("do not split evenly over 2 nodes"), "{}", nodes.message);
+    assert_eq!(rejection(json!({"nodes": 65})).param, "nodes");
+    let spread = spec(json!({"gpus": 4, "nodes": 2, "hyperparameters": {"batch_size": 8}})).unwrap();
+    assert_eq!((spread.resources.gpus, spread.resources.nodes), (4, 2));
 }
 
 #[test]

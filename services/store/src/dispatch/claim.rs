@@ -48,14 +48,15 @@ pub async fn claim_job(pool: &PgPool, request: ClaimRequest<'_>) -> Result<Optio
     let mut tx = pool.begin().await?;
     let claimed = sqlx::query_as::<_, ClaimedRow>(
         "WITH worker AS (
-             SELECT id, pools, gpu_memory_bytes, gpus FROM workers WHERE id = $1 AND NOT draining
+             SELECT id, pools, gpu_memory_bytes, gpus, nodes FROM workers WHERE id = $1 AND NOT draining
          ), candidate AS (
              SELECT j.id FROM jobs j, worker w
              WHERE j.status = 'queued'
                AND ($2::text IS NULL OR j.id = $2)
                AND j.pool = ANY(w.pools)
                AND (j.next_attempt_at IS NULL OR j.next_attempt_at <= now())
-               AND j.gpus <= w.gpus
+               AND j.nodes <= w.nodes
+               AND j.gpus <= w.gpus * j.nodes
                AND (j.gpu_memory_gb IS NULL
                     OR j.gpu_memory_gb::bigint * 1073741824 <= coalesce(w.gpu_memory_bytes, 0))
              ORDER BY j.priority DESC, j.created_at, j.id

@@ -104,6 +104,7 @@ pub async fn worker_with(pool: &PgPool, name: &str, pools: &[String], gpu_memory
         gpu_memory_bytes,
         pools,
         gpus: 1,
+        nodes: 1,
         version: "test",
         slurm_job_id: None,
         pod_name: None,
