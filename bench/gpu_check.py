@@ -87,7 +87,8 @@ def logits_parity(model_dir: Path, work: Path, device: str, dtype: str):
             "PASS" if lathe_err <= bound else "FAIL")
 
 
-def lora_run(model_dir: Path, work: Path, name: str, device: str, dtype: str, steps: int, **overrides) -> list[dict]:
+def lora_run(model_dir: Path, work: Path, name: str, device: str, dtype: str, steps: int, nproc: int = 1,
+             **overrides) -> list[dict]:
     out = work / name
     data = write_chat_dataset(work / "train.jsonl")
     train = {"device": device, "dtype": dtype, "epochs": 50, "max_steps": steps,
@@ -95,7 +96,7 @@ def lora_run(model_dir: Path, work: Path, name: str, device: str, dtype: str, st
     config = train_config(model_dir, data, out, train=train, debug={"dump_batches": False}, **overrides)
     path = work / f"{name}.toml"
     path.write_text(to_toml(config))
-    lathe("train", path)
+    lathe("train", path, "--nproc", str(nproc))
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     return [e for e in events if e.get("type") == "step"]
 
@@ -115,15 +116,9 @@ def data_parallel(model_dir: Path, work: Path, device: str, ranks: int):
     process with N times the batch: same rows per step, so the losses must agree."""
     steps, per_rank = 6, 2
     one = lora_run(model_dir, work, "dp-one", device, "fp32", steps, batch_size=per_rank * ranks)
-    out = work / "dp-ranks"
-    data = write_chat_dataset(work / "train.jsonl")
-    train = {"device": device, "dtype": "fp32", "epochs": 50, "max_steps": steps, "batch_size": per_rank}
-    path = work / "dp-ranks.toml"
-    path.write_text(to_toml(train_config(model_dir, data, out, train=train, debug={"dump_batches": False})))
-    lathe("train", path, "--nproc", str(ranks))
-    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
-    started = next(e for e in events if e.get("type") == "started")
-    many = [e for e in events if e.get("type") == "step"]
+    many = lora_run(model_dir, work, "dp-ranks", device, "fp32", steps, nproc=ranks, batch_size=per_rank)
+    first = (work / "dp-ranks" / "events.jsonl").read_text().splitlines()[0]
+    started = json.loads(first)
     worst = max(abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(many, one))
     # CPU fp32 agrees to summation order (~1e-7); GPU kernels differ a little more per batch shape.
     bound = 1e-6 if device == "cpu" else 1e-4

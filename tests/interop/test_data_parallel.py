@@ -93,6 +93,16 @@ def test_the_2_rank_adapter_loads_in_peft_and_gives_lathes_logits(tmp_path, tiny
     assert (expected - base).abs().max().item() > 1e-3, "the adapter changes nothing; the check is empty"
 
 
+def _start_two_ranks(config: Path, out: Path, steps: int) -> subprocess.Popen:
+    """`lathe train --nproc 2` in the background, returned once it has logged `steps` steps."""
+    proc = subprocess.Popen([str(find_lathe_bin()), "train", str(config), "--nproc", "2", "--json"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(_losses(out) if (out / "events.jsonl").exists() else {}) < steps:
+        time.sleep(0.05)
+    return proc
+
+
 def _child_pids(pid: int) -> list[int]:
     try:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -107,11 +117,7 @@ def test_a_rank_killed_with_sigkill_resumes_from_the_checkpoint_and_repeats_the_
 
     config = _config(tmp_path, model, "killed", 4, checkpoint_every=5)
     out = tmp_path / "killed"
-    proc = subprocess.Popen([str(find_lathe_bin()), "train", str(config), "--nproc", "2", "--json"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
-    while time.time() < deadline and len(_losses(out) if (out / "events.jsonl").exists() else {}) < 7:
-        time.sleep(0.05)
+    proc = _start_two_ranks(config, out, steps=7)
     children = _child_pids(proc.pid)
     assert len(children) == 1, f"expected one child rank of {proc.pid}, found {children}"
     os.kill(children[0], signal.SIGKILL)
@@ -156,11 +162,7 @@ def test_sigterm_to_rank_0_stops_every_rank_at_a_checkpoint_and_resume_matches(t
 
     config = _config(tmp_path, model, "stopped", 4)
     out = tmp_path / "stopped"
-    proc = subprocess.Popen([str(find_lathe_bin()), "train", str(config), "--nproc", "2", "--json"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
-    while time.time() < deadline and len(_losses(out) if (out / "events.jsonl").exists() else {}) < 5:
-        time.sleep(0.05)
+    proc = _start_two_ranks(config, out, steps=5)
     children = _child_pids(proc.pid)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
