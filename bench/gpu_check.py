@@ -111,6 +111,18 @@ def loss_agreement(model_dir: Path, work: Path, device: str):
         "PASS" if ok else "FAIL")
 
 
+def qlora_agreement(model_dir: Path, work: Path, device: str):
+    """QLoRA on the GPU dequantizes with tensor ops, on the CPU with cpp/nf4.cpp's loop: the same
+    NF4 weights either way (docs/qlora.md), so the losses must agree as LoRA's do."""
+    steps = 5
+    cpu = lora_run(model_dir, work, "qlora-cpu", "cpu", "fp32", steps, quantization="nf4")
+    dev = lora_run(model_dir, work, f"qlora-{device.replace(':', '')}", device, "fp32", steps, quantization="nf4")
+    worst = max(abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(dev, cpu))
+    ok = len(dev) == len(cpu) == steps and worst <= 1e-3
+    row(f"QLoRA (nf4) losses, {device} vs cpu (fp32, {steps} steps)",
+        f"worst relative difference {worst:.2e} (bound 1e-3)", "PASS" if ok else "FAIL")
+
+
 def data_parallel(model_dir: Path, work: Path, device: str, ranks: int):
     """`lathe train --nproc N` (NCCL on GPUs when built with it, Gloo on the CPU) against one
     process with N times the batch: same rows per step, so the losses must agree."""
@@ -221,6 +233,8 @@ def main():
               "  - logits vs transformers on CUDA, fp32 (<= 1e-3) and bf16 (<= 4x transformers' bf16 error)\n"
               "  - a 5-step LoRA run on CUDA vs the CPU (relative loss difference <= 1e-3)\n"
               "  - small preset LoRA r16 seq 512 batch 4 bf16: tokens/s, peak device memory, vs transformers+PEFT\n"
+              "  - QLoRA (nf4): 5 steps on CUDA vs the CPU (<= 1e-3); tokens/s and peak device memory vs LoRA;\n"
+              "    full fine-tuning tokens/s and peak device memory\n"
               "  - a Qwen3-4B-shaped model, LoRA r64 bf16 with gradient checkpointing, if the GPU has >= 20 GiB\n"
               "  - with 2+ GPUs: data parallel over every GPU on NCCL vs one GPU with the whole batch (<= 1e-4)\n"
               "Running the same harness on the CPU with the tiny preset instead (a self-test of this script).\n")
@@ -240,6 +254,13 @@ def main():
         theirs, their_peak = hf_throughput(model_dir, device, 512, 4, 10, 16)
         row("Lathe / transformers+PEFT", f"{ours / theirs:.2f}x tokens/s at {our_peak / their_peak:.2f}x peak memory",
             "INFO")
+        qlora_agreement(model_dir, args.out, device)
+        q_rate, q_peak = throughput(model_dir, args.out, device, "bf16", "small QLoRA (nf4)", 10, batch_size=4,
+                                    quantization="nf4", **seq)
+        row("QLoRA / LoRA (small, bf16)", f"{q_rate / ours:.2f}x tokens/s at {q_peak / our_peak:.2f}x peak device memory",
+            "INFO")
+        throughput(model_dir, args.out, device, "bf16", "small full fine-tune", 10, batch_size=4, method="full",
+                   data=seq["data"])
         total = torch.cuda.get_device_properties(device).total_memory
         if args.skip_4b or total < 20 * 2**30:
             row("Qwen3-4B shape", f"skipped ({total / 2**30:.0f} GiB on the GPU, needs 20)", "SKIP")
@@ -254,6 +275,8 @@ def main():
             row("data parallel (NCCL)", f"skipped: {gpus} GPU; needs 2", "SKIP")
     else:
         throughput(model_dir, args.out, "cpu", "fp32", "tiny (CPU self-test)", 4)
+        throughput(model_dir, args.out, "cpu", "fp32", "tiny QLoRA (CPU self-test)", 4, quantization="nf4")
+        throughput(model_dir, args.out, "cpu", "fp32", "tiny full (CPU self-test)", 4, method="full")
         data_parallel(model_dir, args.out, "cpu", 2)
 
     (args.out / "gpu_check.json").write_text(json.dumps({"device": device, "doctor": report, "rows": ROWS}, indent=2))

@@ -16,6 +16,7 @@ fn main() {
     println!("cargo:rerun-if-changed=cpp/shim.cpp");
     println!("cargo:rerun-if-changed=cpp/dist.cpp");
     println!("cargo:rerun-if-changed=cpp/dist_nccl.cpp");
+    println!("cargo:rerun-if-changed=cpp/nf4.cpp");
     println!("cargo:rerun-if-env-changed=LATHE_CUDA_INCLUDE");
     println!("cargo::rustc-check-cfg=cfg(lathe_nccl)");
     println!("cargo:rerun-if-changed=cpp/gloo_decls");
@@ -43,7 +44,8 @@ fn main() {
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
         .define("GLOG_USE_GLOG_EXPORT", None)
         .file("cpp/shim.cpp")
-        .file("cpp/dist.cpp");
+        .file("cpp/dist.cpp")
+        .file("cpp/nf4.cpp");
     if backend.is_some() {
         build.define("LATHE_GPU_BACKEND", None);
     }

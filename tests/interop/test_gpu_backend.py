@@ -174,6 +174,9 @@ def test_gpu_check_runs_its_cpu_only_mode_and_says_what_it_would_check(tmp_path)
     assert checks["logits fp32 on cpu"]["verdict"] == "PASS"
     assert checks["lathe doctor"]["verdict"] == "PASS"
     assert any(c.startswith("throughput tiny") and "tokens/s" in r["result"] for c, r in checks.items())
+    assert "tokens/s" in checks["throughput tiny QLoRA (CPU self-test) (fp32, cpu)"]["result"]
+    assert "tokens/s" in checks["throughput tiny full (CPU self-test) (fp32, cpu)"]["result"]
+    assert "QLoRA (nf4): 5 steps on CUDA vs the CPU" in proc.stdout
     assert checks["data parallel 2 ranks (gloo) vs 1 process, cpu"]["verdict"] == "PASS"
     assert "with 2+ GPUs: data parallel over every GPU on NCCL" in proc.stdout
     assert "CPU-only mode" in proc.stdout

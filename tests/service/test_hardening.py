@@ -57,7 +57,7 @@ def upload(service, api_key, name: str, rows: list[str]) -> str:
     pytest.param({"lora": {"rnak": 8}}, "lora.rnak", "unknown_parameter", id="nested-typo"),
     pytest.param({"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}, "integrations",
                  "unsupported_parameter", id="integrations"),
-    pytest.param({"quantization": "nf4"}, "quantization", "unsupported_parameter", id="nf4"),
+    pytest.param({"quantization": "nf4", "method": {"type": "full"}}, "quantization", "invalid_value", id="nf4-full"),
     pytest.param({"method": {"type": "dpo", "dpo": {}}}, "method.type", "unsupported_parameter", id="dpo"),
 ])
 def test_unknown_and_unsupported_fields_are_refused_by_name(service, api_key, training_file_id, extra, param, code):

@@ -187,3 +187,27 @@ def test_adapter_from_result_files_loads_in_peft(service, client, api_key, finis
         tuned_logits = tuned(input_ids=input_ids).logits
     assert torch.isfinite(tuned_logits).all()
     assert (tuned_logits - base_logits).abs().max().item() > 1e-3, "the downloaded adapter changes nothing"
+
+
+def test_a_qlora_job_trains_on_a_4bit_base_and_its_adapter_loads_in_peft(service, client, api_key, training_file_id,
+                                                                          tmp_path):
+    """`quantization: "nf4"` end to end: the worker holds the base in NF4 (docs/qlora.md), the loss
+    falls, and the adapter it returns is a plain PEFT adapter for the unquantized base."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    job = create_job(client, training_file_id, n_epochs=2, seed=5, suffix="qlora", extra={"quantization": "nf4"})
+    job = wait_for_status(client, job.id, "succeeded", timeout=180)
+    curve = metrics_curve(service, api_key, job.id)
+    assert curve[-1]["train_loss"] < curve[0]["train_loss"], f"QLoRA loss did not fall: {curve}"
+    adapter_dir = tmp_path / "adapter"
+    adapter_dir.mkdir()
+    for file_id in job.result_files:
+        (adapter_dir / client.files.retrieve(file_id).filename).write_bytes(client.files.content(file_id).read())
+    base = AutoModelForCausalLM.from_pretrained(service.models_root / MODEL, dtype=torch.float32).eval()
+    ids = torch.randint(0, base.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        after = PeftModel.from_pretrained(base, adapter_dir).eval()(input_ids=ids).logits
+    assert (after - before).abs().max().item() > 1e-3, "the QLoRA adapter changes nothing"

@@ -5,6 +5,7 @@
 //! cpp/shim.cpp ──extern "C"──▶ ffi ──▶ backend (is the GPU backend linked, libtorch version)
 //!                                  └─▶ memory  (CUDA caching allocator: peak bytes per device)
 //! cpp/dist.cpp ──extern "C"──▶ ffi ──▶ dist    (c10d: TCPStore + ProcessGroupGloo collectives)
+//! cpp/nf4.cpp  ──extern "C"──▶ ffi ──▶ nf4     (NF4 dequantization, the QLoRA linear)
 //! /proc/self/maps ───────────────────▶ libraries (which libtorch / CUDA libraries are loaded)
 //! libcuda.so.1 (dlopen) ─────────────▶ driver  (driver version, device names, memory, capability)
 //! ```
@@ -19,3 +20,4 @@ pub mod driver;
 mod ffi;
 pub mod libraries;
 pub mod memory;
+pub mod nf4;

@@ -28,6 +28,7 @@ pub mod lora;
 pub mod model_config;
 pub mod model_dir;
 pub mod models;
+pub mod nf4;
 pub mod optim;
 pub mod peft;
 pub mod schedule;

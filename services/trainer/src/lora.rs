@@ -9,6 +9,7 @@
 use tch::{Kind, Tensor};
 
 use crate::hash::{fnv1a, unit_f64};
+use crate::nf4::Nf4Weight;
 use crate::{Result, TrainerError};
 
 /// The linear projections of a decoder layer, by the names checkpoints and PEFT use.
@@ -123,11 +124,38 @@ impl LoraPair {
     }
 }
 
+/// The base weight of a linear layer: a plain tensor, or frozen 4-bit NF4 (QLoRA).
+#[derive(Debug)]
+pub enum BaseWeight {
+    /// (out_features, in_features), as PyTorch stores it.
+    Dense(Tensor),
+    Nf4(Nf4Weight),
+}
+
+impl BaseWeight {
+    /// `x · Wᵀ` in x's dtype.
+    fn apply(&self, x: &Tensor, bias: Option<&Tensor>) -> Tensor {
+        match self {
+            BaseWeight::Dense(w) => x.linear(&w.to_kind(x.kind()), bias),
+            BaseWeight::Nf4(w) => match bias {
+                Some(b) => w.matmul(x) + b,
+                None => w.matmul(x),
+            },
+        }
+    }
+
+    pub fn size(&self) -> [i64; 2] {
+        match self {
+            BaseWeight::Dense(w) => w.size2().map(|(o, i)| [o, i]).expect("linear weights are (out, in)"),
+            BaseWeight::Nf4(w) => w.size(),
+        }
+    }
+}
+
 /// A linear layer of the decoder, optionally LoRA-adapted.
 #[derive(Debug)]
 pub struct Linear {
-    /// (out_features, in_features), as PyTorch stores it.
-    pub weight: Tensor,
+    pub weight: BaseWeight,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraPair>,
 }
@@ -136,7 +164,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let kind = x.kind();
         let bias = self.bias.as_ref().map(|b| b.to_kind(kind));
-        let y = x.linear(&self.weight.to_kind(kind), bias.as_ref());
+        let y = self.weight.apply(x, bias.as_ref());
         match &self.lora {
             None => y,
             Some(lora) => {
@@ -195,9 +223,10 @@ mod tests {
     fn a_fresh_adapter_leaves_the_output_unchanged() {
         tch::manual_seed(0);
         let weight = Tensor::randn([6, 4], (Kind::Float, tch::Device::Cpu));
-        let plain = Linear { weight: weight.copy(), bias: None, lora: None };
+        let plain = Linear { weight: BaseWeight::Dense(weight.copy()), bias: None, lora: None };
         let config = LoraConfig { rank: 2, ..LoraConfig::default() };
-        let adapted = Linear { weight, bias: None, lora: Some(LoraPair::new(4, 6, &config, tch::Device::Cpu, "q_proj")) };
+        let adapted =
+            Linear { weight: BaseWeight::Dense(weight), bias: None, lora: Some(LoraPair::new(4, 6, &config, tch::Device::Cpu, "q_proj")) };
         let x = Tensor::randn([3, 4], (Kind::Float, tch::Device::Cpu));
         let diff = (plain.forward(&x, true) - adapted.forward(&x, true)).abs().max().double_value(&[]);
         assert_eq!(diff, 0.0);
@@ -219,7 +248,7 @@ mod tests {
         lora.b = Tensor::randn([5, 2], (Kind::Float, tch::Device::Cpu));
         let weight = Tensor::randn([5, 4], (Kind::Float, tch::Device::Cpu));
         let merged = &weight + lora.delta_weight();
-        let adapted = Linear { weight, bias: None, lora: Some(lora) };
+        let adapted = Linear { weight: BaseWeight::Dense(weight), bias: None, lora: Some(lora) };
         let x = Tensor::randn([3, 4], (Kind::Float, tch::Device::Cpu));
         let expected = x.linear::<Tensor>(&merged, None);
         let diff = (adapted.forward(&x, false) - expected).abs().max().double_value(&[]);

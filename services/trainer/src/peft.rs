@@ -19,7 +19,7 @@ const PREFIX: &str = "base_model.model.";
 /// The adapter's tensors under PEFT names (fp32).
 pub fn adapter_tensors(decoder: &Decoder) -> Vec<(String, Tensor)> {
     let mut out = Vec::new();
-    decoder.visit_parameters(&mut |name, tensor| {
+    decoder.visit_tensors(false, &mut |name, tensor| {
         if let Some(module) = name.strip_suffix(".lora_A") {
             out.push((format!("{PREFIX}{module}.lora_A.weight"), tensor.detach().to_kind(Kind::Float)));
         } else if let Some(module) = name.strip_suffix(".lora_B") {

@@ -59,3 +59,31 @@ fn a_shard_name_that_leaves_the_model_directory_is_refused() {
     let err = models::load_for_inference(&model, None, Kind::Float, Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("invalid shard name"), "{err}");
 }
+
+#[test]
+fn a_truncated_or_lying_safetensors_file_is_refused_naming_the_file_and_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    init_model(&InitOptions { arch: Arch::Qwen3, preset: Preset::Tiny, seed: 0, out: model.clone() }).unwrap();
+    let file = model.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+
+    // Cut off in the middle of the data: the last tensor ends past the end of the file.
+    std::fs::write(&file, &bytes[..bytes.len() - 100]).unwrap();
+    let err = models::load_for_inference(&model, None, Kind::Float, Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors") && err.contains("past the end of the file"), "{err}");
+
+    // A header whose offsets do not match the shape it declares.
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + header_len]).unwrap();
+    let mut json: serde_json::Map<String, serde_json::Value> = serde_json::from_str(header).unwrap();
+    json["model.norm.weight"]["shape"] = serde_json::json!([3]);
+    let mut lying = serde_json::to_string(&json).unwrap().into_bytes();
+    lying.resize(header_len, b' ');
+    let mut patched = bytes[..8].to_vec();
+    patched.extend(lying);
+    patched.extend(&bytes[8 + header_len..]);
+    std::fs::write(&file, patched).unwrap();
+    let err = models::load_for_inference(&model, None, Kind::Float, Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("model.norm.weight") && err.contains("data_offsets"), "{err}");
+}

@@ -5,6 +5,7 @@ use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
 use lathe_trainer::init::{init_model, Arch, InitOptions, Preset};
+use lathe_trainer::train::train_config::QuantizationSetting;
 use lathe_trainer::train::{self, Event, Hooks, Method, Outcome, TrainConfig};
 
 fn tiny_model(dir: &Path, arch: Arch) -> PathBuf {
@@ -95,6 +96,34 @@ fn a_resumed_run_repeats_the_uninterrupted_losses_bit_for_bit() {
     }
     let csv = std::fs::read_to_string(interrupted.output_dir.join("results.csv")).unwrap();
     assert_eq!(csv.lines().count(), expected.len() + 1, "results.csv keeps the steps before the checkpoint");
+}
+
+#[test]
+fn qlora_lowers_the_loss_differs_from_lora_and_resumes_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), Arch::Qwen3);
+    let data = chat_file(dir.path(), 16);
+    let mut qlora = config(&model, &data, &dir.path().join("qlora"));
+    qlora.quantization = Some(QuantizationSetting::Nf4);
+    qlora.train.epochs = 2;
+    qlora.train.gradient_checkpointing = true; // the recomputed layers go through Nf4Matmul twice
+    let (expected, outcome) = run_collecting(&qlora, None, None);
+    assert!(expected[7].1 < expected[0].1 * 0.9, "QLoRA loss should fall: {expected:?}");
+    assert!(matches!(outcome, Outcome::Finished { adapter_dir: Some(_), .. }));
+    let mut lora_config = config(&model, &data, &dir.path().join("lora"));
+    lora_config.train.epochs = 2;
+    let (lora, _) = run_collecting(&lora_config, None, None);
+    let moved = (lora[0].1 - expected[0].1).abs();
+    assert!(moved > 1e-6 && moved < 0.05 * lora[0].1, "4-bit base should shift the first loss a little, moved {moved}");
+
+    let mut interrupted = qlora.clone();
+    interrupted.output_dir = dir.path().join("interrupted");
+    let (before, outcome) = run_collecting(&interrupted, None, Some(3));
+    let Outcome::Stopped { checkpoint: Some(checkpoint), .. } = outcome else { panic!("expected a stop, got {outcome:?}") };
+    let (after, _) = run_collecting(&interrupted, Some(&checkpoint), None);
+    for ((step, a), (_, b)) in expected.iter().zip(before.iter().chain(&after)) {
+        assert_eq!(a.to_bits(), b.to_bits(), "step {step}: uninterrupted {a} vs resumed {b}");
+    }
 }
 
 #[test]

@@ -7,7 +7,7 @@ use lathe_core::spec::Quantization;
 use lathe_core::JobSpec;
 use lathe_core::ModelName;
 use lathe_trainer::train::train_config::{
-    DataSettings, DebugSettings, LoopSettings, LoraSettings, OptimSettings, OutputSettings, TargetModulesSetting,
+    DataSettings, DebugSettings, LoopSettings, LoraSettings, OptimSettings, OutputSettings, QuantizationSetting, TargetModulesSetting,
 };
 use lathe_trainer::train::{Method, TrainConfig};
 
@@ -48,12 +48,6 @@ pub struct Settings<'a> {
 }
 
 pub fn train_config(spec: &JobSpec, paths: Paths<'_>, settings: Settings<'_>) -> Result<TrainConfig, Unrunnable> {
-    if spec.quantization == Some(Quantization::Nf4) {
-        return Err(Unrunnable::job(
-            "unsupported_quantization",
-            "quantization \"nf4\" (QLoRA) is not available on this worker yet; submit without it",
-        ));
-    }
     let model = model_dir(settings.models_root, &spec.model)?;
     let lora = spec.lora.as_ref();
     Ok(TrainConfig {
@@ -62,6 +56,11 @@ pub fn train_config(spec: &JobSpec, paths: Paths<'_>, settings: Settings<'_>) ->
         validation_file: paths.validation_file.map(Path::to_path_buf),
         output_dir: paths.output_dir.to_path_buf(),
         method: if lora.is_some() { Method::Lora } else { Method::Full },
+        quantization: spec.quantization.map(|q| match q {
+            Quantization::Nf4 => QuantizationSetting::Nf4,
+        }),
+        // QLoRA as its paper and bitsandbytes' recipe run it.
+        double_quantization: true,
         seed: spec.seed,
         data: DataSettings { max_seq_length: spec.max_seq_length as usize, packing: spec.packing, train_on_inputs: spec.train_on_inputs },
         lora: match lora {

@@ -1,12 +1,15 @@
-//! `lathe model ...`: make a random model, run a forward pass, merge an adapter.
+//! `lathe model ...`: make a random model, run a forward pass, merge an adapter, quantize to NF4.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use lathe_trainer::init::{init_model, Arch, InitOptions, Preset};
+use lathe_trainer::lora::BaseWeight;
+use lathe_trainer::models::decoder::{linear_path, Trainable};
+use lathe_trainer::nf4::{self, Quantization};
 use lathe_trainer::{checkpoint, device, export, model_dir::ModelDir, models};
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 #[derive(Subcommand)]
 pub enum ModelCommand {
@@ -18,6 +21,26 @@ pub enum ModelCommand {
     Merge(MergeArgs),
     /// Generate from token ids (greedy by default, KV cache); prints the new tokens as JSON.
     Generate(GenerateArgs),
+    /// Quantize the decoder's projections to NF4 as a QLoRA run does; writes the 4-bit tensors
+    /// under bitsandbytes' names and prints how far the weights moved.
+    Quantize(QuantizeArgs),
+}
+
+#[derive(Args)]
+pub struct QuantizeArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// safetensors file for the 4-bit tensors: `<weight>` (packed codes), `<weight>.absmax`,
+    /// `<weight>.quant_map`, and with double quantization `<weight>.nested_absmax`,
+    /// `<weight>.nested_quant_map`, `<weight>.nested_offset`.
+    #[arg(long)]
+    out: PathBuf,
+    /// Keep the per-block scales in fp32 (bitsandbytes' `bnb_4bit_use_double_quant=False`).
+    #[arg(long)]
+    no_double_quant: bool,
+    /// Also write every quantized weight dequantized again, in the checkpoint's dtype.
+    #[arg(long)]
+    dequantized_out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -84,6 +107,12 @@ pub struct ForwardArgs {
     dtype: String,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// `nf4`: hold the decoder's projections in 4-bit NormalFloat, as a QLoRA run trains them.
+    #[arg(long, value_parser = ["none", "nf4"], default_value = "none")]
+    quantization: String,
+    /// With `--quantization nf4`, keep the block scales in fp32.
+    #[arg(long)]
+    no_double_quant: bool,
 }
 
 #[derive(Args)]
@@ -102,7 +131,58 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
         ModelCommand::Forward(args) => forward(args),
         ModelCommand::Merge(args) => merge(args),
         ModelCommand::Generate(args) => generate(args),
+        ModelCommand::Quantize(args) => quantize(args),
     }
+}
+
+fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
+    let dir = ModelDir::open(&args.model)?;
+    let kind = models::stored_kind(&dir);
+    let quantization = Quantization::Nf4 { double_quant: !args.no_double_quant };
+    let decoder = models::load(&dir, &Trainable::Nothing, quantization, kind, Device::Cpu)?;
+    let original = dir.load_weights(Device::Cpu, kind)?;
+    let (mut packed, mut dequantized) = (Vec::new(), Vec::new());
+    let (mut dense_bytes, mut nf4_bytes, mut worst) = (0i64, 0i64, (0.0f64, String::new()));
+    for (i, layer) in decoder.layers.iter().enumerate() {
+        for (module, linear) in layer.linears() {
+            let BaseWeight::Nf4(w) = &linear.weight else { continue };
+            let name = format!("{}.weight", linear_path(i, module));
+            let back = w.dequantize(kind);
+            let before = &original[&name];
+            let error = ((&back - before).to_kind(Kind::Float).square().mean(Kind::Float).sqrt()
+                / before.to_kind(Kind::Float).square().mean(Kind::Float).sqrt())
+            .double_value(&[]);
+            if error > worst.0 {
+                worst = (error, name.clone());
+            }
+            dense_bytes += before.numel() as i64 * before.kind().elt_size_in_bytes() as i64;
+            nf4_bytes += w.stored_bytes();
+            packed.push((name.clone(), w.packed.view([-1, 1])));
+            packed.push((format!("{name}.absmax"), w.absmax.shallow_clone()));
+            packed.push((format!("{name}.quant_map"), Tensor::from_slice(&nf4::NF4_LEVELS)));
+            if let Some(d) = &w.double {
+                packed.push((format!("{name}.nested_absmax"), d.scale.shallow_clone()));
+                packed.push((format!("{name}.nested_quant_map"), d.code.shallow_clone()));
+                packed.push((format!("{name}.nested_offset"), Tensor::from_slice(&[d.offset])));
+            }
+            dequantized.push((name, back));
+        }
+    }
+    anyhow::ensure!(!dequantized.is_empty(), "{}: no decoder projections to quantize", args.model.display());
+    checkpoint::write_tensors(&args.out, &packed)?;
+    if let Some(path) = &args.dequantized_out {
+        checkpoint::write_tensors(path, &dequantized)?;
+    }
+    println!(
+        "quantized {} weights to NF4{}: {:.1} MB -> {:.1} MB; relative RMS error worst {:.4} ({})",
+        dequantized.len(),
+        if args.no_double_quant { "" } else { " with double quantization" },
+        dense_bytes as f64 / 1e6,
+        nf4_bytes as f64 / 1e6,
+        worst.0,
+        worst.1,
+    );
+    Ok(())
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
@@ -154,7 +234,11 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
 fn forward(args: ForwardArgs) -> anyhow::Result<()> {
     let kind = device::parse_dtype(&args.dtype)?;
     let dev = device::parse_device(&args.device)?;
-    let decoder = models::load_for_inference(&args.model, args.adapter.as_deref(), kind, dev)?;
+    let quantization = match args.quantization.as_str() {
+        "nf4" => Quantization::Nf4 { double_quant: !args.no_double_quant },
+        _ => Quantization::None,
+    };
+    let decoder = models::load_for_inference_as(&args.model, args.adapter.as_deref(), quantization, kind, dev)?;
     let mut inputs = checkpoint::read_tensors(&args.input)?;
     let input_ids = inputs.remove("input_ids").with_context(|| format!("{}: no tensor named input_ids", args.input.display()))?;
     anyhow::ensure!(input_ids.dim() == 2, "{}: input_ids must be 2-D (batch, seq)", args.input.display());

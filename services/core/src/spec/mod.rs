@@ -429,11 +429,9 @@ fn resolve_method_lora(method: Method, lora: Option<&LoraRequest>) -> Result<Opt
 fn resolve_quantization(quantization: Option<&str>, lora: bool) -> Result<Option<Quantization>, SpecError> {
     match quantization {
         None => Ok(None),
-        // QLoRA is planned, not built: no worker can load a 4-bit base yet, so the job is refused
-        // here rather than accepted and failed by every worker that claims it.
-        Some("nf4") if lora => {
-            Err(SpecError::unsupported("quantization", "nf4 (QLoRA) is not implemented by Lathe's workers yet; submit without it"))
-        }
+        // QLoRA: the base's projections in 4-bit NormalFloat under the LoRA adapter; every
+        // worker can run it (CPU kernel, tensor ops on other devices).
+        Some("nf4") if lora => Ok(Some(Quantization::Nf4)),
         Some("nf4") => Err(SpecError::invalid(
             "quantization",
             "nf4 (QLoRA) freezes a 4-bit base under a LoRA adapter; it needs LoRA, and this job trains every weight",

@@ -392,11 +392,15 @@ fn an_unknown_field_is_refused_naming_its_path() {
 }
 
 #[test]
+fn nf4_is_qlora_on_a_lora_job() {
+    assert_eq!(spec(json!({"quantization": "nf4"})).unwrap().quantization, Some(Quantization::Nf4));
+    assert_eq!(rejection(json!({"quantization": "nf4", "method": {"type": "full"}})).param, "quantization");
+}
+
+#[test]
 fn fields_openai_defines_but_lathe_does_not_implement_are_unsupported() {
     let error = rejection(json!({"integrations": [{"type": "wandb", "wandb": {"project": "x"}}]}));
     assert_eq!((error.param.as_str(), error.code), ("integrations", SpecCode::UnsupportedParameter));
-    let error = rejection(json!({"quantization": "nf4"}));
-    assert_eq!((error.param.as_str(), error.code), ("quantization", SpecCode::UnsupportedParameter));
     // An empty list (what some clients send by default) asks for nothing.
     assert!(spec(json!({"integrations": []})).is_ok());
     assert!(spec(json!({"integrations": null})).is_ok());

@@ -11,8 +11,9 @@ use std::collections::HashMap;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::lora::{Linear, LoraConfig, LoraPair};
+use crate::lora::{BaseWeight, Linear, LoraConfig, LoraPair};
 use crate::model_config::{ModelConfig, RopeScaling};
+use crate::nf4::Nf4Weight;
 use crate::{Result, TrainerError};
 
 /// What is trained: nothing (inference), LoRA pairs on a frozen base, or every weight.
@@ -95,22 +96,48 @@ pub struct Decoder {
     pub device: Device,
 }
 
+/// A checkpoint's tensors by name: as read, or (QLoRA) quantized to NF4.
+#[derive(Default)]
+pub struct Weights {
+    pub dense: HashMap<String, Tensor>,
+    pub quantized: HashMap<String, Nf4Weight>,
+}
+
+impl From<HashMap<String, Tensor>> for Weights {
+    fn from(dense: HashMap<String, Tensor>) -> Self {
+        Weights { dense, quantized: HashMap::new() }
+    }
+}
+
 /// Takes tensors out of a checkpoint's map, checking names and shapes.
 struct WeightSource<'a> {
-    weights: &'a mut HashMap<String, Tensor>,
+    weights: &'a mut Weights,
     what: &'a str,
 }
 
 impl WeightSource<'_> {
     fn take(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
-        let tensor = self.weights.remove(name).ok_or_else(|| TrainerError::file(self.what, format!("missing tensor {name}")))?;
-        if tensor.size() != shape {
-            return Err(TrainerError::file(
-                self.what,
-                format!("tensor {name} has shape {:?}, config.json implies {shape:?}", tensor.size()),
-            ));
-        }
+        let tensor = self.weights.dense.remove(name).ok_or_else(|| TrainerError::file(self.what, format!("missing tensor {name}")))?;
+        self.check_shape(name, &tensor.size(), shape)?;
         Ok(tensor)
+    }
+
+    /// A linear layer's weight, dense or NF4.
+    fn take_linear(&mut self, name: &str, shape: &[i64]) -> Result<BaseWeight> {
+        match self.weights.quantized.remove(name) {
+            Some(w) => {
+                self.check_shape(name, &w.size(), shape)?;
+                Ok(BaseWeight::Nf4(w))
+            }
+            None => self.take(name, shape).map(BaseWeight::Dense),
+        }
+    }
+
+    fn check_shape(&self, name: &str, got: &[i64], shape: &[i64]) -> Result<()> {
+        if got != shape {
+            return Err(TrainerError::file(self.what, format!("tensor {name} has shape {got:?}, config.json implies {shape:?}")));
+        }
+        Ok(())
     }
 }
 
@@ -119,12 +146,16 @@ impl Decoder {
     /// device). Frozen weights stay in the compute dtype; trainable ones become fp32 leaves.
     pub fn from_weights(
         config: &ModelConfig,
-        mut weights: HashMap<String, Tensor>,
+        weights: impl Into<Weights>,
         trainable: &Trainable,
         compute_kind: Kind,
         device: Device,
         what: &str,
     ) -> Result<Self> {
+        let mut weights = weights.into();
+        if matches!(trainable, Trainable::Everything) && !weights.quantized.is_empty() {
+            return Err(TrainerError::invalid("quantization", "nf4 freezes the base weights; full fine-tuning trains them"));
+        }
         let c = config;
         let (h, inter) = (c.hidden_size, c.intermediate_size);
         let q_out = c.num_attention_heads * c.head_dim;
@@ -142,7 +173,10 @@ impl Decoder {
             Ok(RmsNorm { weight: param(src.take(name, &[dim])?), eps: c.rms_norm_eps })
         };
         let linear = |src: &mut WeightSource, prefix: &str, module: &str, out: i64, inp: i64, bias: bool| -> Result<Linear> {
-            let weight = param(src.take(&format!("{prefix}.{module}.weight"), &[out, inp])?);
+            let weight = match src.take_linear(&format!("{prefix}.{module}.weight"), &[out, inp])? {
+                BaseWeight::Dense(w) => BaseWeight::Dense(param(w)),
+                nf4 => nf4,
+            };
             let bias = if bias { Some(param(src.take(&format!("{prefix}.{module}.bias"), &[out])?)) } else { None };
             let lora = match trainable {
                 Trainable::Lora(lora) if lora.targets(module) => Some(LoraPair::new(inp, out, lora, device, &format!("{prefix}.{module}"))),
@@ -181,14 +215,14 @@ impl Decoder {
         let final_norm = norm(&mut src, "model.norm.weight", h)?;
         let lm_head = if c.tie_word_embeddings {
             // Some tied checkpoints still carry a copy of the head; it is the same tensor.
-            src.weights.remove("lm_head.weight");
+            src.weights.dense.remove("lm_head.weight");
             None
         } else {
             Some(param(src.take("lm_head.weight", &[c.vocab_size, h])?))
         };
         // Rotary buffers some exporters include are recomputed here, not read.
-        weights.retain(|name, _| !name.ends_with("rotary_emb.inv_freq"));
-        if let Some(extra) = weights.keys().min() {
+        weights.dense.retain(|name, _| !name.ends_with("rotary_emb.inv_freq"));
+        if let Some(extra) = weights.dense.keys().chain(weights.quantized.keys()).min() {
             return Err(TrainerError::file(what, format!("unexpected tensor {extra} for model_type in config.json")));
         }
         Ok(Decoder {
@@ -266,7 +300,7 @@ impl Decoder {
     /// Every trainable tensor with its checkpoint-style name (LoRA pairs as `...q_proj.lora_A`).
     pub fn trainable_parameters(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
-        self.visit_parameters(&mut |name, tensor| {
+        self.visit_tensors(false, &mut |name, tensor| {
             if tensor.requires_grad() {
                 out.push((name.to_string(), tensor.shallow_clone()));
             }
@@ -274,8 +308,15 @@ impl Decoder {
         out
     }
 
-    /// Every tensor of the model (base weights and LoRA pairs) with its name.
+    /// Every tensor of the model (base weights and LoRA pairs) with its name; NF4 weights
+    /// dequantized to fp32 one at a time.
     pub fn visit_parameters(&self, f: &mut dyn FnMut(&str, &Tensor)) {
+        self.visit_tensors(true, f)
+    }
+
+    /// The tensors of the model, NF4 base weights dequantized or skipped (`dequantize`): what
+    /// reads only LoRA pairs or trainable weights need not pay for dequantizing.
+    pub fn visit_tensors(&self, dequantize: bool, f: &mut dyn FnMut(&str, &Tensor)) {
         f("model.embed_tokens.weight", &self.embed_tokens);
         for (i, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
@@ -290,7 +331,11 @@ impl Decoder {
             }
             for (module, linear) in layer.linears() {
                 let prefix = linear_path(i, module);
-                f(&format!("{prefix}.weight"), &linear.weight);
+                match &linear.weight {
+                    BaseWeight::Dense(w) => f(&format!("{prefix}.weight"), w),
+                    BaseWeight::Nf4(w) if dequantize => f(&format!("{prefix}.weight"), &w.dequantize(Kind::Float)),
+                    BaseWeight::Nf4(_) => {}
+                }
                 if let Some(b) = &linear.bias {
                     f(&format!("{prefix}.bias"), b);
                 }

@@ -3,29 +3,56 @@
 
 pub mod decoder;
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use tch::{Device, Kind};
 
 use crate::model_dir::ModelDir;
+use crate::nf4::{quantizes, Nf4Weight, Quantization};
 use crate::{peft, Result};
-use decoder::{Decoder, Trainable};
+use decoder::{Decoder, Trainable, Weights};
 
-/// Loads a model directory for training or inference, with frozen weights in `kind`.
-pub fn load(dir: &ModelDir, trainable: &Trainable, kind: Kind, device: Device) -> Result<Decoder> {
-    let weights = dir.load_weights(device, kind)?;
+/// Loads a model directory for training or inference, with frozen weights in `kind`, or the
+/// decoder layers' projections in NF4 (quantized one tensor at a time as they are read).
+pub fn load(dir: &ModelDir, trainable: &Trainable, quantization: Quantization, kind: Kind, device: Device) -> Result<Decoder> {
+    let mut dense = HashMap::new();
+    let mut quantized = HashMap::new();
+    dir.for_each_tensor(device, kind, |name, tensor| {
+        match quantization {
+            Quantization::Nf4 { double_quant } if quantizes(&name) && tensor.is_floating_point() && tensor.dim() == 2 => {
+                quantized.insert(name, Nf4Weight::quantize(&tensor, double_quant));
+            }
+            _ => {
+                dense.insert(name, tensor);
+            }
+        }
+        Ok(())
+    })?;
     let what = dir.weight_files.first().map(|p| p.display().to_string()).unwrap_or_default();
-    Decoder::from_weights(&dir.config, weights, trainable, kind, device, &what)
+    Decoder::from_weights(&dir.config, Weights { dense, quantized }, trainable, kind, device, &what)
 }
 
 /// Loads a model for inference, with the PEFT adapter in `adapter` applied when given.
 pub fn load_for_inference(model: &Path, adapter: Option<&Path>, kind: Kind, device: Device) -> Result<Decoder> {
+    load_for_inference_as(model, adapter, Quantization::None, kind, device)
+}
+
+/// [`load_for_inference`] with the base's projections held as `quantization` says (a QLoRA
+/// adapter on the 4-bit base it was trained on).
+pub fn load_for_inference_as(
+    model: &Path,
+    adapter: Option<&Path>,
+    quantization: Quantization,
+    kind: Kind,
+    device: Device,
+) -> Result<Decoder> {
     let dir = ModelDir::open(model)?;
     match adapter {
-        None => load(&dir, &Trainable::Nothing, kind, device),
+        None => load(&dir, &Trainable::Nothing, quantization, kind, device),
         Some(adapter) => {
             let lora = peft::read_adapter_config(adapter)?;
-            let mut decoder = load(&dir, &Trainable::Lora(lora), kind, device)?;
+            let mut decoder = load(&dir, &Trainable::Lora(lora), quantization, kind, device)?;
             peft::load_adapter_weights(adapter, &mut decoder)?;
             Ok(decoder)
         }

@@ -252,7 +252,7 @@ impl Model {
             Some(l) => Trainable::Lora(l.clone()),
             None => Trainable::Everything,
         };
-        let mut decoder = models::load(&inputs.model_dir, &trainable, inputs.kind, inputs.device)?;
+        let mut decoder = models::load(&inputs.model_dir, &trainable, config.quantization(), inputs.kind, inputs.device)?;
         let mut optimizer = AdamW::new(
             decoder.trainable_parameters(),
             AdamWConfig {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::lora::{LoraConfig, TargetModules};
+use crate::nf4::Quantization;
 use crate::schedule::Decay;
 use crate::{Result, TrainerError};
 
@@ -18,6 +19,17 @@ pub enum Method {
     Lora,
     /// Every weight is trained.
     Full,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantizationSetting {
+    /// 4-bit NormalFloat, blocks of 64, as bitsandbytes (docs/qlora.md).
+    Nf4,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -32,6 +44,12 @@ pub struct TrainConfig {
     pub output_dir: PathBuf,
     #[serde(default)]
     pub method: Method,
+    /// "nf4": QLoRA, the base's decoder projections held in 4-bit NormalFloat (LoRA only).
+    #[serde(default)]
+    pub quantization: Option<QuantizationSetting>,
+    /// With nf4, also quantize the per-block scales (bitsandbytes' `bnb_4bit_use_double_quant`).
+    #[serde(default = "default_true")]
+    pub double_quantization: bool,
     #[serde(default)]
     pub seed: u64,
     #[serde(default)]
@@ -211,6 +229,14 @@ impl TrainConfig {
         std::fs::rename(&tmp, path).map_err(|e| TrainerError::io(path, e))
     }
 
+    /// How the frozen base weights are held.
+    pub fn quantization(&self) -> Quantization {
+        match self.quantization {
+            None => Quantization::None,
+            Some(QuantizationSetting::Nf4) => Quantization::Nf4 { double_quant: self.double_quantization },
+        }
+    }
+
     pub fn lora_config(&self) -> Result<LoraConfig> {
         let target_modules = match &self.lora.target_modules {
             TargetModulesSetting::Keyword(k) if k == "all-linear" || k == "all" => TargetModules::AllLinear,
@@ -271,6 +297,12 @@ impl TrainConfig {
         crate::device::parse_dtype(&t.dtype).map_err(|e| TrainerError::invalid("train.dtype", e.to_string()))?;
         if self.method == Method::Lora {
             self.lora_config()?;
+        }
+        if self.method == Method::Full && self.quantization.is_some() {
+            return Err(TrainerError::invalid(
+                "quantization",
+                "nf4 (QLoRA) freezes a 4-bit base under a LoRA adapter; method = \"full\" trains every weight",
+            ));
         }
         Ok(())
     }
@@ -334,10 +366,20 @@ mod tests {
             ("[data]\nmax_seq_length = 0", "data.max_seq_length"),
             ("[train]\nbatch_size = 0", "train.batch_size"),
             ("[train]\ndtype = \"int8\"", "train.dtype"),
+            ("method = \"full\"\nquantization = \"nf4\"", "quantization"),
         ] {
             let err = parse(toml).validate().unwrap_err().to_string();
             assert!(err.contains(field), "{toml}: {err}");
         }
+    }
+
+    #[test]
+    fn nf4_reads_as_qlora_with_double_quantization_unless_turned_off() {
+        assert_eq!(parse("").quantization(), Quantization::None);
+        assert_eq!(parse("quantization = \"nf4\"").quantization(), Quantization::Nf4 { double_quant: true });
+        let single = parse("quantization = \"nf4\"\ndouble_quantization = false");
+        assert_eq!(single.quantization(), Quantization::Nf4 { double_quant: false });
+        assert!(toml::from_str::<TrainConfig>("model = \"m\"\ntrain_file = \"t\"\noutput_dir = \"o\"\nquantization = \"int4\"").is_err());
     }
 
     #[test]
