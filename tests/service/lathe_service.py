@@ -538,6 +538,14 @@ def create_job(client, training_file: str, *, n_epochs: int = 1, seed: int = 0, 
         hyperparameters={"n_epochs": n_epochs, "batch_size": batch_size or BATCH_SIZE}, extra_body=body, **options)
 
 
+def download_result_files(client, job, directory: Path) -> Path:
+    """Writes a finished job's result files (adapter, step_metrics.csv) into `directory`, by their names."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for file_id in job.result_files:
+        (directory / client.files.retrieve(file_id).filename).write_bytes(client.files.content(file_id).read())
+    return directory
+
+
 def wait_for_status(client, job_id: str, wanted, timeout: float = 180, interval: float = 0.25):
     """Polls the job until its status is in `wanted`; fails at once if it ends in another state."""
     wanted = {wanted} if isinstance(wanted, str) else set(wanted)

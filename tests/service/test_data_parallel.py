@@ -13,7 +13,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from lathe_service import MODEL, create_job, metrics_curve, wait_for_status, wait_for_step, wait_until
+from lathe_service import (MODEL, create_job, download_result_files, metrics_curve, wait_for_status, wait_for_step,
+                           wait_until)
 
 
 
@@ -37,10 +38,7 @@ def test_a_2_gpu_job_runs_as_two_ranks_and_learns_what_one_rank_learns(service, 
     for a, b in zip(curve_two, curve_one):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6), f"step {a['step']}: 2 ranks {a['train_loss']!r}, 1 rank {b['train_loss']!r}"
 
-    adapter_dir = tmp_path / "adapter"
-    adapter_dir.mkdir()
-    for file_id in two.result_files:
-        (adapter_dir / client.files.retrieve(file_id).filename).write_bytes(client.files.content(file_id).read())
+    adapter_dir = download_result_files(client, two, tmp_path / "adapter")
     torch.set_num_threads(1)
     base = AutoModelForCausalLM.from_pretrained(service.models_root / MODEL, dtype=torch.float32).eval()
     input_ids = torch.randint(0, base.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from lathe_service import (LONG_EPOCHS, MODEL, PARKED_POOL, assert_complete_curve, create_job, list_all,
-                           metrics_curve, wait_for_status, wait_for_step)
+from lathe_service import (LONG_EPOCHS, MODEL, PARKED_POOL, assert_complete_curve, create_job,
+                           download_result_files, list_all, metrics_curve, wait_for_status, wait_for_step)
 
 pytestmark = pytest.mark.service
 
@@ -162,11 +162,7 @@ def test_adapter_from_result_files_loads_in_peft(service, client, api_key, finis
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(1)
-    adapter_dir = tmp_path / "adapter"
-    adapter_dir.mkdir()
-    for file_id in finished_job.result_files:
-        name = client.files.retrieve(file_id).filename
-        (adapter_dir / name).write_bytes(client.files.content(file_id).read())
+    adapter_dir = download_result_files(client, finished_job, tmp_path / "adapter")
     assert {p.name for p in adapter_dir.iterdir()} == RESULT_FILENAMES
 
     curve = metrics_curve(service, api_key, finished_job.id)
@@ -201,10 +197,7 @@ def test_a_qlora_job_trains_on_a_4bit_base_and_its_adapter_loads_in_peft(service
     job = wait_for_status(client, job.id, "succeeded", timeout=180)
     curve = metrics_curve(service, api_key, job.id)
     assert curve[-1]["train_loss"] < curve[0]["train_loss"], f"QLoRA loss did not fall: {curve}"
-    adapter_dir = tmp_path / "adapter"
-    adapter_dir.mkdir()
-    for file_id in job.result_files:
-        (adapter_dir / client.files.retrieve(file_id).filename).write_bytes(client.files.content(file_id).read())
+    adapter_dir = download_result_files(client, job, tmp_path / "adapter")
     base = AutoModelForCausalLM.from_pretrained(service.models_root / MODEL, dtype=torch.float32).eval()
     ids = torch.randint(0, base.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -160,16 +160,29 @@ at::Tensor optional_tensor(at::Tensor* t, const at::Tensor& like) {
 
 }  // namespace
 
+// One NF4 weight as the Rust side passes it (`lathe_torch_ext::nf4`); `absmax2` and `code2` are
+// null without double quantization.
+struct LatheNf4 {
+    at::Tensor* packed;
+    at::Tensor* absmax;
+    at::Tensor* absmax2;
+    at::Tensor* code2;
+    double offset;
+    int64_t blocksize;
+    int64_t blocksize2;
+    int64_t out_features;
+    int64_t in_features;
+};
+
 extern "C" {
 
 // The dequantized weight (`out` x `in`) in `dtype` (a c10::ScalarType), or null with `err` set.
-at::Tensor* lathe_nf4_dequantize(at::Tensor* packed, at::Tensor* absmax, at::Tensor* absmax2, at::Tensor* code2,
-                                 double offset, int64_t blocksize, int64_t blocksize2, int64_t out_features,
-                                 int64_t in_features, int dtype, char* err, size_t err_len) {
+at::Tensor* lathe_nf4_dequantize(const LatheNf4* w, int dtype, char* err, size_t err_len) {
     try {
-        auto scales = block_scales(*absmax, optional_tensor(absmax2, *packed), optional_tensor(code2, *packed), offset, blocksize2);
-        return new at::Tensor(
-            dequantize(*packed, scales, blocksize, {out_features, in_features}, static_cast<at::ScalarType>(dtype)));
+        auto scales = block_scales(*w->absmax, optional_tensor(w->absmax2, *w->packed),
+                                   optional_tensor(w->code2, *w->packed), w->offset, w->blocksize2);
+        return new at::Tensor(dequantize(*w->packed, scales, w->blocksize, {w->out_features, w->in_features},
+                                         static_cast<at::ScalarType>(dtype)));
     } catch (const std::exception& e) {
         write_error(err, err_len, e.what());
         return nullptr;
@@ -177,12 +190,11 @@ at::Tensor* lathe_nf4_dequantize(at::Tensor* packed, at::Tensor* absmax, at::Ten
 }
 
 // x · Wᵀ for the NF4 weight W, differentiable in x; null with `err` set on failure.
-at::Tensor* lathe_nf4_matmul(at::Tensor* x, at::Tensor* packed, at::Tensor* absmax, at::Tensor* absmax2, at::Tensor* code2,
-                             double offset, int64_t blocksize, int64_t blocksize2, int64_t out_features, int64_t in_features,
-                             char* err, size_t err_len) {
+at::Tensor* lathe_nf4_matmul(at::Tensor* x, const LatheNf4* w, char* err, size_t err_len) {
     try {
-        return new at::Tensor(Nf4Matmul::apply(*x, *packed, *absmax, optional_tensor(absmax2, *packed), optional_tensor(code2, *packed), offset,
-                                               blocksize, blocksize2, out_features, in_features));
+        return new at::Tensor(Nf4Matmul::apply(*x, *w->packed, *w->absmax, optional_tensor(w->absmax2, *w->packed),
+                                               optional_tensor(w->code2, *w->packed), w->offset, w->blocksize,
+                                               w->blocksize2, w->out_features, w->in_features));
     } catch (const std::exception& e) {
         write_error(err, err_len, e.what());
         return nullptr;

@@ -42,37 +42,22 @@ extern "C" {
     pub fn lathe_pg_barrier(group: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
 }
 
-// cpp/nf4.cpp: NF4 weights. `absmax2` and `code2` are null without double quantization; a null
-// result means `err` holds the message.
+// cpp/nf4.cpp: NF4 weights. A null result means `err` holds the message.
+/// One NF4 weight (`struct LatheNf4`); `absmax2` and `code2` are null without double quantization.
+#[repr(C)]
+pub struct LatheNf4 {
+    pub packed: *mut torch_sys::C_tensor,
+    pub absmax: *mut torch_sys::C_tensor,
+    pub absmax2: *mut torch_sys::C_tensor,
+    pub code2: *mut torch_sys::C_tensor,
+    pub offset: f64,
+    pub blocksize: i64,
+    pub blocksize2: i64,
+    pub out_features: i64,
+    pub in_features: i64,
+}
+
 extern "C" {
-    #[allow(clippy::too_many_arguments)]
-    pub fn lathe_nf4_dequantize(
-        packed: *mut torch_sys::C_tensor,
-        absmax: *mut torch_sys::C_tensor,
-        absmax2: *mut torch_sys::C_tensor,
-        code2: *mut torch_sys::C_tensor,
-        offset: f64,
-        blocksize: i64,
-        blocksize2: i64,
-        out_features: i64,
-        in_features: i64,
-        dtype: c_int,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> *mut torch_sys::C_tensor;
-    #[allow(clippy::too_many_arguments)]
-    pub fn lathe_nf4_matmul(
-        x: *mut torch_sys::C_tensor,
-        packed: *mut torch_sys::C_tensor,
-        absmax: *mut torch_sys::C_tensor,
-        absmax2: *mut torch_sys::C_tensor,
-        code2: *mut torch_sys::C_tensor,
-        offset: f64,
-        blocksize: i64,
-        blocksize2: i64,
-        out_features: i64,
-        in_features: i64,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> *mut torch_sys::C_tensor;
+    pub fn lathe_nf4_dequantize(w: *const LatheNf4, dtype: c_int, err: *mut c_char, err_len: usize) -> *mut torch_sys::C_tensor;
+    pub fn lathe_nf4_matmul(x: *mut torch_sys::C_tensor, w: *const LatheNf4, err: *mut c_char, err_len: usize) -> *mut torch_sys::C_tensor;
 }

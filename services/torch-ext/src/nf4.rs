@@ -33,10 +33,23 @@ pub struct DoubleQuant<'a> {
 }
 
 impl Nf4View<'_> {
-    fn double_parts(&self) -> (*mut torch_sys::C_tensor, *mut torch_sys::C_tensor, f64, i64) {
-        match self.double {
-            Some(d) => (d.absmax.as_ptr() as *mut _, d.code.as_ptr() as *mut _, d.offset as f64, d.blocksize),
+    /// The C struct the shim reads; it borrows this view's tensors.
+    fn raw(&self) -> ffi::LatheNf4 {
+        let ptr = |t: &Tensor| t.as_ptr() as *mut torch_sys::C_tensor;
+        let (absmax2, code2, offset, blocksize2) = match self.double {
+            Some(d) => (ptr(d.absmax), ptr(d.code), d.offset as f64, d.blocksize),
             None => (std::ptr::null_mut(), std::ptr::null_mut(), 0.0, 0),
+        };
+        ffi::LatheNf4 {
+            packed: ptr(self.packed),
+            absmax: ptr(self.absmax),
+            absmax2,
+            code2,
+            offset,
+            blocksize: self.blocksize,
+            blocksize2,
+            out_features: self.out_features,
+            in_features: self.in_features,
         }
     }
 }
@@ -44,46 +57,15 @@ impl Nf4View<'_> {
 /// The weight as an (out, in) tensor of `kind`: each value `NF4[code] · scale` in fp32, rounded
 /// once to `kind`.
 pub fn dequantize(w: Nf4View, kind: Kind) -> Result<Tensor, TchError> {
-    let (absmax2, code2, offset, blocksize2) = w.double_parts();
-    let dtype = scalar_type(kind)?;
-    call(|err| unsafe {
-        ffi::lathe_nf4_dequantize(
-            w.packed.as_ptr() as *mut _,
-            w.absmax.as_ptr() as *mut _,
-            absmax2,
-            code2,
-            offset,
-            w.blocksize,
-            blocksize2,
-            w.out_features,
-            w.in_features,
-            dtype,
-            err,
-            ERR_LEN,
-        )
-    })
+    let (raw, dtype) = (w.raw(), scalar_type(kind)?);
+    call(|err| unsafe { ffi::lathe_nf4_dequantize(&raw, dtype, err, ERR_LEN) })
 }
 
 /// `x · Wᵀ`, differentiable in `x`. Autograd keeps the 4-bit tensors, not the dequantized weight;
 /// the backward pass dequantizes again.
 pub fn matmul(x: &Tensor, w: Nf4View) -> Result<Tensor, TchError> {
-    let (absmax2, code2, offset, blocksize2) = w.double_parts();
-    call(|err| unsafe {
-        ffi::lathe_nf4_matmul(
-            x.as_ptr() as *mut _,
-            w.packed.as_ptr() as *mut _,
-            w.absmax.as_ptr() as *mut _,
-            absmax2,
-            code2,
-            offset,
-            w.blocksize,
-            blocksize2,
-            w.out_features,
-            w.in_features,
-            err,
-            ERR_LEN,
-        )
-    })
+    let raw = w.raw();
+    call(|err| unsafe { ffi::lathe_nf4_matmul(x.as_ptr() as *mut _, &raw, err, ERR_LEN) })
 }
 
 /// c10::ScalarType of the dtypes a weight is dequantized to (tch keeps its own mapping private).

@@ -174,8 +174,7 @@ fn quantize_block_maxima(absmax: &Tensor) -> (Tensor, DoubleQuantState) {
     let device = absmax.device();
     let offset = absmax.mean(Kind::Float);
     let centred: Vec<f32> = Vec::try_from(&(absmax - &offset).to_device(Device::Cpu)).expect("fp32 block maxima");
-    let code = dynamic_code();
-    let lut = nearest_code_lookup(&code);
+    let (code, lut) = code_and_lookup();
     let mut codes = Vec::with_capacity(centred.len());
     let mut scales = Vec::with_capacity(centred.len().div_ceil(DOUBLE_QUANT_BLOCKSIZE as usize));
     for block in centred.chunks(DOUBLE_QUANT_BLOCKSIZE as usize) {
@@ -189,7 +188,7 @@ fn quantize_block_maxima(absmax: &Tensor) -> (Tensor, DoubleQuantState) {
         codes.extend(block.iter().map(|v| lut[lookup_index(v * inv)]));
     }
     let state = DoubleQuantState {
-        code: Tensor::from_slice(&code).to_device(device),
+        code: Tensor::from_slice(code).to_device(device),
         scale: Tensor::from_slice(&scales).to_device(device),
         offset: offset.double_value(&[]) as f32,
     };
@@ -197,6 +196,17 @@ fn quantize_block_maxima(absmax: &Tensor) -> (Tensor, DoubleQuantState) {
 }
 
 const LOOKUP_SIZE: usize = 65536;
+
+/// The dynamic code and its lookup, built once per process (every quantized weight uses them).
+fn code_and_lookup() -> (&'static [f32], &'static [u8]) {
+    static TABLES: std::sync::OnceLock<(Vec<f32>, Vec<u8>)> = std::sync::OnceLock::new();
+    let (code, lut) = TABLES.get_or_init(|| {
+        let code = dynamic_code();
+        let lut = nearest_code_lookup(&code);
+        (code, lut)
+    });
+    (code, lut)
+}
 
 /// For each of 65536 evenly spaced points of [-1, 1], the index of the nearest code (bitsandbytes
 /// `build_quantize_lut`, float for float).

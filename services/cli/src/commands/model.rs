@@ -5,9 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use lathe_trainer::init::{init_model, Arch, InitOptions, Preset};
-use lathe_trainer::lora::BaseWeight;
-use lathe_trainer::models::decoder::{linear_path, Trainable};
-use lathe_trainer::nf4::{self, Quantization};
+use lathe_trainer::nf4::{self, Nf4Weight, Quantization};
 use lathe_trainer::{checkpoint, device, export, model_dir::ModelDir, models};
 use tch::{Device, Kind, Tensor};
 
@@ -138,36 +136,34 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
 fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
     let dir = ModelDir::open(&args.model)?;
     let kind = models::stored_kind(&dir);
-    let quantization = Quantization::Nf4 { double_quant: !args.no_double_quant };
-    let decoder = models::load(&dir, &Trainable::Nothing, quantization, kind, Device::Cpu)?;
-    let original = dir.load_weights(Device::Cpu, kind)?;
+    let double_quant = !args.no_double_quant;
     let (mut packed, mut dequantized) = (Vec::new(), Vec::new());
     let (mut dense_bytes, mut nf4_bytes, mut worst) = (0i64, 0i64, (0.0f64, String::new()));
-    for (i, layer) in decoder.layers.iter().enumerate() {
-        for (module, linear) in layer.linears() {
-            let BaseWeight::Nf4(w) = &linear.weight else { continue };
-            let name = format!("{}.weight", linear_path(i, module));
-            let back = w.dequantize(kind);
-            let before = &original[&name];
-            let error = ((&back - before).to_kind(Kind::Float).square().mean(Kind::Float).sqrt()
-                / before.to_kind(Kind::Float).square().mean(Kind::Float).sqrt())
-            .double_value(&[]);
-            if error > worst.0 {
-                worst = (error, name.clone());
-            }
-            dense_bytes += before.numel() as i64 * before.kind().elt_size_in_bytes() as i64;
-            nf4_bytes += w.stored_bytes();
-            packed.push((name.clone(), w.packed.view([-1, 1])));
-            packed.push((format!("{name}.absmax"), w.absmax.shallow_clone()));
-            packed.push((format!("{name}.quant_map"), Tensor::from_slice(&nf4::NF4_LEVELS)));
-            if let Some(d) = &w.double {
-                packed.push((format!("{name}.nested_absmax"), d.scale.shallow_clone()));
-                packed.push((format!("{name}.nested_quant_map"), d.code.shallow_clone()));
-                packed.push((format!("{name}.nested_offset"), Tensor::from_slice(&[d.offset])));
-            }
-            dequantized.push((name, back));
+    // One pass over the checkpoint: each projection quantized as the trainer does at load.
+    dir.for_each_tensor(Device::Cpu, kind, |name, before| {
+        if !nf4::quantizes(&name) || before.dim() != 2 {
+            return Ok(());
         }
-    }
+        let w = Nf4Weight::quantize(&before, double_quant);
+        let back = w.dequantize(kind);
+        let rms = |t: &Tensor| t.to_kind(Kind::Float).square().mean(Kind::Float).sqrt();
+        let error = (rms(&(&back - &before)) / rms(&before)).double_value(&[]);
+        if error > worst.0 {
+            worst = (error, name.clone());
+        }
+        dense_bytes += before.numel() as i64 * before.kind().elt_size_in_bytes() as i64;
+        nf4_bytes += w.stored_bytes();
+        packed.push((name.clone(), w.packed.view([-1, 1])));
+        packed.push((format!("{name}.absmax"), w.absmax.shallow_clone()));
+        packed.push((format!("{name}.quant_map"), Tensor::from_slice(&nf4::NF4_LEVELS)));
+        if let Some(d) = &w.double {
+            packed.push((format!("{name}.nested_absmax"), d.scale.shallow_clone()));
+            packed.push((format!("{name}.nested_quant_map"), d.code.shallow_clone()));
+            packed.push((format!("{name}.nested_offset"), Tensor::from_slice(&[d.offset])));
+        }
+        dequantized.push((name, back));
+        Ok(())
+    })?;
     anyhow::ensure!(!dequantized.is_empty(), "{}: no decoder projections to quantize", args.model.display());
     checkpoint::write_tensors(&args.out, &packed)?;
     if let Some(path) = &args.dequantized_out {
@@ -176,7 +172,7 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
     println!(
         "quantized {} weights to NF4{}: {:.1} MB -> {:.1} MB; relative RMS error worst {:.4} ({})",
         dequantized.len(),
-        if args.no_double_quant { "" } else { " with double quantization" },
+        if double_quant { " with double quantization" } else { "" },
         dense_bytes as f64 / 1e6,
         nf4_bytes as f64 / 1e6,
         worst.0,
