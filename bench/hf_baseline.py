@@ -92,6 +92,7 @@ def main():
     parser.add_argument("--peak-flops", type=float, help="matmul peak (bench/matmul_peak.py) for MFU")
     parser.add_argument("--threads", type=int, help="default: torch's default")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", help="write a torch.profiler Chrome trace of the last warm-up step here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,6 +118,10 @@ def main():
         for group in optimizer.param_groups:
             group["lr"] = lrs[index]
         trained = sum(int((m["targets"] != IGNORE_INDEX).sum()) for m in micros)
+        profiler = None
+        if args.profile and index == args.warmup_steps - 1:
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
+            profiler.__enter__()
         start = time.perf_counter()
         loss_sum = 0.0
         for micro in micros:
@@ -129,6 +134,9 @@ def main():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_seconds.append(time.perf_counter() - start)
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
+            profiler.export_chrome_trace(args.profile)
         step_tokens.append(sum(int(m["attention_mask"].sum()) for m in micros))
         losses.append(loss_sum / trained)
         print(f"step {index + 1}/{total} loss {losses[-1]:.6f} {step_seconds[-1]:.2f}s", file=sys.stderr)

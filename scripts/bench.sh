@@ -9,13 +9,16 @@
 #
 #   scripts/bench.sh                      # bf16 and fp32, 3 measured steps after 1 warm-up step
 #   BENCH_STEPS=10 BENCH_WARMUP=2 BENCH_DTYPES=fp32 scripts/bench.sh
+#   BENCH_PROFILE=1 scripts/bench.sh      # also: both sides' last warm-up step, op by op
 #
 # Env: LATHE_BIN, BENCH_DIR (runs/bench), BENCH_STEPS (3), BENCH_WARMUP (1), BENCH_SEQ (512),
 #      BENCH_BATCH (4), BENCH_RANK (16), BENCH_DTYPES ("bf16 fp32"), BENCH_ARCH (qwen3),
-#      BENCH_PRESET (small). Run it on an otherwise idle machine.
-# Cost of one step of the small preset (103M parameters, 2048 tokens, ~1 TFLOP) on 2 AVX2 cores:
-# fp32 ~15-35 s; bf16 ~10 min, because without AVX512-BF16/AMX libtorch's bf16 matmul falls back
-# to a slow kernel (see bench/matmul_peak.py). Budget the bf16 half accordingly.
+#      BENCH_PRESET (small), BENCH_PROFILE (0). Run it on an otherwise idle machine.
+# Cost of one step of the small preset (103M parameters, 2048 tokens, ~1 TFLOP) on 2 cores:
+# fp32 ~7-35 s; bf16 ~4-6 s with AVX512-BF16, ~10 min without it (libtorch's bf16 matmul then
+# falls back to a slow kernel, see bench/matmul_peak.py), which is why bf16 is skipped there.
+# The machines here are shared: per-step times of one side vary by ±15% between runs, so read
+# the ratio of a run with BENCH_STEPS=8 or more, and more than one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -33,6 +36,9 @@ if grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then DEFAULT_DTYPE
 DTYPES=${BENCH_DTYPES:-$DEFAULT_DTYPES}
 ARCH=${BENCH_ARCH:-qwen3}
 PRESET=${BENCH_PRESET:-small}
+PROFILE=${BENCH_PROFILE:-0}
+# The profiled step is the last warm-up step: not timed, and past the first step's one-time costs.
+if [ "$PROFILE" = 1 ] && [ "$WARMUP" -lt 2 ]; then WARMUP=2; fi
 TOTAL=$((STEPS + WARMUP))
 
 step() { printf '\n==> %s\n' "$*" >&2; }
@@ -105,6 +111,7 @@ gradient_checkpointing = false
 
 [debug]
 dump_batches = true
+profile_step = $([ "$PROFILE" = 1 ] && echo "$WARMUP" || echo 0)
 
 [output]
 merge = false
@@ -119,7 +126,8 @@ TOML
   /usr/bin/time -f '%M' -o "$DIR/results/$DTYPE-hf.rss_kb" "$PY" bench/hf_baseline.py --model "$MODEL" \
     --batches "$RUN/debug/batches.safetensors" --initial-adapter "$RUN/debug/initial_adapter" \
     --events "$RUN/events.jsonl" --dtype "$DTYPE" --steps "$STEPS" --warmup-steps "$WARMUP" --rank "$RANK" \
-    --alpha $((2 * RANK)) --peak-flops "$(peak "$DTYPE")" > "$DIR/results/$DTYPE-hf.json"
+    --alpha $((2 * RANK)) --peak-flops "$(peak "$DTYPE")" \
+    $([ "$PROFILE" = 1 ] && echo "--profile $DIR/results/$DTYPE-hf-profile.json") > "$DIR/results/$DTYPE-hf.json"
   # both sides' peak RSS as measured by GNU time, the same way
   "$PY" - "$DIR/results/$DTYPE-hf.json" "$DIR/results/$DTYPE-hf.rss_kb" <<'PY'
 import json, sys
@@ -130,6 +138,14 @@ result["peak_rss_mb"] = int(open(rss).read().split()[-1]) / 1024
 json.dump(result, open(path, "w"))
 PY
 done
+
+if [ "$PROFILE" = 1 ]; then
+  for DTYPE in $DTYPES; do
+    step "op profile ($DTYPE, step $WARMUP)"
+    "$PY" bench/profile_ops.py "$DIR/lathe-$DTYPE/debug/profile-step$WARMUP.json" "$DIR/results/$DTYPE-hf-profile.json" \
+      --json "$DIR/results/$DTYPE-profile.json"
+  done
+fi
 
 step "results ($STEPS measured steps, $WARMUP warm-up, seq $SEQ, batch $BATCH, LoRA r$RANK all-linear)"
 "$PY" bench/report.py table "$DIR/results"

@@ -17,6 +17,9 @@ fn main() {
     println!("cargo:rerun-if-changed=cpp/dist.cpp");
     println!("cargo:rerun-if-changed=cpp/dist_nccl.cpp");
     println!("cargo:rerun-if-changed=cpp/nf4.cpp");
+    println!("cargo:rerun-if-changed=cpp/profile.cpp");
+    println!("cargo:rerun-if-changed=cpp/fused.cpp");
+    println!("cargo:rerun-if-changed=cpp/loss.cpp");
     println!("cargo:rerun-if-env-changed=LATHE_CUDA_INCLUDE");
     println!("cargo::rustc-check-cfg=cfg(lathe_nccl)");
     println!("cargo:rerun-if-changed=cpp/gloo_decls");
@@ -45,7 +48,10 @@ fn main() {
         .define("GLOG_USE_GLOG_EXPORT", None)
         .file("cpp/shim.cpp")
         .file("cpp/dist.cpp")
-        .file("cpp/nf4.cpp");
+        .file("cpp/nf4.cpp")
+        .file("cpp/profile.cpp")
+        .file("cpp/fused.cpp")
+        .file("cpp/loss.cpp");
     if backend.is_some() {
         build.define("LATHE_GPU_BACKEND", None);
     }

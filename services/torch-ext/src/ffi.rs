@@ -61,3 +61,37 @@ extern "C" {
     pub fn lathe_nf4_dequantize(w: *const LatheNf4, dtype: c_int, err: *mut c_char, err_len: usize) -> *mut torch_sys::C_tensor;
     pub fn lathe_nf4_matmul(x: *mut torch_sys::C_tensor, w: *const LatheNf4, err: *mut c_char, err_len: usize) -> *mut torch_sys::C_tensor;
 }
+
+// cpp/profile.cpp: libtorch's op profiler. 0 on success, else -1 with `err` set.
+extern "C" {
+    pub fn lathe_profiler_start(err: *mut c_char, err_len: usize) -> c_int;
+    pub fn lathe_profiler_stop(path: *const c_char, err: *mut c_char, err_len: usize) -> c_int;
+}
+
+// cpp/fused.cpp: one-pass RMSNorm and SwiGLU (CPU). A null result means `err` holds the message.
+extern "C" {
+    pub fn lathe_rms_norm(
+        x: *mut torch_sys::C_tensor,
+        weight: *mut torch_sys::C_tensor,
+        eps: f64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut torch_sys::C_tensor;
+    pub fn lathe_swiglu(z: *mut torch_sys::C_tensor, err: *mut c_char, err_len: usize) -> *mut torch_sys::C_tensor;
+}
+
+// cpp/loss.cpp: cross-entropy over the output head in chunks. 0 on success, else -1 with `err` set.
+extern "C" {
+    #[allow(clippy::too_many_arguments)]
+    pub fn lathe_linear_cross_entropy(
+        hidden: *mut torch_sys::C_tensor,
+        weight: *mut torch_sys::C_tensor,
+        targets: *mut torch_sys::C_tensor,
+        ignore_index: i64,
+        chunk_rows: i64,
+        loss_out: *mut *mut torch_sys::C_tensor,
+        correct_out: *mut *mut torch_sys::C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+}

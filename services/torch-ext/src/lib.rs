@@ -6,6 +6,9 @@
 //!                                  └─▶ memory  (CUDA caching allocator: peak bytes per device)
 //! cpp/dist.cpp ──extern "C"──▶ ffi ──▶ dist    (c10d: TCPStore + ProcessGroupGloo collectives)
 //! cpp/nf4.cpp  ──extern "C"──▶ ffi ──▶ nf4     (NF4 dequantization, the QLoRA linear)
+//! cpp/profile.cpp ─extern "C"─▶ ffi ──▶ profile (libtorch's op profiler, Chrome trace)
+//! cpp/fused.cpp ──extern "C"──▶ ffi ──▶ fused   (one-pass RMSNorm and SwiGLU on the CPU)
+//! cpp/loss.cpp ──extern "C"──▶ ffi ──▶ loss    (cross-entropy over the head, in chunks)
 //! /proc/self/maps ───────────────────▶ libraries (which libtorch / CUDA libraries are loaded)
 //! libcuda.so.1 (dlopen) ─────────────▶ driver  (driver version, device names, memory, capability)
 //! ```
@@ -18,6 +21,9 @@ pub mod backend;
 pub mod dist;
 pub mod driver;
 mod ffi;
+pub mod fused;
 pub mod libraries;
+pub mod loss;
 pub mod memory;
 pub mod nf4;
+pub mod profile;

@@ -118,6 +118,37 @@ impl LoraPair {
         }
     }
 
+    /// The input the pair sees: `x`, or in training with dropout, `x` with this layer's mask.
+    pub fn input(&self, x: &Tensor, train: bool) -> Tensor {
+        match DROPOUT_KEY.with(|k| k.get()) {
+            Some(key) if train && self.dropout > 0.0 => hashed_dropout(x, self.dropout, key ^ self.salt),
+            _ if train && self.dropout > 0.0 => x.dropout(self.dropout, true),
+            _ => x.shallow_clone(),
+        }
+    }
+
+    /// True when [`LoraPair::input`] is `x` itself, so pairs reading the same `x` can share one
+    /// matmul with their A matrices stacked.
+    pub fn reads_input_unchanged(&self, train: bool) -> bool {
+        !(train && self.dropout > 0.0)
+    }
+
+    /// `scaling · B` in `kind`, (out, rank): the scaling folded into the small matrix, so the
+    /// update needs no pass over the (tokens, out) activations of its own.
+    pub fn scaled_b(&self, kind: Kind) -> Tensor {
+        (&self.b * self.scaling).to_kind(kind)
+    }
+
+    /// `y + scaling · B(A(x))` for the base output `y` (rows, out) and the LoRA input `x`
+    /// (rows, in). The update's second matmul accumulates into `y` in place (addmm_ with β = 1),
+    /// which saves the scale and add passes over the output that `y + update * scaling` costs,
+    /// and their backward. `y` must be a fresh matmul output that nothing else reads.
+    pub fn add_update(&self, mut y: Tensor, x: &Tensor) -> Tensor {
+        let u = x.linear::<Tensor>(&self.a.to_kind(x.kind()), None);
+        let _ = y.addmm_(&u, &self.scaled_b(x.kind()).tr());
+        y
+    }
+
     /// `scaling · B·A` as a full (out, in) matrix, for merging into the base weight.
     pub fn delta_weight(&self) -> Tensor {
         self.b.matmul(&self.a) * self.scaling
@@ -133,7 +164,8 @@ pub enum BaseWeight {
 }
 
 impl BaseWeight {
-    /// `x · Wᵀ` in x's dtype.
+    /// `x · Wᵀ (+ b)` in x's dtype for `x` (rows, in): a fresh (rows, out) tensor, never a view,
+    /// so a LoRA update may accumulate into it in place.
     fn apply(&self, x: &Tensor, bias: Option<&Tensor>) -> Tensor {
         match self {
             BaseWeight::Dense(w) => x.linear(&w.to_kind(x.kind()), bias),
@@ -161,22 +193,19 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// `x · Wᵀ + b (+ scaling · B(A(dropout(x))))` for `x` (…, in).
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let kind = x.kind();
+        let mut shape = x.size();
+        let x2 = x.reshape([-1, *shape.last().expect("x has a feature axis")]);
         let bias = self.bias.as_ref().map(|b| b.to_kind(kind));
-        let y = self.weight.apply(x, bias.as_ref());
-        match &self.lora {
+        let y = self.weight.apply(&x2, bias.as_ref());
+        let y = match &self.lora {
             None => y,
-            Some(lora) => {
-                let x = match DROPOUT_KEY.with(|k| k.get()) {
-                    Some(key) if train && lora.dropout > 0.0 => hashed_dropout(x, lora.dropout, key ^ lora.salt),
-                    _ if train && lora.dropout > 0.0 => x.dropout(lora.dropout, true),
-                    _ => x.shallow_clone(),
-                };
-                let update = x.linear::<Tensor>(&lora.a.to_kind(kind), None).linear::<Tensor>(&lora.b.to_kind(kind), None);
-                y + update * lora.scaling
-            }
-        }
+            Some(lora) => lora.add_update(y, &lora.input(&x2, train)),
+        };
+        *shape.last_mut().expect("x has a feature axis") = self.out_features();
+        y.view(shape.as_slice())
     }
 
     pub fn in_features(&self) -> i64 {

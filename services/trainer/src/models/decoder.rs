@@ -9,8 +9,10 @@
 
 use std::collections::HashMap;
 
+use lathe_torch_ext::fused as kernels;
 use tch::{Device, Kind, Tensor};
 
+use super::fused::FusedBase;
 use crate::lora::{BaseWeight, Linear, LoraConfig, LoraPair};
 use crate::model_config::{ModelConfig, RopeScaling};
 use crate::nf4::Nf4Weight;
@@ -31,7 +33,12 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    /// On the CPU one pass each way (`lathe_torch_ext::fused`); elsewhere as transformers
+    /// writes it, which the CPU kernel reproduces.
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        if x.device() == Device::Cpu {
+            return kernels::rms_norm(x, &self.weight, self.eps);
+        }
         let kind = x.kind();
         let x32 = x.to_kind(Kind::Float);
         let variance = x32.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
@@ -48,6 +55,8 @@ pub struct Attention {
     pub o_proj: Linear,
     pub q_norm: Option<RmsNorm>,
     pub k_norm: Option<RmsNorm>,
+    /// q/k/v stacked (frozen dense weights only): one matmul for the three.
+    qkv: Option<FusedBase>,
     num_heads: i64,
     num_kv_heads: i64,
     head_dim: i64,
@@ -58,6 +67,8 @@ pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    /// gate/up stacked (frozen dense weights only).
+    gate_up: Option<FusedBase>,
 }
 
 #[derive(Debug)]
@@ -191,25 +202,31 @@ impl Decoder {
             let p = format!("model.layers.{i}");
             let attn = format!("{p}.self_attn");
             let mlp = format!("{p}.mlp");
+            let mut self_attn = Attention {
+                q_proj: linear(&mut src, &attn, "q_proj", q_out, h, c.qkv_bias)?,
+                k_proj: linear(&mut src, &attn, "k_proj", kv_out, h, c.qkv_bias)?,
+                v_proj: linear(&mut src, &attn, "v_proj", kv_out, h, c.qkv_bias)?,
+                o_proj: linear(&mut src, &attn, "o_proj", h, q_out, c.o_bias)?,
+                q_norm: if c.qk_norm { Some(norm(&mut src, &format!("{attn}.q_norm.weight"), c.head_dim)?) } else { None },
+                k_norm: if c.qk_norm { Some(norm(&mut src, &format!("{attn}.k_norm.weight"), c.head_dim)?) } else { None },
+                qkv: None,
+                num_heads: c.num_attention_heads,
+                num_kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+            };
+            self_attn.qkv = FusedBase::stack(&mut [&mut self_attn.q_proj, &mut self_attn.k_proj, &mut self_attn.v_proj]);
+            let mut mlp = Mlp {
+                gate_proj: linear(&mut src, &mlp, "gate_proj", inter, h, c.mlp_bias)?,
+                up_proj: linear(&mut src, &mlp, "up_proj", inter, h, c.mlp_bias)?,
+                down_proj: linear(&mut src, &mlp, "down_proj", h, inter, c.mlp_bias)?,
+                gate_up: None,
+            };
+            mlp.gate_up = FusedBase::stack(&mut [&mut mlp.gate_proj, &mut mlp.up_proj]);
             layers.push(DecoderLayer {
                 input_layernorm: norm(&mut src, &format!("{p}.input_layernorm.weight"), h)?,
-                self_attn: Attention {
-                    q_proj: linear(&mut src, &attn, "q_proj", q_out, h, c.qkv_bias)?,
-                    k_proj: linear(&mut src, &attn, "k_proj", kv_out, h, c.qkv_bias)?,
-                    v_proj: linear(&mut src, &attn, "v_proj", kv_out, h, c.qkv_bias)?,
-                    o_proj: linear(&mut src, &attn, "o_proj", h, q_out, c.o_bias)?,
-                    q_norm: if c.qk_norm { Some(norm(&mut src, &format!("{attn}.q_norm.weight"), c.head_dim)?) } else { None },
-                    k_norm: if c.qk_norm { Some(norm(&mut src, &format!("{attn}.k_norm.weight"), c.head_dim)?) } else { None },
-                    num_heads: c.num_attention_heads,
-                    num_kv_heads: c.num_key_value_heads,
-                    head_dim: c.head_dim,
-                },
+                self_attn,
                 post_attention_layernorm: norm(&mut src, &format!("{p}.post_attention_layernorm.weight"), h)?,
-                mlp: Mlp {
-                    gate_proj: linear(&mut src, &mlp, "gate_proj", inter, h, c.mlp_bias)?,
-                    up_proj: linear(&mut src, &mlp, "up_proj", inter, h, c.mlp_bias)?,
-                    down_proj: linear(&mut src, &mlp, "down_proj", h, inter, c.mlp_bias)?,
-                },
+                mlp,
             });
         }
         let final_norm = norm(&mut src, "model.norm.weight", h)?;
@@ -240,12 +257,18 @@ impl Decoder {
     /// Logits (B, T, V) in fp32 for token ids (B, T); `position_ids` and `segments` (B, T)
     /// default to 0..T and a single document per row.
     pub fn forward(&self, input_ids: &Tensor, position_ids: Option<&Tensor>, segments: Option<&Tensor>, train: bool) -> Tensor {
+        self.logits(&self.hidden_states(input_ids, position_ids, segments, train))
+    }
+
+    /// The last layer's output (B, T, hidden), before the final norm: what [`Decoder::logits`]
+    /// and [`Decoder::loss_sum_and_correct`] take.
+    pub fn hidden_states(&self, input_ids: &Tensor, position_ids: Option<&Tensor>, segments: Option<&Tensor>, train: bool) -> Tensor {
         let ctx = self.context(input_ids, position_ids, segments, train);
         let mut hidden = self.embed(input_ids);
         for layer in &self.layers {
             hidden = layer.forward(&hidden, &ctx);
         }
-        self.logits(&hidden)
+        hidden
     }
 
     /// Inference over new tokens `input_ids` (B, T) at `position_ids` (B, T), attending to
@@ -288,6 +311,16 @@ impl Decoder {
         let hidden = self.norm.forward(hidden);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         hidden.linear::<Tensor>(&head.to_kind(hidden.kind()), None).to_kind(Kind::Float)
+    }
+
+    /// Final norm, output head and cross-entropy against `targets` (B, T), summed over the
+    /// positions whose target is not `ignore_index`, with the number of those the argmax
+    /// predicts. Same numbers as the loss of [`Decoder::logits`], without ever holding the
+    /// (tokens × vocabulary) logits (`lathe_torch_ext::loss`).
+    pub fn loss_sum_and_correct(&self, hidden: &Tensor, targets: &Tensor, ignore_index: i64) -> (Tensor, Tensor) {
+        let hidden = self.norm.forward(hidden);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        lathe_torch_ext::loss::linear_cross_entropy(&hidden, &head.to_kind(hidden.kind()), targets, ignore_index, None)
     }
 
     fn rotary(&self, position_ids: &Tensor) -> Rotary {
@@ -409,17 +442,23 @@ impl Attention {
     /// normed (Qwen3), rotated.
     fn project(&self, x: &Tensor, ctx: &LayerContext) -> (Tensor, Tensor, Tensor) {
         let (b, t, _) = x.size3().expect("hidden states must be (batch, seq, hidden)");
-        let heads = |proj: &Linear, n: i64, norm: &Option<RmsNorm>| {
-            let y = proj.forward(x, ctx.train).view([b, t, n, self.head_dim]);
+        let [q, k, v]: [Tensor; 3] = match &self.qkv {
+            Some(fused) => {
+                fused.split(&fused.forward(&[&self.q_proj, &self.k_proj, &self.v_proj], x, ctx.train)).try_into().expect("q, k, v")
+            }
+            None => [&self.q_proj, &self.k_proj, &self.v_proj].map(|proj| proj.forward(x, ctx.train)),
+        };
+        let heads = |y: Tensor, n: i64, norm: &Option<RmsNorm>| {
+            let y = y.view([b, t, n, self.head_dim]);
             let y = match norm {
                 Some(norm) => norm.forward(&y),
                 None => y,
             };
             y.transpose(1, 2)
         };
-        let q = apply_rotary(&heads(&self.q_proj, self.num_heads, &self.q_norm), &ctx.rotary);
-        let k = apply_rotary(&heads(&self.k_proj, self.num_kv_heads, &self.k_norm), &ctx.rotary);
-        let v = heads(&self.v_proj, self.num_kv_heads, &None);
+        let q = apply_rotary(&heads(q, self.num_heads, &self.q_norm), &ctx.rotary);
+        let k = apply_rotary(&heads(k, self.num_kv_heads, &self.k_norm), &ctx.rotary);
+        let v = heads(v, self.num_kv_heads, &None);
         (q, k, v)
     }
 
@@ -455,8 +494,11 @@ impl Attention {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let gate = self.gate_proj.forward(x, train).silu();
-        self.down_proj.forward(&(gate * self.up_proj.forward(x, train)), train)
+        let hidden = match &self.gate_up {
+            Some(fused) => kernels::swiglu(&fused.forward(&[&self.gate_proj, &self.up_proj], x, train)),
+            None => self.gate_proj.forward(x, train).silu() * self.up_proj.forward(x, train),
+        };
+        self.down_proj.forward(&hidden, train)
     }
 }
 

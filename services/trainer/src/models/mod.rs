@@ -2,6 +2,7 @@
 //! a model directory, optionally with a PEFT adapter.
 
 pub mod decoder;
+mod fused;
 
 use std::collections::HashMap;
 use std::path::Path;

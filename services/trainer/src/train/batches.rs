@@ -4,7 +4,7 @@
 //! The order is a pure function of (seed, epoch), so a resumed run needs only the step number
 //! to continue with exactly the rows an uninterrupted run would have used.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::data::packing::Sequence;
 use crate::hash::splitmix64;
@@ -113,19 +113,6 @@ pub fn make_micro_batch(rows: &[&Sequence], packed: bool, pad_id: i64, device: D
         trained_tokens,
         real_tokens,
     }
-}
-
-/// Per-position cross-entropy summed over trained positions, and the number of correct argmax
-/// predictions among them. `logits` (B, T, V) fp32, `targets` (B, T).
-pub fn loss_sum_and_correct(logits: &Tensor, targets: &Tensor) -> (Tensor, Tensor) {
-    let v = logits.size()[2];
-    let flat_logits = logits.view([-1, v]);
-    let flat_targets = targets.view([-1]);
-    let loss_sum = flat_logits.cross_entropy_loss::<Tensor>(&flat_targets, None, tch::Reduction::Sum, IGNORE_INDEX, 0.0);
-    let correct = tch::no_grad(|| {
-        flat_logits.argmax(-1, false).eq_tensor(&flat_targets).logical_and(&flat_targets.ne(IGNORE_INDEX)).sum(Kind::Int64)
-    });
-    (loss_sum, correct)
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use lathe_torch_ext::profile::OpProfile;
 use tch::Device;
 
 use crate::checkpoint::{self, CheckpointState};
@@ -122,7 +123,12 @@ pub fn run_in(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks, ga
             gang.barrier()?;
             return Ok(Outcome::Stopped { step: step - 1, checkpoint });
         }
+        let profile = if config.debug.profile_step == step && gang.is_leader() { Some(start_profile(out, step)?) } else { None };
         let metrics = model.train_step(config, &inputs, &plan, step, started, &mut batch_dump, gang)?;
+        if let Some(profile) = profile {
+            let path = profile.finish()?;
+            tracing::info!(step, path = %path.display(), "wrote op profile");
+        }
         last_loss = metrics.loss;
         log.step(&metrics)?;
 
@@ -161,6 +167,13 @@ pub fn run_in(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks, ga
         results_csv: results_csv.display().to_string(),
     })?;
     Ok(Outcome::Finished { step: plan.total_steps, adapter_dir, model_dir: model_out, results_csv, final_loss: last_loss })
+}
+
+/// Starts recording libtorch ops for `debug.profile_step`.
+fn start_profile(out: &Path, step: u64) -> Result<OpProfile> {
+    let debug_dir = out.join("debug");
+    std::fs::create_dir_all(&debug_dir).map_err(|e| TrainerError::io(&debug_dir, e))?;
+    Ok(OpProfile::start(&debug_dir.join(format!("profile-step{step}.json")))?)
 }
 
 /// Setup: everything that can fail on bad input, checked before anything is written.

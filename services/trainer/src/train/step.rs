@@ -12,7 +12,7 @@
 
 use tch::Kind;
 
-use super::batches::{loss_sum_and_correct, MicroBatch};
+use super::batches::{MicroBatch, IGNORE_INDEX};
 use crate::models::decoder::{Decoder, LayerContext};
 
 pub struct MicroResult {
@@ -58,8 +58,7 @@ pub fn forward_backward(
         }
         hidden = layer.forward(&hidden, &ctx);
     }
-    let logits = decoder.logits(&hidden);
-    let (loss_sum, correct) = loss_sum_and_correct(&logits, &batch.targets);
+    let (loss_sum, correct) = decoder.loss_sum_and_correct(&hidden, &batch.targets, IGNORE_INDEX);
     (&loss_sum / normalizer).backward();
     MicroResult { loss_sum: loss_sum.double_value(&[]), correct: correct.int64_value(&[]) }
 }
@@ -87,8 +86,7 @@ fn forward_backward_checkpointed(
 
     // Head and loss with a graph, giving the gradient at the last hidden state.
     let last = last.detach().set_requires_grad(true);
-    let logits = decoder.logits(&last);
-    let (loss_sum, correct) = loss_sum_and_correct(&logits, &batch.targets);
+    let (loss_sum, correct) = decoder.loss_sum_and_correct(&last, &batch.targets, IGNORE_INDEX);
     (&loss_sum / normalizer).backward();
     let mut grad = last.grad();
 
@@ -111,8 +109,8 @@ fn forward_backward_checkpointed(
 /// Loss and accuracy of rows without gradients (validation).
 pub fn evaluate_batch(decoder: &Decoder, batch: &MicroBatch) -> MicroResult {
     tch::no_grad(|| {
-        let logits = decoder.forward(&batch.input_ids, Some(&batch.position_ids), batch.segments.as_ref(), false);
-        let (loss_sum, correct) = loss_sum_and_correct(&logits, &batch.targets);
+        let hidden = decoder.hidden_states(&batch.input_ids, Some(&batch.position_ids), batch.segments.as_ref(), false);
+        let (loss_sum, correct) = decoder.loss_sum_and_correct(&hidden, &batch.targets, IGNORE_INDEX);
         MicroResult { loss_sum: loss_sum.double_value(&[]), correct: correct.int64_value(&[]) }
     })
 }

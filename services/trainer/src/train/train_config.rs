@@ -193,6 +193,10 @@ impl Default for LoopSettings {
 pub struct DebugSettings {
     /// Write the initial adapter and every batch to `output_dir/debug/` (for parity tests).
     pub dump_batches: bool,
+    /// Record every libtorch op of this optimizer step (1-based) to
+    /// `output_dir/debug/profile-step{N}.json`, a Chrome trace as torch.profiler writes it
+    /// (`bench/profile_ops.py` tabulates it). 0: off.
+    pub profile_step: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
