@@ -20,6 +20,7 @@ fn main() {
     println!("cargo:rerun-if-changed=cpp/profile.cpp");
     println!("cargo:rerun-if-changed=cpp/fused.cpp");
     println!("cargo:rerun-if-changed=cpp/loss.cpp");
+    println!("cargo:rerun-if-changed=cpp/error.h");
     println!("cargo:rerun-if-env-changed=LATHE_CUDA_INCLUDE");
     println!("cargo::rustc-check-cfg=cfg(lathe_nccl)");
     println!("cargo:rerun-if-changed=cpp/gloo_decls");

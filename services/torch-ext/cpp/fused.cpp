@@ -14,6 +14,7 @@
 // vectorized kernels save in passes (docs/architecture.md §6), so it reuses those kernels and
 // only changes what is kept and allocated.
 
+#include "error.h"
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/InferSize.h>
@@ -30,13 +31,6 @@
 #include <vector>
 
 namespace {
-
-void write_error(char* err, size_t err_len, const char* what) {
-    if (err != nullptr && err_len > 0) {
-        std::strncpy(err, what, err_len - 1);
-        err[err_len - 1] = '\0';
-    }
-}
 
 // `v` rounded to scalar_t and back: where the tensor-op version stores an intermediate.
 template <typename scalar_t>
@@ -195,7 +189,7 @@ at::Tensor* lathe_rms_norm(at::Tensor* x, at::Tensor* weight, double eps, char* 
     try {
         return new at::Tensor(RmsNorm::apply(*x, *weight, eps));
     } catch (const std::exception& e) {
-        write_error(err, err_len, e.what());
+        lathe::write_error(err, err_len, e.what());
         return nullptr;
     }
 }
@@ -205,7 +199,7 @@ at::Tensor* lathe_swiglu(at::Tensor* z, char* err, size_t err_len) {
     try {
         return new at::Tensor(SwiGlu::apply(*z));
     } catch (const std::exception& e) {
-        write_error(err, err_len, e.what());
+        lathe::write_error(err, err_len, e.what());
         return nullptr;
     }
 }

@@ -15,6 +15,7 @@
 //
 // Device-generic: ATen ops only, so the same code runs on CUDA.
 
+#include "error.h"
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -24,13 +25,6 @@
 #include <exception>
 
 namespace {
-
-void write_error(char* err, size_t err_len, const char* what) {
-    if (err != nullptr && err_len > 0) {
-        std::strncpy(err, what, err_len - 1);
-        err[err_len - 1] = '\0';
-    }
-}
 
 // Rows per chunk: ~4M logits (16 MB in fp32), at least 128 rows so the head's matmul stays
 // efficient for very large vocabularies.
@@ -118,7 +112,7 @@ int lathe_linear_cross_entropy(at::Tensor* hidden, at::Tensor* weight, at::Tenso
         *correct_out = new at::Tensor(out[1]);
         return 0;
     } catch (const std::exception& e) {
-        write_error(err, err_len, e.what());
+        lathe::write_error(err, err_len, e.what());
         return -1;
     }
 }

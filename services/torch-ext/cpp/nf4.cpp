@@ -13,6 +13,7 @@
 // layer's dequantized weight until the backward pass, as many bytes as the unquantized model.
 // `Nf4Matmul` saves the 4-bit tensors and dequantizes again in the backward pass.
 
+#include "error.h"
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -44,13 +45,6 @@ constexpr float kNf4[16] = {
     0.7229568362236023f,
     1.0f,
 };
-
-void write_error(char* err, size_t err_len, const char* what) {
-    if (err != nullptr && err_len > 0) {
-        std::strncpy(err, what, err_len - 1);
-        err[err_len - 1] = '\0';
-    }
-}
 
 // `scale` repeated for each of its `blocksize` elements, cut to `n`: (n) fp32.
 at::Tensor per_element(const at::Tensor& scale, int64_t blocksize, int64_t n) {
@@ -184,7 +178,7 @@ at::Tensor* lathe_nf4_dequantize(const LatheNf4* w, int dtype, char* err, size_t
         return new at::Tensor(dequantize(*w->packed, scales, w->blocksize, {w->out_features, w->in_features},
                                          static_cast<at::ScalarType>(dtype)));
     } catch (const std::exception& e) {
-        write_error(err, err_len, e.what());
+        lathe::write_error(err, err_len, e.what());
         return nullptr;
     }
 }
@@ -196,7 +190,7 @@ at::Tensor* lathe_nf4_matmul(at::Tensor* x, const LatheNf4* w, char* err, size_t
                                                optional_tensor(w->code2, *w->packed), w->offset, w->blocksize,
                                                w->blocksize2, w->out_features, w->in_features));
     } catch (const std::exception& e) {
-        write_error(err, err_len, e.what());
+        lathe::write_error(err, err_len, e.what());
         return nullptr;
     }
 }

@@ -1,22 +1,12 @@
-// libtorch's own op profiler (Kineto, CPU activity), for `LATHE_PROFILE`: the trainer wraps one
+// libtorch's own op profiler (Kineto, CPU activity), for `[debug] profile_step`: the trainer wraps one
 // optimizer step in start/stop and the trace lands where torch.profiler's `export_chrome_trace`
 // would write it, so bench/profile_ops.py reads Lathe's and transformers' traces alike.
 
+#include "error.h"
 #include <cstring>
 #include <string>
 
 #include <torch/csrc/autograd/profiler_kineto.h>
-
-namespace {
-
-void write_error(char* err, size_t err_len, const char* what) {
-    if (err != nullptr && err_len > 0) {
-        std::strncpy(err, what, err_len - 1);
-        err[err_len - 1] = '\0';
-    }
-}
-
-}  // namespace
 
 extern "C" {
 
@@ -30,7 +20,7 @@ int lathe_profiler_start(char* err, size_t err_len) {
         torch::autograd::profiler::enableProfiler(config, activities);
         return 0;
     } catch (const std::exception& e) {
-        write_error(err, err_len, e.what());
+        lathe::write_error(err, err_len, e.what());
         return -1;
     }
 }
@@ -42,7 +32,7 @@ int lathe_profiler_stop(const char* path, char* err, size_t err_len) {
         result->save(std::string(path));
         return 0;
     } catch (const std::exception& e) {
-        write_error(err, err_len, e.what());
+        lathe::write_error(err, err_len, e.what());
         return -1;
     }
 }
