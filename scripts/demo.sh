@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job, through the service, on the built-in tiny model: start Lathe (`lathe up`:
-# controller + one worker, on the local Postgres and Redis), create a random Qwen3-style model
-# under its models root, upload the shipped CVE->CWE sample, submit a LoRA job, follow it with
-# a live progress bar, and print the fine-tuned model's name and where its adapter is.
+# controller + one worker + one inference worker, on the local Postgres and Redis), create a
+# random Qwen3-style model under its models root, upload the shipped CVE->CWE sample, submit a
+# LoRA job, follow it with a live progress bar, print the fine-tuned model's name and where its
+# adapter is, and ask the fine-tuned model a question through /v1/chat/completions.
 # Runs on CPU in about a minute.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +43,21 @@ $LATHE jobs create --model tiny-qwen3 \
   --training-file examples/cve-cwe/train.jsonl --validation-file examples/cve-cwe/validation.jsonl \
   --suffix cve-cwe --n-epochs 2 --batch-size 4 --learning-rate 5e-3 --max-seq-length 512 --packing \
   --watch --download "$RUN/adapter"
+
+echo
+echo "==> ask the fine-tuned model (POST /v1/chat/completions; lathe up's inference worker serves it)"
+.venv/bin/python - <<'PY'
+import os
+from openai import OpenAI
+
+client = OpenAI(base_url=os.environ["LATHE_API_URL"], api_key=os.environ["LATHE_API_KEY"], max_retries=0)
+model = next(m.id for m in client.models.list() if m.id.startswith("ft:") and ":cve-cwe:" in m.id)
+answer = client.chat.completions.create(
+    model=model, temperature=0, max_tokens=24,
+    messages=[{"role": "user", "content": "CVE-2021-44228: Apache Log4j2 JNDI features do not protect against attacker-controlled LDAP endpoints. Which CWE?"}])
+print(f"{model} says: {answer.choices[0].message.content!r}")
+print(f"usage: {answer.usage.prompt_tokens} prompt + {answer.usage.completion_tokens} completion tokens (a tiny random model: expect noise)")
+PY
 
 echo
 echo "API:        $LATHE_API_URL (stopped with this script; keys: lathe admin create-key --project demo)"

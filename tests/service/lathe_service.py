@@ -280,6 +280,8 @@ class Service:
         """A worker process; `grpc_port` reaches the controller some other way (a proxy). Its token
         is minted for it (`lathe admin create-worker`) unless given (e.g. the fleet secret)."""
         name = f"worker-{len(self.workers) + 1}"
+        # The session's kind of worker: straight to this controller, default pool, own token.
+        plain = grpc_port is None and scheme == "http" and pools == "default" and not extra_args and token is None
         if token is None:
             token = self.lathe("admin", "create-worker", "--name", name)
             assert token and len(token.split()) == 1, f"create-worker printed {token!r}, not a token alone"
@@ -288,13 +290,13 @@ class Service:
             "--name", name, "--device", "cpu", "--threads", "1", "--checkpoint-every", str(CHECKPOINT_EVERY),
             "--models-root", str(self.models_root), "--eval-data-dir", str(CTIBENCH), "--pools", pools, *extra_args,
         ], self.env, self.workdir, self.log_dir)
-        # The session's kind of worker: straight to this controller, default pool, own token.
-        worker.plain = grpc_port is None and scheme == "http" and pools == "default" and not extra_args and token is None
+        worker.plain = plain
         self.workers.append(worker)
         return worker
 
     def live_workers(self) -> list[Process]:
-        return [w for w in self.workers if w.alive()]
+        """Training workers alive (an inference worker a module keeps, `keep`, is not one)."""
+        return [w for w in self.workers if w.alive() and not getattr(w, "keep", False)]
 
     def only_worker(self) -> Process:
         live = self.live_workers()
@@ -313,7 +315,7 @@ class Service:
             self.start_worker()
 
     def shutdown(self):
-        for process in [*self.live_workers(), self.controller]:
+        for process in [*(w for w in self.workers if w.alive()), self.controller]:
             if process is not None and process.alive():
                 process.stop()
         if os.environ.get("LATHE_TEST_KEEP"):

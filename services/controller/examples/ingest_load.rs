@@ -104,6 +104,7 @@ async fn main() {
                 version: "bench",
                 slurm_job_id: None,
                 pod_name: None,
+                serving: false,
             },
         )
         .await

@@ -9,12 +9,15 @@
 //! lathe worker ──gRPC (register, heartbeat,   ────┘          │                    │ requeue
 //!                claim, Attempt stream)                      ▼                    ▼ republish
 //!                                          lathe-queue (Redis wake-ups) ◀─────────┘
+//!
+//! openai SDK ──/v1/chat/completions──▶ inference::Router ══Serve stream══▶ lathe worker --serve
 //! ```
 //!
 //! Handlers are thin: they parse, call a plain function of `lathe-store` / `lathe-core`, and
 //! render the OpenAI object (`api::views`). Uploaded files and job outputs live under the data
 //! directory ([`storage`]), in paths made from ids only.
 
+pub mod adapters;
 pub mod api;
 pub mod base_models;
 pub mod cli;
@@ -23,6 +26,7 @@ pub mod data_check;
 pub mod error;
 pub mod grpc;
 pub mod http_server;
+pub mod inference;
 pub mod reconciler;
 pub mod result_file;
 pub mod state;

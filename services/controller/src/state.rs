@@ -20,6 +20,8 @@ pub struct AppState {
     pub telemetry: Arc<Telemetry>,
     /// Per-key request limits; None when `rate_limit_per_minute` is 0.
     pub rate_limiter: Option<Arc<RateLimiter>>,
+    /// The inference workers connected to this replica, and the completions they are serving.
+    pub inference: Arc<crate::inference::Router>,
 }
 
 impl AppState {
@@ -28,7 +30,15 @@ impl AppState {
         let queue = Queue::open(&config.redis_url, &config.redis_prefix).await?;
         let storage = Storage::open(&config.data_dir)?;
         let rate_limiter = RateLimiter::new(config.rate_limit_per_minute).map(Arc::new);
-        Ok(AppState { pool, queue, storage, config: Arc::new(config), telemetry: Arc::new(Telemetry::new()), rate_limiter })
+        Ok(AppState {
+            pool,
+            queue,
+            storage,
+            config: Arc::new(config),
+            telemetry: Arc::new(Telemetry::new()),
+            rate_limiter,
+            inference: Arc::default(),
+        })
     }
 }
 

@@ -72,6 +72,7 @@ impl Harness {
                 version: "test",
                 slurm_job_id: None,
                 pod_name: None,
+                serving: false,
             },
         )
         .await

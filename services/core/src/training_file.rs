@@ -324,6 +324,18 @@ fn parse_messages(messages: &Value) -> Result<Vec<ChatMessage>, String> {
     Ok(messages)
 }
 
+/// The `messages` of a chat completion request: like a training example's, without the need
+/// for an assistant turn to train on. Errors name the message (`messages[2]: …`).
+pub fn parse_request_messages(messages: &Value) -> Result<Vec<ChatMessage>, String> {
+    let Value::Array(items) = messages else {
+        return Err(format!("`messages` must be an array, found {}", kind_of(messages)));
+    };
+    if items.is_empty() {
+        return Err("`messages` is empty".into());
+    }
+    items.iter().enumerate().map(|(i, item)| parse_message(item).map_err(|reason| format!("messages[{i}]: {reason}"))).collect()
+}
+
 fn parse_message(item: &Value) -> Result<ChatMessage, String> {
     let Value::Object(object) = item else {
         return Err(format!("expected an object, found {}", kind_of(item)));

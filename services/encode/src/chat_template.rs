@@ -72,9 +72,19 @@ impl ChatTemplate {
     }
 
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`ChatTemplate::render`] with the request's `tools` (OpenAI function definitions), which
+    /// templates that support tool calling list in the prompt; `None` leaves `tools` undefined,
+    /// as transformers does.
+    pub fn render_with_tools(&self, messages: &[ChatMessage], tools: Option<&Json>, add_generation_prompt: bool) -> Result<String> {
         let messages: Vec<Json> = messages.iter().map(message_to_json).collect();
         let mut context =
             vec![("messages", Value::from_serialize(&messages)), ("add_generation_prompt", Value::from(add_generation_prompt))];
+        if let Some(tools) = tools {
+            context.push(("tools", Value::from_serialize(tools)));
+        }
         // transformers leaves unset special tokens undefined (not None), and templates test
         // `bos_token is defined`; so do we.
         if let Some(bos) = &self.bos_token {

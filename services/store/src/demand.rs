@@ -60,7 +60,7 @@ pub async fn pool_demand(pool: &PgPool, live_within: Duration) -> Result<Vec<Poo
                     count(*) FILTER (WHERE w.draining) AS draining_workers
              FROM workers w CROSS JOIN LATERAL unnest(w.pools) AS p(pool)
              LEFT JOIN fleets f ON f.id = w.fleet_id
-             WHERE w.revoked_at IS NULL AND f.revoked_at IS NULL AND w.left_at IS NULL
+             WHERE w.revoked_at IS NULL AND f.revoked_at IS NULL AND w.left_at IS NULL AND NOT w.serving
                AND w.last_heartbeat_at > now() - make_interval(secs => $1)
              GROUP BY p.pool)
          SELECT pool,

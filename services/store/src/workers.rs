@@ -40,11 +40,13 @@ pub struct Worker {
     pub pod_name: Option<String>,
     /// When it said it was exiting ([`leave`]); cleared by its next registration.
     pub left_at: Option<OffsetDateTime>,
+    /// An inference server (`lathe worker --serve`): it takes completions, not jobs.
+    pub serving: bool,
 }
 
 const WORKER_COLUMNS: &str =
     "id, name, device_kind, gpu_name, gpu_memory_bytes, gpus, nodes, pools, version, registered_at, last_heartbeat_at, \
-                              draining, revoked_at, fleet_id, slurm_job_id, pod_name, left_at";
+                              draining, revoked_at, fleet_id, slurm_job_id, pod_name, left_at, serving";
 
 #[derive(Debug, Clone)]
 pub struct NewWorker<'a> {
@@ -58,6 +60,7 @@ pub struct NewWorker<'a> {
     pub version: &'a str,
     pub slurm_job_id: Option<&'a str>,
     pub pod_name: Option<&'a str>,
+    pub serving: bool,
 }
 
 /// A registered worker and its plaintext token, returned once.
@@ -84,14 +87,14 @@ async fn insert_worker(pool: &PgPool, fleet_secret: Option<&str>, worker: NewWor
     let token = random::token(WORKER_TOKEN_PREFIX);
     let source = match fleet_secret {
         Some(_) => {
-            "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12, $13, f.id FROM fleets f
+            "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12, $13, f.id, $14 FROM fleets f
                     WHERE f.token_hash = $11 AND f.revoked_at IS NULL FOR SHARE"
         }
-        None => "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12, $13, NULL::text WHERE $11::bytea IS NULL",
+        None => "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12, $13, NULL::text, $14 WHERE $11::bytea IS NULL",
     };
     let row = sqlx::query_as::<_, Worker>(&format!(
         "INSERT INTO workers (id, name, device_kind, gpu_name, gpu_memory_bytes, pools, token_hash, version, slurm_job_id,
-                              pod_name, gpus, nodes, fleet_id)
+                              pod_name, gpus, nodes, fleet_id, serving)
          {source}
          RETURNING {WORKER_COLUMNS}"
     ))
@@ -108,6 +111,7 @@ async fn insert_worker(pool: &PgPool, fleet_secret: Option<&str>, worker: NewWor
     .bind(fleet_secret.map(random::sha256))
     .bind(worker.gpus.max(1))
     .bind(worker.nodes.max(1))
+    .bind(worker.serving)
     .fetch_optional(pool)
     .await?;
     Ok(row.map(|worker| RegisteredWorker { worker, token }))
@@ -175,7 +179,8 @@ pub async fn list_workers(pool: &PgPool) -> Result<Vec<Worker>, StoreError> {
 pub async fn update_registration(pool: &PgPool, worker_id: &str, worker: NewWorker<'_>) -> Result<Worker, StoreError> {
     sqlx::query_as::<_, Worker>(&format!(
         "UPDATE workers SET name = $2, device_kind = $3, gpu_name = $4, gpu_memory_bytes = $5, pools = $6,
-                version = $7, slurm_job_id = $8, pod_name = $9, gpus = $10, nodes = $11, last_heartbeat_at = now(), left_at = NULL
+                version = $7, slurm_job_id = $8, pod_name = $9, gpus = $10, nodes = $11, serving = $12,
+                last_heartbeat_at = now(), left_at = NULL
          WHERE id = $1
          RETURNING {WORKER_COLUMNS}"
     ))
@@ -190,6 +195,7 @@ pub async fn update_registration(pool: &PgPool, worker_id: &str, worker: NewWork
     .bind(worker.pod_name)
     .bind(worker.gpus.max(1))
     .bind(worker.nodes.max(1))
+    .bind(worker.serving)
     .fetch_optional(pool)
     .await?
     .ok_or(StoreError::NotFound)

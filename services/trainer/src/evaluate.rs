@@ -136,13 +136,7 @@ pub fn run(request: EvalRequest<'_>) -> Result<EvalResult> {
     let config_path = request.model_dir.join("tokenizer_config.json");
     let template = ChatTemplate::from_tokenizer_config(&config_path)?
         .ok_or_else(|| TrainerError::file(&config_path, "the model has no chat template; evaluation prompts are chat turns"))?;
-    let special = read_special_tokens(&config_path)?;
-    let mut stop_ids: Vec<i64> = Vec::new();
-    for token in special.eos.iter().map(String::as_str).chain(["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>"]) {
-        if let Some(id) = tokenizer.token_to_id(token) {
-            stop_ids.push(id as i64);
-        }
-    }
+    let stop_ids = crate::inference::stop_token_ids(&tokenizer, &read_special_tokens(&config_path)?);
 
     let encode = |item: &Item| -> Result<Vec<i64>> {
         // An own file's example may bring its system prompt: it takes the protocol's place.

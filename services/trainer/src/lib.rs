@@ -22,6 +22,7 @@ pub mod evaluate;
 pub mod export;
 pub mod generate;
 mod hash;
+pub mod inference;
 pub mod init;
 pub mod launch;
 pub mod lora;

@@ -46,6 +46,8 @@ pub struct WorkerConfig {
     /// A metrics registry shared with other workers of the process (`lathe up`); None = the
     /// worker's own, served on `metrics_listen`.
     pub shared_telemetry: Option<std::sync::Arc<crate::telemetry::Telemetry>>,
+    /// Serve completions instead of training (`--serve`); None = a training worker.
+    pub serve: Option<crate::serve::ServeConfig>,
 }
 
 /// The scheduler's name for this worker's slot, when one placed it.

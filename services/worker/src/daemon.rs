@@ -66,6 +66,12 @@ pub async fn run(mut config: WorkerConfig, mut shutdown: watch::Receiver<bool>) 
     let device = lathe_trainer::device::parse_device(&config.device).unwrap_or(tch::Device::Cpu);
     tokio::spawn(heartbeat(client.clone(), current.clone(), timing, device, heartbeat_stop));
 
+    if let Some(serve) = config.serve {
+        crate::serve::run(client.clone(), &config, serve, &metrics, shutdown.clone()).await?;
+        leave(&mut client, "stopped").await;
+        return Ok(());
+    }
+
     let mut queue: Option<Queue> = None;
     let mut after_evaluation = false;
     let (mut idle_since, mut attempts_run) = (Instant::now(), 0u32);
@@ -169,15 +175,19 @@ pub async fn run(mut config: WorkerConfig, mut shutdown: watch::Receiver<bool>) 
         attempts_run += 1;
         idle_since = Instant::now();
     }
-    // Tell the controller, so that autoscalers stop counting this worker now rather than when
-    // its heartbeats are missed. Best effort, and brief: the process is on its way out.
-    let mut leave = tonic::Request::new(LeaveRequest { reason: leaving.into() });
+    leave(&mut client, leaving).await;
+    Ok(())
+}
+
+/// Tells the controller, so that autoscalers stop counting this worker now rather than when
+/// its heartbeats are missed. Best effort, and brief: the process is on its way out.
+async fn leave(client: &mut Client, reason: &str) {
+    let mut leave = tonic::Request::new(LeaveRequest { reason: reason.into() });
     leave.set_timeout(Duration::from_secs(2));
     if let Err(status) = client.leave(leave).await {
         tracing::debug!(%status, "could not tell the controller this worker is leaving");
     }
     tracing::info!("worker stopped");
-    Ok(())
 }
 
 /// What the controller said at registration.
@@ -232,6 +242,7 @@ async fn register(
         pod_name: config.placement.pod_name.clone().unwrap_or_default(),
         gpus: config.gpus as u32,
         nodes: config.nodes as u32,
+        serving: config.serve.is_some(),
     };
     loop {
         match client.register(request.clone()).await {

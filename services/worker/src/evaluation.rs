@@ -14,7 +14,7 @@ use std::time::Duration;
 use lathe_core::evaluation::EvaluationMode;
 use lathe_core::EvaluationSpec;
 use lathe_eval::Item;
-use lathe_proto::v1::{ClaimEvaluationResponse, EvaluationItem, FailEvaluationRequest, FailureClass, FinishEvaluationRequest};
+use lathe_proto::v1::{ClaimEvaluationResponse, EvaluationItem, FailEvaluationRequest, FailureClass, FinishEvaluationRequest, ResultFile};
 use lathe_trainer::evaluate::{EvalRequest, EvalResult, Mode, Protocol};
 use lathe_trainer::TrainerError;
 use serde_json::json;
@@ -157,12 +157,28 @@ struct Prepared {
 }
 
 /// The adapter's files linked under their PEFT names in a private directory, removed on drop.
-struct AdapterDir(PathBuf);
+pub(crate) struct AdapterDir(pub PathBuf);
 
 impl Drop for AdapterDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Links a fine-tuned model's adapter files (on shared storage) into `dir` under the names
+/// PEFT expects, for loading.
+pub(crate) fn link_adapter(dir: PathBuf, files: &[ResultFile]) -> Result<AdapterDir, Unrunnable> {
+    let link = || -> std::io::Result<AdapterDir> {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let adapter = AdapterDir(dir.clone());
+        for file in files {
+            let name = Path::new(&file.filename).file_name().unwrap_or_default();
+            std::os::unix::fs::symlink(&file.path, dir.join(name))?;
+        }
+        Ok(adapter)
+    };
+    link().map_err(|e| Unrunnable::here("storage_error", format!("{}: {e}", dir.display())))
 }
 
 fn prepare(config: &WorkerConfig, claim: &ClaimEvaluationResponse) -> Result<Prepared, Unrunnable> {
@@ -194,17 +210,7 @@ fn prepare(config: &WorkerConfig, claim: &ClaimEvaluationResponse) -> Result<Pre
         None
     } else {
         let dir = std::env::temp_dir().join(format!("lathe-{}-{}", claim.evaluation_id, claim.attempt));
-        let link = || -> std::io::Result<AdapterDir> {
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir)?;
-            let adapter = AdapterDir(dir.clone());
-            for file in &claim.adapter_files {
-                let name = Path::new(&file.filename).file_name().unwrap_or_default();
-                std::os::unix::fs::symlink(&file.path, dir.join(name))?;
-            }
-            Ok(adapter)
-        };
-        Some(link().map_err(|e| Unrunnable::here("storage_error", format!("{}: {e}", dir.display())))?)
+        Some(link_adapter(dir, &claim.adapter_files)?)
     };
     let mode = match spec.mode {
         EvaluationMode::Generate => Mode::Generate,

@@ -18,6 +18,9 @@
 //!
 //! Between waits for jobs the daemon asks for a queued evaluation ([`evaluation`]): a model
 //! scored on a benchmark, claimed and fenced the same way, reported in one call at the end.
+//!
+//! Started with `--serve`, the worker is an inference server instead ([`serve`]): it answers
+//! the chat and text completions the controller routes to it, batching them on the device.
 
 pub mod attempt;
 pub mod client;
@@ -26,9 +29,11 @@ pub mod daemon;
 pub mod error;
 pub mod evaluation;
 mod redact;
+pub mod serve;
 pub mod spec;
 pub mod telemetry;
 
 pub use config::{ClientTls, Lifecycle, Placement, WorkerConfig};
 pub use daemon::run;
 pub use error::WorkerError;
+pub use serve::ServeConfig;

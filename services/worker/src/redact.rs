@@ -79,6 +79,7 @@ mod tests {
             lifecycle: Default::default(),
             placement: Default::default(),
             shared_telemetry: None,
+            serve: None,
         };
         let redactor = Redactor::for_claim(&claim, &config);
         assert_eq!(

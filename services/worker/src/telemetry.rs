@@ -9,6 +9,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::WorkerError;
@@ -29,6 +30,12 @@ pub struct Telemetry {
     info: Family<Labels, Gauge>,
     rank_step_seconds: Family<Labels, FloatGauge>,
     all_reduce_seconds: Family<Labels, FloatGauge>,
+    inference_batch_size: Family<Labels, Histogram>,
+}
+
+/// Batch sizes 1, 2, 4 … 256.
+fn batch_size_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 9))
 }
 
 impl Telemetry {
@@ -46,6 +53,7 @@ impl Telemetry {
             info: Family::default(),
             rank_step_seconds: Family::default(),
             all_reduce_seconds: Family::default(),
+            inference_batch_size: Family::new_with_constructor(batch_size_histogram),
         };
         registry.register("lathe_worker_busy", "1 while an attempt runs", t.busy.clone());
         registry.register("lathe_worker_train_loss", "Training loss of the current attempt", t.train_loss.clone());
@@ -63,6 +71,11 @@ impl Telemetry {
             "lathe_worker_all_reduce_seconds",
             "Data parallel: time the latest step spent summing gradients over ranks",
             t.all_reduce_seconds.clone(),
+        );
+        registry.register(
+            "lathe_worker_inference_batch_size",
+            "Inference (--serve): sequences in each generation step's batch",
+            t.inference_batch_size.clone(),
         );
         registry.register(
             "lathe_worker_info",
@@ -119,6 +132,13 @@ impl WorkerMetrics {
         }
         let labels = vec![("worker".to_string(), self.worker.clone())];
         self.telemetry.all_reduce_seconds.get_or_create(&labels).set(all_reduce_seconds);
+    }
+
+    /// Records each inference step's batch size (callable from the inference thread).
+    pub fn batch_observer(&self) -> impl Fn(usize) + Send + 'static {
+        let labels = vec![("worker".to_string(), self.worker.clone())];
+        let histogram = self.telemetry.inference_batch_size.get_or_create(&labels).clone();
+        move |size| histogram.observe(size as f64)
     }
 
     /// Who this worker is, once registered: `lathe_worker_info{…} 1`.

@@ -123,6 +123,7 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                         version: "",
                         slurm_job_id: None,
                         pod_name: None,
+                        serving: false,
                     },
                 )
                 .await?;

@@ -47,12 +47,44 @@ pub struct TrainingArgs {
     dtype: String,
 }
 
+/// How an inference server batches and queues (`lathe worker --serve`, `lathe up`).
+#[derive(Args, Clone)]
+pub struct ServeArgs {
+    /// Sequences generated together in one batch (requests join a running batch between steps).
+    #[arg(long, env = "LATHE_SERVE_MAX_BATCH", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    serve_max_batch: u32,
+    /// Requests one server holds at once, generating or waiting; beyond that (on every server)
+    /// the API answers 503 with Retry-After.
+    #[arg(long, env = "LATHE_SERVE_CAPACITY", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    serve_capacity: u32,
+    /// Models (a base, or a base with a fine-tuned adapter) kept loaded; the least recently used
+    /// idle one is unloaded. Adapters on one base share its weights.
+    #[arg(long, env = "LATHE_SERVE_MAX_MODELS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    serve_max_models: u32,
+}
+
+impl ServeArgs {
+    fn config(&self) -> lathe_worker::ServeConfig {
+        lathe_worker::ServeConfig {
+            max_batch: self.serve_max_batch as usize,
+            capacity: self.serve_capacity.max(self.serve_max_batch) as usize,
+            max_models: self.serve_max_models as usize,
+        }
+    }
+}
+
 #[derive(Args, Clone)]
 pub struct WorkerArgs {
     #[command(flatten)]
     redis: Redis,
     #[command(flatten)]
     training: TrainingArgs,
+    /// Serve chat and text completions (/v1/chat/completions, /v1/completions) instead of
+    /// training: an inference worker of its own, which claims no jobs or evaluations.
+    #[arg(long, env = "LATHE_SERVE")]
+    serve: bool,
+    #[command(flatten)]
+    serving: ServeArgs,
     /// The controller's gRPC address.
     #[arg(long, env = "LATHE_CONTROLLER", default_value = "http://127.0.0.1:50051")]
     controller: String,
@@ -106,6 +138,12 @@ pub struct UpArgs {
     /// Workers to run in this process.
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// Inference workers to run in this process (chat and text completions on base and
+    /// fine-tuned models); they share the device with the training workers.
+    #[arg(long, default_value_t = 1)]
+    serve_workers: usize,
+    #[command(flatten)]
+    serving: ServeArgs,
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -163,11 +201,23 @@ struct WorkerPlace {
     lifecycle: lathe_worker::Lifecycle,
     placement: lathe_worker::Placement,
     shared_telemetry: Option<std::sync::Arc<lathe_worker::telemetry::Telemetry>>,
+    serve: Option<lathe_worker::ServeConfig>,
 }
 
 fn worker_config(training: &TrainingArgs, device: &ResolvedDevice, redis: &Redis, place: WorkerPlace) -> WorkerConfig {
-    let WorkerPlace { controller, token, name, models_root, metrics_listen, eval_data_dir, tls, lifecycle, placement, shared_telemetry } =
-        place;
+    let WorkerPlace {
+        controller,
+        token,
+        name,
+        models_root,
+        metrics_listen,
+        eval_data_dir,
+        tls,
+        lifecycle,
+        placement,
+        shared_telemetry,
+        serve,
+    } = place;
     WorkerConfig {
         controller_url: controller,
         token,
@@ -198,6 +248,7 @@ fn worker_config(training: &TrainingArgs, device: &ResolvedDevice, redis: &Redis
         lifecycle,
         placement,
         shared_telemetry,
+        serve,
     }
 }
 
@@ -240,6 +291,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             pod_name: args.pod_name.clone().filter(|name| !name.is_empty()),
         },
         shared_telemetry: None,
+        serve: args.serve.then(|| args.serving.config()),
     };
     let device = resolve_device(&args.training)?;
     let config = worker_config(&args.training, &device, &args.redis, place);
@@ -253,6 +305,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
 pub fn up(args: UpArgs) -> anyhow::Result<()> {
     let config = args.controller.config()?;
     anyhow::ensure!(args.workers <= 64, "--workers: at most 64 in one process");
+    anyhow::ensure!(args.serve_workers <= 16, "--serve-workers: at most 16 in one process");
     anyhow::ensure!(config.grpc_tls.is_none(), "lathe up runs its workers in this process; --grpc-tls-* is for lathe-controller");
     let device = resolve_device(&args.training)?;
     runtime()?.block_on(async move {
@@ -269,8 +322,9 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         bound.state.telemetry.also_serve(move || served.render());
 
         let mut workers = Vec::new();
-        for i in 0..args.workers {
-            let name = format!("{}-up-{i}", host_name());
+        for i in 0..args.workers + args.serve_workers {
+            let serving = i >= args.workers;
+            let name = if serving { format!("{}-up-serve-{}", host_name(), i - args.workers) } else { format!("{}-up-{i}", host_name()) };
             let registered = lathe_store::workers::register_worker(
                 &bound.state.pool,
                 lathe_store::workers::NewWorker {
@@ -284,6 +338,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
                     version: env!("CARGO_PKG_VERSION"),
                     slurm_job_id: None,
                     pod_name: None,
+                    serving,
                 },
             )
             .await?;
@@ -298,15 +353,17 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
                 lifecycle: lathe_worker::Lifecycle::default(),
                 placement: lathe_worker::Placement::default(),
                 shared_telemetry: Some(worker_telemetry.clone()),
+                serve: serving.then(|| args.serving.config()),
             };
             let config = worker_config(&args.training, &device, &args.controller.redis, place);
             workers.push(tokio::spawn(lathe_worker::run(config, stop.clone())));
         }
         eprintln!(
-            "lathe up: REST http://{}/v1 · gRPC {} · {} worker(s) · models in {} · Ctrl-C stops (running jobs checkpoint and requeue)",
+            "lathe up: REST http://{}/v1 · gRPC {} · {} worker(s), {} inference worker(s) · models in {} · Ctrl-C stops (running jobs checkpoint and requeue)",
             bound.http_addr,
             bound.grpc_addr,
             args.workers,
+            args.serve_workers,
             models_root.display()
         );
         let serving = tokio::spawn(bound.serve(stopped(controller_stopped)));

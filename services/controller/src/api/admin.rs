@@ -116,6 +116,8 @@ fn worker_view(w: &Worker, stale_before: lathe_store::time::OffsetDateTime) -> V
         "gpu_memory_bytes": w.gpu_memory_bytes,
         "gpus": w.gpus,
         "nodes": w.nodes,
+        // An inference worker (`lathe worker --serve`): completions, not jobs.
+        "serving": w.serving,
         "version": w.version,
         "fleet_id": w.fleet_id,
         "slurm_job_id": w.slurm_job_id,

@@ -7,7 +7,8 @@
 //!   counts its own requests: behind a load balancer the limit is per replica.
 //! - Time: a request must produce its response head within `request_timeout`, else 503 with
 //!   `Retry-After` (the work is dropped: its transaction rolls back). Uploads and streams
-//!   (`/files` POST, SSE, file content) are paced by the client and are not timed.
+//!   (`/files` POST, SSE, file content) are paced by the client and completions by
+//!   generation; they are not timed.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -86,9 +87,13 @@ pub async fn rate_limit(State(state): State<AppState>, request: Request, next: N
     }
 }
 
-/// Routes whose response is paced by the client: an upload's body, a stream, a download.
+/// Routes whose response is paced by the client (an upload's body, a stream, a download) or
+/// by generation (completions: bounded by max_tokens and the worker's capacity, and cancelled
+/// when the client goes away).
 fn untimed(method: &Method, path: &str) -> bool {
-    (method == Method::POST && path == "/v1/files") || path.ends_with("/events/stream") || path.ends_with("/content")
+    (method == Method::POST && matches!(path, "/v1/files" | "/v1/chat/completions" | "/v1/completions"))
+        || path.ends_with("/events/stream")
+        || path.ends_with("/content")
 }
 
 pub async fn timeout(State(state): State<AppState>, request: Request, next: Next) -> Response {

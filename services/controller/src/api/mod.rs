@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod completions;
 pub mod error;
 pub mod evaluations;
 pub mod files;
@@ -75,6 +76,8 @@ pub fn router(state: AppState) -> Router {
         .route("/evaluations/{id}", get(evaluations::retrieve))
         .route("/evaluations/{id}/items", get(evaluations::items))
         .route("/evaluations/{id}/cancel", post(evaluations::cancel))
+        .route("/chat/completions", post(completions::chat))
+        .route("/completions", post(completions::text))
         .route("/models", get(models::list))
         .route("/models/{*id}", get(models::retrieve))
         .route("/admin/demand", get(admin::demand))

@@ -13,7 +13,7 @@ pub fn document() -> Value {
         "info": {
             "title": "Lathe",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Fine-tuning service with OpenAI's /v1/files and /v1/fine_tuning/jobs API, plus evaluations and metrics.",
+            "description": "Fine-tuning service with OpenAI's /v1/files, /v1/fine_tuning/jobs and /v1/chat/completions API, plus evaluations and metrics.",
             "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
         },
         "servers": [{"url": "/"}],
@@ -21,7 +21,7 @@ pub fn document() -> Value {
         "paths": paths(),
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": merged(schemas(), admin_schemas()),
+            "schemas": merged(merged(schemas(), admin_schemas()), completion_schemas()),
             "responses": {
                 "Error": {"description": "An error in OpenAI's envelope", "content": json_of("#/components/schemas/Error")},
             },
@@ -151,6 +151,16 @@ fn paths() -> Value {
         "/v1/evaluations/{id}/cancel": {
             "post": operation("cancelEvaluation", "Cancel an evaluation", json!([param("EvaluationId")]), None, ok("#/components/schemas/Evaluation"), COMMON),
         },
+        "/v1/chat/completions": {
+            "post": completion_operation("createChatCompletion",
+                "A chat completion from a base model or one of the project's fine-tuned models, served by an inference worker \
+                 (stream: server-sent events of chat.completion.chunk objects); 503 with Retry-After when none can take it",
+                "#/components/schemas/CreateChatCompletionRequest", "#/components/schemas/ChatCompletion"),
+        },
+        "/v1/completions": {
+            "post": completion_operation("createCompletion", "A text completion of a prompt (legacy completions)",
+                "#/components/schemas/CreateCompletionRequest", "#/components/schemas/TextCompletion"),
+        },
         "/v1/models": {
             "get": operation("listModels", "Base models and the project's fine-tuned models", json!([]), None, ok("#/components/schemas/ModelList"), COMMON),
         },
@@ -168,6 +178,73 @@ fn paths() -> Value {
                 ok("#/components/schemas/WorkerList"), ADMIN),
         },
         "/healthz": {"get": {"operationId": "healthz", "security": [], "responses": {"200": {"description": "Alive"}}}},
+    })
+}
+
+/// A completion route: a JSON answer, or server-sent events with `stream: true`.
+fn completion_operation(id: &str, summary: &str, request: &str, answer: &str) -> Value {
+    let success = json!({"description": "The completion, or its chunks as server-sent events", "content": {
+        "application/json": {"schema": {"$ref": answer}},
+        "text/event-stream": {"schema": {"type": "string"}},
+    }});
+    operation(
+        id,
+        summary,
+        json!([]),
+        Some(json!({"required": true, "content": json_of(request)})),
+        success,
+        &[400, 401, 404, 415, 429, 500, 503],
+    )
+}
+
+fn completion_schemas() -> Value {
+    let sampling = json!({
+        "model": {"type": "string"},
+        "max_tokens": {"type": ["integer", "null"], "minimum": 1},
+        "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
+        "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
+        "n": {"type": ["integer", "null"], "minimum": 1, "maximum": 16},
+        "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}, {"type": "null"}]},
+        "seed": {"type": ["integer", "null"]},
+        "stream": {"type": ["boolean", "null"]},
+        "stream_options": {"oneOf": [{"type": "null"}, {"type": "object", "properties": {"include_usage": {"type": "boolean"}}, "additionalProperties": false}]},
+        "user": {"type": "string"},
+    });
+    let usage = json!({"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"], "properties": {
+        "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}}});
+    let finish = json!({"enum": ["stop", "length"]});
+    let mut chat_request = sampling.clone();
+    chat_request["messages"] = json!({"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role"], "properties": {
+        "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+        "content": {"oneOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": {"type": "object", "required": ["type", "text"],
+            "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]}}}});
+    chat_request["max_completion_tokens"] = json!({"type": ["integer", "null"], "minimum": 1});
+    chat_request["logprobs"] = json!({"type": ["boolean", "null"]});
+    chat_request["top_logprobs"] = json!({"type": ["integer", "null"], "minimum": 0, "maximum": 20});
+    chat_request["tools"] = json!({"type": ["array", "null"], "items": {"type": "object", "required": ["type", "function"], "properties": {
+        "type": {"const": "function"},
+        "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}, "description": {"type": "string"}}}}}});
+    chat_request["tool_choice"] = json!({"oneOf": [{"enum": ["auto", "none"]}, {"type": "null"}]});
+    let mut text_request = sampling;
+    text_request["prompt"] = json!({"type": "string", "minLength": 1});
+    text_request["logprobs"] = json!({"type": ["integer", "null"], "minimum": 0, "maximum": 5});
+    json!({
+        "CreateChatCompletionRequest": {"type": "object", "required": ["model", "messages"], "properties": chat_request},
+        "CreateCompletionRequest": {"type": "object", "required": ["model", "prompt"], "properties": text_request},
+        "ChatCompletion": {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"], "properties": {
+            "id": {"type": "string"}, "object": {"const": "chat.completion"}, "created": {"type": "integer"}, "model": {"type": "string"},
+            "system_fingerprint": {"type": "string"}, "usage": usage,
+            "choices": {"type": "array", "items": {"type": "object", "required": ["index", "message", "finish_reason"], "properties": {
+                "index": {"type": "integer"}, "finish_reason": finish, "logprobs": {"type": ["object", "null"]},
+                "message": {"type": "object", "required": ["role", "content"], "properties": {
+                    "role": {"const": "assistant"}, "content": {"type": "string"}}}}}},
+        }},
+        "TextCompletion": {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"], "properties": {
+            "id": {"type": "string"}, "object": {"const": "text_completion"}, "created": {"type": "integer"}, "model": {"type": "string"},
+            "system_fingerprint": {"type": "string"}, "usage": usage,
+            "choices": {"type": "array", "items": {"type": "object", "required": ["index", "text", "finish_reason"], "properties": {
+                "index": {"type": "integer"}, "text": {"type": "string"}, "finish_reason": finish, "logprobs": {"type": ["object", "null"]}}}},
+        }},
     })
 }
 
@@ -210,7 +287,7 @@ fn admin_schemas() -> Value {
             "state": {"type": "string", "enum": ["live", "stale", "draining", "left", "revoked"]},
             "pools": {"type": "array", "items": {"type": "string"}}, "device_kind": {"type": "string"},
             "gpu_name": nullable("string"), "gpu_memory_bytes": nullable("integer"), "gpus": {"type": "integer"},
-            "nodes": {"type": "integer"}, "version": {"type": "string"},
+            "nodes": {"type": "integer"}, "serving": {"type": "boolean"}, "version": {"type": "string"},
             "fleet_id": nullable("string"), "slurm_job_id": nullable("string"), "pod_name": nullable("string"),
             "registered_at": {"type": "integer"}, "last_heartbeat_at": {"type": "integer"}}},
         "WorkerList": {"type": "object", "required": ["object", "data"], "properties": {

@@ -3,7 +3,7 @@
 
 use lathe_proto::v1::{
     ClaimEvaluationRequest, ClaimEvaluationResponse, EvaluationProgress, EvaluationRef, FailEvaluationRequest, FailureClass,
-    FinishEvaluationRequest, ResultFile,
+    FinishEvaluationRequest,
 };
 use lathe_store::evaluations::{self, EvaluationClaim, EvaluationFailure, EvaluationItem};
 use lathe_store::files::get_file;
@@ -12,10 +12,8 @@ use lathe_store::StoreError;
 use tonic::Status;
 
 use super::{file_ref, millis, status};
+use crate::adapters::adapter_files;
 use crate::AppState;
-
-/// The files a PEFT adapter directory needs.
-const ADAPTER_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
 
 pub async fn claim(state: &AppState, worker_id: &str, request: ClaimEvaluationRequest) -> Result<ClaimEvaluationResponse, Status> {
     let id = Some(request.evaluation_id.as_str()).filter(|id| !id.is_empty());
@@ -70,21 +68,10 @@ async fn describe(state: &AppState, claim: &EvaluationClaim) -> Result<ClaimEval
                 param: None,
             })?;
             let job = get_job_unscoped(&state.pool, &job_id).await.map_err(internal)?;
-            let mut adapter = Vec::new();
-            for id in &job.result_files {
-                let Ok(file_id) = lathe_core::FileId::parse(id) else { continue };
-                let file = match get_file(&state.pool, &evaluation.project_id, &file_id).await {
-                    Ok(file) => file,
-                    Err(StoreError::NotFound) => continue,
-                    Err(other) => return Err(internal(other)),
-                };
-                if ADAPTER_FILES.contains(&file.filename.as_str()) {
-                    adapter.push(ResultFile { filename: file.filename.clone(), path: state.storage.file_path(id).display().to_string() });
-                }
-            }
-            if adapter.len() != ADAPTER_FILES.len() {
-                return Err(gone("model", format!("the adapter files of {} were deleted", evaluation.model)));
-            }
+            let adapter = adapter_files(state, &evaluation.project_id, &job)
+                .await
+                .map_err(internal)?
+                .ok_or_else(|| gone("model", format!("the adapter files of {} were deleted", evaluation.model)))?;
             (job.spec.model.to_string(), adapter)
         }
     };

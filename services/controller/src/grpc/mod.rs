@@ -4,6 +4,7 @@
 
 mod attempt;
 mod evaluation;
+mod serve;
 
 use std::pin::Pin;
 
@@ -11,7 +12,8 @@ use lathe_proto::v1::worker_service_server::{WorkerService, WorkerServiceServer}
 use lathe_proto::v1::{
     AttemptRef, Checkpoint, ClaimEvaluationRequest, ClaimEvaluationResponse, ClaimJobRequest, ClaimJobResponse, ControllerMessage,
     DeviceKind, FailEvaluationRequest, FailEvaluationResponse, FileRef, FinishEvaluationRequest, FinishEvaluationResponse,
-    HeartbeatRequest, HeartbeatResponse, Lease, LeaveRequest, LeaveResponse, RegisterRequest, RegisterResponse, WorkerMessage,
+    HeartbeatRequest, HeartbeatResponse, Lease, LeaveRequest, LeaveResponse, RegisterRequest, RegisterResponse, ServeCommand, ServeMessage,
+    WorkerMessage,
 };
 use lathe_store::dispatch::{claim_job, finish_attempt, renew_lease, AttemptOutcome, ClaimRequest, EventLevel};
 use lathe_store::files::get_file;
@@ -111,6 +113,7 @@ impl WorkerService for Service {
             version: &r.version,
             slurm_job_id: slurm_job_id.as_deref(),
             pod_name: pod_name.as_deref(),
+            serving: r.serving,
         };
         let pool = &self.state.pool;
         // The worker's own token, else a fleet secret: enrol a new instance and hand it its token.
@@ -226,6 +229,14 @@ impl WorkerService for Service {
     async fn attempt(&self, request: Request<Streaming<WorkerMessage>>) -> Result<Response<Self::AttemptStream>, Status> {
         let worker_id = self.worker_id(request.metadata()).await?;
         let stream = attempt::open(self.state.clone(), worker_id, request.into_inner()).await?;
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type ServeStream = Pin<Box<dyn Stream<Item = Result<ServeCommand, Status>> + Send>>;
+
+    async fn serve(&self, request: Request<Streaming<ServeMessage>>) -> Result<Response<Self::ServeStream>, Status> {
+        let worker_id = self.worker_id(request.metadata()).await?;
+        let stream = serve::open(self.state.clone(), worker_id, request.into_inner()).await?;
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -108,6 +108,7 @@ pub async fn worker_with(pool: &PgPool, name: &str, pools: &[String], gpu_memory
         version: "test",
         slurm_job_id: None,
         pod_name: None,
+        serving: false,
     };
     register_worker(pool, new).await.expect("worker registered").worker.id
 }

@@ -18,6 +18,7 @@ async fn a_registered_worker_authenticates_with_its_token_and_heartbeats() {
         version: "0.1.0",
         slurm_job_id: None,
         pod_name: None,
+        serving: false,
     };
     let registered = register_worker(&db.pool, new).await.unwrap();
     assert!(registered.token.starts_with(WORKER_TOKEN_PREFIX));
@@ -48,6 +49,7 @@ async fn a_revoked_worker_token_no_longer_authenticates_and_the_worker_drains() 
         version: "",
         slurm_job_id: None,
         pod_name: None,
+        serving: false,
     };
     let registered = register_worker(&db.pool, new).await.unwrap();
     let revoked = lathe_store::workers::revoke_worker(&db.pool, "node-9").await.unwrap();
@@ -92,6 +94,7 @@ fn instance<'a>(name: &'a str, pools: &'a [String], slurm_job_id: Option<&'a str
         version: "",
         slurm_job_id,
         pod_name: None,
+        serving: false,
     }
 }
 

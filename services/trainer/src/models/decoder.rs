@@ -275,6 +275,12 @@ impl Decoder {
     /// everything in `cache` plus themselves as `mask` (B, 1, T, past + T) allows; appends
     /// their keys and values to `cache`. Logits (B, T, V) in fp32.
     pub fn forward_cached(&self, input_ids: &Tensor, position_ids: &Tensor, mask: &Tensor, cache: &mut KvCache) -> Tensor {
+        self.logits(&self.hidden_cached(input_ids, position_ids, mask, cache))
+    }
+
+    /// [`Decoder::forward_cached`] up to the last layer's output (B, T, hidden): a prefill
+    /// takes the logits of each row's last position only, not of the whole prompt.
+    pub fn hidden_cached(&self, input_ids: &Tensor, position_ids: &Tensor, mask: &Tensor, cache: &mut KvCache) -> Tensor {
         let ctx = LayerContext { rotary: self.rotary(position_ids), mask: Some(mask.shallow_clone()), train: false };
         if cache.layers.len() != self.layers.len() {
             cache.layers = (0..self.layers.len()).map(|_| None).collect();
@@ -286,7 +292,7 @@ impl Decoder {
             let normed = layer.post_attention_layernorm.forward(&h);
             hidden = &h + layer.mlp.forward(&normed, false);
         }
-        self.logits(&hidden)
+        hidden
     }
 
     pub fn context(&self, input_ids: &Tensor, position_ids: Option<&Tensor>, segments: Option<&Tensor>, train: bool) -> LayerContext {
@@ -433,6 +439,62 @@ impl KvCache {
         for (k, v) in self.layers.iter_mut().flatten() {
             *k = k.index_select(0, keep);
             *v = v.index_select(0, keep);
+        }
+    }
+
+    /// Cached positions per row (the T of every tensor); 0 when empty.
+    pub fn len(&self) -> i64 {
+        self.layers.iter().flatten().next().map_or(0, |(k, _)| k.size()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Prepends `n` zero positions to every row (left padding), so that a batch with shorter
+    /// rows can be joined with a longer one; the caller masks them out.
+    pub fn left_pad(&mut self, n: i64) {
+        if n == 0 {
+            return;
+        }
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let pad = |t: &Tensor| {
+                let mut shape = t.size();
+                shape[2] = n;
+                Tensor::cat(&[&Tensor::zeros(shape.as_slice(), (t.kind(), t.device())), t], 2)
+            };
+            *k = pad(k);
+            *v = pad(v);
+        }
+    }
+
+    /// Drops the first `n` positions of every row (padding no row attends to any more).
+    pub fn drop_front(&mut self, n: i64) {
+        if n == 0 {
+            return;
+        }
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let len = k.size()[2];
+            *k = k.narrow(2, n, len - n);
+            *v = v.narrow(2, n, len - n);
+        }
+    }
+
+    /// Appends the rows of `other` (same length: pad the shorter first) below these.
+    pub fn append_rows(&mut self, other: KvCache) {
+        if self.layers.is_empty() {
+            *self = other;
+            return;
+        }
+        for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
+            match (mine.as_mut(), theirs) {
+                (Some((k, v)), Some((k2, v2))) => {
+                    *k = Tensor::cat(&[&*k, &k2], 0);
+                    *v = Tensor::cat(&[&*v, &v2], 0);
+                }
+                (None, theirs) => *mine = theirs,
+                (Some(_), None) => {}
+            }
         }
     }
 }

@@ -7,7 +7,7 @@ mod fused;
 use std::collections::HashMap;
 use std::path::Path;
 
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 use crate::model_dir::ModelDir;
 use crate::nf4::{quantizes, Nf4Weight, Quantization};
@@ -56,6 +56,43 @@ pub fn load_for_inference_as(
             let mut decoder = load(&dir, &Trainable::Lora(lora), quantization, kind, device)?;
             peft::load_adapter_weights(adapter, &mut decoder)?;
             Ok(decoder)
+        }
+    }
+}
+
+/// A base model's tensors, read once, that several inference decoders share: each gets
+/// shallow clones (the same storage), so only what a decoder builds for itself (the stacked
+/// q/k/v and gate/up projections, an adapter's LoRA weights) is held once per decoder.
+pub struct SharedBase {
+    pub dir: ModelDir,
+    tensors: HashMap<String, Tensor>,
+    kind: Kind,
+    device: Device,
+}
+
+impl SharedBase {
+    pub fn read(model: &Path, kind: Kind, device: Device) -> Result<SharedBase> {
+        let dir = ModelDir::open(model)?;
+        let mut tensors = HashMap::new();
+        dir.for_each_tensor(device, kind, |name, tensor| {
+            tensors.insert(name, tensor);
+            Ok(())
+        })?;
+        Ok(SharedBase { dir, tensors, kind, device })
+    }
+
+    /// A decoder over these weights, with the PEFT adapter in `adapter` applied when given.
+    pub fn decoder(&self, adapter: Option<&Path>) -> Result<Decoder> {
+        let tensors: HashMap<String, Tensor> = self.tensors.iter().map(|(name, t)| (name.clone(), t.shallow_clone())).collect();
+        let what = self.dir.weight_files.first().map(|p| p.display().to_string()).unwrap_or_default();
+        match adapter {
+            None => Decoder::from_weights(&self.dir.config, tensors, &Trainable::Nothing, self.kind, self.device, &what),
+            Some(adapter) => {
+                let lora = peft::read_adapter_config(adapter)?;
+                let mut decoder = Decoder::from_weights(&self.dir.config, tensors, &Trainable::Lora(lora), self.kind, self.device, &what)?;
+                peft::load_adapter_weights(adapter, &mut decoder)?;
+                Ok(decoder)
+            }
         }
     }
 }
