@@ -23,8 +23,19 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 
+LLAMA_CPP_PYTHON=0.3.36
 step "installing Python packages (torch 2.13.0 = the libtorch of tch 0.26; transformers, peft for interop tests)"
 "$VENV/bin/pip" install -q --disable-pip-version-check -r scripts/requirements.txt
+
+# llama.cpp itself, for the GGUF export check (tests/interop/test_gguf.py). PyPI has only its
+# source: pip builds it with CMake (~10 CPU-minutes, once; pip caches the wheel), portable
+# (no -march=native) and without llama.cpp's own tools.
+if ! "$VENV/bin/python" -c 'import llama_cpp' 2>/dev/null; then
+  step "building llama-cpp-python $LLAMA_CPP_PYTHON (llama.cpp on CPU, for the GGUF check; a few minutes)"
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF" \
+    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    "$VENV/bin/pip" install -q --disable-pip-version-check "llama-cpp-python==$LLAMA_CPP_PYTHON"
+fi
 
 step "npm packages for the Kubernetes manifest checks (tests/deploy: @kubernetes-models/keda, yaml)"
 if command -v npm >/dev/null; then

@@ -21,6 +21,7 @@ pub mod error;
 pub mod evaluate;
 pub mod export;
 pub mod generate;
+pub mod gguf;
 mod hash;
 pub mod inference;
 pub mod init;

@@ -1,4 +1,5 @@
-//! `lathe model ...`: make a random model, run a forward pass, merge an adapter, quantize to NF4.
+//! `lathe model ...`: make a random model, run a forward pass, merge an adapter, export GGUF,
+//! quantize to NF4.
 
 use std::path::PathBuf;
 
@@ -17,6 +18,9 @@ pub enum ModelCommand {
     Forward(ForwardArgs),
     /// Merge a PEFT LoRA adapter into its base model and write a full model directory.
     Merge(MergeArgs),
+    /// Write a model (with a fine-tuned adapter merged in) as one GGUF file for llama.cpp and
+    /// Ollama: f16, bf16 or q8_0 weights, the tokenizer and the chat template.
+    Export(ExportArgs),
     /// Generate from token ids (greedy by default, KV cache); prints the new tokens as JSON.
     Generate(GenerateArgs),
     /// Quantize the decoder's projections to NF4 as a QLoRA run does; writes the 4-bit tensors
@@ -39,6 +43,30 @@ pub struct QuantizeArgs {
     /// Also write every quantized weight dequantized again, in the checkpoint's dtype.
     #[arg(long)]
     dequantized_out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// The base model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// A PEFT LoRA adapter directory to merge in (a job's adapter_config.json and
+    /// adapter_model.safetensors).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// The file format; gguf is the one llama.cpp, llama-cpp-python and Ollama read.
+    #[arg(long, value_parser = ["gguf"], default_value = "gguf")]
+    format: String,
+    /// How weight matrices are stored: f16, bf16, or q8_0 (8-bit blocks, ~half of f16's size).
+    /// Norms stay f32.
+    #[arg(long = "type", value_parser = ["f16", "bf16", "q8_0"], default_value = "f16")]
+    weight_type: String,
+    /// The model's name inside the file [default: the output file's stem].
+    #[arg(long)]
+    name: Option<String>,
+    /// The .gguf file to write (replaced atomically).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -128,6 +156,7 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
         ModelCommand::Init(args) => init(args),
         ModelCommand::Forward(args) => forward(args),
         ModelCommand::Merge(args) => merge(args),
+        ModelCommand::Export(args) => export_file(args),
         ModelCommand::Generate(args) => generate(args),
         ModelCommand::Quantize(args) => quantize(args),
     }
@@ -243,6 +272,16 @@ fn forward(args: ForwardArgs) -> anyhow::Result<()> {
     anyhow::ensure!(min >= 0 && max < vocab, "input_ids out of range [0, {vocab}): min {min}, max {max}");
     let logits = tch::no_grad(|| decoder.forward(&input_ids.to_kind(Kind::Int64).to_device(dev), None, None, false));
     checkpoint::write_tensors(&args.out, &[("logits".to_string(), logits.to_device(Device::Cpu).to_kind(Kind::Float))])?;
+    Ok(())
+}
+
+fn export_file(args: ExportArgs) -> anyhow::Result<()> {
+    let weights = lathe_trainer::gguf::GgufType::parse(&args.weight_type)?;
+    let decoder = models::load_for_inference(&args.model, args.adapter.as_deref(), Kind::Float, Device::Cpu)?;
+    let name = args.name.clone().unwrap_or_else(|| args.out.file_stem().unwrap_or_default().to_string_lossy().into_owned());
+    lathe_trainer::gguf::write_gguf(&args.out, &args.model, &decoder, weights, &name)?;
+    let bytes = std::fs::metadata(&args.out).map(|m| m.len()).unwrap_or(0);
+    println!("wrote {} ({}, {:.1} MB)", args.out.display(), args.weight_type, bytes as f64 / 1e6);
     Ok(())
 }
 
