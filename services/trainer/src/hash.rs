@@ -2,9 +2,12 @@
 //! data order, tiny models) is derived from these and a seed, never from libtorch's
 //! process-wide generator, so runs repeat exactly whatever other threads are doing.
 
+/// What one SplitMix64 step adds to the state: the state after n steps is `start + n · GAMMA`.
+pub(crate) const SPLITMIX64_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
 /// SplitMix64: one step of a counter-based stream with good 64-bit output.
 pub(crate) fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    *state = state.wrapping_add(SPLITMIX64_GAMMA);
     let mut z = *state;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

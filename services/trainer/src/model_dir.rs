@@ -59,10 +59,23 @@ impl ModelDir {
         for file in &self.weight_files {
             read_safetensors_streaming(file, &mut |name, tensor| {
                 let tensor = if tensor.is_floating_point() { tensor.to_kind(kind) } else { tensor };
-                f(name, tensor.to_device(device))
+                f(name, tensor.to_device(device))?;
+                release_freed_heap();
+                Ok(())
             })?;
         }
         Ok(())
+    }
+}
+
+/// Hands the heap's free pages back to the system. Loading allocates each tensor's bytes and
+/// temporaries between the long-lived tensors already loaded; glibc keeps the holes they leave
+/// resident, and over a 4B model quantized to NF4 that was ~600 MB of peak RSS (docs/qlora.md).
+fn release_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the system; it touches no live allocation.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

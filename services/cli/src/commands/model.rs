@@ -105,7 +105,8 @@ pub struct InitArgs {
     /// qwen3, qwen2 or llama
     #[arg(long, default_value = "qwen3")]
     arch: String,
-    /// tiny (~0.2M parameters, tests) or small (~100M, benchmarks)
+    /// tiny (~0.2M parameters, tests), small (~100M, benchmarks) or 4b (Qwen3-4B's shapes, 8 GB:
+    /// memory benchmarks)
     #[arg(long, default_value = "tiny")]
     preset: String,
     #[arg(long, default_value_t = 0)]

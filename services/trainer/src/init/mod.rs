@@ -67,6 +67,9 @@ pub enum Preset {
     Tiny,
     /// ~100M parameters in bfloat16, for benchmarks.
     Small,
+    /// ~4B parameters in bfloat16 (8 GB), Qwen3-4B's shapes: for memory benchmarks at the size
+    /// people fine-tune with QLoRA.
+    FourB,
 }
 
 impl FromStr for Preset {
@@ -76,7 +79,8 @@ impl FromStr for Preset {
         match name {
             "tiny" => Ok(Self::Tiny),
             "small" => Ok(Self::Small),
-            _ => Err(TrainerError::invalid("preset", format!("`{name}` is not one of tiny, small"))),
+            "4b" => Ok(Self::FourB),
+            _ => Err(TrainerError::invalid("preset", format!("`{name}` is not one of tiny, small, 4b"))),
         }
     }
 }
@@ -86,6 +90,7 @@ impl fmt::Display for Preset {
         f.write_str(match self {
             Self::Tiny => "tiny",
             Self::Small => "small",
+            Self::FourB => "4b",
         })
     }
 }
@@ -118,28 +123,30 @@ pub struct InitSummary {
 pub fn init_model(opts: &InitOptions) -> Result<InitSummary> {
     ensure_out_is_free(&opts.out)?;
     let files = build_model_files(opts)?;
-    let written = write_dir_atomically(&opts.out, &files.contents)?;
+    let written = write_dir_atomically(&opts.out, &files)?;
     Ok(InitSummary { parameters: files.parameters, vocab_size: files.vocab_size, files: written })
 }
 
-/// The finished directory, still in memory.
+/// The directory to write: the small files in memory, the weights made as they are written.
 struct ModelFiles {
     parameters: usize,
     vocab_size: usize,
-    /// (file name, bytes) in the order they are written.
+    /// (file name, bytes) in the order they are written, before the weights.
     contents: Vec<(&'static str, Vec<u8>)>,
+    weights: weights::RandomWeights,
 }
+
+const WEIGHTS_FILE: &str = "model.safetensors";
 
 fn build_model_files(opts: &InitOptions) -> Result<ModelFiles> {
     let dims = presets::Dimensions::of(opts.preset);
     let trained = tokenizer::train(opts.arch, dims.tokenizer_vocab_target)?;
-    let vocab_size = trained.len().next_multiple_of(64);
+    let vocab_size = trained.len().next_multiple_of(64).max(dims.embedding_rows.unwrap_or(0));
     let ids = trained.special_ids;
 
     let config_json = presets::config_json(opts.arch, &dims, vocab_size, &ids);
     let layout = weights::tensor_layout(opts.arch, &dims, vocab_size);
     let parameters = layout.iter().map(|tensor| tensor.numel()).sum();
-    let safetensors = weights::random_safetensors(&layout, dims.dtype, opts.seed)?;
 
     let generation_config = tokenizer::generation_config_json(opts.arch, &ids);
     let max_length = presets::max_position_embeddings(opts.arch);
@@ -149,9 +156,9 @@ fn build_model_files(opts: &InitOptions) -> Result<ModelFiles> {
         ("generation_config.json", to_pretty_json(&generation_config)),
         ("tokenizer.json", trained.tokenizer_json.into_bytes()),
         ("tokenizer_config.json", to_pretty_json(&tokenizer_config)),
-        ("model.safetensors", safetensors),
     ];
-    Ok(ModelFiles { parameters, vocab_size, contents })
+    let weights = weights::RandomWeights { layout, dtype: dims.dtype, seed: opts.seed };
+    Ok(ModelFiles { parameters, vocab_size, contents, weights })
 }
 
 fn to_pretty_json(value: &serde_json::Value) -> Vec<u8> {
@@ -175,10 +182,10 @@ fn ensure_out_is_free(out: &Path) -> Result<()> {
     }
 }
 
-/// Writes `contents` into a fresh temp directory beside `out`, fsyncs every file and the
+/// Writes `files` into a fresh temp directory beside `out`, fsyncs every file and the
 /// directory, then renames it to `out` (replacing `out` only if it is an empty directory).
 /// On error the temp directory is removed and `out` is untouched.
-fn write_dir_atomically(out: &Path, contents: &[(&'static str, Vec<u8>)]) -> Result<Vec<PathBuf>> {
+fn write_dir_atomically(out: &Path, files: &ModelFiles) -> Result<Vec<PathBuf>> {
     let name = out.file_name().ok_or_else(|| TrainerError::file(out, "is not a directory name"))?.to_string_lossy().into_owned();
     let parent = match out.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
@@ -193,18 +200,21 @@ fn write_dir_atomically(out: &Path, contents: &[(&'static str, Vec<u8>)]) -> Res
     }
     fs::create_dir(&temp).map_err(|err| TrainerError::io(&temp, err))?;
 
-    let result = fill_and_rename(&temp, out, &parent, contents);
+    let result = fill_and_rename(&temp, out, &parent, files);
     if result.is_err() {
         let _ = fs::remove_dir_all(&temp);
     }
     result?;
-    Ok(contents.iter().map(|(file, _)| out.join(file)).collect())
+    Ok(files.contents.iter().map(|(file, _)| *file).chain([WEIGHTS_FILE]).map(|file| out.join(file)).collect())
 }
 
-fn fill_and_rename(temp: &Path, out: &Path, parent: &Path, contents: &[(&'static str, Vec<u8>)]) -> Result<()> {
-    for (file, bytes) in contents {
+fn fill_and_rename(temp: &Path, out: &Path, parent: &Path, files: &ModelFiles) -> Result<()> {
+    for (file, bytes) in &files.contents {
         write_synced(&temp.join(file), bytes)?;
     }
+    let weights = temp.join(WEIGHTS_FILE);
+    files.weights.write(&weights)?;
+    sync_file(&weights)?;
     sync_dir(temp)?;
     // rename(2) replaces an empty directory and fails on a non-empty one, so a directory that
     // filled up since `ensure_out_is_free` is still not overwritten.
@@ -217,6 +227,11 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut file = fs::File::create(path).map_err(|err| TrainerError::io(path, err))?;
     file.write_all(bytes).map_err(|err| TrainerError::io(path, err))?;
     file.sync_all().map_err(|err| TrainerError::io(path, err))
+}
+
+fn sync_file(path: &Path) -> Result<()> {
+    let handle = fs::File::open(path).map_err(|err| TrainerError::io(path, err))?;
+    handle.sync_all().map_err(|err| TrainerError::io(path, err))
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {

@@ -14,6 +14,13 @@ pub(crate) enum StoredDtype {
 }
 
 impl StoredDtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::Bf16 => 2,
+        }
+    }
+
     fn torch_name(self) -> &'static str {
         match self {
             Self::F32 => "float32",
@@ -41,6 +48,9 @@ pub(crate) struct Dimensions {
     /// config.json is the real size rounded up to a multiple of 64: tiny leaves 20 padding rows
     /// that no token uses (as Qwen's 151665 tokens in 151936 rows), small none (as Llama 3).
     pub tokenizer_vocab_target: usize,
+    /// Rows of the embedding (and output head) when the model imitates a real checkpoint's
+    /// memory: the rows beyond the tokenizer are padding no token uses, as in Qwen's.
+    pub embedding_rows: Option<usize>,
     pub dtype: StoredDtype,
 }
 
@@ -55,6 +65,7 @@ impl Dimensions {
                 num_key_value_heads: 2,
                 head_dim: 16,
                 tokenizer_vocab_target: 1260,
+                embedding_rows: None,
                 dtype: StoredDtype::F32,
             },
             Preset::Small => Self {
@@ -65,6 +76,20 @@ impl Dimensions {
                 num_key_value_heads: 8,
                 head_dim: 64,
                 tokenizer_vocab_target: 8192,
+                embedding_rows: None,
+                dtype: StoredDtype::Bf16,
+            },
+            // Qwen3-4B's shapes, embedding included (151,936 rows, tied): the model size QLoRA is
+            // for, to measure memory where the weights and not the libraries dominate.
+            Preset::FourB => Self {
+                hidden_size: 2560,
+                intermediate_size: 9728,
+                num_hidden_layers: 36,
+                num_attention_heads: 32,
+                num_key_value_heads: 8,
+                head_dim: 128,
+                tokenizer_vocab_target: 8192,
+                embedding_rows: Some(151_936),
                 dtype: StoredDtype::Bf16,
             },
         }

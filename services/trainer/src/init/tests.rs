@@ -39,7 +39,7 @@ fn arch_and_preset_names_round_trip() {
     for arch in [Arch::Qwen3, Arch::Qwen2, Arch::Llama] {
         assert_eq!(arch.to_string().parse::<Arch>().unwrap(), arch);
     }
-    for preset in [Preset::Tiny, Preset::Small] {
+    for preset in [Preset::Tiny, Preset::Small, Preset::FourB] {
         assert_eq!(preset.to_string().parse::<Preset>().unwrap(), preset);
     }
     let err = "gpt2".parse::<Arch>().unwrap_err().to_string();
@@ -345,8 +345,13 @@ fn a_failed_write_leaves_nothing_at_out_and_no_temp_directory() {
     let out = root.path().join("model");
     fs::create_dir(&out).unwrap();
     fs::write(out.join("late.txt"), "raced").unwrap();
-    let contents = vec![("config.json", b"{}".to_vec())];
-    assert!(write_dir_atomically(&out, &contents).is_err());
+    let files = ModelFiles {
+        parameters: 0,
+        vocab_size: 0,
+        contents: vec![("config.json", b"{}".to_vec())],
+        weights: weights::RandomWeights { layout: Vec::new(), dtype: presets::StoredDtype::F32, seed: 0 },
+    };
+    assert!(write_dir_atomically(&out, &files).is_err());
     assert_eq!(fs::read_dir(&out).unwrap().count(), 1);
     assert!(!out.join("config.json").exists());
     assert_eq!(fs::read_dir(root.path()).unwrap().count(), 1, "temp directory removed");
@@ -371,6 +376,15 @@ fn the_small_preset_has_about_a_hundred_million_parameters() {
     for count in counts {
         assert!((100_000_000..=250_000_000).contains(&count));
     }
+}
+
+#[test]
+fn the_4b_preset_has_qwen3_4b_s_shapes_and_parameter_count() {
+    let dims = Dimensions::of(Preset::FourB);
+    // Qwen3-4B: 4,022,468,096 parameters with the tied embedding counted once.
+    let vocab = dims.embedding_rows.unwrap();
+    let count: usize = weights::tensor_layout(Arch::Qwen3, &dims, vocab).iter().map(|t| t.numel()).sum();
+    assert_eq!((vocab, count), (151_936, 4_022_468_096));
 }
 
 #[test]

@@ -6,11 +6,11 @@
 //! Linear weights and biases are N(0, 0.02), embeddings and the output head N(0, 1/√hidden); RMSNorm weights are 1 + 0.1·N(0, 1),
 //! deliberately not 1, so a norm weight that fails to load changes the logits.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
 
-use safetensors::tensor::TensorView;
-use safetensors::Dtype;
+use safetensors::{Dtype, View};
 
 use super::presets::{Dimensions, StoredDtype};
 use super::Arch;
@@ -82,78 +82,85 @@ pub(crate) fn tensor_layout(arch: Arch, dims: &Dimensions, vocab_size: usize) ->
     layout
 }
 
-/// Fills every tensor of `layout` and serialises them as a safetensors file with the
-/// `{"format": "pt"}` header transformers writes. Tensors are filled on all cores.
-pub(crate) fn random_safetensors(layout: &[TensorLayout], dtype: StoredDtype, seed: u64) -> Result<Vec<u8>> {
-    let filled = fill_all(layout, dtype, seed);
-    let safetensors_dtype = match dtype {
-        StoredDtype::F32 => Dtype::F32,
-        StoredDtype::Bf16 => Dtype::BF16,
-    };
-    let views = layout
-        .iter()
-        .zip(&filled)
-        .map(|(tensor, bytes)| {
-            let view = TensorView::new(safetensors_dtype, tensor.shape.clone(), bytes)
-                .map_err(|err| TrainerError::invalid(&tensor.name, err.to_string()))?;
-            Ok((tensor.name.as_str(), view))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize(views, Some(metadata)).map_err(|err| TrainerError::invalid("model.safetensors", err.to_string()))
+/// `model.safetensors` of a random model, written by [`RandomWeights::write`].
+pub(crate) struct RandomWeights {
+    pub layout: Vec<TensorLayout>,
+    pub dtype: StoredDtype,
+    pub seed: u64,
 }
 
-/// The little-endian bytes of every tensor, in layout order.
-fn fill_all(layout: &[TensorLayout], dtype: StoredDtype, seed: u64) -> Vec<Vec<u8>> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(layout.len().max(1));
-    let next = AtomicUsize::new(0);
-    let mut filled: Vec<Vec<u8>> = vec![Vec::new(); layout.len()];
-    let per_thread: Vec<Vec<(usize, Vec<u8>)>> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut done = Vec::new();
-                    loop {
-                        let index = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(tensor) = layout.get(index) else { break done };
-                        done.push((index, fill_tensor(tensor, dtype, seed)));
-                    }
-                })
-            })
-            .collect();
-        workers.into_iter().map(|worker| worker.join().expect("tensor filling does not panic")).collect()
-    });
-    for (index, bytes) in per_thread.into_iter().flatten() {
-        filled[index] = bytes;
+impl RandomWeights {
+    /// Serialises every tensor with the `{"format": "pt"}` header transformers writes. Each
+    /// tensor is filled (on all cores) only when the file reaches it, so memory holds one tensor
+    /// and not the model: the 4b preset is 8 GB on disk.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let views = self.layout.iter().map(|tensor| (tensor.name.as_str(), LazyTensor { tensor, dtype: self.dtype, seed: self.seed }));
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        safetensors::serialize_to_file(views, Some(metadata), path).map_err(|err| TrainerError::file(path, err.to_string()))
     }
-    filled
 }
 
+/// A tensor whose bytes are made when the serialiser asks for them.
+struct LazyTensor<'a> {
+    tensor: &'a TensorLayout,
+    dtype: StoredDtype,
+    seed: u64,
+}
+
+impl View for LazyTensor<'_> {
+    fn dtype(&self) -> Dtype {
+        match self.dtype {
+            StoredDtype::F32 => Dtype::F32,
+            StoredDtype::Bf16 => Dtype::BF16,
+        }
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.tensor.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(fill_tensor(self.tensor, self.dtype, self.seed))
+    }
+
+    fn data_len(&self) -> usize {
+        self.tensor.numel() * self.dtype.bytes()
+    }
+}
+
+/// Elements per chunk of a parallel fill: even, so no chunk starts inside a Box-Muller pair.
+const FILL_CHUNK: usize = 1 << 20;
+
+/// The little-endian bytes of one tensor, filled in chunks on all cores. The stream is
+/// counter-based, so each chunk starts where a single sequential pass would be and the bytes do
+/// not depend on the number of threads.
 fn fill_tensor(tensor: &TensorLayout, dtype: StoredDtype, seed: u64) -> Vec<u8> {
-    let mut normals = NormalStream::new(seed, &tensor.name);
     let (mean, std) = match tensor.init {
         Init::Normal => (0.0, INITIALIZER_RANGE),
         Init::Norm => (1.0, NORM_JITTER),
         Init::Embedding { hidden } => (0.0, 1.0 / (hidden as f64).sqrt()),
     };
-    let numel = tensor.numel();
-    match dtype {
-        StoredDtype::F32 => {
-            let mut bytes = Vec::with_capacity(numel * 4);
-            for _ in 0..numel {
-                bytes.extend_from_slice(&((mean + std * normals.next()) as f32).to_le_bytes());
-            }
-            bytes
+    let width = dtype.bytes();
+    let mut bytes = vec![0u8; tensor.numel() * width];
+    let chunks: Vec<(usize, &mut [u8])> = bytes.chunks_mut(FILL_CHUNK * width).enumerate().collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(chunks.len().max(1));
+    let next = std::sync::Mutex::new(chunks.into_iter());
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let Some((index, out)) = next.lock().expect("no filler panics").next() else { break };
+                let mut normals = NormalStream::at(seed, &tensor.name, index * FILL_CHUNK);
+                for value in out.chunks_exact_mut(width) {
+                    let sample = (mean + std * normals.next()) as f32;
+                    match dtype {
+                        StoredDtype::F32 => value.copy_from_slice(&sample.to_le_bytes()),
+                        StoredDtype::Bf16 => value.copy_from_slice(&half::bf16::from_f32(sample).to_le_bytes()),
+                    }
+                }
+            });
         }
-        StoredDtype::Bf16 => {
-            let mut bytes = Vec::with_capacity(numel * 2);
-            for _ in 0..numel {
-                let value = half::bf16::from_f32((mean + std * normals.next()) as f32);
-                bytes.extend_from_slice(&value.to_le_bytes());
-            }
-            bytes
-        }
-    }
+    });
+    bytes
 }
 
 /// Standard normal samples from SplitMix64 through the Box-Muller transform.
@@ -163,15 +170,16 @@ struct NormalStream {
 }
 
 impl NormalStream {
-    fn new(seed: u64, tensor_name: &str) -> Self {
-        // FNV-1a of the name, so each tensor has its own stream whatever the fill order.
-        let mut stream = Self { state: seed ^ crate::hash::fnv1a(tensor_name.as_bytes()), spare: None };
-        stream.next_u64();
-        stream
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        crate::hash::splitmix64(&mut self.state)
+    /// The stream of one tensor, positioned at its `element`-th sample (even: the start of a
+    /// pair). FNV-1a of the name gives each tensor its own stream whatever the fill order; every
+    /// pair draws two SplitMix64 steps, and a SplitMix64 state advances by a constant per step,
+    /// so any position is one multiplication away.
+    fn at(seed: u64, tensor_name: &str, element: usize) -> Self {
+        debug_assert!(element % 2 == 0, "a chunk starts on a pair");
+        let start = seed ^ crate::hash::fnv1a(tensor_name.as_bytes());
+        // One step is skipped at the start of the stream, then two per pair before `element`.
+        let steps = 1 + element as u64;
+        Self { state: start.wrapping_add(steps.wrapping_mul(crate::hash::SPLITMIX64_GAMMA)), spare: None }
     }
 
     /// Uniform in [0, 1) with 53 random bits.
@@ -188,5 +196,21 @@ impl NormalStream {
         let radius = (-2.0 * radius_uniform.ln()).sqrt();
         self.spare = Some(radius * angle.sin());
         radius * angle.cos()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tensor_filled_in_chunks_on_all_cores_equals_one_sequential_pass() {
+        // Two and a half chunks and an odd tail: every chunk boundary and a lone last sample.
+        let tensor =
+            TensorLayout { name: "model.layers.0.mlp.up_proj.weight".into(), shape: vec![5 * FILL_CHUNK / 2 + 1], init: Init::Normal };
+        let filled = fill_tensor(&tensor, StoredDtype::F32, 7);
+        let mut stream = NormalStream::at(7, &tensor.name, 0);
+        let sequential: Vec<u8> = (0..tensor.numel()).flat_map(|_| ((INITIALIZER_RANGE * stream.next()) as f32).to_le_bytes()).collect();
+        assert!(filled == sequential, "the chunked fill differs from one pass");
     }
 }
