@@ -175,7 +175,7 @@ impl NormalStream {
     /// pair draws two SplitMix64 steps, and a SplitMix64 state advances by a constant per step,
     /// so any position is one multiplication away.
     fn at(seed: u64, tensor_name: &str, element: usize) -> Self {
-        debug_assert!(element % 2 == 0, "a chunk starts on a pair");
+        debug_assert!(element.is_multiple_of(2), "a chunk starts on a pair");
         let start = seed ^ crate::hash::fnv1a(tensor_name.as_bytes());
         // One step is skipped at the start of the stream, then two per pair before `element`.
         let steps = 1 + element as u64;
