@@ -44,6 +44,9 @@ PARKED_POOL = "parked"
 CHECKPOINT_EVERY = 2
 LEASE_SECONDS = 8
 UPLOAD_LIMIT_BYTES = 2_000_000
+# Each controller's Postgres pool; the suite runs at most four controllers at once.
+CONTROLLER_DB_CONNECTIONS = 6
+MIN_FREE_DB_CONNECTIONS = 40
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,8 +80,24 @@ def require_postgres_and_redis():
     if probe.returncode != 0:
         pytest.fail(f"Postgres is not reachable at {PG_HOST}:{PG_PORT} as {PG_USER}: {probe.stderr.strip()}",
                     pytrace=False)
+    free = subprocess.run(["psql", "-h", PG_HOST, "-p", str(PG_PORT), "-U", PG_USER, "-d", "postgres", "-At", "-F", "\t", "-c",
+                           "SELECT current_setting('max_connections')::int - count(*) FROM pg_stat_activity"],
+                          capture_output=True, text=True, timeout=30).stdout.strip()
+    if free.isdigit() and int(free) < MIN_FREE_DB_CONNECTIONS:
+        pytest.fail(f"Postgres at {PG_HOST}:{PG_PORT} has only {free} free connections (the suite needs about "
+                    f"{MIN_FREE_DB_CONNECTIONS}); who holds them:\n{postgres_connection_holders()}", pytrace=False)
     if redis_cli("PING") != "PONG":
         pytest.fail(f"Redis is not reachable at {REDIS_HOST}:{REDIS_PORT}", pytrace=False)
+
+
+def postgres_connection_holders() -> str:
+    """Connections by database and application, most first: what to show when Postgres refuses
+    one (a superuser may still take one of its reserved slots to ask)."""
+    proc = subprocess.run(["psql", "-h", PG_HOST, "-p", str(PG_PORT), "-U", PG_USER, "-d", "postgres", "-At", "-F", "\t", "-c",
+                           "SELECT count(*), coalesce(datname, '-'), coalesce(nullif(application_name, ''), '-'), state "
+                           "FROM pg_stat_activity WHERE backend_type = 'client backend' GROUP BY 2, 3, 4 ORDER BY 1 DESC"],
+                          capture_output=True, text=True, timeout=30)
+    return proc.stdout if proc.returncode == 0 else f"(pg_stat_activity unreadable: {proc.stderr.strip()})"
 
 
 def redis_cli(*args: str) -> str:
@@ -258,6 +277,9 @@ class Service:
             "--lease-seconds", str(LEASE_SECONDS), "--heartbeat-seconds", "1", "--reconcile-seconds", "1",
             "--max-upload-bytes", str(max_upload_bytes), "--eval-data-dir", str(self.eval_data_dir),
             "--admin-token", self.admin_token, "--fleet-secret", self.fleet_secret,
+            # A few controllers live at once on a Postgres other suites may share: a small pool
+            # each keeps the suite far below the server's max_connections.
+            "--database-max-connections", str(CONTROLLER_DB_CONNECTIONS),
             *(extra_args or (
                 # The suite's clients are scripted, not users: far above the default per-key
                 # limit (test_limits.py checks the limit on a controller of its own).
@@ -353,6 +375,9 @@ class Service:
         proc = subprocess.run(["psql", "-h", PG_HOST, "-p", str(PG_PORT), "-U", PG_USER, "-d", self.db_name,
                                "-At", "-F", "\t", "-P", "null=<NULL>", "-v", "ON_ERROR_STOP=1", "-c", sql],
                               capture_output=True, text=True, timeout=60)
+        if proc.returncode != 0 and "too many clients" in proc.stderr:
+            pytest.fail(f"Postgres refused psql on {sql!r}: {proc.stderr.strip()}\nwho holds its connections:\n"
+                        f"{postgres_connection_holders()}", pytrace=False)
         assert proc.returncode == 0, f"psql failed on {sql!r}: {proc.stderr}"
         return [[None if v == "<NULL>" else v for v in line.split("\t")] for line in proc.stdout.splitlines()]
 

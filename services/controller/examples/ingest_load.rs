@@ -66,7 +66,7 @@ fn args() -> Args {
 #[tokio::main]
 async fn main() {
     let args = args();
-    let pool = lathe_store::connect(&args.database_url, 4).await.expect("database");
+    let pool = lathe_store::connect(&args.database_url, 4, "lathe-ingest-load").await.expect("database");
     let project = lathe_store::projects::ensure_project(&pool, "bench").await.unwrap();
     let file_id = new_file_id();
     insert_file(
@@ -114,7 +114,7 @@ async fn main() {
 
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(args.workers + 1));
     let mut tasks = Vec::new();
-    let direct_pool = lathe_store::connect(&args.database_url, args.workers as u32 + 2).await.unwrap();
+    let direct_pool = lathe_store::connect(&args.database_url, args.workers as u32 + 2, "lathe-ingest-load").await.unwrap();
     for token in tokens {
         let (grpc, barrier) = (args.grpc.clone(), barrier.clone());
         let (batches, points, window) = (args.batches, args.points, args.window);

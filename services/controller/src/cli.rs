@@ -18,6 +18,13 @@ pub struct Database {
     pub database_url: String,
 }
 
+impl Database {
+    /// The small pool one `lathe admin …` command needs.
+    pub async fn connect_for_admin(&self) -> Result<lathe_store::PgPool, lathe_store::StoreError> {
+        lathe_store::connect(&self.database_url, 2, "lathe-admin").await
+    }
+}
+
 /// Where Redis is: the controller publishes job ids there, workers wait on them.
 #[derive(Args, Clone)]
 pub struct Redis {
@@ -50,6 +57,11 @@ pub struct ControllerArgs {
     /// Largest accepted upload, in bytes (larger requests get 413).
     #[arg(long, env = "LATHE_MAX_UPLOAD_BYTES", default_value_t = 512 * 1024 * 1024)]
     pub max_upload_bytes: usize,
+    /// Postgres connections this controller's pool opens at most (idle ones close after a
+    /// minute; the leader holds one more for the reconciler lock). Keep replicas × (this + 1)
+    /// below the server's max_connections.
+    #[arg(long, env = "LATHE_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
+    pub database_max_connections: u32,
     /// Open REST connections at most; at the cap a new one closes the oldest idle one.
     #[arg(long, env = "LATHE_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
@@ -131,6 +143,10 @@ impl ControllerArgs {
             return Err(ControllerError::Config("--max-connections must be at least 1".into()));
         }
         config.max_connections = self.max_connections;
+        if self.database_max_connections == 0 {
+            return Err(ControllerError::Config("--database-max-connections must be at least 1".into()));
+        }
+        config.max_db_connections = self.database_max_connections;
         config.header_read_timeout = seconds("header-read-timeout-seconds", self.header_read_timeout_seconds)?;
         config.request_timeout = seconds("request-timeout-seconds", self.request_timeout_seconds)?;
         config.rate_limit_per_minute = self.rate_limit_per_minute;

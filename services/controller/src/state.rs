@@ -26,7 +26,7 @@ pub struct AppState {
 
 impl AppState {
     pub async fn connect(config: ControllerConfig) -> Result<AppState, ControllerError> {
-        let pool = lathe_store::connect(&config.database_url, config.max_db_connections).await?;
+        let pool = lathe_store::connect(&config.database_url, config.max_db_connections, "lathe-controller").await?;
         let queue = Queue::open(&config.redis_url, &config.redis_prefix).await?;
         let storage = Storage::open(&config.data_dir)?;
         let rate_limiter = RateLimiter::new(config.rate_limit_per_minute).map(Arc::new);

@@ -50,37 +50,67 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     })
 }
 
+/// How long a pooled connection may sit unused before it is closed.
+pub const IDLE_CONNECTION_SECONDS: u64 = 60;
+
 /// Connects to `database_url`, creating the database when it does not exist yet (a fresh
-/// install needs no manual `createdb`), and brings its schema up to date.
-pub async fn connect(database_url: &str, max_connections: u32) -> Result<PgPool, StoreError> {
+/// install needs no manual `createdb`), and brings its schema up to date. `application` names
+/// the connections in `pg_stat_activity` (unless the URL sets `application_name` itself), so an
+/// operator can see who holds the server's connections.
+pub async fn connect(database_url: &str, max_connections: u32, application: &str) -> Result<PgPool, StoreError> {
     use sqlx::postgres::PgConnectOptions;
-    use sqlx::ConnectOptions;
+    use sqlx::{ConnectOptions, Connection};
     use std::str::FromStr;
 
-    let options = PgConnectOptions::from_str(database_url).map_err(StoreError::Database)?;
-    let pool_options = || PgPoolOptions::new().max_connections(max_connections).acquire_timeout(std::time::Duration::from_secs(5));
-    let pool = match pool_options().connect_with(options.clone()).await {
-        Ok(pool) => pool,
+    let mut options = PgConnectOptions::from_str(database_url).map_err(StoreError::Database)?;
+    if !database_url.contains("application_name=") {
+        options = options.application_name(application);
+    }
+    // One connection first, outside any pool: a pool retries a refusal it deems transient
+    // ("too many clients already", "starting up") until its timeout and then reports only the
+    // timeout; this way the server's own words reach the operator.
+    let first = match options.connect().await {
+        Ok(connection) => connection,
         // 3D000 invalid_catalog_name: the server is up, the database is not there yet.
         Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("3D000") => {
-            let name = options.get_database().unwrap_or("lathe").to_string();
-            if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(StoreError::Misconfigured(format!("database {name:?} does not exist; create it first")));
-            }
-            let mut admin = options.clone().database("postgres").connect().await?;
-            let created = sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut admin).await;
-            match created {
-                Ok(_) => {}
-                // Another process created it first (42P04 duplicate_database, or 23505 on the catalog).
-                Err(sqlx::Error::Database(db)) if matches!(db.code().as_deref(), Some("42P04") | Some("23505")) => {}
-                Err(other) => return Err(other.into()),
-            }
-            pool_options().connect_with(options).await?
+            create_database(&options).await?;
+            options.connect().await?
         }
         Err(other) => return Err(other.into()),
     };
+    first.close().await?;
+    // Idle connections go back to the server after a minute: a burst (a reconcile pass, a page
+    // of uploads) must not hold a replica's whole pool against max_connections for the pool's
+    // lifetime.
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .min_connections(0)
+        .idle_timeout(std::time::Duration::from_secs(IDLE_CONNECTION_SECONDS))
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect_with(options)
+        .await?;
     migrate(&pool).await?;
     Ok(pool)
+}
+
+/// `CREATE DATABASE` for the database `options` names, from the server's `postgres` database;
+/// another process creating it first is fine.
+async fn create_database(options: &sqlx::postgres::PgConnectOptions) -> Result<(), StoreError> {
+    use sqlx::{ConnectOptions, Connection};
+
+    let name = options.get_database().unwrap_or("lathe").to_string();
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(StoreError::Misconfigured(format!("database {name:?} does not exist; create it first")));
+    }
+    let mut admin = options.clone().database("postgres").connect().await?;
+    let created = sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut admin).await;
+    admin.close().await?;
+    match created {
+        Ok(_) => Ok(()),
+        // Another process created it first (42P04 duplicate_database, or 23505 on the catalog).
+        Err(sqlx::Error::Database(db)) if matches!(db.code().as_deref(), Some("42P04") | Some("23505")) => Ok(()),
+        Err(other) => Err(other.into()),
+    }
 }
 
 /// One page of a newest-first list, as OpenAI's `{"data": […], "has_more": …}`.

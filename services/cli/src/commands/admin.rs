@@ -81,14 +81,14 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
     runtime.block_on(async move {
         match command {
             AdminCommand::CreateKey { project, name, database } => {
-                let pool = lathe_store::connect(&database.database_url, 2).await?;
+                let pool = database.connect_for_admin().await?;
                 let project = lathe_store::projects::ensure_project(&pool, &project).await?;
                 let key = lathe_store::keys::create_api_key(&pool, &project.id, &name).await?;
                 eprintln!("created {} for project {} ({})", key.key.id, project.name, project.id);
                 println!("{}", key.token);
             }
             AdminCommand::RevokeKey { project, key_id, database } => {
-                let pool = lathe_store::connect(&database.database_url, 2).await?;
+                let pool = database.connect_for_admin().await?;
                 let project = lathe_store::projects::get_project_by_name(&pool, &project)
                     .await
                     .map_err(|_| anyhow::anyhow!("no project named {project:?}"))?;
@@ -98,7 +98,7 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                 eprintln!("revoked {}", key.id);
             }
             AdminCommand::ListKeys { project, database } => {
-                let pool = lathe_store::connect(&database.database_url, 2).await?;
+                let pool = database.connect_for_admin().await?;
                 let project = lathe_store::projects::get_project_by_name(&pool, &project)
                     .await
                     .map_err(|_| anyhow::anyhow!("no project named {project:?}"))?;
@@ -108,7 +108,7 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                 }
             }
             AdminCommand::CreateWorker { name, database } => {
-                let pool = lathe_store::connect(&database.database_url, 2).await?;
+                let pool = database.connect_for_admin().await?;
                 let pools = vec!["default".to_string()];
                 let worker = lathe_store::workers::register_worker(
                     &pool,
@@ -131,13 +131,13 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                 println!("{}", worker.token);
             }
             AdminCommand::CreateFleet { name, database } => {
-                let pool = lathe_store::connect(&database.database_url, 2).await?;
+                let pool = database.connect_for_admin().await?;
                 let (fleet, secret) = lathe_store::fleets::create_fleet(&pool, &name).await?;
                 eprintln!("created fleet {} ({}); give the secret to workers as LATHE_WORKER_TOKEN", fleet.name, fleet.id);
                 println!("{secret}");
             }
             AdminCommand::RevokeFleet { fleet, database } => {
-                let pool = lathe_store::connect(&database.database_url, 2).await?;
+                let pool = database.connect_for_admin().await?;
                 let (revoked, workers) = lathe_store::fleets::revoke_fleet(&pool, &fleet).await.map_err(|e| match e {
                     lathe_store::StoreError::NotFound => anyhow::anyhow!("cannot revoke {fleet:?}: no fleet has that name or id"),
                     other => anyhow::anyhow!("cannot revoke {fleet:?}: {other}"),
@@ -145,7 +145,7 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                 eprintln!("revoked fleet {} and its {} worker(s)", revoked.name, workers.len());
             }
             AdminCommand::ListWorkers { database } => {
-                let pool = lathe_store::connect(&database.database_url, 2).await?;
+                let pool = database.connect_for_admin().await?;
                 let now = lathe_store::time::OffsetDateTime::now_utc();
                 println!("ID\tNAME\tSTATE\tPOOLS\tFLEET\tPLACEMENT\tLAST HEARTBEAT");
                 for w in lathe_store::workers::list_workers(&pool).await? {
@@ -167,7 +167,7 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                 }
             }
             AdminCommand::DrainWorker { worker, database } => {
-                let pool = lathe_store::connect(&database.database_url, 2).await?;
+                let pool = database.connect_for_admin().await?;
                 let drained = lathe_store::workers::drain_workers(&pool, &worker).await.map_err(|e| match e {
                     lathe_store::StoreError::NotFound => anyhow::anyhow!("cannot drain {worker:?}: no worker has that id or name"),
                     other => anyhow::anyhow!("cannot drain {worker:?}: {other}"),
@@ -177,7 +177,7 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                 }
             }
             AdminCommand::RevokeWorker { worker, database } => {
-                let pool = lathe_store::connect(&database.database_url, 2).await?;
+                let pool = database.connect_for_admin().await?;
                 let revoked = lathe_store::workers::revoke_worker(&pool, &worker).await.map_err(|e| {
                     anyhow::anyhow!(
                         "cannot revoke {worker:?}: {}",
