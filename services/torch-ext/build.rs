@@ -20,6 +20,8 @@ fn main() {
     println!("cargo:rerun-if-changed=cpp/profile.cpp");
     println!("cargo:rerun-if-changed=cpp/fused.cpp");
     println!("cargo:rerun-if-changed=cpp/loss.cpp");
+    println!("cargo:rerun-if-changed=cpp/rotary.cpp");
+    println!("cargo:rerun-if-changed=cpp/simd.h");
     println!("cargo:rerun-if-changed=cpp/error.h");
     println!("cargo:rerun-if-env-changed=LATHE_CUDA_INCLUDE");
     println!("cargo::rustc-check-cfg=cfg(lathe_nccl)");
@@ -47,12 +49,16 @@ fn main() {
         .includes(&includes)
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
         .define("GLOG_USE_GLOG_EXPORT", None)
+        // No fused multiply-add unless written: cpp/fused.cpp compiles its kernels for several
+        // ISAs, and contraction on the ones with FMA would change their results' bits.
+        .flag("-ffp-contract=off")
         .file("cpp/shim.cpp")
         .file("cpp/dist.cpp")
         .file("cpp/nf4.cpp")
         .file("cpp/profile.cpp")
         .file("cpp/fused.cpp")
-        .file("cpp/loss.cpp");
+        .file("cpp/loss.cpp")
+        .file("cpp/rotary.cpp");
     if backend.is_some() {
         build.define("LATHE_GPU_BACKEND", None);
     }

@@ -10,11 +10,16 @@
 // Only CPU tensors come to RMSNorm; other devices keep the tensor-op version (the Rust side
 // chooses).
 //
+// The bf16 RMSNorm loops are written on raw bits, branch-free, so the compiler vectorizes them,
+// and compiled once per ISA (simd.h). The lanes of the sums are fixed at 8, so every variant
+// gives the same bits.
+//
 // SwiGLU is not a hand-written loop: scalar bf16 conversions in a loop cost more than ATen's
 // vectorized kernels save in passes (docs/architecture.md §6), so it reuses those kernels and
 // only changes what is kept and allocated.
 
 #include "error.h"
+#include "simd.h"
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/InferSize.h>
@@ -25,9 +30,13 @@
 #include <c10/util/Half.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <exception>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -54,6 +63,24 @@ struct Rows {
     inline int64_t offset(int64_t r) const { return (r / inner) * stride0 + (r % inner) * stride1; }
 };
 
+// Rows from a starting row, one step at a time, without offset()'s division per row (which
+// costs as much as a short row's arithmetic: q/k heads are 64-128 wide).
+struct RowCursor {
+    const Rows& rows;
+    int64_t outer, in;
+
+    RowCursor(const Rows& rows, int64_t row) : rows(rows), outer(row / rows.inner), in(row % rows.inner) {}
+
+    inline int64_t offset() const { return outer * rows.stride0 + in * rows.stride1; }
+
+    inline void next() {
+        if (++in == rows.inner) {
+            in = 0;
+            ++outer;
+        }
+    }
+};
+
 // Whether `x` can be addressed as Rows (a view, not a copy).
 bool rows_addressable(const at::Tensor& x) {
     if (x.dim() < 2 || x.stride(-1) != 1) return false;
@@ -63,6 +90,97 @@ bool rows_addressable(const at::Tensor& x) {
 }
 
 at::Tensor addressable(const at::Tensor& x) { return rows_addressable(x) ? x : x.contiguous(); }
+
+// One call's worth of bf16 RMSNorm rows (see Rows for the addressing of x).
+struct Bf16NormArgs {
+    Rows rows;
+    const uint16_t* x;
+    const uint16_t* w;
+    const uint16_t* g;  // backward only: the output gradient, contiguous
+    uint16_t* out;      // y (forward) or dx (backward), contiguous
+    float* rstd;        // written by forward, read by backward
+    float eps;
+};
+
+constexpr int kLanes = 8;
+
+// Σ over 8 lanes in a fixed order (the scalar kernels' order too).
+inline float lane_sum(const float* acc) {
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+__attribute__((always_inline)) inline void bf16_norm_forward_rows(const Bf16NormArgs& a, int64_t begin, int64_t end) {
+    const int64_t d = a.rows.d;
+    for (RowCursor cursor(a.rows, begin); begin < end; ++begin, cursor.next()) {
+        const int64_t r = begin;
+        const uint16_t* xr = a.x + cursor.offset();
+        uint16_t* yr = a.out + r * d;
+        float acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t j = 0;
+        for (; j + kLanes <= d; j += kLanes)
+            for (int k = 0; k < kLanes; ++k) {
+                const float v = lathe::bf16::to_float(xr[j + k]);
+                acc[k] += v * v;
+            }
+        float ss = lane_sum(acc);
+        for (; j < d; ++j) ss += lathe::bf16::to_float(xr[j]) * lathe::bf16::to_float(xr[j]);
+        const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + a.eps);
+        a.rstd[r] = inv;
+        for (j = 0; j < d; ++j)
+            yr[j] = lathe::bf16::from_float(lathe::bf16::to_float(a.w[j]) * lathe::bf16::round(lathe::bf16::to_float(xr[j]) * inv));
+    }
+}
+
+// One row of the backward pass; `gn` is scratch of d floats. (A function of its own on restrict
+// pointers: inline in the row loop, GCC does not vectorize the last loop.)
+__attribute__((always_inline)) inline void bf16_norm_backward_row(const uint16_t* __restrict__ xr, const uint16_t* __restrict__ gr,
+                                                                  const uint16_t* __restrict__ w, float inv, int64_t d,
+                                                                  float* __restrict__ gn, uint16_t* __restrict__ orow) {
+    float acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t j = 0;
+    for (; j + kLanes <= d; j += kLanes)
+        for (int k = 0; k < kLanes; ++k) {
+            gn[j + k] = lathe::bf16::round(lathe::bf16::to_float(gr[j + k]) * lathe::bf16::to_float(w[j + k]));
+            acc[k] += gn[j + k] * lathe::bf16::to_float(xr[j + k]);
+        }
+    float dot = lane_sum(acc);
+    for (; j < d; ++j) {
+        gn[j] = lathe::bf16::round(lathe::bf16::to_float(gr[j]) * lathe::bf16::to_float(w[j]));
+        dot += gn[j] * lathe::bf16::to_float(xr[j]);
+    }
+    const float c = -dot * inv * inv * inv / static_cast<float>(d);
+    for (j = 0; j < d; ++j) orow[j] = lathe::bf16::from_float(gn[j] * inv + lathe::bf16::to_float(xr[j]) * c);
+}
+
+__attribute__((always_inline)) inline void bf16_norm_backward_rows(const Bf16NormArgs& a, int64_t begin, int64_t end) {
+    const int64_t d = a.rows.d;
+    std::vector<float> gn(d);
+    for (RowCursor cursor(a.rows, begin); begin < end; ++begin, cursor.next()) {
+        bf16_norm_backward_row(a.x + cursor.offset(), a.g + begin * d, a.w, a.rstd[begin], d, gn.data(), a.out + begin * d);
+    }
+}
+
+using Bf16RowsKernel = void (*)(const Bf16NormArgs&, int64_t, int64_t);
+
+void bf16_norm_forward_baseline(const Bf16NormArgs& a, int64_t b, int64_t e) { bf16_norm_forward_rows(a, b, e); }
+void bf16_norm_backward_baseline(const Bf16NormArgs& a, int64_t b, int64_t e) { bf16_norm_backward_rows(a, b, e); }
+#if defined(__x86_64__)
+LATHE_AVX2 void bf16_norm_forward_avx2(const Bf16NormArgs& a, int64_t b, int64_t e) { bf16_norm_forward_rows(a, b, e); }
+LATHE_AVX2 void bf16_norm_backward_avx2(const Bf16NormArgs& a, int64_t b, int64_t e) { bf16_norm_backward_rows(a, b, e); }
+LATHE_AVX512 void bf16_norm_forward_avx512(const Bf16NormArgs& a, int64_t b, int64_t e) { bf16_norm_forward_rows(a, b, e); }
+LATHE_AVX512 void bf16_norm_backward_avx512(const Bf16NormArgs& a, int64_t b, int64_t e) { bf16_norm_backward_rows(a, b, e); }
+#endif
+
+std::pair<Bf16RowsKernel, Bf16RowsKernel> bf16_norm_kernels() {
+#if defined(__x86_64__)
+    switch (lathe::simd::isa()) {
+        case 2: return {bf16_norm_forward_avx512, bf16_norm_backward_avx512};
+        case 1: return {bf16_norm_forward_avx2, bf16_norm_backward_avx2};
+        default: break;
+    }
+#endif
+    return {bf16_norm_forward_baseline, bf16_norm_backward_baseline};
+}
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -77,7 +195,16 @@ struct RmsNorm : public torch::autograd::Function<RmsNorm> {
         TORCH_CHECK(weight.numel() == rows.d, "weight has ", weight.numel(), " elements for a last axis of ", rows.d);
         auto y = at::empty(x.sizes(), x.options());
         auto rstd = at::empty({rows.count}, x.options().dtype(at::kFloat));
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lathe_rms_norm", [&] {
+        if (x.scalar_type() == at::kBFloat16) {
+            const Bf16NormArgs args{rows, reinterpret_cast<const uint16_t*>(x.const_data_ptr()),
+                                    reinterpret_cast<const uint16_t*>(weight.const_data_ptr()), nullptr,
+                                    reinterpret_cast<uint16_t*>(y.data_ptr()), rstd.data_ptr<float>(), static_cast<float>(eps)};
+            const auto kernel = bf16_norm_kernels().first;
+            at::parallel_for(0, rows.count, 16, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+            ctx->save_for_backward({x, weight, rstd});
+            return y;
+        }
+        AT_DISPATCH_FLOATING_TYPES_AND(at::kHalf, x.scalar_type(), "lathe_rms_norm", [&] {
             const scalar_t* xp = x.const_data_ptr<scalar_t>();
             const scalar_t* wp = weight.const_data_ptr<scalar_t>();
             scalar_t* yp = y.data_ptr<scalar_t>();
@@ -115,30 +242,39 @@ struct RmsNorm : public torch::autograd::Function<RmsNorm> {
         auto g = grad_outputs[0].to(x.scalar_type()).contiguous();
         Rows rows = Rows::of(x);
         auto gx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lathe_rms_norm_backward", [&] {
-            const scalar_t* xp = x.const_data_ptr<scalar_t>();
-            const scalar_t* wp = weight.const_data_ptr<scalar_t>();
-            const scalar_t* gp = g.const_data_ptr<scalar_t>();
-            const float* rp = rstd.const_data_ptr<float>();
-            scalar_t* op = gx.data_ptr<scalar_t>();
-            const int64_t d = rows.d;
-            at::parallel_for(0, rows.count, 16, [&](int64_t begin, int64_t end) {
-                std::vector<float> gn(d);
-                for (int64_t r = begin; r < end; ++r) {
-                    const scalar_t* xr = xp + rows.offset(r);
-                    const scalar_t* gr = gp + r * d;
-                    float dot = 0;
-                    for (int64_t j = 0; j < d; ++j) {
-                        gn[j] = round_to<scalar_t>(static_cast<float>(gr[j]) * static_cast<float>(wp[j]));
-                        dot += gn[j] * static_cast<float>(xr[j]);
+        if (x.scalar_type() == at::kBFloat16) {
+            const Bf16NormArgs args{rows, reinterpret_cast<const uint16_t*>(x.const_data_ptr()),
+                                    reinterpret_cast<const uint16_t*>(weight.const_data_ptr()),
+                                    reinterpret_cast<const uint16_t*>(g.const_data_ptr()),
+                                    reinterpret_cast<uint16_t*>(gx.data_ptr()), rstd.data_ptr<float>(), 0.0f};
+            const auto kernel = bf16_norm_kernels().second;
+            at::parallel_for(0, rows.count, 16, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+        } else {
+            AT_DISPATCH_FLOATING_TYPES_AND(at::kHalf, x.scalar_type(), "lathe_rms_norm_backward", [&] {
+                const scalar_t* xp = x.const_data_ptr<scalar_t>();
+                const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+                const scalar_t* gp = g.const_data_ptr<scalar_t>();
+                const float* rp = rstd.const_data_ptr<float>();
+                scalar_t* op = gx.data_ptr<scalar_t>();
+                const int64_t d = rows.d;
+                at::parallel_for(0, rows.count, 16, [&](int64_t begin, int64_t end) {
+                    std::vector<float> gn(d);
+                    for (int64_t r = begin; r < end; ++r) {
+                        const scalar_t* xr = xp + rows.offset(r);
+                        const scalar_t* gr = gp + r * d;
+                        float dot = 0;
+                        for (int64_t j = 0; j < d; ++j) {
+                            gn[j] = round_to<scalar_t>(static_cast<float>(gr[j]) * static_cast<float>(wp[j]));
+                            dot += gn[j] * static_cast<float>(xr[j]);
+                        }
+                        const float inv = rp[r];
+                        const float c = -dot * inv * inv * inv / static_cast<float>(d);
+                        scalar_t* orow = op + r * d;
+                        for (int64_t j = 0; j < d; ++j) orow[j] = static_cast<scalar_t>(gn[j] * inv + static_cast<float>(xr[j]) * c);
                     }
-                    const float inv = rp[r];
-                    const float c = -dot * inv * inv * inv / static_cast<float>(d);
-                    scalar_t* orow = op + r * d;
-                    for (int64_t j = 0; j < d; ++j) orow[j] = static_cast<scalar_t>(gn[j] * inv + static_cast<float>(xr[j]) * c);
-                }
+                });
             });
-        });
+        }
         at::Tensor gw;
         if (ctx->needs_input_grad(1)) {
             auto x3 = x.reshape({-1, rows.d}).to(at::kFloat);
@@ -193,6 +329,13 @@ at::Tensor* lathe_rms_norm(at::Tensor* x, at::Tensor* weight, double eps, char* 
         return nullptr;
     }
 }
+
+// Caps the vector ISA of the bf16 RMSNorm kernels (0 baseline, 1 AVX2, 2 AVX-512; the CPU's
+// own limit still applies) and returns the previous cap. For tests that compare the variants.
+int lathe_fused_set_isa_cap(int cap) { return lathe::simd::isa_cap.exchange(cap); }
+
+// The vector ISA the bf16 RMSNorm kernels use now (see lathe_fused_set_isa_cap).
+int lathe_fused_isa() { return lathe::simd::isa(); }
 
 // silu(gate) · up for z = [gate | up] along the last axis; null with `err` set on failure.
 at::Tensor* lathe_swiglu(at::Tensor* z, char* err, size_t err_len) {

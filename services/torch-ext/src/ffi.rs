@@ -78,6 +78,21 @@ extern "C" {
         err_len: usize,
     ) -> *mut torch_sys::C_tensor;
     pub fn lathe_swiglu(z: *mut torch_sys::C_tensor, err: *mut c_char, err_len: usize) -> *mut torch_sys::C_tensor;
+    /// Tests compare the kernels' ISA variants with it.
+    #[cfg(test)]
+    pub fn lathe_fused_set_isa_cap(cap: c_int) -> c_int;
+    pub fn lathe_fused_isa() -> c_int;
+}
+
+// cpp/rotary.cpp: rotary position embedding (CPU). A null result means `err` holds the message.
+extern "C" {
+    pub fn lathe_rotary(
+        x: *mut torch_sys::C_tensor,
+        cos: *mut torch_sys::C_tensor,
+        sin: *mut torch_sys::C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut torch_sys::C_tensor;
 }
 
 // cpp/loss.cpp: cross-entropy over the output head in chunks. 0 on success, else -1 with `err` set.

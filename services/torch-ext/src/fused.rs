@@ -1,7 +1,7 @@
-//! RMSNorm and SwiGLU as single autograd functions (`cpp/fused.cpp`). They compute what the
-//! tensor-op versions compute, with the same roundings, in fewer passes, and keep less for the
-//! backward pass. RMSNorm is a one-pass CPU kernel (callers use the tensor ops on other
-//! devices); SwiGLU runs on any device.
+//! RMSNorm, SwiGLU and rotary embedding as single autograd functions (`cpp/fused.cpp`,
+//! `cpp/rotary.cpp`). They compute what the tensor-op versions compute, with the same roundings,
+//! in fewer passes, and keep less for the backward pass. RMSNorm and rotary are one-pass CPU
+//! kernels (callers use the tensor ops on other devices); SwiGLU runs on any device.
 
 use std::ffi::{c_char, CStr};
 
@@ -16,6 +16,24 @@ const ERR_LEN: usize = 1024;
 /// Panics, as tch's ops do, if libtorch refuses the tensors.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
     call("rms_norm", |err| unsafe { ffi::lathe_rms_norm(x.as_ptr() as *mut _, weight.as_ptr() as *mut _, eps, err, ERR_LEN) })
+}
+
+/// `x·cos + rotate_half(x)·sin` with `rotate_half(x) = [−x₂, x₁]`, for CPU tensors in bf16 or
+/// fp32: `x` (B, H, T, D), possibly a transposed view, `cos` and `sin` (B, 1, T, D). Equal bit
+/// for bit to those tensor ops, gradient included; the output is laid out like `x`.
+pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    call("rotary", |err| unsafe { ffi::lathe_rotary(x.as_ptr() as *mut _, cos.as_ptr() as *mut _, sin.as_ptr() as *mut _, err, ERR_LEN) })
+}
+
+/// The vector instructions the CPU kernels (RMSNorm, rotary) run with on this CPU: each is
+/// compiled for AVX-512, AVX2 and baseline x86-64, all giving the same bits, and the widest the
+/// CPU has is used.
+pub fn rms_norm_isa() -> &'static str {
+    match unsafe { ffi::lathe_fused_isa() } {
+        2 => "avx512",
+        1 => "avx2",
+        _ => "baseline",
+    }
 }
 
 /// `silu(gate) · up` for `z = [gate | up]` along the last axis (the fused gate/up projection's
@@ -74,6 +92,73 @@ mod tests {
                 let d = max_diff(a, b) / scale;
                 assert!(d < tol, "{kind:?} {name}: relative difference {d}");
             }
+        }
+    }
+
+    #[test]
+    fn bf16_rms_norm_gives_the_same_bits_with_every_vector_isa_the_cpu_has() {
+        tch::manual_seed(3);
+        let best = unsafe { ffi::lathe_fused_isa() };
+        // Widths with and without a tail past the 8 lanes; a strided view of heads as well.
+        for d in [64_i64, 100] {
+            let x = (Tensor::randn([3, 7, d], (Kind::Float, Device::Cpu)) * 3.0).to_kind(Kind::BFloat16);
+            let w = Tensor::randn([d], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+            let g = Tensor::randn([3, 7, d], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+            let fused = Tensor::randn([2, 5, 3 * d], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+            let heads = fused.narrow(2, d, d).view([2, 5, 1, d]);
+            let run = |cap: i32| {
+                let previous = unsafe { ffi::lathe_fused_set_isa_cap(cap) };
+                let out = (grads(|x, w| rms_norm(x, w, 1e-6), &x, &w, &g), rms_norm(&heads, &w, 1e-6));
+                unsafe { ffi::lathe_fused_set_isa_cap(previous) };
+                out
+            };
+            let ((y0, dx0, dw0), h0) = run(0);
+            for cap in 1..=best {
+                let ((y, dx, dw), h) = run(cap);
+                for (name, a, b) in [("y", &y, &y0), ("dx", &dx, &dx0), ("dw", &dw, &dw0), ("heads", &h, &h0)] {
+                    assert!(a.equal(b), "d {d}, isa {cap} vs baseline: {name} differs by {}", max_diff(a, b));
+                }
+            }
+        }
+    }
+
+    fn reference_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+        let half = x.size()[3] / 2;
+        let rotated = Tensor::cat(&[&(-x.narrow(-1, half, half)), &x.narrow(-1, 0, half)], -1);
+        x * cos + rotated * sin
+    }
+
+    #[test]
+    fn rotary_equals_the_tensor_ops_bit_for_bit_with_gradients_on_every_isa() {
+        tch::manual_seed(4);
+        let best = unsafe { ffi::lathe_fused_isa() };
+        for kind in [Kind::Float, Kind::BFloat16] {
+            // q as the decoder makes it: (B, T, H, D) heads transposed to (B, H, T, D).
+            let (b, t, h, d) = (2, 9, 3, 64);
+            let x = (Tensor::randn([b, t, h, d], (Kind::Float, Device::Cpu)) * 2.0).to_kind(kind).transpose(1, 2);
+            // One table per sequence; (1, 1, T, D) one for all is checked below.
+            let angles = Tensor::randn([b, 1, t, d], (Kind::Float, Device::Cpu)) * 3.0;
+            let (cos, sin) = (angles.cos().to_kind(kind), angles.sin().to_kind(kind));
+            let g = Tensor::randn([b, h, t, d], (Kind::Float, Device::Cpu)).to_kind(kind);
+            let run = |f: &dyn Fn(&Tensor) -> Tensor| {
+                let x = x.detach().set_requires_grad(true);
+                let y = f(&x);
+                // d(Σ y·g)/dy = g exactly (×1), so x.grad is the backward pass of g.
+                (y.shallow_clone() * &g).sum(Kind::Float).backward();
+                (y.detach(), x.grad())
+            };
+            let (want_y, want_dx) = run(&|x| reference_rotary(x, &cos, &sin));
+            for cap in 0..=best {
+                let previous = unsafe { ffi::lathe_fused_set_isa_cap(cap) };
+                let (y, dx) = run(&|x| rotary(x, &cos, &sin));
+                unsafe { ffi::lathe_fused_set_isa_cap(previous) };
+                assert!(y.equal(&want_y), "{kind:?} isa {cap}: y differs by {}", max_diff(&y, &want_y));
+                assert!(dx.equal(&want_dx), "{kind:?} isa {cap}: dx differs by {}", max_diff(&dx, &want_dx));
+                assert_eq!(y.stride(), want_y.stride(), "laid out like x, as ATen's ops lay theirs out");
+            }
+            let (cos1, sin1) = (cos.narrow(0, 1, 1), sin.narrow(0, 1, 1));
+            let shared = rotary(&x, &cos1, &sin1);
+            assert!(shared.equal(&reference_rotary(&x, &cos1, &sin1)), "{kind:?}: a batch-of-one table");
         }
     }
 

@@ -8,6 +8,7 @@
 //! cpp/nf4.cpp  ──extern "C"──▶ ffi ──▶ nf4     (NF4 dequantization, the QLoRA linear)
 //! cpp/profile.cpp ─extern "C"─▶ ffi ──▶ profile (libtorch's op profiler, Chrome trace)
 //! cpp/fused.cpp ──extern "C"──▶ ffi ──▶ fused   (one-pass RMSNorm and SwiGLU on the CPU)
+//! cpp/rotary.cpp ─extern "C"──▶ ffi ──▶ fused   (one-pass rotary embedding on the CPU)
 //! cpp/loss.cpp ──extern "C"──▶ ffi ──▶ loss    (cross-entropy over the head, in chunks)
 //! /proc/self/maps ───────────────────▶ libraries (which libtorch / CUDA libraries are loaded)
 //! libcuda.so.1 (dlopen) ─────────────▶ driver  (driver version, device names, memory, capability)

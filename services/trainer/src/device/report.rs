@@ -38,6 +38,8 @@ pub struct DeviceReport {
     pub gpus_hidden_by: Option<String>,
     pub cpu_threads: i32,
     pub cpu_native_bf16: bool,
+    /// The vector instructions Lathe's own CPU kernels (bf16 RMSNorm) run with: avx512, avx2, baseline.
+    pub cpu_vector_isa: &'static str,
     /// What `--device auto` resolves to, or why it refuses.
     pub auto_device: std::result::Result<String, String>,
 }
@@ -92,6 +94,7 @@ impl DeviceReport {
             gpus_hidden_by: os_gpus::hidden_on_purpose(),
             cpu_threads: tch::get_num_threads(),
             cpu_native_bf16: super::cpu_has_native_bf16(),
+            cpu_vector_isa: lathe_torch_ext::fused::rms_norm_isa(),
             auto_device: super::parse_device("auto").map(device_name).map_err(|e| e.to_string()),
         }
     }
@@ -183,7 +186,13 @@ impl fmt::Display for DeviceReport {
         if let Some(hidden) = &self.gpus_hidden_by {
             writeln!(f, "hidden by        {hidden}")?;
         }
-        writeln!(f, "CPU              {} threads, bf16 {}", self.cpu_threads, if self.cpu_native_bf16 { "native" } else { "emulated" })?;
+        writeln!(
+            f,
+            "CPU              {} threads, bf16 {}, Lathe kernels {}",
+            self.cpu_threads,
+            if self.cpu_native_bf16 { "native" } else { "emulated" },
+            self.cpu_vector_isa
+        )?;
         match &self.auto_device {
             Ok(device) => writeln!(f, "--device auto    {device}")?,
             Err(why) => writeln!(f, "--device auto    refuses: {why}")?,

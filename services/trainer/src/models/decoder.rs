@@ -578,7 +578,12 @@ fn rotate_half(x: &Tensor) -> Tensor {
     Tensor::cat(&[&(-x2), &x1], -1)
 }
 
+/// `x·cos + rotate_half(x)·sin`: on the CPU one pass each way (`lathe_torch_ext::fused`, the
+/// same bits); elsewhere, and in fp16, as transformers writes it.
 fn apply_rotary(x: &Tensor, rotary: &Rotary) -> Tensor {
+    if x.device() == Device::Cpu && matches!(x.kind(), Kind::BFloat16 | Kind::Float) {
+        return kernels::rotary(x, &rotary.cos, &rotary.sin);
+    }
     x * &rotary.cos + rotate_half(x) * &rotary.sin
 }
 
