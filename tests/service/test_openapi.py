@@ -25,12 +25,15 @@ def test_the_document_is_served_and_is_openapi_3_1(service):
 
 def test_schemathesis_finds_no_server_error_and_no_response_outside_the_document(service, tmp_path):
     # A project of its own: schemathesis follows ids from lists to DELETE routes, and must not
-    # delete the files other tests use.
+    # delete the files other tests use. One worker: with two, hypothesis parses lambda sources in
+    # two threads at once, which CPython 3.11 before 3.11.8 can fail with "SystemError: AST
+    # constructor recursion depth mismatch" (python/cpython#106905) - a crash of the tool, not a
+    # finding about the API.
     api_key = service.create_key("schemathesis")
     schemathesis = Path(sys.executable).with_name("schemathesis")
     cmd = [str(schemathesis), "run", f"http://127.0.0.1:{service.http_port}/v1/openapi.json",
            "--url", f"http://127.0.0.1:{service.http_port}", "-H", f"Authorization: Bearer {api_key}",
-           "--checks", CHECKS, "--max-examples", "30", "--seed", "20261202", "--workers", "2",
+           "--checks", CHECKS, "--max-examples", "30", "--seed", "20261202", "--workers", "1",
            "--generation-allow-x00", "true", "--request-timeout", "30", "--continue-on-failure",
            "--report", "junit", "--report-dir", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
