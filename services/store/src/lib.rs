@@ -51,7 +51,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
 }
 
 /// How long a pooled connection may sit unused before it is closed.
-pub const IDLE_CONNECTION_SECONDS: u64 = 60;
+const IDLE_CONNECTION_SECONDS: u64 = 60;
 
 /// Connects to `database_url`, creating the database when it does not exist yet (a fresh
 /// install needs no manual `createdb`), and brings its schema up to date. `application` names
@@ -84,7 +84,6 @@ pub async fn connect(database_url: &str, max_connections: u32, application: &str
     // lifetime.
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
-        .min_connections(0)
         .idle_timeout(std::time::Duration::from_secs(IDLE_CONNECTION_SECONDS))
         .acquire_timeout(std::time::Duration::from_secs(5))
         .connect_with(options)

@@ -49,7 +49,7 @@ inline float round_to(float v) {
 
 // Rows of the last axis: `x` viewed as (outer, inner, d) with unit stride along d, so q/k heads
 // that are views into a fused q/k/v output need no copy. Row r starts at
-// (r / inner) * stride0 + (r % inner) * stride1.
+// (r / inner) * stride0 + (r % inner) * stride1 (RowCursor walks them).
 struct Rows {
     int64_t count, inner, d, stride0, stride1;
 
@@ -59,12 +59,10 @@ struct Rows {
         TORCH_CHECK(v.stride(2) == 1, "the last axis must be contiguous");
         return {v.size(0) * v.size(1), v.size(1), v.size(2), v.stride(0), v.stride(1)};
     }
-
-    inline int64_t offset(int64_t r) const { return (r / inner) * stride0 + (r % inner) * stride1; }
 };
 
-// Rows from a starting row, one step at a time, without offset()'s division per row (which
-// costs as much as a short row's arithmetic: q/k heads are 64-128 wide).
+// Rows from a starting row, one step at a time, without a division per row (which costs as
+// much as a short row's arithmetic: q/k heads are 64-128 wide).
 struct RowCursor {
     const Rows& rows;
     int64_t outer, in;
@@ -160,27 +158,8 @@ __attribute__((always_inline)) inline void bf16_norm_backward_rows(const Bf16Nor
     }
 }
 
-using Bf16RowsKernel = void (*)(const Bf16NormArgs&, int64_t, int64_t);
-
-void bf16_norm_forward_baseline(const Bf16NormArgs& a, int64_t b, int64_t e) { bf16_norm_forward_rows(a, b, e); }
-void bf16_norm_backward_baseline(const Bf16NormArgs& a, int64_t b, int64_t e) { bf16_norm_backward_rows(a, b, e); }
-#if defined(__x86_64__)
-LATHE_AVX2 void bf16_norm_forward_avx2(const Bf16NormArgs& a, int64_t b, int64_t e) { bf16_norm_forward_rows(a, b, e); }
-LATHE_AVX2 void bf16_norm_backward_avx2(const Bf16NormArgs& a, int64_t b, int64_t e) { bf16_norm_backward_rows(a, b, e); }
-LATHE_AVX512 void bf16_norm_forward_avx512(const Bf16NormArgs& a, int64_t b, int64_t e) { bf16_norm_forward_rows(a, b, e); }
-LATHE_AVX512 void bf16_norm_backward_avx512(const Bf16NormArgs& a, int64_t b, int64_t e) { bf16_norm_backward_rows(a, b, e); }
-#endif
-
-std::pair<Bf16RowsKernel, Bf16RowsKernel> bf16_norm_kernels() {
-#if defined(__x86_64__)
-    switch (lathe::simd::isa()) {
-        case 2: return {bf16_norm_forward_avx512, bf16_norm_backward_avx512};
-        case 1: return {bf16_norm_forward_avx2, bf16_norm_backward_avx2};
-        default: break;
-    }
-#endif
-    return {bf16_norm_forward_baseline, bf16_norm_backward_baseline};
-}
+using Bf16NormForward = lathe::simd::PerIsa<Bf16NormArgs, bf16_norm_forward_rows>;
+using Bf16NormBackward = lathe::simd::PerIsa<Bf16NormArgs, bf16_norm_backward_rows>;
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -199,7 +178,7 @@ struct RmsNorm : public torch::autograd::Function<RmsNorm> {
             const Bf16NormArgs args{rows, reinterpret_cast<const uint16_t*>(x.const_data_ptr()),
                                     reinterpret_cast<const uint16_t*>(weight.const_data_ptr()), nullptr,
                                     reinterpret_cast<uint16_t*>(y.data_ptr()), rstd.data_ptr<float>(), static_cast<float>(eps)};
-            const auto kernel = bf16_norm_kernels().first;
+            const auto kernel = Bf16NormForward::pick();
             at::parallel_for(0, rows.count, 16, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
             ctx->save_for_backward({x, weight, rstd});
             return y;
@@ -211,8 +190,9 @@ struct RmsNorm : public torch::autograd::Function<RmsNorm> {
             float* rp = rstd.data_ptr<float>();
             const int64_t d = rows.d;
             at::parallel_for(0, rows.count, 16, [&](int64_t begin, int64_t end) {
-                for (int64_t r = begin; r < end; ++r) {
-                    const scalar_t* xr = xp + rows.offset(r);
+                RowCursor cursor(rows, begin);
+                for (int64_t r = begin; r < end; ++r, cursor.next()) {
+                    const scalar_t* xr = xp + cursor.offset();
                     scalar_t* yr = yp + r * d;
                     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
                     int64_t j = 0;
@@ -247,7 +227,7 @@ struct RmsNorm : public torch::autograd::Function<RmsNorm> {
                                     reinterpret_cast<const uint16_t*>(weight.const_data_ptr()),
                                     reinterpret_cast<const uint16_t*>(g.const_data_ptr()),
                                     reinterpret_cast<uint16_t*>(gx.data_ptr()), rstd.data_ptr<float>(), 0.0f};
-            const auto kernel = bf16_norm_kernels().second;
+            const auto kernel = Bf16NormBackward::pick();
             at::parallel_for(0, rows.count, 16, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
         } else {
             AT_DISPATCH_FLOATING_TYPES_AND(at::kHalf, x.scalar_type(), "lathe_rms_norm_backward", [&] {
@@ -259,8 +239,9 @@ struct RmsNorm : public torch::autograd::Function<RmsNorm> {
                 const int64_t d = rows.d;
                 at::parallel_for(0, rows.count, 16, [&](int64_t begin, int64_t end) {
                     std::vector<float> gn(d);
-                    for (int64_t r = begin; r < end; ++r) {
-                        const scalar_t* xr = xp + rows.offset(r);
+                    RowCursor cursor(rows, begin);
+                    for (int64_t r = begin; r < end; ++r, cursor.next()) {
+                        const scalar_t* xr = xp + cursor.offset();
                         const scalar_t* gr = gp + r * d;
                         float dot = 0;
                         for (int64_t j = 0; j < d; ++j) {
@@ -330,12 +311,13 @@ at::Tensor* lathe_rms_norm(at::Tensor* x, at::Tensor* weight, double eps, char* 
     }
 }
 
-// Caps the vector ISA of the bf16 RMSNorm kernels (0 baseline, 1 AVX2, 2 AVX-512; the CPU's
-// own limit still applies) and returns the previous cap. For tests that compare the variants.
-int lathe_fused_set_isa_cap(int cap) { return lathe::simd::isa_cap.exchange(cap); }
+// Caps the vector ISA of the CPU kernels (RMSNorm, rotary; 0 baseline, 1 AVX2, 2 AVX-512; the
+// CPU's own limit still applies) and returns the previous cap. For tests that compare the
+// variants.
+int lathe_cpu_kernel_set_isa_cap(int cap) { return lathe::simd::isa_cap.exchange(cap); }
 
-// The vector ISA the bf16 RMSNorm kernels use now (see lathe_fused_set_isa_cap).
-int lathe_fused_isa() { return lathe::simd::isa(); }
+// The vector ISA the CPU kernels use now (see lathe_cpu_kernel_set_isa_cap).
+int lathe_cpu_kernel_isa() { return lathe::simd::isa(); }
 
 // silu(gate) · up for z = [gate | up] along the last axis; null with `err` set on failure.
 at::Tensor* lathe_swiglu(at::Tensor* z, char* err, size_t err_len) {

@@ -77,83 +77,41 @@ struct Args {
     typename E::T* y;  // forward: the output; backward: x's gradient
 };
 
-// One row: y = round(round(x·cos) + round(rotate_half(x)·sin)), rotate_half(x) = [−x₂, x₁].
-// (Rows are separate functions on restrict pointers: written inline in the row loop, GCC does
-// not vectorize them.)
-template <typename E>
-__attribute__((always_inline)) inline void forward_row(const typename E::T* __restrict__ x, const typename E::T* __restrict__ c,
-                                                       const typename E::T* __restrict__ s, typename E::T* __restrict__ y,
-                                                       int64_t half) {
+// One row. Forward: y = round(round(x·cos) + round(rotate_half(x)·sin)) with rotate_half(x) =
+// [−x₂, x₁]. Backward: dx = round(round(g·cos) + rotate_half's backward of round(g·sin)), which
+// sends the second half of round(g·sin) to x₁ and its negated first half to x₂. Both are
+//   lo = round(a₁·cos₁) − σ·round(a₂·s_lo),  hi = round(a₂·cos₂) + σ·round(a₁·s_hi)
+// with σ = 1, (s_lo, s_hi) = (sin₁, sin₂) forward and σ = −1, (sin₂, sin₁) backward; rounding
+// is symmetric in sign, so round(−a·s) = −round(a·s) and these are the tensor ops' bits.
+// (Rows are functions of their own on restrict pointers: written inline in the row loop, GCC
+// does not vectorize them.)
+template <typename E, bool Backward>
+__attribute__((always_inline)) inline void row(const typename E::T* __restrict__ a, const typename E::T* __restrict__ c,
+                                               const typename E::T* __restrict__ s, typename E::T* __restrict__ out,
+                                               int64_t half) {
+    const typename E::T* s_lo = Backward ? s + half : s;
+    const typename E::T* s_hi = Backward ? s : s + half;
     for (int64_t j = 0; j < half; ++j) {
-        const float x1 = E::load(x[j]), x2 = E::load(x[j + half]);
-        const float lo = E::load(E::store(x1 * E::load(c[j]))) + E::load(E::store(-x2 * E::load(s[j])));
-        const float hi = E::load(E::store(x2 * E::load(c[j + half]))) + E::load(E::store(x1 * E::load(s[j + half])));
-        y[j] = E::store(lo);
-        y[j + half] = E::store(hi);
+        const float a1 = E::load(a[j]), a2 = E::load(a[j + half]);
+        const float turn_lo = E::load(E::store(a2 * E::load(s_lo[j])));
+        const float turn_hi = E::load(E::store(a1 * E::load(s_hi[j])));
+        const float lo = E::load(E::store(a1 * E::load(c[j]))) + (Backward ? turn_lo : -turn_lo);
+        const float hi = E::load(E::store(a2 * E::load(c[j + half]))) + (Backward ? -turn_hi : turn_hi);
+        out[j] = E::store(lo);
+        out[j + half] = E::store(hi);
     }
 }
 
-// One row of the backward pass: dx = round(round(g·cos) + rotate_half's backward of
-// round(g·sin)), which sends the second half of round(g·sin) to x₁ and its negated first half
-// to x₂.
-template <typename E>
-__attribute__((always_inline)) inline void backward_row(const typename E::T* __restrict__ g, const typename E::T* __restrict__ c,
-                                                        const typename E::T* __restrict__ s, typename E::T* __restrict__ dx,
-                                                        int64_t half) {
-    for (int64_t j = 0; j < half; ++j) {
-        const float g1 = E::load(g[j]), g2 = E::load(g[j + half]);
-        const float lo = E::load(E::store(g1 * E::load(c[j]))) + E::load(E::store(g2 * E::load(s[j + half])));
-        const float hi = E::load(E::store(g2 * E::load(c[j + half]))) - E::load(E::store(g1 * E::load(s[j])));
-        dx[j] = E::store(lo);
-        dx[j + half] = E::store(hi);
-    }
-}
-
-template <typename E>
-__attribute__((always_inline)) inline void forward_rows(const Args<E>& a, int64_t begin, int64_t end) {
+template <typename E, bool Backward>
+__attribute__((always_inline)) inline void rows(const Args<E>& a, int64_t begin, int64_t end) {
     for (Cursor c(begin, a.heads, a.steps); begin < end; ++begin, c.next()) {
         const int64_t t = c.at(a.table);
-        forward_row<E>(a.x + c.at(a.in), a.cos + t, a.sin + t, a.y + c.at(a.out), a.d / 2);
+        row<E, Backward>(a.x + c.at(a.in), a.cos + t, a.sin + t, a.y + c.at(a.out), a.d / 2);
     }
 }
 
-template <typename E>
-__attribute__((always_inline)) inline void backward_rows(const Args<E>& a, int64_t begin, int64_t end) {
-    for (Cursor c(begin, a.heads, a.steps); begin < end; ++begin, c.next()) {
-        const int64_t t = c.at(a.table);
-        backward_row<E>(a.x + c.at(a.in), a.cos + t, a.sin + t, a.y + c.at(a.out), a.d / 2);
-    }
-}
-
-template <typename E>
-using Kernel = void (*)(const Args<E>&, int64_t, int64_t);
-
-template <typename E>
-void forward_baseline(const Args<E>& a, int64_t b, int64_t e) { forward_rows(a, b, e); }
-template <typename E>
-void backward_baseline(const Args<E>& a, int64_t b, int64_t e) { backward_rows(a, b, e); }
-#if defined(__x86_64__)
-template <typename E>
-LATHE_AVX2 void forward_avx2(const Args<E>& a, int64_t b, int64_t e) { forward_rows(a, b, e); }
-template <typename E>
-LATHE_AVX2 void backward_avx2(const Args<E>& a, int64_t b, int64_t e) { backward_rows(a, b, e); }
-template <typename E>
-LATHE_AVX512 void forward_avx512(const Args<E>& a, int64_t b, int64_t e) { forward_rows(a, b, e); }
-template <typename E>
-LATHE_AVX512 void backward_avx512(const Args<E>& a, int64_t b, int64_t e) { backward_rows(a, b, e); }
-#endif
-
-template <typename E>
-Kernel<E> kernel(bool backward) {
-#if defined(__x86_64__)
-    switch (lathe::simd::isa()) {
-        case 2: return backward ? backward_avx512<E> : forward_avx512<E>;
-        case 1: return backward ? backward_avx2<E> : forward_avx2<E>;
-        default: break;
-    }
-#endif
-    return backward ? backward_baseline<E> : forward_baseline<E>;
-}
+template <typename E, bool Backward>
+using RotaryKernel = lathe::simd::PerIsa<Args<E>, rows<E, Backward>>;
 
 // One pass over `in` (x, or the output gradient) into a new tensor laid out like it.
 at::Tensor run(const at::Tensor& in_any, const at::Tensor& cos, const at::Tensor& sin, bool backward) {
@@ -175,7 +133,7 @@ at::Tensor run(const at::Tensor& in_any, const at::Tensor& cos, const at::Tensor
                            reinterpret_cast<const T*>(cos.const_data_ptr()),
                            reinterpret_cast<const T*>(sin.const_data_ptr()),
                            reinterpret_cast<T*>(out.data_ptr())};
-        const auto k = kernel<E>(backward);
+        const auto k = backward ? RotaryKernel<E, true>::pick() : RotaryKernel<E, false>::pick();
         at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) { k(args, begin, end); });
     };
     if (in.scalar_type() == at::kBFloat16) {

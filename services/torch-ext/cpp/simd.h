@@ -1,10 +1,10 @@
 // What the CPU kernels (fused.cpp, rotary.cpp) share: bf16 <-> fp32 on raw bits, and the
 // choice, at run time, of the widest vector ISA the CPU has.
 //
-// The kernels are plain loops the compiler vectorizes. Each is compiled once per ISA (a
-// function with LATHE_AVX512 / LATHE_AVX2 and one without, all inlining the same body) and
-// simd::isa() picks one. Floating-point contraction is off (build.rs), so the variants round
-// alike and give the same bits; tests compare them (lathe_fused_set_isa_cap).
+// The kernels are plain loops the compiler vectorizes. Each is compiled once per ISA
+// (simd::PerIsa: a function with LATHE_AVX512 / LATHE_AVX2 and one without, all inlining the
+// same body) and simd::isa() picks one. Floating-point contraction is off (build.rs), so the
+// variants round alike and give the same bits; tests compare them (lathe_cpu_kernel_set_isa_cap).
 #pragma once
 
 #include <algorithm>
@@ -56,6 +56,31 @@ inline int isa() {
     return 0;
 #endif
 }
+
+// A row kernel `Rows(args, begin, end)` compiled for each ISA, and the one this CPU runs.
+// `Rows` must be always_inline, so that each variant is the body compiled for its ISA rather
+// than a call into one baseline copy.
+template <typename Args, void (*Rows)(const Args&, int64_t, int64_t)>
+struct PerIsa {
+    using Kernel = void (*)(const Args&, int64_t, int64_t);
+
+    static void baseline(const Args& a, int64_t begin, int64_t end) { Rows(a, begin, end); }
+#if defined(__x86_64__)
+    LATHE_AVX2 static void avx2(const Args& a, int64_t begin, int64_t end) { Rows(a, begin, end); }
+    LATHE_AVX512 static void avx512(const Args& a, int64_t begin, int64_t end) { Rows(a, begin, end); }
+#endif
+
+    static Kernel pick() {
+#if defined(__x86_64__)
+        switch (isa()) {
+            case 2: return avx512;
+            case 1: return avx2;
+            default: break;
+        }
+#endif
+        return baseline;
+    }
+};
 
 }  // namespace simd
 }  // namespace lathe

@@ -74,8 +74,6 @@ pub struct ProcessGroup {
 // calls from two threads at once could reach the ranks in different orders.
 unsafe impl Send for ProcessGroup {}
 
-const ERR_LEN: usize = 2048;
-
 impl ProcessGroup {
     /// Joins the group: blocks until every rank has arrived or the timeout passes.
     pub fn join(r: &Rendezvous) -> Result<ProcessGroup, DistError> {
@@ -84,7 +82,7 @@ impl ProcessGroup {
         let host = c(&r.host)?;
         let prefix = c(&r.prefix)?;
         let iface = r.interface.as_deref().map(c).transpose()?;
-        let mut err = vec![0 as c_char; ERR_LEN];
+        let mut err = ffi::ErrorBuffer::new();
         let ptr = unsafe {
             ffi::lathe_pg_new(
                 host.as_ptr(),
@@ -101,11 +99,11 @@ impl ProcessGroup {
                     Backend::Nccl { device } => device as i32,
                 },
                 err.as_mut_ptr(),
-                ERR_LEN,
+                ffi::ErrorBuffer::LEN,
             )
         };
         if ptr.is_null() {
-            return Err(fail(message_of(&err)));
+            return Err(fail(first_line(err.message())));
         }
         Ok(ProcessGroup { ptr, rank: r.rank, world: r.world })
     }
@@ -120,30 +118,26 @@ impl ProcessGroup {
 
     /// Every rank's `tensor` becomes the elementwise sum over ranks.
     pub fn all_reduce_sum(&self, tensor: &Tensor) -> Result<(), DistError> {
-        self.call("all_reduce", |err| unsafe { ffi::lathe_pg_all_reduce(self.ptr, tensor.as_ptr() as *mut _, 0, err, ERR_LEN) })
+        self.call("all_reduce", |err, len| unsafe { ffi::lathe_pg_all_reduce(self.ptr, tensor.as_ptr() as *mut _, 0, err, len) })
     }
 
     /// Every rank's `tensor` becomes the elementwise maximum over ranks.
     pub fn all_reduce_max(&self, tensor: &Tensor) -> Result<(), DistError> {
-        self.call("all_reduce", |err| unsafe { ffi::lathe_pg_all_reduce(self.ptr, tensor.as_ptr() as *mut _, 1, err, ERR_LEN) })
+        self.call("all_reduce", |err, len| unsafe { ffi::lathe_pg_all_reduce(self.ptr, tensor.as_ptr() as *mut _, 1, err, len) })
     }
 
     /// Every rank's `tensor` becomes `root`'s.
     pub fn broadcast(&self, tensor: &Tensor, root: usize) -> Result<(), DistError> {
-        self.call("broadcast", |err| unsafe { ffi::lathe_pg_broadcast(self.ptr, tensor.as_ptr() as *mut _, root as i32, err, ERR_LEN) })
+        self.call("broadcast", |err, len| unsafe { ffi::lathe_pg_broadcast(self.ptr, tensor.as_ptr() as *mut _, root as i32, err, len) })
     }
 
     /// Returns once every rank has called it.
     pub fn barrier(&self) -> Result<(), DistError> {
-        self.call("barrier", |err| unsafe { ffi::lathe_pg_barrier(self.ptr, err, ERR_LEN) })
+        self.call("barrier", |err, len| unsafe { ffi::lathe_pg_barrier(self.ptr, err, len) })
     }
 
-    fn call(&self, op: &'static str, f: impl FnOnce(*mut c_char) -> i32) -> Result<(), DistError> {
-        let mut err = vec![0 as c_char; ERR_LEN];
-        if f(err.as_mut_ptr()) == 0 {
-            return Ok(());
-        }
-        Err(DistError { op, rank: self.rank, world: self.world, message: message_of(&err) })
+    fn call(&self, op: &'static str, f: impl FnOnce(*mut c_char, usize) -> i32) -> Result<(), DistError> {
+        ffi::status(f).map_err(|message| DistError { op, rank: self.rank, world: self.world, message: first_line(message) })
     }
 }
 
@@ -153,11 +147,9 @@ impl Drop for ProcessGroup {
     }
 }
 
-fn message_of(buf: &[c_char]) -> String {
-    let bytes: Vec<u8> = buf.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
-    let text = String::from_utf8_lossy(&bytes).trim().to_string();
-    // c10d messages carry a C++ backtrace after the first line.
-    text.lines().next().unwrap_or("").to_string()
+/// c10d messages carry a C++ backtrace after the first line.
+fn first_line(message: String) -> String {
+    message.lines().next().unwrap_or("").to_string()
 }
 
 #[cfg(test)]

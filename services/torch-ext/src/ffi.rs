@@ -1,6 +1,56 @@
-//! The shim's entry points (`cpp/shim.cpp`), with the same signatures.
+//! The shim's entry points (`cpp/*.cpp`), with the same signatures, and how their failures are
+//! read: a call that can fail takes `err`/`err_len`, a buffer the C++ side copies the
+//! exception's message into (`cpp/error.h`), and returns null or nonzero.
 
-use std::ffi::{c_char, c_int, c_void};
+use std::ffi::{c_char, c_int, c_void, CStr};
+
+use tch::Tensor;
+
+/// The buffer a failing call writes its message into.
+pub struct ErrorBuffer(Vec<c_char>);
+
+impl Default for ErrorBuffer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ErrorBuffer {
+    /// Room for c10d's messages, which carry a backtrace after the first line.
+    pub const LEN: usize = 2048;
+
+    pub fn new() -> Self {
+        ErrorBuffer(vec![0; Self::LEN])
+    }
+
+    pub fn as_mut_ptr(&mut self) -> *mut c_char {
+        self.0.as_mut_ptr()
+    }
+
+    /// What the call wrote, trimmed (the buffer is always NUL-terminated).
+    pub fn message(&self) -> String {
+        unsafe { CStr::from_ptr(self.0.as_ptr()) }.to_string_lossy().trim().to_string()
+    }
+}
+
+/// A call that returns a new tensor, or null with its message in the buffer.
+pub fn new_tensor(f: impl FnOnce(*mut c_char, usize) -> *mut torch_sys::C_tensor) -> Result<Tensor, String> {
+    let mut err = ErrorBuffer::new();
+    let ptr = f(err.as_mut_ptr(), ErrorBuffer::LEN);
+    if ptr.is_null() {
+        return Err(err.message());
+    }
+    Ok(unsafe { Tensor::from_ptr(ptr) })
+}
+
+/// A call that returns 0, or nonzero with its message in the buffer.
+pub fn status(f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), String> {
+    let mut err = ErrorBuffer::new();
+    match f(err.as_mut_ptr(), ErrorBuffer::LEN) {
+        0 => Ok(()),
+        _ => Err(err.message()),
+    }
+}
 
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
@@ -68,7 +118,8 @@ extern "C" {
     pub fn lathe_profiler_stop(path: *const c_char, err: *mut c_char, err_len: usize) -> c_int;
 }
 
-// cpp/fused.cpp: one-pass RMSNorm and SwiGLU (CPU). A null result means `err` holds the message.
+// cpp/fused.cpp: one-pass RMSNorm and SwiGLU (CPU), and the vector ISA of the CPU kernels. A null
+// result means `err` holds the message.
 extern "C" {
     pub fn lathe_rms_norm(
         x: *mut torch_sys::C_tensor,
@@ -80,8 +131,8 @@ extern "C" {
     pub fn lathe_swiglu(z: *mut torch_sys::C_tensor, err: *mut c_char, err_len: usize) -> *mut torch_sys::C_tensor;
     /// Tests compare the kernels' ISA variants with it.
     #[cfg(test)]
-    pub fn lathe_fused_set_isa_cap(cap: c_int) -> c_int;
-    pub fn lathe_fused_isa() -> c_int;
+    pub fn lathe_cpu_kernel_set_isa_cap(cap: c_int) -> c_int;
+    pub fn lathe_cpu_kernel_isa() -> c_int;
 }
 
 // cpp/rotary.cpp: rotary position embedding (CPU). A null result means `err` holds the message.

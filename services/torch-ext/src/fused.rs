@@ -3,33 +3,31 @@
 //! in fewer passes, and keep less for the backward pass. RMSNorm and rotary are one-pass CPU
 //! kernels (callers use the tensor ops on other devices); SwiGLU runs on any device.
 
-use std::ffi::{c_char, CStr};
+use std::ffi::c_char;
 
 use tch::Tensor;
 
 use crate::ffi;
 
-const ERR_LEN: usize = 1024;
-
 /// `weight · round(x / rms(x))` over the last axis, statistics in fp32. `x` may be a view whose
 /// last axis is contiguous (a head of a fused q/k/v output); `weight` is cast to x's dtype.
 /// Panics, as tch's ops do, if libtorch refuses the tensors.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
-    call("rms_norm", |err| unsafe { ffi::lathe_rms_norm(x.as_ptr() as *mut _, weight.as_ptr() as *mut _, eps, err, ERR_LEN) })
+    call("rms_norm", |err, len| unsafe { ffi::lathe_rms_norm(x.as_ptr() as *mut _, weight.as_ptr() as *mut _, eps, err, len) })
 }
 
 /// `x·cos + rotate_half(x)·sin` with `rotate_half(x) = [−x₂, x₁]`, for CPU tensors in bf16 or
 /// fp32: `x` (B, H, T, D), possibly a transposed view, `cos` and `sin` (B, 1, T, D). Equal bit
 /// for bit to those tensor ops, gradient included; the output is laid out like `x`.
 pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    call("rotary", |err| unsafe { ffi::lathe_rotary(x.as_ptr() as *mut _, cos.as_ptr() as *mut _, sin.as_ptr() as *mut _, err, ERR_LEN) })
+    call("rotary", |err, len| unsafe { ffi::lathe_rotary(x.as_ptr() as *mut _, cos.as_ptr() as *mut _, sin.as_ptr() as *mut _, err, len) })
 }
 
 /// The vector instructions the CPU kernels (RMSNorm, rotary) run with on this CPU: each is
 /// compiled for AVX-512, AVX2 and baseline x86-64, all giving the same bits, and the widest the
 /// CPU has is used.
-pub fn rms_norm_isa() -> &'static str {
-    match unsafe { ffi::lathe_fused_isa() } {
+pub fn cpu_kernel_isa() -> &'static str {
+    match unsafe { ffi::lathe_cpu_kernel_isa() } {
         2 => "avx512",
         1 => "avx2",
         _ => "baseline",
@@ -40,24 +38,32 @@ pub fn rms_norm_isa() -> &'static str {
 /// output): (…, 2I) → (…, I), with autograd's numerics exactly. Keeps only `z` for the backward
 /// pass and returns its gradient as one tensor.
 pub fn swiglu(z: &Tensor) -> Tensor {
-    call("swiglu", |err| unsafe { ffi::lathe_swiglu(z.as_ptr() as *mut _, err, ERR_LEN) })
+    call("swiglu", |err, len| unsafe { ffi::lathe_swiglu(z.as_ptr() as *mut _, err, len) })
 }
 
-fn call(what: &str, f: impl FnOnce(*mut c_char) -> *mut torch_sys::C_tensor) -> Tensor {
-    let mut err = vec![0 as c_char; ERR_LEN];
-    let ptr = f(err.as_mut_ptr());
-    if ptr.is_null() {
-        let text = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
-        panic!("{what}: {text}");
-    }
-    unsafe { Tensor::from_ptr(ptr) }
+fn call(what: &str, f: impl FnOnce(*mut c_char, usize) -> *mut torch_sys::C_tensor) -> Tensor {
+    ffi::new_tensor(f).unwrap_or_else(|message| panic!("{what}: {message}"))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use tch::{Device, Kind};
 
     use super::*;
+
+    /// The ISA cap is process-wide and tests run in parallel threads: each test that lowers it
+    /// holds this while it compares variants, so another cannot raise or lower it meanwhile.
+    static ISA_CAP: Mutex<()> = Mutex::new(());
+
+    /// `f` run with the kernels capped at `cap` (0 baseline, 1 AVX2, 2 AVX-512).
+    fn with_isa_cap<T>(cap: i32, f: impl FnOnce() -> T) -> T {
+        let previous = unsafe { ffi::lathe_cpu_kernel_set_isa_cap(cap) };
+        let out = f();
+        unsafe { ffi::lathe_cpu_kernel_set_isa_cap(previous) };
+        out
+    }
 
     fn reference_rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
         let x32 = x.to_kind(Kind::Float);
@@ -98,7 +104,8 @@ mod tests {
     #[test]
     fn bf16_rms_norm_gives_the_same_bits_with_every_vector_isa_the_cpu_has() {
         tch::manual_seed(3);
-        let best = unsafe { ffi::lathe_fused_isa() };
+        let _cap = ISA_CAP.lock().unwrap_or_else(|e| e.into_inner());
+        let best = unsafe { ffi::lathe_cpu_kernel_isa() };
         // Widths with and without a tail past the 8 lanes; a strided view of heads as well.
         for d in [64_i64, 100] {
             let x = (Tensor::randn([3, 7, d], (Kind::Float, Device::Cpu)) * 3.0).to_kind(Kind::BFloat16);
@@ -106,12 +113,7 @@ mod tests {
             let g = Tensor::randn([3, 7, d], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
             let fused = Tensor::randn([2, 5, 3 * d], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
             let heads = fused.narrow(2, d, d).view([2, 5, 1, d]);
-            let run = |cap: i32| {
-                let previous = unsafe { ffi::lathe_fused_set_isa_cap(cap) };
-                let out = (grads(|x, w| rms_norm(x, w, 1e-6), &x, &w, &g), rms_norm(&heads, &w, 1e-6));
-                unsafe { ffi::lathe_fused_set_isa_cap(previous) };
-                out
-            };
+            let run = |cap: i32| with_isa_cap(cap, || (grads(|x, w| rms_norm(x, w, 1e-6), &x, &w, &g), rms_norm(&heads, &w, 1e-6)));
             let ((y0, dx0, dw0), h0) = run(0);
             for cap in 1..=best {
                 let ((y, dx, dw), h) = run(cap);
@@ -131,7 +133,8 @@ mod tests {
     #[test]
     fn rotary_equals_the_tensor_ops_bit_for_bit_with_gradients_on_every_isa() {
         tch::manual_seed(4);
-        let best = unsafe { ffi::lathe_fused_isa() };
+        let _cap = ISA_CAP.lock().unwrap_or_else(|e| e.into_inner());
+        let best = unsafe { ffi::lathe_cpu_kernel_isa() };
         for kind in [Kind::Float, Kind::BFloat16] {
             // q as the decoder makes it: (B, T, H, D) heads transposed to (B, H, T, D).
             let (b, t, h, d) = (2, 9, 3, 64);
@@ -149,9 +152,7 @@ mod tests {
             };
             let (want_y, want_dx) = run(&|x| reference_rotary(x, &cos, &sin));
             for cap in 0..=best {
-                let previous = unsafe { ffi::lathe_fused_set_isa_cap(cap) };
-                let (y, dx) = run(&|x| rotary(x, &cos, &sin));
-                unsafe { ffi::lathe_fused_set_isa_cap(previous) };
+                let (y, dx) = with_isa_cap(cap, || run(&|x| rotary(x, &cos, &sin)));
                 assert!(y.equal(&want_y), "{kind:?} isa {cap}: y differs by {}", max_diff(&y, &want_y));
                 assert!(dx.equal(&want_dx), "{kind:?} isa {cap}: dx differs by {}", max_diff(&dx, &want_dx));
                 assert_eq!(y.stride(), want_y.stride(), "laid out like x, as ATen's ops lay theirs out");

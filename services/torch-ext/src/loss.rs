@@ -2,13 +2,9 @@
 //! its gradient without ever holding (tokens × vocabulary) logits, their fp32 copy, softmax or
 //! gradient. Differentiable in the hidden states and, when it requires grad, the head.
 
-use std::ffi::{c_char, CStr};
-
 use tch::Tensor;
 
 use crate::ffi;
-
-const ERR_LEN: usize = 1024;
 
 /// For `hidden` (…, D), the head `weight` (V, D) in the same dtype and `targets` (…): the
 /// cross-entropy of `hidden · weightᵀ` (cast to fp32) summed over positions whose target is not
@@ -22,10 +18,9 @@ pub fn linear_cross_entropy(
     ignore_index: i64,
     chunk_rows: Option<i64>,
 ) -> (Tensor, Tensor) {
-    let mut err = vec![0 as c_char; ERR_LEN];
     let mut loss = std::ptr::null_mut();
     let mut correct = std::ptr::null_mut();
-    let rc = unsafe {
+    let done = ffi::status(|err, len| unsafe {
         ffi::lathe_linear_cross_entropy(
             hidden.as_ptr() as *mut _,
             weight.as_ptr() as *mut _,
@@ -34,13 +29,12 @@ pub fn linear_cross_entropy(
             chunk_rows.unwrap_or(0),
             &mut loss,
             &mut correct,
-            err.as_mut_ptr(),
-            ERR_LEN,
+            err,
+            len,
         )
-    };
-    if rc != 0 {
-        let text = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
-        panic!("linear_cross_entropy: {text}");
+    });
+    if let Err(message) = done {
+        panic!("linear_cross_entropy: {message}");
     }
     unsafe { (Tensor::from_ptr(loss), Tensor::from_ptr(correct)) }
 }

@@ -2,13 +2,9 @@
 //! format is bitsandbytes'; quantizing lives with the trainer (`lathe_trainer::nf4`), which
 //! owns the tensors these functions read.
 
-use std::ffi::{c_char, CStr};
-
 use tch::{Kind, TchError, Tensor};
 
 use crate::ffi;
-
-const ERR_LEN: usize = 1024;
 
 /// The tensors of one NF4 weight, borrowed.
 #[derive(Clone, Copy)]
@@ -58,14 +54,14 @@ impl Nf4View<'_> {
 /// once to `kind`.
 pub fn dequantize(w: Nf4View, kind: Kind) -> Result<Tensor, TchError> {
     let (raw, dtype) = (w.raw(), scalar_type(kind)?);
-    call(|err| unsafe { ffi::lathe_nf4_dequantize(&raw, dtype, err, ERR_LEN) })
+    call(|err, len| unsafe { ffi::lathe_nf4_dequantize(&raw, dtype, err, len) })
 }
 
 /// `x · Wᵀ`, differentiable in `x`. Autograd keeps the 4-bit tensors, not the dequantized weight;
 /// the backward pass dequantizes again.
 pub fn matmul(x: &Tensor, w: Nf4View) -> Result<Tensor, TchError> {
     let raw = w.raw();
-    call(|err| unsafe { ffi::lathe_nf4_matmul(x.as_ptr() as *mut _, &raw, err, ERR_LEN) })
+    call(|err, len| unsafe { ffi::lathe_nf4_matmul(x.as_ptr() as *mut _, &raw, err, len) })
 }
 
 /// c10::ScalarType of the dtypes a weight is dequantized to (tch keeps its own mapping private).
@@ -78,14 +74,8 @@ fn scalar_type(kind: Kind) -> Result<i32, TchError> {
     }
 }
 
-fn call(f: impl FnOnce(*mut c_char) -> *mut torch_sys::C_tensor) -> Result<Tensor, TchError> {
-    let mut err = vec![0 as c_char; ERR_LEN];
-    let ptr = f(err.as_mut_ptr());
-    if ptr.is_null() {
-        let text = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
-        return Err(TchError::Torch(text));
-    }
-    Ok(unsafe { Tensor::from_ptr(ptr) })
+fn call(f: impl FnOnce(*mut std::ffi::c_char, usize) -> *mut torch_sys::C_tensor) -> Result<Tensor, TchError> {
+    ffi::new_tensor(f).map_err(TchError::Torch)
 }
 
 #[cfg(test)]

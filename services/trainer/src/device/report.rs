@@ -94,7 +94,7 @@ impl DeviceReport {
             gpus_hidden_by: os_gpus::hidden_on_purpose(),
             cpu_threads: tch::get_num_threads(),
             cpu_native_bf16: super::cpu_has_native_bf16(),
-            cpu_vector_isa: lathe_torch_ext::fused::rms_norm_isa(),
+            cpu_vector_isa: lathe_torch_ext::fused::cpu_kernel_isa(),
             auto_device: super::parse_device("auto").map(device_name).map_err(|e| e.to_string()),
         }
     }
