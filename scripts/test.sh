@@ -24,4 +24,6 @@ export LATHE_BIN="$PWD/target/release/lathe"
 .venv/bin/python -m pytest tests/interop -q
 
 echo "==> Service tests (real controller, workers, Postgres, Redis; the openai SDK)"
+source scripts/lib/test_postgres.sh
+start_test_postgres
 .venv/bin/python -m pytest tests/service -q

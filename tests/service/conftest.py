@@ -1,5 +1,6 @@
 """Fixtures for the service suite: the real `lathe controller` and `lathe worker` processes, driven
-with the official `openai` SDK, on the local Postgres (127.0.0.1:5432, user postgres) and Redis
+with the official `openai` SDK, on a local Postgres (user postgres: the suite's own server that
+scripts/test.sh starts and names in LATHE_TEST_PG_PORT, else 127.0.0.1:5432) and Redis
 (127.0.0.1:6379).
 
 One controller and one worker serve the whole session, on a database `lathe_test_<hex>` that the

@@ -29,7 +29,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CTIBENCH = ROOT.parent / "shared" / "datasets" / "ctibench"
 EXAMPLES = ROOT / "examples" / "cve-cwe" / "train.jsonl"
 
-PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
+# scripts/test.sh runs the suite on a Postgres of its own (scripts/lib/test_postgres.sh) and says
+# where in LATHE_TEST_PG_PORT; without it, the machine's server on 5432.
+PG_HOST, PG_PORT, PG_USER = "127.0.0.1", int(os.environ.get("LATHE_TEST_PG_PORT") or 5432), "postgres"
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 
 MODEL = "tiny-qwen3"
@@ -97,7 +99,25 @@ def postgres_connection_holders() -> str:
                            "SELECT count(*), coalesce(datname, '-'), coalesce(nullif(application_name, ''), '-'), state "
                            "FROM pg_stat_activity WHERE backend_type = 'client backend' GROUP BY 2, 3, 4 ORDER BY 1 DESC"],
                           capture_output=True, text=True, timeout=30)
-    return proc.stdout if proc.returncode == 0 else f"(pg_stat_activity unreadable: {proc.stderr.strip()})"
+    if proc.returncode == 0:
+        return proc.stdout
+    # Every slot taken (superusers' reserved ones too): the kernel still knows who is connected.
+    return f"(pg_stat_activity unreadable: {proc.stderr.strip()})\nconnections to port {PG_PORT} by process:\n{connections_by_process(PG_PORT)}"
+
+
+def connections_by_process(port: int) -> str:
+    """Established TCP connections to `port`, counted by the process holding them (from `ss`)."""
+    proc = subprocess.run(["ss", "-Htnp", "state", "established", f"( dport = :{port} )"],
+                          capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        return f"(ss failed: {proc.stderr.strip()})"
+    counts: dict[str, int] = {}
+    for line in proc.stdout.splitlines():
+        holder = line.split("users:", 1)[1].strip() if "users:" in line else "(unknown process)"
+        holder = holder.split(",fd=")[0] + "))" if ",fd=" in holder else holder
+        counts[holder] = counts.get(holder, 0) + 1
+    lines = [f"{n}\t{holder}" for holder, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines) or "(none)"
 
 
 def redis_cli(*args: str) -> str:
