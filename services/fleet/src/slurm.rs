@@ -3,8 +3,10 @@
 //! submitted as one job array (`--array=0-(n-1)`), and `squeue --array` lists its tasks one per
 //! line, `%A` being each started task's own job id, the `SLURM_JOB_ID` its worker reports.
 
+use std::io::Read;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::{AutoscaleConfig, FleetError, PoolConfig};
 
@@ -24,16 +26,54 @@ impl Pilot {
     }
 }
 
+/// How long squeue or sbatch may take. Both answer within seconds unless slurmctld is down or
+/// overloaded, when they retry for minutes; a pass that waited would stop the autoscaler for
+/// every pool. Killing a slow sbatch loses nothing: if it did submit, the next pass's squeue
+/// finds the pilots by name.
+const SLURM_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
 fn run(command: &mut Command) -> Result<String, FleetError> {
+    run_within(command, SLURM_COMMAND_TIMEOUT)
+}
+
+/// `command`'s standard output, or an error naming the command: it could not start, it failed
+/// (with its standard error), or it did not finish within `timeout` and was killed.
+fn run_within(command: &mut Command, timeout: Duration) -> Result<String, FleetError> {
     let shown = format!("{command:?}").replace('"', "");
-    let output = command.output().map_err(|e| FleetError::Slurm { command: shown.clone(), message: e.to_string() })?;
-    if !output.status.success() {
-        return Err(FleetError::Slurm {
-            command: shown,
-            message: format!("{}: {}", output.status, String::from_utf8_lossy(&output.stderr).trim()),
-        });
+    let fail = |message: String| FleetError::Slurm { command: shown.clone(), message };
+    let mut child = command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| fail(e.to_string()))?;
+    // Read both pipes while waiting: a command that fills a pipe blocks until it is read.
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait().map_err(|e| fail(e.to_string()))? {
+            Some(status) => break status,
+            None if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(fail(format!("no answer within {} s (is slurmctld reachable?); killed it", timeout.as_secs_f64())));
+            }
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    if !status.success() {
+        return Err(fail(format!("{status}: {}", stderr.trim())));
     }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    Ok(stdout)
+}
+
+/// Reads `pipe` to its end on a thread of its own.
+fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
 }
 
 /// Every job named `job_name` in the queue.
@@ -111,6 +151,28 @@ mod tests {
         let single: AutoscaleConfig =
             toml::from_str("controller = \"http://c:8080\"\ntemplate = \"p.sbatch\"\n[pools.a]\nmax_pilots = 1\n").unwrap();
         assert!(!sbatch_args(&single, "a", &single.pools["a"], 1).iter().any(|a| a.starts_with("--nodes")));
+    }
+
+    #[test]
+    fn a_command_that_hangs_is_killed_at_the_timeout_and_named() {
+        let started = Instant::now();
+        let err = run_within(Command::new("sleep").arg("30"), Duration::from_millis(300)).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(10), "waited {:?}", started.elapsed());
+        let text = err.to_string();
+        assert!(text.contains("sleep 30") && text.contains("no answer within 0.3 s"), "{text}");
+    }
+
+    #[test]
+    fn a_failing_command_reports_its_status_and_stderr_and_a_good_one_its_stdout() {
+        let err = run_within(
+            Command::new("sh").args(["-c", "echo out; echo 'slurm_load_jobs error: Unable to contact' >&2; exit 1"]),
+            Duration::from_secs(10),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("exit status: 1") && err.contains("Unable to contact"), "{err}");
+        let out = run_within(Command::new("sh").args(["-c", "echo '101|RUNNING'"]), Duration::from_secs(10)).unwrap();
+        assert_eq!(parse_squeue(&out), vec![Pilot { job_id: "101".into(), state: "RUNNING".into() }]);
     }
 
     #[test]

@@ -82,7 +82,8 @@ fn fsync_tree(dir: &Path) -> Result<()> {
     fsync_path(dir)
 }
 
-fn fsync_path(path: &Path) -> Result<()> {
+/// Flushes a file, or a directory's entries, to disk.
+pub(crate) fn fsync_path(path: &Path) -> Result<()> {
     File::open(path).and_then(|f| f.sync_all()).map_err(|e| TrainerError::io(path, e))
 }
 

@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::checkpoint::fsync_path;
 use crate::{Result, TrainerError};
 
 /// The decoder family to imitate. Each one exercises a different path of the model code.
@@ -214,12 +215,12 @@ fn fill_and_rename(temp: &Path, out: &Path, parent: &Path, files: &ModelFiles) -
     }
     let weights = temp.join(WEIGHTS_FILE);
     files.weights.write(&weights)?;
-    sync_file(&weights)?;
-    sync_dir(temp)?;
+    fsync_path(&weights)?;
+    fsync_path(temp)?;
     // rename(2) replaces an empty directory and fails on a non-empty one, so a directory that
     // filled up since `ensure_out_is_free` is still not overwritten.
     fs::rename(temp, out).map_err(|err| TrainerError::io(out, err))?;
-    sync_dir(parent)
+    fsync_path(parent)
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -227,16 +228,6 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut file = fs::File::create(path).map_err(|err| TrainerError::io(path, err))?;
     file.write_all(bytes).map_err(|err| TrainerError::io(path, err))?;
     file.sync_all().map_err(|err| TrainerError::io(path, err))
-}
-
-fn sync_file(path: &Path) -> Result<()> {
-    let handle = fs::File::open(path).map_err(|err| TrainerError::io(path, err))?;
-    handle.sync_all().map_err(|err| TrainerError::io(path, err))
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    let handle = fs::File::open(dir).map_err(|err| TrainerError::io(dir, err))?;
-    handle.sync_all().map_err(|err| TrainerError::io(dir, err))
 }
 
 #[cfg(test)]
