@@ -22,6 +22,8 @@ start_test_postgres() {
   TEST_PG_CTL=("${as[@]}" "$bin/pg_ctl" -D "$TEST_PG_DIR/data")
   local port
   port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  # Run from its own folder: the postgres user may not enter the caller's working directory.
+  cd "$TEST_PG_DIR"
   if ! "${as[@]}" "$bin/initdb" -D "$TEST_PG_DIR/data" -A trust -U postgres > "$TEST_PG_DIR/initdb.log" 2>&1; then
     echo "test: initdb failed for the service suite's Postgres:" >&2
     cat "$TEST_PG_DIR/initdb.log" >&2
@@ -42,6 +44,7 @@ CONF
     tail -n 20 "$TEST_PG_DIR/server.log" >&2
     return 1
   fi
+  cd - > /dev/null
   export LATHE_TEST_PG_PORT=$port
   trap stop_test_postgres EXIT
   echo "==> the service suite's own PostgreSQL on 127.0.0.1:$port ($TEST_PG_DIR)"
@@ -49,7 +52,7 @@ CONF
 
 stop_test_postgres() {
   [ -n "${TEST_PG_DIR:-}" ] || return 0
-  "${TEST_PG_CTL[@]}" -m immediate stop > /dev/null 2>&1 || true
+  (cd "$TEST_PG_DIR" && "${TEST_PG_CTL[@]}" -m immediate stop > /dev/null 2>&1) || true
   rm -rf "$TEST_PG_DIR"
   TEST_PG_DIR=
 }
