@@ -23,7 +23,7 @@ MODEL=$PRESET-qwen3
 "$LATHE" model init --arch qwen3 --preset "$PRESET" --out "$DIR/data/models/$MODEL" >/dev/null
 start_bench_controller serve "$LATHE" "$DIR/data" "$DIR/controller.log" controller --rate-limit-per-minute 0
 WORKER_METRICS=$(free_port)
-TOKEN=$("$LATHE" admin create-worker --name bench-serve 2>/dev/null)
+TOKEN=$("$LATHE" admin create-worker --name bench-serve --roles serving 2>/dev/null)
 "$LATHE" worker --serve --controller http://127.0.0.1:$GRPC --token "$TOKEN" --device cpu --dtype "$DTYPE" \
   --models-root "$DIR/data/models" --metrics-listen 127.0.0.1:$WORKER_METRICS --serve-max-batch 32 >"$DIR/worker.log" 2>&1 &
 BENCH_PIDS+=($!)

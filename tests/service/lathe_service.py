@@ -289,12 +289,12 @@ class Service:
     # -- processes ----------------------------------------------------------------------------
 
     def start_controller(self, ready_timeout: float = 60, extra_args: tuple[str, ...] = (),
-                         max_upload_bytes: int = UPLOAD_LIMIT_BYTES):
+                         max_upload_bytes: int = UPLOAD_LIMIT_BYTES, lease_seconds: float = LEASE_SECONDS):
         self.controller = Process("controller", [
             str(find_controller_bin(self.bin)),
             "--http-listen", f"127.0.0.1:{self.http_port}", "--grpc-listen", f"127.0.0.1:{self.grpc_port}",
             "--data-dir", str(self.data_dir), "--models-root", str(self.models_root),
-            "--lease-seconds", str(LEASE_SECONDS), "--heartbeat-seconds", "1", "--reconcile-seconds", "1",
+            "--lease-seconds", str(lease_seconds), "--heartbeat-seconds", "1", "--reconcile-seconds", "1",
             "--max-upload-bytes", str(max_upload_bytes), "--eval-data-dir", str(self.eval_data_dir),
             "--admin-token", self.admin_token, "--fleet-secret", self.fleet_secret,
             # A few controllers live at once on a Postgres other suites may share: a small pool
@@ -302,8 +302,8 @@ class Service:
             "--database-max-connections", str(CONTROLLER_DB_CONNECTIONS),
             *(extra_args or (
                 # The suite's clients are scripted, not users: far above the default per-key
-                # limit (test_limits.py checks the limit on a controller of its own).
-                "--rate-limit-per-minute", "100000")),
+                # limits (test_limits.py checks the limits on controllers of their own).
+                "--rate-limit-per-minute", "100000", "--auth-failures-per-minute", "100000")),
         ], self.env, self.workdir, self.log_dir)
 
         def ready():
@@ -325,7 +325,8 @@ class Service:
         # The session's kind of worker: straight to this controller, default pool, own token.
         plain = grpc_port is None and scheme == "http" and pools == "default" and not extra_args and token is None
         if token is None:
-            token = self.lathe("admin", "create-worker", "--name", name)
+            roles = "serving" if "--serve" in extra_args else "training"
+            token = self.lathe("admin", "create-worker", "--name", name, "--roles", roles)
             assert token and len(token.split()) == 1, f"create-worker printed {token!r}, not a token alone"
         worker = Process(name, [
             str(self.bin), "worker", "--controller", f"{scheme}://127.0.0.1:{grpc_port or self.grpc_port}", "--token", token,

@@ -44,6 +44,13 @@ class CuttableProxy:
         for conn in connections:
             try:
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                # shutdown() first: close() alone leaves the socket open while a pipe thread is
+                # blocked in recv() on it, so an idle connection (a Postgres session holding an
+                # advisory lock, say) would survive the cut on both sides.
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
                 conn.close()
             except OSError:
                 pass
@@ -81,7 +88,13 @@ class CuttableProxy:
         except OSError:
             pass
         finally:
+            # shutdown() wakes the other direction's thread, blocked in recv() on one of these
+            # sockets; close() alone would leave that side open (see `cut`).
             for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
                 try:
                     s.close()
                 except OSError:

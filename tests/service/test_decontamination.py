@@ -9,7 +9,7 @@ import json
 import openai
 import pytest
 
-from lathe_service import CTIBENCH, create_job, error_body, example_rows, wait_for_status
+from lathe_service import CTIBENCH, MODEL, Service, create_job, error_body, example_rows, find_lathe_bin, wait_for_status
 
 pytestmark = pytest.mark.service
 
@@ -48,3 +48,26 @@ def test_an_unknown_benchmark_to_protect_is_refused_naming_the_field(client, tra
         create_job(client, training_file_id, extra={"decontaminate": {"benchmarks": ["mmlu"]}})
     error = error_body(raised.value)
     assert error["param"] == "decontaminate.benchmarks" and "mmlu" in error["message"], error
+
+
+def test_decontamination_needs_the_benchmark_data_at_create_and_names_each_benchmark_once(service, client, api_key,
+                                                                                         training_file_id, tmp_path_factory):
+    with pytest.raises(openai.BadRequestError) as raised:
+        create_job(client, training_file_id, extra={"decontaminate": {"benchmarks": ["cti-rcm", "cti-mcq", "cti-rcm"]}})
+    error = error_body(raised.value)
+    assert error["param"] == "decontaminate.benchmarks" and "cti-rcm is named twice" in error["message"], error
+
+    # A controller without the CTIBench data: refused at create, not accepted and crashed later.
+    bare = Service(find_lathe_bin(), tmp_path_factory.mktemp("no-ctibench"))
+    bare.env = dict(service.env)
+    bare.data_dir, bare.models_root = service.data_dir, service.models_root
+    bare.eval_data_dir = tmp_path_factory.mktemp("empty") / "missing"
+    bare.start_controller()
+    try:
+        body = {"model": MODEL, "training_file": training_file_id, "decontaminate": {"benchmarks": ["cti-rcm"]}}
+        resp = bare.request("POST", "/v1/fine_tuning/jobs", key=api_key, json_body=body)
+        assert resp.status == 400, resp.body[:300]
+        error = resp.json()["error"]
+        assert (error["param"], error["code"]) == ("decontaminate.benchmarks", "evaluation_data_unavailable"), error
+    finally:
+        bare.controller.stop()

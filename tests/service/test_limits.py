@@ -13,7 +13,7 @@ import pytest
 
 from concurrent.futures import ThreadPoolExecutor
 
-from lathe_service import Service, example_rows, find_lathe_bin, peak_rss_bytes, stream_upload
+from lathe_service import PARKED_POOL, Service, create_job, example_rows, find_lathe_bin, peak_rss_bytes, stream_upload
 
 pytestmark = pytest.mark.service
 
@@ -29,6 +29,7 @@ def limited(service, tmp_path_factory):
     other.models_root = service.models_root
     # The suite's default of 100000/min comes first; clap keeps the last value given.
     other.start_controller(extra_args=("--rate-limit-per-minute", "60", "--max-connections", "256",
+                                       "--auth-failures-per-minute", "60",
                                        "--header-read-timeout-seconds", str(HEADER_TIMEOUT),
                                        "--metrics-token", METRICS_TOKEN),
                            max_upload_bytes=UPLOAD_MB << 20)
@@ -125,3 +126,62 @@ def test_concurrent_large_uploads_are_streamed_not_held_in_memory(limited, clien
     assert grown < 60, f"the controller grew by {grown:.0f} MB for 4 concurrent 60 MB uploads"
     assert peak < 300 * 2**20, f"the controller peaked at {peak / 2**20:.0f} MB resident"
     assert {f.id for f in client.files.list()} == before, "another project's uploads are visible"
+
+
+def open_event_streams(port: int, key: str, job_id: str, count: int) -> list[tuple[socket.socket, bytes]]:
+    """`count` SSE streams of a job's events, each left open; their sockets and response heads."""
+    streams = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(f"GET /v1/fine_tuning/jobs/{job_id}/events/stream HTTP/1.1\r\nHost: lathe\r\n"
+                     f"Authorization: Bearer {key}\r\n\r\n".encode())
+        streams.append((sock, sock.recv(4096)))
+    return streams
+
+
+def test_one_key_cannot_take_every_connection_and_health_probes_always_get_in(service, client, api_key, training_file_id,
+                                                                              tmp_path_factory):
+    # A job no worker takes: its event stream stays open.
+    job = create_job(client, training_file_id, pool=PARKED_POOL)
+    capped = Service(find_lathe_bin(), tmp_path_factory.mktemp("capped"))
+    capped.env = dict(service.env)
+    capped.models_root = service.models_root
+    capped.start_controller(extra_args=("--max-connections", "50", "--max-streams-per-key", "100",
+                                        "--rate-limit-per-minute", "0"))
+    try:
+        # One tenant holds all 50 connections with streams: probes still get in (the reserve).
+        streams = open_event_streams(capped.http_port, api_key, job.id, 50)
+        assert all(head.startswith(b"HTTP/1.1 200") for _, head in streams), [h[:40] for _, h in streams]
+        answered = [healthz_seconds(capped.http_port) for _ in range(20)]
+        assert len(answered) == 20 and max(answered) < 5, answered
+        # A probe connection serves probes only.
+        busy = capped.request("GET", "/v1/models", key=api_key)
+        assert busy.status == 503 and busy.json()["error"]["code"] == "overloaded", busy.body[:200]
+        for sock, _ in streams:
+            sock.close()
+    finally:
+        capped.controller.stop()
+
+    # With the per-key stream cap (the default 32, here 4), the tenant never gets that far.
+    capped.start_controller(extra_args=("--max-streams-per-key", "4", "--rate-limit-per-minute", "0"))
+    try:
+        streams = open_event_streams(capped.http_port, api_key, job.id, 5)
+        heads = [head.split(b"\r\n")[0] for _, head in streams]
+        assert heads[:4] == [b"HTTP/1.1 200 OK"] * 4, heads
+        assert heads[4].startswith(b"HTTP/1.1 429"), heads
+        assert b"too_many_streams" in streams[4][1], streams[4][1][:400]
+        for sock, _ in streams:
+            sock.close()
+    finally:
+        capped.controller.stop()
+    client.fine_tuning.jobs.cancel(job.id)
+
+
+def test_unknown_keys_from_one_address_get_429_before_any_lookup_while_a_key_in_use_keeps_working(limited, api_key):
+    assert limited.request("GET", "/v1/models", key=api_key).status == 200
+    statuses = [limited.request("GET", "/v1/models", key=f"lathe-sk-guess-{i}").status for i in range(40)]
+    assert statuses[0] == 401, statuses
+    assert statuses[-1] == 429, f"guessing keys was never slowed down: {statuses}"
+    assert statuses.count(401) <= 31, statuses
+    # The key this client just used is remembered: it is not caught by the address's limit.
+    assert limited.request("GET", "/v1/models", key=api_key).status == 200

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from lathe_service import (LONG_EPOCHS, PG_HOST, PG_PORT, Service, assert_complete_curve, create_job,
-                           find_lathe_bin, make_client, metrics_curve, require_postgres_and_redis, wait_for_status,
+                           find_lathe_bin, make_client, metrics_curve, require_postgres_and_redis, wait_for_status, wait_until,
                            wait_for_step)
 from tcp_proxy import CuttableProxy
 
@@ -62,3 +62,57 @@ def test_postgres_outage_gives_503_and_loses_nothing(proxied_service, train_file
     assert_complete_curve(metrics_curve(service, key, job.id), job.id)
     outcomes = [(a["number"], a["outcome"]) for a in service.attempts(job.id)]
     assert outcomes == [(1, "succeeded")], f"the outage cost an attempt: {outcomes}"
+
+
+LONG_LEASE_SECONDS = 12
+
+
+@pytest.fixture
+def proxied_service_long_lease(tmp_path):
+    """As `proxied_service`, with a lease long enough for the first heartbeat after the cut to be
+    answered before the worker stops trusting its lease (the pool waits 5 s for a connection
+    before it reports Postgres unreachable; the suite's 8 s lease leaves too little margin)."""
+    require_postgres_and_redis()
+    proxy = CuttableProxy(PG_HOST, PG_PORT)
+    svc = Service(find_lathe_bin(), tmp_path, pg_port=proxy.port)
+    try:
+        svc.init_model()
+        svc.start_controller(lease_seconds=LONG_LEASE_SECONDS)
+        svc.start_worker()
+        yield svc, proxy
+    finally:
+        proxy.restore() if proxy._listener is None else None
+        svc.shutdown()
+        proxy.cut()
+
+
+def test_an_outage_longer_than_the_lease_costs_no_attempt_and_no_retry(proxied_service_long_lease, train_file):
+    """Postgres cut for two leases: the worker keeps training (its heartbeats are answered
+    "database unavailable"), the reconciler extends the leases for the outage when Postgres is
+    back, and the job finishes in its first attempt with every step of its curve."""
+    service, proxy = proxied_service_long_lease
+    key = service.create_key("long-outage")
+    client = make_client(service, key)
+    with open(train_file, "rb") as f:
+        file_id = client.files.create(file=f, purpose="fine-tune").id
+    # Long enough to be still training when Postgres comes back: the reconciler's first pass then
+    # finds a lease that expired during the outage, and must extend it rather than requeue it.
+    job = create_job(client, file_id, n_epochs=50, seed=6)
+    wait_for_step(service, client, key, job.id, 1)
+
+    outage = 2 * LONG_LEASE_SECONDS
+    proxy.cut()
+    time.sleep(outage)
+    worker = service.only_worker()
+    assert worker.alive(), f"the worker died during the outage\n{worker.tail()}"
+    proxy.restore()
+    log = lambda: service.controller.stderr_log.read_text() + service.controller.stdout_log.read_text()
+    wait_until(lambda: "running leases extended" in log(), 30, "the reconciler to extend the leases after the outage")
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "running", "the job ended during the outage: nothing was tested"
+
+    done = wait_for_status(client, job.id, "succeeded", timeout=600)
+    assert done.trained_tokens and done.trained_tokens > 0
+    assert_complete_curve(metrics_curve(service, key, job.id), job.id)
+    outcomes = [(a["number"], a["outcome"]) for a in service.attempts(job.id)]
+    assert outcomes == [(1, "succeeded")], f"a {outage} s outage cost an attempt: {outcomes}"
+    assert service.job_column(job.id, "retries") == "0"

@@ -106,6 +106,7 @@ async fn main() {
                 pod_name: None,
                 serving: false,
             },
+            &lathe_store::workers::Grant::default(),
         )
         .await
         .unwrap();
@@ -210,7 +211,7 @@ async fn write_directly(
     points: u64,
 ) -> u64 {
     use lathe_store::dispatch::{claim_job, record_progress, ClaimRequest, EventLevel, NewEvent};
-    let worker_id = lathe_store::workers::authenticate_worker(&pool, &token).await.unwrap().unwrap();
+    let worker_id = lathe_store::workers::authenticate_worker(&pool, &token).await.unwrap().unwrap().id;
     let claim = claim_job(&pool, ClaimRequest { worker_id: &worker_id, job_id: None, lease: Duration::from_secs(600) })
         .await
         .unwrap()

@@ -90,6 +90,47 @@ pub struct ControllerArgs {
     /// More fleets: `lathe admin create-fleet`.
     #[arg(long, env = "LATHE_FLEET_SECRET", hide_env_values = true)]
     pub fleet_secret: Option<String>,
+    /// Pools that workers enrolled with --fleet-secret may serve, comma-separated [default: any].
+    #[arg(long, env = "LATHE_FLEET_POOLS", value_delimiter = ',')]
+    pub fleet_pools: Option<Vec<String>>,
+    /// What workers enrolled with --fleet-secret may do: training (jobs and evaluations),
+    /// serving (inference, `lathe worker --serve`), or both, comma-separated.
+    #[arg(long, env = "LATHE_FLEET_ROLES", value_delimiter = ',', default_value = "training")]
+    pub fleet_roles: Vec<String>,
+    /// Live workers enrolled with --fleet-secret at most (a flood of enrolments is refused
+    /// beyond it) [default: no cap].
+    #[arg(long, env = "LATHE_FLEET_MAX_WORKERS")]
+    pub fleet_max_workers: Option<u32>,
+    /// Enrolments per minute per fleet secret, per controller replica; 0 = unlimited.
+    #[arg(long, env = "LATHE_ENROLMENTS_PER_MINUTE", default_value_t = 120)]
+    pub enrolments_per_minute: u32,
+    /// Open gRPC (worker) connections at most; beyond it a new connection is closed at once.
+    /// Kept apart from --max-connections, so nothing done to one port reaches the other.
+    #[arg(long, env = "LATHE_GRPC_MAX_CONNECTIONS", default_value_t = 2048)]
+    pub grpc_max_connections: usize,
+    /// A new gRPC connection must start talking (HTTP/2 preface, or TLS) within this many
+    /// seconds, else it is closed.
+    #[arg(long, env = "LATHE_GRPC_HANDSHAKE_TIMEOUT_SECONDS", default_value_t = 10.0)]
+    pub grpc_handshake_timeout_seconds: f64,
+    /// HTTP/2 keepalive pings on worker connections this often; a ping unanswered for as long
+    /// closes the connection (a frozen worker loses its streams and its requests fail over).
+    #[arg(long, env = "LATHE_GRPC_KEEPALIVE_SECONDS", default_value_t = 10.0)]
+    pub grpc_keepalive_seconds: f64,
+    /// gRPC calls per minute per worker token (RESOURCE_EXHAUSTED beyond); 0 = unlimited.
+    #[arg(long, env = "LATHE_GRPC_RATE_LIMIT_PER_MINUTE", default_value_t = 1200)]
+    pub grpc_rate_limit_per_minute: u32,
+    /// A chat or text completion must finish within this many seconds, else it is cancelled
+    /// on its worker and answered 504.
+    #[arg(long, env = "LATHE_COMPLETION_TIMEOUT_SECONDS", default_value_t = 600.0)]
+    pub completion_timeout_seconds: f64,
+    /// Streams (job event SSE, streamed completions) one API key may hold open at once, per
+    /// replica (429 beyond).
+    #[arg(long, env = "LATHE_MAX_STREAMS_PER_KEY", default_value_t = 32)]
+    pub max_streams_per_key: usize,
+    /// Requests with unknown API keys a client address may make per minute before it gets 429
+    /// without a database lookup; 0 = unlimited.
+    #[arg(long, env = "LATHE_AUTH_FAILURES_PER_MINUTE", default_value_t = 60)]
+    pub auth_failures_per_minute: u32,
     /// TLS on the worker gRPC port: the controller's certificate (PEM); workers then use
     /// https://. Without it gRPC is plaintext (keep it on a private network).
     #[arg(long, env = "LATHE_GRPC_TLS_CERT", requires = "grpc_tls_key")]
@@ -156,6 +197,22 @@ impl ControllerArgs {
         if config.fleet_secret.as_ref().is_some_and(|s| s.len() < 16) {
             return Err(ControllerError::Config("--fleet-secret must be at least 16 characters (it admits workers)".into()));
         }
+        config.fleet_terms = fleet_terms(self.fleet_pools.clone(), &self.fleet_roles, self.fleet_max_workers)
+            .map_err(|e| ControllerError::Config(format!("--fleet-{e}")))?;
+        config.enrolments_per_minute = self.enrolments_per_minute;
+        if self.grpc_max_connections == 0 {
+            return Err(ControllerError::Config("--grpc-max-connections must be at least 1".into()));
+        }
+        config.grpc_max_connections = self.grpc_max_connections;
+        config.grpc_handshake_timeout = seconds("grpc-handshake-timeout-seconds", self.grpc_handshake_timeout_seconds)?;
+        config.grpc_keepalive = seconds("grpc-keepalive-seconds", self.grpc_keepalive_seconds)?;
+        config.grpc_rate_limit_per_minute = self.grpc_rate_limit_per_minute;
+        config.completion_timeout = seconds("completion-timeout-seconds", self.completion_timeout_seconds)?;
+        if self.max_streams_per_key == 0 {
+            return Err(ControllerError::Config("--max-streams-per-key must be at least 1".into()));
+        }
+        config.max_streams_per_key = self.max_streams_per_key;
+        config.auth_failures_per_minute = self.auth_failures_per_minute;
         config.grpc_tls = match (&self.grpc_tls_cert, &self.grpc_tls_key) {
             (Some(cert), Some(key)) => {
                 Some(crate::config::GrpcTls { cert: cert.clone(), key: key.clone(), client_ca: self.grpc_client_ca.clone() })
@@ -172,6 +229,38 @@ impl ControllerArgs {
         }
         Ok(config)
     }
+}
+
+/// What a fleet's instances may do, from flags (`lathe admin create-fleet` and the
+/// controller's `--fleet-*`); the error names the flag's suffix (`pools: …`, `roles: …`).
+pub fn fleet_terms(
+    pools: Option<Vec<String>>,
+    roles: &[String],
+    max_workers: Option<u32>,
+) -> Result<lathe_store::fleets::FleetTerms, String> {
+    use lathe_store::workers::{Grant, ROLES};
+    let pools = pools.map(|pools| pools.into_iter().map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect::<Vec<_>>());
+    for pool in pools.iter().flatten() {
+        lathe_queue::Pool::parse(pool).map_err(|e| format!("pools: {e}"))?;
+    }
+    let mut granted: Vec<String> = Vec::new();
+    for role in roles.iter().map(|r| r.trim()).filter(|r| !r.is_empty()) {
+        if !ROLES.contains(&role) {
+            return Err(format!("roles: {role:?} is not a role; use training, serving or both"));
+        }
+        if !granted.iter().any(|r| r == role) {
+            granted.push(role.to_string());
+        }
+    }
+    if granted.is_empty() {
+        return Err("roles: name at least one of training, serving".into());
+    }
+    let max_workers = match max_workers {
+        Some(0) => return Err("max-workers: must be at least 1".into()),
+        Some(n) => Some(i32::try_from(n).map_err(|_| "max-workers: too large".to_string())?),
+        None => None,
+    };
+    Ok(lathe_store::fleets::FleetTerms { grant: Grant { pools, roles: granted }, max_workers })
 }
 
 /// A channel that turns true on SIGINT or SIGTERM.

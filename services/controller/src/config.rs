@@ -43,8 +43,29 @@ pub struct ControllerConfig {
     /// A fleet secret worker instances enrol with (stored hashed, as the fleet
     /// [`FLEET_FROM_CONFIG`]); None = only fleets made with `lathe admin create-fleet`.
     pub fleet_secret: Option<String>,
+    /// What instances enrolled with `fleet_secret` may do, and how many may live at once.
+    pub fleet_terms: lathe_store::fleets::FleetTerms,
     /// TLS on the worker gRPC listener; None = plaintext (a private network, or a proxy).
     pub grpc_tls: Option<GrpcTls>,
+    /// Open gRPC connections at most; beyond it a new one is closed at once.
+    pub grpc_max_connections: usize,
+    /// A new gRPC connection must start talking (the HTTP/2 preface, or TLS) within this.
+    pub grpc_handshake_timeout: Duration,
+    /// HTTP/2 pings on every gRPC connection this often; one unanswered for as long again
+    /// closes the connection (a frozen or vanished worker loses its streams).
+    pub grpc_keepalive: Duration,
+    /// Calls per minute per worker token; 0 = unlimited.
+    pub grpc_rate_limit_per_minute: u32,
+    /// Enrolments per minute per fleet secret (per replica); 0 = unlimited.
+    pub enrolments_per_minute: u32,
+    /// A completion must finish within this, else it is cancelled on its worker and answered
+    /// 504 (streamed: an error event).
+    pub completion_timeout: Duration,
+    /// Event streams (SSE) one API key may hold open at once (per replica); beyond, 429.
+    pub max_streams_per_key: usize,
+    /// Failed authentications per minute per client address before it gets 429 without a
+    /// database lookup.
+    pub auth_failures_per_minute: u32,
 }
 
 /// The gRPC listener's certificate and key (PEM), and, for mutual TLS, the CA whose
@@ -81,7 +102,16 @@ impl ControllerConfig {
             metrics_token: None,
             admin_token: None,
             fleet_secret: None,
+            fleet_terms: lathe_store::fleets::FleetTerms::default(),
             grpc_tls: None,
+            grpc_max_connections: 2048,
+            grpc_handshake_timeout: Duration::from_secs(10),
+            grpc_keepalive: Duration::from_secs(10),
+            grpc_rate_limit_per_minute: 1200,
+            enrolments_per_minute: 120,
+            completion_timeout: Duration::from_secs(600),
+            max_streams_per_key: 32,
+            auth_failures_per_minute: 60,
         }
     }
 }

@@ -27,6 +27,7 @@ pub mod error;
 pub mod grpc;
 pub mod http_server;
 pub mod inference;
+pub mod rate_limit;
 pub mod reconciler;
 pub mod result_file;
 pub mod state;
@@ -56,7 +57,8 @@ impl BoundController {
     pub async fn bind(config: ControllerConfig) -> Result<BoundController, ControllerError> {
         let state = AppState::connect(config).await?;
         if let Some(secret) = &state.config.fleet_secret {
-            let fleet = lathe_store::fleets::ensure_fleet_secret(&state.pool, config::FLEET_FROM_CONFIG, secret).await?;
+            let terms = &state.config.fleet_terms;
+            let fleet = lathe_store::fleets::ensure_fleet_secret(&state.pool, config::FLEET_FROM_CONFIG, secret, terms).await?;
             if fleet.revoked_at.is_some() {
                 tracing::warn!(fleet = fleet.name, "the fleet of --fleet-secret is revoked: workers cannot enrol with it");
             }
@@ -80,20 +82,33 @@ impl BoundController {
         };
         tracing::info!(http = %self.http_addr, grpc = %self.grpc_addr, "controller listening");
 
+        let config = &self.state.config;
+        grpc::listener::raise_file_limit(config.max_connections, config.grpc_max_connections);
         let reconciler = tokio::spawn(reconciler::run(self.state.clone(), stop_rx.clone()));
+        tokio::spawn(grpc::revocation::run(self.state.clone(), stop_rx.clone()));
         let router = api::router(self.state.clone());
         let limits = http_server::Limits {
             max_connections: self.state.config.max_connections,
             header_read_timeout: self.state.config.header_read_timeout,
         };
         let http = http_server::serve(self.http, router, limits, wait(stop_rx.clone()));
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(tls) = &self.state.config.grpc_tls {
-            builder = builder.tls_config(grpc_tls_config(tls)?).map_err(|e| ControllerError::Config(format!("gRPC TLS: {e}")))?;
+        // Pings find a frozen or vanished worker (no reset ever comes): its connection, and
+        // with it its Attempt or Serve stream, closes after one unanswered ping.
+        let mut builder = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(config.grpc_keepalive))
+            .http2_keepalive_timeout(Some(config.grpc_keepalive));
+        if let Some(tls) = &config.grpc_tls {
+            let tls = grpc_tls_config(tls)?.timeout(config.grpc_handshake_timeout);
+            builder = builder.tls_config(tls).map_err(|e| ControllerError::Config(format!("gRPC TLS: {e}")))?;
         }
+        let limits = grpc::listener::Limits {
+            max_connections: config.grpc_max_connections,
+            handshake_timeout: config.grpc_handshake_timeout,
+            tls: config.grpc_tls.is_some(),
+        };
         let grpc = builder
             .add_service(grpc::server(self.state.clone()))
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(self.grpc), wait(stop_rx.clone()));
+            .serve_with_incoming_shutdown(grpc::listener::incoming(self.grpc, limits), wait(stop_rx.clone()));
         tokio::spawn(async move {
             shutdown.await;
             let _ = stop_tx.send(true);

@@ -15,13 +15,17 @@
 //! pass is just logged: the next one retries.
 //!
 //! A lease counts as expired only two heartbeat intervals after its expiry, and not at all in
-//! the first two intervals after the controller starts: after an outage of the controller or of
-//! Postgres longer than a lease, the workers that are still training renew first, instead of
-//! every running job being requeued (and charged a retry) at once.
+//! the first two intervals after the controller starts. And the leader notes every pass in
+//! Postgres: a pass that finds the previous one long ago (Postgres was unreachable, or no
+//! controller ran) first extends every running lease by a whole lease
+//! (`lathe_store::dispatch::keep_leases_across_gap`). Meanwhile the workers kept training —
+//! their heartbeats were answered "database unavailable", not refused — so after an outage of
+//! any length they renew first, instead of every running job being requeued (and charged a
+//! retry) at once.
 
 use std::collections::BTreeSet;
 
-use lathe_store::dispatch::{queued_job_ids, requeue_expired_leases, EventLevel, QueuedJob};
+use lathe_store::dispatch::{keep_leases_across_gap, queued_job_ids, requeue_expired_leases, EventLevel, QueuedJob};
 use lathe_store::leadership::Leadership;
 use lathe_store::time::OffsetDateTime;
 use tokio::sync::watch;
@@ -80,6 +84,11 @@ pub async fn pass(state: &AppState) -> Result<(), lathe_store::StoreError> {
 }
 
 async fn pass_with(state: &AppState, leases: Leases) -> Result<(), lathe_store::StoreError> {
+    let config = &state.config;
+    let gap = (config.reconcile_interval * 3).max(config.heartbeat_interval * 2);
+    if let Some(since) = keep_leases_across_gap(&state.pool, gap, config.lease).await? {
+        tracing::warn!(seconds = since.as_secs_f64(), "no reconciler pass for a while (an outage): running leases extended");
+    }
     if leases == Leases::Enforce {
         requeue_expired(state).await?;
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use lathe_queue::Queue;
 use lathe_store::PgPool;
 
-use crate::api::limits::RateLimiter;
+use crate::rate_limit::RateLimiter;
 use crate::storage::Storage;
 use crate::telemetry::Telemetry;
 use crate::{ControllerConfig, ControllerError};
@@ -22,6 +22,16 @@ pub struct AppState {
     pub rate_limiter: Option<Arc<RateLimiter>>,
     /// The inference workers connected to this replica, and the completions they are serving.
     pub inference: Arc<crate::inference::Router>,
+    /// The workers whose streams this replica holds, to close them when they are revoked.
+    pub revocations: Arc<crate::grpc::revocation::Revocations>,
+    /// Rate limits and the outage memory of the worker port.
+    pub worker_gate: Arc<crate::grpc::caller::Gate>,
+    /// Failed authentications per client address, and a short memory of API keys.
+    pub api_gate: Arc<crate::api::auth::KeyGate>,
+    /// Open event streams per API key.
+    pub streams: Arc<crate::api::limits::StreamCounts>,
+    /// Job-create data checks: remembered, bounded, abandoned with their request.
+    pub data_checks: Arc<crate::data_check::DataChecks>,
 }
 
 impl AppState {
@@ -34,10 +44,15 @@ impl AppState {
             pool,
             queue,
             storage,
+            worker_gate: Arc::new(crate::grpc::caller::Gate::new(&config)),
+            api_gate: Arc::new(crate::api::auth::KeyGate::new(config.auth_failures_per_minute)),
+            streams: Arc::default(),
+            data_checks: Arc::default(),
             config: Arc::new(config),
             telemetry: Arc::new(Telemetry::new()),
             rate_limiter,
             inference: Arc::default(),
+            revocations: Arc::default(),
         })
     }
 }

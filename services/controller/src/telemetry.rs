@@ -36,6 +36,8 @@ pub struct Telemetry {
     pub metric_points_ingested: Counter,
     pub requeued: Counter,
     pub republished: Counter,
+    /// Attempts stopped by a fault of the infrastructure (storage full), by code.
+    pub infrastructure_faults: Family<Labels, Counter>,
     /// More metrics served on the same /metrics: the workers `lathe up` runs in this process.
     others: std::sync::Mutex<Vec<Box<dyn Fn() -> String + Send + Sync>>>,
 }
@@ -66,6 +68,7 @@ impl Telemetry {
             metric_points_ingested: Counter::default(),
             requeued: Counter::default(),
             republished: Counter::default(),
+            infrastructure_faults: Family::default(),
             others: Default::default(),
             registry: Registry::default(),
         };
@@ -105,6 +108,11 @@ impl Telemetry {
         );
         registry.register("lathe_reconciler_requeued", "Jobs requeued after their lease expired", t.requeued.clone());
         registry.register("lathe_reconciler_republished", "Queued job ids re-published to Redis", t.republished.clone());
+        registry.register(
+            "lathe_infrastructure_faults",
+            "Attempts stopped by a fault of the infrastructure, by code (storage_full, storage_error); the job is queued again",
+            t.infrastructure_faults.clone(),
+        );
         Telemetry { registry, ..t }
     }
 

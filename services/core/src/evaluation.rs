@@ -50,6 +50,9 @@ pub struct EvaluationRequest {
     pub extraction: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unparsable_counts_as_wrong: Option<bool>,
+    /// The worker pool that runs it (default `default`; a job's evaluations: the job's pool).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
 }
 
 impl EvaluationRequest {
@@ -129,6 +132,13 @@ pub struct EvaluationSpec {
     pub max_new_tokens: u32,
     pub extraction: Rule,
     pub unparsable_counts_as_wrong: bool,
+    /// Only workers of this pool take it (evaluations stored before pools existed: `default`).
+    #[serde(default = "default_pool")]
+    pub pool: String,
+}
+
+fn default_pool() -> String {
+    crate::spec::DEFAULT_POOL.to_string()
 }
 
 impl EvaluationSpec {
@@ -223,6 +233,7 @@ impl EvaluationSpec {
             max_new_tokens,
             extraction,
             unparsable_counts_as_wrong: request.unparsable_counts_as_wrong.unwrap_or(true),
+            pool: crate::spec::resolve_pool(&param("pool"), request.pool.clone())?,
         })
     }
 }

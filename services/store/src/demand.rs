@@ -2,17 +2,16 @@
 //! evaluation that is queued or running in it; Postgres is the only place that knows (Redis
 //! holds ids only until a worker pops them, and running jobs are not in it at all).
 //!
-//! Evaluations carry no pool: any worker takes them between jobs. They count toward the
-//! `default` pool, so a fleet that serves only named pools still drains them while it is up.
+//! Supply is the pool's live training workers that ask for work: a worker counts while its
+//! heartbeat is recent and it claimed (or tried to) within the same window, or registered
+//! within it. An identity that only registers and heartbeats — a ghost, a stuck process, a
+//! flood of enrolments — stops counting after one window, so it cannot make demand look met.
 
 use std::time::Duration;
 
 use sqlx::PgPool;
 
 use crate::StoreError;
-
-/// The pool evaluations count toward (see the module comment).
-pub const EVALUATION_POOL: &str = "default";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
 pub struct PoolDemand {
@@ -23,7 +22,8 @@ pub struct PoolDemand {
     pub running_evaluations: i64,
     /// The device memory the pool's queued and running jobs ask for (`gpu_memory_gb`), in GB.
     pub gpu_memory_gb_asked: i64,
-    /// Live workers serving the pool (heartbeat within the liveness window, not draining).
+    /// Live workers serving the pool (heartbeat and a claim within the liveness window, not
+    /// draining).
     pub workers: i64,
     pub draining_workers: i64,
 }
@@ -50,10 +50,10 @@ pub async fn pool_demand(pool: &PgPool, live_within: Duration) -> Result<Vec<Poo
                     coalesce(sum(gpu_memory_gb), 0)::bigint AS gpu_memory_gb_asked
              FROM jobs WHERE status IN ('queued', 'running') GROUP BY pool),
          e AS (
-             SELECT $2::text AS pool,
+             SELECT pool,
                     count(*) FILTER (WHERE status = 'queued') AS queued_evaluations,
                     count(*) FILTER (WHERE status = 'running') AS running_evaluations
-             FROM evaluations WHERE status IN ('queued', 'running') HAVING count(*) > 0),
+             FROM evaluations WHERE status IN ('queued', 'running') GROUP BY pool),
          w AS (
              SELECT p.pool,
                     count(*) FILTER (WHERE NOT w.draining) AS workers,
@@ -62,6 +62,7 @@ pub async fn pool_demand(pool: &PgPool, live_within: Duration) -> Result<Vec<Poo
              LEFT JOIN fleets f ON f.id = w.fleet_id
              WHERE w.revoked_at IS NULL AND f.revoked_at IS NULL AND w.left_at IS NULL AND NOT w.serving
                AND w.last_heartbeat_at > now() - make_interval(secs => $1)
+               AND greatest(w.last_claim_at, w.registered_at) > now() - make_interval(secs => $1)
              GROUP BY p.pool)
          SELECT pool,
                 coalesce(j.queued_jobs, 0) AS queued_jobs, coalesce(j.running_jobs, 0) AS running_jobs,
@@ -73,7 +74,6 @@ pub async fn pool_demand(pool: &PgPool, live_within: Duration) -> Result<Vec<Poo
          ORDER BY pool",
     )
     .bind(live_within.as_secs_f64())
-    .bind(EVALUATION_POOL)
     .fetch_all(pool)
     .await?;
     Ok(rows)

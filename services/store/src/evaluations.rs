@@ -17,6 +17,7 @@ use sqlx::types::time::OffsetDateTime;
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Transaction};
 
+use crate::dispatch::lease::{self, Work};
 use crate::dispatch::RetryPolicy;
 use crate::error::corrupt;
 use crate::jobs::JobError;
@@ -131,8 +132,8 @@ pub async fn create_evaluation(pool: &PgPool, new: NewEvaluation<'_>) -> Result<
 pub(crate) async fn insert_evaluation(tx: &mut Transaction<'_, Postgres>, new: NewEvaluation<'_>) -> Result<Evaluation, StoreError> {
     let id = EvaluationId::from_random(random::id_bytes());
     sqlx::query_as::<_, EvaluationRow>(&format!(
-        "INSERT INTO evaluations (id, project_id, model, job_id, benchmark, file_id, spec, status)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued')
+        "INSERT INTO evaluations (id, project_id, model, job_id, benchmark, file_id, spec, status, pool)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8)
          RETURNING {COLUMNS}"
     ))
     .bind(id.as_str())
@@ -142,6 +143,7 @@ pub(crate) async fn insert_evaluation(tx: &mut Transaction<'_, Postgres>, new: N
     .bind(new.spec.benchmark.name())
     .bind(new.spec.file.as_ref().map(|f| f.as_str()))
     .bind(Json(new.spec))
+    .bind(&new.spec.pool)
     .fetch_one(&mut **tx)
     .await?
     .try_into()
@@ -268,8 +270,8 @@ pub struct EvaluationClaim {
     pub lease_expires_at: OffsetDateTime,
 }
 
-/// Compare-and-set queued → running for `worker_id` (the oldest queued evaluation, or `id`).
-/// `None` when there is nothing to take or the worker is draining.
+/// Compare-and-set queued → running for `worker_id` (the oldest queued evaluation of its pools,
+/// or `id`); see [`lease::claim`]. `None` when there is nothing to take or the worker may not.
 pub async fn claim_evaluation(
     pool: &PgPool,
     worker_id: &str,
@@ -282,43 +284,16 @@ pub async fn claim_evaluation(
         row: EvaluationRow,
         lease_expires_at: OffsetDateTime,
     }
-    let claimed = sqlx::query_as::<_, Claimed>(&format!(
-        "WITH worker AS (SELECT id FROM workers WHERE id = $1 AND NOT draining),
-         candidate AS (
-             SELECT e.id FROM evaluations e, worker
-             WHERE e.status = 'queued' AND ($2::text IS NULL OR e.id = $2)
-             ORDER BY e.created_at, e.id LIMIT 1
-             FOR UPDATE OF e SKIP LOCKED
-         )
-         UPDATE evaluations SET status = 'running', attempt = evaluations.attempt + 1, lease_owner = $1,
-                lease_expires_at = now() + make_interval(secs => $3), items_done = 0,
-                started_at = coalesce(started_at, now())
-         FROM candidate WHERE evaluations.id = candidate.id AND evaluations.status = 'queued'
-         RETURNING {}, evaluations.lease_expires_at",
-        COLUMNS.split(", ").map(|c| format!("evaluations.{c}")).collect::<Vec<_>>().join(", ")
-    ))
-    .bind(worker_id)
-    .bind(id)
-    .bind(lease.as_secs_f64())
-    .fetch_optional(pool)
-    .await?;
+    let returning = format!("{}, t.lease_expires_at", COLUMNS.split(", ").map(|c| format!("t.{c}")).collect::<Vec<_>>().join(", "));
+    let mut tx = pool.begin().await?;
+    let claimed: Option<Claimed> = lease::claim(&mut tx, Work::Evaluation, worker_id, id, lease, &returning).await?;
+    tx.commit().await?;
     let Some(Claimed { row, lease_expires_at }) = claimed else { return Ok(None) };
     Ok(Some(EvaluationClaim { evaluation: row.try_into()?, lease_expires_at }))
 }
 
-fn stale(id: &str, attempt: i32, current: Option<i32>) -> StoreError {
-    match current {
-        None => StoreError::NotFound,
-        Some(current) => StoreError::StaleAttempt { job: id.to_string(), attempt, current },
-    }
-}
-
-async fn current_attempt(pool: &PgPool, id: &str) -> Result<Option<i32>, StoreError> {
-    Ok(sqlx::query_scalar("SELECT attempt FROM evaluations WHERE id = $1").bind(id).fetch_optional(pool).await?)
-}
-
-/// Renews the lease of the attempt `worker_id` holds and records its progress. `StaleAttempt`
-/// when the attempt no longer holds the evaluation (cancelled, requeued): the worker stops.
+/// Renews the lease of the attempt `worker_id` holds (see [`lease::renew`]) and records its
+/// progress. `StaleAttempt` when the attempt no longer holds the evaluation: the worker stops.
 pub async fn renew_evaluation_lease(
     pool: &PgPool,
     id: &str,
@@ -327,38 +302,22 @@ pub async fn renew_evaluation_lease(
     lease: Duration,
     progress: Option<(i32, i32)>,
 ) -> Result<OffsetDateTime, StoreError> {
-    let renewed: Option<OffsetDateTime> = sqlx::query_scalar(
-        "UPDATE evaluations SET lease_expires_at = now() + make_interval(secs => $4),
-                items_done = coalesce($5, items_done), items_total = coalesce($6, items_total)
-         WHERE id = $1 AND attempt = $2 AND status = 'running' AND lease_owner = $3
-         RETURNING lease_expires_at",
-    )
-    .bind(id)
-    .bind(attempt)
-    .bind(worker_id)
-    .bind(lease.as_secs_f64())
-    .bind(progress.map(|p| p.0))
-    .bind(progress.map(|p| p.1))
-    .fetch_optional(pool)
-    .await?;
-    match renewed {
-        Some(at) => Ok(at),
-        None => Err(stale(id, attempt, current_attempt(pool, id).await?)),
+    let expires_at = lease::renew(pool, Work::Evaluation, id, attempt, worker_id, lease).await?;
+    if let Some((done, total)) = progress {
+        sqlx::query("UPDATE evaluations SET items_done = $3, items_total = $4 WHERE id = $1 AND attempt = $2 AND status = 'running'")
+            .bind(id)
+            .bind(attempt)
+            .bind(done)
+            .bind(total)
+            .execute(pool)
+            .await?;
     }
+    Ok(expires_at)
 }
 
-/// Locks the row and checks the fence for a final write.
+/// Locks the row and checks the fence for a final write: this attempt, held by this worker.
 async fn lock_fenced(tx: &mut Transaction<'_, Postgres>, id: &str, attempt: i32, worker_id: &str) -> Result<(), StoreError> {
-    let row: Option<(i32, String, Option<String>)> =
-        sqlx::query_as("SELECT attempt, status, lease_owner FROM evaluations WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_optional(&mut **tx)
-            .await?;
-    match row {
-        None => Err(StoreError::NotFound),
-        Some((current, status, owner)) if current == attempt && status == "running" && owner.as_deref() == Some(worker_id) => Ok(()),
-        Some((current, _, _)) => Err(stale(id, attempt, Some(current))),
-    }
+    lease::lock_fenced(tx, Work::Evaluation, id, attempt, Some(worker_id), true).await
 }
 
 /// Stores every item and the score, and marks the evaluation succeeded, in one transaction.
@@ -442,16 +401,9 @@ pub async fn fail_evaluation(
             .await?;
         }
         EvaluationFailure::Crashed { reason } => {
-            requeue_after_crash(&mut tx, id, &reason, policy).await?;
+            lease::requeue_after_crash(&mut tx, Work::Evaluation, id, &reason, OffsetDateTime::now_utc(), policy).await?;
         }
-        EvaluationFailure::Preempted => {
-            sqlx::query(
-                "UPDATE evaluations SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL, items_done = 0 WHERE id = $1",
-            )
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        }
+        EvaluationFailure::Preempted => lease::release(&mut tx, Work::Evaluation, id).await?,
     }
     let evaluation = sqlx::query_as::<_, EvaluationRow>(&format!("SELECT {COLUMNS} FROM evaluations WHERE id = $1"))
         .bind(id)
@@ -462,36 +414,6 @@ pub async fn fail_evaluation(
     Ok(evaluation)
 }
 
-/// Back to the queue with one retry spent, or failed once the budget is gone.
-async fn requeue_after_crash(
-    tx: &mut Transaction<'_, Postgres>,
-    id: &str,
-    reason: &str,
-    policy: &RetryPolicy,
-) -> Result<EvaluationStatus, StoreError> {
-    let status: String = sqlx::query_scalar(
-        "UPDATE evaluations SET
-             retries = retries + 1,
-             status = CASE WHEN retries + 1 > $2 THEN 'failed' ELSE 'queued' END,
-             error = CASE WHEN retries + 1 > $2 THEN jsonb_build_object(
-                         'code', $3::text,
-                         'message', format('the evaluation crashed or lost its worker %s times; last: %s', retries + 1, $4::text),
-                         'param', NULL)
-                     ELSE error END,
-             finished_at = CASE WHEN retries + 1 > $2 THEN now() ELSE NULL END,
-             lease_owner = NULL, lease_expires_at = NULL, items_done = 0
-         WHERE id = $1
-         RETURNING status",
-    )
-    .bind(id)
-    .bind(policy.max_retries)
-    .bind(EVALUATION_POISON_CODE)
-    .bind(reason)
-    .fetch_one(&mut **tx)
-    .await?;
-    parse_status(&status)
-}
-
 /// Running evaluations whose lease expired before `now` go back to the queue (a crash each).
 /// Returns their ids and new status.
 pub async fn requeue_expired_evaluations(
@@ -499,21 +421,7 @@ pub async fn requeue_expired_evaluations(
     now: OffsetDateTime,
     policy: &RetryPolicy,
 ) -> Result<Vec<(String, EvaluationStatus)>, StoreError> {
-    let mut tx = pool.begin().await?;
-    let expired: Vec<(String, i32)> = sqlx::query_as(
-        "SELECT id, attempt FROM evaluations WHERE status = 'running' AND lease_expires_at < $1
-         ORDER BY lease_expires_at LIMIT 500 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(now)
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut requeued = Vec::with_capacity(expired.len());
-    for (id, attempt) in expired {
-        let status = requeue_after_crash(&mut tx, &id, &format!("lease of attempt {attempt} expired"), policy).await?;
-        requeued.push((id, status));
-    }
-    tx.commit().await?;
-    Ok(requeued)
+    lease::requeue_expired(pool, Work::Evaluation, now, policy).await?.into_iter().map(|r| Ok((r.id, parse_status(&r.status)?))).collect()
 }
 
 /// How many evaluations are in each status (a gauge).

@@ -31,10 +31,12 @@ impl Leadership {
             }
             self.held = None;
         }
-        let mut conn = pool.acquire().await?.detach();
-        let acquired: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(RECONCILER_LOCK).fetch_one(&mut conn).await?;
+        // Detached only once it holds the lock: a follower's try goes back to the pool (a
+        // detached connection dropped without `close` could linger on the server, one per pass).
+        let mut conn = pool.acquire().await?;
+        let acquired: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(RECONCILER_LOCK).fetch_one(&mut *conn).await?;
         if acquired {
-            self.held = Some(conn);
+            self.held = Some(conn.detach());
         }
         Ok(acquired)
     }

@@ -66,6 +66,17 @@ pub async fn connect(database_url: &str, max_connections: u32, application: &str
     if !database_url.contains("application_name=") {
         options = options.application_name(application);
     }
+    // A session the network cut off (the controller's side is gone, the server's lingers) must
+    // not hold its locks until the kernel notices: the server drops it within about a minute and
+    // aborts its open transaction, and a statement never waits on a lock for more than 30 s, so
+    // after a partition heals every controller makes progress again.
+    options = options.options([
+        ("idle_in_transaction_session_timeout", "60s"),
+        ("lock_timeout", "30s"),
+        ("tcp_keepalives_idle", "30"),
+        ("tcp_keepalives_interval", "10"),
+        ("tcp_keepalives_count", "3"),
+    ]);
     // One connection first, outside any pool: a pool retries a refusal it deems transient
     // ("too many clients already", "starting up") until its timeout and then reports only the
     // timeout; this way the server's own words reach the operator.

@@ -5,11 +5,14 @@
 //!
 //! A worker gets its token one of two ways: an operator mints one for a named worker
 //! ([`register_worker`], `lathe admin create-worker`), or an instance enrols with a fleet's
-//! shared secret ([`enroll_worker`]) and is given a token of its own.
+//! shared secret ([`enroll_worker`]) and is given a token of its own. Either way the identity
+//! carries a [`Grant`]: the pools and roles it may take, which registration cannot widen.
 
 use sqlx::types::time::OffsetDateTime;
 use sqlx::PgPool;
 
+use crate::dispatch::lease::release_held_by;
+use crate::dispatch::Requeued;
 use crate::{random, StoreError};
 
 pub const WORKER_TOKEN_PREFIX: &str = "lathe-wk-";
@@ -42,11 +45,63 @@ pub struct Worker {
     pub left_at: Option<OffsetDateTime>,
     /// An inference server (`lathe worker --serve`): it takes completions, not jobs.
     pub serving: bool,
+    /// What its token (or its fleet, at enrolment) allows.
+    #[sqlx(flatten)]
+    pub grant: Grant,
+    /// When it last asked for work (a claim); `None`: never.
+    pub last_claim_at: Option<OffsetDateTime>,
 }
 
 const WORKER_COLUMNS: &str =
     "id, name, device_kind, gpu_name, gpu_memory_bytes, gpus, nodes, pools, version, registered_at, last_heartbeat_at, \
-                              draining, revoked_at, fleet_id, slurm_job_id, pod_name, left_at, serving";
+                              draining, revoked_at, fleet_id, slurm_job_id, pod_name, left_at, serving, grant_pools, grant_roles, \
+                              last_claim_at";
+
+/// Claims jobs and evaluations.
+pub const ROLE_TRAINING: &str = "training";
+/// Opens a Serve stream and answers completions.
+pub const ROLE_SERVING: &str = "serving";
+pub const ROLES: [&str; 2] = [ROLE_TRAINING, ROLE_SERVING];
+
+/// What an identity may do: the pools it may serve (`None`: any) and its roles. A fleet holds
+/// one for the instances that enrol with it; a worker row holds its own. Registration may
+/// offer less, never more (docs/architecture.md §3, "Worker trust").
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Grant {
+    #[sqlx(rename = "grant_pools")]
+    pub pools: Option<Vec<String>>,
+    #[sqlx(rename = "grant_roles")]
+    pub roles: Vec<String>,
+}
+
+impl Default for Grant {
+    /// Training, in any pool: what an operator's `create-worker` and a fleet give unless told.
+    fn default() -> Self {
+        Grant { pools: None, roles: vec![ROLE_TRAINING.to_string()] }
+    }
+}
+
+impl Grant {
+    pub fn allows(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role)
+    }
+
+    /// Why a registration offering `pools`, as a server (`serving`) or a trainer, asks for more
+    /// than this grant: the request field at fault and a message; `None` when it fits.
+    pub fn refusal(&self, pools: &[String], serving: bool) -> Option<(&'static str, String)> {
+        let role = if serving { ROLE_SERVING } else { ROLE_TRAINING };
+        if !self.allows(role) {
+            let allowed = self.roles.join(", ");
+            return Some(("serving", format!("this identity may not be a {role} worker (its grant allows: {allowed})")));
+        }
+        if let Some(allowed) = &self.pools {
+            if let Some(pool) = pools.iter().find(|p| !allowed.contains(p)) {
+                return Some(("pools", format!("pool {pool:?} is outside this identity's grant ({})", allowed.join(", "))));
+            }
+        }
+        None
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct NewWorker<'a> {
@@ -63,6 +118,15 @@ pub struct NewWorker<'a> {
     pub serving: bool,
 }
 
+/// The worker behind a token, as the gRPC service checks each call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthenticatedWorker {
+    pub id: String,
+    /// Registered as an inference server.
+    pub serving: bool,
+    pub grant: Grant,
+}
+
 /// A registered worker and its plaintext token, returned once.
 #[derive(Debug, Clone)]
 pub struct RegisteredWorker {
@@ -70,80 +134,158 @@ pub struct RegisteredWorker {
     pub token: String,
 }
 
-pub async fn register_worker(pool: &PgPool, worker: NewWorker<'_>) -> Result<RegisteredWorker, StoreError> {
-    insert_worker(pool, None, worker).await?.ok_or(StoreError::NotFound)
-}
+const INSERT_WORKER: &str = "INSERT INTO workers (id, name, device_kind, gpu_name, gpu_memory_bytes, pools, token_hash, version, \
+    slurm_job_id, pod_name, gpus, nodes, serving, fleet_id, grant_pools, grant_roles)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)";
 
-/// Enrols a new instance with a fleet's secret: a worker row of its own and a token for it.
-/// `None` when the secret is unknown or its fleet revoked.
-pub async fn enroll_worker(pool: &PgPool, fleet_secret: &str, worker: NewWorker<'_>) -> Result<Option<RegisteredWorker>, StoreError> {
-    insert_worker(pool, Some(fleet_secret), worker).await
-}
-
-/// One statement either way. With a fleet secret the row is inserted only if a live fleet has
-/// that secret, and the fleet row is share-locked until the insert commits, so a revocation
-/// (which updates it) waits for the enrolment and then revokes the new instance too.
-async fn insert_worker(pool: &PgPool, fleet_secret: Option<&str>, worker: NewWorker<'_>) -> Result<Option<RegisteredWorker>, StoreError> {
+/// Inserts a worker row with a new token (`fleet_id` when it enrolled).
+async fn insert_worker(
+    conn: &mut sqlx::PgConnection,
+    worker: NewWorker<'_>,
+    fleet_id: Option<&str>,
+    grant: &Grant,
+) -> Result<RegisteredWorker, StoreError> {
     let token = random::token(WORKER_TOKEN_PREFIX);
-    let source = match fleet_secret {
-        Some(_) => {
-            "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12, $13, f.id, $14 FROM fleets f
-                    WHERE f.token_hash = $11 AND f.revoked_at IS NULL FOR SHARE"
-        }
-        None => "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12, $13, NULL::text, $14 WHERE $11::bytea IS NULL",
-    };
-    let row = sqlx::query_as::<_, Worker>(&format!(
-        "INSERT INTO workers (id, name, device_kind, gpu_name, gpu_memory_bytes, pools, token_hash, version, slurm_job_id,
-                              pod_name, gpus, nodes, fleet_id, serving)
-         {source}
-         RETURNING {WORKER_COLUMNS}"
-    ))
-    .bind(random::alphanumeric("wrk_", 16))
-    .bind(worker.name)
-    .bind(worker.device_kind)
-    .bind(worker.gpu_name)
-    .bind(worker.gpu_memory_bytes)
-    .bind(worker.pools)
-    .bind(random::sha256(&token))
-    .bind(worker.version)
-    .bind(worker.slurm_job_id)
-    .bind(worker.pod_name)
-    .bind(fleet_secret.map(random::sha256))
-    .bind(worker.gpus.max(1))
-    .bind(worker.nodes.max(1))
-    .bind(worker.serving)
-    .fetch_optional(pool)
-    .await?;
-    Ok(row.map(|worker| RegisteredWorker { worker, token }))
+    let row = sqlx::query_as::<_, Worker>(&format!("{INSERT_WORKER} RETURNING {WORKER_COLUMNS}"))
+        .bind(random::alphanumeric("wrk_", 16))
+        .bind(worker.name)
+        .bind(worker.device_kind)
+        .bind(worker.gpu_name)
+        .bind(worker.gpu_memory_bytes)
+        .bind(worker.pools)
+        .bind(random::sha256(&token))
+        .bind(worker.version)
+        .bind(worker.slurm_job_id)
+        .bind(worker.pod_name)
+        .bind(worker.gpus.max(1))
+        .bind(worker.nodes.max(1))
+        .bind(worker.serving)
+        .bind(fleet_id)
+        .bind(&grant.pools)
+        .bind(&grant.roles)
+        .fetch_one(conn)
+        .await?;
+    Ok(RegisteredWorker { worker: row, token })
 }
 
-/// The worker a token belongs to, or `None` for an unknown or revoked token (the gRPC service
-/// answers UNAUTHENTICATED).
-pub async fn authenticate_worker(pool: &PgPool, token: &str) -> Result<Option<String>, StoreError> {
-    let id = sqlx::query_scalar::<_, String>(
-        "SELECT w.id FROM workers w LEFT JOIN fleets f ON f.id = w.fleet_id
+/// A worker row and a token for it, minted by an operator (`lathe admin create-worker`) with
+/// what it may do.
+pub async fn register_worker(pool: &PgPool, worker: NewWorker<'_>, grant: &Grant) -> Result<RegisteredWorker, StoreError> {
+    let mut conn = pool.acquire().await?;
+    insert_worker(&mut conn, worker, None, grant).await
+}
+
+/// What came of an enrolment with a fleet secret.
+#[derive(Debug, Clone)]
+pub enum Enrolment {
+    Enrolled(RegisteredWorker),
+    /// No live fleet has that secret.
+    UnknownSecret,
+    /// The registration asks for more than the fleet's grant: (field, why).
+    Refused(&'static str, String),
+    /// The fleet has its `max_workers` live instances already.
+    FleetFull {
+        fleet: String,
+        max_workers: i32,
+    },
+}
+
+/// Enrols a new instance with a fleet's secret: a worker row of its own, the fleet's grant, and
+/// a token for it. The fleet row is share-locked until the insert commits, so a revocation
+/// (which updates it) waits for the enrolment and then revokes the new instance too. Instances
+/// count toward `max_workers` while live: not revoked, not left, heard from within `live_within`.
+pub async fn enroll_worker(
+    pool: &PgPool,
+    fleet_secret: &str,
+    worker: NewWorker<'_>,
+    live_within: std::time::Duration,
+) -> Result<Enrolment, StoreError> {
+    #[derive(sqlx::FromRow)]
+    struct FleetRow {
+        id: String,
+        name: String,
+        max_workers: Option<i32>,
+        #[sqlx(flatten)]
+        grant: Grant,
+    }
+    let mut tx = pool.begin().await?;
+    let fleet = sqlx::query_as::<_, FleetRow>(
+        "SELECT id, name, max_workers, grant_pools, grant_roles FROM fleets WHERE token_hash = $1 AND revoked_at IS NULL FOR SHARE",
+    )
+    .bind(random::sha256(fleet_secret))
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(fleet) = fleet else { return Ok(Enrolment::UnknownSecret) };
+    if let Some((field, why)) = fleet.grant.refusal(worker.pools, worker.serving) {
+        return Ok(Enrolment::Refused(field, why));
+    }
+    if let Some(max_workers) = fleet.max_workers {
+        let live: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM workers WHERE fleet_id = $1 AND revoked_at IS NULL AND left_at IS NULL
+               AND last_heartbeat_at > now() - make_interval(secs => $2)",
+        )
+        .bind(&fleet.id)
+        .bind(live_within.as_secs_f64())
+        .fetch_one(&mut *tx)
+        .await?;
+        if live >= i64::from(max_workers) {
+            return Ok(Enrolment::FleetFull { fleet: fleet.name, max_workers });
+        }
+    }
+    let enrolled = insert_worker(&mut tx, worker, Some(&fleet.id), &fleet.grant).await?;
+    tx.commit().await?;
+    Ok(Enrolment::Enrolled(enrolled))
+}
+
+/// The worker a token belongs to, with what it may do, or `None` for an unknown or revoked
+/// token (the gRPC service answers UNAUTHENTICATED).
+pub async fn authenticate_worker(pool: &PgPool, token: &str) -> Result<Option<AuthenticatedWorker>, StoreError> {
+    let row: Option<(String, bool, Option<Vec<String>>, Vec<String>)> = sqlx::query_as(
+        "SELECT w.id, w.serving, w.grant_pools, w.grant_roles FROM workers w LEFT JOIN fleets f ON f.id = w.fleet_id
          WHERE w.token_hash = $1 AND w.revoked_at IS NULL AND f.revoked_at IS NULL",
     )
     .bind(random::sha256(token))
     .fetch_optional(pool)
     .await?;
-    Ok(id)
+    Ok(row.map(|(id, serving, pools, roles)| AuthenticatedWorker { id, serving, grant: Grant { pools, roles } }))
 }
 
-/// Revokes a worker's token, by worker id or name (every worker of that name). Returns the ids
-/// revoked; none is `NotFound`. Revoking twice is harmless.
-pub async fn revoke_worker(pool: &PgPool, id_or_name: &str) -> Result<Vec<String>, StoreError> {
-    mark_workers(pool, id_or_name, "revoked_at = coalesce(revoked_at, now()), draining = true").await
+/// Of `ids`, the workers no longer allowed in: revoked, or of a revoked fleet. The controller
+/// asks about the workers whose streams it holds, to close them.
+pub async fn revoked_among(pool: &PgPool, ids: &[String]) -> Result<Vec<String>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT w.id FROM workers w LEFT JOIN fleets f ON f.id = w.fleet_id
+         WHERE w.id = ANY($1) AND (w.revoked_at IS NOT NULL OR f.revoked_at IS NOT NULL)",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Revokes a worker's token, by worker id or name (every worker of that name), and gives back
+/// what those workers hold (queued again for free, to resume from the last checkpoint; see
+/// [`crate::dispatch::lease`]). Returns the ids revoked and the work released; no worker is
+/// `NotFound`. Revoking twice is harmless.
+pub async fn revoke_worker(pool: &PgPool, id_or_name: &str) -> Result<(Vec<String>, Vec<Requeued>), StoreError> {
+    let mut tx = pool.begin().await?;
+    let ids: Vec<String> = sqlx::query_scalar(
+        "UPDATE workers SET revoked_at = coalesce(revoked_at, now()), draining = true WHERE id = $1 OR name = $1 RETURNING id",
+    )
+    .bind(id_or_name)
+    .fetch_all(&mut *tx)
+    .await?;
+    if ids.is_empty() {
+        return Err(StoreError::NotFound);
+    }
+    let released = release_held_by(&mut tx, &ids, "the worker was revoked").await?;
+    tx.commit().await?;
+    Ok((ids, released))
 }
 
 /// Drains workers by id or name: each finishes what it runs and claims nothing more (with
 /// `--exit-when-idle` it then exits). Returns the ids; none is `NotFound`.
 pub async fn drain_workers(pool: &PgPool, id_or_name: &str) -> Result<Vec<String>, StoreError> {
-    mark_workers(pool, id_or_name, "draining = true").await
-}
-
-async fn mark_workers(pool: &PgPool, id_or_name: &str, set: &'static str) -> Result<Vec<String>, StoreError> {
-    let ids: Vec<String> = sqlx::query_scalar(&format!("UPDATE workers SET {set} WHERE id = $1 OR name = $1 RETURNING id"))
+    let ids: Vec<String> = sqlx::query_scalar("UPDATE workers SET draining = true WHERE id = $1 OR name = $1 RETURNING id")
         .bind(id_or_name)
         .fetch_all(pool)
         .await?;

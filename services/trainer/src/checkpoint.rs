@@ -46,14 +46,15 @@ fn one_rank() -> usize {
 /// Writes `final_dir` atomically: `fill` writes into a temporary sibling directory which is
 /// then fsynced and renamed over `final_dir` (an existing one is replaced).
 pub fn write_dir_atomically(final_dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = final_dir.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| TrainerError::io(parent, e))?;
+    // A bare name (`--out merged`) has an empty parent: the current directory.
+    let parent = final_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| TrainerError::storage(parent, e))?;
     let name = final_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| TrainerError::io(&tmp, e))?;
+        std::fs::remove_dir_all(&tmp).map_err(|e| TrainerError::storage(&tmp, e))?;
     }
-    std::fs::create_dir_all(&tmp).map_err(|e| TrainerError::io(&tmp, e))?;
+    std::fs::create_dir_all(&tmp).map_err(|e| TrainerError::storage(&tmp, e))?;
     let result = fill(&tmp).and_then(|()| fsync_tree(&tmp));
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -61,11 +62,11 @@ pub fn write_dir_atomically(final_dir: &Path, fill: impl FnOnce(&Path) -> Result
     }
     if final_dir.exists() {
         let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(final_dir, &old).map_err(|e| TrainerError::io(final_dir, e))?;
-        std::fs::rename(&tmp, final_dir).map_err(|e| TrainerError::io(final_dir, e))?;
+        std::fs::rename(final_dir, &old).map_err(|e| TrainerError::storage(final_dir, e))?;
+        std::fs::rename(&tmp, final_dir).map_err(|e| TrainerError::storage(final_dir, e))?;
         let _ = std::fs::remove_dir_all(&old);
     } else {
-        std::fs::rename(&tmp, final_dir).map_err(|e| TrainerError::io(final_dir, e))?;
+        std::fs::rename(&tmp, final_dir).map_err(|e| TrainerError::storage(final_dir, e))?;
     }
     fsync_path(parent)
 }
@@ -84,13 +85,13 @@ fn fsync_tree(dir: &Path) -> Result<()> {
 
 /// Flushes a file, or a directory's entries, to disk.
 pub(crate) fn fsync_path(path: &Path) -> Result<()> {
-    File::open(path).and_then(|f| f.sync_all()).map_err(|e| TrainerError::io(path, e))
+    File::open(path).and_then(|f| f.sync_all()).map_err(|e| TrainerError::storage(path, e))
 }
 
 pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let cpu: Vec<(String, Tensor)> =
         tensors.iter().map(|(n, t)| (n.clone(), t.detach().to_device(tch::Device::Cpu).contiguous())).collect();
-    Tensor::write_safetensors(&cpu, path).map_err(|e| TrainerError::file(path, format!("cannot write safetensors: {e}")))
+    Tensor::write_safetensors(&cpu, path).map_err(|e| TrainerError::storage(path, format!("safetensors: {e}")))
 }
 
 pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
@@ -99,7 +100,7 @@ pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
 
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value).expect("serializable");
-    std::fs::write(path, text + "\n").map_err(|e| TrainerError::io(path, e))
+    std::fs::write(path, text + "\n").map_err(|e| TrainerError::storage(path, e))
 }
 
 pub fn checkpoint_dir_name(step: u64) -> String {

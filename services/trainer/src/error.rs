@@ -30,6 +30,11 @@ pub enum TrainerError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 
+    /// Writing to storage failed (the disk is full, read-only, failing): nothing about the run
+    /// is wrong, and it can go on once the storage is fixed.
+    #[error("{path}: cannot write: {message}")]
+    Storage { path: PathBuf, message: String },
+
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 
@@ -61,6 +66,30 @@ impl TrainerError {
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io { path: path.into(), source }
+    }
+
+    pub fn storage(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
+        Self::Storage { path: path.into(), message: message.to_string() }
+    }
+
+    /// When writing to storage failed under the run (full, over quota, read-only), the fault's
+    /// code: `storage_full` or `storage_error`. Such a failure is the infrastructure's, not the
+    /// run's: it can go on from its last checkpoint once the storage is fixed.
+    pub fn storage_fault(&self) -> Option<&'static str> {
+        use std::io::ErrorKind;
+        match self {
+            Self::Io { source, .. } => match source.kind() {
+                ErrorKind::StorageFull | ErrorKind::QuotaExceeded => Some("storage_full"),
+                ErrorKind::ReadOnlyFilesystem => Some("storage_error"),
+                _ => None,
+            },
+            // strerror(ENOSPC) and strerror(EDQUOT), whichever layer wrote the message.
+            Self::Storage { message, .. } if message.contains("No space left on device") || message.contains("quota exceeded") => {
+                Some("storage_full")
+            }
+            Self::Storage { .. } => Some("storage_error"),
+            _ => None,
+        }
     }
 }
 

@@ -58,6 +58,23 @@ impl Prompter {
         self.encode(&text, false)
     }
 
+    /// `text` with every special token of the tokenizer (`<|im_start|>`, `<|eot_id|>`, …) made
+    /// plain text, by a zero-width space after its first character: rendered and tokenized, it
+    /// is ordinary text to the model, so a user cannot forge a turn of another role. Off by
+    /// default (transformers parses special tokens wherever they appear); the operator turns it
+    /// on for a server (`lathe worker --serve --escape-special-tokens`).
+    pub fn escape_special_tokens(&self, text: &str) -> String {
+        let mut text = text.to_string();
+        for token in self.tokenizer.get_added_tokens_decoder().values().filter(|t| t.special && t.content.chars().count() > 1) {
+            if text.contains(&token.content) {
+                let mut chars = token.content.chars();
+                let first = chars.next().expect("at least two characters");
+                text = text.replace(&token.content, &format!("{first}\u{200B}{}", chars.as_str()));
+            }
+        }
+        text
+    }
+
     /// The tokens of a text prompt (legacy completions), with the tokenizer's special tokens
     /// (a BOS where the model has one).
     pub fn text_prompt(&self, text: &str) -> Result<Vec<i64>> {

@@ -118,7 +118,10 @@ impl Ended {
 }
 
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
-const FINAL_ACK_TIMEOUT: Duration = Duration::from_secs(120);
+/// The attempt's end waits for its acks as long as the lease is trusted (heartbeats renew it,
+/// or report that the controller's database is down: an outage of any length ends in the ack);
+/// this only bounds a controller that answers but never acks.
+const FINAL_ACK_TIMEOUT: Duration = Duration::from_secs(3600);
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
 pub async fn run(
@@ -462,12 +465,17 @@ pub(crate) fn verify_file(param: &str, path: &str, sha256: &str) -> Result<(), U
 }
 
 fn classify(error: &TrainerError) -> (FailureClass, &'static str) {
+    // Not the job's fault: it goes back to the queue for free once the storage is fixed.
+    if let Some(code) = error.storage_fault() {
+        return (FailureClass::Infrastructure, code);
+    }
     match error {
         TrainerError::DataLine { .. } => (FailureClass::BadInput, "invalid_training_file"),
         TrainerError::File { .. } | TrainerError::ConfigField { .. } => (FailureClass::BadInput, "invalid_input"),
         TrainerError::InvalidSetting { .. } => (FailureClass::BadInput, "invalid_hyperparameters"),
         TrainerError::ChatTemplate(_) | TrainerError::Tokenizer(_) => (FailureClass::BadInput, "invalid_model"),
         TrainerError::Io { .. } | TrainerError::Torch(_) | TrainerError::Stopped(_) => (FailureClass::Crash, "trainer_error"),
+        TrainerError::Storage { .. } => (FailureClass::Infrastructure, "storage_error"),
         // A rank died or hung: the attempt is retried from the last checkpoint.
         TrainerError::Distributed(_) => (FailureClass::Crash, "rank_failed"),
     }
@@ -743,8 +751,8 @@ impl Session {
         }
     }
 
-    /// Waits until every message is acked (or the lease is lost, or the controller stays away
-    /// too long — then the lease expires and the reconciler takes over).
+    /// Waits until every message is acked (or the lease is lost, or is no longer trusted — the
+    /// controller stayed away: then the lease expires and the reconciler takes over).
     async fn drain(&mut self, signals: &Signals) {
         let deadline = Instant::now() + FINAL_ACK_TIMEOUT;
         while !self.unacked.is_empty() && Instant::now() < deadline {

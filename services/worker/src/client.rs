@@ -28,6 +28,7 @@ pub fn connect(config: &WorkerConfig) -> Result<Client, WorkerError> {
         .map_err(|e| bad(e.to_string()))?
         .connect_timeout(std::time::Duration::from_secs(3))
         .http2_keep_alive_interval(std::time::Duration::from_secs(10))
+        .keep_alive_timeout(std::time::Duration::from_secs(10))
         .keep_alive_while_idle(true);
     if config.controller_url.starts_with("https://") {
         endpoint = endpoint.tls_config(tls_config(&config.tls)?).map_err(|e| bad(format!("TLS: {e}")))?;

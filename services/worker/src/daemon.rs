@@ -257,6 +257,11 @@ async fn register(
                 return Ok(Some((timing, Some(r.worker_token).filter(|t| !t.is_empty()), r.worker_id)));
             }
             Err(status) if status.code() == Code::Unauthenticated => return Err(WorkerError::Unauthenticated(status.message().into())),
+            // What this identity may do does not cover what it asks for, or a field is malformed:
+            // retrying cannot help.
+            Err(status) if matches!(status.code(), Code::PermissionDenied | Code::InvalidArgument) => {
+                return Err(WorkerError::Refused(status.message().into()))
+            }
             Err(status) => {
                 tracing::warn!(%status, controller = config.controller_url, "controller unreachable; retrying");
                 tokio::select! {
@@ -304,7 +309,15 @@ async fn heartbeat(mut client: Client, current: Arc<Mutex<Current>>, timing: Tim
                 }
                 if let Some((reference, signals)) = &current.attempt {
                     let mine = |job_id: &str, attempt: u32| job_id == reference.job_id && attempt == reference.attempt;
-                    if r.lost.iter().any(|l| mine(&l.job_id, l.attempt)) {
+                    if r.database_unavailable {
+                        // The controller answers but cannot reach Postgres: nobody can hand the job
+                        // on meanwhile, and the controller extends the leases once it is back.
+                        // From now, not from the send: the controller may have waited on Postgres
+                        // before it answered, and nothing can be requeued until Postgres is back
+                        // (the reconciler then extends every lease first).
+                        tracing::warn!("heartbeat: the controller cannot reach its database; training on, reports buffered");
+                        signals.renewed(Instant::now() + timing.trusted_lease());
+                    } else if r.lost.iter().any(|l| mine(&l.job_id, l.attempt)) {
                         tracing::warn!(job_id = reference.job_id, attempt = reference.attempt, "heartbeat: lease lost");
                         signals.stop(StopCause::LeaseLost);
                     } else if r.renewed.iter().any(|l| mine(&l.job_id, l.attempt)) {

@@ -9,6 +9,8 @@ pub enum WorkerError {
         "the controller refused this worker: {0} (check LATHE_WORKER_TOKEN: a fleet secret or a token from 'lathe admin create-worker')"
     )]
     Unauthenticated(String),
+    #[error("the controller refused this worker's registration: {0}")]
+    Refused(String),
     #[error("invalid setting {field}: {message}")]
     Setting { field: &'static str, message: String },
     #[error("cannot serve metrics on {0}: {1}")]

@@ -37,6 +37,8 @@ pub enum AdminCommand {
         #[arg(long)]
         name: String,
         #[command(flatten)]
+        grant: GrantArgs,
+        #[command(flatten)]
         database: Database,
     },
     /// Create a fleet: one secret any number of worker instances enrol with (Slurm pilots,
@@ -44,6 +46,11 @@ pub enum AdminCommand {
     CreateFleet {
         /// A name to revoke it by.
         name: String,
+        #[command(flatten)]
+        grant: GrantArgs,
+        /// Live workers of this fleet at most (enrolments beyond are refused) [default: no cap].
+        #[arg(long)]
+        max_workers: Option<u32>,
         #[command(flatten)]
         database: Database,
     },
@@ -66,14 +73,32 @@ pub enum AdminCommand {
         #[command(flatten)]
         database: Database,
     },
-    /// Revoke a worker's token, by worker id or name: its next call is refused, and a job it
-    /// holds is requeued when the lease runs out.
+    /// Revoke a worker's token, by worker id or name: its next call is refused, its open
+    /// streams close within seconds, and what it holds is queued again at once (no retry spent).
     RevokeWorker {
         /// The worker id (`wrk_…`, from the worker's log) or its name.
         worker: String,
         #[command(flatten)]
         database: Database,
     },
+}
+
+/// What a worker token or a fleet's instances may do.
+#[derive(clap::Args)]
+pub struct GrantArgs {
+    /// Pools it may serve, comma-separated [default: any].
+    #[arg(long, value_delimiter = ',')]
+    pools: Option<Vec<String>>,
+    /// What it may do: training (claim jobs and evaluations), serving (answer completions with
+    /// `lathe worker --serve`), or both, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "training")]
+    roles: Vec<String>,
+}
+
+impl GrantArgs {
+    fn terms(self, max_workers: Option<u32>) -> anyhow::Result<lathe_store::fleets::FleetTerms> {
+        lathe_controller::cli::fleet_terms(self.pools, &self.roles, max_workers).map_err(|e| anyhow::anyhow!("--{e}"))
+    }
 }
 
 pub fn run(command: AdminCommand) -> anyhow::Result<()> {
@@ -107,9 +132,11 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                     println!("{}\t{}\t{}", key.id, state, key.name);
                 }
             }
-            AdminCommand::CreateWorker { name, database } => {
+            AdminCommand::CreateWorker { name, grant, database } => {
+                let grant = grant.terms(None)?.grant;
                 let pool = database.connect_for_admin().await?;
-                let pools = vec!["default".to_string()];
+                let pools = grant.pools.clone().unwrap_or_else(|| vec!["default".to_string()]);
+                let serving = !grant.allows(lathe_store::workers::ROLE_TRAINING);
                 let worker = lathe_store::workers::register_worker(
                     &pool,
                     lathe_store::workers::NewWorker {
@@ -123,16 +150,22 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                         version: "",
                         slurm_job_id: None,
                         pod_name: None,
-                        serving: false,
+                        serving,
                     },
+                    &grant,
                 )
                 .await?;
-                eprintln!("created worker {} ({name}); it reports its device and pools when it starts", worker.worker.id);
+                eprintln!(
+                    "created worker {} ({name}, roles: {}); it reports its device and pools when it starts",
+                    worker.worker.id,
+                    grant.roles.join(",")
+                );
                 println!("{}", worker.token);
             }
-            AdminCommand::CreateFleet { name, database } => {
+            AdminCommand::CreateFleet { name, grant, max_workers, database } => {
+                let terms = grant.terms(max_workers)?;
                 let pool = database.connect_for_admin().await?;
-                let (fleet, secret) = lathe_store::fleets::create_fleet(&pool, &name).await?;
+                let (fleet, secret) = lathe_store::fleets::create_fleet(&pool, &name, &terms).await?;
                 eprintln!("created fleet {} ({}); give the secret to workers as LATHE_WORKER_TOKEN", fleet.name, fleet.id);
                 println!("{secret}");
             }
@@ -188,8 +221,12 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                         }
                     )
                 })?;
-                for id in revoked {
+                let (ids, released) = revoked;
+                for id in ids {
                     eprintln!("revoked {id}");
+                }
+                for work in released {
+                    eprintln!("{} {} given back (attempt {} ended; now {})", work.work.noun(), work.id, work.attempt, work.status);
                 }
             }
         }

@@ -61,6 +61,10 @@ pub struct ServeArgs {
     /// idle one is unloaded. Adapters on one base share its weights.
     #[arg(long, env = "LATHE_SERVE_MAX_MODELS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     serve_max_models: u32,
+    /// Make special tokens (`<|im_start|>`, …) inside request messages plain text, so a client
+    /// cannot forge a system or assistant turn. Off: they are parsed as the tokenizer does.
+    #[arg(long, env = "LATHE_ESCAPE_SPECIAL_TOKENS")]
+    escape_special_tokens: bool,
 }
 
 impl ServeArgs {
@@ -69,6 +73,7 @@ impl ServeArgs {
             max_batch: self.serve_max_batch as usize,
             capacity: self.serve_capacity.max(self.serve_max_batch) as usize,
             max_models: self.serve_max_models as usize,
+            escape_special_tokens: self.escape_special_tokens,
         }
     }
 }
@@ -339,6 +344,10 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
                     slurm_job_id: None,
                     pod_name: None,
                     serving,
+                },
+                &lathe_store::workers::Grant {
+                    pools: None,
+                    roles: vec![if serving { lathe_store::workers::ROLE_SERVING } else { lathe_store::workers::ROLE_TRAINING }.into()],
                 },
             )
             .await?;

@@ -53,12 +53,29 @@ async fn complete(state: AppState, project: Project, kind: Kind, body: Bytes) ->
         include_usage: parsed.include_usage,
     };
     let (choices, logprobs) = (completion.n.max(1), completion.logprobs);
+    let slot = if parsed.stream { Some(state.streams.open(&project.key_digest, state.config.max_streams_per_key)?) } else { None };
     let placed = state.inference.place(completion).map_err(unplaced)?;
     tracing::info!(request_id = answer.id, model = answer.model, worker_id = placed.worker_id, stream = parsed.stream, "completion placed");
+    // A completion that outlives this is given up: dropping `placed` cancels it on its worker.
+    let deadline = tokio::time::Instant::now() + state.config.completion_timeout;
     if parsed.stream {
-        Ok(stream(answer, placed, choices).into_response())
+        Ok(stream(answer, placed, choices, state.config.completion_timeout, slot).into_response())
     } else {
-        gather(answer, placed, choices, logprobs).await
+        match tokio::time::timeout_at(deadline, gather(answer, placed, choices, logprobs)).await {
+            Ok(answered) => answered,
+            Err(_) => Err(timed_out(state.config.completion_timeout)),
+        }
+    }
+}
+
+fn timed_out(limit: std::time::Duration) -> ApiError {
+    tracing::warn!(seconds = limit.as_secs_f64(), "completion timed out");
+    ApiError {
+        status: StatusCode::GATEWAY_TIMEOUT,
+        kind: "server_error",
+        message: format!("The completion did not finish within {} s; it was cancelled. Ask for fewer tokens or retry.", limit.as_secs()),
+        param: None,
+        code: Some("timeout".into()),
     }
 }
 
@@ -150,12 +167,20 @@ async fn gather(answer: Answer, mut placed: Placed, choices: u32, logprobs: bool
     Ok(response)
 }
 
-fn stream(answer: Answer, placed: Placed, choices: u32) -> impl IntoResponse {
+fn stream(
+    answer: Answer,
+    placed: Placed,
+    choices: u32,
+    limit: std::time::Duration,
+    slot: Option<super::limits::StreamSlot>,
+) -> impl IntoResponse {
+    let deadline = tokio::time::Instant::now() + limit;
     let (events, body) = mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
         // The whole of `placed`, not just its receiver (a field captured alone would leave its
         // cancel-on-drop guard behind, dropped when this function returns).
         let mut placed = placed;
+        let _slot = slot;
         let mut started = vec![false; choices as usize];
         let (mut usage, mut finished) = (Usage::default(), 0);
         let data = |value: serde_json::Value| Ok(Event::default().data(value.to_string()));
@@ -164,6 +189,11 @@ fn stream(answer: Answer, placed: Placed, choices: u32) -> impl IntoResponse {
                 piece = placed.pieces.recv() => piece,
                 // The client went away: dropping `placed` cancels the request on the worker.
                 () = events.closed() => return,
+                () = tokio::time::sleep_until(deadline) => {
+                    let error = timed_out(limit);
+                    let _ = events.send(data(json!({"error": {"message": error.message, "type": error.kind, "code": error.code}}))).await;
+                    return;
+                }
             };
             let Some(piece) = piece else {
                 let error = worker_gone();

@@ -71,6 +71,24 @@ impl ApiError {
         }
     }
 
+    /// Writing to the data directory failed: 507 with `storage_full` when it is full (the
+    /// client may retry once an operator frees space), else an opaque 500. The path stays in
+    /// the log.
+    pub fn storage(error: &std::io::Error, context: impl std::fmt::Display) -> ApiError {
+        let full = error.kind() == std::io::ErrorKind::StorageFull || error.kind() == std::io::ErrorKind::QuotaExceeded;
+        if !full {
+            return ApiError::internal(format!("{context}: {error}"));
+        }
+        tracing::error!(%error, %context, "the data directory is full");
+        ApiError {
+            status: StatusCode::INSUFFICIENT_STORAGE,
+            kind: "server_error",
+            message: "The server's storage is full; the upload was not kept. Retry later.".into(),
+            param: None,
+            code: Some("storage_full".into()),
+        }
+    }
+
     /// A store error about `what` with id `id`.
     pub fn from_store(error: StoreError, what: &str, id: &str) -> ApiError {
         match error {

@@ -76,7 +76,7 @@ async fn resolve_model(state: &AppState, project: &Project, model: &str) -> ApiR
 /// the evaluation sits in the body (`evaluations[0].` in a job create).
 pub async fn check_data(state: &AppState, project: &Project, spec: &EvaluationSpec, prefix: &str) -> ApiResult<()> {
     let param = |field: &str| format!("{prefix}{field}");
-    let path = match &spec.file {
+    let items = match &spec.file {
         Some(file) => {
             let stored = lathe_store::files::get_file(&state.pool, &project.id, file).await.map_err(|e| match e {
                 lathe_store::StoreError::NotFound => {
@@ -84,48 +84,17 @@ pub async fn check_data(state: &AppState, project: &Project, spec: &EvaluationSp
                 }
                 other => other.into(),
             })?;
-            state.storage.file_path(stored.id.as_str())
+            let path = state.storage.file_path(stored.id.as_str());
+            tokio::task::spawn_blocking(move || lathe_eval::chat_file::load(&path)).await.map_err(ApiError::internal)?.map_err(|error| {
+                ApiError::invalid(
+                    Some(&param("file")),
+                    "invalid_file",
+                    format!("{}: {}", param("file"), strip_data_root(&error.to_string(), state)),
+                )
+            })?
         }
-        None => match &state.config.eval_data_dir {
-            None => {
-                return Err(ApiError::invalid(
-                    Some(&param("benchmark")),
-                    "evaluation_data_unavailable",
-                    format!(
-                        "{}: {} needs the CTIBench data directory, and this server has none (start the controller with \
-                         --eval-data-dir or LATHE_EVAL_DATA_DIR); the \"file\" benchmark works without it",
-                        param("benchmark"),
-                        spec.benchmark
-                    ),
-                ))
-            }
-            Some(dir) if !dir.is_dir() => {
-                return Err(ApiError::invalid(
-                    Some(&param("benchmark")),
-                    "evaluation_data_unavailable",
-                    format!("{}: the evaluation data directory {} does not exist on this server", param("benchmark"), dir.display()),
-                ))
-            }
-            Some(dir) => dir.clone(),
-        },
+        None => load_benchmark(state, spec.benchmark, &param("benchmark")).await?,
     };
-    let (benchmark, file) = (spec.benchmark, spec.file.is_some());
-    let items =
-        tokio::task::spawn_blocking(
-            move || {
-                if file {
-                    lathe_eval::chat_file::load(&path)
-                } else {
-                    lathe_eval::ctibench::load(benchmark, &path)
-                }
-            },
-        )
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(|error| {
-            let (field, code) = if file { ("file", "invalid_file") } else { ("benchmark", "invalid_benchmark_data") };
-            ApiError::invalid(Some(&param(field)), code, format!("{}: {}", param(field), strip_data_root(&error.to_string(), state)))
-        })?;
     let rule = spec.extraction;
     if rule != lathe_core::Rule::ExactMatch {
         if let Some(item) = items.iter().find(|item| lathe_eval::extract::Extract::extract(rule, &item.answer).is_none()) {
@@ -156,6 +125,35 @@ pub async fn check_data(state: &AppState, project: &Project, spec: &EvaluationSp
         ));
     }
     Ok(())
+}
+
+/// A CTIBench benchmark's items from this server's data directory, loaded as a worker will:
+/// no directory, or a malformed row, is the caller's 400 naming `param`.
+pub async fn load_benchmark(state: &AppState, benchmark: lathe_core::Benchmark, param: &str) -> ApiResult<Vec<lathe_eval::Item>> {
+    let dir = match &state.config.eval_data_dir {
+        None => {
+            return Err(ApiError::invalid(
+                Some(param),
+                "evaluation_data_unavailable",
+                format!(
+                    "{param}: {benchmark} needs the CTIBench data directory, and this server has none (start the controller with \
+                     --eval-data-dir or LATHE_EVAL_DATA_DIR); the \"file\" benchmark works without it"
+                ),
+            ))
+        }
+        Some(dir) if !dir.is_dir() => {
+            return Err(ApiError::invalid(
+                Some(param),
+                "evaluation_data_unavailable",
+                format!("{param}: the evaluation data directory {} does not exist on this server", dir.display()),
+            ))
+        }
+        Some(dir) => dir.clone(),
+    };
+    tokio::task::spawn_blocking(move || lathe_eval::ctibench::load(benchmark, &dir))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|error| ApiError::invalid(Some(param), "invalid_benchmark_data", format!("{param}: {error}")))
 }
 
 /// Error messages name the user's file by id, not by its path in the server's storage.

@@ -96,7 +96,10 @@ pub async fn upload(State(state): State<AppState>, project: Project, headers: He
             return Err(ApiError::bad_file("file", &error));
         }
     };
-    state.storage.commit_upload(&tmp, id.as_str()).map_err(ApiError::internal)?;
+    state.storage.commit_upload(&tmp, id.as_str()).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        ApiError::storage(&e, "committing an upload")
+    })?;
     let stored = files::insert_file(
         &state.pool,
         NewFile {
@@ -195,7 +198,7 @@ async fn write_part(
     let written = writer.await.map_err(ApiError::internal)?;
     match (written, read_error) {
         (Err(SinkError::Invalid(error)), _) => Err(ApiError::bad_file("file", &error)),
-        (Err(other @ SinkError::Io { .. }), _) => Err(ApiError::internal(other)),
+        (Err(SinkError::Io { path, source }), _) => Err(ApiError::storage(&source, path.display())),
         (Ok(_), Some(error)) => Err(error),
         (Ok(Some(written)), None) => Ok(written),
         (Ok(None), None) => Err(ApiError::internal("the upload writer ended without the end of the part")),

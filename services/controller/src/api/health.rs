@@ -15,14 +15,17 @@ pub async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
-/// Ready when Postgres and Redis both answer.
+/// Ready when Postgres and Redis both answer; also says how many inference workers this replica
+/// routes to (informational: a controller without any still serves the rest of the API).
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let postgres = sqlx_ping(&state).await;
     let redis = state.queue.ping().await.map_err(|e| e.to_string());
     let ok = postgres.is_ok() && redis.is_ok();
     let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let show = |r: &Result<(), String>| r.as_ref().err().cloned().unwrap_or_else(|| "ok".into());
-    (status, Json(json!({"postgres": show(&postgres), "redis": show(&redis)})))
+    let (servers, in_flight) = state.inference.load();
+    let inference = json!({"workers": servers, "requests_in_flight": in_flight});
+    (status, Json(json!({"postgres": show(&postgres), "redis": show(&redis), "inference": inference})))
 }
 
 async fn sqlx_ping(state: &AppState) -> Result<(), String> {

@@ -51,6 +51,10 @@ pub async fn create(State(state): State<AppState>, project: Project, headers: He
     for (i, evaluation) in spec.evaluations.iter().enumerate() {
         super::evaluations::check_data(&state, &project, evaluation, &format!("evaluations[{i}].")).await?;
     }
+    // The worker filters the training data against these benchmarks before it trains.
+    for benchmark in spec.decontaminate.iter().flat_map(|d| &d.benchmarks) {
+        super::evaluations::load_benchmark(&state, *benchmark, "decontaminate.benchmarks").await?;
+    }
 
     let tally = training.tally;
     let training_data = json!({
@@ -171,10 +175,9 @@ async fn checked_file(
     }
     let path = state.storage.file_path(file.id.as_str());
     let options = EncodeOptions { max_seq_length: spec.max_seq_length as usize, train_on_inputs: spec.train_on_inputs };
-    let (model_dir, training) = (model_dir.to_path_buf(), param == "training_file");
-    let checked = tokio::task::spawn_blocking(move || data_check::check_file(&model_dir, &path, options, training))
-        .await
-        .map_err(ApiError::internal)?;
+    let training = param == "training_file";
+    let key = data_check::CheckKey::new(file.id.as_str(), spec.model.as_str(), model_dir, options, training);
+    let checked = state.data_checks.check(key, model_dir.to_path_buf(), path, options).await;
     checked.map_err(|e| match e {
         DataCheckError::File(error) => ApiError::bad_file(param, &error),
         DataCheckError::Line { line, message } => ApiError::invalid(
@@ -186,6 +189,7 @@ async fn checked_file(
             ApiError::invalid(Some(param), "invalid_training_file", format!("Invalid training file: {nothing}"))
         }
         DataCheckError::Server(message) => ApiError::internal(message),
+        DataCheckError::Abandoned => ApiError::internal("a data check was abandoned"),
     })
 }
 

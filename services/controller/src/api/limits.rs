@@ -18,48 +18,52 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
 use crate::AppState;
 
-/// Token buckets, one per key.
-pub struct RateLimiter {
-    per_second: f64,
-    burst: f64,
-    buckets: Mutex<HashMap<[u8; 16], Bucket>>,
+/// Event streams open per API key (SSE of a job's events, streamed completions): a client may
+/// hold at most `max_streams_per_key` at once on a replica, so one tenant cannot take every
+/// connection.
+#[derive(Default)]
+pub struct StreamCounts {
+    open: Mutex<HashMap<[u8; 32], usize>>,
 }
 
-#[derive(Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
+/// One open stream; dropping it frees the place.
+pub struct StreamSlot {
+    counts: std::sync::Arc<StreamCounts>,
+    key: [u8; 32],
 }
 
-impl RateLimiter {
-    /// `per_minute` = 0 turns limiting off.
-    pub fn new(per_minute: u32) -> Option<RateLimiter> {
-        (per_minute > 0).then(|| RateLimiter {
-            per_second: f64::from(per_minute) / 60.0,
-            burst: (f64::from(per_minute) / 6.0).max(1.0),
-            buckets: Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// Takes one token for `key`; Err(seconds to wait) when there is none.
-    pub fn take(&self, key: &str, now: Instant) -> Result<(), u64> {
-        let digest = Sha256::digest(key.as_bytes());
-        let id: [u8; 16] = digest[..16].try_into().expect("16 of 32 bytes");
-        let mut buckets = self.buckets.lock().expect("rate limiter lock");
-        let bucket = buckets.entry(id).or_insert(Bucket { tokens: self.burst, at: now });
-        bucket.tokens = (bucket.tokens + now.saturating_duration_since(bucket.at).as_secs_f64() * self.per_second).min(self.burst);
-        bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(((1.0 - bucket.tokens) / self.per_second).ceil().max(1.0) as u64)
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.counts.open.lock().expect("stream counts lock");
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
         }
+    }
+}
+
+impl StreamCounts {
+    /// A place for one more stream of `key`, or 429 at the cap.
+    pub fn open(self: &std::sync::Arc<Self>, key: &[u8; 32], max: usize) -> Result<StreamSlot, ApiError> {
+        let mut open = self.open.lock().expect("stream counts lock");
+        let n = open.entry(*key).or_insert(0);
+        if *n >= max {
+            return Err(ApiError {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                kind: "requests",
+                message: format!("This API key has {max} streams open already; close one (or wait for one to end) and retry."),
+                param: None,
+                code: Some("too_many_streams".into()),
+            });
+        }
+        *n += 1;
+        Ok(StreamSlot { counts: self.clone(), key: *key })
     }
 }
 
@@ -75,7 +79,7 @@ pub async fn rate_limit(State(state): State<AppState>, request: Request, next: N
                 kind: "requests",
                 message: format!(
                     "Rate limit reached for this API key: {:.0} requests per minute. Retry after {wait} s.",
-                    limiter.per_second * 60.0
+                    limiter.per_minute()
                 ),
                 param: None,
                 code: Some("rate_limit_exceeded".into()),
@@ -120,19 +124,18 @@ pub async fn timeout(State(state): State<AppState>, request: Request, next: Next
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::sync::Arc;
 
     #[test]
-    fn a_burst_is_allowed_then_requests_wait_for_the_refill() {
-        let limiter = RateLimiter::new(60).unwrap(); // 1 per second, bursts of 10
-        let start = Instant::now();
-        for _ in 0..10 {
-            limiter.take("key-a", start).unwrap();
-        }
-        assert_eq!(limiter.take("key-a", start), Err(1));
-        assert!(limiter.take("key-b", start).is_ok(), "another key has its own bucket");
-        assert!(limiter.take("key-a", start + Duration::from_millis(1000)).is_ok(), "a second refills one token");
-        assert_eq!(limiter.take("key-a", start + Duration::from_millis(1000)), Err(1));
-        assert!(RateLimiter::new(0).is_none(), "0 turns limiting off");
+    fn a_key_holds_at_most_its_streams_and_a_closed_one_frees_a_place() {
+        let counts = Arc::new(StreamCounts::default());
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let first = counts.open(&a, 2).unwrap();
+        let _second = counts.open(&a, 2).unwrap();
+        let refused = counts.open(&a, 2).err().expect("a third stream of the same key is refused");
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(counts.open(&b, 2).is_ok(), "another key has its own places");
+        drop(first);
+        assert!(counts.open(&a, 2).is_ok());
     }
 }

@@ -87,14 +87,17 @@ pub async fn stream(
     let job_id = super::job_id(&id)?;
     get_job(&state.pool, &project.id, &job_id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
     let start = q.after.as_deref().and_then(|a| EventId::parse(a).ok()).and_then(|e| e.sequence_in(job_id.as_str())).unwrap_or(0);
+    let slot = state.streams.open(&project.key_digest, state.config.max_streams_per_key)?;
     struct Cursor {
         state: AppState,
         project: String,
         job: lathe_core::JobId,
         after: i64,
         done: bool,
+        /// Held while the stream lives: this key's place under its stream cap.
+        _slot: super::limits::StreamSlot,
     }
-    let cursor = Cursor { state, project: project.id, job: job_id, after: start, done: false };
+    let cursor = Cursor { state, project: project.id, job: job_id, after: start, done: false, _slot: slot };
     let events = stream::unfold(cursor, |mut c| async move {
         loop {
             if c.done {

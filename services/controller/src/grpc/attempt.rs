@@ -28,6 +28,7 @@ use tonic::{Status, Streaming};
 use tracing::Instrument;
 
 use super::status;
+use super::wire::{self, Refused};
 use crate::result_file::results_csv;
 use crate::AppState;
 
@@ -76,8 +77,9 @@ pub(super) async fn open(
     let _ = tx.send(Ok(down(Down::Ack(Ack { seq: first.seq })))).await;
     // Every log line about this attempt carries the job, the attempt and the worker.
     let span = tracing::info_span!("attempt", job_id = %hello.job_id, attempt, worker_id = %worker_id);
+    let revoked = state.revocations.watch(&worker_id);
     let attempt = Attempt { state, job, attempt };
-    tokio::spawn(attempt.serve(inbound, tx).instrument(span));
+    tokio::spawn(attempt.serve(inbound, tx, revoked).instrument(span));
     Ok(ReceiverStream::new(rx))
 }
 
@@ -94,11 +96,21 @@ impl Attempt {
         self.job.id.as_str()
     }
 
-    async fn serve(self, mut inbound: Streaming<WorkerMessage>, tx: mpsc::Sender<Result<ControllerMessage, Status>>) {
+    async fn serve(
+        self,
+        mut inbound: Streaming<WorkerMessage>,
+        tx: mpsc::Sender<Result<ControllerMessage, Status>>,
+        mut revoked: super::revocation::Watch,
+    ) {
         let mut poll = tokio::time::interval(CONTROL_POLL);
         let (mut cancel_sent, mut pause_sent) = (false, false);
         loop {
             tokio::select! {
+                () = revoked.revoked() => {
+                    // The revocation gave the job back already; nothing more is taken from here.
+                    let _ = tx.send(Ok(lease_lost("this worker was revoked"))).await;
+                    break;
+                }
                 message = inbound.message() => {
                     let message = match message {
                         Ok(Some(message)) => message,
@@ -114,7 +126,16 @@ impl Attempt {
                                 break;
                             }
                         }
-                        Err(StoreError::StaleAttempt { .. }) | Err(StoreError::NotFound) => {
+                        Err(ReportError::Refused(refused)) => {
+                            // A report that can never be stored: resending it would block every
+                            // report behind it. Acked and dropped; the tenant sees the field in
+                            // the controller's words, the operator the details.
+                            tracing::error!(field = refused.field, why = refused.why, "a worker report was refused");
+                            let message = format!("A report from the worker was refused and dropped ({refused})");
+                            self.state.note_event(self.job_id(), EventLevel::Error, &message, None).await;
+                            let _ = tx.send(Ok(down(Down::Ack(Ack { seq })))).await;
+                        }
+                        Err(ReportError::Store(StoreError::StaleAttempt { .. })) | Err(ReportError::Store(StoreError::NotFound)) => {
                             // The user cancelled this very attempt: what it reports is moot (ack
                             // it so the worker's outbox drains) and it is told to stop as
                             // cancelled, not as a worker that lost its lease.
@@ -129,19 +150,18 @@ impl Attempt {
                             let _ = tx.send(Ok(lease_lost("the attempt no longer holds the job"))).await;
                             break;
                         }
-                        Err(StoreError::Unavailable(error)) => {
+                        Err(ReportError::Store(StoreError::Unavailable(error))) => {
                             // Not acked: the worker reconnects and resends once Postgres is back.
                             tracing::warn!(%error, "attempt write failed; the worker will resend");
                             let _ = tx.send(Err(status(StoreError::Unavailable(error)))).await;
                             break;
                         }
-                        Err(other) => {
-                            // A report that can never be stored (a path outside the job, a value
-                            // Postgres refuses): resending it would block every report behind it.
-                            // Acked and dropped, with an error event the user can see.
-                            tracing::error!(error = %other, "a worker report was refused");
-                            let message = format!("A report from the worker was refused: {other}");
-                            self.state.note_event(self.job_id(), EventLevel::Error, &message, None).await;
+                        Err(ReportError::Store(other)) => {
+                            // Postgres refused a value the checks let through: the same as a
+                            // refusal, but the cause is ours, so the tenant sees no detail.
+                            tracing::error!(error = %other, "a worker report could not be stored");
+                            let message = "A report from the worker could not be stored and was dropped";
+                            self.state.note_event(self.job_id(), EventLevel::Error, message, None).await;
                             let _ = tx.send(Ok(down(Down::Ack(Ack { seq })))).await;
                         }
                     }
@@ -180,23 +200,23 @@ impl Attempt {
     }
 
     /// One message from the worker, written fenced by the attempt.
-    async fn handle(&self, message: WorkerMessage) -> Result<Next, StoreError> {
+    async fn handle(&self, message: WorkerMessage) -> Result<Next, ReportError> {
         let event_seq = message.seq as i64 * EVENTS_PER_MESSAGE;
         match message.body {
             None | Some(Up::Hello(_)) => Ok(Next::Continue),
             Some(Up::Metrics(batch)) => self.record_metrics(batch, event_seq).await,
-            Some(Up::Log(log)) => self.record_log(log, event_seq).await,
+            Some(Up::Log(log)) => Ok(self.record_log(log, event_seq).await?),
             Some(Up::Checkpoint(checkpoint)) => self.commit_checkpoint(checkpoint, event_seq).await,
-            Some(Up::Finish(finish)) => self.on_finish(finish).await,
-            Some(Up::Fail(fail)) => self.on_fail(fail).await,
-            Some(Up::Stopped(stopped)) => self.on_stopped(stopped).await,
+            Some(Up::Finish(finish)) => Ok(self.on_finish(finish).await?),
+            Some(Up::Fail(fail)) => Ok(self.on_fail(fail).await?),
+            Some(Up::Stopped(stopped)) => Ok(self.on_stopped(stopped).await?),
         }
     }
 
     /// A batch of metric points: the loss curve and its `metrics` events, in one transaction.
-    async fn record_metrics(&self, batch: lathe_proto::v1::MetricsBatch, event_seq: i64) -> Result<Next, StoreError> {
+    async fn record_metrics(&self, batch: lathe_proto::v1::MetricsBatch, event_seq: i64) -> Result<Next, ReportError> {
         let (pool, job_id, attempt) = (&self.state.pool, self.job_id(), self.attempt);
-        let points: Vec<MetricPoint> = batch.points.iter().map(to_store_point).collect();
+        let points: Vec<MetricPoint> = wire::metric_points(&batch.points)?;
         let events: Vec<NewEvent> = batch
             .points
             .iter()
@@ -225,22 +245,24 @@ impl Attempt {
         // A worker's event is shown to the tenant and kept for the job's life: bounded, so a
         // worker (buggy or hostile) cannot store megabytes per message.
         let data = if log.data_json.len() <= MAX_EVENT_DATA_BYTES { serde_json::from_str(&log.data_json).ok() } else { None };
+        let data = data.map(wire::storable_json);
         let event = NewEvent { seq: event_seq, level, kind: "message".into(), message: bounded_message(&log.message), data };
         append_events(pool, job_id, attempt, &[event]).await?;
         Ok(Next::Continue)
     }
 
     /// A checkpoint the worker wrote (inside the job's directory) becomes the resume point.
-    async fn commit_checkpoint(&self, checkpoint: lathe_proto::v1::CheckpointCommit, event_seq: i64) -> Result<Next, StoreError> {
+    async fn commit_checkpoint(&self, checkpoint: lathe_proto::v1::CheckpointCommit, event_seq: i64) -> Result<Next, ReportError> {
         let (pool, job_id, attempt) = (&self.state.pool, self.job_id(), self.attempt);
         let path = self
             .state
             .storage
             .lexically_inside_job_dir(job_id, &checkpoint.path)
             .map(|p| p.display().to_string())
-            .ok_or_else(|| StoreError::Conflict(format!("checkpoint path {:?} is outside the job's directory", checkpoint.path)))?;
+            .ok_or(Refused { field: "checkpoint.path".into(), why: "outside the job's directory" })?;
+        let step = wire::step("checkpoint.step", checkpoint.step)?;
         let metrics: serde_json::Value = serde_json::from_str(&checkpoint.metrics_json).unwrap_or_else(|_| json!({}));
-        commit_checkpoint(pool, job_id, attempt, checkpoint.step as i64, &path, &metrics).await?;
+        commit_checkpoint(pool, job_id, attempt, step, &path, &wire::storable_json(metrics)).await?;
         let event = NewEvent {
             seq: event_seq,
             level: EventLevel::Info,
@@ -261,9 +283,12 @@ impl Attempt {
             Err(other) => {
                 // Retrying cannot help (an output the controller cannot read): the job
                 // fails with a clear code instead of crashing its workers forever.
+                tracing::error!(error = %other, "the attempt's outputs could not be stored");
                 let error = JobError {
                     code: "result_files_failed".into(),
-                    message: format!("training finished but its outputs could not be stored: {other}"),
+                    message:
+                        "Training finished but its outputs could not be stored (the worker reported files the controller cannot publish)"
+                            .into(),
                     param: None,
                 };
                 finish_attempt(pool, job_id, attempt, AttemptOutcome::Failed(error), &self.state.config.retry).await?;
@@ -278,14 +303,17 @@ impl Attempt {
     async fn on_fail(&self, fail: lathe_proto::v1::Fail) -> Result<Next, StoreError> {
         let (pool, job_id, attempt) = (&self.state.pool, self.job_id(), self.attempt);
         let class = FailureClass::try_from(fail.class).unwrap_or(FailureClass::Crash);
-        let fail = lathe_proto::v1::Fail { message: text(&fail.message), code: text(&fail.code), ..fail };
+        let code = if fail.code.is_empty() && class == FailureClass::BadInput { "invalid_job" } else { fail.code.as_str() };
+        let reported = wire::reported_error(code, &fail.message);
+        let fail = lathe_proto::v1::Fail { message: reported.message.clone(), code: reported.code.clone(), ..fail };
         let outcome = match class {
-            FailureClass::BadInput => AttemptOutcome::Failed(JobError {
-                code: if fail.code.is_empty() { "invalid_job".into() } else { fail.code.clone() },
-                message: fail.message.clone(),
-                param: None,
-            }),
+            FailureClass::BadInput => AttemptOutcome::Failed(reported),
             FailureClass::Preempted => AttemptOutcome::Preempted { reason: fail.message.clone() },
+            FailureClass::Infrastructure => {
+                self.state.telemetry.infrastructure_faults.get_or_create(&vec![("code".to_string(), fail.code.clone())]).inc();
+                tracing::error!(code = fail.code, message = fail.message, "infrastructure fault under an attempt");
+                AttemptOutcome::Faulted { reason: format!("{}: {}", fail.code, fail.message) }
+            }
             _ => AttemptOutcome::Crashed { reason: fail.message.clone() },
         };
         let job = finish_attempt(pool, job_id, attempt, outcome, &self.state.config.retry).await?;
@@ -293,6 +321,13 @@ impl Attempt {
         let (level, message) = match class {
             FailureClass::BadInput => (EventLevel::Error, format!("Job failed: {}", fail.message)),
             FailureClass::Preempted => (EventLevel::Warn, "Worker preempted; the job goes back to the queue".to_string()),
+            FailureClass::Infrastructure => (
+                EventLevel::Warn,
+                format!(
+                    "Attempt {attempt} stopped on an infrastructure fault ({}); the job is queued again from its last checkpoint, no retry spent",
+                    fail.code
+                ),
+            ),
             _ => (EventLevel::Error, format!("Attempt {attempt} crashed: {}; status now {}", fail.message, job.status.as_str())),
         };
         self.state.note_event(job_id, level, &message, None).await;
@@ -395,15 +430,29 @@ impl Attempt {
     }
 }
 
+/// Why a worker's message was not stored.
+enum ReportError {
+    Store(StoreError),
+    /// A value no store could take (see [`wire`]).
+    Refused(Refused),
+}
+
+impl From<StoreError> for ReportError {
+    fn from(error: StoreError) -> Self {
+        ReportError::Store(error)
+    }
+}
+
+impl From<Refused> for ReportError {
+    fn from(refused: Refused) -> Self {
+        ReportError::Refused(refused)
+    }
+}
+
 /// Where a result file's bytes come from.
 enum Source {
     Bytes(Vec<u8>),
     Path(std::path::PathBuf),
-}
-
-/// Text from a worker, made storable: Postgres text cannot hold NUL.
-fn text(value: &str) -> String {
-    value.replace('\0', "\u{FFFD}")
 }
 
 /// Longest event message stored from a worker, in bytes; the rest is cut with a note.
@@ -413,29 +462,13 @@ pub const MAX_EVENT_DATA_BYTES: usize = 16 * 1024;
 
 fn bounded_message(message: &str) -> String {
     if message.len() <= MAX_EVENT_MESSAGE_BYTES {
-        return text(message);
+        return wire::storable(message);
     }
     let mut end = MAX_EVENT_MESSAGE_BYTES;
     while !message.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}… (cut from {} bytes)", text(&message[..end]), message.len())
-}
-
-fn to_store_point(p: &WireMetricPoint) -> MetricPoint {
-    MetricPoint {
-        step: p.step as i64,
-        total_steps: Some(p.total_steps as i64),
-        train_loss: p.train_loss.map(|v| v as f32),
-        valid_loss: p.valid_loss.map(|v| v as f32),
-        train_mean_token_accuracy: p.train_mean_token_accuracy.map(|v| v as f32),
-        valid_mean_token_accuracy: p.valid_mean_token_accuracy.map(|v| v as f32),
-        learning_rate: Some(p.learning_rate),
-        grad_norm: p.grad_norm.map(|v| v as f32),
-        tokens_per_second: p.tokens_per_second.map(|v| v as f32),
-        tokens_seen: Some(p.tokens_seen as i64),
-        memory_bytes: p.memory_bytes.map(|v| v as i64),
-    }
+    format!("{}… (cut from {} bytes)", wire::storable(&message[..end]), message.len())
 }
 
 /// OpenAI's `metrics` event for one step.

@@ -5,7 +5,7 @@ use lathe_proto::v1::{
     ClaimEvaluationRequest, ClaimEvaluationResponse, EvaluationProgress, EvaluationRef, FailEvaluationRequest, FailureClass,
     FinishEvaluationRequest,
 };
-use lathe_store::evaluations::{self, EvaluationClaim, EvaluationFailure, EvaluationItem};
+use lathe_store::evaluations::{self, EvaluationClaim, EvaluationFailure};
 use lathe_store::files::get_file;
 use lathe_store::jobs::{get_job_unscoped, JobError};
 use lathe_store::StoreError;
@@ -102,7 +102,7 @@ async fn describe(state: &AppState, claim: &EvaluationClaim) -> Result<ClaimEval
 }
 
 /// Renews the leases of the evaluations a heartbeat lists; returns those the worker lost.
-pub async fn renew(state: &AppState, worker_id: &str, running: Vec<EvaluationProgress>) -> Result<Vec<EvaluationRef>, Status> {
+pub async fn renew(state: &AppState, worker_id: &str, running: Vec<EvaluationProgress>) -> Result<Vec<EvaluationRef>, StoreError> {
     let mut lost = Vec::new();
     for progress in running {
         let counts = (progress.items_total > 0).then_some((progress.items_done as i32, progress.items_total as i32));
@@ -120,7 +120,7 @@ pub async fn renew(state: &AppState, worker_id: &str, running: Vec<EvaluationPro
             Err(StoreError::StaleAttempt { .. }) | Err(StoreError::NotFound) => {
                 lost.push(EvaluationRef { evaluation_id: progress.evaluation_id, attempt: progress.attempt })
             }
-            Err(other) => return Err(status(other)),
+            Err(other) => return Err(other),
         }
     }
     Ok(lost)
@@ -132,17 +132,8 @@ pub async fn finish(state: &AppState, worker_id: &str, request: FinishEvaluation
     if !result.get("accuracy").is_some_and(|a| a.is_number()) {
         return Err(Status::invalid_argument("result_json: no accuracy"));
     }
-    let items: Vec<EvaluationItem> = request
-        .items
-        .into_iter()
-        .map(|i| EvaluationItem {
-            index: i.index as i32,
-            expected: i.expected,
-            extracted: i.extracted,
-            correct: i.correct,
-            output: i.output,
-        })
-        .collect();
+    let result = super::wire::storable_json(result);
+    let items = super::wire::evaluation_items(request.items)?;
     let evaluation =
         evaluations::finish_evaluation(&state.pool, &request.evaluation_id, request.attempt as i32, worker_id, &result, &items)
             .await
@@ -159,19 +150,19 @@ pub async fn finish(state: &AppState, worker_id: &str, request: FinishEvaluation
 }
 
 pub async fn fail(state: &AppState, worker_id: &str, request: FailEvaluationRequest) -> Result<(), Status> {
+    let reported = super::wire::reported_error(&request.code, &request.message);
     let failure = match FailureClass::try_from(request.class).unwrap_or(FailureClass::Unspecified) {
-        FailureClass::BadInput => {
-            EvaluationFailure::BadInput(JobError { code: request.code.clone(), message: request.message.clone(), param: None })
-        }
-        FailureClass::Preempted => EvaluationFailure::Preempted,
+        FailureClass::BadInput => EvaluationFailure::BadInput(reported.clone()),
+        // Not the evaluation's fault: back to the queue for free.
+        FailureClass::Preempted | FailureClass::Infrastructure => EvaluationFailure::Preempted,
         FailureClass::Crash | FailureClass::Unspecified => {
-            EvaluationFailure::Crashed { reason: format!("{}: {}", request.code, request.message) }
+            EvaluationFailure::Crashed { reason: format!("{}: {}", reported.code, reported.message) }
         }
     };
     let evaluation =
         evaluations::fail_evaluation(&state.pool, &request.evaluation_id, request.attempt as i32, worker_id, failure, &state.config.retry)
             .await
             .map_err(status)?;
-    tracing::warn!(evaluation_id = %evaluation.id, code = request.code, message = request.message, status = evaluation.status.as_str(), "evaluation attempt failed");
+    tracing::warn!(evaluation_id = %evaluation.id, code = reported.code, message = request.message, status = evaluation.status.as_str(), "evaluation attempt failed");
     Ok(())
 }

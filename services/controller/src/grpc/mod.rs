@@ -1,10 +1,19 @@
 //! The `WorkerService` of `proto/lathe/v1/worker.proto`: register, heartbeat, claim, and the
 //! per-attempt stream ([`attempt`]). Workers hold no database credentials; every change they
 //! make to a job goes through here, fenced by the attempt number they were given at claim.
+//!
+//! Trust (docs/architecture.md §3, "Worker trust"): every call is rate limited and
+//! authenticated ([`caller`]); an identity may do only what its grant allows (train in its
+//! pools, or serve); what a worker sends is checked before it is stored ([`wire`]); its
+//! streams close when it is revoked ([`revocation`]); the port itself is bounded ([`listener`]).
 
 mod attempt;
+pub mod caller;
 mod evaluation;
+pub mod listener;
+pub mod revocation;
 mod serve;
+mod wire;
 
 use std::pin::Pin;
 
@@ -20,13 +29,14 @@ use lathe_store::files::get_file;
 use lathe_store::jobs::get_job_unscoped;
 use lathe_store::jobs::JobError;
 use lathe_store::time::OffsetDateTime;
-use lathe_store::workers::{self, NewWorker};
+use lathe_store::workers::{self, AuthenticatedWorker, Enrolment, NewWorker, ROLE_SERVING, ROLE_TRAINING};
 use lathe_store::StoreError;
 use tokio_stream::Stream;
-use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::AppState;
+
+use caller::{bearer, look_up, Lookup, UNKNOWN_TOKEN};
 
 pub fn server(state: AppState) -> WorkerServiceServer<Service> {
     // A finished evaluation reports every item's raw output in one message (a 1000-item
@@ -63,26 +73,53 @@ fn millis(t: OffsetDateTime) -> i64 {
     (t.unix_timestamp_nanos() / 1_000_000) as i64
 }
 
-/// The `authorization: Bearer <token>` of a request.
-fn bearer(metadata: &MetadataMap) -> Result<&str, Status> {
-    metadata
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .ok_or_else(|| Status::unauthenticated("missing 'authorization: Bearer <worker token>'"))
-}
-
-const UNKNOWN_TOKEN: &str =
-    "unknown or revoked worker token (a fleet secret: --fleet-secret or 'lathe admin create-fleet'; one worker: 'lathe admin create-worker')";
-
 impl Service {
-    /// The worker a request's `authorization: Bearer <token>` belongs to.
-    async fn worker_id(&self, metadata: &MetadataMap) -> Result<String, Status> {
-        workers::authenticate_worker(&self.state.pool, bearer(metadata)?)
-            .await
-            .map_err(status)?
-            .ok_or_else(|| Status::unauthenticated(UNKNOWN_TOKEN))
+    /// The worker behind a call's token, after its rate limit; see [`caller`].
+    async fn caller<T>(&self, request: &Request<T>) -> Result<AuthenticatedWorker, Status> {
+        let token = bearer(request.metadata())?;
+        let gate = &self.state.worker_gate;
+        gate.admit(token)?;
+        let peer = request.remote_addr();
+        gate.check_peer(peer)?;
+        match look_up(&self.state.pool, gate, token).await? {
+            Lookup::Worker(worker) => Ok(worker),
+            Lookup::Unknown => {
+                gate.failed(peer);
+                Err(Status::unauthenticated(UNKNOWN_TOKEN))
+            }
+        }
+    }
+
+    /// A caller that may take jobs and evaluations: a training identity, not an inference server.
+    async fn trainer<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let worker = self.caller(request).await?;
+        if worker.serving || !worker.grant.allows(ROLE_TRAINING) {
+            return Err(Status::permission_denied("this worker is not a training worker: it may not claim jobs or evaluations"));
+        }
+        Ok(worker.id)
+    }
+
+    /// Enrols a new instance with a fleet secret, within the fleet's rate and terms.
+    async fn enrol(&self, secret: &str, registration: NewWorker<'_>) -> Result<(String, String), Status> {
+        if let Some(enrolments) = &self.state.worker_gate.enrolments {
+            if let Err(wait) = enrolments.take(secret, std::time::Instant::now()) {
+                return Err(Status::resource_exhausted(format!(
+                    "this fleet enrols at most {:.0} workers a minute; retry in {wait} s",
+                    enrolments.per_minute()
+                )));
+            }
+        }
+        match workers::enroll_worker(&self.state.pool, secret, registration, self.state.config.lease).await.map_err(status)? {
+            Enrolment::Enrolled(enrolled) => {
+                tracing::info!(worker_id = enrolled.worker.id, fleet_id = ?enrolled.worker.fleet_id, "worker enrolled");
+                Ok((enrolled.worker.id, enrolled.token))
+            }
+            Enrolment::UnknownSecret => Err(Status::unauthenticated(UNKNOWN_TOKEN)),
+            Enrolment::Refused(field, why) => Err(Status::permission_denied(format!("{field}: {why}"))),
+            Enrolment::FleetFull { fleet, max_workers } => Err(Status::resource_exhausted(format!(
+                "fleet {fleet:?} has its {max_workers} live workers already (its max_workers); retry when one leaves"
+            ))),
+        }
     }
 }
 
@@ -90,23 +127,23 @@ impl Service {
 impl WorkerService for Service {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
         let token = bearer(request.metadata())?.to_string();
-        let r = request.into_inner();
+        self.state.worker_gate.admit(&token)?;
+        let peer = request.remote_addr();
+        self.state.worker_gate.check_peer(peer)?;
+        let r = wire::registration(request.into_inner())?;
         let device_kind = match DeviceKind::try_from(r.device_kind).unwrap_or(DeviceKind::Unspecified) {
             DeviceKind::Cuda => "cuda",
             DeviceKind::Rocm => "rocm",
             DeviceKind::Cpu | DeviceKind::Unspecified => "cpu",
         };
         let pools = if r.pools.is_empty() { vec![lathe_core::spec::DEFAULT_POOL.to_string()] } else { r.pools };
-        for pool in &pools {
-            lathe_queue::Pool::parse(pool).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        }
         let non_empty = |s: &str| Some(s.to_string()).filter(|s| !s.is_empty());
         let (gpu_name, slurm_job_id, pod_name) = (non_empty(&r.gpu_name), non_empty(&r.slurm_job_id), non_empty(&r.pod_name));
         let registration = NewWorker {
             name: &r.name,
             device_kind,
             gpu_name: gpu_name.as_deref(),
-            gpu_memory_bytes: Some(r.gpu_memory_bytes as i64).filter(|b| *b > 0),
+            gpu_memory_bytes: Some(r.gpu_memory_bytes.min(i64::MAX as u64) as i64).filter(|b| *b > 0),
             gpus: r.gpus.clamp(1, 1024) as i32,
             nodes: r.nodes.clamp(1, 64) as i32,
             pools: &pools,
@@ -117,21 +154,23 @@ impl WorkerService for Service {
         };
         let pool = &self.state.pool;
         // The worker's own token, else a fleet secret: enrol a new instance and hand it its token.
-        let (worker_id, worker_token) = match workers::authenticate_worker(pool, &token).await.map_err(status)? {
-            Some(worker_id) => {
-                workers::update_registration(pool, &worker_id, registration).await.map_err(status)?;
-                (worker_id, String::new())
+        let (worker_id, worker_token) = match look_up(pool, &self.state.worker_gate, &token).await? {
+            Lookup::Worker(worker) => {
+                if let Some((field, why)) = worker.grant.refusal(&pools, r.serving) {
+                    return Err(Status::permission_denied(format!("{field}: {why}")));
+                }
+                workers::update_registration(pool, &worker.id, registration).await.map_err(status)?;
+                (worker.id, String::new())
             }
-            None => {
-                let enrolled = workers::enroll_worker(pool, &token, registration)
-                    .await
-                    .map_err(status)?
-                    .ok_or_else(|| Status::unauthenticated(UNKNOWN_TOKEN))?;
-                tracing::info!(worker_id = enrolled.worker.id, fleet_id = ?enrolled.worker.fleet_id, "worker enrolled");
-                (enrolled.worker.id, enrolled.token)
-            }
+            Lookup::Unknown => match self.enrol(&token, registration).await {
+                Err(refused) if refused.code() == tonic::Code::Unauthenticated => {
+                    self.state.worker_gate.failed(peer);
+                    return Err(refused);
+                }
+                other => other?,
+            },
         };
-        tracing::info!(worker_id, name = %r.name, device_kind, pools = ?pools, slurm_job_id, pod_name, "worker registered");
+        tracing::info!(worker_id, name = %r.name, device_kind, pools = ?pools, slurm_job_id, pod_name, serving = r.serving, "worker registered");
         Ok(Response::new(RegisterResponse {
             worker_id,
             heartbeat_interval_ms: self.state.config.heartbeat_interval.as_millis() as u32,
@@ -141,54 +180,45 @@ impl WorkerService for Service {
     }
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
-        let worker_id = self.worker_id(request.metadata()).await?;
-        let r = request.into_inner();
-        workers::heartbeat(&self.state.pool, &worker_id).await.map_err(status)?;
-        let mut response =
-            HeartbeatResponse { draining: workers::is_draining(&self.state.pool, &worker_id).await.map_err(status)?, ..Default::default() };
-        for running in r.running {
-            match renew_lease(&self.state.pool, &running.job_id, running.attempt as i32, &worker_id, self.state.config.lease).await {
-                Ok(renewal) => response.renewed.push(Lease {
-                    job_id: running.job_id,
-                    attempt: running.attempt,
-                    expires_at_unix_ms: millis(renewal.lease_expires_at),
-                }),
-                Err(StoreError::StaleAttempt { .. }) | Err(StoreError::NotFound) => {
-                    response.lost.push(AttemptRef { job_id: running.job_id, attempt: running.attempt })
-                }
-                Err(other) => return Err(status(other)),
+        let worker_id = self.caller(&request).await?.id;
+        match self.renew(&worker_id, request.into_inner()).await {
+            Err(StoreError::Unavailable(error)) => {
+                // Nothing renewed, and nothing can be taken from the worker either: it keeps
+                // working, and the leases are extended for the outage when Postgres is back.
+                tracing::warn!(worker_id, %error, "heartbeat while Postgres is unreachable");
+                Ok(Response::new(HeartbeatResponse { database_unavailable: true, ..Default::default() }))
             }
+            Err(other) => Err(status(other)),
+            Ok(response) => Ok(Response::new(response)),
         }
-        response.evaluations_lost = evaluation::renew(&self.state, &worker_id, r.evaluations).await?;
-        Ok(Response::new(response))
     }
 
     async fn leave(&self, request: Request<LeaveRequest>) -> Result<Response<LeaveResponse>, Status> {
-        let worker_id = self.worker_id(request.metadata()).await?;
+        let worker_id = self.caller(&request).await?.id;
         workers::leave(&self.state.pool, &worker_id).await.map_err(status)?;
         tracing::info!(worker_id, reason = request.into_inner().reason, "worker left");
         Ok(Response::new(LeaveResponse {}))
     }
 
     async fn claim_evaluation(&self, request: Request<ClaimEvaluationRequest>) -> Result<Response<ClaimEvaluationResponse>, Status> {
-        let worker_id = self.worker_id(request.metadata()).await?;
+        let worker_id = self.trainer(&request).await?;
         Ok(Response::new(evaluation::claim(&self.state, &worker_id, request.into_inner()).await?))
     }
 
     async fn finish_evaluation(&self, request: Request<FinishEvaluationRequest>) -> Result<Response<FinishEvaluationResponse>, Status> {
-        let worker_id = self.worker_id(request.metadata()).await?;
+        let worker_id = self.trainer(&request).await?;
         evaluation::finish(&self.state, &worker_id, request.into_inner()).await?;
         Ok(Response::new(FinishEvaluationResponse {}))
     }
 
     async fn fail_evaluation(&self, request: Request<FailEvaluationRequest>) -> Result<Response<FailEvaluationResponse>, Status> {
-        let worker_id = self.worker_id(request.metadata()).await?;
+        let worker_id = self.trainer(&request).await?;
         evaluation::fail(&self.state, &worker_id, request.into_inner()).await?;
         Ok(Response::new(FailEvaluationResponse {}))
     }
 
     async fn claim_job(&self, request: Request<ClaimJobRequest>) -> Result<Response<ClaimJobResponse>, Status> {
-        let worker_id = self.worker_id(request.metadata()).await?;
+        let worker_id = self.trainer(&request).await?;
         let r = request.into_inner();
         let state = &self.state;
         let job_id = Some(r.job_id.as_str()).filter(|id| !id.is_empty());
@@ -227,7 +257,7 @@ impl WorkerService for Service {
     type AttemptStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
 
     async fn attempt(&self, request: Request<Streaming<WorkerMessage>>) -> Result<Response<Self::AttemptStream>, Status> {
-        let worker_id = self.worker_id(request.metadata()).await?;
+        let worker_id = self.trainer(&request).await?;
         let stream = attempt::open(self.state.clone(), worker_id, request.into_inner()).await?;
         Ok(Response::new(Box::pin(stream)))
     }
@@ -235,13 +265,40 @@ impl WorkerService for Service {
     type ServeStream = Pin<Box<dyn Stream<Item = Result<ServeCommand, Status>> + Send>>;
 
     async fn serve(&self, request: Request<Streaming<ServeMessage>>) -> Result<Response<Self::ServeStream>, Status> {
-        let worker_id = self.worker_id(request.metadata()).await?;
-        let stream = serve::open(self.state.clone(), worker_id, request.into_inner()).await?;
+        let worker = self.caller(&request).await?;
+        if !worker.serving || !worker.grant.allows(ROLE_SERVING) {
+            return Err(Status::permission_denied(
+                "only a worker registered for serving (lathe worker --serve) by an identity granted the serving role may open Serve",
+            ));
+        }
+        let stream = serve::open(self.state.clone(), worker.id, request.into_inner()).await?;
         Ok(Response::new(Box::pin(stream)))
     }
 }
 
 impl Service {
+    /// A heartbeat's renewals; `Unavailable` when Postgres cannot be reached.
+    async fn renew(&self, worker_id: &str, r: HeartbeatRequest) -> Result<HeartbeatResponse, StoreError> {
+        let pool = &self.state.pool;
+        workers::heartbeat(pool, worker_id).await?;
+        let mut response = HeartbeatResponse { draining: workers::is_draining(pool, worker_id).await?, ..Default::default() };
+        for running in r.running {
+            match renew_lease(pool, &running.job_id, running.attempt as i32, worker_id, self.state.config.lease).await {
+                Ok(expires_at) => response.renewed.push(Lease {
+                    job_id: running.job_id,
+                    attempt: running.attempt,
+                    expires_at_unix_ms: millis(expires_at),
+                }),
+                Err(StoreError::StaleAttempt { .. }) | Err(StoreError::NotFound) => {
+                    response.lost.push(AttemptRef { job_id: running.job_id, attempt: running.attempt })
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        response.evaluations_lost = evaluation::renew(&self.state, worker_id, r.evaluations).await?;
+        Ok(response)
+    }
+
     /// Everything a worker needs for a committed claim.
     async fn claimed(&self, claim: &lathe_store::dispatch::Claim, worker_id: &str) -> Result<ClaimJobResponse, Status> {
         let state = &self.state;

@@ -26,18 +26,26 @@ pub async fn open(
     let (commands, outbox) = mpsc::channel(1024);
     let router = state.inference.clone();
     let connection = router.connect(&worker_id, &hello, commands);
+    let mut revoked = state.revocations.watch(&worker_id);
     tokio::spawn(async move {
         loop {
-            match inbound.message().await {
+            let message = tokio::select! {
+                message = inbound.message() => message,
+                () = revoked.revoked() => break,
+            };
+            match message {
                 Ok(Some(ServeMessage { body: Some(serve_message::Body::Completion(piece)) })) => router.deliver(connection, piece),
                 Ok(Some(_)) => {}
                 Ok(None) => break,
                 Err(status) => {
+                    // Also how a frozen or vanished worker ends: its connection missed the
+                    // keepalive pings and was closed.
                     tracing::warn!(worker_id, %status, "Serve stream broken");
                     break;
                 }
             }
         }
+        // Its requests end (503 to their clients), and it takes no more.
         router.disconnect(connection);
     });
     Ok(ReceiverStream::new(outbox))

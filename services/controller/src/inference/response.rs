@@ -196,16 +196,20 @@ fn text_logprobs(tokens: &[TokenLogprob], mut offset: usize) -> Value {
 
 /// A worker's refusal as the API's error: the request's fault is a 400 naming the field,
 /// the server's a 500.
+/// The worker's refusal as the client sees it. A fault of the request names the field; a fault
+/// of the server is opaque (the worker's words can name its folders and internals): the client
+/// gets the request id, the log gets the details.
 pub fn refusal(error: &CompletionError) -> ApiError {
     if error.bad_request {
         ApiError::invalid(Some(&error.param), &error.code, error.message.clone())
     } else {
+        tracing::error!(code = error.code, message = error.message, "the inference worker failed a request");
         ApiError {
             status: axum::http::StatusCode::INTERNAL_SERVER_ERROR,
             kind: "server_error",
-            message: format!("The inference worker failed: {}", error.message),
+            message: "The inference worker failed to serve this request; retry, or report the request id.".into(),
             param: None,
-            code: Some(error.code.clone()),
+            code: Some("inference_failed".into()),
         }
     }
 }

@@ -230,7 +230,8 @@ pub struct JobSpec {
 /// At most this many evaluations per job.
 pub const MAX_JOB_EVALUATIONS: usize = 8;
 
-fn resolve_evaluations(request: Option<Vec<Value>>) -> Result<Vec<crate::evaluation::EvaluationSpec>, SpecError> {
+/// A job's evaluations run in the job's pool unless they name one.
+fn resolve_evaluations(request: Option<Vec<Value>>, job_pool: &str) -> Result<Vec<crate::evaluation::EvaluationSpec>, SpecError> {
     use crate::evaluation::{EvaluationRequest, EvaluationSpec};
     let requests = request.unwrap_or_default();
     if requests.len() > MAX_JOB_EVALUATIONS {
@@ -248,7 +249,8 @@ fn resolve_evaluations(request: Option<Vec<Value>>) -> Result<Vec<crate::evaluat
                     "a job's evaluations run on the model it fine-tunes; leave model out",
                 ));
             }
-            EvaluationSpec::resolve(&request, &prefix)
+            let pool = request.pool.clone().unwrap_or_else(|| job_pool.to_string());
+            EvaluationSpec::resolve(&EvaluationRequest { pool: Some(pool), ..request }, &prefix)
         })
         .collect()
 }
@@ -276,6 +278,12 @@ fn resolve_decontaminate(request: Option<DecontaminateRequest>) -> Result<Option
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some((i, repeated)) = benchmarks.iter().enumerate().find(|(i, b)| benchmarks[..*i].contains(b)) {
+        return Err(SpecError::invalid(
+            "decontaminate.benchmarks",
+            format!("{repeated} is named twice (at positions {} and {})", benchmarks.iter().position(|b| b == repeated).unwrap_or(0), i),
+        ));
+    }
     Ok(Some(Decontaminate { benchmarks, keep: request.keep.unwrap_or(false) }))
 }
 
@@ -370,7 +378,7 @@ impl TryFrom<CreateJobRequest> for JobSpec {
         };
         let resources = resolve_resources(&request, hyperparameters.batch_size)?;
 
-        let evaluations = resolve_evaluations(request.evaluations)?;
+        let evaluations = resolve_evaluations(request.evaluations, &resources.pool)?;
         if !evaluations.is_empty() && lora.is_none() {
             return Err(SpecError::invalid(
                 "evaluations",
@@ -642,15 +650,21 @@ fn validate_metadata(metadata: Option<BTreeMap<String, String>>) -> Result<BTree
     Ok(metadata)
 }
 
-fn resolve_resources(request: &CreateJobRequest, batch_size: u32) -> Result<Resources, SpecError> {
-    let (pool, gpu_memory_gb, priority) = (request.pool.clone(), request.gpu_memory_gb, request.priority);
+/// A pool name (default [`DEFAULT_POOL`]), by the same rule as the Redis queue's pool keys, so
+/// that accepted work can always be published.
+pub fn resolve_pool(param: &str, pool: Option<String>) -> Result<String, SpecError> {
     let pool = pool.unwrap_or_else(|| DEFAULT_POOL.to_string());
-    // The same rule as the Redis queue's pool keys, so an accepted job can always be published.
     let pool_ok =
         (1..=64).contains(&pool.len()) && pool.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
     if !pool_ok {
-        return Err(SpecError::invalid("pool", format!("{pool:?} must be 1 to 64 lowercase letters, digits, '-' or '_'")));
+        return Err(SpecError::invalid(param, format!("{pool:?} must be 1 to 64 lowercase letters, digits, '-' or '_'")));
     }
+    Ok(pool)
+}
+
+fn resolve_resources(request: &CreateJobRequest, batch_size: u32) -> Result<Resources, SpecError> {
+    let (pool, gpu_memory_gb, priority) = (request.pool.clone(), request.gpu_memory_gb, request.priority);
+    let pool = resolve_pool("pool", pool)?;
     let gpu_memory_gb = match gpu_memory_gb {
         None => None,
         Some(gb) if (1..=4096).contains(&gb) => Some(gb as u32),

@@ -7,6 +7,7 @@ use sqlx::types::time::OffsetDateTime;
 use sqlx::types::Json;
 use sqlx::PgPool;
 
+use super::lease::{self, Work};
 use super::report::{latest_checkpoint_in, Checkpoint};
 use crate::error::corrupt;
 use crate::StoreError;
@@ -43,39 +44,15 @@ struct ClaimedRow {
 }
 
 /// Starts an attempt, or `None` when there is nothing this worker may take (the job is gone,
-/// already claimed, in backoff, too big, not in its pools, or the worker is draining).
+/// already claimed, in backoff, too big, not in its pools, or the worker is draining or may
+/// not train). The compare-and-set is [`lease::claim`]; the attempt's row and the checkpoint
+/// to resume from are written and read in the same transaction.
 pub async fn claim_job(pool: &PgPool, request: ClaimRequest<'_>) -> Result<Option<Claim>, StoreError> {
     let mut tx = pool.begin().await?;
-    let claimed = sqlx::query_as::<_, ClaimedRow>(
-        "WITH worker AS (
-             SELECT id, pools, gpu_memory_bytes, gpus, nodes FROM workers WHERE id = $1 AND NOT draining
-         ), candidate AS (
-             SELECT j.id FROM jobs j, worker w
-             WHERE j.status = 'queued'
-               AND ($2::text IS NULL OR j.id = $2)
-               AND j.pool = ANY(w.pools)
-               AND (j.next_attempt_at IS NULL OR j.next_attempt_at <= now())
-               AND j.nodes <= w.nodes
-               AND j.gpus <= w.gpus * j.nodes
-               AND (j.gpu_memory_gb IS NULL
-                    OR j.gpu_memory_gb::bigint * 1073741824 <= coalesce(w.gpu_memory_bytes, 0))
-             ORDER BY j.priority DESC, j.created_at, j.id
-             LIMIT 1
-             FOR UPDATE OF j SKIP LOCKED
-         )
-         UPDATE jobs SET status = 'running', attempt = jobs.attempt + 1, lease_owner = $1,
-                lease_expires_at = now() + make_interval(secs => $3),
-                started_at = coalesce(started_at, now()), next_attempt_at = NULL
-         FROM candidate
-         WHERE jobs.id = candidate.id AND jobs.status = 'queued'
-         RETURNING jobs.id, jobs.project_id, jobs.attempt, jobs.spec, jobs.lease_expires_at",
-    )
-    .bind(request.worker_id)
-    .bind(request.job_id)
-    .bind(request.lease.as_secs_f64())
-    .fetch_optional(&mut *tx)
-    .await?;
+    let returning = "t.id, t.project_id, t.attempt, t.spec, t.lease_expires_at";
+    let claimed: Option<ClaimedRow> = lease::claim(&mut tx, Work::Job, request.worker_id, request.job_id, request.lease, returning).await?;
     let Some(row) = claimed else {
+        tx.commit().await?;
         return Ok(None);
     };
 
@@ -105,36 +82,13 @@ pub async fn claim_job(pool: &PgPool, request: ClaimRequest<'_>) -> Result<Optio
     }))
 }
 
-/// What a renewal tells the worker besides the new expiry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LeaseRenewal {
-    pub lease_expires_at: OffsetDateTime,
-    /// The user asked to pause: checkpoint, then finish the attempt as paused.
-    pub pause_requested: bool,
-}
-
-/// Extends the lease of the attempt `worker_id` holds. Refused with `StaleAttempt` when the
-/// attempt no longer holds the job (requeued after expiry, cancelled, finished) — the worker
-/// must stop.
-pub async fn renew_lease(pool: &PgPool, job_id: &str, attempt: i32, worker_id: &str, lease: Duration) -> Result<LeaseRenewal, StoreError> {
-    let renewed: Option<(OffsetDateTime, bool)> = sqlx::query_as(
-        "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $4)
-         WHERE id = $1 AND attempt = $2 AND status = 'running' AND lease_owner = $3
-         RETURNING lease_expires_at, pause_requested",
-    )
-    .bind(job_id)
-    .bind(attempt)
-    .bind(worker_id)
-    .bind(lease.as_secs_f64())
-    .fetch_optional(pool)
-    .await?;
-    if let Some((lease_expires_at, pause_requested)) = renewed {
-        return Ok(LeaseRenewal { lease_expires_at, pause_requested });
-    }
-    let current: i32 = sqlx::query_scalar("SELECT attempt FROM jobs WHERE id = $1")
-        .bind(job_id)
-        .fetch_optional(pool)
-        .await?
-        .ok_or(StoreError::NotFound)?;
-    Err(StoreError::StaleAttempt { job: job_id.to_string(), attempt, current })
+/// Extends the lease of the attempt `worker_id` holds; see [`lease::renew`].
+pub async fn renew_lease(
+    pool: &PgPool,
+    job_id: &str,
+    attempt: i32,
+    worker_id: &str,
+    lease: Duration,
+) -> Result<OffsetDateTime, StoreError> {
+    lease::renew(pool, Work::Job, job_id, attempt, worker_id, lease).await
 }

@@ -4,8 +4,9 @@ use sqlx::types::time::OffsetDateTime;
 use sqlx::types::Json;
 use sqlx::PgPool;
 
+use super::lease::{self, Work};
 use super::lock_attempt;
-use super::reconcile::{requeue_after_crash, RetryPolicy};
+use super::reconcile::RetryPolicy;
 use crate::evaluations::{insert_evaluation, NewEvaluation};
 use crate::jobs::{end_live_attempt, get_job_by_id, Job, JobError};
 use crate::StoreError;
@@ -25,6 +26,11 @@ pub enum AttemptOutcome {
     },
     /// SIGTERM from Slurm or Kubernetes after a checkpoint: back to the queue for free.
     Preempted {
+        reason: String,
+    },
+    /// The infrastructure failed under it (storage full): back to the queue for free, after a
+    /// backoff that doubles with each such fault of the job.
+    Faulted {
         reason: String,
     },
     /// The user's pause: the worker checkpointed and stopped. The job is `paused`, or `queued`
@@ -80,17 +86,26 @@ pub async fn finish_attempt(
         }
         AttemptOutcome::Crashed { reason } => {
             end_live_attempt(&mut tx, job_id, "crashed", &reason).await?;
-            requeue_after_crash(&mut tx, job_id, &reason, OffsetDateTime::now_utc(), policy).await?;
+            lease::requeue_after_crash(&mut tx, Work::Job, job_id, &reason, OffsetDateTime::now_utc(), policy).await?;
         }
         AttemptOutcome::Preempted { reason } => {
             end_live_attempt(&mut tx, job_id, "preempted", &reason).await?;
-            release(&mut tx, job_id).await?;
+            lease::release(&mut tx, Work::Job, job_id).await?;
+        }
+        AttemptOutcome::Faulted { reason } => {
+            end_live_attempt(&mut tx, job_id, "faulted", &reason).await?;
+            let faults: i64 = sqlx::query_scalar("SELECT count(*) FROM attempts WHERE job_id = $1 AND outcome = 'faulted'")
+                .bind(job_id)
+                .fetch_one(&mut *tx)
+                .await?;
+            let not_before = OffsetDateTime::now_utc() + policy.backoff(faults.max(1) as u32 - 1);
+            lease::release_after(&mut tx, Work::Job, job_id, Some(not_before)).await?;
         }
         AttemptOutcome::Paused => {
             end_live_attempt(&mut tx, job_id, "paused", "paused by the user").await?;
             // The user may have resumed while the worker was checkpointing for the pause: then
             // the job goes back to the queue instead (and continues from that checkpoint).
-            release(&mut tx, job_id).await?;
+            lease::release(&mut tx, Work::Job, job_id).await?;
         }
     }
     tx.commit().await?;
@@ -102,16 +117,4 @@ pub async fn finish_attempt(
 pub async fn release_preempted(pool: &PgPool, job_id: &str, attempt: i32) -> Result<Job, StoreError> {
     let outcome = AttemptOutcome::Preempted { reason: "preempted".to_string() };
     finish_attempt(pool, job_id, attempt, outcome, &RetryPolicy::default()).await
-}
-
-async fn release(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, job_id: &str) -> Result<(), StoreError> {
-    sqlx::query(
-        "UPDATE jobs SET status = CASE WHEN pause_requested THEN 'paused' ELSE 'queued' END,
-                pause_requested = false, lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = NULL
-         WHERE id = $1",
-    )
-    .bind(job_id)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
 }

@@ -38,11 +38,13 @@
 
 mod claim;
 mod finish;
+pub mod lease;
 mod reconcile;
 pub(crate) mod report;
 
-pub use claim::{claim_job, renew_lease, Claim, ClaimRequest, LeaseRenewal};
+pub use claim::{claim_job, renew_lease, Claim, ClaimRequest};
 pub use finish::{finish_attempt, release_preempted, AttemptOutcome};
+pub use lease::{keep_leases_across_gap, Requeued, Work};
 pub use reconcile::{queued_job_ids, requeue_expired_leases, QueuedJob, RequeuedJob, RetryPolicy, POISON_ERROR_CODE};
 pub use report::{
     add_job_event, append_events, commit_checkpoint, latest_checkpoint, record_metrics, record_progress, Checkpoint, Event, EventLevel,
@@ -53,21 +55,13 @@ use sqlx::{Postgres, Transaction};
 
 use crate::StoreError;
 
-/// Locks the job row and checks the fence: the job is running under `attempt`. `exclusive`
-/// takes `FOR UPDATE` (the caller changes the job row), else `FOR SHARE` (the caller only
-/// appends rows that belong to the attempt, and concurrent appends need not wait on each other).
+/// Locks a job's row and checks the fence (see [`lease::lock_fenced`]); the stream that
+/// writes for an attempt proved its worker when it opened, so the attempt number is the fence.
 pub(crate) async fn lock_attempt(
     tx: &mut Transaction<'_, Postgres>,
     job_id: &str,
     attempt: i32,
     exclusive: bool,
 ) -> Result<(), StoreError> {
-    let lock = if exclusive { "FOR UPDATE" } else { "FOR SHARE" };
-    let row: Option<(i32, String)> =
-        sqlx::query_as(&format!("SELECT attempt, status FROM jobs WHERE id = $1 {lock}")).bind(job_id).fetch_optional(&mut **tx).await?;
-    match row {
-        None => Err(StoreError::NotFound),
-        Some((current, status)) if current == attempt && status == "running" => Ok(()),
-        Some((current, _)) => Err(StoreError::StaleAttempt { job: job_id.to_string(), attempt, current }),
-    }
+    lease::lock_fenced(tx, Work::Job, job_id, attempt, None, exclusive).await
 }

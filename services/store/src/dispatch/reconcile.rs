@@ -5,10 +5,12 @@ use std::time::Duration;
 
 use lathe_core::JobId;
 use sqlx::types::time::OffsetDateTime;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::PgPool;
+
+use super::lease::{self, Work};
 
 use crate::error::corrupt;
-use crate::jobs::{end_live_attempt, parse_status};
+use crate::jobs::parse_status;
 use crate::StoreError;
 use lathe_core::JobStatus;
 
@@ -23,6 +25,14 @@ pub struct RetryPolicy {
     /// Backoff after the first crash; doubled after each further one.
     pub base_backoff: Duration,
     pub max_backoff: Duration,
+}
+
+impl RetryPolicy {
+    /// The wait before the next attempt after `n` earlier ones failed: doubling from the base,
+    /// capped.
+    pub fn backoff(&self, n: u32) -> Duration {
+        self.base_backoff.saturating_mul(1u32 << n.min(20)).min(self.max_backoff)
+    }
 }
 
 impl Default for RetryPolicy {
@@ -42,64 +52,13 @@ pub struct RequeuedJob {
 }
 
 /// Ends every running attempt whose lease expired before `now` as `lease_lost` and counts it
-/// as a crash. Rows locked by another reconciler are skipped, so replicas can run this at once.
+/// as a crash (see [`lease::requeue_expired`]).
 pub async fn requeue_expired_leases(pool: &PgPool, now: OffsetDateTime, policy: &RetryPolicy) -> Result<Vec<RequeuedJob>, StoreError> {
-    let mut tx = pool.begin().await?;
-    let expired: Vec<(String, i32)> = sqlx::query_as(
-        "SELECT id, attempt FROM jobs WHERE status = 'running' AND lease_expires_at < $1
-         ORDER BY lease_expires_at LIMIT 500 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(now)
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut requeued = Vec::with_capacity(expired.len());
-    for (job_id, attempt) in expired {
-        let reason = format!("lease of attempt {attempt} expired");
-        end_live_attempt(&mut tx, &job_id, "lease_lost", &reason).await?;
-        let status = requeue_after_crash(&mut tx, &job_id, &reason, now, policy).await?;
-        requeued.push(RequeuedJob { job_id: JobId::parse(&job_id).map_err(corrupt)?, attempt, status });
-    }
-    tx.commit().await?;
-    Ok(requeued)
-}
-
-/// Spends one retry: back to the queue after a backoff (paused if a pause was pending), or
-/// failed as poison once the budget is spent. The caller holds the row lock and has ended the
-/// attempt.
-pub(crate) async fn requeue_after_crash(
-    tx: &mut Transaction<'_, Postgres>,
-    job_id: &str,
-    reason: &str,
-    now: OffsetDateTime,
-    policy: &RetryPolicy,
-) -> Result<JobStatus, StoreError> {
-    let status: String = sqlx::query_scalar(
-        "UPDATE jobs SET
-             retries = retries + 1,
-             status = CASE WHEN retries + 1 > $2 THEN 'failed'
-                           WHEN pause_requested THEN 'paused' ELSE 'queued' END,
-             error = CASE WHEN retries + 1 > $2 THEN jsonb_build_object(
-                         'code', $3::text,
-                         'message', format('the job crashed or lost its worker %s times; last: %s', retries + 1, $4::text),
-                         'param', NULL)
-                     ELSE error END,
-             finished_at = CASE WHEN retries + 1 > $2 THEN $5 ELSE NULL END,
-             next_attempt_at = CASE WHEN retries + 1 > $2 OR pause_requested THEN NULL
-                                    ELSE $5 + make_interval(secs => least($7, $6 * power(2, retries))) END,
-             pause_requested = false, lease_owner = NULL, lease_expires_at = NULL
-         WHERE id = $1
-         RETURNING status",
-    )
-    .bind(job_id)
-    .bind(policy.max_retries)
-    .bind(POISON_ERROR_CODE)
-    .bind(reason)
-    .bind(now)
-    .bind(policy.base_backoff.as_secs_f64())
-    .bind(policy.max_backoff.as_secs_f64())
-    .fetch_one(&mut **tx)
-    .await?;
-    parse_status(&status)
+    lease::requeue_expired(pool, Work::Job, now, policy)
+        .await?
+        .into_iter()
+        .map(|r| Ok(RequeuedJob { job_id: JobId::parse(&r.id).map_err(corrupt)?, attempt: r.attempt, status: parse_status(&r.status)? }))
+        .collect()
 }
 
 /// A job a worker may claim now, as the reconciler publishes it to Redis.

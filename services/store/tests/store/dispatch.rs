@@ -275,8 +275,7 @@ async fn a_succeeded_attempt_finishes_the_job_with_its_model_and_result_files() 
     let (project_id, job_id) = queued_job(&db.pool, "acme").await;
     let worker_id = worker(&db.pool, "a").await;
     let attempt = claim(&db.pool, &worker_id, &job_id, LEASE).await.unwrap().attempt;
-    let renewal = renew_lease(&db.pool, &job_id, attempt, &worker_id, LEASE).await.unwrap();
-    assert!(!renewal.pause_requested);
+    renew_lease(&db.pool, &job_id, attempt, &worker_id, LEASE).await.unwrap();
     let other_worker = worker(&db.pool, "b").await;
     assert!(matches!(renew_lease(&db.pool, &job_id, attempt, &other_worker, LEASE).await, Err(StoreError::StaleAttempt { .. })));
 
@@ -303,7 +302,7 @@ async fn a_pause_of_a_running_job_reaches_the_worker_and_ends_the_attempt_as_pau
 
     let requested = pause_job(&db.pool, &project_id, &as_job_id(&job_id)).await.unwrap();
     assert_eq!((requested.status, requested.pause_requested), (JobStatus::Running, true));
-    assert!(renew_lease(&db.pool, &job_id, attempt, &worker_id, LEASE).await.unwrap().pause_requested);
+    renew_lease(&db.pool, &job_id, attempt, &worker_id, LEASE).await.unwrap();
 
     commit_checkpoint(&db.pool, &job_id, attempt, 7, "ckpt-7", &json!({})).await.unwrap();
     let paused = finish_attempt(&db.pool, &job_id, attempt, AttemptOutcome::Paused, &RetryPolicy::default()).await.unwrap();
@@ -424,4 +423,61 @@ async fn events_are_numbered_per_job_and_a_reader_following_writers_never_skips_
     let numbers: Vec<i64> =
         sqlx::query_scalar("SELECT job_seq FROM events WHERE job_id = $1").bind(&job_b).fetch_all(&db.pool).await.unwrap();
     assert_eq!(numbers, [1]);
+}
+
+#[tokio::test]
+async fn after_a_gap_in_reconciler_passes_running_leases_are_extended_before_anything_is_requeued() {
+    use lathe_store::dispatch::keep_leases_across_gap;
+    let db = TestDb::new().await;
+    let (_, job_id) = queued_job(&db.pool, "acme").await;
+    let worker_id = worker(&db.pool, "a").await;
+    claim(&db.pool, &worker_id, &job_id, LEASE).await.unwrap();
+    let gap = std::time::Duration::from_secs(15);
+    assert_eq!(keep_leases_across_gap(&db.pool, gap, LEASE).await.unwrap(), None, "the first pass has nothing to compare with");
+    // Postgres was unreachable for five minutes: the lease ran out meanwhile, and the last pass
+    // was five minutes ago.
+    lathe_store::execute(&db.pool, &format!("UPDATE jobs SET lease_expires_at = now() - interval '4 minutes' WHERE id = '{job_id}'"))
+        .await
+        .unwrap();
+    lathe_store::execute(&db.pool, "UPDATE reconciler_state SET last_pass_at = now() - interval '5 minutes'").await.unwrap();
+    let since = keep_leases_across_gap(&db.pool, gap, LEASE).await.unwrap().expect("a gap was seen");
+    assert!(since.as_secs() >= 299, "{since:?}");
+    assert!(requeue_expired_leases(&db.pool, OffsetDateTime::now_utc(), &NO_BACKOFF).await.unwrap().is_empty(), "nothing requeued");
+    // The next pass is on time: nothing more is extended.
+    assert_eq!(keep_leases_across_gap(&db.pool, gap, LEASE).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn revoking_a_worker_gives_its_job_back_at_once_without_spending_a_retry() {
+    let db = TestDb::new().await;
+    let (_, job_id) = queued_job(&db.pool, "acme").await;
+    let worker_id = worker(&db.pool, "doomed").await;
+    let attempt = claim(&db.pool, &worker_id, &job_id, LEASE).await.unwrap().attempt;
+    commit_checkpoint(&db.pool, &job_id, attempt, 4, "ckpt-4", &json!({})).await.unwrap();
+    let (_, released) = lathe_store::workers::revoke_worker(&db.pool, "doomed").await.unwrap();
+    assert_eq!(released.len(), 1);
+    assert_eq!((released[0].id.as_str(), released[0].status.as_str()), (job_id.as_str(), "queued"));
+    let other = worker(&db.pool, "b").await;
+    let next = claim(&db.pool, &other, &job_id, LEASE).await.unwrap();
+    assert_eq!(next.resume_from.map(|c| c.step), Some(4), "the next attempt resumes from the checkpoint");
+    let job = lathe_store::jobs::get_job_unscoped(&db.pool, &as_job_id(&job_id)).await.unwrap();
+    assert_eq!(job.retries, 0);
+}
+
+#[tokio::test]
+async fn a_storage_fault_requeues_the_job_after_a_growing_backoff_without_spending_a_retry() {
+    let db = TestDb::new().await;
+    let (_, job_id) = queued_job(&db.pool, "acme").await;
+    let worker_id = worker(&db.pool, "a").await;
+    let policy = RetryPolicy { max_retries: 0, ..RetryPolicy::default() };
+    for n in 0..2u32 {
+        let attempt = claim(&db.pool, &worker_id, &job_id, LEASE).await.unwrap().attempt;
+        let outcome = AttemptOutcome::Faulted { reason: "storage_full: no space".into() };
+        let job = finish_attempt(&db.pool, &job_id, attempt, outcome, &policy).await.unwrap();
+        assert_eq!((job.status, job.retries), (JobStatus::Queued, 0), "a fault is not the job's: no retry spent (even with none to spend)");
+        let wait = (job.next_attempt_at.expect("a backoff") - OffsetDateTime::now_utc()).as_seconds_f64();
+        let expected = policy.backoff(n).as_secs_f64();
+        assert!((expected - 2.0..=expected + 0.5).contains(&wait), "fault {n}: waits {wait} s, expected ~{expected}");
+        lathe_store::execute(&db.pool, &format!("UPDATE jobs SET next_attempt_at = NULL WHERE id = '{job_id}'")).await.unwrap();
+    }
 }

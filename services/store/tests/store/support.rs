@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use lathe_core::{CreateJobRequest, FileId, FileSummary, JobSpec};
 use lathe_store::files::{insert_file, new_file_id, NewFile, PURPOSE_FINE_TUNE};
-use lathe_store::workers::{register_worker, NewWorker};
+use lathe_store::workers::{register_worker, Grant, NewWorker};
 use lathe_store::{PgPool, PgPoolOptions};
 use rand::distr::{Alphanumeric, SampleString};
 
@@ -110,7 +110,7 @@ pub async fn worker_with(pool: &PgPool, name: &str, pools: &[String], gpu_memory
         pod_name: None,
         serving: false,
     };
-    register_worker(pool, new).await.expect("worker registered").worker.id
+    register_worker(pool, new, &Grant::default()).await.expect("worker registered").worker.id
 }
 
 /// A job id the store handed out as text, typed again for the calls that take a `JobId`.

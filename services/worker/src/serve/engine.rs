@@ -32,6 +32,8 @@ pub struct EngineConfig {
     pub threads: usize,
     pub max_batch: usize,
     pub max_models: usize,
+    /// Special tokens in a request's message contents are made plain text.
+    pub escape_special_tokens: bool,
 }
 
 pub enum Command {
@@ -200,8 +202,13 @@ impl Engine {
             Some(completion_request::Prompt::MessagesJson(json)) => {
                 let value: serde_json::Value =
                     serde_json::from_str(json).map_err(|e| Refusal::bad("messages", "invalid_value", format!("messages: {e}")))?;
-                let messages =
+                let mut messages =
                     lathe_core::training_file::parse_request_messages(&value).map_err(|e| Refusal::bad("messages", "invalid_value", e))?;
+                if self.config.escape_special_tokens {
+                    for message in &mut messages {
+                        message.content = prompter.escape_special_tokens(&message.content);
+                    }
+                }
                 let tools: Option<serde_json::Value> = if request.tools_json.is_empty() {
                     None
                 } else {
@@ -462,9 +469,27 @@ impl Engine {
         });
     }
 
-    fn send(&self, completion: Completion) {
+    fn send(&self, mut completion: Completion) {
+        // A refusal's words reach a tenant: never this worker's folders.
+        if let Some(error) = &mut completion.error {
+            error.message = self.redact(&error.message);
+        }
         // The receiver lives as long as the worker; a send fails only while it shuts down.
         let _ = self.events.send(completion);
+    }
+
+    /// `message` with the models root and the temporary adapter folders named as a tenant
+    /// knows them.
+    fn redact(&self, message: &str) -> String {
+        let root = self.config.models_root.display().to_string();
+        let temp = std::env::temp_dir().display().to_string();
+        let mut message = message.to_string();
+        for (path, name) in [(root.trim_end_matches('/'), "<models>"), (temp.trim_end_matches('/'), "<adapter>")] {
+            if path.len() > 1 {
+                message = message.replace(path, name);
+            }
+        }
+        message
     }
 }
 

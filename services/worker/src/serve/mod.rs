@@ -36,6 +36,8 @@ pub struct ServeConfig {
     pub capacity: usize,
     /// Models kept loaded.
     pub max_models: usize,
+    /// Special tokens in message contents become plain text (no forged turns).
+    pub escape_special_tokens: bool,
 }
 
 /// Serves completions until `shutdown`.
@@ -56,6 +58,7 @@ pub async fn run(
             threads: config.threads,
             max_batch: serve.max_batch,
             max_models: serve.max_models,
+            escape_special_tokens: serve.escape_special_tokens,
         },
         events,
         Box::new(observer),
