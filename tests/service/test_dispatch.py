@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from lathe_service import LONG_EPOCHS, create_job, wait_for_status, wait_for_step
+from lathe_service import LONG_EPOCHS, create_job, wait_for_status, wait_for_step, wait_until
 
 pytestmark = pytest.mark.service
 
@@ -95,3 +95,17 @@ def test_a_job_whose_file_was_deleted_fails_with_a_clear_code_not_as_poison(serv
     failed = wait_for_status(client, doomed.id, "failed", timeout=60)
     assert failed.error.code == "file_not_found", failed.error
     assert service.job_column(doomed.id, "retries") == "0"
+
+
+def test_a_job_no_worker_can_take_says_why_within_seconds(service, client, training_file_id):
+    big = create_job(client, training_file_id, extra={"gpus": 8})
+
+    def reason():
+        return (client.fine_tuning.jobs.retrieve(big.id).model_extra or {}).get("lathe", {}).get("pending_reason")
+
+    said = wait_until(reason, 15, f"job {big.id} got no pending_reason")
+    assert said == "no live worker of pool \"default\" offers 8 GPU(s) on 1 node(s); the largest offers 1 GPU(s) on 1 node(s)", said
+    warnings = [e.message for e in client.fine_tuning.jobs.list_events(big.id, limit=50) if e.level == "warn"]
+    assert warnings.count(f"Waiting: {said}. The job stays queued until such a worker joins.") == 1, warnings
+    assert client.fine_tuning.jobs.retrieve(big.id).status == "queued"
+    client.fine_tuning.jobs.cancel(big.id)

@@ -156,11 +156,36 @@ pub struct ControllerArgs {
     /// Backoff after a crash, doubled for each further crash.
     #[arg(long, default_value_t = 10.0)]
     pub retry_backoff_seconds: f64,
+    /// Fair share between projects: how fast a project's past GPU use stops counting against
+    /// it (the half-life of its recent GPU-seconds; docs/scheduling.md).
+    #[arg(long, default_value_t = 3600.0)]
+    pub fair_share_half_life_seconds: f64,
+    /// Priority preemption: `priority` lets a queued job that no idle worker can take ask the
+    /// worker of a lower-priority running job in its pool to checkpoint and hand it back (it
+    /// resumes later with the same losses, no retry spent); `off` never preempts.
+    #[arg(long, value_enum, default_value = "priority")]
+    pub preemption: PreemptionMode,
+    /// A job runs at least this long before it may be preempted (stops thrashing).
+    #[arg(long, default_value_t = 60.0)]
+    pub preempt_after_seconds: f64,
+    /// A worker asked to hand a job back has this long to checkpoint; then the job is taken
+    /// back as from a lost worker (from its last checkpoint).
+    #[arg(long, default_value_t = 300.0)]
+    pub preempt_grace_seconds: f64,
     /// The CTIBench data directory (not shipped: CC BY-NC-SA 4.0), as the workers see it:
     /// evaluations on cti-* benchmarks are checked against it at create [default: none; only
     /// evaluations on the user's own files are accepted].
     #[arg(long, env = "LATHE_EVAL_DATA_DIR")]
     pub eval_data_dir: Option<PathBuf>,
+}
+
+/// `--preemption`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PreemptionMode {
+    /// Never preempt.
+    Off,
+    /// A strictly higher priority preempts (after `--preempt-after-seconds`).
+    Priority,
 }
 
 impl ControllerArgs {
@@ -224,6 +249,12 @@ impl ControllerArgs {
         config.reconcile_interval = seconds("reconcile-seconds", self.reconcile_seconds)?;
         config.retry.max_retries = self.max_retries;
         config.retry.base_backoff = seconds("retry-backoff-seconds", self.retry_backoff_seconds)?;
+        config.fair_share_half_life = seconds("fair-share-half-life-seconds", self.fair_share_half_life_seconds)?;
+        let preemption = crate::config::Preemption {
+            min_run: seconds("preempt-after-seconds", self.preempt_after_seconds)?,
+            grace: seconds("preempt-grace-seconds", self.preempt_grace_seconds)?,
+        };
+        config.preemption = (self.preemption == PreemptionMode::Priority).then_some(preemption);
         if config.heartbeat_interval >= config.lease {
             return Err(ControllerError::Config("--heartbeat-seconds must be shorter than --lease-seconds".into()));
         }

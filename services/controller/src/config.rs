@@ -26,6 +26,10 @@ pub struct ControllerConfig {
     pub heartbeat_interval: Duration,
     pub reconcile_interval: Duration,
     pub retry: RetryPolicy,
+    /// The half-life of a project's recent GPU use in fair share (docs/scheduling.md).
+    pub fair_share_half_life: Duration,
+    /// Priority preemption (docs/scheduling.md); `None`: off.
+    pub preemption: Option<Preemption>,
     pub max_db_connections: u32,
     /// Open REST connections at most; at the cap the oldest idle one is closed.
     pub max_connections: usize,
@@ -68,6 +72,22 @@ pub struct ControllerConfig {
     pub auth_failures_per_minute: u32,
 }
 
+/// When a running job may be asked to make room for a higher-priority one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Preemption {
+    /// A job runs at least this long (in its current attempt) before it may be preempted.
+    pub min_run: Duration,
+    /// A worker asked to hand its job back has this long; then the job is taken back as from
+    /// a lost worker.
+    pub grace: Duration,
+}
+
+impl Default for Preemption {
+    fn default() -> Preemption {
+        Preemption { min_run: Duration::from_secs(60), grace: Duration::from_secs(300) }
+    }
+}
+
 /// The gRPC listener's certificate and key (PEM), and, for mutual TLS, the CA whose
 /// certificates workers must present.
 #[derive(Debug, Clone)]
@@ -94,6 +114,8 @@ impl ControllerConfig {
             heartbeat_interval: Duration::from_secs(10),
             reconcile_interval: Duration::from_secs(5),
             retry: RetryPolicy::default(),
+            fair_share_half_life: lathe_store::dispatch::DEFAULT_HALF_LIFE,
+            preemption: Some(Preemption::default()),
             max_db_connections: 16,
             max_connections: 4096,
             header_read_timeout: Duration::from_secs(10),

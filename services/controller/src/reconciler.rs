@@ -6,9 +6,16 @@
 //!    heals a Redis restart or FLUSHALL and any wake-up lost between a pop and a claim;
 //! 3. requeues running evaluations whose lease expired (a crash each; failed past the limit);
 //! 4. refreshes the gauges that mirror Postgres (jobs and evaluations by status, workers,
-//!    demand per pool, queue depth).
+//!    demand per pool, queue depth);
+//! 5. priority preemption (docs/scheduling.md): takes back jobs whose worker did not hand them
+//!    back within the grace (before step 1, which then requeues them), and asks the workers of
+//!    lower-priority running jobs to make room for queued jobs no idle worker can take
+//!    (`lathe_core::preemption::choose`; the request is kept on the job row, which the attempt
+//!    stream watches);
+//! 6. gives queued jobs that no live worker can take a `pending_reason` and one `warn` event
+//!    (`lathe_store::dispatch::pending`).
 //!
-//! Steps 1 to 3 run on one replica at a time, the one holding the reconciler lock
+//! Steps 1 to 3, 5 and 6 run on one replica at a time, the one holding the reconciler lock
 //! (`lathe_store::leadership`); step 4 runs on every replica, since each serves its own
 //! `/metrics`. The steps would also be safe on several replicas at once (row locks with SKIP
 //! LOCKED, idempotent publishes): the lock saves the repeated work, not correctness. A failed
@@ -90,7 +97,14 @@ async fn pass_with(state: &AppState, leases: Leases) -> Result<(), lathe_store::
         tracing::warn!(seconds = since.as_secs_f64(), "no reconciler pass for a while (an outage): running leases extended");
     }
     if leases == Leases::Enforce {
+        if let Some(preemption) = config.preemption {
+            take_back_overdue(state, preemption.grace).await?;
+        }
         requeue_expired(state).await?;
+        if let Some(preemption) = config.preemption {
+            preempt(state, preemption.min_run).await?;
+        }
+        explain_pending(state).await?;
     }
     let queued = queued_job_ids(&state.pool).await?;
     let redis_ok = republish(state, &queued).await;
@@ -110,6 +124,55 @@ async fn requeue_expired(state: &AppState) -> Result<(), lathe_store::StoreError
     let evaluations = lathe_store::evaluations::requeue_expired_evaluations(&state.pool, expired_before, &state.config.retry).await?;
     for (id, status) in evaluations {
         tracing::warn!(evaluation_id = id, status = status.as_str(), "evaluation lease expired");
+    }
+    Ok(())
+}
+
+/// Step 5, first half: a worker asked to hand its job back that did not within `grace` loses
+/// its lease now, so step 1 takes the job back from its last checkpoint.
+async fn take_back_overdue(state: &AppState, grace: std::time::Duration) -> Result<(), lathe_store::StoreError> {
+    let lapsed_at = OffsetDateTime::now_utc() - state.config.heartbeat_interval * 2 - std::time::Duration::from_secs(1);
+    for job_id in lathe_store::dispatch::preempt::expire_overdue_preemptions(&state.pool, grace, lapsed_at).await? {
+        let message = format!("The worker did not hand the job back within {} s of being preempted: taken back from the last checkpoint", grace.as_secs());
+        tracing::warn!(job_id, "preemption overdue; lease ended");
+        state.note_event(&job_id, EventLevel::Warn, &message, None).await;
+    }
+    Ok(())
+}
+
+/// Step 5: the preemptions to ask for now, each kept on its victim's row (a compare-and-set on
+/// its attempt), with an event on both jobs.
+async fn preempt(state: &AppState, min_run: std::time::Duration) -> Result<(), lathe_store::StoreError> {
+    use lathe_store::dispatch::preempt::{preemption_inputs, request_preemption};
+    let (queued, running, idle) = preemption_inputs(&state.pool, state.config.lease).await?;
+    if queued.is_empty() {
+        return Ok(());
+    }
+    for p in lathe_core::preemption::choose(&queued, &running, &idle, min_run.as_secs_f64()) {
+        if !request_preemption(&state.pool, &p).await? {
+            continue;
+        }
+        state.telemetry.preemptions.get_or_create(&vec![("pool".to_string(), p.pool.clone())]).inc();
+        tracing::info!(victim = p.victim, for_job = p.for_job, worker_id = p.worker_id, pool = p.pool, "preempting");
+        let data = serde_json::json!({"preempted": p.victim, "preempted_priority": p.victim_priority, "for": p.for_job, "for_priority": p.for_priority, "worker_id": p.worker_id, "pool": p.pool});
+        let victim = format!(
+            "Preempted by job {} (priority {} > {}): checkpointing and returning to the queue; it resumes from the checkpoint, no retry spent",
+            p.for_job, p.for_priority, p.victim_priority
+        );
+        state.note_event(&p.victim, EventLevel::Warn, &victim, Some(&data)).await;
+        let winner = format!("Preempting job {} (priority {}) on worker {} to run this job", p.victim, p.victim_priority, p.worker_id);
+        state.note_event(&p.for_job, EventLevel::Info, &winner, Some(&data)).await;
+    }
+    Ok(())
+}
+
+/// Step 6: queued jobs no live worker can take get a `pending_reason` and one `warn` event.
+async fn explain_pending(state: &AppState) -> Result<(), lathe_store::StoreError> {
+    let settled = state.config.heartbeat_interval * 2;
+    for (job_id, reason) in lathe_store::dispatch::pending::refresh_pending_reasons(&state.pool, state.config.lease, settled).await? {
+        tracing::info!(job_id, reason, "queued job cannot start yet");
+        let message = format!("Waiting: {reason}. The job stays queued until such a worker joins.");
+        state.note_event(&job_id, EventLevel::Warn, &message, None).await;
     }
     Ok(())
 }

@@ -38,6 +38,8 @@ pub struct Telemetry {
     pub republished: Counter,
     /// Attempts stopped by a fault of the infrastructure (storage full), by code.
     pub infrastructure_faults: Family<Labels, Counter>,
+    /// Running jobs asked to hand their worker to a higher-priority job, by pool.
+    pub preemptions: Family<Labels, Counter>,
     /// More metrics served on the same /metrics: the workers `lathe up` runs in this process.
     others: std::sync::Mutex<Vec<Box<dyn Fn() -> String + Send + Sync>>>,
 }
@@ -69,6 +71,7 @@ impl Telemetry {
             requeued: Counter::default(),
             republished: Counter::default(),
             infrastructure_faults: Family::default(),
+            preemptions: Family::default(),
             others: Default::default(),
             registry: Registry::default(),
         };
@@ -112,6 +115,11 @@ impl Telemetry {
             "lathe_infrastructure_faults",
             "Attempts stopped by a fault of the infrastructure, by code (storage_full, storage_error); the job is queued again",
             t.infrastructure_faults.clone(),
+        );
+        registry.register(
+            "lathe_preemptions",
+            "Running jobs asked to checkpoint and hand their worker to a higher-priority job, by pool",
+            t.preemptions.clone(),
         );
         Telemetry { registry, ..t }
     }

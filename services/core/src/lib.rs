@@ -22,9 +22,11 @@
 pub mod benchmark;
 pub mod error_code;
 pub mod evaluation;
+pub mod fair_share;
 pub mod ids;
 pub mod job;
 pub mod model_name;
+pub mod preemption;
 pub mod spec;
 pub mod training_file;
 

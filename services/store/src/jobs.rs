@@ -46,6 +46,9 @@ pub struct Job {
     pub request_sha256: Option<String>,
     /// The job-create check's counts: examples, truncated, dropped.
     pub training_data: Option<serde_json::Value>,
+    /// Why a queued job is not starting, when the reconciler can tell (no live worker offers
+    /// its shape); cleared when that changes and by its claim.
+    pub pending_reason: Option<String>,
     pub created_at: OffsetDateTime,
     pub started_at: Option<OffsetDateTime>,
     pub finished_at: Option<OffsetDateTime>,
@@ -68,6 +71,7 @@ pub(crate) struct JobRow {
     idempotency_key: Option<String>,
     request_sha256: Option<String>,
     training_data: Option<Json<serde_json::Value>>,
+    pending_reason: Option<String>,
     created_at: OffsetDateTime,
     started_at: Option<OffsetDateTime>,
     finished_at: Option<OffsetDateTime>,
@@ -75,7 +79,7 @@ pub(crate) struct JobRow {
 
 pub(crate) const JOB_COLUMNS: &str = "id, project_id, status, spec, fine_tuned_model, result_files, \
     trained_tokens, error, attempt, retries, next_attempt_at, pause_requested, idempotency_key, \
-    request_sha256, training_data, created_at, started_at, finished_at";
+    request_sha256, training_data, pending_reason, created_at, started_at, finished_at";
 
 impl TryFrom<JobRow> for Job {
     type Error = StoreError;
@@ -96,6 +100,7 @@ impl TryFrom<JobRow> for Job {
             idempotency_key: row.idempotency_key,
             request_sha256: row.request_sha256,
             training_data: row.training_data.map(|d| d.0),
+            pending_reason: row.pending_reason,
             created_at: row.created_at,
             started_at: row.started_at,
             finished_at: row.finished_at,
@@ -377,15 +382,32 @@ pub async fn list_fine_tuned_models(pool: &PgPool, project_id: &str) -> Result<V
     Ok(rows)
 }
 
-/// What a running attempt's stream must tell its worker: `Some(status, pause_requested)` while
-/// `attempt` still holds the job's row, `None` once it does not (requeued, reclaimed).
-pub async fn attempt_control(pool: &PgPool, job_id: &str, attempt: i32) -> Result<Option<(JobStatus, bool)>, StoreError> {
-    let row: Option<(String, bool)> = sqlx::query_as("SELECT status, pause_requested FROM jobs WHERE id = $1 AND attempt = $2")
-        .bind(job_id)
-        .bind(attempt)
-        .fetch_optional(pool)
-        .await?;
-    row.map(|(status, pause)| Ok((parse_status(&status)?, pause))).transpose()
+/// What a running attempt's stream must tell its worker, while `attempt` still holds the job's
+/// row; `None` once it does not (requeued, reclaimed).
+pub async fn attempt_control(pool: &PgPool, job_id: &str, attempt: i32) -> Result<Option<AttemptControl>, StoreError> {
+    let row: Option<(String, bool, Option<OffsetDateTime>, Option<String>)> =
+        sqlx::query_as("SELECT status, pause_requested, preempt_requested_at, preempted_for FROM jobs WHERE id = $1 AND attempt = $2")
+            .bind(job_id)
+            .bind(attempt)
+            .fetch_optional(pool)
+            .await?;
+    row.map(|(status, pause, preempt_at, preempted_for)| {
+        Ok(AttemptControl {
+            status: parse_status(&status)?,
+            pause,
+            preempt_for: preempt_at.map(|_| preempted_for.unwrap_or_default()),
+        })
+    })
+    .transpose()
+}
+
+/// What the attempt stream tells its worker: the job's status, and whether the user asked for a
+/// pause or the reconciler for a preemption (for which job).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptControl {
+    pub status: JobStatus,
+    pub pause: bool,
+    pub preempt_for: Option<String>,
 }
 
 /// The succeeded job of `project_id` that produced the fine-tuned model `name`.

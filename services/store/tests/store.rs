@@ -16,3 +16,5 @@ mod jobs;
 mod keys;
 #[path = "store/workers.rs"]
 mod workers;
+#[path = "store/fair_share.rs"]
+mod fair_share;

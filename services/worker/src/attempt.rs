@@ -39,6 +39,9 @@ pub enum StopCause {
     Paused,
     /// SIGTERM: checkpoint, give the job back, exit.
     Preempted,
+    /// The controller needs this worker for a higher-priority job: checkpoint, give the job
+    /// back, claim again.
+    Yielded,
     /// The controller says this attempt no longer holds the job.
     LeaseLost,
 }
@@ -68,7 +71,7 @@ impl Signals {
 
     /// Checkpoint, then stop (pause, preemption).
     pub fn should_stop(&self) -> bool {
-        self.stop.load(Ordering::SeqCst) && matches!(self.cause(), Some(StopCause::Paused | StopCause::Preempted))
+        self.stop.load(Ordering::SeqCst) && matches!(self.cause(), Some(StopCause::Paused | StopCause::Preempted | StopCause::Yielded))
     }
 
     /// Stop at once and write nothing (cancel, lost lease).
@@ -238,12 +241,13 @@ fn report_end(
                 session.push(Up::Stopped(Stopped { reason: StopReason::Paused as i32 }));
                 Ended::Paused
             }
-            _ => {
-                session.push(Up::Fail(Fail {
-                    class: FailureClass::Preempted as i32,
-                    code: "preempted".into(),
-                    message: "the worker was asked to stop (SIGTERM); resuming from the last checkpoint".into(),
-                }));
+            cause => {
+                let message = if cause == Some(StopCause::Yielded) {
+                    "the controller preempted the job for a higher-priority one; resuming from the last checkpoint"
+                } else {
+                    "the worker was asked to stop (SIGTERM); resuming from the last checkpoint"
+                };
+                session.push(Up::Fail(Fail { class: FailureClass::Preempted as i32, code: "preempted".into(), message: message.into() }));
                 Ended::Preempted
             }
         },
@@ -592,6 +596,10 @@ fn obey(down: Option<Down>, signals: &Signals) {
     match down {
         Some(Down::Cancel(_)) => signals.stop(StopCause::Cancelled),
         Some(Down::Pause(_)) => signals.stop(StopCause::Paused),
+        Some(Down::Preempt(preempt)) => {
+            tracing::info!(for_job_id = preempt.for_job_id, "preempted by the controller: checkpointing and giving the job back");
+            signals.stop(StopCause::Yielded)
+        }
         Some(Down::LeaseLost(lost)) => {
             tracing::warn!(reason = lost.reason, "lease lost: stopping at once");
             signals.stop(StopCause::LeaseLost)

@@ -32,6 +32,26 @@ pub enum AdminCommand {
         #[command(flatten)]
         database: Database,
     },
+    /// Set a project's fair share in a pool: its weight against the other projects (default 1)
+    /// and the GPUs its running jobs may hold there at most (default: no quota). Below its
+    /// quota a project may borrow any idle capacity; weights order claims, they do not cap
+    /// (docs/scheduling.md).
+    SetProject {
+        /// The project's name (as given to create-key).
+        project: String,
+        /// Relative share, a number above 0 (3 against another project's 1: three times the GPUs
+        /// when both have work queued).
+        #[arg(long)]
+        weight: Option<f64>,
+        /// Running GPUs at most; `none` removes the quota.
+        #[arg(long)]
+        max_gpus: Option<String>,
+        /// Only in this pool [default: every pool without a setting of its own].
+        #[arg(long)]
+        pool: Option<String>,
+        #[command(flatten)]
+        database: Database,
+    },
     /// Create a worker token; prints it once (give it to `lathe worker` as LATHE_WORKER_TOKEN).
     CreateWorker {
         #[arg(long)]
@@ -130,6 +150,34 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                 for key in lathe_store::keys::list_api_keys(&pool, &project.id).await? {
                     let state = if key.revoked_at.is_some() { "revoked" } else { "active" };
                     println!("{}\t{}\t{}", key.id, state, key.name);
+                }
+            }
+            AdminCommand::SetProject { project, weight, max_gpus, pool: in_pool, database } => {
+                let weight = weight
+                    .map(lathe_core::fair_share::Share::check_weight)
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!("--weight {e}"))?;
+                let max_gpus = max_gpus.map(|v| parse_max_gpus(&v)).transpose()?;
+                if weight.is_none() && max_gpus.is_none() {
+                    anyhow::bail!("nothing to set: give --weight, --max-gpus or both");
+                }
+                let in_pool = match in_pool {
+                    Some(p) => {
+                        lathe_queue::Pool::parse(&p).map_err(|e| anyhow::anyhow!("--pool {e}"))?;
+                        p
+                    }
+                    None => lathe_store::dispatch::fair_share::ALL_POOLS.to_string(),
+                };
+                let pool = database.connect_for_admin().await?;
+                let found = lathe_store::projects::get_project_by_name(&pool, &project)
+                    .await
+                    .map_err(|_| anyhow::anyhow!("no project named {project:?} (a project is made by its first key: lathe admin create-key --project {project})"))?;
+                lathe_store::dispatch::fair_share::set_project_share(&pool, &found.id, &in_pool, weight, max_gpus).await?;
+                for (p, weight, max_gpus) in lathe_store::dispatch::fair_share::project_shares(&pool, &found.id).await? {
+                    let pool_label = if p == lathe_store::dispatch::fair_share::ALL_POOLS { "every pool".to_string() } else { format!("pool {p}") };
+                    let weight = weight.map_or("inherited".to_string(), |w| w.to_string());
+                    let quota = max_gpus.map_or("none".to_string(), |n| format!("{n} GPUs"));
+                    println!("{}\t{pool_label}\tweight {weight}\tquota {quota}", found.name);
                 }
             }
             AdminCommand::CreateWorker { name, grant, database } => {
@@ -232,4 +280,12 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// `--max-gpus`: a count, or `none` to remove the quota.
+fn parse_max_gpus(value: &str) -> anyhow::Result<Option<u32>> {
+    match value.trim() {
+        "none" => Ok(None),
+        n => n.parse::<u32>().map(Some).map_err(|_| anyhow::anyhow!("--max-gpus must be a whole number of GPUs (0 or more) or none, got {value:?}")),
+    }
 }

@@ -80,8 +80,29 @@ pub async fn create(State(state): State<AppState>, project: Project, headers: He
     state.note_event(job.id.as_str(), EventLevel::Info, &format!("Created fine-tuning job: {}", job.id), None).await;
     let (level, message) = training_data_message(&tally, spec.max_seq_length);
     state.note_event(job.id.as_str(), level, &message, Some(&training_data)).await;
+    warn_over_quota(&state, &project.id, &job.id, &spec).await;
     state.publish_job(&job).await;
     Ok(Json(views::job(&job)))
+}
+
+/// A job larger than its project's quota in its pool cannot start until an admin raises the
+/// quota: it is accepted (quotas change) but says so at once, instead of waiting in silence.
+async fn warn_over_quota(state: &AppState, project_id: &str, job_id: &lathe_core::JobId, spec: &lathe_core::JobSpec) {
+    let share = match lathe_store::dispatch::fair_share::effective_share(&state.pool, project_id, &spec.pool).await {
+        Ok(share) => share,
+        Err(error) => {
+            tracing::warn!(%error, %job_id, "could not read the project's quota");
+            return;
+        }
+    };
+    if let Some(max_gpus) = share.max_gpus.filter(|max| *max < spec.gpus) {
+        let message = format!(
+            "This job needs {} GPUs but the project may hold at most {max_gpus} in pool {:?}: it stays queued until an admin raises the quota (lathe admin set-project --max-gpus)",
+            spec.gpus, spec.pool
+        );
+        let data = json!({"gpus": spec.gpus, "pool": spec.pool, "max_gpus": max_gpus});
+        state.note_event(job_id.as_str(), EventLevel::Warn, &message, Some(&data)).await;
+    }
 }
 
 fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {

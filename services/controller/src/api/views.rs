@@ -70,6 +70,7 @@ pub fn job(job: &Job) -> Value {
             "attempt": job.attempt,
             "retries": job.retries,
             "pause_requested": job.pause_requested,
+            "pending_reason": job.pending_reason,
             // Counted at create with the model's tokenizer: {examples, truncated, dropped}.
             "training_data": job.training_data,
         },

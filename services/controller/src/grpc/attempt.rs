@@ -11,14 +11,14 @@ use lathe_core::{fine_tuned_model_name, JobStatus};
 use lathe_proto::v1::controller_message::Body as Down;
 use lathe_proto::v1::worker_message::Body as Up;
 use lathe_proto::v1::{
-    Ack, Cancel, ControllerMessage, FailureClass, LeaseLost, LogLevel, MetricPoint as WireMetricPoint, Pause, StopReason, WorkerMessage,
+    Ack, Cancel, ControllerMessage, FailureClass, LeaseLost, LogLevel, MetricPoint as WireMetricPoint, Pause, Preempt, StopReason, WorkerMessage,
 };
 use lathe_store::dispatch::renew_lease;
 use lathe_store::dispatch::{
     append_events, commit_checkpoint, finish_attempt, record_progress, AttemptOutcome, EventLevel, MetricPoint, NewEvent,
 };
 use lathe_store::files::{insert_file, new_file_id, NewFile, PURPOSE_FINE_TUNE_RESULTS};
-use lathe_store::jobs::{get_job_unscoped, Job, JobError};
+use lathe_store::jobs::{get_job_unscoped, AttemptControl, Job, JobError};
 use lathe_store::progress::list_metrics;
 use lathe_store::StoreError;
 use serde_json::json;
@@ -103,7 +103,7 @@ impl Attempt {
         mut revoked: super::revocation::Watch,
     ) {
         let mut poll = tokio::time::interval(CONTROL_POLL);
-        let (mut cancel_sent, mut pause_sent) = (false, false);
+        let (mut cancel_sent, mut pause_sent, mut preempt_sent) = (false, false, false);
         loop {
             tokio::select! {
                 () = revoked.revoked() => {
@@ -168,13 +168,17 @@ impl Attempt {
                 }
                 _ = poll.tick() => {
                     match lathe_store::jobs::attempt_control(&self.state.pool, self.job_id(), self.attempt).await {
-                        Ok(Some((JobStatus::Running, pause))) => {
+                        Ok(Some(AttemptControl { status: JobStatus::Running, pause, preempt_for })) => {
                             if pause && !pause_sent {
                                 pause_sent = true;
                                 let _ = tx.send(Ok(down(Down::Pause(Pause {})))).await;
                             }
+                            if let Some(for_job_id) = preempt_for.filter(|_| !preempt_sent) {
+                                preempt_sent = true;
+                                let _ = tx.send(Ok(down(Down::Preempt(Preempt { for_job_id })))).await;
+                            }
                         }
-                        Ok(Some((JobStatus::Cancelled, _))) => {
+                        Ok(Some(AttemptControl { status: JobStatus::Cancelled, .. })) => {
                             if !cancel_sent {
                                 cancel_sent = true;
                                 let _ = tx.send(Ok(down(Down::Cancel(Cancel { reason: "cancelled by the user".into() })))).await;
@@ -195,7 +199,7 @@ impl Attempt {
     async fn cancelled(&self) -> bool {
         matches!(
             lathe_store::jobs::attempt_control(&self.state.pool, self.job_id(), self.attempt).await,
-            Ok(Some((JobStatus::Cancelled, _)))
+            Ok(Some(AttemptControl { status: JobStatus::Cancelled, .. }))
         )
     }
 
@@ -367,7 +371,7 @@ impl Attempt {
         let (pool, job_id) = (&self.state.pool, self.job_id());
         let project = self.job.project_id.as_str();
         // Fenced before any file is published: a stale or cancelled attempt publishes nothing.
-        if !matches!(lathe_store::jobs::attempt_control(pool, job_id, self.attempt).await?, Some((JobStatus::Running, _))) {
+        if !matches!(lathe_store::jobs::attempt_control(pool, job_id, self.attempt).await?, Some(AttemptControl { status: JobStatus::Running, .. })) {
             let current = get_job_unscoped(pool, &self.job.id).await?.attempt;
             return Err(StoreError::StaleAttempt { job: job_id.to_string(), attempt: self.attempt, current });
         }

@@ -5,8 +5,9 @@ use std::time::Duration;
 use lathe_core::{JobId, JobSpec};
 use sqlx::types::time::OffsetDateTime;
 use sqlx::types::Json;
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, Transaction};
 
+use super::fair_share;
 use super::lease::{self, Work};
 use super::report::{latest_checkpoint_in, Checkpoint};
 use crate::error::corrupt;
@@ -15,11 +16,17 @@ use crate::StoreError;
 #[derive(Debug, Clone)]
 pub struct ClaimRequest<'a> {
     pub worker_id: &'a str,
-    /// The id a worker was woken with; `None` takes the best queued job the worker fits
-    /// (its pools and GPU memory, by priority then age).
+    /// Exactly this job (tests, tools); `None` takes the job fair share ranks first among
+    /// those the worker fits (its pools, GPUs and memory): see [`lathe_core::fair_share`].
     pub job_id: Option<&'a str>,
     pub lease: Duration,
+    /// The half-life of a project's recent use in fair share.
+    pub half_life: Duration,
 }
+
+/// The default half-life of recent use in fair share: an hour, so a project's burst weighs on
+/// its next claims for the rest of the working day, not the rest of the week.
+pub const DEFAULT_HALF_LIFE: Duration = Duration::from_secs(3600);
 
 /// What a worker needs to run an attempt.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,8 +56,10 @@ struct ClaimedRow {
 /// to resume from are written and read in the same transaction.
 pub async fn claim_job(pool: &PgPool, request: ClaimRequest<'_>) -> Result<Option<Claim>, StoreError> {
     let mut tx = pool.begin().await?;
-    let returning = "t.id, t.project_id, t.attempt, t.spec, t.lease_expires_at";
-    let claimed: Option<ClaimedRow> = lease::claim(&mut tx, Work::Job, request.worker_id, request.job_id, request.lease, returning).await?;
+    let claimed = match request.job_id {
+        Some(id) => claim_one(&mut tx, &request, id).await?,
+        None => claim_fair(&mut tx, &request).await?,
+    };
     let Some(row) = claimed else {
         tx.commit().await?;
         return Ok(None);
@@ -80,6 +89,33 @@ pub async fn claim_job(pool: &PgPool, request: ClaimRequest<'_>) -> Result<Optio
         lease_expires_at: row.lease_expires_at,
         resume_from,
     }))
+}
+
+const RETURNING: &str = "t.id, t.project_id, t.attempt, t.spec, t.lease_expires_at";
+
+async fn claim_one(tx: &mut Transaction<'_, Postgres>, request: &ClaimRequest<'_>, id: &str) -> Result<Option<ClaimedRow>, StoreError> {
+    lease::claim(tx, Work::Job, request.worker_id, Some(id), request.lease, RETURNING).await
+}
+
+/// The candidates in fair-share order, each tried with the claim's compare-and-set until one
+/// is won (another worker may take or lock the first ones meanwhile). A project with a quota is
+/// serialised by an advisory lock held to commit, and its running GPUs are counted again
+/// under it, so two claims racing at the edge of a quota cannot both pass it.
+async fn claim_fair(tx: &mut Transaction<'_, Postgres>, request: &ClaimRequest<'_>) -> Result<Option<ClaimedRow>, StoreError> {
+    let candidates = fair_share::candidates(tx, request.worker_id).await?;
+    let states = fair_share::project_states(tx, &candidates, request.half_life).await?;
+    for candidate in lathe_core::fair_share::rank(&candidates, &states) {
+        let quota = states.get(&(candidate.pool.clone(), candidate.project.clone())).and_then(|s| s.share.max_gpus);
+        if let Some(max_gpus) = quota {
+            if !fair_share::lock_quota(tx, candidate, max_gpus).await? {
+                continue;
+            }
+        }
+        if let Some(row) = claim_one(tx, request, &candidate.id).await? {
+            return Ok(Some(row));
+        }
+    }
+    Ok(None)
 }
 
 /// Extends the lease of the attempt `worker_id` holds; see [`lease::renew`].

@@ -52,7 +52,7 @@ impl Work {
     }
 
     /// What the worker (`w`) must offer for a row (`t`) of this kind, beyond its pools.
-    fn fits(self) -> &'static str {
+    pub(crate) fn fits(self) -> &'static str {
         match self {
             Work::Job => {
                 "AND t.nodes <= w.nodes AND t.gpus <= w.gpus * t.nodes
@@ -81,7 +81,7 @@ impl Work {
     /// What a requeue (and a claim) resets besides the lease.
     fn resets(self) -> &'static str {
         match self {
-            Work::Job => "pause_requested = false",
+            Work::Job => "pause_requested = false, preempt_requested_at = NULL, preempted_for = NULL, pending_reason = NULL",
             Work::Evaluation => "items_done = 0",
         }
     }

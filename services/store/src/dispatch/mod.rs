@@ -3,8 +3,10 @@
 //!
 //! **Promise.** At-least-once dispatch, at most one live attempt per job, idempotent effects.
 //!
-//! **Claim is a compare-and-set.** [`claim_job`] is one `UPDATE … WHERE status = 'queued'` on a
-//! row picked `FOR UPDATE SKIP LOCKED`: it moves the job to `running`, increments
+//! **Claim is a compare-and-set.** [`claim_job`] takes the queued jobs the worker fits in the
+//! order fair share ranks them ([`lathe_core::fair_share`], inputs loaded by [`fair_share`]) and
+//! tries each with one `UPDATE … WHERE status = 'queued'` on the row picked `FOR UPDATE SKIP
+//! LOCKED`: it moves the job to `running`, increments
 //! `jobs.attempt`, and sets the lease (owner and expiry) in the same statement, then inserts
 //! the `attempts` row. Two workers racing for one job cannot both win: the loser either skips
 //! the locked row or finds it no longer queued, and gets `None`. Behind that, the unique index
@@ -25,8 +27,9 @@
 //! instead of killing workers forever. The next claim hands out the last committed checkpoint
 //! ([`Claim::resume_from`]), so work since then is redone, never lost or doubled.
 //!
-//! **Preemption is free.** A worker that gets SIGTERM checkpoints and calls
-//! [`release_preempted`]: back to the queue without spending the retry budget.
+//! **Preemption is free.** A worker that gets SIGTERM, or that the controller asks to make
+//! room for a higher-priority job ([`preempt`]), checkpoints and calls [`release_preempted`]:
+//! back to the queue without spending the retry budget.
 //!
 //! **Idempotent effects.** Metric points are keyed by (job, step) and events by (job,
 //! attempt, seq): a reconnecting worker resends what was not acked and nothing is stored
@@ -37,12 +40,15 @@
 //! failed claim, never a second run.
 
 mod claim;
+pub mod fair_share;
 mod finish;
 pub mod lease;
+pub mod pending;
+pub mod preempt;
 mod reconcile;
 pub(crate) mod report;
 
-pub use claim::{claim_job, renew_lease, Claim, ClaimRequest};
+pub use claim::{claim_job, renew_lease, Claim, ClaimRequest, DEFAULT_HALF_LIFE};
 pub use finish::{finish_attempt, release_preempted, AttemptOutcome};
 pub use lease::{keep_leases_across_gap, Requeued, Work};
 pub use reconcile::{queued_job_ids, requeue_expired_leases, QueuedJob, RequeuedJob, RetryPolicy, POISON_ERROR_CODE};
