@@ -98,7 +98,7 @@ def test_a_job_whose_file_was_deleted_fails_with_a_clear_code_not_as_poison(serv
 
 
 def test_a_job_no_worker_can_take_says_why_within_seconds(service, client, training_file_id):
-    big = create_job(client, training_file_id, extra={"gpus": 8})
+    big = create_job(client, training_file_id, batch_size=8, extra={"gpus": 8})
 
     def reason():
         return (client.fine_tuning.jobs.retrieve(big.id).model_extra or {}).get("lathe", {}).get("pending_reason")

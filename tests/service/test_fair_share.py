@@ -50,8 +50,11 @@ def test_set_project_names_what_is_wrong(service):
     assert unknown.returncode != 0 and "no project named \"no-such-team\"" in unknown.stderr, unknown.stderr
     zero = set_project("fair-admin", "--weight", "0")
     assert zero.returncode != 0 and "--weight must be a number above 0" in zero.stderr, zero.stderr
-    negative = set_project("fair-admin", "--max-gpus", "-1")
-    assert negative.returncode != 0 and "--max-gpus" in negative.stderr, negative.stderr
+    negative = set_project("fair-admin", "--max-gpus=-1")
+    assert negative.returncode != 0 and "--max-gpus must be a whole number of GPUs (0 or more) or none, got \"-1\"" in negative.stderr, \
+        negative.stderr
+    below_zero = set_project("fair-admin", "--weight=-2")
+    assert below_zero.returncode != 0 and "--weight must be a number above 0" in below_zero.stderr, below_zero.stderr
     nothing = set_project("fair-admin")
     assert nothing.returncode != 0 and "nothing to set" in nothing.stderr, nothing.stderr
     ok = set_project("fair-admin", "--weight", "3", "--max-gpus", "4")

@@ -15,13 +15,15 @@ from lathe_service import (LONG_EPOCHS, Service, assert_complete_curve, create_j
 pytestmark = pytest.mark.service
 
 LOSS_RTOL = 1e-4
-MIN_RUN_SECONDS = 3
+MIN_RUN_SECONDS = 1
+# Long enough (tens of steps, several seconds) that the job is mid-run when it is preempted.
+EPOCHS = 10 * LONG_EPOCHS
 SUITE_LIMITS = ("--rate-limit-per-minute", "100000", "--auth-failures-per-minute", "100000")
 
 
 @pytest.fixture(scope="module")
 def preempting(tmp_path_factory, train_file):
-    """One controller that preempts after 3 s of run time, one worker, a project and its file."""
+    """One controller that preempts after 1 s of run time, one worker, a project and its file."""
     require_postgres_and_redis()
     service = Service(find_lathe_bin(), tmp_path_factory.mktemp("preemption"))
     try:
@@ -43,12 +45,12 @@ def events(client, job_id: str) -> list[str]:
 
 def test_an_urgent_job_preempts_and_the_preempted_job_resumes_with_identical_losses(preempting):
     service, key, client, file_id = preempting
-    reference = create_job(client, file_id, n_epochs=LONG_EPOCHS, seed=90)
+    reference = create_job(client, file_id, n_epochs=EPOCHS, seed=90)
     wait_for_status(client, reference.id, "succeeded")
     straight = metrics_curve(service, key, reference.id)
     total = assert_complete_curve(straight, reference.id)
 
-    low = create_job(client, file_id, n_epochs=LONG_EPOCHS, seed=90)
+    low = create_job(client, file_id, n_epochs=EPOCHS, seed=90)
     wait_for_step(service, client, key, low.id, 1)
     urgent = create_job(client, file_id, seed=91, extra={"priority": 100})
     asked = time.monotonic()
@@ -87,7 +89,7 @@ def test_no_preemption_before_the_minimum_run_time_and_none_when_off(preempting)
     service.controller.stop()
     service.start_controller(extra_args=(*SUITE_LIMITS, "--preemption", "off", "--preempt-after-seconds", "1"))
     try:
-        busy = create_job(client, file_id, n_epochs=LONG_EPOCHS, seed=92)
+        busy = create_job(client, file_id, n_epochs=EPOCHS, seed=92)
         wait_for_step(service, client, key, busy.id, 1)
         urgent = create_job(client, file_id, seed=93, extra={"priority": 100})
         time.sleep(4)  # four reconciler passes past the minimum run time
@@ -100,7 +102,7 @@ def test_no_preemption_before_the_minimum_run_time_and_none_when_off(preempting)
         service.start_controller(extra_args=(*SUITE_LIMITS, "--preempt-after-seconds", "30"))
 
     # On, with 30 s of minimum run time: a job 5 s into its run is left alone.
-    busy = create_job(client, file_id, n_epochs=LONG_EPOCHS, seed=94)
+    busy = create_job(client, file_id, n_epochs=EPOCHS, seed=94)
     wait_for_step(service, client, key, busy.id, 1)
     urgent = create_job(client, file_id, seed=95, extra={"priority": 100})
     time.sleep(4)

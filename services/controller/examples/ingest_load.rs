@@ -212,10 +212,18 @@ async fn write_directly(
 ) -> u64 {
     use lathe_store::dispatch::{claim_job, record_progress, ClaimRequest, EventLevel, NewEvent};
     let worker_id = lathe_store::workers::authenticate_worker(&pool, &token).await.unwrap().unwrap().id;
-    let claim = claim_job(&pool, ClaimRequest { worker_id: &worker_id, job_id: None, lease: Duration::from_secs(600), half_life: lathe_store::dispatch::DEFAULT_HALF_LIFE })
-        .await
-        .unwrap()
-        .expect("a bench job");
+    let claim = claim_job(
+        &pool,
+        ClaimRequest {
+            worker_id: &worker_id,
+            job_id: None,
+            lease: Duration::from_secs(600),
+            half_life: lathe_store::dispatch::DEFAULT_HALF_LIFE,
+        },
+    )
+    .await
+    .unwrap()
+    .expect("a bench job");
     barrier.wait().await;
     for seq in 1..=batches {
         let wire = batch_points(seq, batches, points);

@@ -133,7 +133,10 @@ async fn requeue_expired(state: &AppState) -> Result<(), lathe_store::StoreError
 async fn take_back_overdue(state: &AppState, grace: std::time::Duration) -> Result<(), lathe_store::StoreError> {
     let lapsed_at = OffsetDateTime::now_utc() - state.config.heartbeat_interval * 2 - std::time::Duration::from_secs(1);
     for job_id in lathe_store::dispatch::preempt::expire_overdue_preemptions(&state.pool, grace, lapsed_at).await? {
-        let message = format!("The worker did not hand the job back within {} s of being preempted: taken back from the last checkpoint", grace.as_secs());
+        let message = format!(
+            "The worker did not hand the job back within {} s of being preempted: taken back from the last checkpoint",
+            grace.as_secs()
+        );
         tracing::warn!(job_id, "preemption overdue; lease ended");
         state.note_event(&job_id, EventLevel::Warn, &message, None).await;
     }

@@ -90,7 +90,7 @@ impl ProjectState {
 /// default share that uses nothing.
 pub type Projects = HashMap<(String, String), ProjectState>;
 
-fn state_of<'a>(projects: &'a Projects, candidate: &Candidate) -> ProjectState {
+fn state_of(projects: &Projects, candidate: &Candidate) -> ProjectState {
     projects.get(&(candidate.pool.clone(), candidate.project.clone())).copied().unwrap_or_default()
 }
 
@@ -218,9 +218,9 @@ mod tests {
             let loads: Projects = weights
                 .iter()
                 .map(|(p, w)| {
-                    let recent = used.get(p).map_or(0.0, |intervals| {
-                        intervals.iter().map(|(s, e)| recent_gpus(1, now - s, now - e, half_life)).sum()
-                    });
+                    let recent = used
+                        .get(p)
+                        .map_or(0.0, |intervals| intervals.iter().map(|(s, e)| recent_gpus(1, now - s, now - e, half_life)).sum());
                     (("default".to_string(), p.to_string()), state(*w, 0, recent, None))
                 })
                 .collect();

@@ -30,7 +30,7 @@ pub struct Shape {
 impl Offer {
     /// The claim's own test (store `Work::Job.fits` in SQL), once more for planning.
     pub fn fits(&self, shape: &Shape) -> bool {
-        self.pools.iter().any(|p| *p == shape.pool)
+        self.pools.contains(&shape.pool)
             && shape.nodes <= self.nodes
             && shape.gpus <= self.gpus.saturating_mul(shape.nodes)
             && shape.gpu_memory_gb.is_none_or(|gb| u64::from(gb) * (1 << 30) <= self.gpu_memory_bytes.unwrap_or(0))
@@ -93,7 +93,7 @@ pub fn choose(queued: &[Queued], running: &[Running], idle: &[Offer], min_run_se
                     && !taken.contains(&r.id.as_str())
                     && r.worker.fits(&job.shape)
             })
-            .min_by(|a, b| a.priority.cmp(&b.priority).then(b.running_for.total_cmp(&a.running_for)).then(a.id.cmp(&b.id)));
+            .min_by(|a, b| a.priority.cmp(&b.priority).then(a.running_for.total_cmp(&b.running_for)).then(a.id.cmp(&b.id)));
         if let Some(victim) = victim {
             taken.push(&victim.id);
             chosen.push(Preemption {
@@ -174,10 +174,7 @@ mod tests {
     fn one_victim_per_queued_job_and_none_twice() {
         let run = [running("a", 0, 100.0), running("b", 0, 200.0)];
         let q = [queued("q1", 10, 1), queued("q2", 10, 1), queued("q3", 10, 1)];
-        assert_eq!(
-            victims(choose(&q, &run, &[], 60.0)),
-            [("a".into(), "q1".into()), ("b".into(), "q2".into())],
-        );
+        assert_eq!(victims(choose(&q, &run, &[], 60.0)), [("a".into(), "q1".into()), ("b".into(), "q2".into())],);
         // A preemption in progress is neither repeated nor doubled.
         let mut in_progress = run.clone();
         in_progress[0].preempting_for = Some("q1".into());

@@ -392,11 +392,7 @@ pub async fn attempt_control(pool: &PgPool, job_id: &str, attempt: i32) -> Resul
             .fetch_optional(pool)
             .await?;
     row.map(|(status, pause, preempt_at, preempted_for)| {
-        Ok(AttemptControl {
-            status: parse_status(&status)?,
-            pause,
-            preempt_for: preempt_at.map(|_| preempted_for.unwrap_or_default()),
-        })
+        Ok(AttemptControl { status: parse_status(&status)?, pause, preempt_for: preempt_at.map(|_| preempted_for.unwrap_or_default()) })
     })
     .transpose()
 }

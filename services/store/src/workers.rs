@@ -178,7 +178,7 @@ pub async fn register_worker(pool: &PgPool, worker: NewWorker<'_>, grant: &Grant
 /// What came of an enrolment with a fleet secret.
 #[derive(Debug, Clone)]
 pub enum Enrolment {
-    Enrolled(RegisteredWorker),
+    Enrolled(Box<RegisteredWorker>),
     /// No live fleet has that secret.
     UnknownSecret,
     /// The registration asks for more than the fleet's grant: (field, why).
@@ -234,20 +234,27 @@ pub async fn enroll_worker(
     }
     let enrolled = insert_worker(&mut tx, worker, Some(&fleet.id), &fleet.grant).await?;
     tx.commit().await?;
-    Ok(Enrolment::Enrolled(enrolled))
+    Ok(Enrolment::Enrolled(Box::new(enrolled)))
 }
 
 /// The worker a token belongs to, with what it may do, or `None` for an unknown or revoked
 /// token (the gRPC service answers UNAUTHENTICATED).
 pub async fn authenticate_worker(pool: &PgPool, token: &str) -> Result<Option<AuthenticatedWorker>, StoreError> {
-    let row: Option<(String, bool, Option<Vec<String>>, Vec<String>)> = sqlx::query_as(
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        id: String,
+        serving: bool,
+        grant_pools: Option<Vec<String>>,
+        grant_roles: Vec<String>,
+    }
+    let row: Option<Row> = sqlx::query_as(
         "SELECT w.id, w.serving, w.grant_pools, w.grant_roles FROM workers w LEFT JOIN fleets f ON f.id = w.fleet_id
          WHERE w.token_hash = $1 AND w.revoked_at IS NULL AND f.revoked_at IS NULL",
     )
     .bind(random::sha256(token))
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(|(id, serving, pools, roles)| AuthenticatedWorker { id, serving, grant: Grant { pools, roles } }))
+    Ok(row.map(|r| AuthenticatedWorker { id: r.id, serving: r.serving, grant: Grant { pools: r.grant_pools, roles: r.grant_roles } }))
 }
 
 /// Of `ids`, the workers no longer allowed in: revoked, or of a revoked fleet. The controller

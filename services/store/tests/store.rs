@@ -8,6 +8,8 @@ mod support;
 mod dispatch;
 #[path = "store/evaluations.rs"]
 mod evaluations;
+#[path = "store/fair_share.rs"]
+mod fair_share;
 #[path = "store/files.rs"]
 mod files;
 #[path = "store/jobs.rs"]
@@ -16,5 +18,3 @@ mod jobs;
 mod keys;
 #[path = "store/workers.rs"]
 mod workers;
-#[path = "store/fair_share.rs"]
-mod fair_share;

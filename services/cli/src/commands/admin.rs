@@ -153,10 +153,8 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                 }
             }
             AdminCommand::SetProject { project, weight, max_gpus, pool: in_pool, database } => {
-                let weight = weight
-                    .map(lathe_core::fair_share::Share::check_weight)
-                    .transpose()
-                    .map_err(|e| anyhow::anyhow!("--weight {e}"))?;
+                let weight =
+                    weight.map(lathe_core::fair_share::Share::check_weight).transpose().map_err(|e| anyhow::anyhow!("--weight {e}"))?;
                 let max_gpus = max_gpus.map(|v| parse_max_gpus(&v)).transpose()?;
                 if weight.is_none() && max_gpus.is_none() {
                     anyhow::bail!("nothing to set: give --weight, --max-gpus or both");
@@ -169,12 +167,15 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
                     None => lathe_store::dispatch::fair_share::ALL_POOLS.to_string(),
                 };
                 let pool = database.connect_for_admin().await?;
-                let found = lathe_store::projects::get_project_by_name(&pool, &project)
-                    .await
-                    .map_err(|_| anyhow::anyhow!("no project named {project:?} (a project is made by its first key: lathe admin create-key --project {project})"))?;
+                let found = lathe_store::projects::get_project_by_name(&pool, &project).await.map_err(|_| {
+                    anyhow::anyhow!(
+                        "no project named {project:?} (a project is made by its first key: lathe admin create-key --project {project})"
+                    )
+                })?;
                 lathe_store::dispatch::fair_share::set_project_share(&pool, &found.id, &in_pool, weight, max_gpus).await?;
                 for (p, weight, max_gpus) in lathe_store::dispatch::fair_share::project_shares(&pool, &found.id).await? {
-                    let pool_label = if p == lathe_store::dispatch::fair_share::ALL_POOLS { "every pool".to_string() } else { format!("pool {p}") };
+                    let pool_label =
+                        if p == lathe_store::dispatch::fair_share::ALL_POOLS { "every pool".to_string() } else { format!("pool {p}") };
                     let weight = weight.map_or("inherited".to_string(), |w| w.to_string());
                     let quota = max_gpus.map_or("none".to_string(), |n| format!("{n} GPUs"));
                     println!("{}\t{pool_label}\tweight {weight}\tquota {quota}", found.name);
@@ -286,6 +287,9 @@ pub fn run(command: AdminCommand) -> anyhow::Result<()> {
 fn parse_max_gpus(value: &str) -> anyhow::Result<Option<u32>> {
     match value.trim() {
         "none" => Ok(None),
-        n => n.parse::<u32>().map(Some).map_err(|_| anyhow::anyhow!("--max-gpus must be a whole number of GPUs (0 or more) or none, got {value:?}")),
+        n => n
+            .parse::<u32>()
+            .map(Some)
+            .map_err(|_| anyhow::anyhow!("--max-gpus must be a whole number of GPUs (0 or more) or none, got {value:?}")),
     }
 }

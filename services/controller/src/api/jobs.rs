@@ -88,19 +88,19 @@ pub async fn create(State(state): State<AppState>, project: Project, headers: He
 /// A job larger than its project's quota in its pool cannot start until an admin raises the
 /// quota: it is accepted (quotas change) but says so at once, instead of waiting in silence.
 async fn warn_over_quota(state: &AppState, project_id: &str, job_id: &lathe_core::JobId, spec: &lathe_core::JobSpec) {
-    let share = match lathe_store::dispatch::fair_share::effective_share(&state.pool, project_id, &spec.pool).await {
+    let share = match lathe_store::dispatch::fair_share::effective_share(&state.pool, project_id, &spec.resources.pool).await {
         Ok(share) => share,
         Err(error) => {
             tracing::warn!(%error, %job_id, "could not read the project's quota");
             return;
         }
     };
-    if let Some(max_gpus) = share.max_gpus.filter(|max| *max < spec.gpus) {
+    if let Some(max_gpus) = share.max_gpus.filter(|max| *max < spec.resources.gpus) {
         let message = format!(
             "This job needs {} GPUs but the project may hold at most {max_gpus} in pool {:?}: it stays queued until an admin raises the quota (lathe admin set-project --max-gpus)",
-            spec.gpus, spec.pool
+            spec.resources.gpus, spec.resources.pool
         );
-        let data = json!({"gpus": spec.gpus, "pool": spec.pool, "max_gpus": max_gpus});
+        let data = json!({"gpus": spec.resources.gpus, "pool": spec.resources.pool, "max_gpus": max_gpus});
         state.note_event(job_id.as_str(), EventLevel::Warn, &message, Some(&data)).await;
     }
 }

@@ -50,30 +50,36 @@ pub fn job(job: &Job) -> Value {
         "estimated_finish": null,
         "integrations": [],
         "user_provided_suffix": spec.suffix,
-        "lathe": {
-            "learning_rate": spec.learning_rate,
-            "lora": spec.lora,
-            "quantization": spec.quantization,
-            "lr_scheduler": spec.lr_scheduler,
-            "warmup_ratio": spec.warmup_ratio,
-            "max_seq_length": spec.max_seq_length,
-            "packing": spec.packing,
-            "train_on_inputs": spec.train_on_inputs,
-            "gradient_checkpointing": spec.gradient_checkpointing,
-            "pool": spec.resources.pool,
-            "gpu_memory_gb": spec.resources.gpu_memory_gb,
-            "gpus": spec.resources.gpus,
-            "nodes": spec.resources.nodes,
-            "priority": spec.resources.priority,
-            "decontaminate": spec.decontaminate,
-            "evaluations": spec.evaluations,
-            "attempt": job.attempt,
-            "retries": job.retries,
-            "pause_requested": job.pause_requested,
-            "pending_reason": job.pending_reason,
-            // Counted at create with the model's tokenizer: {examples, truncated, dropped}.
-            "training_data": job.training_data,
-        },
+        "lathe": job_extensions(job),
+    })
+}
+
+/// Lathe's own fields of a job, beside OpenAI's.
+fn job_extensions(job: &Job) -> Value {
+    let spec = &job.spec;
+    json!({
+        "learning_rate": spec.learning_rate,
+        "lora": spec.lora,
+        "quantization": spec.quantization,
+        "lr_scheduler": spec.lr_scheduler,
+        "warmup_ratio": spec.warmup_ratio,
+        "max_seq_length": spec.max_seq_length,
+        "packing": spec.packing,
+        "train_on_inputs": spec.train_on_inputs,
+        "gradient_checkpointing": spec.gradient_checkpointing,
+        "pool": spec.resources.pool,
+        "gpu_memory_gb": spec.resources.gpu_memory_gb,
+        "gpus": spec.resources.gpus,
+        "nodes": spec.resources.nodes,
+        "priority": spec.resources.priority,
+        "decontaminate": spec.decontaminate,
+        "evaluations": spec.evaluations,
+        "attempt": job.attempt,
+        "retries": job.retries,
+        "pause_requested": job.pause_requested,
+        "pending_reason": job.pending_reason,
+        // Counted at create with the model's tokenizer: {examples, truncated, dropped}.
+        "training_data": job.training_data,
     })
 }
 

@@ -11,7 +11,8 @@ use lathe_core::{fine_tuned_model_name, JobStatus};
 use lathe_proto::v1::controller_message::Body as Down;
 use lathe_proto::v1::worker_message::Body as Up;
 use lathe_proto::v1::{
-    Ack, Cancel, ControllerMessage, FailureClass, LeaseLost, LogLevel, MetricPoint as WireMetricPoint, Pause, Preempt, StopReason, WorkerMessage,
+    Ack, Cancel, ControllerMessage, FailureClass, LeaseLost, LogLevel, MetricPoint as WireMetricPoint, Pause, Preempt, StopReason,
+    WorkerMessage,
 };
 use lathe_store::dispatch::renew_lease;
 use lathe_store::dispatch::{
@@ -371,7 +372,10 @@ impl Attempt {
         let (pool, job_id) = (&self.state.pool, self.job_id());
         let project = self.job.project_id.as_str();
         // Fenced before any file is published: a stale or cancelled attempt publishes nothing.
-        if !matches!(lathe_store::jobs::attempt_control(pool, job_id, self.attempt).await?, Some(AttemptControl { status: JobStatus::Running, .. })) {
+        if !matches!(
+            lathe_store::jobs::attempt_control(pool, job_id, self.attempt).await?,
+            Some(AttemptControl { status: JobStatus::Running, .. })
+        ) {
             let current = get_job_unscoped(pool, &self.job.id).await?.attempt;
             return Err(StoreError::StaleAttempt { job: job_id.to_string(), attempt: self.attempt, current });
         }

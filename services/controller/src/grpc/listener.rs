@@ -155,10 +155,10 @@ pub fn raise_file_limit(rest_connections: usize, grpc_connections: usize) {
                 limit.rlim_cur = limit.rlim_max;
             }
         }
-        let needed = (rest_connections + grpc_connections + 256) as u64;
-        if (limit.rlim_cur as u64) < needed {
+        let needed = (rest_connections + grpc_connections + 256) as libc::rlim_t;
+        if limit.rlim_cur < needed {
             tracing::warn!(
-                open_files = limit.rlim_cur as u64,
+                open_files = limit.rlim_cur,
                 needed,
                 "the open-file limit is below --max-connections + --grpc-max-connections + 256: lower the caps or raise `ulimit -n`"
             );

@@ -224,11 +224,9 @@ impl WorkerService for Service {
         // The id a worker was woken with only says that work is queued: which job it gets is
         // fair share's choice among all it fits (docs/scheduling.md).
         let _woken_for = r.job_id;
-        let request = ClaimRequest { worker_id: &worker_id, job_id: None, lease: state.config.lease, half_life: state.config.fair_share_half_life };
-        let claim = claim_job(&state.pool, request)
-            .await
-            .map_err(status)?
-            .ok_or_else(|| Status::not_found("nothing to claim"))?;
+        let request =
+            ClaimRequest { worker_id: &worker_id, job_id: None, lease: state.config.lease, half_life: state.config.fair_share_half_life };
+        let claim = claim_job(&state.pool, request).await.map_err(status)?.ok_or_else(|| Status::not_found("nothing to claim"))?;
 
         match self.claimed(&claim, &worker_id).await {
             Ok(response) => Ok(Response::new(response)),

@@ -194,7 +194,7 @@ mod tests {
     #[test]
     fn a_metric_step_past_bigint_is_refused_naming_the_point() {
         let good = WirePoint { step: 3, total_steps: 10, ..Default::default() };
-        let bad = WirePoint { step: (1u64 << 63) + 5, ..good.clone() };
+        let bad = WirePoint { step: (1u64 << 63) + 5, ..good };
         assert_eq!(metric_points(std::slice::from_ref(&good)).unwrap()[0].step, 3);
         let refused = metric_points(&[good, bad]).unwrap_err();
         assert_eq!(refused.field, "metrics.points[1].step");

@@ -141,13 +141,12 @@ pub(crate) async fn lock_quota(tx: &mut Transaction<'_, Postgres>, candidate: &C
         .bind(&candidate.project)
         .execute(&mut **tx)
         .await?;
-    let running: i64 = sqlx::query_scalar(
-        "SELECT coalesce(sum(gpus), 0)::bigint FROM jobs WHERE status = 'running' AND pool = $1 AND project_id = $2",
-    )
-    .bind(&candidate.pool)
-    .bind(&candidate.project)
-    .fetch_one(&mut **tx)
-    .await?;
+    let running: i64 =
+        sqlx::query_scalar("SELECT coalesce(sum(gpus), 0)::bigint FROM jobs WHERE status = 'running' AND pool = $1 AND project_id = $2")
+            .bind(&candidate.pool)
+            .bind(&candidate.project)
+            .fetch_one(&mut **tx)
+            .await?;
     Ok(running + i64::from(candidate.gpus) <= i64::from(max_gpus))
 }
 

@@ -18,7 +18,7 @@ pub fn unserved_reason(shape: &Shape, offers: &[Offer]) -> Option<String> {
     if offers.iter().any(|o| o.fits(shape)) {
         return None;
     }
-    let in_pool: Vec<&Offer> = offers.iter().filter(|o| o.pools.iter().any(|p| *p == shape.pool)).collect();
+    let in_pool: Vec<&Offer> = offers.iter().filter(|o| o.pools.contains(&shape.pool)).collect();
     let memory = shape.gpu_memory_gb.map(|gb| format!(" with {gb} GB each")).unwrap_or_default();
     let asked = format!("{} GPU(s) on {} node(s){memory}", shape.gpus, shape.nodes);
     Some(match in_pool.iter().max_by_key(|o| (o.gpus * o.nodes, o.gpu_memory_bytes)) {
@@ -61,7 +61,12 @@ pub async fn refresh_pending_reasons(pool: &PgPool, live_within: Duration, settl
     .await?;
     let offers: Vec<Offer> = offers
         .into_iter()
-        .map(|(pools, gpus, nodes, memory)| Offer { pools, gpus: count(gpus), nodes: count(nodes), gpu_memory_bytes: memory.and_then(|b| u64::try_from(b).ok()) })
+        .map(|(pools, gpus, nodes, memory)| Offer {
+            pools,
+            gpus: count(gpus),
+            nodes: count(nodes),
+            gpu_memory_bytes: memory.and_then(|b| u64::try_from(b).ok()),
+        })
         .collect();
     let queued: Vec<Row> = sqlx::query_as(
         "SELECT id, pool, gpus, nodes, gpu_memory_gb, pending_reason FROM jobs

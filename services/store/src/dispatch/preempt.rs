@@ -100,12 +100,7 @@ pub async fn preemption_inputs(pool: &PgPool, live_within: Duration) -> Result<(
         .map(|q| Queued {
             id: q.id,
             priority: q.priority,
-            shape: Shape {
-                pool: q.pool,
-                gpus: count(q.gpus),
-                nodes: count(q.nodes),
-                gpu_memory_gb: q.gpu_memory_gb.map(count),
-            },
+            shape: Shape { pool: q.pool, gpus: count(q.gpus), nodes: count(q.nodes), gpu_memory_gb: q.gpu_memory_gb.map(count) },
         })
         .collect();
     let running = running

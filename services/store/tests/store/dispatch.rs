@@ -23,7 +23,9 @@ fn point(step: i64, train_loss: f32) -> MetricPoint {
 }
 
 async fn claim(pool: &PgPool, worker_id: &str, job_id: &str, lease: Duration) -> Option<lathe_store::dispatch::Claim> {
-    claim_job(pool, ClaimRequest { worker_id, job_id: Some(job_id), lease, half_life: lathe_store::dispatch::DEFAULT_HALF_LIFE }).await.unwrap()
+    claim_job(pool, ClaimRequest { worker_id, job_id: Some(job_id), lease, half_life: lathe_store::dispatch::DEFAULT_HALF_LIFE })
+        .await
+        .unwrap()
 }
 
 /// Claims with a lease that is over by the time this returns.
@@ -329,10 +331,13 @@ async fn a_worker_takes_only_jobs_of_its_pools_that_fit_its_memory_best_priority
     let next = |worker_id: String| {
         let pool = db.pool.clone();
         async move {
-            claim_job(&pool, ClaimRequest { worker_id: &worker_id, job_id: None, lease: LEASE, half_life: lathe_store::dispatch::DEFAULT_HALF_LIFE })
-                .await
-                .unwrap()
-                .map(|c| c.job_id.to_string())
+            claim_job(
+                &pool,
+                ClaimRequest { worker_id: &worker_id, job_id: None, lease: LEASE, half_life: lathe_store::dispatch::DEFAULT_HALF_LIFE },
+            )
+            .await
+            .unwrap()
+            .map(|c| c.job_id.to_string())
         }
     };
     assert_eq!(next(gpu_24gb.clone()).await, Some(high));

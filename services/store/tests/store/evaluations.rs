@@ -124,8 +124,18 @@ async fn a_succeeding_job_queues_the_evaluations_it_asked_for() {
     let job_spec = spec(&file, json!({"evaluations": [{"benchmark": "cti-mcq", "limit": 5}, {"benchmark": "cti-rcm", "shots": 2}]}));
     let (job, _) = create_job(&db.pool, &project_id, &job_spec, None).await.unwrap();
     let worker_a = worker(&db.pool, "a").await;
-    let claim =
-        claim_job(&db.pool, ClaimRequest { worker_id: &worker_a, job_id: Some(job.id.as_str()), lease: LEASE, half_life: lathe_store::dispatch::DEFAULT_HALF_LIFE }).await.unwrap().unwrap();
+    let claim = claim_job(
+        &db.pool,
+        ClaimRequest {
+            worker_id: &worker_a,
+            job_id: Some(job.id.as_str()),
+            lease: LEASE,
+            half_life: lathe_store::dispatch::DEFAULT_HALF_LIFE,
+        },
+    )
+    .await
+    .unwrap()
+    .unwrap();
     let model = format!("ft:tiny-qwen3:{}", job.id);
     let outcome = AttemptOutcome::Succeeded { fine_tuned_model: model.clone(), result_files: vec![], trained_tokens: Some(10) };
     finish_attempt(&db.pool, job.id.as_str(), claim.attempt, outcome, &RetryPolicy::default()).await.unwrap();

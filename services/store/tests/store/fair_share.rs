@@ -27,18 +27,18 @@ async fn claim_next(pool: &PgPool, worker_id: &str) -> Option<Claim> {
     claim_job(pool, request).await.expect("claim")
 }
 
-/// Runs the claimed attempt for `seconds` of recorded time (its start is moved back), then
-/// finishes it.
+/// Finishes the claimed attempt as if it had run for exactly `seconds` (its start is moved
+/// back from its end).
 async fn run_for(pool: &PgPool, claim: &Claim, seconds: f64) {
-    sqlx::query("UPDATE attempts SET started_at = now() - make_interval(secs => $3) WHERE job_id = $1 AND number = $2")
+    let done = AttemptOutcome::Succeeded { fine_tuned_model: format!("ft:{}", claim.job_id), result_files: vec![], trained_tokens: None };
+    finish_attempt(pool, claim.job_id.as_str(), claim.attempt, done, &RetryPolicy::default()).await.unwrap();
+    sqlx::query("UPDATE attempts SET started_at = ended_at - make_interval(secs => $3) WHERE job_id = $1 AND number = $2")
         .bind(claim.job_id.as_str())
         .bind(claim.attempt)
         .bind(seconds)
         .execute(pool)
         .await
         .unwrap();
-    let done = AttemptOutcome::Succeeded { fine_tuned_model: format!("ft:{}", claim.job_id), result_files: vec![], trained_tokens: None };
-    finish_attempt(pool, claim.job_id.as_str(), claim.attempt, done, &RetryPolicy::default()).await.unwrap();
 }
 
 /// Claims and runs everything one worker can, each job for `seconds`; the projects in start

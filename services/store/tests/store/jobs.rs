@@ -162,7 +162,12 @@ async fn a_paused_queued_job_is_not_claimed_until_resumed() {
     let db = TestDb::new().await;
     let (project_id, job_id) = queued_job(&db.pool, "acme").await;
     let worker_id = worker(&db.pool, "w1").await;
-    let request = ClaimRequest { worker_id: &worker_id, job_id: None, lease: std::time::Duration::from_secs(60), half_life: lathe_store::dispatch::DEFAULT_HALF_LIFE };
+    let request = ClaimRequest {
+        worker_id: &worker_id,
+        job_id: None,
+        lease: std::time::Duration::from_secs(60),
+        half_life: lathe_store::dispatch::DEFAULT_HALF_LIFE,
+    };
 
     assert_eq!(pause_job(&db.pool, &project_id, &as_job_id(&job_id)).await.unwrap().status, JobStatus::Paused);
     assert!(claim_job(&db.pool, request.clone()).await.unwrap().is_none());
@@ -177,7 +182,12 @@ async fn cancelling_a_running_job_ends_its_attempt_and_frees_the_lease() {
     let db = TestDb::new().await;
     let (project_id, job_id) = queued_job(&db.pool, "acme").await;
     let worker_id = worker(&db.pool, "w1").await;
-    let request = ClaimRequest { worker_id: &worker_id, job_id: Some(&job_id), lease: std::time::Duration::from_secs(60), half_life: lathe_store::dispatch::DEFAULT_HALF_LIFE };
+    let request = ClaimRequest {
+        worker_id: &worker_id,
+        job_id: Some(&job_id),
+        lease: std::time::Duration::from_secs(60),
+        half_life: lathe_store::dispatch::DEFAULT_HALF_LIFE,
+    };
     claim_job(&db.pool, request).await.unwrap().expect("claimed");
 
     let cancelled = cancel_job(&db.pool, &project_id, &as_job_id(&job_id)).await.unwrap();
@@ -234,7 +244,12 @@ async fn demand_per_pool_counts_queued_and_running_jobs_and_live_workers() {
     let worker = worker_with(&db.pool, "gpu-1", &["a100".to_string()], Some(80 << 30)).await;
     let claimed = lathe_store::dispatch::claim_job(
         &db.pool,
-        lathe_store::dispatch::ClaimRequest { worker_id: &worker, job_id: Some(&ids[0]), lease: Duration::from_secs(60), half_life: lathe_store::dispatch::DEFAULT_HALF_LIFE },
+        lathe_store::dispatch::ClaimRequest {
+            worker_id: &worker,
+            job_id: Some(&ids[0]),
+            lease: Duration::from_secs(60),
+            half_life: lathe_store::dispatch::DEFAULT_HALF_LIFE,
+        },
     )
     .await
     .unwrap();

@@ -89,7 +89,7 @@ const LIVE: Duration = Duration::from_secs(60);
 
 fn enrolled(enrolment: Enrolment) -> RegisteredWorker {
     match enrolment {
-        Enrolment::Enrolled(worker) => worker,
+        Enrolment::Enrolled(worker) => *worker,
         other => panic!("not enrolled: {other:?}"),
     }
 }
