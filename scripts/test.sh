@@ -24,6 +24,9 @@ export LATHE_BIN="$PWD/target/release/lathe"
 .venv/bin/python -m pytest tests/interop -q
 
 echo "==> Service tests (real controller, workers, Postgres, Redis; the openai SDK)"
+# promtool for the alerting-rule tests (test_prometheus_rules.py); only the tests need it.
+source scripts/lib/promtool.sh
+ensure_promtool
 source scripts/lib/test_postgres.sh
 start_test_postgres
 .venv/bin/python -m pytest tests/service -q
