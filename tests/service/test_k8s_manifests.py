@@ -145,10 +145,14 @@ class PodTemplate:
 def pod_templates() -> list[PodTemplate]:
     templates = []
     for m in manifests():
-        if m.kind == "Deployment":
+        if m.kind in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
             templates.append(PodTemplate(m, m.doc["spec"]["template"]))
+        elif m.kind == "CronJob":
+            templates.append(PodTemplate(m, m.doc["spec"]["jobTemplate"]["spec"]["template"]))
         elif m.kind == "ScaledJob":
             templates.append(PodTemplate(m, m.doc["spec"]["jobTargetRef"]["template"]))
+        elif m.kind == "Pod":
+            templates.append(PodTemplate(m, m.doc))
     return templates
 
 
@@ -190,6 +194,13 @@ def flag(container: dict, name: str) -> str | None:
 
 def env_of(container: dict) -> dict[str, dict]:
     return {e["name"]: e for e in container.get("env", [])}
+
+
+def expansion_helpers(container: dict) -> set[str]:
+    """Env entries that exist to be expanded into a later entry's value (`$(NAME)`), such as the
+    Redis password inside LATHE_REDIS_URL: Kubernetes' settings, not Lathe's."""
+    values = " ".join(str(e.get("value", "")) for e in container.get("env", []))
+    return {name for name in env_of(container) if f"$({name})" in values}
 
 
 def secret_ref(pod: PodTemplate, env_name: str) -> tuple[str, str]:
@@ -542,7 +553,7 @@ def test_every_lathe_setting_the_manifests_pass_is_one_lathe_reads():
     env_names, flags = set(), set()
     for pod in [controller_template(), *worker_templates()]:
         container = pod.lathe_container()
-        env_names |= set(env_of(container))
+        env_names |= set(env_of(container)) - expansion_helpers(container)
         flags |= {a for a in command_of(container) if a.startswith("--")}
         for source in container.get("envFrom", []):
             if "configMapRef" in source:
@@ -553,6 +564,256 @@ def test_every_lathe_setting_the_manifests_pass_is_one_lathe_reads():
     unknown_flags = sorted(f for f in flags if not _source_mentions(rf"\b{re.escape(f[2:].replace('-', '_'))}\s*:"))
     assert not unknown_env and not unknown_flags, \
         f"settings no lathe binary reads (not in services/**/*.rs): env {unknown_env}, flags {unknown_flags}"
+
+
+# -- Pod Security (restricted) and NetworkPolicies -------------------------------------------
+
+# Volume types the "restricted" Pod Security Standard allows.
+RESTRICTED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                           "projected", "secret"}
+# Where each image's process writes, outside the volumes every pod already mounts: these must be
+# writable volumes, since the root filesystem is read-only. Lathe: std::env::temp_dir() (the
+# inference worker links adapters there); Redis: its working directory.
+WRITABLE_PATHS = {LATHE_IMAGE: ["/tmp"], "redis": ["/data"]}
+
+
+def _all_containers(spec: dict) -> list[dict]:
+    return [*spec.get("initContainers", []), *spec["containers"], *spec.get("ephemeralContainers", [])]
+
+
+def restricted_pss_problems(pod: PodTemplate) -> list[str]:
+    """What keeps a pod from the "restricted" Pod Security Standard (baseline included), plus a
+    read-only root filesystem with writable volumes where the process writes."""
+    spec, problems = pod.spec, []
+    pod_sc = spec.get("securityContext", {})
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(field):
+            problems.append(f"{field}: true")
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for volume in volumes.values():
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUME_TYPES:
+            problems.append(f"volume {volume['name']}: type {sorted(kinds - RESTRICTED_VOLUME_TYPES)} is not allowed")
+    if pod_sc.get("runAsUser") == 0:
+        problems.append("securityContext.runAsUser: 0")
+    for container in _all_containers(spec):
+        name, sc = container["name"], container.get("securityContext", {})
+        if sc.get("privileged"):
+            problems.append(f"{name}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{name}: allowPrivilegeEscalation must be false")
+        if not (sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True):
+            problems.append(f"{name}: runAsNonRoot must be true (pod or container)")
+        if sc.get("runAsUser") == 0:
+            problems.append(f"{name}: runAsUser 0")
+        seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{name}: seccompProfile.type is {seccomp!r}, not RuntimeDefault (pod or container)")
+        capabilities = sc.get("capabilities", {})
+        if "ALL" not in capabilities.get("drop", []):
+            problems.append(f"{name}: capabilities.drop must contain ALL")
+        if set(capabilities.get("add", [])) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{name}: capabilities.add {capabilities['add']}")
+        if any(port.get("hostPort") for port in container.get("ports", [])):
+            problems.append(f"{name}: hostPort")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{name}: readOnlyRootFilesystem must be true")
+        mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+        image = container.get("image", "").split(":")[0]
+        for path in WRITABLE_PATHS.get(image, []):
+            mount = mounts.get(path)
+            volume = volumes.get(mount["name"], {}) if mount else {}
+            if not mount or mount.get("readOnly") or not ({"emptyDir", "ephemeral", "persistentVolumeClaim"} & set(volume)):
+                problems.append(f"{name}: {path} is not a writable volume (the root filesystem is read-only)")
+    return problems
+
+
+def test_every_pod_passes_the_restricted_pod_security_standard():
+    pods = pod_templates()
+    assert {p.component for p in pods} >= {"controller", "worker", "redis"}, [p.owner.where() for p in pods]
+    problems = [f"{pod.owner.where()}: {problem}" for pod in pods for problem in restricted_pss_problems(pod)]
+    assert not problems, "\n".join(problems)
+    for image in WRITABLE_PATHS:
+        assert any(c.get("image", "").split(":")[0] == image for p in pods for c in p.spec["containers"]), image
+
+
+def test_a_pod_that_drops_a_restricted_field_is_caught():
+    """The check above, against copies of the controller that each lose one setting."""
+    def breaks(change) -> list[str]:
+        pod = controller_template()
+        template = copy.deepcopy(pod.template)
+        change(template["spec"], template["spec"]["containers"][0])
+        return restricted_pss_problems(PodTemplate(pod.owner, template))
+
+    assert breaks(lambda spec, c: None) == []
+    assert breaks(lambda spec, c: spec["securityContext"].pop("seccompProfile"))
+    assert breaks(lambda spec, c: c["securityContext"].pop("readOnlyRootFilesystem"))
+    assert breaks(lambda spec, c: c["securityContext"].update(allowPrivilegeEscalation=True))
+    assert breaks(lambda spec, c: c["securityContext"]["capabilities"].update(drop=["NET_RAW"]))
+    assert breaks(lambda spec, c: spec["securityContext"].pop("runAsNonRoot"))
+    assert breaks(lambda spec, c: c.update(volumeMounts=[m for m in c["volumeMounts"] if m["mountPath"] != "/tmp"]))
+    assert breaks(lambda spec, c: spec["volumes"].append({"name": "host", "hostPath": {"path": "/"}}))
+
+
+def test_env_references_name_an_earlier_entry():
+    """Kubernetes expands `$(NAME)` in an env value only from entries above it; otherwise the
+    process gets the literal text (a Redis URL with `$(REDIS_PASSWORD)` as its password)."""
+    problems = []
+    for pod in pod_templates():
+        for container in pod.spec["containers"]:
+            defined: set[str] = set()
+            for entry in container.get("env", []):
+                for ref in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", str(entry.get("value", ""))):
+                    if ref not in defined:
+                        problems.append(f"{pod.owner.where()}: {container['name']}: {entry['name']} uses $({ref}) "
+                                        "before (or without) an entry of that name")
+                defined.add(entry["name"])
+            for arg in command_of(container):
+                for ref in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", arg):
+                    if ref not in defined:
+                        problems.append(f"{pod.owner.where()}: {container['name']}: argument uses $({ref}), not in env")
+    assert not problems, "\n".join(problems)
+
+
+def test_redis_asks_for_the_password_the_controller_and_workers_send():
+    (redis,) = [t for t in pod_templates() if t.component == "redis"]
+    (container,) = redis.spec["containers"]
+    args = command_of(container)
+    assert "--requirepass" in args, f"{redis.owner.where()}: Redis without --requirepass"
+    password_ref = re.fullmatch(r"\$\((\w+)\)", args[args.index("--requirepass") + 1])
+    assert password_ref, f"{redis.owner.where()}: --requirepass is not read from the environment"
+    password = env_of(container)[password_ref.group(1)]["valueFrom"]["secretKeyRef"]
+    redis_service = [m for m in objects("Service") if m.doc["spec"].get("selector", {}).items() <= redis.labels.items()]
+    assert len(redis_service) == 1, redis_service
+    port = service_port(redis_service[0], "redis")["port"]
+    for pod in [controller_template(), *worker_templates()]:
+        container = pod.lathe_container()
+        url = env_of(container)["LATHE_REDIS_URL"]["value"]
+        parts = urlsplit(url)
+        assert (parts.hostname, parts.port) == (redis_service[0].name, port), f"{pod.owner.where()}: {url}"
+        ref = re.fullmatch(r"\$\((\w+)\)", parts.password or "")
+        assert ref, f"{pod.owner.where()}: LATHE_REDIS_URL {url} carries no password from the environment"
+        assert env_of(container)[ref.group(1)]["valueFrom"]["secretKeyRef"] == password, \
+            f"{pod.owner.where()}: the Redis URL's password is another secret than Redis's requirepass"
+
+
+# A small NetworkPolicy evaluator: enough of the API for the policies here (pod and namespace
+# selectors by matchLabels, ports by name or number), applied as the network plugin would.
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Something that sends or receives: a pod of the manifests, or a pod of another namespace,
+    or an address outside the cluster (namespace None)."""
+    name: str
+    namespace: str | None
+    labels: tuple = ()
+    ports: tuple = ()  # (name, number)
+
+    def port_number(self, port) -> int | None:
+        if isinstance(port, int):
+            return port
+        return dict(self.ports).get(port)
+
+
+def pod_endpoint(pod: PodTemplate) -> Endpoint:
+    ports = tuple((p["name"], p["containerPort"]) for c in pod.spec["containers"] for p in c.get("ports", []) if "name" in p)
+    return Endpoint(pod.owner.where(), pod.owner.namespace, tuple(sorted(pod.labels.items())), ports)
+
+
+def _matches(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"selector {selector} is not simulated here"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def _peer_matches(peer: dict, other: Endpoint, policy_namespace: str) -> bool:
+    if "ipBlock" in peer:
+        return other.namespace is None  # the policies here use ipBlock only for outside addresses
+    if other.namespace is None:
+        return False
+    namespace_labels = {"kubernetes.io/metadata.name": other.namespace}
+    if "namespaceSelector" in peer:
+        if not _matches(peer["namespaceSelector"], namespace_labels):
+            return False
+    elif other.namespace != policy_namespace:
+        return False
+    return _matches(peer.get("podSelector", {}), dict(other.labels))
+
+
+def _port_matches(rule_ports: list | None, target: Endpoint, port: int, protocol: str) -> bool:
+    if not rule_ports:
+        return True
+    return any(p.get("protocol", "TCP") == protocol and ("port" not in p or target.port_number(p["port"]) == port)
+               for p in rule_ports)
+
+
+def _policies(pod: Endpoint, direction: str) -> list[dict]:
+    found = []
+    for m in objects("NetworkPolicy"):
+        spec = m.doc["spec"]
+        if m.namespace == pod.namespace and _matches(spec["podSelector"], dict(pod.labels)) \
+                and direction in spec.get("policyTypes", ["Ingress"]):
+            found.append(m.doc)
+    return found
+
+
+def _direction_allows(pod: Endpoint, other: Endpoint, direction: str, target: Endpoint, port: int, protocol: str) -> bool:
+    if pod.namespace is None or pod.namespace != "lathe":
+        return True  # not governed by these manifests
+    policies = _policies(pod, direction)
+    if not policies:
+        return True
+    rules_key, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+    for policy in policies:
+        for rule in policy["spec"].get(rules_key, []):
+            peers = rule.get(peers_key)
+            if (not peers or any(_peer_matches(peer, other, policy["metadata"]["namespace"]) for peer in peers)) \
+                    and _port_matches(rule.get("ports"), target, port, protocol):
+                return True
+    return False
+
+
+def reaches(source: Endpoint, target: Endpoint, port, protocol: str = "TCP") -> bool:
+    number = target.port_number(port)
+    assert number is not None, f"{target.name} has no port {port!r}"
+    return (_direction_allows(source, target, "Egress", target, number, protocol)
+            and _direction_allows(target, source, "Ingress", target, number, protocol))
+
+
+def test_network_policies_let_each_component_reach_only_what_it_needs():
+    policies = objects("NetworkPolicy")
+    namespace = controller_template().owner.namespace
+    default_deny = [m for m in policies if m.namespace == namespace and m.doc["spec"]["podSelector"] == {}
+                    and "Ingress" in m.doc["spec"].get("policyTypes", []) and not m.doc["spec"].get("ingress")]
+    assert default_deny, f"no default-deny ingress NetworkPolicy in namespace {namespace}"
+    (redis_pod,) = [t for t in pod_templates() if t.component == "redis"]
+    controller, redis = pod_endpoint(controller_template()), pod_endpoint(redis_pod)
+    workers = [pod_endpoint(w) for w in worker_templates()]
+    for who in [controller, redis, *workers]:
+        own = [m.name for m in policies if m.doc["spec"]["podSelector"] != {}
+               and _matches(m.doc["spec"]["podSelector"], dict(who.labels))]
+        assert own, f"no NetworkPolicy selects {who.name} by its labels"
+
+    stranger = Endpoint("an unlabelled pod in the namespace", namespace, (("app", "debug"),))
+    elsewhere = Endpoint("a pod of namespace default", "default", (("app", "web"),))
+    prometheus = Endpoint("Prometheus", "monitoring", (("app.kubernetes.io/name", "prometheus"),))
+    postgres = Endpoint("Postgres outside the cluster", None, ports=(("postgres", 5432),))
+    dns = Endpoint("the cluster DNS", "kube-system", (("k8s-app", "kube-dns"),), (("dns", 53),))
+
+    for worker in workers:
+        assert reaches(worker, controller, "grpc"), f"{worker.name} cannot reach the controller's gRPC"
+        assert reaches(worker, redis, "redis"), f"{worker.name} cannot wait on Redis"
+        assert reaches(worker, dns, 53, "UDP"), f"{worker.name} cannot resolve names"
+        assert not reaches(worker, postgres, "postgres"), f"{worker.name} can reach Postgres"
+        assert not reaches(worker, controller, "http"), f"{worker.name} can reach the REST API it never uses"
+        assert reaches(prometheus, worker, "metrics"), f"Prometheus cannot scrape {worker.name}"
+        assert not reaches(elsewhere, worker, "metrics"), f"any namespace can scrape {worker.name}"
+    assert reaches(controller, redis, "redis"), "the controller cannot reach Redis"
+    assert reaches(controller, postgres, "postgres"), "the controller cannot reach Postgres"
+    for outsider in (stranger, elsewhere, prometheus):
+        assert not reaches(outsider, redis, "redis"), f"{outsider.name} can reach Redis"
+        assert not reaches(outsider, controller, "grpc"), f"{outsider.name} can reach the workers' gRPC port"
+        assert reaches(outsider, controller, "http"), f"{outsider.name} cannot reach the REST port"
+    assert not reaches(redis, postgres, "postgres"), "Redis may call out"
 
 
 # -- Prometheus: discovery simulated on the pod templates ---------------------------------------
