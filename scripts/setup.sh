@@ -37,7 +37,7 @@ if ! "$VENV/bin/python" -c 'import llama_cpp' 2>/dev/null; then
     "$VENV/bin/pip" install -q --disable-pip-version-check "llama-cpp-python==$LLAMA_CPP_PYTHON"
 fi
 
-step "npm packages for the Kubernetes manifest checks (tests/deploy: @kubernetes-models/keda, yaml)"
+step "npm packages for the Kubernetes manifest checks (tests/deploy: @kubernetes-models/keda and prometheus-operator, yaml)"
 if command -v npm >/dev/null; then
   # Exactly the versions in tests/deploy/package-lock.json; node_modules is rebuilt each run.
   (cd tests/deploy && npm ci --no-audit --no-fund)

@@ -3,7 +3,8 @@ here), then the number KEDA scales on read from a real controller.
 
 1. Every YAML document validates: core objects against the Kubernetes 1.30 OpenAPI schemas with
    `kubernetes-validate` (strict: an unknown field is an error, as `kubectl apply` makes it), KEDA
-   objects with `@kubernetes-models/keda` through tests/deploy/validate-keda.mjs (installed by
+   and Prometheus-operator objects with `@kubernetes-models/keda` and
+   `@kubernetes-models/prometheus-operator` through tests/deploy/validate-crds.mjs (installed by
    scripts/setup.sh). A deliberately broken copy fails, naming the field.
 2. The pieces agree where a user would otherwise find out from a pod that never starts or a
    scaler that reads nothing: secret keys, the Service ports that workers and KEDA dial, the
@@ -36,17 +37,21 @@ from lathe_service import (ROOT, Service, create_job, example_rows, find_lathe_b
                            require_postgres_and_redis, wait_for_status, wait_until, write_jsonl)
 
 K8S = ROOT / "deploy" / "k8s"
-KEDA_VALIDATOR = ROOT / "tests" / "deploy" / "validate-keda.mjs"
-KEDA_NODE_MODULES = ROOT / "tests" / "deploy" / "node_modules" / "@kubernetes-models" / "keda"
+CRD_VALIDATOR = ROOT / "tests" / "deploy" / "validate-crds.mjs"
+CRD_NODE_MODULES = [ROOT / "tests" / "deploy" / "node_modules" / "@kubernetes-models" / name
+                    for name in ("keda", "prometheus-operator")]
 RUST_SOURCES = ROOT / "services"
 
 KUBERNETES_VERSION = "1.30"
 KEDA_API_VERSION = "keda.sh/v1alpha1"
+PROMETHEUS_OPERATOR_API_VERSION = "monitoring.coreos.com/v1"
+# Custom resources: validated by validate-crds.mjs, not kubernetes-validate.
+CRD_API_VERSIONS = (KEDA_API_VERSION, PROMETHEUS_OPERATOR_API_VERSION)
 KUSTOMIZATION_API_VERSION = "kustomize.config.k8s.io/v1beta1"
 # The image name every Lathe container carries; kustomization.yaml maps it to the registry's.
 LATHE_IMAGE = "lathe"
 # Manifest files kustomization.yaml leaves out on purpose (it says why); alternatives/ too.
-NOT_APPLIED_BY_KUSTOMIZE = {"secret.example.yaml", "prometheus-scrape.yaml"}
+NOT_APPLIED_BY_KUSTOMIZE = {"secret.example.yaml", "prometheus-scrape.yaml", "podmonitor.yaml"}
 DEMAND_PATH = "/v1/admin/demand"
 # The controller's answer as documented for KEDA: what valueLocation must find a number in.
 DOCUMENTED_DEMAND_ANSWER = {"object": "list", "data": [{
@@ -254,15 +259,16 @@ def kubernetes_problems(doc: dict) -> list[str]:
     return []
 
 
-def run_keda_validator(*files: Path) -> subprocess.CompletedProcess:
+def run_crd_validator(*files: Path) -> subprocess.CompletedProcess:
     node = shutil.which("node")
     if node is None:
-        pytest.fail("`node` is not installed: the KEDA checks run tests/deploy/validate-keda.mjs "
+        pytest.fail("`node` is not installed: the KEDA and PodMonitor checks run tests/deploy/validate-crds.mjs "
                     "(apt-get install nodejs npm, then scripts/setup.sh)", pytrace=False)
-    if not KEDA_NODE_MODULES.is_dir():
-        pytest.fail(f"{KEDA_NODE_MODULES.relative_to(ROOT)} is missing: run scripts/setup.sh "
-                    "(npm ci in tests/deploy)", pytrace=False)
-    return subprocess.run([node, str(KEDA_VALIDATOR), *map(str, files)], capture_output=True, text=True,
+    for modules in CRD_NODE_MODULES:
+        if not modules.is_dir():
+            pytest.fail(f"{modules.relative_to(ROOT)} is missing: run scripts/setup.sh "
+                        "(npm ci in tests/deploy)", pytrace=False)
+    return subprocess.run([node, str(CRD_VALIDATOR), *map(str, files)], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
 
 
@@ -273,8 +279,8 @@ def run_keda_validator(*files: Path) -> subprocess.CompletedProcess:
 def test_every_core_object_validates_against_the_kubernetes_1_30_schemas():
     problems, kinds = [], set()
     for m in manifests():
-        if m.doc["apiVersion"] in (KEDA_API_VERSION, KUSTOMIZATION_API_VERSION):
-            continue  # the KEDA models and the kustomization tests below
+        if m.doc["apiVersion"] in (*CRD_API_VERSIONS, KUSTOMIZATION_API_VERSION):
+            continue  # the KEDA and Prometheus-operator models and the kustomization tests below
         kinds.add(m.kind)
         problems += [f"{m.where()}: {p}" for p in kubernetes_problems(m.doc)]
     assert not problems, "\n".join(problems)
@@ -294,13 +300,14 @@ def test_the_jobs_keda_creates_validate_as_kubernetes_1_30_jobs():
     assert not problems, "\n".join(problems)
 
 
-def test_every_keda_object_validates_against_the_keda_models():
-    keda = [m for m in manifests() if m.doc["apiVersion"] == KEDA_API_VERSION]
-    assert {m.kind for m in keda} == {"ScaledJob", "ScaledObject", "TriggerAuthentication"}, [m.where() for m in keda]
-    result = run_keda_validator(*manifest_files())
-    assert result.returncode == 0, f"validate-keda.mjs exited {result.returncode}\n{result.stderr}{result.stdout}"
-    assert f"validated {len(keda)} KEDA objects in {len(manifest_files())} files" in result.stdout, result.stdout
-    for m in keda:
+def test_every_keda_and_prometheus_operator_object_validates_against_their_models():
+    custom = [m for m in manifests() if m.doc["apiVersion"] in CRD_API_VERSIONS]
+    assert {m.kind for m in custom} == {"ScaledJob", "ScaledObject", "TriggerAuthentication", "PodMonitor"}, \
+        [m.where() for m in custom]
+    result = run_crd_validator(*manifest_files())
+    assert result.returncode == 0, f"validate-crds.mjs exited {result.returncode}\n{result.stderr}{result.stdout}"
+    assert f"validated {len(custom)} custom objects in {len(manifest_files())} files" in result.stdout, result.stdout
+    for m in custom:
         assert f"ok {m.path.relative_to(ROOT)} {m.kind}/{m.name}" in result.stdout.replace(f"{ROOT}/", ""), \
             f"{m.where()} was not reported valid:\n{result.stdout}"
 
@@ -338,7 +345,7 @@ def test_a_broken_copy_of_the_scaledjob_fails_keda_validation_naming_the_field(t
     break_it(doc)
     broken = tmp_path / "worker-scaledjob-a100.yaml"
     broken.write_text(yaml.safe_dump(doc, sort_keys=False))
-    result = run_keda_validator(broken)
+    result = run_crd_validator(broken)
     assert result.returncode == 1, f"a broken ScaledJob passed ({field}):\n{result.stdout}{result.stderr}"
     complaint = [line for line in result.stderr.splitlines() if line.startswith(f"{broken}: ScaledJob/lathe-worker-a100:")]
     assert complaint and any(field in line for line in complaint), \
@@ -385,6 +392,33 @@ def test_kubectl_kustomize_renders_the_manifests_with_the_built_image():
     text = json.dumps(rendered)
     assert f'"image": "{LATHE_IMAGE}"' not in text, "a Lathe container kept the bare image name after kustomize"
     assert text.count(f'"image": "{built}"') == 2, "the controller and the ScaledJob's worker should run the built image"
+
+
+def test_grafana_provisioning_renders_as_configmaps_the_sidecar_loads():
+    """deploy/grafana/kustomization.yaml: every dashboard file, byte for byte, in a ConfigMap
+    labelled for Grafana's sidecar, and a datasource file Grafana can provision from."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: `kubectl kustomize` (offline) renders what `apply -k` sends")
+    grafana = ROOT / "deploy" / "grafana"
+    result = subprocess.run([kubectl, "kustomize", str(grafana)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rendered = {d["metadata"]["name"]: d for d in yaml.safe_load_all(result.stdout) if d}
+    for doc in rendered.values():
+        assert doc["kind"] == "ConfigMap", doc["kind"]
+        assert not kubernetes_problems(doc), kubernetes_problems(doc)
+    dashboards = [d for d in rendered.values() if d["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
+    assert len(dashboards) == 1, sorted(rendered)
+    files = {p.name: p.read_text() for p in (grafana / "dashboards").glob("*.json")}
+    assert files and dashboards[0]["data"] == files, "the dashboards ConfigMap differs from deploy/grafana/dashboards"
+    datasources = [d for d in rendered.values() if d["metadata"].get("labels", {}).get("grafana_datasource") == "1"]
+    assert len(datasources) == 1, sorted(rendered)
+    (text,) = datasources[0]["data"].values()
+    provisioning = yaml.safe_load(text)
+    assert provisioning["apiVersion"] == 1
+    (postgres,) = [d for d in provisioning["datasources"] if d["type"] == "grafana-postgresql-datasource"]
+    assert postgres["user"] != "postgres", "Grafana reads Lathe's database as the superuser"
+    assert postgres["secureJsonData"]["password"].startswith("$"), "a password in a ConfigMap"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -921,6 +955,33 @@ def test_prometheus_discovers_every_worker_pod_and_each_controller_replica():
         f"the controller job should keep each replica's http port: {controller_targets}"
     for job in jobs.values():
         assert job.get("metrics_path", "/metrics") == "/metrics"
+
+
+def test_the_pod_monitors_scrape_the_pods_and_ports_the_scrape_jobs_do():
+    """podmonitor.yaml (for the Prometheus operator) against prometheus-scrape.yaml: the same
+    pods, the same named ports, and the same job names, which the alerting rules select on."""
+    monitors = {m.name: m for m in objects("PodMonitor")}
+    jobs = _scrape_jobs()
+    expected = {"lathe-controller": [controller_template()], "lathe-worker": worker_templates()}
+    assert set(monitors) == set(expected) == set(jobs), (sorted(monitors), sorted(jobs))
+    everyone = pod_templates()
+    for name, wanted in expected.items():
+        monitor = monitors[name]
+        assert monitor.namespace == controller_template().owner.namespace, monitor.where()
+        selected = [t for t in everyone if t.owner.namespace == monitor.namespace
+                    and monitor.doc["spec"]["selector"]["matchLabels"].items() <= t.labels.items()]
+        assert [t.owner.where() for t in selected] == [t.owner.where() for t in wanted], monitor.where()
+        (endpoint,) = monitor.doc["spec"]["podMetricsEndpoints"]
+        assert endpoint.get("path", "/metrics") == "/metrics"
+        kept_ports = {a.rsplit(":", 1)[1] for _, a in _scraped(jobs[name], wanted)}
+        for pod in wanted:
+            (port,) = [p for p in pod.lathe_container()["ports"] if p["name"] == endpoint["port"]]
+            assert {str(port["containerPort"])} == kept_ports, f"{monitor.where()} scrapes port {endpoint['port']}"
+        job = [r for r in endpoint.get("relabelings", []) if r.get("targetLabel") == "job"]
+        assert [r.get("replacement") for r in job] == [name], \
+            f"{monitor.where()}: the job label must be {name!r}, as the alerting rules expect"
+        assert "release" in monitor.doc["metadata"].get("labels", {}), \
+            f"{monitor.where()}: kube-prometheus-stack selects PodMonitors by the release label"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,12 +1,15 @@
 #!/usr/bin/env node
-// Validates the KEDA objects (keda.sh/v1alpha1: ScaledJob, ScaledObject, TriggerAuthentication,
-// ClusterTriggerAuthentication) in YAML files, offline, the way the API server would judge them:
+// Validates the custom resources in YAML files, offline, the way the API server would judge them:
+// KEDA's (keda.sh/v1alpha1: ScaledJob, ScaledObject, TriggerAuthentication,
+// ClusterTriggerAuthentication) and the Prometheus operator's (monitoring.coreos.com/v1:
+// PodMonitor, ServiceMonitor, PrometheusRule).
 //
-//   node tests/deploy/validate-keda.mjs deploy/k8s/*.yaml deploy/k8s/alternatives/*.yaml
+//   node tests/deploy/validate-crds.mjs deploy/k8s/*.yaml deploy/k8s/alternatives/*.yaml
 //
 // Two checks per object:
-//  1. schema: the model's own `.validate()` from @kubernetes-models/keda (types, required fields,
-//     enums; a ScaledJob's jobTargetRef is checked as a batch/v1 JobSpec, pod template included);
+//  1. schema: the model's own `.validate()` from @kubernetes-models/keda and
+//     @kubernetes-models/prometheus-operator (types, required fields, enums; a ScaledJob's
+//     jobTargetRef is checked as a batch/v1 JobSpec, pod template included);
 //  2. unknown fields: those schemas accept any extra key, so `pollingIntervall: 5` passes them,
 //     while `kubectl apply` (strict field validation) refuses it, or an older client lets the
 //     API server drop it without a word. The field names are read from the models' own type
@@ -14,9 +17,9 @@
 //     types through their imports.
 //
 // Documents of other API groups are left to kubernetes-validate (tests/service/test_k8s_manifests.py).
-// Prints `ok FILE KIND/NAME` per object, then `validated N KEDA objects in M files`; each problem
-// goes to stderr as `FILE: KIND/NAME: PATH: MESSAGE`. Exit status: 0 all valid, 1 a problem
-// found, 2 a file could not be read or parsed.
+// Prints `ok FILE KIND/NAME` per object, then `validated N custom objects in M files`; each
+// problem goes to stderr as `FILE: KIND/NAME: PATH: MESSAGE`. Exit status: 0 all valid, 1 a
+// problem found, 2 a file could not be read or parsed.
 
 import { readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
@@ -28,9 +31,19 @@ import {
   ScaledObject,
   TriggerAuthentication,
 } from "@kubernetes-models/keda/keda.sh/v1alpha1";
+import { PodMonitor, PrometheusRule, ServiceMonitor } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1";
 
-const KEDA_API_VERSION = "keda.sh/v1alpha1";
-const MODELS = { ScaledJob, ScaledObject, TriggerAuthentication, ClusterTriggerAuthentication };
+// apiVersion -> the models of its kinds, and where their declarations live.
+const GROUPS = {
+  "keda.sh/v1alpha1": {
+    module: "@kubernetes-models/keda/keda.sh/v1alpha1",
+    models: { ScaledJob, ScaledObject, TriggerAuthentication, ClusterTriggerAuthentication },
+  },
+  "monitoring.coreos.com/v1": {
+    module: "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1",
+    models: { PodMonitor, ServiceMonitor, PrometheusRule },
+  },
+};
 
 // ---------------------------------------------------------------------------------------------
 // field names from the type declarations
@@ -148,15 +161,16 @@ function validateFile(file) {
   for (const [index, document] of documents.entries()) {
     if (document.errors.length) return { fatal: `${file}: document ${index + 1}: ${document.errors[0].message}` };
     const object = document.toJS();
-    if (!isPlainObject(object) || object.apiVersion !== KEDA_API_VERSION) continue;
+    const group = isPlainObject(object) ? GROUPS[object.apiVersion] : undefined;
+    if (!group) continue;
     const name = `${object.kind}/${object.metadata?.name ?? "(no name)"}`;
-    const Model = MODELS[object.kind];
+    const Model = group.models[object.kind];
     if (!Model) {
-      results.push({ name, problems: [`kind: no model for ${KEDA_API_VERSION} ${object.kind}`] });
+      results.push({ name, problems: [`kind: no model for ${object.apiVersion} ${object.kind}`] });
       continue;
     }
     const problems = schemaProblems(new Model(object));
-    checkObject(object, declarationPath(`@kubernetes-models/keda/keda.sh/v1alpha1/${object.kind}`, ""), "", problems);
+    checkObject(object, declarationPath(`${group.module}/${object.kind}`, ""), "", problems);
     results.push({ name, problems });
   }
   return { results };
@@ -164,7 +178,7 @@ function validateFile(file) {
 
 const files = process.argv.slice(2);
 if (files.length === 0) {
-  console.error("usage: node validate-keda.mjs FILE.yaml…");
+  console.error("usage: node validate-crds.mjs FILE.yaml…");
   process.exit(2);
 }
 let objects = 0;
@@ -185,5 +199,5 @@ for (const file of files) {
     for (const problem of problems) console.error(`${file}: ${name}: ${problem}`);
   }
 }
-console.log(`validated ${objects} KEDA objects in ${files.length} files`);
+console.log(`validated ${objects} custom objects in ${files.length} files`);
 process.exit(failed ? 1 : 0);
