@@ -1,6 +1,12 @@
 """The Grafana dashboard (deploy/grafana/dashboards/lathe.json) against `lathe up` running a job
 (issue 10): every metric name a Prometheus panel queries is in the /metrics text `lathe up`
-serves (its workers' included), and every Postgres panel's SQL returns rows for that job.
+serves (its workers' included), and every Postgres panel's SQL and every annotation's returns
+rows for that job.
+
+Without a service: the dashboard names no datasource by a fixed uid (each panel, query and
+annotation uses the DS_PROMETHEUS or DS_POSTGRES variable, declared in `__inputs` for import),
+`$pool` and `$worker` filter every panel whose metric carries those labels, rate() and
+increase() take `$__rate_interval`, and every PromQL query parses (promtool).
 
 `lathe up` runs here on a database and Redis prefix of its own; the job has a validation file,
 so validation loss is reported live too, and an evaluation runs so the evaluations panels have
@@ -11,6 +17,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,6 +30,15 @@ from lathe_service import (CTIBENCH, EXAMPLES, LONG_EPOCHS, MODEL, Process, Serv
 pytestmark = pytest.mark.service
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards" / "lathe.json"
+DATASOURCE_VARIABLES = {"DS_PROMETHEUS": "prometheus", "DS_POSTGRES": "grafana-postgresql-datasource"}
+# Grafana's own annotation source, the one uid a dashboard may name.
+BUILT_IN_DATASOURCE = "-- Grafana --"
+# Labels the panel variables filter on, and the metrics that carry them.
+LABEL_VARIABLES = {
+    "pool": {"lathe_queue_depth", "lathe_pool_demand", "lathe_pool_workers", "lathe_pool_gpu_memory_asked_gb"},
+    "worker": {"lathe_worker_busy", "lathe_worker_memory_bytes", "lathe_worker_attempts_total", "lathe_worker_step",
+               "lathe_worker_train_loss", "lathe_worker_validation_loss", "lathe_worker_tokens_per_second"},
+}
 
 
 @pytest.fixture(autouse=True)
@@ -55,8 +72,104 @@ def _ready(svc) -> bool:
         return False
 
 
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
 def dashboard_panels() -> list[dict]:
-    return [p for p in json.loads(DASHBOARD.read_text())["panels"] if p.get("type") != "row"]
+    return [p for p in dashboard()["panels"] if p.get("type") != "row"]
+
+
+def annotation_queries() -> list[tuple[str, str]]:
+    """(name, SQL) of the dashboard's Postgres annotations."""
+    return [(a["name"], a["target"]["rawSql"]) for a in dashboard()["annotations"]["list"]
+            if a.get("target", {}).get("rawSql")]
+
+
+def all_datasource_refs(node, where: str = "") -> list[tuple[str, object]]:
+    """Every `datasource` value anywhere in the dashboard, with where it is."""
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "datasource":
+                found.append((where, value))
+            found += all_datasource_refs(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            title = item.get("title") or item.get("name") if isinstance(item, dict) else None
+            found += all_datasource_refs(item, f"{where}[{title or i}]")
+    return found
+
+
+def prometheus_queries() -> list[tuple[str, str]]:
+    return [(panel["title"], target["expr"]) for panel in dashboard_panels()
+            for target in panel.get("targets", []) if target.get("expr")]
+
+
+def test_every_datasource_is_a_variable_and_none_a_fixed_uid():
+    board = dashboard()
+    problems = []
+    for where, ref in all_datasource_refs(board):
+        uid = ref.get("uid") if isinstance(ref, dict) else ref
+        if uid == BUILT_IN_DATASOURCE:
+            continue
+        variable = re.fullmatch(r"\$\{(\w+)\}", str(uid))
+        if not variable or variable.group(1) not in DATASOURCE_VARIABLES:
+            problems.append(f"{where}: datasource {ref!r} is not one of ${{DS_PROMETHEUS}}, ${{DS_POSTGRES}}")
+        elif isinstance(ref, dict) and ref.get("type") != DATASOURCE_VARIABLES[variable.group(1)]:
+            problems.append(f"{where}: type {ref.get('type')!r} with ${{{variable.group(1)}}}")
+    for panel in dashboard_panels():
+        if not isinstance(panel.get("datasource"), dict):
+            problems.append(f"panel {panel['title']!r} has no datasource of its own")
+    assert not problems, "\n".join(problems)
+
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    inputs = {i["name"]: i for i in board.get("__inputs", [])}
+    for name, plugin in DATASOURCE_VARIABLES.items():
+        assert variables.get(name, {}).get("type") == "datasource" and variables[name]["query"] == plugin, \
+            f"no datasource variable {name} of type {plugin}"
+        assert not variables[name].get("current"), f"{name} pins a datasource in `current`"
+        assert inputs.get(name, {}).get("pluginId") == plugin, f"__inputs lacks {name} ({plugin}) for import"
+    # Only the variables resolve datasources; the provisioned uids must not leak back in.
+    assert not re.search(r"lathe-(prometheus|postgres)", DASHBOARD.read_text())
+
+
+def test_pool_and_worker_variables_filter_every_panel_whose_metric_has_the_label():
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    problems = []
+    for label, metrics in LABEL_VARIABLES.items():
+        variable = variables.get(label)
+        assert variable and variable["type"] == "query" and variable.get("includeAll") and variable.get("multi"), \
+            f"no multi-value ${label} variable with All"
+        assert variable["datasource"]["uid"] == "${DS_PROMETHEUS}"
+        definition = variable.get("definition", "")
+        assert re.fullmatch(rf"label_values\((lathe_\w+), {label}\)", definition) and \
+            definition.split("(")[1].split(",")[0] in metrics, f"${label} is filled from {definition!r}"
+        for title, expr in prometheus_queries():
+            for metric in set(re.findall(r"\b(lathe_[a-z_]+)\b(\{[^}]*\})?", expr)):
+                name, selector = metric
+                if name in metrics and f'{label}=~"${label}"' not in selector:
+                    problems.append(f"panel {title!r}: {name} is not filtered by {label}=~\"${label}\": {expr}")
+    assert not problems, "\n".join(problems)
+
+
+def test_rates_use_the_rate_interval_and_every_query_parses(tmp_path):
+    fixed = [(title, expr) for title, expr in prometheus_queries()
+             if re.search(r"\b(rate|irate|increase)\([^\[]*\[(?!\$__rate_interval\])", expr)]
+    assert not fixed, f"rate()/increase() over a fixed window (use $__rate_interval): {fixed}"
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("`promtool` is not installed: scripts/test.sh installs it (scripts/lib/promtool.sh)", pytrace=False)
+    # promtool parses PromQL when it checks rules: each query as a recording rule, with the
+    # dashboard's variables replaced by what Grafana would send.
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"panel_{i}", "expr": expr.replace("$__rate_interval", "1m").replace("$pool", ".*").replace("$worker", ".*")}
+        for i, (_, expr) in enumerate(prometheus_queries())]}]}
+    path = tmp_path / "dashboard-queries.yml"
+    path.write_text(json.dumps(rules))
+    checked = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"SUCCESS: {len(prometheus_queries())} rules found" in checked.stdout, checked.stdout
 
 
 def prometheus_metric_names() -> set[str]:
@@ -102,5 +215,14 @@ def test_every_dashboard_query_has_data_against_lathe_up_running_a_job(up, tmp_p
             if sql:
                 rows = up.psql(sql.replace("$job_id", job.id))
                 assert rows, f"panel {panel['title']!r}: its SQL returned no row for job {job.id}"
-    variable = json.loads(DASHBOARD.read_text())["templating"]["list"][0]["query"]
+    (variable,) = [v["query"] for v in dashboard()["templating"]["list"] if v["name"] == "job_id"]
     assert [job.id] in up.psql(variable)
+
+    # Annotations: Grafana expands $__timeFilter(column) to the range shown; the last hour here.
+    marked = set()
+    for name, sql in annotation_queries():
+        sql = re.sub(r"\$__timeFilter\(([\w.]+)\)", r"\1 > now() - interval '1 hour'", sql)
+        rows = up.psql(sql)
+        if any(job.id in " ".join(map(str, row)) for row in rows):
+            marked.add(name)
+    assert {"Job started", "Job succeeded"} <= marked, f"annotations that show job {job.id}: {sorted(marked)}"
