@@ -1,7 +1,8 @@
 """The Grafana dashboard (deploy/grafana/dashboards/lathe.json) against `lathe up` running a job
 (issue 10): every metric name a Prometheus panel queries is in the /metrics text `lathe up`
 serves (its workers' included), and every Postgres panel's SQL and every annotation's returns
-rows for that job.
+rows for that job, run as the read-only role Grafana signs in as
+(deploy/grafana/postgres-readonly.sql), which cannot read keys or token hashes.
 
 Without a service: the dashboard names no datasource by a fixed uid (each panel, query and
 annotation uses the DS_PROMETHEUS or DS_POSTGRES variable, declared in `__inputs` for import),
@@ -17,19 +18,21 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from lathe_service import (CTIBENCH, EXAMPLES, LONG_EPOCHS, MODEL, Process, Service, create_job, example_rows,
-                           find_lathe_bin, make_client, require_postgres_and_redis, wait_for_status, wait_until,
-                           write_jsonl)
+from lathe_service import (CTIBENCH, EXAMPLES, LONG_EPOCHS, MODEL, PG_HOST, PG_PORT, PG_USER, Process, Service,
+                           create_job, example_rows, find_lathe_bin, make_client, require_postgres_and_redis,
+                           wait_for_status, wait_until, write_jsonl)
 
 pytestmark = pytest.mark.service
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards" / "lathe.json"
+GRAFANA_ROLE_SQL = DASHBOARD.parents[1] / "postgres-readonly.sql"
 DATASOURCE_VARIABLES = {"DS_PROMETHEUS": "prometheus", "DS_POSTGRES": "grafana-postgresql-datasource"}
 # Grafana's own annotation source, the one uid a dashboard may name.
 BUILT_IN_DATASOURCE = "-- Grafana --"
@@ -209,20 +212,40 @@ def test_every_dashboard_query_has_data_against_lathe_up_running_a_job(up, tmp_p
 
     wait_until(scraped_everything, 300, lambda: f"never scraped: {sorted(wanted - seen)}", interval=0.3)
 
-    for panel in dashboard_panels():
-        for target in panel.get("targets", []):
-            sql = target.get("rawSql")
-            if sql:
-                rows = up.psql(sql.replace("$job_id", job.id))
-                assert rows, f"panel {panel['title']!r}: its SQL returned no row for job {job.id}"
-    (variable,) = [v["query"] for v in dashboard()["templating"]["list"] if v["name"] == "job_id"]
-    assert [job.id] in up.psql(variable)
+    # Everything below runs as the role Grafana signs in as, made by the file operators run.
+    role = f"lathe_grafana_test_{secrets.token_hex(4)}"
+    made = subprocess.run(["psql", "-h", PG_HOST, "-p", str(PG_PORT), "-U", PG_USER, "-d", up.db_name,
+                           "-v", "ON_ERROR_STOP=1", "-v", f"grafana_role={role}", "-f", str(GRAFANA_ROLE_SQL)],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    try:
+        def as_grafana(sql: str) -> list:
+            return up.psql(f"SET ROLE {role}; {sql}")
 
-    # Annotations: Grafana expands $__timeFilter(column) to the range shown; the last hour here.
-    marked = set()
-    for name, sql in annotation_queries():
-        sql = re.sub(r"\$__timeFilter\(([\w.]+)\)", r"\1 > now() - interval '1 hour'", sql)
-        rows = up.psql(sql)
-        if any(job.id in " ".join(map(str, row)) for row in rows):
-            marked.add(name)
-    assert {"Job started", "Job succeeded"} <= marked, f"annotations that show job {job.id}: {sorted(marked)}"
+        for panel in dashboard_panels():
+            for target in panel.get("targets", []):
+                sql = target.get("rawSql")
+                if sql:
+                    rows = as_grafana(sql.replace("$job_id", job.id))
+                    assert rows, f"panel {panel['title']!r}: its SQL returned no row for job {job.id}"
+        (variable,) = [v["query"] for v in dashboard()["templating"]["list"] if v["name"] == "job_id"]
+        assert [job.id] in as_grafana(variable)
+
+        # Annotations: Grafana expands $__timeFilter(column) to the range shown; the last hour here.
+        marked = set()
+        for name, sql in annotation_queries():
+            rows = as_grafana(re.sub(r"\$__timeFilter\(([\w.]+)\)", r"\1 > now() - interval '1 hour'", sql))
+            if any(job.id in " ".join(map(str, row)) for row in rows):
+                marked.add(name)
+        assert {"Job started", "Job succeeded"} <= marked, f"annotations that show job {job.id}: {sorted(marked)}"
+
+        # What the role must not see or do, whatever SQL a viewer sends.
+        for forbidden in ("SELECT key_hash FROM api_keys", "SELECT token_hash FROM workers", "SELECT id FROM files",
+                          f"UPDATE jobs SET suffix = 'x' WHERE id = '{job.id}'"):
+            refused = subprocess.run(["psql", "-h", PG_HOST, "-p", str(PG_PORT), "-U", PG_USER, "-d", up.db_name,
+                                      "-v", "ON_ERROR_STOP=1", "-c", f"SET ROLE {role}; {forbidden}"],
+                                     capture_output=True, text=True, timeout=60)
+            assert refused.returncode != 0 and "permission denied" in refused.stderr, \
+                f"the Grafana role may run {forbidden!r}: {refused.stdout}{refused.stderr}"
+    finally:
+        up.psql(f"DROP OWNED BY {role}; DROP ROLE {role}")
