@@ -132,8 +132,16 @@ def ingest(load_bin: str, grpc: str, db_url: str, args, direct: bool) -> dict:
     cmd = [load_bin, "--database-url", db_url, "--workers", str(args.ingest_workers), "--batches", str(args.batches),
            "--points", str(args.points)]
     cmd += ["--direct"] if direct else ["--grpc", grpc]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    # A load generator whose task panics waits on its barrier for ever: fail with its stderr instead.
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired as timeout:
+        stderr = timeout.stderr or b""  # bytes, even with text=True
+        stderr = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
+        raise RuntimeError(f"{' '.join(cmd)} did not finish in 600 s:\n{stderr[-3000:]}") from None
+    if run.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {run.returncode}:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def main():
