@@ -1,6 +1,7 @@
 # Sourced by the benchmarks that run the service (bench_service.sh, bench_upload.sh,
 # bench_serve.sh): a controller on a fresh database and Redis prefix, on free ports, stopped
-# (with every process in BENCH_PIDS) and its database dropped when the script exits.
+# (with every process in BENCH_PIDS), its database dropped and its Redis keys deleted when the
+# script exits.
 
 free_port() { .venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
@@ -33,4 +34,6 @@ stop_bench_service() {
   kill -TERM "${BENCH_PIDS[@]}" "$CONTROLLER" 2>/dev/null || true
   wait 2>/dev/null || true
   psql -h 127.0.0.1 -U postgres -d postgres -Atc "DROP DATABASE IF EXISTS \"$DB\" WITH (FORCE)" >/dev/null || true
+  # The run's Redis keys too (its queues), which nothing else reads.
+  redis-cli -h 127.0.0.1 --scan --pattern "${LATHE_REDIS_PREFIX}*" 2>/dev/null | xargs -r redis-cli -h 127.0.0.1 DEL >/dev/null || true
 }
