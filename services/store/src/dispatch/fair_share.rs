@@ -31,21 +31,34 @@ struct CandidateRow {
 
 /// The head of each (pool, project, priority) queue that `worker_id` may take now: FIFO within
 /// a project means only heads compete, so a claim reads a handful of rows whatever the queue's
-/// length. Empty when the worker may not claim (draining, revoked, serving only). Notes that the
-/// worker asked for work (`last_claim_at`), which is what makes it count as supply in demand.
+/// length. Each head is the first row of its queue that no concurrent claim holds, and it is
+/// locked (`FOR UPDATE SKIP LOCKED`) until this claim commits: claims racing on one project
+/// take its next jobs instead of all trying, and missing, the same head. Empty when the worker
+/// may not claim (draining, revoked, serving only). Notes that the worker asked for work
+/// (`last_claim_at`), which is what makes it count as supply in demand.
 pub(crate) async fn candidates(tx: &mut Transaction<'_, Postgres>, worker_id: &str) -> Result<Vec<Candidate>, StoreError> {
     let sql = format!(
         "WITH w AS (
              UPDATE workers SET last_claim_at = now()
              WHERE id = $1 AND NOT draining AND NOT serving AND revoked_at IS NULL AND 'training' = ANY(grant_roles)
              RETURNING pools, gpu_memory_bytes, gpus, nodes
+         ), queues AS (
+             SELECT DISTINCT t.pool, t.project_id, t.priority
+             FROM jobs t, w
+             WHERE t.status = 'queued' AND t.pool = ANY(w.pools)
+               AND (t.next_attempt_at IS NULL OR t.next_attempt_at <= now())
+               {fits}
          )
-         SELECT DISTINCT ON (t.pool, t.project_id, t.priority) t.id, t.project_id, t.pool, t.priority, t.gpus, t.created_at
-         FROM jobs t, w
-         WHERE t.status = 'queued' AND t.pool = ANY(w.pools)
-           AND (t.next_attempt_at IS NULL OR t.next_attempt_at <= now())
-           {fits}
-         ORDER BY t.pool, t.project_id, t.priority DESC, t.created_at, t.id",
+         SELECT head.* FROM queues q CROSS JOIN LATERAL (
+             SELECT t.id, t.project_id, t.pool, t.priority, t.gpus, t.created_at
+             FROM jobs t, w
+             WHERE t.status = 'queued' AND t.pool = q.pool AND t.project_id = q.project_id AND t.priority = q.priority
+               AND (t.next_attempt_at IS NULL OR t.next_attempt_at <= now())
+               {fits}
+             ORDER BY t.created_at, t.id
+             LIMIT 1
+             FOR UPDATE OF t SKIP LOCKED
+         ) head",
         fits = Work::Job.fits(),
     );
     let rows: Vec<CandidateRow> = sqlx::query_as(&sql).bind(worker_id).fetch_all(&mut **tx).await?;

@@ -112,3 +112,18 @@ async fn priority_comes_before_fair_share() {
     // A has used the pool and B has not, but A's urgent job outranks both.
     assert_eq!(claim_next(&db.pool, &w).await.unwrap().job_id.as_str(), urgent[0]);
 }
+
+#[tokio::test]
+async fn a_claim_takes_the_next_job_when_a_concurrent_claim_holds_the_head() {
+    let db = TestDb::new().await;
+    let a = project(&db.pool, "team-a").await;
+    let ids = queue(&db.pool, &a, 2, json!({})).await;
+    let (w1, w2) = (worker(&db.pool, "w1").await, worker(&db.pool, "w2").await);
+    // Another claim's transaction holds the head of A's queue.
+    let mut other = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM jobs WHERE id = $1 FOR UPDATE").bind(&ids[0]).execute(&mut *other).await.unwrap();
+    let second = claim_next(&db.pool, &w2).await.expect("the job behind the held head");
+    assert_eq!(second.job_id.as_str(), ids[1]);
+    other.rollback().await.unwrap();
+    assert_eq!(claim_next(&db.pool, &w1).await.expect("the head, once free").job_id.as_str(), ids[0]);
+}
