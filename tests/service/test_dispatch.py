@@ -108,4 +108,10 @@ def test_a_job_no_worker_can_take_says_why_within_seconds(service, client, train
     warnings = [e.message for e in client.fine_tuning.jobs.list_events(big.id, limit=50) if e.level == "warn"]
     assert warnings.count(f"Waiting: {said}. The job stays queued until such a worker joins.") == 1, warnings
     assert client.fine_tuning.jobs.retrieve(big.id).status == "queued"
+    # Demand is counted in GPUs too: what a scaler needs to start a pilot of that shape.
+    demand = service.admin("demand?pool=default")["data"][0]
+    assert demand["gpus_asked"] >= 8 and demand["queued_jobs"] >= 1, demand
+    metrics = service.request("GET", "/metrics").body.decode()
+    gpus = [l for l in metrics.splitlines() if l.startswith('lathe_pool_gpus_asked{pool="default"}')]
+    assert gpus and float(gpus[0].split()[-1]) >= 8, gpus
     client.fine_tuning.jobs.cancel(big.id)

@@ -24,6 +24,8 @@ pub struct Telemetry {
     pub pool_demand: Family<Labels, Gauge>,
     pub pool_workers: Family<Labels, Gauge>,
     pub pool_gpu_memory_asked: Family<Labels, Gauge>,
+    pub pool_gpus_asked: Family<Labels, Gauge>,
+    pub pool_oldest_queued: Family<Labels, Gauge>,
     /// Every pool seen since start: a pool whose work is done reads 0 rather than vanishing, so a
     /// scaler sees the fall (a missing series is "no data", not zero, to most queries).
     pools_seen: std::sync::Mutex<std::collections::BTreeSet<String>>,
@@ -60,6 +62,8 @@ impl Telemetry {
             pool_demand: Family::default(),
             pool_workers: Family::default(),
             pool_gpu_memory_asked: Family::default(),
+            pool_gpus_asked: Family::default(),
+            pool_oldest_queued: Family::default(),
             pools_seen: Default::default(),
             job_train_loss: Family::default(),
             job_tokens_per_second: Family::default(),
@@ -89,6 +93,16 @@ impl Telemetry {
             "lathe_pool_gpu_memory_asked_gb",
             "Device memory asked by the queued and running jobs of each pool, in GB",
             t.pool_gpu_memory_asked.clone(),
+        );
+        registry.register(
+            "lathe_pool_gpus_asked",
+            "GPUs asked by the queued and running jobs (and evaluations, one each) of each pool",
+            t.pool_gpus_asked.clone(),
+        );
+        registry.register(
+            "lathe_pool_oldest_queued_seconds",
+            "How long the oldest queued job of each pool has waited (0: none waits)",
+            t.pool_oldest_queued.clone(),
         );
         registry.register("lathe_job_train_loss", "Latest training loss of a running job", t.job_train_loss.clone());
         registry.register("lathe_job_tokens_per_second", "Latest throughput of a running job", t.job_tokens_per_second.clone());
@@ -190,6 +204,8 @@ impl Telemetry {
             (&self.pool_demand, (|d| d.demand()) as fn(&lathe_store::demand::PoolDemand) -> i64),
             (&self.pool_workers, |d| d.workers),
             (&self.pool_gpu_memory_asked, |d| d.gpu_memory_gb_asked),
+            (&self.pool_gpus_asked, |d| d.gpus_asked),
+            (&self.pool_oldest_queued, |d| d.oldest_queued_seconds),
         ] {
             let values: Vec<(String, i64)> = seen.iter().map(|pool| (pool.clone(), value(pool, f))).collect();
             Telemetry::set_gauges(family, "pool", &values);

@@ -22,6 +22,13 @@ pub struct PoolDemand {
     pub running_evaluations: i64,
     /// The device memory the pool's queued and running jobs ask for (`gpu_memory_gb`), in GB.
     pub gpu_memory_gb_asked: i64,
+    /// GPUs and nodes the pool's queued and running jobs ask for (evaluations count one GPU on
+    /// one node each): job shapes, for scalers that size what they start.
+    pub gpus_asked: i64,
+    pub nodes_asked: i64,
+    /// How long the pool's oldest queued job (past its backoff) has waited, in seconds; 0 when
+    /// none waits.
+    pub oldest_queued_seconds: i64,
     /// Live workers serving the pool (heartbeat and a claim within the liveness window, not
     /// draining).
     pub workers: i64,
@@ -47,7 +54,11 @@ pub async fn pool_demand(pool: &PgPool, live_within: Duration) -> Result<Vec<Poo
              SELECT pool,
                     count(*) FILTER (WHERE status = 'queued') AS queued_jobs,
                     count(*) FILTER (WHERE status = 'running') AS running_jobs,
-                    coalesce(sum(gpu_memory_gb), 0)::bigint AS gpu_memory_gb_asked
+                    coalesce(sum(gpu_memory_gb), 0)::bigint AS gpu_memory_gb_asked,
+                    coalesce(sum(gpus), 0)::bigint AS job_gpus, coalesce(sum(nodes), 0)::bigint AS job_nodes,
+                    coalesce(extract(epoch FROM now() - min(created_at) FILTER (
+                        WHERE status = 'queued' AND (next_attempt_at IS NULL OR next_attempt_at <= now()))), 0)::bigint
+                        AS oldest_queued_seconds
              FROM jobs WHERE status IN ('queued', 'running') GROUP BY pool),
          e AS (
              SELECT pool,
@@ -69,6 +80,9 @@ pub async fn pool_demand(pool: &PgPool, live_within: Duration) -> Result<Vec<Poo
                 coalesce(e.queued_evaluations, 0) AS queued_evaluations,
                 coalesce(e.running_evaluations, 0) AS running_evaluations,
                 coalesce(j.gpu_memory_gb_asked, 0) AS gpu_memory_gb_asked,
+                coalesce(j.job_gpus, 0) + coalesce(e.queued_evaluations, 0) + coalesce(e.running_evaluations, 0) AS gpus_asked,
+                coalesce(j.job_nodes, 0) + coalesce(e.queued_evaluations, 0) + coalesce(e.running_evaluations, 0) AS nodes_asked,
+                coalesce(j.oldest_queued_seconds, 0) AS oldest_queued_seconds,
                 coalesce(w.workers, 0) AS workers, coalesce(w.draining_workers, 0) AS draining_workers
          FROM j FULL JOIN e USING (pool) FULL JOIN w USING (pool)
          ORDER BY pool",

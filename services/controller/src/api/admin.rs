@@ -75,6 +75,9 @@ fn demand_view(d: &PoolDemand) -> Value {
         "queued_evaluations": d.queued_evaluations,
         "running_evaluations": d.running_evaluations,
         "gpu_memory_gb_asked": d.gpu_memory_gb_asked,
+        "gpus_asked": d.gpus_asked,
+        "nodes_asked": d.nodes_asked,
+        "oldest_queued_seconds": d.oldest_queued_seconds,
         "workers": d.workers,
         "draining_workers": d.draining_workers,
     })
