@@ -278,7 +278,9 @@ fn admin_schemas() -> Value {
         "PoolDemand": {"type": "object", "required": ["object", "pool", "demand", "queued_jobs", "running_jobs", "workers"], "properties": {
             "object": {"const": "pool_demand"}, "pool": {"type": "string"}, "demand": {"type": "integer"},
             "queued_jobs": {"type": "integer"}, "running_jobs": {"type": "integer"}, "queued_evaluations": {"type": "integer"},
-            "running_evaluations": {"type": "integer"}, "gpu_memory_gb_asked": {"type": "integer"}, "workers": {"type": "integer"},
+            "running_evaluations": {"type": "integer"}, "gpu_memory_gb_asked": {"type": "integer"},
+            "gpus_asked": {"type": "integer"}, "nodes_asked": {"type": "integer"}, "oldest_queued_seconds": {"type": "integer"},
+            "workers": {"type": "integer"},
             "draining_workers": {"type": "integer"}}},
         "PoolDemandList": {"type": "object", "required": ["object", "data"], "properties": {
             "object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": "#/components/schemas/PoolDemand"}}}},
