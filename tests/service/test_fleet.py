@@ -61,11 +61,13 @@ def pool_gauge(service, pool: str) -> float:
 def test_demand_per_pool_rises_with_queued_jobs_and_falls_when_they_end(service, client, training_file_id):
     demand = lambda: service.admin("demand?pool=demand-pool")["data"]  # noqa: E731
     assert demand() == [{"object": "pool_demand", "pool": "demand-pool", "demand": 0, "queued_jobs": 0, "running_jobs": 0,
-                         "queued_evaluations": 0, "running_evaluations": 0, "gpu_memory_gb_asked": 0, "workers": 0,
+                         "queued_evaluations": 0, "running_evaluations": 0, "gpu_memory_gb_asked": 0,
+                         "gpus_asked": 0, "nodes_asked": 0, "oldest_queued_seconds": 0, "workers": 0,
                          "draining_workers": 0}]
     jobs = [create_job(client, training_file_id, pool="demand-pool", extra={"gpu_memory_gb": 24}) for _ in range(3)]
     assert demand()[0]["demand"] == 3 and demand()[0]["queued_jobs"] == 3
     assert demand()[0]["gpu_memory_gb_asked"] == 72
+    assert (demand()[0]["gpus_asked"], demand()[0]["nodes_asked"]) == (3, 3)
     wait_until(lambda: pool_gauge(service, "demand-pool") == 3, 20, "lathe_pool_demand did not reach 3")
     assert any(d["pool"] == "demand-pool" for d in service.admin("demand")["data"])
 

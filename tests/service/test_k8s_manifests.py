@@ -56,7 +56,8 @@ DEMAND_PATH = "/v1/admin/demand"
 # The controller's answer as documented for KEDA: what valueLocation must find a number in.
 DOCUMENTED_DEMAND_ANSWER = {"object": "list", "data": [{
     "object": "pool_demand", "pool": "a100", "queued_jobs": 3, "running_jobs": 1, "queued_evaluations": 0,
-    "running_evaluations": 0, "demand": 4, "gpu_memory_gb_asked": 0, "workers": 1, "draining_workers": 0}]}
+    "running_evaluations": 0, "demand": 4, "gpu_memory_gb_asked": 0, "gpus_asked": 4, "nodes_asked": 4,
+    "oldest_queued_seconds": 120, "workers": 1, "draining_workers": 0}]}
 # A full fine-tune of 8B checkpoints in a few minutes; the grace period must cover that.
 MIN_WORKER_GRACE_SECONDS = 300
 
