@@ -18,20 +18,25 @@ pytestmark = pytest.mark.service
 OUTAGE_SECONDS = 3
 
 
-@pytest.fixture
-def proxied_service(tmp_path):
+def service_behind_proxy(tmp_path, **controller_args):
+    """A controller and a worker whose Postgres is reached through a proxy a test can cut."""
     require_postgres_and_redis()
     proxy = CuttableProxy(PG_HOST, PG_PORT)
     svc = Service(find_lathe_bin(), tmp_path, pg_port=proxy.port)
     try:
         svc.init_model()
-        svc.start_controller()
+        svc.start_controller(**controller_args)
         svc.start_worker()
         yield svc, proxy
     finally:
         proxy.restore() if proxy._listener is None else None
         svc.shutdown()
         proxy.cut()
+
+
+@pytest.fixture
+def proxied_service(tmp_path):
+    yield from service_behind_proxy(tmp_path)
 
 
 def test_postgres_outage_gives_503_and_loses_nothing(proxied_service, train_file):
@@ -72,18 +77,7 @@ def proxied_service_long_lease(tmp_path):
     """As `proxied_service`, with a lease long enough for the first heartbeat after the cut to be
     answered before the worker stops trusting its lease (the pool waits 5 s for a connection
     before it reports Postgres unreachable; the suite's 8 s lease leaves too little margin)."""
-    require_postgres_and_redis()
-    proxy = CuttableProxy(PG_HOST, PG_PORT)
-    svc = Service(find_lathe_bin(), tmp_path, pg_port=proxy.port)
-    try:
-        svc.init_model()
-        svc.start_controller(lease_seconds=LONG_LEASE_SECONDS)
-        svc.start_worker()
-        yield svc, proxy
-    finally:
-        proxy.restore() if proxy._listener is None else None
-        svc.shutdown()
-        proxy.cut()
+    yield from service_behind_proxy(tmp_path, lease_seconds=LONG_LEASE_SECONDS)
 
 
 def test_an_outage_longer_than_the_lease_costs_no_attempt_and_no_retry(proxied_service_long_lease, train_file):
