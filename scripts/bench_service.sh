@@ -21,7 +21,7 @@ if [ "${BENCH_INGEST:-1}" = 0 ]; then
   INGEST_LOAD=
 elif [ -z "$INGEST_LOAD" ]; then
   echo "==> building the load generator"
-  cargo build --release --locked -p lathe-cli -p lathe-controller --example ingest_load 2>&1 | tail -1
+  cargo build --release --locked -p lathe-cli -p lathe-controller --bins --example ingest_load 2>&1 | tail -1
   INGEST_LOAD=target/release/examples/ingest_load
 fi
 rm -rf "$DIR" && mkdir -p "$DIR/data/models"

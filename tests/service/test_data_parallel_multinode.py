@@ -29,7 +29,7 @@ def test_a_two_node_job_runs_rank_1_on_the_other_node_and_matches_one_rank(servi
         assert submitted.returncode == 0, submitted.stderr
         pilot = submitted.stdout.strip().split(";")[0]
         log = tmp_path / "gang-worker.out"
-        wait_until(lambda: any(w.get("nodes") == 2 for w in service.admin("workers")["data"]) or None, 60,
+        wait_until(lambda: any(w.get("nodes") == 2 for w in service.admin("workers?limit=1000")["data"]) or None, 60,
                    lambda: f"the gang worker to register:\n{log.read_text() if log.exists() else ''}")
 
         spread = create_job(client, training_file_id, n_epochs=2, pool="multinode", extra={"gpus": 2, "nodes": 2}, batch_size=8)

@@ -63,6 +63,38 @@ def test_set_project_names_what_is_wrong(service):
     assert pooled.returncode == 0 and "pool gpu-a100\tweight inherited\tquota none" in pooled.stdout, pooled.stdout
 
 
+def test_the_admin_api_sets_shares_and_names_the_field_at_fault(service):
+    service.create_key("fair-rest")
+    path = "/v1/admin/projects/{}/shares"
+
+    def post(project: str, body):
+        return service.request("POST", path.format(project), key=service.admin_token, json_body=body)
+
+    for project, body, param in [
+        ("no-such-team", {"weight": 2}, "project"),
+        ("fair-rest", {"weight": 0}, "weight"),
+        ("fair-rest", {"weight": -2}, "weight"),
+        ("fair-rest", {"weight": "lots"}, "weight"),
+        ("fair-rest", {"max_gpus": -1}, "max_gpus"),
+        ("fair-rest", {"max_gpus": 1.5}, "max_gpus"),
+        ("fair-rest", {"weight": 1, "pool": "Not A Pool"}, "pool"),
+        ("fair-rest", {"weight": 1, "share": 3}, "share"),
+    ]:
+        resp = post(project, body)
+        assert resp.status == 400 and resp.json()["error"]["param"] == param, (body, resp.status, resp.body[:300])
+    nothing = post("fair-rest", {})
+    assert nothing.status == 400 and "nothing to set" in nothing.json()["error"]["message"], nothing.body[:300]
+    # Only the admin token sets shares.
+    assert service.request("POST", path.format("fair-rest"), key=service.create_key("fair-rest", "other"),
+                           json_body={"weight": 9}).status == 401
+
+    assert post("fair-rest", {"weight": 3, "max_gpus": 4}).status == 200
+    shares = post("fair-rest", {"pool": "gpu-a100", "max_gpus": None}).json()
+    assert shares == {"object": "list", "project": "fair-rest", "data": [
+        {"pool": "*", "weight": 3.0, "max_gpus": 4}, {"pool": "gpu-a100", "weight": None, "max_gpus": None}]}, shares
+    assert service.admin("projects/fair-rest/shares") == shares
+
+
 def test_a_job_larger_than_its_projects_quota_warns_at_once(service, train_file):
     team = make_client(service, service.create_key("fair-quota"))
     service.lathe("admin", "set-project", "fair-quota", "--max-gpus", "1")

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.service
 
 
 def fleet_workers(service, pool: str, state: str = "live") -> list[dict]:
-    return [w for w in service.admin("workers")["data"] if pool in w["pools"] and w["state"] == state]
+    return [w for w in service.admin("workers?limit=1000")["data"] if pool in w["pools"] and w["state"] == state]
 
 
 def test_two_instances_share_one_fleet_secret_and_revoking_one_stops_only_it(service, client, training_file_id):
@@ -63,12 +63,16 @@ def test_demand_per_pool_rises_with_queued_jobs_and_falls_when_they_end(service,
     assert demand() == [{"object": "pool_demand", "pool": "demand-pool", "demand": 0, "queued_jobs": 0, "running_jobs": 0,
                          "queued_evaluations": 0, "running_evaluations": 0, "gpu_memory_gb_asked": 0,
                          "gpus_asked": 0, "nodes_asked": 0, "oldest_queued_seconds": 0, "workers": 0,
-                         "draining_workers": 0}]
+                         "draining_workers": 0, "shapes": []}]
     jobs = [create_job(client, training_file_id, pool="demand-pool", extra={"gpu_memory_gb": 24}) for _ in range(3)]
     assert demand()[0]["demand"] == 3 and demand()[0]["queued_jobs"] == 3
     assert demand()[0]["gpu_memory_gb_asked"] == 72
     assert (demand()[0]["gpus_asked"], demand()[0]["nodes_asked"]) == (3, 3)
-    wait_until(lambda: pool_gauge(service, "demand-pool") == 3, 20, "lathe_pool_demand did not reach 3")
+    big = create_job(client, training_file_id, pool="demand-pool", extra={"gpus": 4})
+    assert demand()[0]["shapes"] == [{"gpus": 1, "nodes": 1, "queued": 3, "running": 0},
+                                     {"gpus": 4, "nodes": 1, "queued": 1, "running": 0}]
+    jobs.append(big)
+    wait_until(lambda: pool_gauge(service, "demand-pool") == 4, 20, "lathe_pool_demand did not reach 4")
     assert any(d["pool"] == "demand-pool" for d in service.admin("demand")["data"])
 
     for job in jobs:

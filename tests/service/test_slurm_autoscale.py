@@ -51,6 +51,7 @@ output_dir = "{workdir / 'pilots'}"
 [pools.a100]
 max_pilots = {MAX_A100_PILOTS}
 gres = "gpu:1"
+max_gpus_per_pilot = 2
 constraint = "a100"
 time_limit = "00:30:00"
 idle_exit_seconds = {IDLE_EXIT_SECONDS}
@@ -95,7 +96,7 @@ def autoscaler(service, slurm, tmp_path_factory):
 
 def worker_of_attempt(service, job_id: str, number: int) -> dict:
     attempt = next(a for a in service.attempts(job_id) if a["number"] == number)
-    return next(w for w in service.admin("workers")["data"] if w["id"] == attempt["worker_id"])
+    return next(w for w in service.admin("workers?limit=1000")["data"] if w["id"] == attempt["worker_id"])
 
 
 def test_queued_jobs_bring_pilots_that_run_each_once_then_leave(service, client, training_file_id, slurm, autoscaler):
@@ -124,7 +125,7 @@ def test_queued_jobs_bring_pilots_that_run_each_once_then_leave(service, client,
     # Idle pilots leave by themselves; nothing is cancelled.
     wait_until(lambda: not autoscaler.pilots("a100"), IDLE_EXIT_SECONDS + 60, "the pilots did not exit when idle")
     assert service.admin("demand?pool=a100")["data"][0]["workers"] == 0, "exited pilots still count as workers"
-    states = {slurm.scontrol_job(w["slurm_job_id"])["JobState"] for w in service.admin("workers")["data"] if w["slurm_job_id"]}
+    states = {slurm.scontrol_job(w["slurm_job_id"])["JobState"] for w in service.admin("workers?limit=1000")["data"] if w["slurm_job_id"]}
     assert states == {"COMPLETED"}, f"pilots ended {states}, not by their idle exit"
 
 
@@ -160,3 +161,32 @@ def test_a_job_in_pool_h100_runs_only_on_the_h100_node(service, client, training
     assert "h100" in worker["pools"] and worker["slurm_job_id"], worker
     assert slurm.scontrol_job(worker["slurm_job_id"])["NodeList"] == "n2"
     assert worker["name"].startswith(f"pilot-{worker['slurm_job_id']}@"), worker["name"]
+
+
+def test_a_two_gpu_job_gets_a_pilot_of_its_size_and_an_eight_gpu_job_a_reason(
+        service, client, training_file_id, slurm, autoscaler):
+    # n1 has two GPUs and the pool allows pilots of up to two: the 2-GPU job gets one; nothing
+    # in the pool could ever run 8 GPUs, which the job is told, and it stays queued.
+    too_big = create_job(client, training_file_id, pool="a100", batch_size=8, extra={"gpus": 8})
+    job = create_job(client, training_file_id, pool="a100", seed=7, extra={"gpus": 2})
+    try:
+        wait_for_status(client, job.id, "succeeded", timeout=300)
+        worker = worker_of_attempt(service, job.id, 1)
+        assert worker["gpus"] == 2 and worker["slurm_job_id"], worker
+        pilot = slurm.scontrol_job(worker["slurm_job_id"])
+        assert pilot["JobName"] == "lathe-pilot-a100+g2", pilot
+        assert "gpu:2" in (pilot.get("TresPerNode", "") + pilot.get("Gres", "")), pilot
+        assert pilot["NodeList"] == "n1", pilot
+
+        view = service.request("GET", f"/v1/fine_tuning/jobs/{too_big.id}", key=client.api_key).json()
+        assert view["status"] == "queued", view
+        reason = (view.get("lathe") or {}).get("pending_reason") or ""
+        assert "8" in reason and "a100" in reason, view
+        events = [e.message for e in client.fine_tuning.jobs.list_events(too_big.id, limit=100).data]
+        assert any(m.startswith("Waiting:") and "8" in m for m in events), events
+        # The autoscaler submitted nothing for it, and says so in its pass log.
+        wait_until(lambda: "unservable=1" in autoscaler.process.tail(400), 30,
+                   lambda: f"the autoscaler never reported the 8-GPU job as unservable\n{autoscaler.process.tail(40)}")
+        assert not autoscaler.pilots("a100+g8"), "a pilot larger than the pool allows was submitted"
+    finally:
+        client.fine_tuning.jobs.cancel(too_big.id)

@@ -18,7 +18,7 @@ def test_an_idle_worker_exits_cleanly_after_its_idle_limit(service):
     assert worker.wait(timeout=40) == 0, worker.tail()
     assert "worker leaving" in worker.tail(200) and "idle for" in worker.tail(200), worker.tail()
     # It said so: it stops counting as supply at once, not when its heartbeats are missed.
-    (row,) = [w for w in service.admin("workers")["data"] if w["name"] == worker.name]
+    (row,) = [w for w in service.admin("workers?limit=1000")["data"] if w["name"] == worker.name]
     assert row["state"] == "left", row
     assert service.admin("demand?pool=idle-pool")["data"][0]["workers"] == 0
 

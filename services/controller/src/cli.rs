@@ -150,6 +150,11 @@ pub struct ControllerArgs {
     /// How often the reconciler requeues expired leases and re-publishes queued jobs.
     #[arg(long, default_value_t = 5.0)]
     pub reconcile_seconds: f64,
+    /// Workers gone (left, revoked, or silent) for longer than this many hours, and named by no
+    /// attempt, are forgotten; those that ran attempts stay, archived, so attempt history keeps
+    /// saying where it ran. 0 keeps every worker.
+    #[arg(long, env = "LATHE_WORKER_RETENTION_HOURS", default_value_t = 168.0)]
+    pub worker_retention_hours: f64,
     /// Crashes a job may have before it fails as poison.
     #[arg(long, default_value_t = 3)]
     pub max_retries: i32,
@@ -247,6 +252,10 @@ impl ControllerArgs {
         config.lease = seconds("lease-seconds", self.lease_seconds)?;
         config.heartbeat_interval = seconds("heartbeat-seconds", self.heartbeat_seconds)?;
         config.reconcile_interval = seconds("reconcile-seconds", self.reconcile_seconds)?;
+        config.worker_retention = match self.worker_retention_hours {
+            0.0 => None,
+            hours => Some(seconds("worker-retention-hours", hours * 3600.0)?),
+        };
         config.retry.max_retries = self.max_retries;
         config.retry.base_backoff = seconds("retry-backoff-seconds", self.retry_backoff_seconds)?;
         config.fair_share_half_life = seconds("fair-share-half-life-seconds", self.fair_share_half_life_seconds)?;

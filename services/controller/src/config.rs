@@ -25,6 +25,8 @@ pub struct ControllerConfig {
     pub lease: Duration,
     pub heartbeat_interval: Duration,
     pub reconcile_interval: Duration,
+    /// Gone workers no attempt names are forgotten after this; `None`: kept forever.
+    pub worker_retention: Option<Duration>,
     pub retry: RetryPolicy,
     /// The half-life of a project's recent GPU use in fair share (docs/scheduling.md).
     pub fair_share_half_life: Duration,
@@ -113,6 +115,7 @@ impl ControllerConfig {
             lease: Duration::from_secs(60),
             heartbeat_interval: Duration::from_secs(10),
             reconcile_interval: Duration::from_secs(5),
+            worker_retention: Some(Duration::from_secs(7 * 24 * 3600)),
             retry: RetryPolicy::default(),
             fair_share_half_life: lathe_store::dispatch::DEFAULT_HALF_LIFE,
             preemption: Some(Preemption::default()),

@@ -86,6 +86,7 @@ impl BoundController {
         grpc::listener::raise_file_limit(config.max_connections, config.grpc_max_connections);
         let reconciler = tokio::spawn(reconciler::run(self.state.clone(), stop_rx.clone()));
         tokio::spawn(grpc::revocation::run(self.state.clone(), stop_rx.clone()));
+        tokio::spawn(grpc::control::run(self.state.clone(), stop_rx.clone()));
         let router = api::router(self.state.clone());
         let limits = http_server::Limits {
             max_connections: self.state.config.max_connections,

@@ -2,8 +2,8 @@
 //! 1. requeues running jobs whose lease expired (their worker died or froze) — counted as a
 //!    crash, with backoff, poison after the retry limit; the next claim resumes from the last
 //!    committed checkpoint;
-//! 2. re-publishes every queued job to Redis (`ZADD NX`: a no-op for ids already there), which
-//!    heals a Redis restart or FLUSHALL and any wake-up lost between a pop and a claim;
+//! 2. re-publishes every queued job to Redis (`ZADD NX`: a no-op for ids already there;
+//!    pipelined, a thousand to a round trip), which heals a Redis restart or FLUSHALL and any wake-up lost between a pop and a claim;
 //! 3. requeues running evaluations whose lease expired (a crash each; failed past the limit);
 //! 4. refreshes the gauges that mirror Postgres (jobs and evaluations by status, workers,
 //!    demand per pool, queue depth);
@@ -13,9 +13,17 @@
 //!    (`lathe_core::preemption::choose`; the request is kept on the job row, which the attempt
 //!    stream watches);
 //! 6. gives queued jobs that no live worker can take a `pending_reason` and one `warn` event
-//!    (`lathe_store::dispatch::pending`).
+//!    (`lathe_store::dispatch::pending`);
+//! 7. forgets workers gone for longer than `--worker-retention-hours` that no attempt names
+//!    (`lathe_store::workers::prune_workers`); those that ran attempts stay, archived;
+//! 8. folds attempts that ended into each project's decayed use (fair share's recent GPUs,
+//!    `lathe_store::dispatch::fair_share::fold_usage`), so a claim sums only live and recent
+//!    attempts.
 //!
-//! Steps 1 to 3, 5 and 6 run on one replica at a time, the one holding the reconciler lock
+//! Every pass is timed (`lathe_reconciler_pass_seconds`, by role), and each step of the
+//! leader's (`lathe_reconciler_step_seconds{step}`).
+//!
+//! Steps 1 to 3 and 5 to 8 run on one replica at a time, the one holding the reconciler lock
 //! (`lathe_store::leadership`); step 4 runs on every replica, since each serves its own
 //! `/metrics`. The steps would also be safe on several replicas at once (row locks with SKIP
 //! LOCKED, idempotent publishes): the lock saves the repeated work, not correctness. A failed
@@ -63,7 +71,14 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
         if leader != was_leader {
             tracing::info!(leader, "reconciler leadership changed");
         }
+        let pass_started = std::time::Instant::now();
         let result = if leader { pass_with(&state, leases).await } else { follower_pass(&state).await };
+        let role = if leader { "leader" } else { "follower" };
+        state
+            .telemetry
+            .reconciler_pass
+            .get_or_create(&vec![("role".to_string(), role.to_string())])
+            .observe(pass_started.elapsed().as_secs_f64());
         if let Err(error) = result {
             tracing::warn!(%error, "reconciler pass failed; retrying next tick");
         }
@@ -98,17 +113,32 @@ async fn pass_with(state: &AppState, leases: Leases) -> Result<(), lathe_store::
     }
     if leases == Leases::Enforce {
         if let Some(preemption) = config.preemption {
-            take_back_overdue(state, preemption.grace).await?;
+            timed(state, "take_back_overdue", take_back_overdue(state, preemption.grace)).await?;
         }
-        requeue_expired(state).await?;
+        timed(state, "requeue_expired", requeue_expired(state)).await?;
         if let Some(preemption) = config.preemption {
-            preempt(state, preemption.min_run).await?;
+            timed(state, "preempt", preempt(state, preemption.min_run)).await?;
         }
-        explain_pending(state).await?;
+        timed(state, "explain_pending", explain_pending(state)).await?;
+        timed(state, "fold_usage", lathe_store::dispatch::fair_share::fold_usage(&state.pool, config.fair_share_half_life)).await?;
+        if let Some(retention) = config.worker_retention {
+            let pruned = timed(state, "prune_workers", lathe_store::workers::prune_workers(&state.pool, retention)).await?;
+            if pruned > 0 {
+                tracing::info!(pruned, "forgot workers gone for longer than the retention that ran no attempt");
+            }
+        }
     }
-    let queued = queued_job_ids(&state.pool).await?;
-    let redis_ok = republish(state, &queued).await;
-    refresh_gauges(state, &queued, redis_ok).await
+    let queued = timed(state, "queued_job_ids", queued_job_ids(&state.pool)).await?;
+    let redis_ok = timed(state, "republish", republish(state, &queued)).await;
+    timed(state, "refresh_gauges", refresh_gauges(state, &queued, redis_ok)).await
+}
+
+/// Runs one step of the leader's pass, timing it (`lathe_reconciler_step_seconds{step}`).
+async fn timed<T>(state: &AppState, step: &str, work: impl std::future::Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let out = work.await;
+    state.telemetry.reconciler_step.get_or_create(&vec![("step".to_string(), step.to_string())]).observe(started.elapsed().as_secs_f64());
+    out
 }
 
 /// Steps 1 and 3: jobs and evaluations whose lease expired go back to the queue (or fail).
@@ -180,21 +210,20 @@ async fn explain_pending(state: &AppState) -> Result<(), lathe_store::StoreError
     Ok(())
 }
 
-/// Step 2: every queued job to Redis. False when Redis is unreachable.
+/// Step 2: every queued job to Redis (pipelined: ten thousand queued jobs are ten round trips).
+/// False when Redis is unreachable.
 async fn republish(state: &AppState, queued: &[QueuedJob]) -> bool {
-    for job in queued {
-        match state.queue.publish(&job.pool, &job.job_id, job.priority as i32).await {
-            Ok(true) => {
-                state.telemetry.republished.inc();
-            }
-            Ok(false) => {}
-            Err(error) => {
-                tracing::warn!(%error, "cannot publish queued jobs to Redis; workers poll Postgres meanwhile");
-                return false;
-            }
+    let jobs: Vec<(&str, &lathe_core::JobId, i32)> = queued.iter().map(|j| (j.pool.as_str(), &j.job_id, j.priority as i32)).collect();
+    match state.queue.publish_many(&jobs).await {
+        Ok(added) => {
+            state.telemetry.republished.inc_by(added);
+            true
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot publish queued jobs to Redis; workers poll Postgres meanwhile");
+            false
         }
     }
-    true
 }
 
 /// Step 4: the gauges that mirror Postgres (and Redis's queue depth when it answers).
@@ -214,11 +243,11 @@ async fn refresh_gauges(state: &AppState, queued: &[QueuedJob], redis_ok: bool) 
 
     state.telemetry.set_pool_demand(&lathe_store::demand::pool_demand(&state.pool, state.config.lease).await?);
 
-    let workers = lathe_store::workers::list_workers(&state.pool).await?;
+    let workers = lathe_store::workers::current_workers(&state.pool).await?;
     let stale_before = OffsetDateTime::now_utc() - state.config.lease;
     let mut counts = [("live", 0i64), ("stale", 0), ("draining", 0)];
     let mut pools: BTreeSet<String> = queued.iter().map(|j| j.pool.clone()).collect();
-    for worker in workers.iter().filter(|w| w.left_at.is_none() && w.revoked_at.is_none()) {
+    for worker in &workers {
         let slot = if worker.last_heartbeat_at < stale_before {
             1
         } else if worker.draining {

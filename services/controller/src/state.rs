@@ -24,6 +24,8 @@ pub struct AppState {
     pub inference: Arc<crate::inference::Router>,
     /// The workers whose streams this replica holds, to close them when they are revoked.
     pub revocations: Arc<crate::grpc::revocation::Revocations>,
+    /// The attempts whose streams this replica holds, to tell them of a cancel, pause or preemption.
+    pub attempt_controls: Arc<crate::grpc::control::AttemptControls>,
     /// Rate limits and the outage memory of the worker port.
     pub worker_gate: Arc<crate::grpc::caller::Gate>,
     /// Failed authentications per client address, and a short memory of API keys.
@@ -53,6 +55,7 @@ impl AppState {
             rate_limiter,
             inference: Arc::default(),
             revocations: Arc::default(),
+            attempt_controls: Arc::default(),
         })
     }
 }

@@ -38,6 +38,11 @@ pub struct Telemetry {
     pub metric_points_ingested: Counter,
     pub requeued: Counter,
     pub republished: Counter,
+    /// How long one reconciler pass takes, by role (`leader` does the whole pass, a `follower`
+    /// only its own gauges).
+    pub reconciler_pass: Family<Labels, Histogram>,
+    /// The leader's pass, step by step: where its time goes.
+    pub reconciler_step: Family<Labels, Histogram>,
     /// Attempts stopped by a fault of the infrastructure (storage full), by code.
     pub infrastructure_faults: Family<Labels, Counter>,
     /// Running jobs asked to hand their worker to a higher-priority job, by pool.
@@ -74,6 +79,8 @@ impl Telemetry {
             metric_points_ingested: Counter::default(),
             requeued: Counter::default(),
             republished: Counter::default(),
+            reconciler_pass: Family::new_with_constructor(latency_histogram),
+            reconciler_step: Family::new_with_constructor(latency_histogram),
             infrastructure_faults: Family::default(),
             preemptions: Family::default(),
             others: Default::default(),
@@ -125,6 +132,16 @@ impl Telemetry {
         );
         registry.register("lathe_reconciler_requeued", "Jobs requeued after their lease expired", t.requeued.clone());
         registry.register("lathe_reconciler_republished", "Queued job ids re-published to Redis", t.republished.clone());
+        registry.register(
+            "lathe_reconciler_pass_seconds",
+            "Time one reconciler pass takes, by role (leader: the whole pass; follower: its gauges)",
+            t.reconciler_pass.clone(),
+        );
+        registry.register(
+            "lathe_reconciler_step_seconds",
+            "Time each step of the leader's reconciler pass takes (requeue, preempt, pending, prune, republish, gauges)",
+            t.reconciler_step.clone(),
+        );
         registry.register(
             "lathe_infrastructure_faults",
             "Attempts stopped by a fault of the infrastructure, by code (storage_full, storage_error); the job is queued again",

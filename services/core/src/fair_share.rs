@@ -3,16 +3,22 @@
 //! The rule, written once and used by every claim:
 //!
 //! 1. Higher `priority` first: fair share orders jobs of equal priority only.
-//! 2. A job whose project would go over its quota in the pool (`max_gpus`, counted in running
+//! 2. Then the job that needs more GPUs (best fit): the candidates are the jobs that fit the
+//!    claiming worker, so a worker with four GPUs takes a waiting 4-GPU job before any 1-GPU
+//!    job, whichever project's. That is the reservation that keeps a stream of small jobs from
+//!    starving a big one: every worker large enough for it prefers it, and small jobs only
+//!    backfill large workers when nothing larger waits. On a pool of 1-GPU workers it changes
+//!    nothing (every candidate asks for one).
+//! 3. A job whose project would go over its quota in the pool (`max_gpus`, counted in running
 //!    GPUs) is not a candidate at all; it waits, whatever else is idle. Below its quota a
 //!    project may borrow any idle capacity: weights order, they do not cap.
-//! 3. Among the rest, the project furthest below its share goes first: the lowest
+//! 4. Among the rest, the project furthest below its share goes first: the lowest
 //!    `(running GPUs + recent GPUs) / weight`, where *recent GPUs* is the project's GPU-seconds
 //!    in the pool decayed with a half-life, divided by the half-life (a project that ran one
 //!    GPU continuously for a long time has `1 / ln 2` of them). Running GPUs make the share
 //!    right on a large pool; recent use makes it right on a pool of one worker, where nothing
 //!    else is running when the choice is made.
-//! 4. Ties, and jobs of one project: the oldest first (FIFO), then the id.
+//! 5. Ties, and jobs of one project: the oldest first (FIFO), then the id.
 //!
 //! Everything here is pure: the store loads [`Candidate`]s and [`ProjectLoad`]s in the claim's
 //! transaction and asks [`rank`] for the order to try them in.
@@ -107,6 +113,7 @@ pub fn rank<'a>(candidates: &'a [Candidate], projects: &Projects) -> Vec<&'a Can
     eligible.sort_by(|(a, a_usage), (b, b_usage)| {
         b.priority
             .cmp(&a.priority)
+            .then_with(|| b.gpus.cmp(&a.gpus))
             .then_with(|| a_usage.partial_cmp(b_usage).unwrap_or(Ordering::Equal))
             .then_with(|| a.queued_at.cmp(&b.queued_at))
             .then_with(|| a.id.cmp(&b.id))
@@ -159,6 +166,21 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_big_enough_for_a_big_job_takes_it_before_small_ones_of_any_project() {
+        // Project a is far over its share and its 4-GPU job is the newest; b's 1-GPU jobs are
+        // older and b uses nothing. A 4-GPU worker (both fit it) still takes the 4-GPU job.
+        let big = Candidate { gpus: 4, ..job("big", "a", 0, 30) };
+        let candidates = [job("small-1", "b", 0, 10), big.clone(), job("small-2", "c", 0, 20)];
+        let projects = projects(&[("a", state(1.0, 12, 5.0, None)), ("b", state(1.0, 0, 0.0, None))]);
+        let order: Vec<&str> = rank(&candidates, &projects).iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(order, ["big", "small-1", "small-2"]);
+        // Priority still comes first.
+        let urgent = job("urgent", "b", 5, 40);
+        let candidates = [big, urgent];
+        assert_eq!(rank(&candidates, &projects)[0].id, "urgent");
+    }
+
+    #[test]
     fn the_project_below_its_share_goes_first_even_when_its_job_is_younger() {
         let candidates = [job("a3", "a", 0, 3), job("b1", "b", 0, 5)];
         let loads = projects(&[("a", state(1.0, 0, 0.4, None))]);
@@ -192,9 +214,10 @@ mod tests {
         let reason = quota_hold(&big, &loads).expect("held");
         assert!(reason.contains("3 of 4 GPUs running, this job needs 2"), "{reason}");
         assert_eq!(quota_hold(&candidates[1], &loads), None);
-        // Quota 5 admits it: borrowing idle capacity up to the quota is allowed.
+        // Quota 5 admits it: borrowing idle capacity up to the quota is allowed (and on a worker
+        // both fit, the 2-GPU job goes first: best fit).
         let loads = projects(&[("a", state(1.0, 3, 0.0, Some(5)))]);
-        assert_eq!(ids(rank(&candidates, &loads)), ["b1", "a2"]);
+        assert_eq!(ids(rank(&candidates, &loads)), ["a2", "b1"]);
     }
 
     #[test]

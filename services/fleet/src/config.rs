@@ -40,6 +40,10 @@ pub struct PoolConfig {
     pub gres: Option<String>,
     /// Node features the pool needs, e.g. `a100`.
     pub constraint: Option<String>,
+    /// The most GPUs one pilot of this pool may ask for: a job asking for `gpus: 4` gets a pilot
+    /// with four (`--gres` with the count replaced) when this allows it, else it waits with a
+    /// `pending_reason`. Default: the count in `gres` (every pilot the same size).
+    pub max_gpus_per_pilot: Option<u32>,
     /// Nodes per pilot: more than 1 makes each pilot a worker that spreads jobs asking for
     /// `nodes` over its allocation (rank 0 on the first node, srun for the rest).
     pub nodes: Option<u32>,
@@ -103,6 +107,43 @@ impl AutoscaleConfig {
     /// The job name of a pool's pilots.
     pub fn job_name(&self, pool: &str) -> String {
         format!("{}{pool}", self.job_name_prefix)
+    }
+
+    /// The job name of a pool's pilots with `gpus` GPUs: the pool's own name for pilots of the
+    /// pool's size, `<name>+g<gpus>` for larger ones ('+' is in no pool name).
+    pub fn pilot_name(&self, pool: &str, settings: &PoolConfig, gpus: u32) -> String {
+        if gpus == settings.pilot_gpus() {
+            self.job_name(pool)
+        } else {
+            format!("{}+g{gpus}", self.job_name(pool))
+        }
+    }
+}
+
+impl PoolConfig {
+    /// GPUs of the pool's ordinary pilot: the count at the end of `gres` (`gpu:a100:2` → 2), 1
+    /// without one.
+    pub fn pilot_gpus(&self) -> u32 {
+        self.gres.as_deref().and_then(|g| g.rsplit(':').next()).and_then(|n| n.parse().ok()).filter(|&n| n > 0).unwrap_or(1)
+    }
+
+    /// The largest pilot the pool may submit, in GPUs.
+    pub fn max_pilot_gpus(&self) -> u32 {
+        self.max_gpus_per_pilot.unwrap_or(1).max(self.pilot_gpus())
+    }
+
+    /// `--gres` for a pilot with `gpus` GPUs: the pool's own with the count replaced.
+    pub fn gres_for(&self, gpus: u32) -> Option<String> {
+        if gpus == self.pilot_gpus() {
+            return self.gres.clone();
+        }
+        match self.gres.as_deref() {
+            Some(gres) => match gres.rsplit_once(':') {
+                Some((kind, count)) if count.parse::<u32>().is_ok() => Some(format!("{kind}:{gpus}")),
+                _ => Some(format!("{gres}:{gpus}")),
+            },
+            None => Some(format!("gpu:{gpus}")),
+        }
     }
 }
 

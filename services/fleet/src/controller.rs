@@ -12,6 +12,19 @@ pub struct PoolDemand {
     pub pool: String,
     /// Jobs and evaluations queued or running: the workers the pool needs.
     pub demand: u64,
+    /// The same work by shape (absent from controllers older than shapes: then all of it is
+    /// taken as one GPU on one node).
+    #[serde(default)]
+    pub shapes: Vec<Shape>,
+}
+
+/// Queued and running work of one shape: GPUs per node, nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Shape {
+    pub gpus: u32,
+    pub nodes: u32,
+    pub queued: u64,
+    pub running: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -20,11 +33,19 @@ pub struct WorkerSeen {
     pub state: String,
     pub pools: Vec<String>,
     pub slurm_job_id: Option<String>,
+    #[serde(default = "one")]
+    pub gpus: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Deserialize)]
 struct List<T> {
     data: Vec<T>,
+    #[serde(default)]
+    has_more: bool,
 }
 
 pub struct Controller {
@@ -59,7 +80,17 @@ impl Controller {
         Ok(self.get::<List<PoolDemand>>("/v1/admin/demand")?.data)
     }
 
+    /// The live workers, every page of them (a fleet of thousands is several pages).
     pub fn workers(&self) -> Result<Vec<WorkerSeen>, FleetError> {
-        Ok(self.get::<List<WorkerSeen>>("/v1/admin/workers")?.data)
+        let mut workers: Vec<WorkerSeen> = Vec::new();
+        loop {
+            let after = workers.last().map(|w| format!("&after={}", w.id)).unwrap_or_default();
+            let page = self.get::<List<WorkerSeen>>(&format!("/v1/admin/workers?state=live&limit=1000{after}"))?;
+            let more = page.has_more && !page.data.is_empty();
+            workers.extend(page.data);
+            if !more {
+                return Ok(workers);
+            }
+        }
     }
 }

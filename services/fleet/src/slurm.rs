@@ -16,6 +16,8 @@ pub struct Pilot {
     /// The id its worker reports (`SLURM_JOB_ID`): a plain job id, also for array tasks.
     pub job_id: String,
     pub state: String,
+    /// Its job name: which pool, and which size ([`AutoscaleConfig::pilot_name`]).
+    pub name: String,
 }
 
 impl Pilot {
@@ -76,36 +78,37 @@ fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<S
     })
 }
 
-/// Every job named `job_name` in the queue.
-pub fn pilots(job_name: &str) -> Result<Vec<Pilot>, FleetError> {
+/// Every job in the queue named one of `job_names` (a pool's pilots of every size): one squeue.
+pub fn pilots(job_names: &[String]) -> Result<Vec<Pilot>, FleetError> {
     // --me: another user's job that happens to carry the name is not a pilot of ours.
-    let out = run(Command::new("squeue").args(["--me", "--noheader", "--array", "--name", job_name, "--format", "%A|%T"]))?;
+    let names = job_names.join(",");
+    let out = run(Command::new("squeue").args(["--me", "--noheader", "--array", "--name", &names, "--format", "%A|%T|%j"]))?;
     Ok(parse_squeue(&out))
 }
 
-/// `%A|%T` lines: with `--array`, `%A` is each task's own job id.
+/// `%A|%T|%j` lines: with `--array`, `%A` is each task's own job id.
 pub fn parse_squeue(out: &str) -> Vec<Pilot> {
     out.lines()
         .filter_map(|line| {
-            let (id, state) = line.trim().split_once('|')?;
-            Some(Pilot { job_id: id.trim().to_string(), state: state.trim().to_string() })
+            let mut fields = line.trim().splitn(3, '|');
+            let (id, state) = (fields.next()?, fields.next()?);
+            let name = fields.next().unwrap_or_default();
+            Some(Pilot { job_id: id.trim().to_string(), state: state.trim().to_string(), name: name.trim().to_string() })
         })
         .collect()
 }
 
-/// The sbatch arguments for `count` pilots of `pool` (options on the command line override
-/// the template's `#SBATCH` lines).
-pub fn sbatch_args(config: &AutoscaleConfig, pool: &str, settings: &PoolConfig, count: u32) -> Vec<String> {
-    let mut args = vec!["--parsable".to_string(), format!("--job-name={}", config.job_name(pool))];
+/// The sbatch arguments for `count` pilots of `pool` with `gpus` GPUs each (options on the
+/// command line override the template's `#SBATCH` lines).
+pub fn sbatch_args(config: &AutoscaleConfig, pool: &str, settings: &PoolConfig, count: u32, gpus: u32) -> Vec<String> {
+    let mut args = vec!["--parsable".to_string(), format!("--job-name={}", config.pilot_name(pool, settings, gpus))];
     if count > 1 {
         args.push(format!("--array=0-{}", count - 1));
     }
-    for (flag, value) in [
-        ("--partition", &settings.partition),
-        ("--gres", &settings.gres),
-        ("--constraint", &settings.constraint),
-        ("--time", &settings.time_limit),
-    ] {
+    let gres = settings.gres_for(gpus);
+    for (flag, value) in
+        [("--partition", &settings.partition), ("--gres", &gres), ("--constraint", &settings.constraint), ("--time", &settings.time_limit)]
+    {
         if let Some(value) = value {
             args.push(format!("{flag}={value}"));
         }
@@ -120,16 +123,29 @@ pub fn sbatch_args(config: &AutoscaleConfig, pool: &str, settings: &PoolConfig, 
     }
     // Whatever the template says, the worker must hear of a time limit in time to checkpoint.
     args.push("--signal=B:TERM@120".into());
-    args.push(format!("--export=ALL,LATHE_POOLS={pool},LATHE_EXIT_WHEN_IDLE={}", settings.idle_exit_seconds));
+    let mut export = format!("--export=ALL,LATHE_POOLS={pool},LATHE_EXIT_WHEN_IDLE={}", settings.idle_exit_seconds);
+    if gpus != settings.pilot_gpus() {
+        // A pilot sized for a job: its worker offers every GPU it was given.
+        export.push_str(&format!(",LATHE_GPUS={gpus}"));
+    }
+    args.push(export);
     args.extend(settings.extra_sbatch_args.iter().cloned());
     args
 }
 
-/// Submits `count` pilots in one call; returns the job (array) id.
-pub fn submit(config: &AutoscaleConfig, pool: &str, settings: &PoolConfig, count: u32, template: &Path) -> Result<String, FleetError> {
+/// Submits `count` pilots of `gpus` GPUs in one call; returns the job (array) id.
+pub fn submit(
+    config: &AutoscaleConfig,
+    pool: &str,
+    settings: &PoolConfig,
+    count: u32,
+    gpus: u32,
+    template: &Path,
+) -> Result<String, FleetError> {
     // --export=ALL hands pilots the autoscaler's environment; the admin token is not theirs to
     // have (Slurm keeps a job's environment, and accounting may store it).
-    let out = run(Command::new("sbatch").args(sbatch_args(config, pool, settings, count)).arg(template).env_remove("LATHE_ADMIN_TOKEN"))?;
+    let args = sbatch_args(config, pool, settings, count, gpus);
+    let out = run(Command::new("sbatch").args(args).arg(template).env_remove("LATHE_ADMIN_TOKEN"))?;
     // --parsable: "<id>" or "<id>;<cluster>".
     Ok(out.trim().split(';').next().unwrap_or_default().to_string())
 }
@@ -144,13 +160,39 @@ mod tests {
             "controller = \"http://c:8080\"\ntemplate = \"p.sbatch\"\n[pools.big]\nmax_pilots = 1\nnodes = 2\ngres = \"gpu:4\"\n",
         )
         .unwrap();
-        let args = sbatch_args(&config, "big", &config.pools["big"], 1);
+        let args = sbatch_args(&config, "big", &config.pools["big"], 1, 4);
         for wanted in ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--gres=gpu:4"] {
             assert!(args.iter().any(|a| a == wanted), "{wanted} missing from {args:?}");
         }
         let single: AutoscaleConfig =
             toml::from_str("controller = \"http://c:8080\"\ntemplate = \"p.sbatch\"\n[pools.a]\nmax_pilots = 1\n").unwrap();
-        assert!(!sbatch_args(&single, "a", &single.pools["a"], 1).iter().any(|a| a.starts_with("--nodes")));
+        assert!(!sbatch_args(&single, "a", &single.pools["a"], 1, 1).iter().any(|a| a.starts_with("--nodes")));
+    }
+
+    #[test]
+    fn a_pilot_sized_for_a_job_asks_for_its_gpus_under_a_name_of_its_own() {
+        let config: AutoscaleConfig = toml::from_str(
+            "controller = \"http://c:8080\"\ntemplate = \"p.sbatch\"\n[pools.a100]\nmax_pilots = 4\ngres = \"gpu:a100:1\"\nmax_gpus_per_pilot = 8\n",
+        )
+        .unwrap();
+        let pool = &config.pools["a100"];
+        assert_eq!((pool.pilot_gpus(), pool.max_pilot_gpus()), (1, 8));
+        let ordinary = sbatch_args(&config, "a100", pool, 2, 1);
+        for wanted in ["--job-name=lathe-pilot-a100", "--gres=gpu:a100:1", "--array=0-1"] {
+            assert!(ordinary.iter().any(|a| a == wanted), "{wanted} missing from {ordinary:?}");
+        }
+        assert!(!ordinary.iter().any(|a| a.contains("LATHE_GPUS")), "{ordinary:?}");
+        let sized = sbatch_args(&config, "a100", pool, 1, 4);
+        for wanted in ["--job-name=lathe-pilot-a100+g4", "--gres=gpu:a100:4"] {
+            assert!(sized.iter().any(|a| a == wanted), "{wanted} missing from {sized:?}");
+        }
+        assert!(sized.iter().any(|a| a.starts_with("--export=") && a.ends_with(",LATHE_GPUS=4")), "{sized:?}");
+        // No gres at all: a sized pilot still asks for its GPUs.
+        let bare: AutoscaleConfig =
+            toml::from_str("controller = \"http://c:8080\"\ntemplate = \"p.sbatch\"\n[pools.a]\nmax_pilots = 1\nmax_gpus_per_pilot = 2\n")
+                .unwrap();
+        assert_eq!(bare.pools["a"].gres_for(2).as_deref(), Some("gpu:2"));
+        assert_eq!(bare.pools["a"].gres_for(1), None);
     }
 
     #[test]
@@ -172,14 +214,15 @@ mod tests {
         .to_string();
         assert!(err.contains("exit status: 1") && err.contains("Unable to contact"), "{err}");
         let out = run_within(Command::new("sh").args(["-c", "echo '101|RUNNING'"]), Duration::from_secs(10)).unwrap();
-        assert_eq!(parse_squeue(&out), vec![Pilot { job_id: "101".into(), state: "RUNNING".into() }]);
+        assert_eq!(parse_squeue(&out), vec![Pilot { job_id: "101".into(), state: "RUNNING".into(), name: String::new() }]);
     }
 
     #[test]
     fn squeue_lines_become_pilots_and_only_live_ones_are_supply() {
-        let pilots = parse_squeue("101|RUNNING\n102|PENDING\n103|COMPLETING\n\n");
+        let pilots = parse_squeue("101|RUNNING|lathe-pilot-a\n102|PENDING|lathe-pilot-a+g4\n103|COMPLETING|lathe-pilot-a\n\n");
         assert_eq!(pilots.len(), 3);
-        assert_eq!(pilots[0], Pilot { job_id: "101".into(), state: "RUNNING".into() });
+        assert_eq!(pilots[0], Pilot { job_id: "101".into(), state: "RUNNING".into(), name: "lathe-pilot-a".into() });
+        assert_eq!(pilots[1].name, "lathe-pilot-a+g4");
         assert_eq!(pilots.iter().filter(|p| p.is_supply()).count(), 2);
     }
 }

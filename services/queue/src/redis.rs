@@ -180,6 +180,31 @@ impl Queue {
         Ok(added == 1)
     }
 
+    /// [`Queue::publish`] for many jobs, in pipelined round trips of a thousand: what the
+    /// reconciler uses to put every queued job back in line each pass. Returns how many were
+    /// missing and added.
+    pub async fn publish_many(&self, jobs: &[(&str, &JobId, i32)]) -> Result<u64, QueueError> {
+        let mut added = 0u64;
+        for chunk in jobs.chunks(1000) {
+            let mut invocations = Vec::with_capacity(chunk.len());
+            for (pool, job_id, priority) in chunk {
+                let key = self.pool_key(&Pool::parse(pool)?);
+                let (band_start, band_end) = priority_band(*priority)?;
+                let mut invocation = self.publish_script.key(key);
+                invocation.arg(job_id.as_str()).arg(band_start).arg(band_end);
+                invocations.push(invocation);
+            }
+            let mut pipe = ::redis::pipe();
+            pipe.load_script(&self.publish_script).ignore();
+            for invocation in &invocations {
+                pipe.invoke_script(invocation);
+            }
+            let results: Vec<i64> = pipe.query_async(&mut self.commands.clone()).await?;
+            added += results.iter().filter(|&&r| r == 1).count() as u64;
+        }
+        Ok(added)
+    }
+
     /// Blocks until a job id is in one of `pools` (earlier pools preferred) and pops it, or
     /// returns `None` after `timeout`. The caller then claims the job in Postgres; a failed
     /// claim just means waiting again.

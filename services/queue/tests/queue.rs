@@ -330,3 +330,30 @@ async fn a_worker_whose_idle_connection_was_dropped_by_redis_still_gets_the_next
     queue.publish("default", &job, 0).await.unwrap();
     assert_eq!(pop_id(&queue, &["default"]).await, Some(job));
 }
+
+#[tokio::test]
+async fn publishing_many_at_once_adds_only_the_missing_ones_in_the_same_order_as_one_by_one() {
+    let queue = TestQueue::new().await;
+    let jobs: Vec<JobId> = (0..2500).map(|_| new_job_id()).collect();
+    let pool = |i: usize| if i.is_multiple_of(2) { "default" } else { "gpu" };
+    let priority = |i: usize| if i % 5 == 4 { 5 } else { 0 };
+    // Two already in line: the batch must not move them or count them.
+    queue.publish(pool(2), &jobs[2], priority(2)).await.unwrap();
+    queue.publish(pool(9), &jobs[9], priority(9)).await.unwrap();
+    let batch: Vec<(&str, &JobId, i32)> = jobs.iter().enumerate().map(|(i, job)| (pool(i), job, priority(i))).collect();
+
+    assert_eq!(queue.publish_many(&batch).await.unwrap(), 2498, "every job but the two already queued, across three pipelined chunks");
+    assert_eq!(queue.publish_many(&batch).await.unwrap(), 0, "a second pass adds nothing");
+    assert_eq!(queue.depth("default").await.unwrap() + queue.depth("gpu").await.unwrap(), 2500);
+
+    // Priority first, then publish order, as `publish` one by one: jobs[2] was first in line.
+    let mut popped = Vec::new();
+    while let Some(job) = pop_id(&queue, &["default"]).await {
+        popped.push(job);
+    }
+    let in_default = |wanted: i32| (0..2500).filter(move |&i| pool(i) == "default" && priority(i) == wanted && i != 2);
+    let mut expected: Vec<JobId> = in_default(5).map(|i| jobs[i].clone()).collect();
+    expected.push(jobs[2].clone());
+    expected.extend(in_default(0).map(|i| jobs[i].clone()));
+    assert_eq!(popped, expected);
+}

@@ -33,6 +33,19 @@ pub struct PoolDemand {
     /// draining).
     pub workers: i64,
     pub draining_workers: i64,
+    /// The queued and running work by shape (GPUs per node, nodes), smallest first: what a
+    /// scaler sizes the workers it starts on (an evaluation is one GPU on one node).
+    #[sqlx(skip)]
+    pub shapes: Vec<Shape>,
+}
+
+/// Work of one shape in a pool.
+#[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct Shape {
+    pub gpus: i32,
+    pub nodes: i32,
+    pub queued: i64,
+    pub running: i64,
 }
 
 impl PoolDemand {
@@ -90,5 +103,20 @@ pub async fn pool_demand(pool: &PgPool, live_within: Duration) -> Result<Vec<Poo
     .bind(live_within.as_secs_f64())
     .fetch_all(pool)
     .await?;
+    let shapes: Vec<(String, i32, i32, i64, i64)> = sqlx::query_as(
+        "SELECT pool, gpus, nodes, count(*) FILTER (WHERE status = 'queued'), count(*) FILTER (WHERE status = 'running')
+         FROM (SELECT pool, gpus, nodes, status FROM jobs WHERE status IN ('queued', 'running')
+               UNION ALL
+               SELECT pool, 1, 1, status FROM evaluations WHERE status IN ('queued', 'running')) work
+         GROUP BY pool, gpus, nodes ORDER BY pool, gpus, nodes",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut rows = rows;
+    for (pool, gpus, nodes, queued, running) in shapes {
+        if let Some(row) = rows.iter_mut().find(|r| r.pool == pool) {
+            row.shapes.push(Shape { gpus, nodes, queued, running });
+        }
+    }
     Ok(rows)
 }

@@ -397,6 +397,36 @@ pub async fn attempt_control(pool: &PgPool, job_id: &str, attempt: i32) -> Resul
     .transpose()
 }
 
+/// (job id, attempt, status, pause requested, preemption requested at, preempted for).
+type ControlRow = (String, i32, String, bool, Option<OffsetDateTime>, Option<String>);
+
+/// [`attempt_control`] for many attempts in one query: the rows that still have the attempt
+/// number asked for (a job that moved on, or is gone, is absent).
+pub async fn attempt_controls(
+    pool: &PgPool,
+    attempts: &[(String, i32)],
+) -> Result<std::collections::HashMap<(String, i32), AttemptControl>, StoreError> {
+    let (ids, numbers): (Vec<String>, Vec<i32>) = attempts.iter().cloned().unzip();
+    let rows: Vec<ControlRow> = sqlx::query_as(
+        "SELECT j.id, j.attempt, j.status, j.pause_requested, j.preempt_requested_at, j.preempted_for
+         FROM jobs j JOIN unnest($1::text[], $2::int[]) AS w(id, attempt) ON j.id = w.id AND j.attempt = w.attempt",
+    )
+    .bind(&ids)
+    .bind(&numbers)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|(id, attempt, status, pause, preempt_at, preempted_for)| {
+            let control = AttemptControl {
+                status: parse_status(&status)?,
+                pause,
+                preempt_for: preempt_at.map(|_| preempted_for.unwrap_or_default()),
+            };
+            Ok(((id, attempt), control))
+        })
+        .collect()
+}
+
 /// What the attempt stream tells its worker: the job's status, and whether the user asked for a
 /// pause or the reconciler for a preemption (for which job).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -324,6 +324,74 @@ pub async fn list_workers(pool: &PgPool) -> Result<Vec<Worker>, StoreError> {
     Ok(workers)
 }
 
+/// A worker's state as the admin list shows it: `revoked`, `left` (exited on its own), `stale`
+/// (no heartbeat within a lease), `draining` or `live`.
+pub const WORKER_STATES: [&str; 5] = ["live", "draining", "stale", "left", "revoked"];
+
+/// The SQL of [`WORKER_STATES`], given `$stale_before` as the parameter named.
+fn state_sql(stale_before: &str) -> String {
+    format!(
+        "CASE WHEN revoked_at IS NOT NULL THEN 'revoked' WHEN left_at IS NOT NULL THEN 'left'
+              WHEN last_heartbeat_at < {stale_before} THEN 'stale' WHEN draining THEN 'draining' ELSE 'live' END"
+    )
+}
+
+/// One page of workers in registration order, after the worker `after`, in the given states
+/// (all when empty).
+pub async fn list_workers_page(
+    pool: &PgPool,
+    states: &[String],
+    stale_before: OffsetDateTime,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<crate::Page<Worker>, StoreError> {
+    let workers = sqlx::query_as::<_, Worker>(&format!(
+        "SELECT {WORKER_COLUMNS} FROM workers
+         WHERE (cardinality($1::text[]) = 0 OR {state} = ANY($1))
+           AND ($3::text IS NULL OR (registered_at, id) > (SELECT registered_at, id FROM workers WHERE id = $3))
+         ORDER BY registered_at, id LIMIT $4",
+        state = state_sql("$2")
+    ))
+    .bind(states)
+    .bind(stale_before)
+    .bind(after)
+    .bind(limit + 1)
+    .fetch_all(pool)
+    .await?;
+    Ok(crate::Page::from_overfetch(workers, limit))
+}
+
+/// The workers that have not left and are not revoked (live, draining or stale): what the
+/// gauges count, without reading the history of every pilot that ever ran.
+pub async fn current_workers(pool: &PgPool) -> Result<Vec<Worker>, StoreError> {
+    let workers = sqlx::query_as::<_, Worker>(&format!(
+        "SELECT {WORKER_COLUMNS} FROM workers WHERE left_at IS NULL AND revoked_at IS NULL ORDER BY registered_at, id"
+    ))
+    .fetch_all(pool)
+    .await?;
+    Ok(workers)
+}
+
+/// Forgets workers gone for longer than `retention` — left, revoked, or silent since — that no
+/// attempt, lease or evaluation names: pilots that came and went without work. A worker that ran
+/// an attempt stays (archived: it is `left`, `revoked` or `stale`), so every attempt's history
+/// still says where it ran. Returns how many were deleted.
+pub async fn prune_workers(pool: &PgPool, retention: std::time::Duration) -> Result<u64, StoreError> {
+    let before = OffsetDateTime::now_utc() - retention;
+    let deleted = sqlx::query(
+        "DELETE FROM workers w
+         WHERE greatest(w.last_heartbeat_at, coalesce(w.left_at, w.revoked_at, w.last_heartbeat_at)) < $1
+           AND (w.left_at IS NOT NULL OR w.revoked_at IS NOT NULL OR w.last_heartbeat_at < $1)
+           AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.worker_id = w.id)
+           AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.lease_owner = w.id)
+           AND NOT EXISTS (SELECT 1 FROM evaluations e WHERE e.lease_owner = w.id)",
+    )
+    .bind(before)
+    .execute(pool)
+    .await?;
+    Ok(deleted.rows_affected())
+}
+
 /// A worker's capabilities as it reports them when it (re)starts; the token stays the same.
 pub async fn update_registration(pool: &PgPool, worker_id: &str, worker: NewWorker<'_>) -> Result<Worker, StoreError> {
     sqlx::query_as::<_, Worker>(&format!(

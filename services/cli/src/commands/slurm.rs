@@ -42,13 +42,14 @@ fn autoscale(args: AutoscaleArgs) -> anyhow::Result<()> {
         let failed = reports.iter().filter(|r| r.error.is_some()).count();
         for r in reports {
             println!(
-                "{}\tdemand {}\tpilots {}\tother workers {}\tsubmitted {}{}\tslurm calls {}{}",
+                "{}\tdemand {}\tpilots {}\tother workers {}\tsubmitted {}{}{}\tslurm calls {}{}",
                 r.pool,
                 r.demand,
                 r.pilots,
                 r.other_workers,
                 r.submitted,
                 r.job_id.map(|id| format!(" (job {id})")).unwrap_or_default(),
+                if r.unservable > 0 { format!("\t{} job(s) too big for this pool's pilots", r.unservable) } else { String::new() },
                 r.slurm_calls,
                 r.error.map(|e| format!("\terror: {e}")).unwrap_or_default()
             );

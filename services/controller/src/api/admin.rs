@@ -2,7 +2,7 @@
 //! Slurm autoscaler, a KEDA `metrics-api` trigger) and the worker list. They take the admin
 //! token (`--admin-token`), never a project's API key: they show every project's load.
 
-use axum::extract::{FromRequestParts, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use axum::http::StatusCode;
@@ -80,15 +80,52 @@ fn demand_view(d: &PoolDemand) -> Value {
         "oldest_queued_seconds": d.oldest_queued_seconds,
         "workers": d.workers,
         "draining_workers": d.draining_workers,
+        "shapes": d.shapes.iter().map(|s| json!({"gpus": s.gpus, "nodes": s.nodes, "queued": s.queued, "running": s.running})).collect::<Vec<_>>(),
     })
 }
 
-/// `GET /v1/admin/workers`: every worker with its state and where a scheduler placed it.
-pub async fn workers(_: Admin, State(state): State<AppState>) -> ApiResult<Json<Value>> {
+#[derive(Deserialize)]
+pub struct WorkersQuery {
+    /// Comma-separated states (`live,draining`); all when absent.
+    state: Option<String>,
+    after: Option<String>,
+    limit: Option<i64>,
+}
+
+/// Most workers one page of `/v1/admin/workers` holds (default 100).
+const MAX_WORKERS_PAGE: i64 = 1000;
+
+/// `GET /v1/admin/workers[?state=live,draining][&after=ID][&limit=N]`: workers in registration
+/// order with their state and where a scheduler placed it, a page at a time (`has_more`,
+/// `last_id` as every list of the API).
+pub async fn workers(_: Admin, State(state): State<AppState>, Query(query): Query<WorkersQuery>) -> ApiResult<Json<Value>> {
+    let limit = match query.limit.unwrap_or(100) {
+        n @ 1..=MAX_WORKERS_PAGE => n,
+        n => {
+            return Err(ApiError::invalid(
+                Some("limit"),
+                "invalid_value",
+                format!("limit: must be between 1 and {MAX_WORKERS_PAGE}, got {n}"),
+            ))
+        }
+    };
+    let states: Vec<String> = query.state.as_deref().unwrap_or_default().split(',').filter(|s| !s.is_empty()).map(str::to_string).collect();
+    if let Some(unknown) = states.iter().find(|s| !lathe_store::workers::WORKER_STATES.contains(&s.as_str())) {
+        return Err(ApiError::invalid(
+            Some("state"),
+            "invalid_value",
+            format!("state: {unknown:?} is not one of {}", lathe_store::workers::WORKER_STATES.join(", ")),
+        ));
+    }
+    let after = match query.after.as_deref() {
+        Some(id) if !id.starts_with("wrk_") || id.len() > 64 => {
+            return Err(ApiError::invalid(Some("after"), "invalid_value", format!("after: {id:?} is not a worker id")))
+        }
+        other => other,
+    };
     let stale_before = lathe_store::time::OffsetDateTime::now_utc() - state.config.lease;
-    let workers = lathe_store::workers::list_workers(&state.pool).await?;
-    let data: Vec<Value> = workers.iter().map(|w| worker_view(w, stale_before)).collect();
-    Ok(Json(json!({"object": "list", "data": data})))
+    let page = lathe_store::workers::list_workers_page(&state.pool, &states, stale_before, after, limit).await?;
+    Ok(Json(super::views::list(page, |w| w.id.clone(), |w| worker_view(w, stale_before))))
 }
 
 /// `revoked`, `left` (exited on its own), `stale` (no heartbeat within a lease), `draining` or
@@ -128,4 +165,83 @@ fn worker_view(w: &Worker, stale_before: lathe_store::time::OffsetDateTime) -> V
         "registered_at": w.registered_at.unix_timestamp(),
         "last_heartbeat_at": w.last_heartbeat_at.unix_timestamp(),
     })
+}
+
+/// `GET /v1/admin/projects/{project}/shares`: what an admin set for the project (its weight and
+/// quota for every pool, `"*"`, and per pool), as `lathe admin set-project` prints it.
+pub async fn project_shares(_: Admin, State(state): State<AppState>, Path(project): Path<String>) -> ApiResult<Json<Value>> {
+    let found = project_named(&state, &project).await?;
+    shares_view(&state, &found).await
+}
+
+/// `POST /v1/admin/projects/{project}/shares` with `{"weight"?: W, "max_gpus"?: N | null,
+/// "pool"?: P}`: sets the project's fair-share weight and GPU quota, in one pool or (without
+/// `pool`) every pool; `"max_gpus": null` removes the quota (docs/scheduling.md).
+pub async fn set_project_share(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(project): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Value>> {
+    let invalid = |param: &str, message: String| ApiError::invalid(Some(param), "invalid_value", message);
+    let body: Value =
+        serde_json::from_slice(&body).map_err(|e| ApiError::invalid(None, "invalid_json", format!("the body is not JSON: {e}")))?;
+    let Some(fields) = body.as_object() else {
+        return Err(ApiError::invalid(None, "invalid_value", "the body must be a JSON object"));
+    };
+    if let Some(unknown) = fields.keys().find(|k| !["weight", "max_gpus", "pool"].contains(&k.as_str())) {
+        return Err(invalid(unknown, format!("{unknown}: unknown field (weight, max_gpus and pool are)")));
+    }
+    let weight = match fields.get("weight") {
+        None => None,
+        Some(w) => Some(
+            w.as_f64()
+                .ok_or_else(|| invalid("weight", format!("weight: must be a number, got {w}")))
+                .and_then(|w| lathe_core::fair_share::Share::check_weight(w).map_err(|e| invalid("weight", format!("weight: {e}"))))?,
+        ),
+    };
+    let max_gpus = match fields.get("max_gpus") {
+        None => None,
+        Some(Value::Null) => Some(None),
+        Some(n) => match n.as_u64() {
+            Some(n) if n <= 1024 => Some(Some(n as u32)),
+            _ => {
+                return Err(invalid("max_gpus", format!("max_gpus: must be a whole number from 0 to 1024, or null for no quota, got {n}")))
+            }
+        },
+    };
+    let in_pool = match fields.get("pool") {
+        None => lathe_store::dispatch::fair_share::ALL_POOLS.to_string(),
+        Some(Value::String(p)) => {
+            lathe_queue::Pool::parse(p).map_err(|e| invalid("pool", format!("pool: {e}")))?;
+            p.clone()
+        }
+        Some(other) => return Err(invalid("pool", format!("pool: must be a pool name, got {other}"))),
+    };
+    if weight.is_none() && max_gpus.is_none() {
+        return Err(ApiError::invalid(None, "invalid_value", "nothing to set: give weight, max_gpus or both"));
+    }
+    let found = project_named(&state, &project).await?;
+    lathe_store::dispatch::fair_share::set_project_share(&state.pool, &found.id, &in_pool, weight, max_gpus).await?;
+    tracing::info!(project = found.name, pool = in_pool, ?weight, ?max_gpus, "project share set");
+    shares_view(&state, &found).await
+}
+
+async fn project_named(state: &AppState, name: &str) -> ApiResult<lathe_store::projects::Project> {
+    match lathe_store::projects::get_project_by_name(&state.pool, name).await {
+        Ok(project) => Ok(project),
+        Err(lathe_store::StoreError::NotFound) => Err(ApiError::invalid(
+            Some("project"),
+            "project_not_found",
+            format!("project: no project named {name:?} (a project is made by its first API key)"),
+        )),
+        Err(other) => Err(other.into()),
+    }
+}
+
+async fn shares_view(state: &AppState, project: &lathe_store::projects::Project) -> ApiResult<Json<Value>> {
+    let rows = lathe_store::dispatch::fair_share::project_shares(&state.pool, &project.id).await?;
+    let data: Vec<Value> =
+        rows.iter().map(|(pool, weight, max_gpus)| json!({"pool": pool, "weight": weight, "max_gpus": max_gpus})).collect();
+    Ok(Json(json!({"object": "list", "project": project.name, "data": data})))
 }

@@ -82,6 +82,7 @@ pub fn router(state: AppState) -> Router {
         .route("/models/{*id}", get(models::retrieve))
         .route("/admin/demand", get(admin::demand))
         .route("/admin/workers", get(admin::workers))
+        .route("/admin/projects/{project}/shares", get(admin::project_shares).post(admin::set_project_share))
         .route("/openapi.json", get(|| async { axum::Json(openapi::document()) }))
         .fallback(not_found);
     Router::new()

@@ -174,8 +174,22 @@ fn paths() -> Value {
                 ok("#/components/schemas/PoolDemandList"), ADMIN),
         },
         "/v1/admin/workers": {
-            "get": operation("listWorkers", "Every worker, its state and placement (admin token)", json!([]), None,
-                ok("#/components/schemas/WorkerList"), ADMIN),
+            "get": operation("listWorkers", "Workers in registration order, their state and placement, a page at a time (admin token)",
+                json!([
+                    {"name": "state", "in": "query", "required": false, "description": "Comma-separated: live, draining, stale, left, revoked",
+                     "schema": {"type": "string", "maxLength": 64}},
+                    {"name": "after", "in": "query", "required": false, "schema": {"type": "string", "maxLength": 64}},
+                    {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                ]), None, ok("#/components/schemas/WorkerList"), ADMIN),
+        },
+        "/v1/admin/projects/{project}/shares": {
+            "get": operation("projectShares", "A project's fair-share weight and GPU quota, for every pool and per pool (admin token)",
+                json!([{"name": "project", "in": "path", "required": true, "schema": {"type": "string", "maxLength": 256}}]), None,
+                ok("#/components/schemas/ProjectShares"), ADMIN),
+            "post": operation("setProjectShare", "Sets a project's fair-share weight and GPU quota, in one pool or every pool (admin token)",
+                json!([{"name": "project", "in": "path", "required": true, "schema": {"type": "string", "maxLength": 256}}]),
+                Some(json!({"required": true, "content": json_of("#/components/schemas/SetProjectShare")})),
+                ok("#/components/schemas/ProjectShares"), ADMIN),
         },
         "/healthz": {"get": {"operationId": "healthz", "security": [], "responses": {"200": {"description": "Alive"}}}},
     })
@@ -281,7 +295,10 @@ fn admin_schemas() -> Value {
             "running_evaluations": {"type": "integer"}, "gpu_memory_gb_asked": {"type": "integer"},
             "gpus_asked": {"type": "integer"}, "nodes_asked": {"type": "integer"}, "oldest_queued_seconds": {"type": "integer"},
             "workers": {"type": "integer"},
-            "draining_workers": {"type": "integer"}}},
+            "draining_workers": {"type": "integer"},
+            "shapes": {"type": "array", "description": "Queued and running work by shape (GPUs per node, nodes)",
+                "items": {"type": "object", "required": ["gpus", "nodes", "queued", "running"], "properties": {
+                    "gpus": {"type": "integer"}, "nodes": {"type": "integer"}, "queued": {"type": "integer"}, "running": {"type": "integer"}}}}}},
         "PoolDemandList": {"type": "object", "required": ["object", "data"], "properties": {
             "object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": "#/components/schemas/PoolDemand"}}}},
         "Worker": {"type": "object", "required": ["object", "id", "name", "state", "pools"], "properties": {
@@ -292,8 +309,17 @@ fn admin_schemas() -> Value {
             "nodes": {"type": "integer"}, "serving": {"type": "boolean"}, "version": {"type": "string"},
             "fleet_id": nullable("string"), "slurm_job_id": nullable("string"), "pod_name": nullable("string"),
             "registered_at": {"type": "integer"}, "last_heartbeat_at": {"type": "integer"}}},
-        "WorkerList": {"type": "object", "required": ["object", "data"], "properties": {
-            "object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": "#/components/schemas/Worker"}}}},
+        "SetProjectShare": {"type": "object", "additionalProperties": false, "properties": {
+            "weight": {"type": "number", "exclusiveMinimum": 0, "maximum": 1000000},
+            "max_gpus": {"type": ["integer", "null"], "minimum": 0, "maximum": 1024},
+            "pool": {"type": "string", "maxLength": 64}}},
+        "ProjectShares": {"type": "object", "required": ["object", "project", "data"], "properties": {
+            "object": {"const": "list"}, "project": {"type": "string"},
+            "data": {"type": "array", "items": {"type": "object", "required": ["pool"], "properties": {
+                "pool": {"type": "string"}, "weight": nullable("number"), "max_gpus": nullable("integer")}}}}},
+        "WorkerList": {"type": "object", "required": ["object", "data", "has_more"], "properties": {
+            "object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": "#/components/schemas/Worker"}},
+            "has_more": {"type": "boolean"}, "first_id": nullable("string"), "last_id": nullable("string")}},
     })
 }
 

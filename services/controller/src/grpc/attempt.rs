@@ -1,11 +1,11 @@
 //! One attempt's bidirectional stream. Up: metric batches, log events, checkpoint commits and
 //! the attempt's end, each written to Postgres fenced by the attempt number and acked by `seq`
-//! once durable. Down: `Cancel` and `Pause` when the user asks (seen by polling the job row, so
-//! it works whichever controller replica took the request), `LeaseLost` when the attempt no
-//! longer holds the job.
+//! once durable. Down: `Cancel` and `Pause` when the user asks, `Preempt` when the reconciler
+//! does (seen in the job row, read for every stream of this replica at once by
+//! [`super::control`], so it works whichever replica took the request), `LeaseLost` when the
+//! attempt no longer holds the job.
 
 use std::path::Path;
-use std::time::Duration;
 
 use lathe_core::{fine_tuned_model_name, JobStatus};
 use lathe_proto::v1::controller_message::Body as Down;
@@ -28,13 +28,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 use tracing::Instrument;
 
+use super::control::Observed;
 use super::status;
 use super::wire::{self, Refused};
 use crate::result_file::results_csv;
 use crate::AppState;
-
-/// How often the stream looks at the job row for a cancel, a pause or a lost lease.
-const CONTROL_POLL: Duration = Duration::from_millis(500);
 
 /// Events of one worker message are keyed (attempt, seq << 10 | index): a batch of up to 1024
 /// metric points becomes as many `metrics` events, and a resend maps to the same keys.
@@ -79,8 +77,9 @@ pub(super) async fn open(
     // Every log line about this attempt carries the job, the attempt and the worker.
     let span = tracing::info_span!("attempt", job_id = %hello.job_id, attempt, worker_id = %worker_id);
     let revoked = state.revocations.watch(&worker_id);
+    let control = state.attempt_controls.watch(&hello.job_id, attempt);
     let attempt = Attempt { state, job, attempt };
-    tokio::spawn(attempt.serve(inbound, tx, revoked).instrument(span));
+    tokio::spawn(attempt.serve(inbound, tx, revoked, control).instrument(span));
     Ok(ReceiverStream::new(rx))
 }
 
@@ -102,8 +101,8 @@ impl Attempt {
         mut inbound: Streaming<WorkerMessage>,
         tx: mpsc::Sender<Result<ControllerMessage, Status>>,
         mut revoked: super::revocation::Watch,
+        mut control: super::control::Watch,
     ) {
-        let mut poll = tokio::time::interval(CONTROL_POLL);
         let (mut cancel_sent, mut pause_sent, mut preempt_sent) = (false, false, false);
         loop {
             tokio::select! {
@@ -167,9 +166,10 @@ impl Attempt {
                         }
                     }
                 }
-                _ = poll.tick() => {
-                    match lathe_store::jobs::attempt_control(&self.state.pool, self.job_id(), self.attempt).await {
-                        Ok(Some(AttemptControl { status: JobStatus::Running, pause, preempt_for })) => {
+                observed = control.changed() => {
+                    let Observed::Control(row) = observed else { continue };
+                    match row {
+                        Some(AttemptControl { status: JobStatus::Running, pause, preempt_for }) => {
                             if pause && !pause_sent {
                                 pause_sent = true;
                                 let _ = tx.send(Ok(down(Down::Pause(Pause {})))).await;
@@ -179,17 +179,16 @@ impl Attempt {
                                 let _ = tx.send(Ok(down(Down::Preempt(Preempt { for_job_id })))).await;
                             }
                         }
-                        Ok(Some(AttemptControl { status: JobStatus::Cancelled, .. })) => {
+                        Some(AttemptControl { status: JobStatus::Cancelled, .. }) => {
                             if !cancel_sent {
                                 cancel_sent = true;
                                 let _ = tx.send(Ok(down(Down::Cancel(Cancel { reason: "cancelled by the user".into() })))).await;
                             }
                         }
-                        Ok(_) => {
+                        _ => {
                             let _ = tx.send(Ok(lease_lost("the job moved on without this attempt"))).await;
                             break;
                         }
-                        Err(_) => {} // Postgres blinked: look again next tick.
                     }
                 }
             }

@@ -9,6 +9,7 @@
 
 mod attempt;
 pub mod caller;
+pub mod control;
 mod evaluation;
 pub mod listener;
 pub mod revocation;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use lathe_core::fair_share::{Candidate, ProjectLoad, ProjectState, Projects, Share};
 use sqlx::types::time::OffsetDateTime;
-use sqlx::{Postgres, Transaction};
+use sqlx::{PgPool, Postgres, Transaction};
 
 use super::lease::Work;
 use crate::StoreError;
@@ -112,38 +112,145 @@ pub(crate) async fn project_states(
     Ok(states)
 }
 
+/// The fold's half-life and cut, with one (pool, project)'s folded use decayed to now.
+type FoldedRow = (f64, OffsetDateTime, Option<String>, Option<String>, Option<f64>);
+
 /// Running GPUs and recent GPUs (decayed GPU-seconds over the half-life, as
-/// [`lathe_core::fair_share::recent_gpus`] computes them) per (pool, project), from the
-/// attempts that are live or ended within [`HALF_LIVES_KEPT`] half-lives.
+/// [`lathe_core::fair_share::recent_gpus`] computes them) per (pool, project). With a fold
+/// ([`fold_usage`]) for this half-life: the folded sum decayed to now, plus the attempts live or
+/// ended since the fold — a few hundred rows however long the history. Without one: every
+/// attempt live or ended within [`HALF_LIVES_KEPT`] half-lives.
 async fn loads(
     tx: &mut Transaction<'_, Postgres>,
     pools: &[String],
     projects: &[String],
     half_life: Duration,
 ) -> Result<HashMap<(String, String), ProjectLoad>, StoreError> {
-    let rows: Vec<(String, String, i64, f64)> = sqlx::query_as(
-        "SELECT j.pool, j.project_id,
-                coalesce(sum(j.gpus) FILTER (WHERE a.ended_at IS NULL), 0)::bigint,
-                coalesce(sum(j.gpus * (
-                    power(2::float8, -least(extract(epoch FROM now() - coalesce(a.ended_at, now()))::float8 / $3, 1000))
-                  - power(2::float8, -least(extract(epoch FROM now() - a.started_at)::float8 / $3, 1000)))), 0)::float8 / ln(2)
-         FROM attempts a JOIN jobs j ON j.id = a.job_id
-         WHERE j.pool = ANY($1) AND j.project_id = ANY($2)
-           AND (a.ended_at IS NULL OR a.ended_at > now() - make_interval(secs => $3 * $4))
-         GROUP BY j.pool, j.project_id",
+    let h = half_life.as_secs_f64();
+    // The fold and its sums in one statement (one snapshot): a fold committing meanwhile cannot
+    // pair a new cut with old sums.
+    let folded: Vec<FoldedRow> = sqlx::query_as(
+        "SELECT f.half_life_seconds, f.as_of, u.pool, u.project_id,
+                u.decayed * power(2::float8, -least(extract(epoch FROM now() - f.as_of)::float8 / f.half_life_seconds, 1000)) / ln(2)
+         FROM usage_fold f LEFT JOIN project_usage u ON u.pool = ANY($1) AND u.project_id = ANY($2)",
     )
     .bind(pools)
     .bind(projects)
-    .bind(half_life.as_secs_f64())
-    .bind(HALF_LIVES_KEPT)
     .fetch_all(&mut **tx)
     .await?;
-    Ok(rows
+    let folded: Vec<_> = folded.into_iter().filter(|(folded_h, ..)| (folded_h - h).abs() < 1e-9).collect();
+    let fold_as_of = folded.first().map(|(_, as_of, ..)| *as_of);
+    // The attempts to sum one by one: live ones, and those ended after the fold (or within the
+    // kept half-lives when there is none). Two index scans, not one over an OR.
+    let since = match fold_as_of {
+        Some(as_of) => as_of,
+        None => OffsetDateTime::now_utc() - Duration::from_secs_f64(h * HALF_LIVES_KEPT),
+    };
+    let rows: Vec<(String, String, i64, f64)> = sqlx::query_as(&format!(
+        "SELECT j.pool, j.project_id,
+                coalesce(sum(j.gpus) FILTER (WHERE a.ended_at IS NULL), 0)::bigint,
+                coalesce(sum(j.gpus * ({contribution})), 0)::float8 / ln(2)
+         FROM (SELECT job_id, started_at, ended_at FROM attempts WHERE ended_at IS NULL
+               UNION ALL
+               SELECT job_id, started_at, ended_at FROM attempts WHERE ended_at > $3) a
+         JOIN jobs j ON j.id = a.job_id
+         WHERE j.pool = ANY($1) AND j.project_id = ANY($2)
+         GROUP BY j.pool, j.project_id",
+        contribution = decayed_contribution("now()", "$4")
+    ))
+    .bind(pools)
+    .bind(projects)
+    .bind(since)
+    .bind(h)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut loads: HashMap<(String, String), ProjectLoad> = rows
         .into_iter()
         .map(|(pool, project, running, recent)| {
             ((pool, project), ProjectLoad { running_gpus: u32::try_from(running).unwrap_or(u32::MAX), recent_gpus: recent.max(0.0) })
         })
-        .collect())
+        .collect();
+    for (_, _, pool, project, recent) in folded {
+        if let (Some(pool), Some(project), Some(recent)) = (pool, project, recent) {
+            loads.entry((pool, project)).or_default().recent_gpus += recent.max(0.0);
+        }
+    }
+    Ok(loads)
+}
+
+/// A project's load in a pool as a claim sees it now: for operators and tests.
+pub async fn project_load(pool: &PgPool, in_pool: &str, project_id: &str, half_life: Duration) -> Result<ProjectLoad, StoreError> {
+    let mut tx = pool.begin().await?;
+    let loads = loads(&mut tx, &[in_pool.to_string()], &[project_id.to_string()], half_life).await?;
+    tx.commit().await?;
+    Ok(loads.get(&(in_pool.to_string(), project_id.to_string())).copied().unwrap_or_default())
+}
+
+/// SQL for one attempt's decayed GPU-seconds per GPU at time `at` (not yet over ln 2): the
+/// integral of `2^(-age / h)` over its run, `a.started_at` to `a.ended_at` (or `at` while live).
+fn decayed_contribution(at: &str, h: &str) -> String {
+    format!(
+        "power(2::float8, -least(extract(epoch FROM {at} - coalesce(a.ended_at, {at}))::float8 / {h}, 1000))
+       - power(2::float8, -least(extract(epoch FROM {at} - a.started_at)::float8 / {h}, 1000))"
+    )
+}
+
+/// Attempts ending this recently are not folded yet: the transaction that ended one may still
+/// be committing when the fold reads.
+const FOLD_MARGIN: Duration = Duration::from_secs(30);
+
+/// Folds the attempts that ended since the last fold (and at least [`FOLD_MARGIN`] ago) into
+/// each (pool, project)'s decayed use, so that claims sum only what is live or recent. Run by
+/// the reconciler's leader every pass; a half-life other than the folded one starts over from
+/// the attempts of the kept half-lives. Exact: decaying the folded sum from the fold to now is
+/// decaying each of its attempts. Returns how many (pool, project) sums took new attempts in.
+pub async fn fold_usage(pool: &PgPool, half_life: Duration) -> Result<u64, StoreError> {
+    let h = half_life.as_secs_f64();
+    let mut tx = pool.begin().await?;
+    let fold: Option<(f64, OffsetDateTime)> =
+        sqlx::query_as("SELECT half_life_seconds, as_of FROM usage_fold FOR UPDATE").fetch_optional(&mut *tx).await?;
+    let cut = OffsetDateTime::now_utc() - FOLD_MARGIN;
+    let (from, keep) = match fold {
+        Some((folded_h, as_of)) if (folded_h - h).abs() < 1e-9 => {
+            if cut <= as_of {
+                return Ok(0);
+            }
+            // Everything folded so far, decayed to the new cut.
+            sqlx::query("UPDATE project_usage SET decayed = decayed * power(2::float8, -least($1, 1000))")
+                .bind((cut - as_of).as_seconds_f64() / h)
+                .execute(&mut *tx)
+                .await?;
+            (as_of, true)
+        }
+        _ => (cut - Duration::from_secs_f64(h * HALF_LIVES_KEPT), false),
+    };
+    if !keep {
+        sqlx::query("DELETE FROM project_usage").execute(&mut *tx).await?;
+    }
+    let folded = sqlx::query(&format!(
+        "INSERT INTO project_usage (pool, project_id, decayed)
+         SELECT j.pool, j.project_id, sum(j.gpus * ({contribution}))
+         FROM attempts a JOIN jobs j ON j.id = a.job_id
+         WHERE a.ended_at > $1 AND a.ended_at <= $2
+         GROUP BY j.pool, j.project_id
+         ON CONFLICT (pool, project_id) DO UPDATE SET decayed = project_usage.decayed + excluded.decayed",
+        contribution = decayed_contribution("$2::timestamptz", "$3")
+    ))
+    .bind(from)
+    .bind(cut)
+    .bind(h)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO usage_fold (id, half_life_seconds, as_of) VALUES (true, $1, $2)
+         ON CONFLICT (id) DO UPDATE SET half_life_seconds = $1, as_of = $2",
+    )
+    .bind(h)
+    .bind(cut)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(folded.rows_affected())
 }
 
 /// Serialises claims of `candidate`'s project in its pool until the transaction ends, then

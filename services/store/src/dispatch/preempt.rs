@@ -58,9 +58,9 @@ fn offer(pools: Vec<String>, gpus: i32, nodes: i32, gpu_memory_bytes: Option<i64
 /// (heartbeat within `live_within`, asked for work within it, holding nothing).
 pub async fn preemption_inputs(pool: &PgPool, live_within: Duration) -> Result<(Vec<Queued>, Vec<Running>, Vec<Offer>), StoreError> {
     let queued: Vec<QueuedRow> = sqlx::query_as(
-        "SELECT q.id, q.priority, q.pool, q.gpus, q.nodes, q.gpu_memory_gb FROM jobs q
-         WHERE q.status = 'queued' AND (q.next_attempt_at IS NULL OR q.next_attempt_at <= now())
-           AND EXISTS (SELECT 1 FROM jobs r WHERE r.status = 'running' AND r.pool = q.pool AND r.priority < q.priority)
+        "WITH lowest AS (SELECT pool, min(priority) AS priority FROM jobs WHERE status = 'running' GROUP BY pool)
+         SELECT q.id, q.priority, q.pool, q.gpus, q.nodes, q.gpu_memory_gb FROM jobs q JOIN lowest l ON l.pool = q.pool
+         WHERE q.status = 'queued' AND q.priority > l.priority AND (q.next_attempt_at IS NULL OR q.next_attempt_at <= now())
          ORDER BY q.priority DESC, q.created_at, q.id
          LIMIT $1",
     )

@@ -127,3 +127,67 @@ async fn a_claim_takes_the_next_job_when_a_concurrent_claim_holds_the_head() {
     other.rollback().await.unwrap();
     assert_eq!(claim_next(&db.pool, &w1).await.expect("the head, once free").job_id.as_str(), ids[0]);
 }
+
+/// Moves a finished attempt `hours` into the past.
+async fn shift_back(pool: &PgPool, claim: &Claim, hours: f64) {
+    sqlx::query(
+        "UPDATE attempts SET started_at = started_at - make_interval(secs => $3), ended_at = ended_at - make_interval(secs => $3)
+         WHERE job_id = $1 AND number = $2",
+    )
+    .bind(claim.job_id.as_str())
+    .bind(claim.attempt)
+    .bind(hours * 3600.0)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn folded_recent_use_is_the_same_as_summing_every_attempt() {
+    use lathe_core::fair_share::recent_gpus;
+    use lathe_store::dispatch::fair_share::{fold_usage, project_load};
+    let db = TestDb::new().await;
+    let a = project(&db.pool, "team-fold").await;
+    queue(&db.pool, &a, 3, json!({})).await;
+    let w = worker(&db.pool, "fold-worker").await;
+    // Ten minutes two hours ago, twenty minutes half an hour ago, one minute just now.
+    let runs = [(600.0, 2.0), (1200.0, 0.5), (60.0, 0.0)];
+    for (seconds, hours_ago) in runs {
+        let claim = claim_next(&db.pool, &w).await.expect("a job");
+        run_for(&db.pool, &claim, seconds).await;
+        if hours_ago > 0.0 {
+            shift_back(&db.pool, &claim, hours_ago).await;
+        }
+    }
+    let expected = |h: f64| -> f64 { runs.iter().map(|(s, ago)| recent_gpus(1, ago * 3600.0 + s, ago * 3600.0, h)).sum() };
+    let close = |got: f64, want: f64| (got - want).abs() <= 1e-3 * want;
+    let (hour, ten_minutes) = (Duration::from_secs(3600), Duration::from_secs(600));
+
+    let summed = project_load(&db.pool, "default", &a, hour).await.unwrap();
+    assert!(close(summed.recent_gpus, expected(3600.0)), "{summed:?} vs {}", expected(3600.0));
+    assert_eq!(summed.running_gpus, 0);
+    // The two old attempts are folded; the one that just ended is within the margin and is not.
+    assert_eq!(fold_usage(&db.pool, hour).await.unwrap(), 1, "one (pool, project) sum took attempts in");
+    let folded = project_load(&db.pool, "default", &a, hour).await.unwrap();
+    assert!(close(folded.recent_gpus, expected(3600.0)), "after the fold: {folded:?} vs {}", expected(3600.0));
+    assert!(close(folded.recent_gpus, summed.recent_gpus));
+    // A running attempt counts as running, and its time so far as recent.
+    queue(&db.pool, &a, 1, json!({})).await;
+    let live = claim_next(&db.pool, &w).await.expect("a job");
+    assert_eq!(project_load(&db.pool, "default", &a, hour).await.unwrap().running_gpus, 1);
+    finish_attempt(
+        &db.pool,
+        live.job_id.as_str(),
+        live.attempt,
+        AttemptOutcome::Succeeded { fine_tuned_model: "ft:x".into(), result_files: vec![], trained_tokens: None },
+        &RetryPolicy::default(),
+    )
+    .await
+    .unwrap();
+    // Another half-life: the fold starts over with it, and a claim with the old one sums again.
+    fold_usage(&db.pool, ten_minutes).await.unwrap();
+    let short = project_load(&db.pool, "default", &a, ten_minutes).await.unwrap();
+    assert!(close(short.recent_gpus, expected(600.0)), "{short:?} vs {}", expected(600.0));
+    let long = project_load(&db.pool, "default", &a, hour).await.unwrap();
+    assert!(close(long.recent_gpus, expected(3600.0)), "{long:?} vs {}", expected(3600.0));
+}

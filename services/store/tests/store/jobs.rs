@@ -270,6 +270,7 @@ async fn demand_per_pool_counts_queued_and_running_jobs_and_live_workers() {
             gpus_asked: 2,
             nodes_asked: 2,
             workers: 1,
+            shapes: vec![lathe_store::demand::Shape { gpus: 1, nodes: 1, queued: 1, running: 1 }],
             ..PoolDemand::empty("a100")
         }
     );
