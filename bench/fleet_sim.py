@@ -380,12 +380,23 @@ def main():
                 f"WHERE a.number = 1 AND j.id IN ({id_list})")]
 
         reconciler = {}
+        steps: dict[str, list[float]] = {}
         points_ingested = 0.0
         for proc, p, _ in run.controllers:
             text = http_get(p, "/metrics")[1].decode()
-            h = histogram_from_metrics(text, "lathe_reconciler_pass_seconds")
-            reconciler[p] = {"passes": h["count"], "mean_ms": round(h["sum"] / h["count"] * 1000, 1) if h["count"] else None,
-                             "p99_bucket_ms": (bucket_quantile(h, 0.99) or 0) * 1000}
+            passes = {}
+            for role in ("leader", "follower"):
+                h = histogram_from_metrics("\n".join(l for l in text.splitlines() if f'role="{role}"' in l), "lathe_reconciler_pass_seconds")
+                if h["count"]:
+                    passes[role] = {"passes": h["count"], "mean_ms": round(h["sum"] / h["count"] * 1000, 1),
+                                    "p99_bucket_ms": (bucket_quantile(h, 0.99) or 0) * 1000}
+            reconciler[p] = passes
+            # The leader's steps, summed over both replicas (leadership can move).
+            for step in set(re.findall(r'lathe_reconciler_step_seconds_count\{step="([^"]+)"\}', text)):
+                h = histogram_from_metrics("\n".join(l for l in text.splitlines() if f'step="{step}"' in l), "lathe_reconciler_step_seconds")
+                total = steps.setdefault(step, [0.0, 0.0])
+                total[0] += h["sum"]
+                total[1] += h["count"]
             points_ingested += sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("lathe_metric_points_ingested_total"))
         cpu = {p: round(proc_cpu_seconds(proc.pid) - cpu_before[p], 1) for proc, p, _ in run.controllers}
         sim.send_signal(signal.SIGTERM)
@@ -440,6 +451,7 @@ def main():
             "heartbeat_rpc_ms": sim_report["heartbeat_rpc_ms"],
             "metric_points_per_second": round(points_ingested / float(backlog_seconds), 1),
             "reconciler_pass": reconciler,
+            "reconciler_step_mean_ms": {k: round(v[0] / v[1] * 1000, 1) for k, v in sorted(steps.items()) if v[1]},
             "postgres_connections_max": sampler.max_connections,
             "controller_cpu_seconds": cpu,
             "controller_rss_max_mb": {p: round(b / 2**20, 1) for p, b in sampler.max_rss.items()},
@@ -469,7 +481,9 @@ def print_table(r: dict):
         ("claim RPC p50/p99", f"{r['claim_rpc_ms'].get('p50')} / {r['claim_rpc_ms'].get('p99')} ms"),
         ("heartbeat RPC p50/p99", f"{r['heartbeat_rpc_ms'].get('p50')} / {r['heartbeat_rpc_ms'].get('p99')} ms"),
         ("metric points ingested", f"{r['metric_points_per_second']} /s"),
-        ("reconciler pass mean (per replica)", ", ".join(f"{v['mean_ms']} ms" for v in r["reconciler_pass"].values())),
+        ("reconciler pass mean, leader / follower", ", ".join(
+            "/".join(f"{v[role]['mean_ms']} ms" if role in v else "-" for role in ("leader", "follower")) for v in r["reconciler_pass"].values())),
+        ("leader's steps, mean ms", ", ".join(f"{k} {v}" for k, v in r["reconciler_step_mean_ms"].items())),
         ("Postgres connections (max)", r["postgres_connections_max"]),
         ("controller CPU s / max RSS MB", ", ".join(f"{c} s / {m} MB" for c, m in zip(r["controller_cpu_seconds"].values(), r["controller_rss_max_mb"].values()))),
         ("preemptions", r["preemptions"]),

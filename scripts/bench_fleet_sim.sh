@@ -52,7 +52,7 @@ for r in rows:
     print(f"  {r['workers']:<6} {r['jobs']:<7} {r['jobs_lost']:<5} {r['jobs_finished_twice']:<6} "
           f"{i.get('p50')}/{i.get('p99'):<14} {r['backlog_free_worker_refill_ms'].get('p99'):<14} {r['claim_rpc_ms'].get('p99'):<13} "
           f"{r['heartbeat_rpc_ms'].get('p99'):<17} {r['metric_points_per_second']:<9} "
-          f"{'/'.join(str(v['mean_ms']) for v in r['reconciler_pass'].values()):<19} "
+          f"{'/'.join(str(v.get('leader', {}).get('mean_ms', '-')) for v in r['reconciler_pass'].values()):<19} "
           f"{'+'.join(str(c) for c in r['controller_cpu_seconds'].values()):<11} {r['postgres_connections_max']:<9} {r['shares_worst_off_by']}")
 Path(sys.argv[1], "series.json").write_text(json.dumps(rows, indent=2))
 EOF
