@@ -204,3 +204,67 @@ def test_a_qlora_job_trains_on_a_4bit_base_and_its_adapter_loads_in_peft(service
         before = base(input_ids=ids).logits
         after = PeftModel.from_pretrained(base, adapter_dir).eval()(input_ids=ids).logits
     assert (after - before).abs().max().item() > 1e-3, "the QLoRA adapter changes nothing"
+
+
+def test_a_deleted_fine_tuned_model_is_gone_and_a_base_model_cannot_be_deleted(client, training_file_id):
+    import openai
+    job = wait_for_status(client, create_job(client, training_file_id, seed=31, suffix="gone").id, "succeeded", timeout=180)
+    model = job.fine_tuned_model
+    assert model in {m.id for m in client.models.list()}
+
+    deleted = client.models.delete(model)
+    assert (deleted.id, deleted.object, deleted.deleted) == (model, "model", True)
+    assert model not in {m.id for m in client.models.list()}
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve(model)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    with pytest.raises(openai.NotFoundError):
+        client.models.delete(model)
+    # The job keeps its history and still names the model it made, as OpenAI's do.
+    assert client.fine_tuning.jobs.retrieve(job.id).fine_tuned_model == model
+
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        client.models.delete(MODEL)
+    assert refused.value.body["code"] == "model_not_deletable", refused.value.body
+    assert MODEL in {m.id for m in client.models.list()}
+
+
+def test_files_list_takes_openais_limit_order_after_and_purpose(client, train_file):
+    import openai
+    ids = []
+    for _ in range(3):
+        with open(train_file, "rb") as f:
+            ids.append(client.files.create(file=f, purpose="fine-tune").id)
+    newest_first = [f.id for f in client.files.list(purpose="fine-tune", limit=10000).data]
+    assert [i for i in newest_first if i in ids] == ids[::-1], newest_first
+    oldest_first = [f.id for f in client.files.list(purpose="fine-tune", order="asc", limit=10000).data]
+    assert [i for i in oldest_first if i in ids] == ids, oldest_first
+    assert oldest_first == newest_first[::-1]
+    # Pages in ascending order, two at a time, end where they began.
+    first = client.files.list(purpose="fine-tune", order="asc", limit=2)
+    assert [f.id for f in first.data] == oldest_first[:2] and first.has_more
+    second = client.files.list(purpose="fine-tune", order="asc", limit=2, after=first.data[-1].id)
+    assert [f.id for f in second.data] == oldest_first[2:4]
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.files.list(order="sideways")
+    assert bad.value.body["param"] == "order", bad.value.body
+
+
+def test_jobs_list_keeps_only_the_jobs_with_the_metadata_asked_for(client, training_file_id):
+    tag = f"run-{time.time_ns()}"
+    red = [create_job(client, training_file_id, pool=PARKED_POOL, extra={"metadata": {"sweep": tag, "team": "red"}}) for _ in range(2)]
+    blue = create_job(client, training_file_id, pool=PARKED_POOL, extra={"metadata": {"sweep": tag, "team": "blue"}})
+    try:
+        listed = lambda metadata: [j.id for j in client.fine_tuning.jobs.list(metadata=metadata, limit=100).data]  # noqa: E731
+        assert listed({"sweep": tag, "team": "red"}) == [j.id for j in reversed(red)]
+        assert listed({"sweep": tag}) == [blue.id, *(j.id for j in reversed(red))]
+        assert listed({"sweep": tag, "team": "green"}) == []
+        # Pages of a filtered list follow the filter.
+        page = client.fine_tuning.jobs.list(metadata={"sweep": tag}, limit=1)
+        assert [j.id for j in page.data] == [blue.id] and page.has_more
+        rest = client.fine_tuning.jobs.list(metadata={"sweep": tag}, limit=10, after=blue.id)
+        assert [j.id for j in rest.data] == [j.id for j in reversed(red)]
+    finally:
+        for job in (*red, blue):
+            client.fine_tuning.jobs.cancel(job.id)

@@ -1,7 +1,8 @@
 """Priority preemption as users see it: an urgent job takes the only worker from a running
 low-priority one, which checkpoints, goes back to the queue without spending a retry, resumes
 and ends with the very losses of a run nobody disturbed; no preemption before the minimum run
-time; `--preemption off` turns it off."""
+time; `--preemption off` turns it off; a preemption asked for before a controller restart is
+carried out after it."""
 
 from __future__ import annotations
 
@@ -110,3 +111,36 @@ def test_no_preemption_before_the_minimum_run_time_and_none_when_off(preempting)
     assert client.fine_tuning.jobs.retrieve(urgent.id).status == "queued"
     for job in (busy, urgent):
         client.fine_tuning.jobs.cancel(job.id)
+
+
+def test_a_preemption_asked_for_before_a_controller_restart_is_carried_out_after_it(preempting):
+    service, key, client, file_id = preempting
+    # A controller that never preempts by itself (an hour of minimum run time): the request is
+    # the one the previous controller kept on the job row before it went down.
+    service.controller.stop()
+    service.start_controller(extra_args=(*SUITE_LIMITS, "--preempt-after-seconds", "3600"))
+    reference = create_job(client, file_id, n_epochs=50, batch_size=2, seed=96)
+    wait_for_status(client, reference.id, "succeeded")
+    straight = metrics_curve(service, key, reference.id)
+
+    low = create_job(client, file_id, n_epochs=50, batch_size=2, seed=96)
+    wait_for_step(service, client, key, low.id, 1)
+    urgent = create_job(client, file_id, seed=97, extra={"priority": 100})
+    # What a controller records when it preempts, then dies (kill -9) before the worker hears of
+    # it. The worker trains on meanwhile, buffering its reports; the next controller is up well
+    # within the worker's lease.
+    service.controller.kill()
+    service.psql(f"UPDATE jobs SET preempt_requested_at = now(), preempted_for = '{urgent.id}' WHERE id = '{low.id}'")
+    service.start_controller(extra_args=(*SUITE_LIMITS, "--preempt-after-seconds", "3600"))
+
+    wait_for_status(client, urgent.id, "succeeded", timeout=180)
+    wait_for_status(client, low.id, "succeeded", timeout=240)
+    attempts = service.attempts(low.id)
+    assert [(a["number"], a["outcome"]) for a in attempts] == [(1, "preempted"), (2, "succeeded")], attempts
+    assert service.job_column(low.id, "retries") == "0", "the hand-back was counted as a failed try"
+    service.assert_attempts_never_overlap(low.id)
+    curve = metrics_curve(service, key, low.id)
+    assert assert_complete_curve(curve, low.id) == assert_complete_curve(straight, reference.id)
+    for resumed, undisturbed in zip(curve, straight):
+        assert resumed["train_loss"] == pytest.approx(undisturbed["train_loss"], rel=LOSS_RTOL), (
+            f"step {resumed['step']}: preempted across a restart {resumed['train_loss']}, undisturbed {undisturbed['train_loss']}")

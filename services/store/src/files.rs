@@ -141,13 +141,15 @@ pub async fn list_files(
     purpose: Option<&str>,
     after: Option<&str>,
     limit: i64,
+    oldest_first: bool,
 ) -> Result<Page<StoredFile>, StoreError> {
+    let (direction, past) = if oldest_first { ("ASC", ">") } else { ("DESC", "<") };
     let rows = sqlx::query_as::<_, FileRow>(&format!(
         "SELECT {FILE_COLUMNS} FROM files
          WHERE project_id = $1 AND deleted_at IS NULL AND ($2::text IS NULL OR purpose = $2)
-           AND ($3::text IS NULL OR (created_at, id) <
+           AND ($3::text IS NULL OR (created_at, id) {past}
                 (SELECT created_at, id FROM files WHERE id = $3 AND project_id = $1))
-         ORDER BY created_at DESC, id DESC
+         ORDER BY created_at {direction}, id {direction}
          LIMIT $4"
     ))
     .bind(project_id)

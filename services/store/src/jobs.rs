@@ -228,18 +228,29 @@ pub(crate) async fn get_job_by_id(pool: &PgPool, job_id: &str) -> Result<Job, St
 }
 
 /// Newest first; `after` is the id of the last job of the previous page.
-pub async fn list_jobs(pool: &PgPool, project_id: &str, after: Option<&str>, limit: i64) -> Result<Page<Job>, StoreError> {
+/// One page of the project's jobs, newest first; with `metadata`, only the jobs whose metadata
+/// holds every one of its key-value pairs (OpenAI's `jobs.list(metadata=…)`).
+pub async fn list_jobs(
+    pool: &PgPool,
+    project_id: &str,
+    after: Option<&str>,
+    limit: i64,
+    metadata: Option<&std::collections::BTreeMap<String, String>>,
+) -> Result<Page<Job>, StoreError> {
+    let metadata = metadata.filter(|m| !m.is_empty()).map(|m| serde_json::json!(m));
     let rows = sqlx::query_as::<_, JobRow>(&format!(
         "SELECT {JOB_COLUMNS} FROM jobs
          WHERE project_id = $1
            AND ($2::text IS NULL OR (created_at, id) <
                 (SELECT created_at, id FROM jobs WHERE id = $2 AND project_id = $1))
+           AND ($4::jsonb IS NULL OR spec->'metadata' @> $4)
          ORDER BY created_at DESC, id DESC
          LIMIT $3"
     ))
     .bind(project_id)
     .bind(after)
     .bind(limit + 1)
+    .bind(metadata)
     .fetch_all(pool)
     .await?;
     let jobs = rows.into_iter().map(Job::try_from).collect::<Result<Vec<_>, _>>()?;
@@ -373,7 +384,7 @@ pub async fn count_by_status(pool: &PgPool) -> Result<Vec<(JobStatus, i64)>, Sto
 pub async fn list_fine_tuned_models(pool: &PgPool, project_id: &str) -> Result<Vec<(String, String, OffsetDateTime)>, StoreError> {
     let rows: Vec<(String, String, OffsetDateTime)> = sqlx::query_as(
         "SELECT fine_tuned_model, model, coalesce(finished_at, created_at) FROM jobs
-         WHERE project_id = $1 AND status = 'succeeded' AND fine_tuned_model IS NOT NULL
+         WHERE project_id = $1 AND status = 'succeeded' AND fine_tuned_model IS NOT NULL AND model_deleted_at IS NULL
          ORDER BY finished_at DESC, id DESC",
     )
     .bind(project_id)
@@ -436,10 +447,25 @@ pub struct AttemptControl {
     pub preempt_for: Option<String>,
 }
 
-/// The succeeded job of `project_id` that produced the fine-tuned model `name`.
+/// Deletes the fine-tuned model `name` of `project_id` (`DELETE /v1/models/…`): it is no longer
+/// listed or served; the job that made it keeps its history. False when there is no such model
+/// (never made, or deleted already).
+pub async fn delete_fine_tuned_model(pool: &PgPool, project_id: &str, name: &str) -> Result<bool, StoreError> {
+    let deleted = sqlx::query(
+        "UPDATE jobs SET model_deleted_at = now()
+         WHERE project_id = $1 AND fine_tuned_model = $2 AND status = 'succeeded' AND model_deleted_at IS NULL",
+    )
+    .bind(project_id)
+    .bind(name)
+    .execute(pool)
+    .await?;
+    Ok(deleted.rows_affected() > 0)
+}
+
+/// The succeeded job of `project_id` that produced the fine-tuned model `name` (not deleted).
 pub async fn find_by_fine_tuned_model(pool: &PgPool, project_id: &str, name: &str) -> Result<Option<Job>, StoreError> {
     sqlx::query_as::<_, JobRow>(&format!(
-        "SELECT {JOB_COLUMNS} FROM jobs WHERE project_id = $1 AND fine_tuned_model = $2 AND status = 'succeeded'"
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE project_id = $1 AND fine_tuned_model = $2 AND status = 'succeeded' AND model_deleted_at IS NULL"
     ))
     .bind(project_id)
     .bind(name)

@@ -23,7 +23,12 @@ pub struct ListQuery {
     pub purpose: Option<String>,
     pub after: Option<String>,
     pub limit: Option<i64>,
+    /// `desc` (newest first, the default) or `asc`, as OpenAI's files list.
+    pub order: Option<String>,
 }
+
+/// Most files one page of `GET /v1/files` holds, as OpenAI's.
+const MAX_FILES_PAGE: i64 = 10_000;
 
 pub fn page_limit(limit: Option<i64>) -> ApiResult<i64> {
     match limit.unwrap_or(20) {
@@ -230,10 +235,26 @@ fn multipart_error(error: multer::Error, limit: usize) -> ApiError {
 }
 
 pub async fn list(State(state): State<AppState>, project: Project, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
-    let limit = page_limit(q.limit.or(Some(100)))?;
+    let limit = match q.limit.unwrap_or(100) {
+        n @ 1..=MAX_FILES_PAGE => n,
+        n => {
+            return Err(ApiError::invalid(
+                Some("limit"),
+                "invalid_value",
+                format!("limit: must be between 1 and {MAX_FILES_PAGE}, got {n}"),
+            ))
+        }
+    };
+    let oldest_first = match q.order.as_deref() {
+        None | Some("desc") => false,
+        Some("asc") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(Some("order"), "invalid_value", format!("order: must be 'asc' or 'desc', got {other:?}")))
+        }
+    };
     let after = super::cursor(q.after.as_deref(), lathe_core::FileId::parse)?;
     let purpose = q.purpose.as_deref().filter(|p| !p.contains('\0'));
-    let page = files::list_files(&state.pool, &project.id, purpose, after.as_deref(), limit).await?;
+    let page = files::list_files(&state.pool, &project.id, purpose, after.as_deref(), limit, oldest_first).await?;
     Ok(Json(views::list(page, |f| f.id.as_str().to_string(), views::file)))
 }
 

@@ -220,10 +220,30 @@ pub struct ListQuery {
     pub limit: Option<i64>,
 }
 
-pub async fn list(State(state): State<AppState>, project: Project, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
+/// `GET /v1/fine_tuning/jobs[?after=&limit=&metadata[KEY]=VALUE…]`: the project's jobs, newest
+/// first; `metadata[…]` pairs (as the `openai` SDK sends `jobs.list(metadata={…})`) keep only
+/// the jobs whose metadata has every one of them.
+pub async fn list(
+    State(state): State<AppState>,
+    project: Project,
+    Query(q): Query<ListQuery>,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> ApiResult<Json<Value>> {
     let limit = page_limit(q.limit)?;
     let after = super::cursor(q.after.as_deref(), lathe_core::JobId::parse)?;
-    let page = jobs::list_jobs(&state.pool, &project.id, after.as_deref(), limit).await?;
+    let mut metadata = std::collections::BTreeMap::new();
+    for (name, value) in pairs {
+        let Some(key) = name.strip_prefix("metadata[").and_then(|k| k.strip_suffix(']')) else { continue };
+        if key.is_empty() || key.chars().count() > 64 || value.chars().count() > 512 {
+            return Err(ApiError::invalid(
+                Some("metadata"),
+                "invalid_value",
+                format!("metadata: keys are 1 to 64 characters and values at most 512, got {key:?}"),
+            ));
+        }
+        metadata.insert(key.to_string(), value);
+    }
+    let page = jobs::list_jobs(&state.pool, &project.id, after.as_deref(), limit, Some(&metadata)).await?;
     Ok(Json(views::list(page, |j| j.id.as_str().to_string(), views::job)))
 }
 

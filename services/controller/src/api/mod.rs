@@ -79,7 +79,7 @@ pub fn router(state: AppState) -> Router {
         .route("/chat/completions", post(completions::chat))
         .route("/completions", post(completions::text))
         .route("/models", get(models::list))
-        .route("/models/{*id}", get(models::retrieve))
+        .route("/models/{*id}", get(models::retrieve).delete(models::delete))
         .route("/admin/demand", get(admin::demand))
         .route("/admin/workers", get(admin::workers))
         .route("/admin/projects/{project}/shares", get(admin::project_shares).post(admin::set_project_share))

@@ -76,11 +76,12 @@ fn param(name: &str) -> Value {
 }
 
 fn paths() -> Value {
-    let page = || json!([param("After"), param("Limit")]);
     let json_body = |schema: &str| json!({"required": true, "content": json_of(schema)});
     json!({
         "/v1/files": {
-            "get": operation("listFiles", "List the project's files", json!([param("After"), param("Limit"),
+            "get": operation("listFiles", "List the project's files, newest first unless order=asc", json!([param("After"),
+                {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 10000}},
+                {"name": "order", "in": "query", "required": false, "schema": {"type": "string", "enum": ["asc", "desc"]}},
                 {"name": "purpose", "in": "query", "required": false, "schema": {"type": "string", "maxLength": 64}}]), None,
                 ok("#/components/schemas/FileList"), COMMON),
             "post": operation("uploadFile", "Upload a JSONL training file (multipart: file, purpose=fine-tune)", json!([]),
@@ -99,7 +100,11 @@ fn paths() -> Value {
                 json!({"description": "The bytes", "content": {"application/octet-stream": {"schema": {"type": "string"}}}}), COMMON),
         },
         "/v1/fine_tuning/jobs": {
-            "get": operation("listJobs", "List the project's jobs, newest first", page(), None, ok("#/components/schemas/JobList"), COMMON),
+            "get": operation("listJobs", "List the project's jobs, newest first (metadata[KEY]=VALUE keeps the jobs with those pairs)",
+                json!([param("After"), param("Limit"),
+                    {"name": "metadata", "in": "query", "required": false, "style": "deepObject", "explode": true,
+                     "schema": {"type": "object", "maxProperties": 16, "additionalProperties": {"type": "string", "maxLength": 512}}}]),
+                None, ok("#/components/schemas/JobList"), COMMON),
             "post": operation("createJob", "Create a fine-tuning job (Idempotency-Key honoured)",
                 json!([{"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string", "minLength": 1, "maxLength": 255}}]),
                 Some(json_body("#/components/schemas/CreateJob")), ok("#/components/schemas/Job"), &[400, 401, 404, 409, 415, 429, 503]),
@@ -167,6 +172,9 @@ fn paths() -> Value {
         "/v1/models/{model}": {
             "get": operation("retrieveModel", "A model", json!([{"name": "model", "in": "path", "required": true, "schema": {"type": "string", "maxLength": 256}}]),
                 None, ok("#/components/schemas/Model"), COMMON),
+            "delete": operation("deleteModel", "Deletes a fine-tuned model of the project (a base model: 403)",
+                json!([{"name": "model", "in": "path", "required": true, "schema": {"type": "string", "maxLength": 256}}]),
+                None, ok("#/components/schemas/DeletedModel"), &[400, 401, 403, 404, 429, 503]),
         },
         "/v1/admin/demand": {
             "get": operation("poolDemand", "Jobs and evaluations queued and running per pool, and live workers (admin token)",
@@ -309,6 +317,8 @@ fn admin_schemas() -> Value {
             "nodes": {"type": "integer"}, "serving": {"type": "boolean"}, "version": {"type": "string"},
             "fleet_id": nullable("string"), "slurm_job_id": nullable("string"), "pod_name": nullable("string"),
             "registered_at": {"type": "integer"}, "last_heartbeat_at": {"type": "integer"}}},
+        "DeletedModel": {"type": "object", "required": ["id", "object", "deleted"], "properties": {
+            "id": {"type": "string"}, "object": {"const": "model"}, "deleted": {"type": "boolean"}}},
         "SetProjectShare": {"type": "object", "additionalProperties": false, "properties": {
             "weight": {"type": "number", "exclusiveMinimum": 0, "maximum": 1000000},
             "max_gpus": {"type": ["integer", "null"], "minimum": 0, "maximum": 1024},

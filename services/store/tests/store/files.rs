@@ -27,15 +27,15 @@ async fn files_are_listed_newest_first_in_pages() {
     }
     ids.reverse();
 
-    let first = list_files(&db.pool, &project_id, None, None, 2).await.unwrap();
+    let first = list_files(&db.pool, &project_id, None, None, 2, false).await.unwrap();
     assert!(first.has_more);
     assert_eq!(first.items.iter().map(|f| f.id.clone()).collect::<Vec<_>>(), ids[..2]);
     let last_of_first = first.items[1].id.to_string();
-    let second = list_files(&db.pool, &project_id, None, Some(&last_of_first), 10).await.unwrap();
+    let second = list_files(&db.pool, &project_id, None, Some(&last_of_first), 10, false).await.unwrap();
     assert!(!second.has_more);
     assert_eq!(second.items.iter().map(|f| f.id.clone()).collect::<Vec<_>>(), ids[2..]);
 
-    let results = list_files(&db.pool, &project_id, Some(PURPOSE_FINE_TUNE_RESULTS), None, 10).await.unwrap();
+    let results = list_files(&db.pool, &project_id, Some(PURPOSE_FINE_TUNE_RESULTS), None, 10, false).await.unwrap();
     assert!(results.items.is_empty());
 }
 
@@ -47,7 +47,7 @@ async fn a_deleted_file_is_gone_from_get_list_and_a_second_delete() {
 
     delete_file(&db.pool, &project_id, &id).await.unwrap();
     assert!(matches!(get_file(&db.pool, &project_id, &id).await, Err(StoreError::NotFound)));
-    assert!(list_files(&db.pool, &project_id, None, None, 10).await.unwrap().items.is_empty());
+    assert!(list_files(&db.pool, &project_id, None, None, 10, false).await.unwrap().items.is_empty());
     assert!(matches!(delete_file(&db.pool, &project_id, &id).await, Err(StoreError::NotFound)));
 }
 
@@ -59,7 +59,7 @@ async fn project_b_cannot_get_list_or_delete_project_a_file() {
     let id = training_file(&db.pool, &project_a).await;
 
     assert!(matches!(get_file(&db.pool, &project_b, &id).await, Err(StoreError::NotFound)));
-    assert!(list_files(&db.pool, &project_b, None, None, 10).await.unwrap().items.is_empty());
+    assert!(list_files(&db.pool, &project_b, None, None, 10, false).await.unwrap().items.is_empty());
     assert!(matches!(delete_file(&db.pool, &project_b, &id).await, Err(StoreError::NotFound)));
     assert!(get_file(&db.pool, &project_a, &id).await.is_ok());
 }

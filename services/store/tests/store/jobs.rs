@@ -119,10 +119,10 @@ async fn jobs_are_listed_newest_first_with_has_more() {
     }
     ids.reverse();
 
-    let first = list_jobs(&db.pool, &project_id, None, 2).await.unwrap();
+    let first = list_jobs(&db.pool, &project_id, None, 2, None).await.unwrap();
     assert!(first.has_more);
     assert_eq!(first.items.iter().map(|j| j.id.clone()).collect::<Vec<_>>(), ids[..2]);
-    let second = list_jobs(&db.pool, &project_id, Some(first.items[1].id.as_str()), 2).await.unwrap();
+    let second = list_jobs(&db.pool, &project_id, Some(first.items[1].id.as_str()), 2, None).await.unwrap();
     assert!(!second.has_more);
     assert_eq!(second.items.iter().map(|j| j.id.clone()).collect::<Vec<_>>(), ids[2..]);
 }
@@ -134,7 +134,7 @@ async fn project_b_cannot_get_list_cancel_pause_or_resume_project_a_job() {
     let project_b = project(&db.pool, "b").await;
 
     assert!(matches!(get_job(&db.pool, &project_b, &as_job_id(&job_id)).await, Err(StoreError::NotFound)));
-    assert!(list_jobs(&db.pool, &project_b, None, 10).await.unwrap().items.is_empty());
+    assert!(list_jobs(&db.pool, &project_b, None, 10, None).await.unwrap().items.is_empty());
     assert!(matches!(cancel_job(&db.pool, &project_b, &as_job_id(&job_id)).await, Err(StoreError::NotFound)));
     assert!(matches!(pause_job(&db.pool, &project_b, &as_job_id(&job_id)).await, Err(StoreError::NotFound)));
     assert!(matches!(resume_job(&db.pool, &project_b, &as_job_id(&job_id)).await, Err(StoreError::NotFound)));
