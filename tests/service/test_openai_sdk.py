@@ -148,6 +148,28 @@ def test_native_metrics_endpoint_has_the_whole_curve(service, client, api_key, f
     assert tokens_seen == sorted(tokens_seen), "tokens_seen went backwards"
 
 
+def test_the_metrics_route_pages_with_after_and_limit(service, client, api_key, finished_job):
+    whole = metrics_curve(service, api_key, finished_job.id)
+    path = f"/fine_tuning/jobs/{finished_job.id}/metrics"  # under the client's base URL, /v1
+    pages, after = [], None
+    while True:
+        query = f"?limit=3{'' if after is None else f'&after={after}'}"
+        page = client.get(path + query, cast_to=object)
+        pages.append(page)
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    assert all(len(p["data"]) <= 3 for p in pages) and len(pages) == -(-len(whole) // 3), [len(p["data"]) for p in pages]
+    assert [p for page in pages for p in page["data"]] == whole
+    assert pages[0]["last_id"] == str(whole[2]["step"])
+    import openai
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.get(path + "?after=step-two", cast_to=object)
+    assert bad.value.body["param"] == "after", bad.value.body
+    with pytest.raises(openai.BadRequestError):
+        client.get(path + "?limit=0", cast_to=object)
+
+
 def test_models_lists_the_base_model_and_the_fine_tuned_one(client, finished_job):
     models = {m.id: m for m in client.models.list()}
     assert MODEL in models, f"{MODEL} missing from {sorted(models)}"

@@ -20,6 +20,31 @@ pub async fn list_metrics(pool: &PgPool, project_id: &str, job_id: &JobId) -> Re
     Ok(points)
 }
 
+/// A page of the loss curve: the points after step `after_step`, oldest first, at most `limit`
+/// (all of them without one).
+pub async fn list_metrics_page(
+    pool: &PgPool,
+    project_id: &str,
+    job_id: &JobId,
+    after_step: Option<i64>,
+    limit: Option<i64>,
+) -> Result<Page<MetricPoint>, StoreError> {
+    let job_id = job_id.as_str();
+    ensure_job_in_project(pool, project_id, job_id).await?;
+    let points = sqlx::query_as::<_, MetricPoint>(&format!(
+        "SELECT {METRIC_COLUMNS} FROM metrics WHERE job_id = $1 AND step > $2 ORDER BY step LIMIT $3"
+    ))
+    .bind(job_id)
+    .bind(after_step.unwrap_or(-1))
+    .bind(limit.map(|l| l + 1))
+    .fetch_all(pool)
+    .await?;
+    Ok(match limit {
+        Some(limit) => Page::from_overfetch(points, limit),
+        None => Page { items: points, has_more: false },
+    })
+}
+
 /// Newest first, as OpenAI lists job events; `after` is the last event of the previous page.
 pub async fn list_events(
     pool: &PgPool,

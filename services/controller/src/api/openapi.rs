@@ -130,7 +130,11 @@ fn paths() -> Value {
                 ok("#/components/schemas/CheckpointList"), COMMON),
         },
         "/v1/fine_tuning/jobs/{id}/metrics": {
-            "get": operation("listJobMetrics", "A job's loss curve, one point per step", json!([param("JobId")]), None,
+            "get": operation("listJobMetrics", "A job's loss curve, one point per step, oldest first (a page with after=STEP and limit)",
+                json!([param("JobId"),
+                    {"name": "after", "in": "query", "required": false, "schema": {"type": "string", "maxLength": 20},
+                     "description": "The last step of the previous page"},
+                    {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 100000}}]), None,
                 ok("#/components/schemas/MetricList"), COMMON),
         },
         "/v1/fine_tuning/jobs/{id}/evaluations": {
@@ -425,7 +429,8 @@ fn schemas() -> Value {
         "CheckpointList": list_of("Checkpoint"),
         "MetricPoint": {"type": "object", "required": ["step"], "properties": {"step": {"type": "integer"}}},
         "MetricList": {"type": "object", "required": ["object", "data"], "properties": {
-            "object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": "#/components/schemas/MetricPoint"}}}},
+            "object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": "#/components/schemas/MetricPoint"}},
+            "has_more": {"type": "boolean"}, "first_id": nullable("string"), "last_id": nullable("string")}},
         "CreateEvaluation": {
             "type": "object", "required": ["model", "benchmark"], "additionalProperties": false,
             "properties": {

@@ -10,9 +10,9 @@ use axum::Json;
 use futures_util::stream::{self, Stream};
 use lathe_core::EventId;
 use lathe_store::jobs::get_job;
-use lathe_store::progress::{events_after, list_checkpoints, list_events, list_metrics};
+use lathe_store::progress::{events_after, list_checkpoints, list_events, list_metrics_page};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::auth::Project;
 use super::error::{ApiError, ApiResult};
@@ -64,12 +64,39 @@ pub async fn checkpoints(
     Ok(Json(views::list(page, |c| c.id.as_str().to_string(), |c| views::checkpoint(c, &job))))
 }
 
-/// Native: every step of the loss curve, across attempts (a resumed attempt's steps replace
-/// the ones it replayed).
-pub async fn metrics(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+/// Most points one page of `/metrics` holds when a `limit` is given.
+const MAX_METRICS_PAGE: i64 = 100_000;
+
+/// Native: the loss curve, across attempts (a resumed attempt's steps replace the ones it
+/// replayed), oldest step first: all of it, or with `?after=STEP&limit=N` a page (`has_more`,
+/// and `last_id` is the last step, to pass as the next `after`).
+pub async fn metrics(
+    State(state): State<AppState>,
+    project: Project,
+    Path(id): Path<String>,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Json<Value>> {
     let job_id = super::job_id(&id)?;
-    let points = list_metrics(&state.pool, &project.id, &job_id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
-    Ok(Json(json!({"object": "list", "data": points.iter().map(views::metric_point).collect::<Vec<_>>()})))
+    let after =
+        match q.after.as_deref() {
+            None => None,
+            Some(text) => Some(text.parse::<i64>().ok().filter(|s| *s >= 0).ok_or_else(|| {
+                ApiError::invalid(Some("after"), "invalid_value", format!("after: a step number (0 or more), got {text:?}"))
+            })?),
+        };
+    let limit = match q.limit {
+        None => None,
+        Some(n @ 1..=MAX_METRICS_PAGE) => Some(n),
+        Some(n) => {
+            return Err(ApiError::invalid(
+                Some("limit"),
+                "invalid_value",
+                format!("limit: must be between 1 and {MAX_METRICS_PAGE}, got {n}"),
+            ))
+        }
+    };
+    let page = list_metrics_page(&state.pool, &project.id, &job_id, after, limit).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
+    Ok(Json(views::list(page, |p| p.step.to_string(), views::metric_point)))
 }
 
 const SSE_POLL: Duration = Duration::from_millis(500);
