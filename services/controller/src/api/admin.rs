@@ -99,16 +99,7 @@ const MAX_WORKERS_PAGE: i64 = 1000;
 /// order with their state and where a scheduler placed it, a page at a time (`has_more`,
 /// `last_id` as every list of the API).
 pub async fn workers(_: Admin, State(state): State<AppState>, Query(query): Query<WorkersQuery>) -> ApiResult<Json<Value>> {
-    let limit = match query.limit.unwrap_or(100) {
-        n @ 1..=MAX_WORKERS_PAGE => n,
-        n => {
-            return Err(ApiError::invalid(
-                Some("limit"),
-                "invalid_value",
-                format!("limit: must be between 1 and {MAX_WORKERS_PAGE}, got {n}"),
-            ))
-        }
-    };
+    let limit = super::files::limit_within(query.limit, 100, MAX_WORKERS_PAGE)?;
     let states: Vec<String> = query.state.as_deref().unwrap_or_default().split(',').filter(|s| !s.is_empty()).map(str::to_string).collect();
     if let Some(unknown) = states.iter().find(|s| !lathe_store::workers::WORKER_STATES.contains(&s.as_str())) {
         return Err(ApiError::invalid(

@@ -31,9 +31,14 @@ pub struct ListQuery {
 const MAX_FILES_PAGE: i64 = 10_000;
 
 pub fn page_limit(limit: Option<i64>) -> ApiResult<i64> {
-    match limit.unwrap_or(20) {
-        n @ 1..=100 => Ok(n),
-        n => Err(ApiError::invalid(Some("limit"), "invalid_value", format!("limit: must be between 1 and 100, got {n}"))),
+    limit_within(limit, 20, 100)
+}
+
+/// A list's `limit`: `default` when absent, else 1 to `max` or a 400 naming it.
+pub fn limit_within(limit: Option<i64>, default: i64, max: i64) -> ApiResult<i64> {
+    match limit.unwrap_or(default) {
+        n if (1..=max).contains(&n) => Ok(n),
+        n => Err(ApiError::invalid(Some("limit"), "invalid_value", format!("limit: must be between 1 and {max}, got {n}"))),
     }
 }
 
@@ -235,16 +240,7 @@ fn multipart_error(error: multer::Error, limit: usize) -> ApiError {
 }
 
 pub async fn list(State(state): State<AppState>, project: Project, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
-    let limit = match q.limit.unwrap_or(100) {
-        n @ 1..=MAX_FILES_PAGE => n,
-        n => {
-            return Err(ApiError::invalid(
-                Some("limit"),
-                "invalid_value",
-                format!("limit: must be between 1 and {MAX_FILES_PAGE}, got {n}"),
-            ))
-        }
-    };
+    let limit = limit_within(q.limit, 100, MAX_FILES_PAGE)?;
     let oldest_first = match q.order.as_deref() {
         None | Some("desc") => false,
         Some("asc") => true,

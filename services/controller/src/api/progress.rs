@@ -84,17 +84,7 @@ pub async fn metrics(
                 ApiError::invalid(Some("after"), "invalid_value", format!("after: a step number (0 or more), got {text:?}"))
             })?),
         };
-    let limit = match q.limit {
-        None => None,
-        Some(n @ 1..=MAX_METRICS_PAGE) => Some(n),
-        Some(n) => {
-            return Err(ApiError::invalid(
-                Some("limit"),
-                "invalid_value",
-                format!("limit: must be between 1 and {MAX_METRICS_PAGE}, got {n}"),
-            ))
-        }
-    };
+    let limit = q.limit.map(|_| super::files::limit_within(q.limit, 1, MAX_METRICS_PAGE)).transpose()?;
     let page = list_metrics_page(&state.pool, &project.id, &job_id, after, limit).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
     Ok(Json(views::list(page, |p| p.step.to_string(), views::metric_point)))
 }

@@ -103,24 +103,20 @@ impl AttemptControls {
 }
 
 /// Reads the watched attempts' rows every [`POLL`] until `stop`.
-pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(POLL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait_for(|stopped| *stopped) => return,
-        }
+pub async fn run(state: AppState, stop: watch::Receiver<bool>) {
+    let state = &state;
+    super::every(POLL, stop, || async move {
         let watched = state.attempt_controls.watched();
         if watched.is_empty() {
-            continue;
+            return;
         }
         match lathe_store::jobs::attempt_controls(&state.pool, &watched).await {
             Ok(read) => state.attempt_controls.observe(&watched, &read),
             // Postgres blinked: the streams keep what they last saw and look again next tick.
             Err(error) => tracing::debug!(%error, "cannot read the running attempts' rows"),
         }
-    }
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -354,3 +354,22 @@ impl Service {
         })
     }
 }
+
+/// Runs `pass` every `period` until `stop` (a pass that overruns delays the next tick rather
+/// than bunching them): the loop of the tasks that watch every open stream at once
+/// ([`control`], [`revocation`]).
+pub(crate) async fn every<F, Fut>(period: std::time::Duration, mut stop: tokio::sync::watch::Receiver<bool>, mut pass: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|stopped| *stopped) => return,
+        }
+        pass().await;
+    }
+}

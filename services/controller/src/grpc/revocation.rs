@@ -87,24 +87,20 @@ impl Revocations {
 }
 
 /// Checks the watched workers every [`POLL`] until `stop`.
-pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(POLL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait_for(|stopped| *stopped) => return,
-        }
+pub async fn run(state: AppState, stop: watch::Receiver<bool>) {
+    let state = &state;
+    super::every(POLL, stop, || async move {
         let watched = state.revocations.watched();
         if watched.is_empty() {
-            continue;
+            return;
         }
         match lathe_store::workers::revoked_among(&state.pool, &watched).await {
             Ok(revoked) => state.revocations.revoke(&revoked),
             // Postgres down: nobody can revoke meanwhile either.
             Err(error) => tracing::debug!(%error, "cannot check for revoked workers"),
         }
-    }
+    })
+    .await
 }
 
 #[cfg(test)]
