@@ -17,7 +17,10 @@ echo "==> Rust tests"
 # Release profile: shares its build with the `lathe` binary that the interop tests run.
 cargo test --release --locked --workspace
 
-echo "==> Python interop tests (transformers, peft)"
+echo "==> Test-only Python packages (scripts/requirements-test.txt)"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r scripts/requirements-test.txt
+
+echo "==> Python interop tests (transformers, peft, trl)"
 # The interop suite drives the real binary: make sure it is the one just tested.
 cargo build --release --locked -p lathe-cli -p lathe-controller
 export LATHE_BIN="$PWD/target/release/lathe"

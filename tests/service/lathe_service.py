@@ -459,6 +459,23 @@ def example_rows(n: int) -> list[str]:
     return rows[:n]
 
 
+REFUSALS = ["I cannot tell which weakness this is.", "Not enough information to map this CVE.",
+            "Unknown."]
+
+
+def preference_rows(chat_rows: list[str]) -> list[str]:
+    """Each CVE question with its analyst answer preferred over a refusal (OpenAI's DPO format)."""
+    rows = []
+    for i, line in enumerate(chat_rows):
+        messages = json.loads(line)["messages"]
+        rows.append(json.dumps({
+            "input": {"messages": messages[:-1]},
+            "preferred_output": [messages[-1]],
+            "non_preferred_output": [{"role": "assistant", "content": REFUSALS[i % len(REFUSALS)]}],
+        }))
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[str]) -> Path:
     path.write_text("".join(row + "\n" for row in rows))
     return path

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from lathe_service import (CTIBENCH, EXAMPLES, LONG_EPOCHS, MODEL, PG_HOST, PG_PORT, PG_USER, Process, Service,
-                           create_job, example_rows, find_lathe_bin, make_client, require_postgres_and_redis,
+from lathe_service import (CTIBENCH, LONG_EPOCHS, MODEL, PG_HOST, PG_PORT, PG_USER, Process, Service,
+                           example_rows, preference_rows, find_lathe_bin, make_client, require_postgres_and_redis,
                            wait_for_status, wait_until, write_jsonl)
 
 pytestmark = pytest.mark.service
@@ -191,17 +191,21 @@ def sampled_names(text: str) -> set[str]:
 def test_every_dashboard_query_has_data_against_lathe_up_running_a_job(up, tmp_path):
     key = up.create_key("dashboards")
     client = make_client(up, key)
-    with open(write_jsonl(tmp_path / "train.jsonl", example_rows(24)), "rb") as f:
+    # A DPO job: it feeds every panel a supervised job feeds, and the reward margin panel too.
+    with open(write_jsonl(tmp_path / "train.jsonl", preference_rows(example_rows(24))), "rb") as f:
         training = client.files.create(file=f, purpose="fine-tune").id
-    with open(EXAMPLES.parent / "validation.jsonl", "rb") as f:
+    with open(write_jsonl(tmp_path / "valid.jsonl", preference_rows(example_rows(34)[24:])), "rb") as f:
         validation = client.files.create(file=f, purpose="fine-tune").id
-    job = create_job(client, training, n_epochs=LONG_EPOCHS, validation_file=validation)
+    job = client.fine_tuning.jobs.create(
+        model=MODEL, training_file=training, validation_file=validation, seed=0,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": LONG_EPOCHS, "batch_size": 4}}},
+        extra_body={"learning_rate": 5e-3, "max_seq_length": 256})
     evaluation = up.request("POST", "/v1/evaluations", key=key,
                             json_body={"model": MODEL, "benchmark": "cti-mcq", "limit": 2, "max_new_tokens": 4})
     assert evaluation.status == 200, evaluation.body[:500]
 
     wanted = prometheus_metric_names()
-    assert {"lathe_pool_demand", "lathe_job_validation_loss", "lathe_worker_busy"} <= wanted, wanted
+    assert {"lathe_pool_demand", "lathe_job_validation_loss", "lathe_worker_busy", "lathe_job_reward_margin"} <= wanted, wanted
     seen: set[str] = set()
 
     def scraped_everything():

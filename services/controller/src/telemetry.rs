@@ -33,6 +33,7 @@ pub struct Telemetry {
     pub job_tokens_per_second: Family<Labels, FloatGauge>,
     pub job_step: Family<Labels, Gauge>,
     pub job_valid_loss: Family<Labels, FloatGauge>,
+    pub job_reward_margin: Family<Labels, FloatGauge>,
     pub claim_latency: Histogram,
     pub http_duration: Family<Labels, Histogram>,
     pub metric_points_ingested: Counter,
@@ -71,6 +72,7 @@ impl Telemetry {
             pool_oldest_queued: Family::default(),
             pools_seen: Default::default(),
             job_train_loss: Family::default(),
+            job_reward_margin: Family::default(),
             job_tokens_per_second: Family::default(),
             job_step: Family::default(),
             job_valid_loss: Family::default(),
@@ -119,6 +121,11 @@ impl Telemetry {
             t.job_valid_loss.clone(),
         );
         registry.register("lathe_job_step", "Latest optimizer step of a running job", t.job_step.clone());
+        registry.register(
+            "lathe_job_reward_margin",
+            "DPO: latest mean reward margin (preferred minus other answer) of a running job",
+            t.job_reward_margin.clone(),
+        );
         registry.register("lathe_claim_latency_seconds", "Time from job creation to its first claim", t.claim_latency.clone());
         registry.register(
             "lathe_http_request_duration_seconds",
@@ -203,12 +210,18 @@ impl Telemetry {
         }
     }
 
+    /// A DPO job's newest mean reward margin.
+    pub fn observe_job_reward_margin(&self, job_id: &str, margin: f64) {
+        self.job_reward_margin.get_or_create(&job_labels(job_id)).set(margin);
+    }
+
     /// The job no longer runs here: its series disappear.
     pub fn forget_job(&self, job_id: &str) {
         let labels = job_labels(job_id);
         self.job_step.remove(&labels);
         self.job_train_loss.remove(&labels);
         self.job_valid_loss.remove(&labels);
+        self.job_reward_margin.remove(&labels);
         self.job_tokens_per_second.remove(&labels);
     }
 

@@ -1,11 +1,14 @@
 //! Checking a training or validation file (JSONL, one example per line) at upload and again at
 //! job create, with the same rules and messages the trainer applies when it reads the file.
 //!
-//! Three formats are accepted, one per file:
+//! Four formats are accepted, one per file:
 //! - chat, OpenAI's fine-tuning format: `{"messages": [{"role": "user", "content": "…"}, …]}`
 //!   with an optional `weight` (0 or 1) on assistant messages;
 //! - prompt/completion: `{"prompt": "…", "completion": "…"}`;
-//! - raw text for continued pre-training: `{"text": "…"}`.
+//! - raw text for continued pre-training: `{"text": "…"}`;
+//! - preference pairs, OpenAI's DPO format: `{"input": {"messages": […]}, "preferred_output":
+//!   [assistant message], "non_preferred_output": [assistant message]}` (the older names
+//!   `preferred_completion` / `non_preferred_completion` too).
 //!
 //! Every problem is reported with the 1-based line number and the reason, because the person
 //! who has to fix it is looking at the file in an editor, not at our types. [`parse_line`] is
@@ -45,9 +48,38 @@ pub struct ChatMessage {
 /// One training example, in the format of its file.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Example {
-    Chat { messages: Vec<ChatMessage> },
-    PromptCompletion { prompt: String, completion: String },
-    Text { text: String },
+    Chat {
+        messages: Vec<ChatMessage>,
+    },
+    PromptCompletion {
+        prompt: String,
+        completion: String,
+    },
+    Text {
+        text: String,
+    },
+    /// A conversation and two answers to its last turn, the first preferred (DPO data).
+    Preference {
+        messages: Vec<ChatMessage>,
+        preferred: Box<ChatMessage>,
+        non_preferred: Box<ChatMessage>,
+    },
+}
+
+impl Example {
+    /// The conversations a preference pair trains on: the prompt followed by each answer, the
+    /// prompt's own assistant turns out of the loss. None for other formats.
+    pub fn preference_conversations(&self) -> Option<[Vec<ChatMessage>; 2]> {
+        let Example::Preference { messages, preferred, non_preferred } = self else { return None };
+        let prompt: Vec<ChatMessage> =
+            messages.iter().map(|m| ChatMessage { weight: (m.role == "assistant").then_some(0).or(m.weight), ..m.clone() }).collect();
+        let with = |answer: &ChatMessage| {
+            let mut conversation = prompt.clone();
+            conversation.push(ChatMessage { weight: Some(1), ..answer.clone() });
+            conversation
+        };
+        Some([with(preferred), with(non_preferred)])
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +88,8 @@ pub enum DataFormat {
     Chat,
     PromptCompletion,
     Text,
+    /// Preference pairs for DPO.
+    Preference,
 }
 
 impl DataFormat {
@@ -65,6 +99,7 @@ impl DataFormat {
             DataFormat::Chat => "chat (`messages`)",
             DataFormat::PromptCompletion => "prompt/completion",
             DataFormat::Text => "text",
+            DataFormat::Preference => "preference (`input`/`preferred_output`/`non_preferred_output`)",
         }
     }
 }
@@ -75,6 +110,7 @@ impl Example {
             Example::Chat { .. } => DataFormat::Chat,
             Example::PromptCompletion { .. } => DataFormat::PromptCompletion,
             Example::Text { .. } => DataFormat::Text,
+            Example::Preference { .. } => DataFormat::Preference,
         }
     }
 }
@@ -267,10 +303,22 @@ pub fn parse_line(line: &str) -> Result<Example, String> {
     };
 
     let has = |key: &str| object.contains_key(key);
-    let formats = [(has("messages"), "`messages`"), (has("prompt") || has("completion"), "`prompt`/`completion`"), (has("text"), "`text`")];
+    let preference = PREFERENCE_KEYS.iter().any(|k| has(k));
+    let formats = [
+        (has("messages"), "`messages`"),
+        (has("prompt") || has("completion"), "`prompt`/`completion`"),
+        (has("text"), "`text`"),
+        (preference, "`input`/`preferred_output`/`non_preferred_output`"),
+    ];
     let present: Vec<&str> = formats.iter().filter(|(p, _)| *p).map(|(_, name)| *name).collect();
     if present.len() > 1 {
-        return Err(format!("mixed keys {}: use exactly one of `messages`, `prompt`+`completion` or `text`", present.join(" and ")));
+        return Err(format!(
+            "mixed keys {}: use exactly one of `messages`, `prompt`+`completion`, `text` or `input`+`preferred_output`+`non_preferred_output`",
+            present.join(" and ")
+        ));
+    }
+    if preference {
+        return parse_preference(&object);
     }
 
     if let Some(messages) = object.get("messages") {
@@ -292,7 +340,63 @@ pub fn parse_line(line: &str) -> Result<Example, String> {
         return Ok(Example::Text { text });
     }
     let keys: Vec<&str> = object.keys().map(String::as_str).collect();
-    Err(format!("missing keys: expected `messages`, `prompt`+`completion` or `text`, found [{}]", keys.join(", ")))
+    Err(format!(
+        "missing keys: expected `messages`, `prompt`+`completion`, `text` or `input`+`preferred_output`+`non_preferred_output`, found [{}]",
+        keys.join(", ")
+    ))
+}
+
+/// Keys of a preference line: OpenAI's, and the older names of its two outputs.
+const PREFERENCE_KEYS: [&str; 5] =
+    ["input", "preferred_output", "non_preferred_output", "preferred_completion", "non_preferred_completion"];
+
+fn parse_preference(object: &Map<String, Value>) -> Result<Example, String> {
+    let input = match object.get("input") {
+        Some(Value::Object(input)) => input,
+        Some(other) => return Err(format!("`input` must be an object with `messages`, found {}", kind_of(other))),
+        None => return Err("missing key `input` (an object with the prompt's `messages`)".into()),
+    };
+    let messages = match input.get("messages") {
+        Some(messages) => parse_request_messages(messages).map_err(|reason| format!("input.{reason}"))?,
+        None => return Err("missing key `input.messages`".into()),
+    };
+    if messages.len() >= MAX_MESSAGES_PER_EXAMPLE {
+        return Err(format!("`input.messages` has {} messages; at most {} are allowed", messages.len(), MAX_MESSAGES_PER_EXAMPLE - 1));
+    }
+    if messages.last().is_some_and(|m| m.role == "assistant") {
+        return Err("input.messages ends with an assistant message: the prompt must end where the answers begin".into());
+    }
+    let output = |name: &str, old: &str| -> Result<ChatMessage, String> {
+        let (key, value) = match (object.get(name), object.get(old)) {
+            (Some(_), Some(_)) => return Err(format!("give `{name}` or its older name `{old}`, not both")),
+            (Some(v), None) => (name, v),
+            (None, Some(v)) => (old, v),
+            (None, None) => return Err(format!("missing key `{name}`")),
+        };
+        let Value::Array(items) = value else {
+            return Err(format!("`{key}` must be an array holding one assistant message, found {}", kind_of(value)));
+        };
+        let [item] = items.as_slice() else {
+            return Err(format!("`{key}` must hold exactly one assistant message, found {}", items.len()));
+        };
+        let message = parse_message(item).map_err(|reason| format!("{key}[0]: {reason}"))?;
+        if message.role != "assistant" {
+            return Err(format!("{key}[0]: must be an assistant message, found role `{}`", message.role));
+        }
+        if message.weight == Some(0) {
+            return Err(format!("{key}[0]: weight 0 would leave nothing to compare"));
+        }
+        if message.content.is_empty() && !message.extra.contains_key("tool_calls") {
+            return Err(format!("{key}[0]: the answer is empty"));
+        }
+        Ok(message)
+    };
+    let preferred = output("preferred_output", "preferred_completion")?;
+    let non_preferred = output("non_preferred_output", "non_preferred_completion")?;
+    if preferred == non_preferred {
+        return Err("`preferred_output` and `non_preferred_output` are the same answer: there is nothing to prefer".into());
+    }
+    Ok(Example::Preference { messages, preferred: Box::new(preferred), non_preferred: Box::new(non_preferred) })
 }
 
 fn string_field(object: &Map<String, Value>, key: &str) -> Result<String, String> {
@@ -451,6 +555,54 @@ mod tests {
         assert_eq!(validate_training_file(b"").unwrap_err().to_string(), "no examples: the file is empty or has only blank lines");
     }
 
+    const GOOD_PAIR: &str = r#"{"input": {"messages": [{"role": "user", "content": "CWE of CVE-1?"}]}, "preferred_output": [{"role": "assistant", "content": "CWE-79"}], "non_preferred_output": [{"role": "assistant", "content": "CWE-89"}]}"#;
+
+    #[test]
+    fn a_preference_line_in_openai_format_or_with_the_older_names_parses() {
+        let Example::Preference { messages, preferred, non_preferred } = parse_line(GOOD_PAIR).unwrap() else { panic!("not a pair") };
+        assert_eq!((messages.len(), preferred.content.as_str(), non_preferred.content.as_str()), (1, "CWE-79", "CWE-89"));
+        let older = GOOD_PAIR.replace("preferred_output", "preferred_completion");
+        assert_eq!(parse_line(&older).unwrap(), parse_line(GOOD_PAIR).unwrap());
+        let summary = validate_training_file([GOOD_PAIR; 10].join("\n").as_bytes()).unwrap();
+        assert_eq!((summary.format, summary.examples), (DataFormat::Preference, 10));
+        assert_eq!(serde_json::to_value(summary.format).unwrap(), "preference");
+    }
+
+    #[test]
+    fn a_pair_trains_each_answer_after_the_prompt_and_never_the_prompt_s_own_answers() {
+        let line = r#"{"input": {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]}, "preferred_output": [{"role": "assistant", "content": "good"}], "non_preferred_output": [{"role": "assistant", "content": "bad"}]}"#;
+        let [preferred, non_preferred] = parse_line(line).unwrap().preference_conversations().unwrap();
+        assert_eq!(preferred.len(), 4);
+        assert_eq!((preferred[1].weight, preferred[3].weight, preferred[3].content.as_str()), (Some(0), Some(1), "good"));
+        assert_eq!(non_preferred[3].content, "bad");
+    }
+
+    #[test]
+    fn a_bad_preference_line_names_the_key_and_the_reason() {
+        let cases = [
+            (GOOD_PAIR.replace(r#""input": {"messages""#, r#""input": {"msgs""#), "missing key `input.messages`"),
+            (
+                GOOD_PAIR.replace(r#"[{"role": "assistant", "content": "CWE-79"}]"#, "[]"),
+                "`preferred_output` must hold exactly one assistant message, found 0",
+            ),
+            (
+                GOOD_PAIR.replace(r#"{"role": "assistant", "content": "CWE-89"}"#, r#"{"role": "user", "content": "CWE-89"}"#),
+                "non_preferred_output[0]: must be an assistant message",
+            ),
+            (GOOD_PAIR.replace("CWE-89", "CWE-79"), "the same answer"),
+            (GOOD_PAIR.replace(r#""preferred_output""#, r#""preferred_completion": [], "preferred_output""#), "not both"),
+            (GOOD_PAIR.replace(r#""input""#, r#""messages": [], "input""#), "mixed keys"),
+            (
+                GOOD_PAIR.replace(r#""role": "user", "content": "CWE of CVE-1?""#, r#""role": "bot", "content": "x""#),
+                "input.messages[0]: unknown role `bot`",
+            ),
+        ];
+        for (line, reason) in cases {
+            let error = parse_line(&line).map(|_| ()).expect_err(&line);
+            assert!(error.contains(reason), "{line}: expected `{reason}` in `{error}`");
+        }
+    }
+
     #[test]
     fn a_chat_line_parses_into_messages_with_extra_keys() {
         let line = r#"{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q", "name": "ann"}, {"role": "assistant", "content": "a", "weight": 1}]}"#;
@@ -496,7 +648,7 @@ mod tests {
         let cases = [
             ("{\"messages\": [", "not valid JSON at column"),
             ("[1, 2]", "expected a JSON object, found an array"),
-            ("{\"input\": \"x\"}", "missing keys"),
+            ("{\"inputs\": \"x\"}", "missing keys"),
             ("{\"text\": \"a\", \"prompt\": \"b\", \"completion\": \"c\"}", "mixed keys"),
             ("{\"prompt\": \"b\"}", "missing key `completion`"),
             ("{\"messages\": []}", "`messages` is empty"),
@@ -521,6 +673,7 @@ mod tests {
                 "part type `image_url` is not supported",
             ),
             ("{\"text\": \"\"}", "`text` is empty"),
+            ("{\"input\": \"x\"}", "`input` must be an object with `messages`"),
             ("{\"prompt\": \"p\", \"completion\": \"\"}", "`completion` is empty"),
         ];
         for (bad, reason) in cases {

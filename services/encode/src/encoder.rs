@@ -128,7 +128,16 @@ impl Encoder {
                 row.push_optional(self.eos_id, true);
                 (row.ids, row.trained)
             }
+            Example::Preference { .. } => {
+                return Err(EncodeError::invalid("example", "a preference pair is two sequences; encode it with `encode_line`"))
+            }
         };
+        Ok(finish(input_ids, trained, self.opts.max_seq_length))
+    }
+
+    /// One conversation as a chat example: what each side of a preference pair is.
+    pub fn encode_chat_example(&self, messages: &[ChatMessage]) -> Result<EncodedExample> {
+        let (input_ids, trained) = self.encode_chat(messages)?;
         Ok(finish(input_ids, trained, self.opts.max_seq_length))
     }
 

@@ -17,11 +17,12 @@ pub struct Tally {
 }
 
 impl Tally {
-    /// Counts one encoded example; true when it has a token to train on (it is kept).
-    pub fn count(&mut self, encoded: &EncodedExample) -> bool {
+    /// Counts one example from its encoded sequences (two for a preference pair); true when
+    /// every sequence has a token to train on (it is kept).
+    pub fn count(&mut self, encoded: &[EncodedExample]) -> bool {
         self.examples += 1;
-        self.truncated += encoded.truncated as usize;
-        let kept = encoded.trained.iter().skip(1).any(|&t| t);
+        self.truncated += encoded.iter().any(|e| e.truncated) as usize;
+        let kept = encoded.iter().all(|e| e.trained.iter().skip(1).any(|&t| t));
         self.dropped += !kept as usize;
         kept
     }
@@ -34,14 +35,22 @@ impl Tally {
 /// The encoded examples of one file.
 #[derive(Debug)]
 pub struct EncodedExamples {
-    /// Examples with at least one token to train on, in file order.
+    /// Examples with at least one token to train on, in file order. A preference pair is two
+    /// consecutive entries, the preferred answer's conversation first.
     pub kept: Vec<EncodedExample>,
     pub tally: Tally,
 }
 
-/// Encodes one example of a file; a template or tokenizer error names its 1-based `line`.
-pub fn encode_line(encoder: &Encoder, example: &Example, line: usize) -> Result<EncodedExample> {
-    encoder.encode(example).map_err(|e| match e {
+/// Encodes one example of a file into its sequences (one, or two for a preference pair); a
+/// template or tokenizer error names its 1-based `line`.
+pub fn encode_line(encoder: &Encoder, example: &Example, line: usize) -> Result<Vec<EncodedExample>> {
+    let encoded = match example.preference_conversations() {
+        Some([preferred, non_preferred]) => {
+            encoder.encode_chat_example(&preferred).and_then(|p| Ok(vec![p, encoder.encode_chat_example(&non_preferred)?]))
+        }
+        None => encoder.encode(example).map(|e| vec![e]),
+    };
+    encoded.map_err(|e| match e {
         e @ (EncodeError::ChatTemplate(_) | EncodeError::Tokenizer(_)) => EncodeError::Line { line, message: e.to_string() },
         other => other,
     })
@@ -54,7 +63,7 @@ pub fn encode_examples(encoder: &Encoder, examples: &[Example], lines: &[usize])
     for (i, example) in examples.iter().enumerate() {
         let encoded = encode_line(encoder, example, lines.get(i).copied().unwrap_or(i + 1))?;
         if tally.count(&encoded) {
-            kept.push(encoded);
+            kept.extend(encoded);
         }
     }
     Ok(EncodedExamples { kept, tally })

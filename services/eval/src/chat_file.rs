@@ -29,6 +29,12 @@ pub fn load(path: &Path) -> Result<Vec<Item>, EvalError> {
             Example::Text { .. } => {
                 return Err(row(i + 1, "a text document has no answer to score; use chat or prompt/completion examples".into()))
             }
+            Example::Preference { .. } => {
+                return Err(row(
+                    i + 1,
+                    "a preference pair has two answers, not one to score; use chat or prompt/completion examples".into(),
+                ))
+            }
             Example::Chat { mut messages } => {
                 let answer = match messages.pop() {
                     Some(m) if m.role == "assistant" => m.content,

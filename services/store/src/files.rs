@@ -89,6 +89,7 @@ fn format_str(format: DataFormat) -> &'static str {
         DataFormat::Chat => "chat",
         DataFormat::PromptCompletion => "prompt_completion",
         DataFormat::Text => "text",
+        DataFormat::Preference => "preference",
     }
 }
 
@@ -97,6 +98,7 @@ fn parse_format(text: &str) -> Result<DataFormat, StoreError> {
         "chat" => Ok(DataFormat::Chat),
         "prompt_completion" => Ok(DataFormat::PromptCompletion),
         "text" => Ok(DataFormat::Text),
+        "preference" => Ok(DataFormat::Preference),
         other => Err(corrupt(format!("unknown file format {other:?}"))),
     }
 }

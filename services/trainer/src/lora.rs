@@ -200,12 +200,20 @@ impl Linear {
         let x2 = x.reshape([-1, *shape.last().expect("x has a feature axis")]);
         let bias = self.bias.as_ref().map(|b| b.to_kind(kind));
         let y = self.weight.apply(&x2, bias.as_ref());
-        let y = match &self.lora {
+        let y = match self.active_lora() {
             None => y,
             Some(lora) => lora.add_update(y, &lora.input(&x2, train)),
         };
         *shape.last_mut().expect("x has a feature axis") = self.out_features();
         y.view(shape.as_slice())
+    }
+
+    /// The adapter, unless [`without_adapters`] is running on this thread.
+    pub fn active_lora(&self) -> Option<&LoraPair> {
+        if ADAPTERS_OFF.with(|off| off.get()) {
+            return None;
+        }
+        self.lora.as_ref()
     }
 
     pub fn in_features(&self) -> i64 {
@@ -222,6 +230,25 @@ thread_local! {
     /// from (seed, step, micro-batch, layer). Thread-local, so trainers on other threads of the
     /// same process (several workers in `lathe up`) never disturb each other's masks.
     static DROPOUT_KEY: std::cell::Cell<Option<i64>> = const { std::cell::Cell::new(None) };
+}
+
+thread_local! {
+    /// Set while [`without_adapters`] runs: every LoRA layer computes the base alone.
+    static ADAPTERS_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every LoRA adapter switched off on this thread: the base model, as PEFT's
+/// `disable_adapter()` gives it. DPO's reference model is the policy computed this way, so it
+/// needs no second copy of the weights.
+pub fn without_adapters<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ADAPTERS_OFF.with(|off| off.set(self.0));
+        }
+    }
+    let _restore = Restore(ADAPTERS_OFF.with(|off| off.replace(true)));
+    f()
 }
 
 /// Sets (or clears) the dropout key for LoRA layers run on this thread.

@@ -245,3 +245,89 @@ fn impossible_settings_are_refused_naming_the_field() {
     c.data.max_seq_length = 0;
     assert!(run_error(&c).contains("data.max_seq_length"));
 }
+
+fn preference_file(dir: &Path, name: &str, n: usize) -> PathBuf {
+    let path = dir.join(name);
+    let mut text = String::new();
+    for i in 0..n {
+        let cwe = [79, 89, 22, 787][i % 4];
+        text.push_str(&format!(
+            "{{\"input\":{{\"messages\":[{{\"role\":\"user\",\"content\":\"CVE description {i}: a flaw in component {} allows attackers to do things.\"}}]}},\"preferred_output\":[{{\"role\":\"assistant\",\"content\":\"CWE-{cwe}\"}}],\"non_preferred_output\":[{{\"role\":\"assistant\",\"content\":\"I do not know.\"}}]}}\n",
+            i * 7 % 13
+        ));
+    }
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// (step, loss, reward margin) of every step.
+fn run_dpo(config: &TrainConfig, resume: Option<&Path>, stop_after: Option<u64>) -> (Vec<(u64, f64, f64)>, Vec<f64>, Outcome) {
+    let (steps, evals) = (RefCell::new(Vec::new()), RefCell::new(Vec::new()));
+    let mut on_event = |e: &Event| match e {
+        Event::Step(m) => steps.borrow_mut().push((m.step, m.loss, m.preference.expect("a DPO step reports rewards").rewards_margin)),
+        Event::Eval { valid_loss, .. } => evals.borrow_mut().push(*valid_loss),
+        _ => {}
+    };
+    let should_stop = || stop_after.is_some_and(|n| steps.borrow().len() as u64 >= n);
+    let outcome = train::run(config, resume, Hooks { on_event: &mut on_event, should_stop: &should_stop, abandon: &|| false })
+        .expect("training runs");
+    (steps.into_inner(), evals.into_inner(), outcome)
+}
+
+#[test]
+fn full_parameter_dpo_starts_at_ln2_learns_and_resumes_bit_for_bit_against_the_step_0_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), Arch::Qwen3);
+    let mut straight = config(&model, &preference_file(dir.path(), "pairs.jsonl", 16), &dir.path().join("straight"));
+    straight.method = Method::Full;
+    straight.dpo = Some(train::DpoSettings { beta: 0.1 });
+    straight.validation_file = Some(preference_file(dir.path(), "valid.jsonl", 4));
+    straight.optim.learning_rate = 1e-3;
+    straight.train.eval_every = 4;
+    straight.train.epochs = 2; // 16 pairs, 4 a step: 8 steps
+    let (expected, valid_losses, _) = run_dpo(&straight, None, None);
+    assert!((expected[0].1 - std::f64::consts::LN_2).abs() < 1e-6, "step 1: policy = reference, loss {}", expected[0].1);
+    assert!(expected[7].1 < expected[0].1 && expected[7].2 > 0.0, "DPO did not learn: {expected:?}");
+    assert_eq!(valid_losses.len(), 2);
+    assert!(valid_losses[1] < std::f64::consts::LN_2, "held-out pairs: {valid_losses:?}");
+
+    // Resumed after 3 steps, the run compares against the weights of step 0 (kept in the
+    // checkpoint), not the weights it resumed from.
+    let mut interrupted = straight.clone();
+    interrupted.output_dir = dir.path().join("interrupted");
+    let (before, _, outcome) = run_dpo(&interrupted, None, Some(3));
+    let Outcome::Stopped { step: 3, checkpoint: Some(checkpoint) } = outcome else { panic!("expected a stop at step 3, got {outcome:?}") };
+    assert!(checkpoint.join("reference_logps.safetensors").is_file());
+    let (after, _, _) = run_dpo(&interrupted, Some(&checkpoint), None);
+    let resumed: Vec<_> = before.into_iter().chain(after).collect();
+    assert_eq!(resumed.len(), expected.len());
+    for ((step, a, _), (_, b, _)) in expected.iter().zip(&resumed) {
+        assert_eq!(a.to_bits(), b.to_bits(), "step {step}: uninterrupted {a} vs resumed {b}");
+    }
+}
+
+#[test]
+fn a_preference_file_needs_dpo_and_dpo_needs_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), Arch::Qwen3);
+    let pairs = preference_file(dir.path(), "pairs.jsonl", 12);
+    let sft = config(&model, &pairs, &dir.path().join("sft"));
+    assert!(run_error(&sft).contains("preference pairs train with method = \"dpo\""), "{}", run_error(&sft));
+    let mut dpo = config(&model, &chat_file(dir.path(), 12), &dir.path().join("dpo"));
+    dpo.method = Method::Dpo;
+    assert!(run_error(&dpo).contains("DPO trains on preference pairs, but the file is in chat"), "{}", run_error(&dpo));
+}
+
+#[test]
+fn qlora_dpo_compares_against_the_4bit_base_and_learns() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), Arch::Qwen3);
+    let mut c = config(&model, &preference_file(dir.path(), "pairs.jsonl", 16), &dir.path().join("qlora-dpo"));
+    c.method = Method::Dpo;
+    c.quantization = Some(QuantizationSetting::Nf4);
+    c.train.epochs = 2;
+    let (steps, _, outcome) = run_dpo(&c, None, None);
+    assert!((steps[0].1 - std::f64::consts::LN_2).abs() < 1e-6, "step 1 loss {}", steps[0].1);
+    assert!(steps[7].1 < steps[0].1 && steps[7].2 > 0.0, "QLoRA DPO did not learn: {steps:?}");
+    assert!(matches!(outcome, Outcome::Finished { adapter_dir: Some(_), .. }));
+}

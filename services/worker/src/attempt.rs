@@ -534,6 +534,9 @@ fn on_event(
             if !m.rank_step_seconds.is_empty() {
                 telemetry.ranks(&m.rank_step_seconds, m.all_reduce_seconds);
             }
+            if let Some(p) = &m.preference {
+                telemetry.preference(p.rewards_margin, p.rewards_accuracy);
+            }
             points.pending.insert(
                 m.step,
                 MetricPoint {
@@ -549,6 +552,10 @@ fn on_event(
                     valid_mean_token_accuracy: None,
                     memory_bytes: Some(m.peak_memory_bytes),
                     time_unix_ms: now_ms(),
+                    rewards_chosen: m.preference.map(|p| p.rewards_chosen),
+                    rewards_rejected: m.preference.map(|p| p.rewards_rejected),
+                    rewards_accuracy: m.preference.map(|p| p.rewards_accuracy),
+                    rewards_margin: m.preference.map(|p| p.rewards_margin),
                 },
             );
         }

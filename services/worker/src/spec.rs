@@ -9,7 +9,7 @@ use lathe_core::ModelName;
 use lathe_trainer::train::train_config::{
     DataSettings, DebugSettings, LoopSettings, LoraSettings, OptimSettings, OutputSettings, QuantizationSetting, TargetModulesSetting,
 };
-use lathe_trainer::train::{Method, TrainConfig};
+use lathe_trainer::train::{DpoSettings, Method, TrainConfig};
 
 /// Why a claimed job cannot run here, with the `error.code` it is reported under.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +96,7 @@ pub fn train_config(spec: &JobSpec, paths: Paths<'_>, settings: Settings<'_>) ->
         },
         debug: DebugSettings::default(),
         output: OutputSettings::default(),
+        dpo: spec.hyperparameters.beta.filter(|_| spec.method == lathe_core::spec::Method::Dpo).map(|beta| DpoSettings { beta }),
     })
 }
 

@@ -30,6 +30,8 @@ pub struct Telemetry {
     info: Family<Labels, Gauge>,
     rank_step_seconds: Family<Labels, FloatGauge>,
     all_reduce_seconds: Family<Labels, FloatGauge>,
+    reward_margin: Family<Labels, FloatGauge>,
+    reward_accuracy: Family<Labels, FloatGauge>,
     inference_batch_size: Family<Labels, Histogram>,
 }
 
@@ -53,6 +55,8 @@ impl Telemetry {
             info: Family::default(),
             rank_step_seconds: Family::default(),
             all_reduce_seconds: Family::default(),
+            reward_margin: Family::default(),
+            reward_accuracy: Family::default(),
             inference_batch_size: Family::new_with_constructor(batch_size_histogram),
         };
         registry.register("lathe_worker_busy", "1 while an attempt runs", t.busy.clone());
@@ -71,6 +75,16 @@ impl Telemetry {
             "lathe_worker_all_reduce_seconds",
             "Data parallel: time the latest step spent summing gradients over ranks",
             t.all_reduce_seconds.clone(),
+        );
+        registry.register(
+            "lathe_worker_reward_margin",
+            "DPO: mean reward margin (preferred minus other answer) of the current attempt's latest step",
+            t.reward_margin.clone(),
+        );
+        registry.register(
+            "lathe_worker_reward_accuracy",
+            "DPO: fraction of the latest step's pairs whose preferred answer has the larger reward",
+            t.reward_accuracy.clone(),
         );
         registry.register(
             "lathe_worker_inference_batch_size",
@@ -134,6 +148,13 @@ impl WorkerMetrics {
         self.telemetry.all_reduce_seconds.get_or_create(&labels).set(all_reduce_seconds);
     }
 
+    /// A DPO step's mean reward margin and reward accuracy.
+    pub fn preference(&self, margin: f64, accuracy: f64) {
+        let labels = vec![("worker".to_string(), self.worker.clone())];
+        self.telemetry.reward_margin.get_or_create(&labels).set(margin);
+        self.telemetry.reward_accuracy.get_or_create(&labels).set(accuracy);
+    }
+
     /// Records each inference step's batch size (callable from the inference thread).
     pub fn batch_observer(&self) -> impl Fn(usize) + Send + 'static {
         let labels = vec![("worker".to_string(), self.worker.clone())];
@@ -163,6 +184,12 @@ impl WorkerMetrics {
         self.memory_bytes.set(0);
         self.train_loss.set(f64::NAN);
         self.valid_loss.set(f64::NAN);
+        let worker = vec![("worker".to_string(), self.worker.clone())];
+        for family in [&self.telemetry.reward_margin, &self.telemetry.reward_accuracy] {
+            if let Some(gauge) = family.get(&worker) {
+                gauge.set(f64::NAN);
+            }
+        }
         let labels = vec![("worker".to_string(), self.worker.clone()), ("outcome".to_string(), outcome.to_string())];
         self.telemetry.attempts.get_or_create(&labels).inc();
     }

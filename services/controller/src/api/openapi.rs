@@ -366,8 +366,13 @@ fn schemas() -> Value {
                 "suffix": nullable("string"), "seed": nullable("integer"),
                 "metadata": {"type": ["object", "null"], "additionalProperties": {"type": "string"}},
                 "hyperparameters": {"$ref": "#/components/schemas/Hyperparameters"},
-                "method": {"type": "object", "properties": {"type": {"type": "string"},
-                    "supervised": {"type": "object", "properties": {"hyperparameters": {"$ref": "#/components/schemas/Hyperparameters"}}}}},
+                "method": {"type": "object", "additionalProperties": false, "properties": {
+                    "type": {"type": "string", "enum": ["supervised", "dpo", "continued_pretraining", "full", "reinforcement"]},
+                    "supervised": {"type": "object", "properties": {"hyperparameters": {"$ref": "#/components/schemas/Hyperparameters"}}},
+                    "dpo": {"type": "object", "properties": {"hyperparameters": {"$ref": "#/components/schemas/Hyperparameters"}}},
+                    "continued_pretraining": {"type": "object", "properties": {"hyperparameters": {"$ref": "#/components/schemas/Hyperparameters"}}},
+                    "full": {"type": "object", "properties": {"hyperparameters": {"$ref": "#/components/schemas/Hyperparameters"}}},
+                    "reinforcement": {"type": "object"}}},
                 "integrations": {"type": ["array", "null"], "maxItems": 0},
                 "lora": {"type": "object", "additionalProperties": false, "properties": {
                     "rank": {"type": "integer"}, "alpha": {"type": "number"}, "dropout": {"type": "number"},
@@ -390,6 +395,7 @@ fn schemas() -> Value {
                 "n_epochs": {"oneOf": [{"const": "auto"}, {"type": "integer"}]},
                 "batch_size": {"oneOf": [{"const": "auto"}, {"type": "integer"}]},
                 "learning_rate_multiplier": {"oneOf": [{"const": "auto"}, {"type": "number"}]},
+                "beta": {"oneOf": [{"const": "auto"}, {"type": "number"}], "description": "DPO only: in (0, 2]; auto is 0.1"},
             },
         },
         "Job": {

@@ -232,6 +232,9 @@ impl Attempt {
         self.state.telemetry.metric_points_ingested.inc_by(points.len() as u64);
         if let Some(last) = batch.points.iter().max_by_key(|p| p.step) {
             self.state.telemetry.observe_job_point(job_id, last.step, last.train_loss, last.tokens_per_second);
+            if let Some(margin) = last.rewards_margin {
+                self.state.telemetry.observe_job_reward_margin(job_id, margin);
+            }
         }
         if let Some(validated) = batch.points.iter().filter(|p| p.valid_loss.is_some()).max_by_key(|p| p.step) {
             self.state.telemetry.observe_job_loss(job_id, None, validated.valid_loss);
@@ -487,21 +490,31 @@ fn metrics_event(seq: i64, p: &WireMetricPoint) -> NewEvent {
     if let Some(loss) = p.valid_loss {
         message.push_str(&format!(", validation loss={loss:.4}"));
     }
-    NewEvent {
-        seq,
-        level: EventLevel::Info,
-        kind: "metrics".into(),
-        message,
-        data: Some(json!({
-            "step": p.step,
-            "total_steps": p.total_steps,
-            "train_loss": p.train_loss,
-            "valid_loss": p.valid_loss,
-            "train_mean_token_accuracy": p.train_mean_token_accuracy,
-            "valid_mean_token_accuracy": p.valid_mean_token_accuracy,
-            "learning_rate": p.learning_rate,
-            "tokens_per_second": p.tokens_per_second,
-            "tokens_seen": p.tokens_seen,
-        })),
+    let mut data = json!({
+        "step": p.step,
+        "total_steps": p.total_steps,
+        "train_loss": p.train_loss,
+        "valid_loss": p.valid_loss,
+        "train_mean_token_accuracy": p.train_mean_token_accuracy,
+        "valid_mean_token_accuracy": p.valid_mean_token_accuracy,
+        "learning_rate": p.learning_rate,
+        "tokens_per_second": p.tokens_per_second,
+        "tokens_seen": p.tokens_seen,
+    });
+    // DPO steps: TRL's names, with `_` for `/`.
+    let rewards = [
+        ("rewards_chosen", p.rewards_chosen),
+        ("rewards_rejected", p.rewards_rejected),
+        ("rewards_accuracy", p.rewards_accuracy),
+        ("rewards_margin", p.rewards_margin),
+    ];
+    for (name, value) in rewards {
+        if let Some(value) = value {
+            data[name] = json!(value);
+        }
     }
+    if let Some(margin) = p.rewards_margin {
+        message.push_str(&format!(", reward margin={margin:.4}"));
+    }
+    NewEvent { seq, level: EventLevel::Info, kind: "metrics".into(), message, data: Some(data) }
 }

@@ -98,6 +98,10 @@ pub fn metric_points(points: &[WirePoint]) -> Result<Vec<MetricPoint>, Refused> 
                 tokens_per_second: p.tokens_per_second.map(|v| v as f32),
                 tokens_seen: Some(bigint(|| field("tokens_seen"), p.tokens_seen)?),
                 memory_bytes: p.memory_bytes.map(|v| bigint(|| field("memory_bytes"), v)).transpose()?,
+                rewards_chosen: p.rewards_chosen.map(|v| v as f32),
+                rewards_rejected: p.rewards_rejected.map(|v| v as f32),
+                rewards_accuracy: p.rewards_accuracy.map(|v| v as f32),
+                rewards_margin: p.rewards_margin.map(|v| v as f32),
             })
         })
         .collect()

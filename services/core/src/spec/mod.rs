@@ -123,6 +123,9 @@ pub enum Method {
     ContinuedPretraining,
     /// Supervised, every weight trained.
     Full,
+    /// Direct preference optimisation on preference pairs, a LoRA adapter over the base (the
+    /// reference model is the same base with the adapter switched off).
+    Dpo,
 }
 
 impl Method {
@@ -131,14 +134,16 @@ impl Method {
             Method::Supervised => "supervised",
             Method::ContinuedPretraining => "continued_pretraining",
             Method::Full => "full",
+            Method::Dpo => "dpo",
         }
     }
 
     /// Whether a file of this format can train with this method.
     pub fn accepts(self, format: DataFormat) -> bool {
         match self {
-            Method::Supervised | Method::Full => format != DataFormat::Text,
+            Method::Supervised | Method::Full => matches!(format, DataFormat::Chat | DataFormat::PromptCompletion),
             Method::ContinuedPretraining => format == DataFormat::Text,
+            Method::Dpo => format == DataFormat::Preference,
         }
     }
 }
@@ -149,7 +154,13 @@ pub struct Hyperparameters {
     pub n_epochs: u32,
     pub batch_size: u32,
     pub learning_rate_multiplier: f64,
+    /// DPO's β: how far the policy may move from the reference (DPO jobs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta: Option<f64>,
 }
+
+/// DPO's β when the request says "auto" or nothing (TRL's default too).
+pub const DEFAULT_DPO_BETA: f64 = 0.1;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraSpec {
@@ -312,10 +323,11 @@ impl JobSpec {
         for (param, summary) in [("training_file", Some(training)), ("validation_file", validation)] {
             let Some(summary) = summary else { continue };
             if !self.method.accepts(summary.format) {
-                let hint = if self.method == Method::ContinuedPretraining {
-                    "continued_pretraining reads {\"text\": …} lines"
-                } else {
-                    "text lines have no answers to learn; use method.type continued_pretraining"
+                let hint = match (self.method, summary.format) {
+                    (Method::ContinuedPretraining, _) => "continued_pretraining reads {\"text\": …} lines",
+                    (Method::Dpo, _) => "dpo reads preference pairs: {\"input\": {\"messages\": …}, \"preferred_output\": […], \"non_preferred_output\": […]}",
+                    (_, DataFormat::Preference) => "preference pairs train with method.type dpo",
+                    _ => "text lines have no answers to learn; use method.type continued_pretraining",
                 };
                 let detail = format!(
                     "the file is in {} format, which method.type {} cannot train on ({hint})",
@@ -360,7 +372,19 @@ impl TryFrom<CreateJobRequest> for JobSpec {
             &hyperparameters_param,
             request.learning_rate,
             lora.is_some(),
+            method,
         )?;
+        if method == Method::Dpo {
+            // A pair's log-probabilities are those of its answer alone, each pair its own row.
+            for (param, set) in [("train_on_inputs", request.train_on_inputs), ("packing", request.packing)] {
+                if set == Some(true) {
+                    return Err(SpecError::invalid(
+                        param,
+                        "method.type dpo compares the answers of each pair on their own; leave it false",
+                    ));
+                }
+            }
+        }
         let lr_scheduler = resolve_lr_scheduler(request.lr_scheduler.as_deref())?;
         let warmup_ratio = request.warmup_ratio.unwrap_or(DEFAULT_WARMUP_RATIO);
         if !(0.0..=1.0).contains(&warmup_ratio) {
@@ -430,7 +454,7 @@ fn resolve_method_lora(method: Method, lora: Option<&LoraRequest>) -> Result<Opt
         (Method::Full, Some(_)) => Err(SpecError::invalid("lora", "method.type full trains every weight; remove `lora`")),
         (Method::Full, None) | (Method::ContinuedPretraining, None) => Ok(None),
         (_, Some(lora)) => Ok(Some(resolve_lora(lora)?)),
-        (Method::Supervised, None) => Ok(Some(resolve_lora(&LoraRequest::default())?)),
+        (Method::Supervised | Method::Dpo, None) => Ok(Some(resolve_lora(&LoraRequest::default())?)),
     }
 }
 
@@ -455,7 +479,22 @@ fn resolve_hyperparameters(
     param: &str,
     learning_rate: Option<f64>,
     lora: bool,
+    method: Method,
 ) -> Result<(Hyperparameters, f64), SpecError> {
+    let beta = match (method, h.beta) {
+        (Method::Dpo, None | Some(AutoOr::Auto)) => Some(DEFAULT_DPO_BETA),
+        (Method::Dpo, Some(AutoOr::Value(beta))) if beta > 0.0 && beta <= 2.0 => Some(beta),
+        (Method::Dpo, Some(AutoOr::Value(beta))) => {
+            return Err(SpecError::invalid(&format!("{param}.beta"), format!("must be \"auto\" or in (0, 2], got {beta}")))
+        }
+        (_, None) => None,
+        (other, Some(_)) => {
+            return Err(SpecError::invalid(
+                &format!("{param}.beta"),
+                format!("beta is a DPO hyperparameter; method.type {} has none", other.as_str()),
+            ))
+        }
+    };
     let n_epochs = resolve_count(h.n_epochs, DEFAULT_N_EPOCHS, 1..=50, &format!("{param}.n_epochs"))?;
     let batch_size = resolve_count(h.batch_size, DEFAULT_BATCH_SIZE, 1..=256, &format!("{param}.batch_size"))?;
     let base = base_learning_rate(lora);
@@ -475,7 +514,8 @@ fn resolve_hyperparameters(
             m * base
         }
     };
-    let hyperparameters = Hyperparameters { n_epochs, batch_size, learning_rate_multiplier: round_to_12_digits(learning_rate / base) };
+    let hyperparameters =
+        Hyperparameters { n_epochs, batch_size, learning_rate_multiplier: round_to_12_digits(learning_rate / base), beta };
     Ok((hyperparameters, learning_rate))
 }
 
@@ -513,27 +553,35 @@ fn resolve_method(request: &CreateJobRequest) -> Result<(Method, Option<Hyperpar
         Some("supervised") => (Method::Supervised, &method.supervised),
         Some("continued_pretraining") => (Method::ContinuedPretraining, &method.continued_pretraining),
         Some("full") => (Method::Full, &method.full),
-        Some(kind @ ("dpo" | "reinforcement")) => {
+        Some("dpo") => (Method::Dpo, &method.dpo),
+        Some("reinforcement") => {
             return Err(SpecError::unsupported(
                 "method.type",
-                format!("{kind} is not supported by Lathe; supported: supervised, continued_pretraining, full"),
+                "reinforcement is not supported by Lathe; supported: supervised, dpo, continued_pretraining, full",
             ))
         }
         Some(other) => {
             return Err(SpecError::invalid(
                 "method.type",
-                format!("unknown method {other:?}; supported: supervised, continued_pretraining, full"),
+                format!("unknown method {other:?}; supported: supervised, dpo, continued_pretraining, full"),
             ))
         }
         None => return Err(SpecError::invalid("method.type", "missing required parameter")),
     };
-    for (name, settings) in [("dpo", &method.dpo), ("reinforcement", &method.reinforcement)] {
-        if settings.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(SpecError::unsupported(
-                &format!("method.{name}"),
-                format!("{name} is not supported by Lathe; supported: supervised, continued_pretraining, full"),
-            ));
-        }
+    if method.reinforcement.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(SpecError::unsupported(
+            "method.reinforcement",
+            "reinforcement is not supported by Lathe; supported: supervised, dpo, continued_pretraining, full",
+        ));
+    }
+    let others = [
+        ("supervised", &method.supervised),
+        ("dpo", &method.dpo),
+        ("continued_pretraining", &method.continued_pretraining),
+        ("full", &method.full),
+    ];
+    if let Some((name, _)) = others.iter().find(|(name, s)| *name != kind.as_str() && s.is_some()) {
+        return Err(SpecError::invalid(&format!("method.{name}"), format!("settings for {name}, but method.type is {}", kind.as_str())));
     }
     let nested = settings.as_ref().and_then(|s| s.hyperparameters.clone()).filter(|h| !h.is_empty());
     match (top_level, nested) {

@@ -101,11 +101,14 @@ pub struct HyperparametersRequest {
     pub batch_size: Option<AutoOr<i64>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub learning_rate_multiplier: Option<AutoOr<f64>>,
+    /// DPO only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub beta: Option<AutoOr<f64>>,
 }
 
 impl HyperparametersRequest {
     pub(crate) fn is_empty(&self) -> bool {
-        self.n_epochs.is_none() && self.batch_size.is_none() && self.learning_rate_multiplier.is_none()
+        self.n_epochs.is_none() && self.batch_size.is_none() && self.learning_rate_multiplier.is_none() && self.beta.is_none()
     }
 }
 
@@ -122,9 +125,9 @@ pub struct MethodRequest {
     pub continued_pretraining: Option<MethodSettingsRequest>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub full: Option<MethodSettingsRequest>,
-    /// OpenAI's preference and reinforcement methods: refused as unsupported when present.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub dpo: Option<Value>,
+    pub dpo: Option<MethodSettingsRequest>,
+    /// OpenAI's reinforcement method: refused as unsupported when present.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reinforcement: Option<Value>,
 }

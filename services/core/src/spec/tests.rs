@@ -20,6 +20,10 @@ fn spec(extra: Value) -> Result<JobSpec, SpecError> {
     JobSpec::try_from(CreateJobRequest::from_value(body(extra))?)
 }
 
+fn spec_of(extra: Value) -> JobSpec {
+    spec(extra).unwrap()
+}
+
 fn rejection(extra: Value) -> SpecError {
     spec(extra).expect_err("expected a rejection")
 }
@@ -28,7 +32,7 @@ fn rejection(extra: Value) -> SpecError {
 fn a_minimal_request_resolves_to_the_documented_defaults() {
     let spec = spec(json!({})).unwrap();
     assert_eq!(spec.method, Method::Supervised);
-    assert_eq!(spec.hyperparameters, Hyperparameters { n_epochs: 3, batch_size: 4, learning_rate_multiplier: 1.0 });
+    assert_eq!(spec.hyperparameters, Hyperparameters { n_epochs: 3, batch_size: 4, learning_rate_multiplier: 1.0, beta: None });
     assert_eq!(spec.learning_rate, 1e-4);
     let lora = spec.lora.as_ref().unwrap();
     assert_eq!((lora.rank, lora.alpha, lora.dropout, lora.use_rslora), (16, 32.0, 0.0, false));
@@ -43,7 +47,7 @@ fn a_minimal_request_resolves_to_the_documented_defaults() {
 #[test]
 fn auto_hyperparameters_resolve_like_absent_ones() {
     let spec = spec(json!({"hyperparameters": {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}})).unwrap();
-    assert_eq!(spec.hyperparameters_view(), Hyperparameters { n_epochs: 3, batch_size: 4, learning_rate_multiplier: 1.0 });
+    assert_eq!(spec.hyperparameters_view(), Hyperparameters { n_epochs: 3, batch_size: 4, learning_rate_multiplier: 1.0, beta: None });
 }
 
 #[test]
@@ -64,7 +68,7 @@ fn the_cve_cwe_recipe_round_trips_through_the_stored_json() {
         "integrations": []
     }))
     .unwrap();
-    assert_eq!(spec.hyperparameters, Hyperparameters { n_epochs: 10, batch_size: 8, learning_rate_multiplier: 0.5 });
+    assert_eq!(spec.hyperparameters, Hyperparameters { n_epochs: 10, batch_size: 8, learning_rate_multiplier: 0.5, beta: None });
     assert_eq!(spec.learning_rate, 5e-5);
     let lora = spec.lora.as_ref().unwrap();
     assert_eq!(lora.target_modules, ["q_proj", "v_proj"], "checkpoint order");
@@ -192,14 +196,42 @@ fn model_names_cannot_climb_out_of_the_models_root() {
 }
 
 #[test]
-fn dpo_and_unknown_methods_are_refused_naming_method_type() {
-    let error = rejection(json!({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}}}));
+fn a_dpo_job_in_openai_s_shape_trains_lora_with_beta() {
+    let spec = spec(json!({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2}}}})).unwrap();
+    assert_eq!((spec.method, spec.hyperparameters.beta, spec.hyperparameters.n_epochs), (Method::Dpo, Some(0.25), 2));
+    assert!(spec.lora.is_some(), "DPO trains a LoRA adapter by default");
+    assert_eq!(spec.method_view()["dpo"]["hyperparameters"]["beta"], 0.25);
+    let auto = spec_of(json!({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": "auto"}}}}));
+    assert_eq!(auto.hyperparameters.beta, Some(DEFAULT_DPO_BETA));
+    assert_eq!(spec_of(json!({})).hyperparameters.beta, None);
+    assert!(serde_json::to_value(spec_of(json!({})).hyperparameters).unwrap().get("beta").is_none());
+
+    // A DPO job reads preference pairs, and only a DPO job does.
+    let pairs = FileSummary { format: DataFormat::Preference, examples: 10, lines: 10, bytes: 100 };
+    let chat = FileSummary { format: DataFormat::Chat, ..pairs };
+    assert!(auto.check_files(&pairs, Some(&pairs)).is_ok());
+    assert!(auto.check_files(&chat, None).unwrap_err().message.contains("dpo reads preference pairs"));
+    assert!(spec_of(json!({})).check_files(&pairs, None).unwrap_err().message.contains("train with method.type dpo"));
+}
+
+#[test]
+fn bad_dpo_settings_and_unknown_methods_are_refused_naming_the_field() {
+    for (body, param) in [
+        (json!({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}}), "method.dpo.hyperparameters.beta"),
+        (json!({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 2.5}}}}), "method.dpo.hyperparameters.beta"),
+        (
+            json!({"method": {"type": "supervised", "supervised": {"hyperparameters": {"beta": 0.1}}}}),
+            "method.supervised.hyperparameters.beta",
+        ),
+        (json!({"method": {"type": "supervised", "dpo": {"hyperparameters": {"beta": 0.1}}}}), "method.dpo"),
+        (json!({"method": {"type": "dpo"}, "packing": true}), "packing"),
+        (json!({"method": {"type": "dpo"}, "train_on_inputs": true}), "train_on_inputs"),
+        (json!({"method": {}}), "method.type"),
+    ] {
+        assert_eq!(rejection(body.clone()).param, param, "{body}");
+    }
+    let error = rejection(json!({"method": {"type": "reinforcement"}}));
     assert_eq!((error.param.as_str(), error.code), ("method.type", SpecCode::UnsupportedParameter));
-    assert!(error.message.contains("dpo is not supported"), "{}", error.message);
-    let error = rejection(json!({"method": {"type": "supervised", "dpo": {"hyperparameters": {"beta": 0.1}}}}));
-    assert_eq!((error.param.as_str(), error.code), ("method.dpo", SpecCode::UnsupportedParameter));
-    assert_eq!(rejection(json!({"method": {"type": "reinforcement"}})).param, "method.type");
-    assert_eq!(rejection(json!({"method": {}})).param, "method.type");
 }
 
 #[test]

@@ -27,10 +27,21 @@ pub struct MetricPoint {
     pub tokens_per_second: Option<f32>,
     pub tokens_seen: Option<i64>,
     pub memory_bytes: Option<i64>,
+    /// DPO steps: mean rewards of the preferred and the other answers, the fraction of pairs
+    /// ranked right, and the mean margin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewards_chosen: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewards_rejected: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewards_accuracy: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewards_margin: Option<f32>,
 }
 
 pub(crate) const METRIC_COLUMNS: &str = "step, total_steps, train_loss, valid_loss, train_mean_token_accuracy, \
-    valid_mean_token_accuracy, learning_rate, grad_norm, tokens_per_second, tokens_seen, memory_bytes";
+    valid_mean_token_accuracy, learning_rate, grad_norm, tokens_per_second, tokens_seen, memory_bytes, \
+    rewards_chosen, rewards_rejected, rewards_accuracy, rewards_margin";
 
 /// Stores a batch of points in one statement. Idempotent on (job, step): a point resent by the
 /// same attempt changes nothing, unless it now carries more (the validation loss of an eval
@@ -76,7 +87,7 @@ async fn insert_metrics(
         "INSERT INTO metrics (job_id, attempt, {METRIC_COLUMNS})
          SELECT $1, $2, p.* FROM UNNEST($3::bigint[], $4::bigint[], $5::real[], $6::real[], $7::real[],
                                         $8::real[], $9::float8[], $10::real[], $11::real[], $12::bigint[],
-                                        $13::bigint[]) AS p
+                                        $13::bigint[], $14::real[], $15::real[], $16::real[], $17::real[]) AS p
          ON CONFLICT (job_id, step) DO UPDATE SET
              attempt = excluded.attempt, total_steps = excluded.total_steps,
              train_loss = excluded.train_loss, valid_loss = excluded.valid_loss,
@@ -84,7 +95,9 @@ async fn insert_metrics(
              valid_mean_token_accuracy = excluded.valid_mean_token_accuracy,
              learning_rate = excluded.learning_rate, grad_norm = excluded.grad_norm,
              tokens_per_second = excluded.tokens_per_second, tokens_seen = excluded.tokens_seen,
-             memory_bytes = excluded.memory_bytes, created_at = now()
+             memory_bytes = excluded.memory_bytes, rewards_chosen = excluded.rewards_chosen,
+             rewards_rejected = excluded.rewards_rejected, rewards_accuracy = excluded.rewards_accuracy,
+             rewards_margin = excluded.rewards_margin, created_at = now()
          WHERE excluded.attempt > metrics.attempt
             OR (excluded.attempt = metrics.attempt
                 AND (excluded.train_loss, excluded.valid_loss, excluded.valid_mean_token_accuracy)
@@ -103,6 +116,10 @@ async fn insert_metrics(
     .bind(column(points, |p| p.tokens_per_second))
     .bind(column(points, |p| p.tokens_seen))
     .bind(column(points, |p| p.memory_bytes))
+    .bind(column(points, |p| p.rewards_chosen))
+    .bind(column(points, |p| p.rewards_rejected))
+    .bind(column(points, |p| p.rewards_accuracy))
+    .bind(column(points, |p| p.rewards_margin))
     .execute(&mut **tx)
     .await?
     .rows_affected();

@@ -72,7 +72,7 @@ impl FusedBase {
         *shape.last_mut().expect("x has a feature axis") = self.weight.size()[0];
         // 2-D, so the output is a fresh tensor the LoRA updates may accumulate into in place.
         let mut y = x2.linear(&self.weight.to_kind(kind), self.bias.as_ref().map(|b| b.to_kind(kind)).as_ref());
-        let pairs: Vec<_> = members.iter().filter_map(|m| m.lora.as_ref()).collect();
+        let pairs: Vec<_> = members.iter().filter_map(|m| m.active_lora()).collect();
         if pairs.is_empty() {
             return y.view(shape.as_slice());
         }
@@ -86,7 +86,7 @@ impl FusedBase {
         let blocks: Vec<Tensor> = members
             .iter()
             .zip(&self.outs)
-            .map(|(m, &out)| match &m.lora {
+            .map(|(m, &out)| match m.active_lora() {
                 Some(p) => p.scaled_b(kind),
                 None => Tensor::zeros([out, 0], (kind, x.device())),
             })

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use lathe_core::training_file::DataFormat;
 use lathe_encode::{encode_examples, EncodeError, Encoder};
 
 use crate::data::jsonl::read_examples;
@@ -9,15 +10,40 @@ use crate::data::packing::{pack, Sequence};
 use crate::{Result, TrainerError};
 
 pub struct PreparedData {
+    /// One per example; for preference pairs two per pair, the preferred answer's first.
     pub rows: Vec<Sequence>,
     pub examples: usize,
     pub truncated: usize,
     /// Examples with no loss-carrying token left (after truncation); not trained on.
     pub dropped: usize,
+    /// The rows come in preference pairs.
+    pub pairs: bool,
 }
 
-pub fn prepare(path: &Path, encoder: &Encoder, packing: bool, max_seq_length: usize) -> Result<PreparedData> {
+impl PreparedData {
+    /// What an epoch goes through once: rows, or pairs of rows.
+    pub fn units(&self) -> usize {
+        if self.pairs {
+            self.rows.len() / 2
+        } else {
+            self.rows.len()
+        }
+    }
+}
+
+/// Reads `path` for a run that trains on preference pairs (`pairs`) or on examples.
+pub fn prepare(path: &Path, encoder: &Encoder, packing: bool, max_seq_length: usize, pairs: bool) -> Result<PreparedData> {
     let (examples, lines) = read_examples(path)?;
+    let format = examples.first().map(|e| e.format());
+    if pairs != (format == Some(DataFormat::Preference)) {
+        let described = format.map_or("no", DataFormat::describe);
+        let message = if pairs {
+            format!("DPO trains on preference pairs, but the file is in {described} format")
+        } else {
+            format!("the file is in {described} format; preference pairs train with method = \"dpo\"")
+        };
+        return Err(TrainerError::file(path, message));
+    }
     let encoded = encode_examples(encoder, &examples, &lines).map_err(|e| match e {
         // Template and tokenizer problems are about a line of this file.
         EncodeError::Line { line, message } => TrainerError::data_line(path, line, message),
@@ -28,7 +54,7 @@ pub fn prepare(path: &Path, encoder: &Encoder, packing: bool, max_seq_length: us
     }
     let rows = if packing { pack(&encoded.kept, max_seq_length) } else { encoded.kept.iter().map(Sequence::from_example).collect() };
     let tally = encoded.tally;
-    Ok(PreparedData { rows, examples: tally.examples, truncated: tally.truncated, dropped: tally.dropped })
+    Ok(PreparedData { rows, examples: tally.examples, truncated: tally.truncated, dropped: tally.dropped, pairs })
 }
 
 /// FNV-1a over every row's tokens and loss mask: a resume with different data is refused.

@@ -76,6 +76,24 @@ pub struct StepMetrics {
     pub rank_step_seconds: Vec<f64>,
     /// Data parallel: time spent summing gradients over ranks; 0 for a one-process run.
     pub all_reduce_seconds: f64,
+    /// DPO runs: the step's rewards and log-probabilities (then `loss` is DPO's mean loss over
+    /// the step's pairs and `train_mean_token_accuracy` the fraction of pairs ranked right).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preference: Option<PreferenceMetrics>,
+}
+
+/// DPO's step metrics, named as TRL logs them (`rewards/chosen` is `rewards_chosen`). A reward
+/// is β·(log π(y) − log π_ref(y)) for an answer y; all are means over the step's pairs.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct PreferenceMetrics {
+    pub rewards_chosen: f64,
+    pub rewards_rejected: f64,
+    /// Fraction of pairs whose preferred answer has the larger reward.
+    pub rewards_accuracy: f64,
+    pub rewards_margin: f64,
+    /// The policy's log-probability of each answer, summed over its tokens.
+    pub logps_chosen: f64,
+    pub logps_rejected: f64,
 }
 
 impl Event {

@@ -13,6 +13,7 @@ pub mod batches;
 mod data;
 pub mod events;
 pub mod gang;
+mod preference;
 mod step;
 pub mod train_config;
 
@@ -31,10 +32,11 @@ use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::Schedule;
 use crate::{device, export, models, peft, Result, TrainerError};
 use batches::{epoch_order, make_micro_batch, rank_rows, row_trained_tokens, steps_per_epoch};
-pub use events::{Event, StepMetrics};
+pub use events::{Event, PreferenceMetrics, StepMetrics};
 pub use gang::Gang;
+use preference::{Reference, PAIR_SUMS};
 use step::{evaluate_batch, forward_backward, DropoutSeed};
-pub use train_config::{Method, TrainConfig};
+pub use train_config::{DpoSettings, Method, TrainConfig};
 
 /// How the caller watches and steers a run.
 pub struct Hooks<'a> {
@@ -73,7 +75,7 @@ pub fn run_in(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks, ga
             ),
         ));
     }
-    let plan = Plan::of(config, inputs.train.rows.len(), gang.world());
+    let plan = Plan::of(config, inputs.train.units(), gang.world());
     let mut model = Model::load(config, &inputs, gang)?;
 
     // ---- outputs ----
@@ -135,7 +137,10 @@ pub fn run_in(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks, ga
         // Validation and checkpoints on rank 0; the others wait for it at the next collective.
         let eval_now = step == plan.total_steps || (t.eval_every > 0 && step % t.eval_every == 0);
         if let Some(v) = inputs.valid.as_ref().filter(|_| eval_now && gang.is_leader()) {
-            let (valid_loss, valid_acc, valid_tokens) = evaluate(&model.decoder, &v.rows, t.batch_size, config.data.packing, inputs.device);
+            let (valid_loss, valid_acc, valid_tokens) = match (&model.reference, config.dpo_beta()) {
+                (Some(reference), Some(beta)) => preference::evaluate(&model.decoder, v, reference, beta, t.batch_size, inputs.device),
+                _ => evaluate(&model.decoder, &v.rows, t.batch_size, config.data.packing, inputs.device),
+            };
             log.eval(step, valid_loss, valid_acc, valid_tokens)?;
         }
         if t.checkpoint_every > 0 && step % t.checkpoint_every == 0 && step < plan.total_steps {
@@ -202,9 +207,10 @@ impl Inputs {
             &config.model,
             EncodeOptions { max_seq_length: config.data.max_seq_length, train_on_inputs: config.data.train_on_inputs },
         )?;
-        let train = data::prepare(&config.train_file, &encoder, config.data.packing, config.data.max_seq_length)?;
+        let pairs = config.dpo_beta().is_some();
+        let train = data::prepare(&config.train_file, &encoder, config.data.packing, config.data.max_seq_length, pairs)?;
         let valid = match &config.validation_file {
-            Some(path) => Some(data::prepare(path, &encoder, config.data.packing, config.data.max_seq_length)?),
+            Some(path) => Some(data::prepare(path, &encoder, config.data.packing, config.data.max_seq_length, pairs)?),
             None => None,
         };
         let fingerprint = data::fingerprint(&train.rows);
@@ -251,16 +257,15 @@ struct Model {
     optimizer: AdamW,
     start_step: u64,
     tokens_seen: u64,
+    /// DPO: the reference model's log-probabilities of every row.
+    reference: Option<Reference>,
 }
 
 impl Model {
     /// Loads the base weights with the trainable part (a fresh LoRA adapter, or every weight),
     /// and restores both from the checkpoint when resuming.
     fn load(config: &TrainConfig, inputs: &Inputs, gang: &Gang) -> Result<Model> {
-        let lora = match config.method {
-            Method::Lora => Some(config.lora_config()?),
-            Method::Full => None,
-        };
+        let lora = if config.trains_lora() { Some(config.lora_config()?) } else { None };
         let trainable = match &lora {
             Some(l) => Trainable::Lora(l.clone()),
             None => Trainable::Everything,
@@ -284,7 +289,9 @@ impl Model {
         // Ranks start from rank 0's weights (the same by construction; now also by contract).
         let trainable: Vec<tch::Tensor> = optimizer.params.iter().map(|p| p.param.shallow_clone()).collect();
         gang.broadcast_from_leader(&trainable)?;
-        Ok(Model { lora, decoder, optimizer, start_step, tokens_seen })
+        let mut model = Model { lora, decoder, optimizer, start_step, tokens_seen, reference: None };
+        model.reference = Reference::prepare(config, inputs, &model, gang)?;
+        Ok(model)
     }
 
     /// One optimizer step: forward and backward over this rank's micro-batches, gradients
@@ -300,9 +307,75 @@ impl Model {
         batch_dump: &mut Vec<(String, tch::Tensor)>,
         gang: &Gang,
     ) -> Result<StepMetrics> {
+        let step_started = Instant::now();
+        let sums = match (&self.reference, config.dpo_beta()) {
+            (Some(reference), Some(beta)) => {
+                preference::micro_batches(self, config, inputs, plan, step, (reference, beta), batch_dump, gang)?
+            }
+            _ => self.supervised_micro_batches(config, inputs, plan, step, batch_dump, gang)?,
+        };
+        let trainable: Vec<tch::Tensor> = self.optimizer.params.iter().map(|p| p.param.shallow_clone()).collect();
+        let (rank, world) = (gang.rank(), gang.world());
+        if sums.empty && world > 1 {
+            gang::zero_backward(&trainable);
+        }
+        let compute_seconds = step_started.elapsed().as_secs_f64();
+        let all_reduce = gang.all_reduce_grads(&trainable)?;
+        // loss, correct, real tokens, the pair sums, then each rank's compute time in its own slot.
+        let mut totals = vec![0.0; 3 + PAIR_SUMS + world];
+        totals[..3].copy_from_slice(&[sums.loss_sum, sums.correct, sums.real_tokens as f64]);
+        totals[3..3 + PAIR_SUMS].copy_from_slice(&sums.pairs);
+        totals[3 + PAIR_SUMS + rank] = compute_seconds;
+        gang.sum(&mut totals)?;
+        let (loss_sum, correct, real_tokens) = (totals[0], totals[1], totals[2] as u64);
+        let rank_step_seconds = if world > 1 { totals[3 + PAIR_SUMS..].to_vec() } else { Vec::new() };
+        let grad_norm = self.optimizer.clip_grad_norm(config.optim.max_grad_norm);
+        let lr = plan.schedule.lr_at(step);
+        self.optimizer.step(lr);
+        self.optimizer.zero_grad();
+
+        self.tokens_seen += real_tokens;
+        let normalizer = sums.normalizer;
+        let loss = loss_sum / normalizer;
+        if !loss.is_finite() {
+            return Err(TrainerError::invalid(
+                "optim.learning_rate",
+                format!("loss became {loss} at step {step}; lower the learning rate"),
+            ));
+        }
+        let preference = self.reference.as_ref().map(|_| preference::metrics(&totals[3..3 + PAIR_SUMS], correct, normalizer));
+        Ok(StepMetrics {
+            step,
+            total_steps: plan.total_steps,
+            epoch: (step - 1) / plan.per_epoch,
+            loss,
+            lr,
+            grad_norm,
+            train_mean_token_accuracy: correct / normalizer,
+            trained_tokens: sums.trained_tokens,
+            tokens_seen: self.tokens_seen,
+            tokens_per_second: real_tokens as f64 / step_started.elapsed().as_secs_f64().max(1e-9),
+            peak_memory_bytes: device::peak_memory_bytes(inputs.device),
+            elapsed_seconds: started.elapsed().as_secs_f64(),
+            rank_step_seconds,
+            all_reduce_seconds: all_reduce.as_secs_f64(),
+            preference,
+        })
+    }
+
+    /// Supervised cross-entropy over this rank's micro-batches of the step, gradients
+    /// accumulated, each token weighed by one over the whole step's trained tokens.
+    fn supervised_micro_batches(
+        &mut self,
+        config: &TrainConfig,
+        inputs: &Inputs,
+        plan: &Plan,
+        step: u64,
+        batch_dump: &mut Vec<(String, tch::Tensor)>,
+        gang: &Gang,
+    ) -> Result<StepSums> {
         let t = &config.train;
         let rows = &inputs.train.rows;
-        let step_started = Instant::now();
         let epoch = (step - 1) / plan.per_epoch;
         let order = epoch_order(rows.len(), config.seed, epoch, t.shuffle);
         let (rank, world) = (gang.rank(), gang.world());
@@ -312,15 +385,12 @@ impl Model {
         let step_tokens = step_tokens[0] as u64;
         let normalizer = step_tokens.max(1) as f64;
         let dropout = self.lora.as_ref().is_some_and(|l| l.dropout > 0.0);
-        let (mut loss_sum, mut correct, mut real_tokens) = (0.0, 0i64, 0u64);
+        let mut sums = StepSums { normalizer, trained_tokens: step_tokens, empty: micro_rows.is_empty(), ..StepSums::default() };
         for (m, micro) in micro_rows.iter().enumerate() {
             let seqs: Vec<_> = micro.iter().map(|&r| &rows[r]).collect();
             let batch = make_micro_batch(&seqs, config.data.packing, PAD_ID, inputs.device);
             if config.debug.dump_batches {
-                let key = format!("step{step}.micro{m}");
-                batch_dump.push((format!("{key}.input_ids"), batch.input_ids.shallow_clone()));
-                batch_dump.push((format!("{key}.targets"), batch.targets.shallow_clone()));
-                batch_dump.push((format!("{key}.attention_mask"), batch.attention_mask.shallow_clone()));
+                dump_batch(batch_dump, step, m, &batch);
             }
             // Numbered across ranks, so a rank's masks are those one process would use for the
             // same micro-batch with accumulation (masks follow the micro-batch split, so with
@@ -328,52 +398,11 @@ impl Model {
             let micro = (rank * t.gradient_accumulation_steps + m) as u64;
             let seed = dropout.then_some(DropoutSeed { seed: config.seed, step, micro });
             let r = forward_backward(&self.decoder, &batch, normalizer, t.gradient_checkpointing, seed);
-            loss_sum += r.loss_sum;
-            correct += r.correct;
-            real_tokens += batch.real_tokens;
+            sums.loss_sum += r.loss_sum;
+            sums.correct += r.correct as f64;
+            sums.real_tokens += batch.real_tokens;
         }
-        let trainable: Vec<tch::Tensor> = self.optimizer.params.iter().map(|p| p.param.shallow_clone()).collect();
-        if micro_rows.is_empty() && world > 1 {
-            gang::zero_backward(&trainable);
-        }
-        let compute_seconds = step_started.elapsed().as_secs_f64();
-        let all_reduce = gang.all_reduce_grads(&trainable)?;
-        // loss, correct, real tokens, then each rank's compute time in its own slot.
-        let mut totals = vec![0.0; 3 + world];
-        totals[..3].copy_from_slice(&[loss_sum, correct as f64, real_tokens as f64]);
-        totals[3 + rank] = compute_seconds;
-        gang.sum(&mut totals)?;
-        let (loss_sum, correct, real_tokens) = (totals[0], totals[1], totals[2] as u64);
-        let rank_step_seconds = if world > 1 { totals[3..].to_vec() } else { Vec::new() };
-        let grad_norm = self.optimizer.clip_grad_norm(config.optim.max_grad_norm);
-        let lr = plan.schedule.lr_at(step);
-        self.optimizer.step(lr);
-        self.optimizer.zero_grad();
-
-        self.tokens_seen += real_tokens;
-        let loss = loss_sum / normalizer;
-        if !loss.is_finite() {
-            return Err(TrainerError::invalid(
-                "optim.learning_rate",
-                format!("loss became {loss} at step {step}; lower the learning rate"),
-            ));
-        }
-        Ok(StepMetrics {
-            step,
-            total_steps: plan.total_steps,
-            epoch,
-            loss,
-            lr,
-            grad_norm,
-            train_mean_token_accuracy: correct / normalizer,
-            trained_tokens: step_tokens,
-            tokens_seen: self.tokens_seen,
-            tokens_per_second: real_tokens as f64 / step_started.elapsed().as_secs_f64().max(1e-9),
-            peak_memory_bytes: device::peak_memory_bytes(inputs.device),
-            elapsed_seconds: started.elapsed().as_secs_f64(),
-            rank_step_seconds,
-            all_reduce_seconds: all_reduce.as_secs_f64(),
-        })
+        Ok(sums)
     }
 
     fn save_checkpoint(
@@ -389,7 +418,7 @@ impl Model {
             return Ok(None);
         }
         let progress = Progress { step, total_steps, tokens_seen: self.tokens_seen, ranks: gang.world() };
-        save_checkpoint(config, &self.decoder, &self.optimizer, log, progress, fingerprint, self.lora.as_ref())
+        save_checkpoint(config, self, log, progress, fingerprint)
     }
 
     /// The PEFT adapter (LoRA) and the full model (full fine-tuning, or LoRA with `merge`).
@@ -436,6 +465,31 @@ fn restore(decoder: &mut Decoder, optimizer: &mut AdamW, r: &checkpoint::LoadedC
     Ok(())
 }
 
+/// Keeps a micro-batch's tensors for `debug/batches.safetensors` (`debug.dump_batches`).
+fn dump_batch(batch_dump: &mut Vec<(String, tch::Tensor)>, step: u64, micro: usize, batch: &batches::MicroBatch) {
+    let key = format!("step{step}.micro{micro}");
+    batch_dump.push((format!("{key}.input_ids"), batch.input_ids.shallow_clone()));
+    batch_dump.push((format!("{key}.targets"), batch.targets.shallow_clone()));
+    batch_dump.push((format!("{key}.attention_mask"), batch.attention_mask.shallow_clone()));
+}
+
+/// What one rank's micro-batches of a step add up to, before the sum over ranks.
+#[derive(Default)]
+struct StepSums {
+    /// What the step's loss is divided by: its trained tokens, or its pairs for DPO.
+    normalizer: f64,
+    loss_sum: f64,
+    /// Tokens predicted right (supervised), pairs ranked right (DPO).
+    correct: f64,
+    real_tokens: u64,
+    /// Over all ranks.
+    trained_tokens: u64,
+    /// DPO's sums over pairs: see [`preference::metrics`]; zeros otherwise.
+    pairs: [f64; PAIR_SUMS],
+    /// This rank has no row this step (the end of an epoch).
+    empty: bool,
+}
+
 /// Where a run stands when it writes a checkpoint.
 struct Progress {
     step: u64,
@@ -446,13 +500,12 @@ struct Progress {
 
 fn save_checkpoint(
     config: &TrainConfig,
-    decoder: &Decoder,
-    optimizer: &AdamW,
+    model: &Model,
     log: &mut RunLog,
     progress: Progress,
     fingerprint: &str,
-    lora: Option<&crate::lora::LoraConfig>,
 ) -> Result<Option<PathBuf>> {
+    let (decoder, optimizer, lora) = (&model.decoder, &model.optimizer, model.lora.as_ref());
     let Progress { step, total_steps, tokens_seen, ranks } = progress;
     if step == 0 {
         return Ok(None);
@@ -471,6 +524,9 @@ fn save_checkpoint(
     checkpoint::write_dir_atomically(&dir, |tmp| {
         checkpoint::write_tensors(&tmp.join(checkpoint::TRAINABLE_FILE), &trainable)?;
         checkpoint::write_tensors(&tmp.join(checkpoint::OPTIMIZER_FILE), &optimizer.state_tensors())?;
+        if let Some(reference) = &model.reference {
+            reference.write(tmp)?;
+        }
         if let Some(l) = lora {
             // A usable PEFT adapter inside each checkpoint, like a hosted checkpoint model.
             let adapter = tmp.join("adapter");

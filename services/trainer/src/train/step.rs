@@ -10,7 +10,7 @@
 //! element index (`lora::hashed_dropout`), so the recomputation sees the same masks, a resumed
 //! run the same masks as an uninterrupted one, and no global generator is involved.
 
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 use super::batches::{MicroBatch, IGNORE_INDEX};
 use crate::models::decoder::{Decoder, LayerContext};
@@ -47,9 +47,72 @@ pub fn forward_backward(
     checkpointing: bool,
     dropout: Option<DropoutSeed>,
 ) -> MicroResult {
+    let mut result = MicroResult { loss_sum: 0.0, correct: 0 };
+    backward_through(decoder, batch, checkpointing, dropout, &mut |hidden| {
+        let (loss_sum, correct) = decoder.loss_sum_and_correct(hidden, &batch.targets, IGNORE_INDEX);
+        result = MicroResult { loss_sum: loss_sum.double_value(&[]), correct: correct.int64_value(&[]) };
+        loss_sum / normalizer
+    });
+    result
+}
+
+/// What a micro-batch of preference pairs gave: per pair, the policy's log-probabilities of
+/// the preferred and the other answer, and DPO's loss.
+pub struct PairResult {
+    pub losses: Vec<f64>,
+    pub chosen_logps: Vec<f64>,
+    pub rejected_logps: Vec<f64>,
+}
+
+/// DPO's forward and backward for `n` pairs: `batch` holds the n preferred answers' rows, then
+/// the n others', and `reference` (2n) the reference model's log-probabilities of the same rows.
+/// The loss of each pair is −log σ(β·((π⁺ − ref⁺) − (π⁻ − ref⁻))); gradients accumulate scaled
+/// by `1 / pairs_in_step`, so a step's loss is the mean over its pairs (TRL's sigmoid loss).
+pub fn dpo_forward_backward(
+    decoder: &Decoder,
+    batch: &MicroBatch,
+    reference: &Tensor,
+    beta: f64,
+    pairs_in_step: f64,
+    checkpointing: bool,
+    dropout: Option<DropoutSeed>,
+) -> PairResult {
+    let mut result = PairResult { losses: Vec::new(), chosen_logps: Vec::new(), rejected_logps: Vec::new() };
+    backward_through(decoder, batch, checkpointing, dropout, &mut |hidden| {
+        let logps = sequence_logps(decoder, hidden, &batch.targets);
+        let n = logps.size()[0] / 2;
+        let (chosen, rejected) = (logps.narrow(0, 0, n), logps.narrow(0, n, n));
+        let (ref_chosen, ref_rejected) = (reference.narrow(0, 0, n), reference.narrow(0, n, n));
+        let margin = (&chosen - &rejected) - (ref_chosen - ref_rejected);
+        let losses = -(margin * beta).log_sigmoid();
+        let values = |t: &Tensor| Vec::<f64>::try_from(t.detach().to_kind(Kind::Double)).expect("a 1-D tensor");
+        result = PairResult { losses: values(&losses), chosen_logps: values(&chosen), rejected_logps: values(&rejected) };
+        losses.sum(Kind::Float) / pairs_in_step
+    });
+    result
+}
+
+/// Per row of `hidden` (N, T, D): the log-probability of its target tokens (those not
+/// [`IGNORE_INDEX`]), summed — the answer's log-likelihood. Row by row through the chunked
+/// cross-entropy, so the (T, vocabulary) logits of a whole batch never exist at once.
+pub fn sequence_logps(decoder: &Decoder, hidden: &Tensor, targets: &Tensor) -> Tensor {
+    let rows: Vec<Tensor> =
+        (0..hidden.size()[0]).map(|i| -decoder.loss_sum_and_correct(&hidden.get(i), &targets.get(i), IGNORE_INDEX).0).collect();
+    Tensor::stack(&rows, 0)
+}
+
+/// Forward through every layer, `head` from the last hidden state to the scalar to
+/// back-propagate, then backward: plainly, or layer by layer with recomputation.
+fn backward_through(
+    decoder: &Decoder,
+    batch: &MicroBatch,
+    checkpointing: bool,
+    dropout: Option<DropoutSeed>,
+    head: &mut dyn FnMut(&Tensor) -> Tensor,
+) {
     let ctx = decoder.context(&batch.input_ids, Some(&batch.position_ids), batch.segments.as_ref(), true);
     if checkpointing {
-        return forward_backward_checkpointed(decoder, batch, &ctx, normalizer, dropout);
+        return backward_checkpointed(decoder, batch, &ctx, dropout, head);
     }
     let mut hidden = decoder.embed(&batch.input_ids);
     for (i, layer) in decoder.layers.iter().enumerate() {
@@ -58,18 +121,16 @@ pub fn forward_backward(
         }
         hidden = layer.forward(&hidden, &ctx);
     }
-    let (loss_sum, correct) = decoder.loss_sum_and_correct(&hidden, &batch.targets, IGNORE_INDEX);
-    (&loss_sum / normalizer).backward();
-    MicroResult { loss_sum: loss_sum.double_value(&[]), correct: correct.int64_value(&[]) }
+    head(&hidden).backward();
 }
 
-fn forward_backward_checkpointed(
+fn backward_checkpointed(
     decoder: &Decoder,
     batch: &MicroBatch,
     ctx: &LayerContext,
-    normalizer: f64,
     dropout: Option<DropoutSeed>,
-) -> MicroResult {
+    head: &mut dyn FnMut(&Tensor) -> Tensor,
+) {
     // Forward without a graph, keeping each layer's input.
     let mut inputs = Vec::with_capacity(decoder.layers.len());
     let last = tch::no_grad(|| {
@@ -86,8 +147,7 @@ fn forward_backward_checkpointed(
 
     // Head and loss with a graph, giving the gradient at the last hidden state.
     let last = last.detach().set_requires_grad(true);
-    let (loss_sum, correct) = decoder.loss_sum_and_correct(&last, &batch.targets, IGNORE_INDEX);
-    (&loss_sum / normalizer).backward();
+    head(&last).backward();
     let mut grad = last.grad();
 
     // Layers in reverse: recompute one, push the gradient through it.
@@ -103,7 +163,6 @@ fn forward_backward_checkpointed(
     if decoder.embed_tokens.requires_grad() {
         (decoder.embed(&batch.input_ids) * &grad).sum(Kind::Float).backward();
     }
-    MicroResult { loss_sum: loss_sum.double_value(&[]), correct: correct.int64_value(&[]) }
 }
 
 /// Loss and accuracy of rows without gradients (validation).

@@ -19,6 +19,24 @@ pub enum Method {
     Lora,
     /// Every weight is trained.
     Full,
+    /// DPO on preference pairs with a LoRA adapter: `method = "lora"` with a `[dpo]` table.
+    Dpo,
+}
+
+/// Direct preference optimisation (the `[dpo]` table): trains on preference pairs with the
+/// sigmoid loss −log σ(β·((log π(y⁺) − log π_ref(y⁺)) − (log π(y⁻) − log π_ref(y⁻)))), each
+/// log-probability summed over the answer's tokens. The reference is the base model (the
+/// adapter switched off) for LoRA, the weights at step 0 for full training.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DpoSettings {
+    pub beta: f64,
+}
+
+impl Default for DpoSettings {
+    fn default() -> Self {
+        DpoSettings { beta: 0.1 }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +82,9 @@ pub struct TrainConfig {
     pub debug: DebugSettings,
     #[serde(default)]
     pub output: OutputSettings,
+    /// Present: train with DPO on a preference file instead of supervised cross-entropy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<DpoSettings>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -233,6 +254,20 @@ impl TrainConfig {
         std::fs::rename(&tmp, path).map_err(|e| TrainerError::io(path, e))
     }
 
+    /// DPO's β when the run trains on preference pairs (`method = "dpo"` or a `[dpo]` table).
+    pub fn dpo_beta(&self) -> Option<f64> {
+        match (&self.dpo, self.method) {
+            (Some(d), _) => Some(d.beta),
+            (None, Method::Dpo) => Some(DpoSettings::default().beta),
+            (None, _) => None,
+        }
+    }
+
+    /// Whether the run trains a LoRA adapter (everything but `method = "full"`).
+    pub fn trains_lora(&self) -> bool {
+        self.method != Method::Full
+    }
+
     /// How the frozen base weights are held.
     pub fn quantization(&self) -> Quantization {
         match self.quantization {
@@ -299,8 +334,18 @@ impl TrainConfig {
             return Err(TrainerError::invalid("train.gradient_accumulation_steps", "must be at least 1"));
         }
         crate::device::parse_dtype(&t.dtype).map_err(|e| TrainerError::invalid("train.dtype", e.to_string()))?;
-        if self.method == Method::Lora {
+        if self.trains_lora() {
             self.lora_config()?;
+        }
+        if let Some(beta) = self.dpo_beta() {
+            if !(beta > 0.0 && beta.is_finite()) {
+                return Err(TrainerError::invalid("dpo.beta", format!("must be > 0, got {beta}")));
+            }
+            for (field, set) in [("data.packing", self.data.packing), ("data.train_on_inputs", self.data.train_on_inputs)] {
+                if set {
+                    return Err(TrainerError::invalid(field, "DPO compares the answers of each pair on their own; set it to false"));
+                }
+            }
         }
         if self.method == Method::Full && self.quantization.is_some() {
             return Err(TrainerError::invalid(
@@ -371,10 +416,22 @@ mod tests {
             ("[train]\nbatch_size = 0", "train.batch_size"),
             ("[train]\ndtype = \"int8\"", "train.dtype"),
             ("method = \"full\"\nquantization = \"nf4\"", "quantization"),
+            ("[dpo]\nbeta = 0.0", "dpo.beta"),
+            ("method = \"dpo\"\n[data]\npacking = true", "data.packing"),
         ] {
             let err = parse(toml).validate().unwrap_err().to_string();
             assert!(err.contains(field), "{toml}: {err}");
         }
+    }
+
+    #[test]
+    fn dpo_is_method_dpo_or_a_dpo_table_over_lora_or_full() {
+        assert_eq!(parse("").dpo_beta(), None);
+        let lora = parse("method = \"dpo\"");
+        assert_eq!((lora.dpo_beta(), lora.trains_lora()), (Some(0.1), true));
+        let full = parse("method = \"full\"\n[dpo]\nbeta = 0.5");
+        assert_eq!((full.dpo_beta(), full.trains_lora()), (Some(0.5), false));
+        assert!(full.validate().is_ok());
     }
 
     #[test]
