@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from lathe_service import MODEL, create_job, download_result_files, wait_for_status, wait_until
+from lathe_service import MODEL, create_job, download_result_files, metrics_curve, wait_for_status, wait_until
 
 pytestmark = pytest.mark.service
 
@@ -223,3 +223,41 @@ def test_32_concurrent_requests_are_batched_and_answer_as_they_would_alone(servi
         assert answer.choices[0].message.content == alone[i % 4].choices[0].message.content, i
         assert answer.usage.completion_tokens == alone[i % 4].usage.completion_tokens
         assert answer.usage.prompt_tokens == alone[i % 4].usage.prompt_tokens
+
+
+def test_a_kept_checkpoint_is_a_model_for_chat_and_evaluations_and_a_pruned_one_is_gone(service, client, api_key,
+                                                                                         serving, training_file_id):
+    """OpenAI's checkpoints: each listed `fine_tuned_model_checkpoint` answers chat (with the
+    adapter of that step, as `lathe model generate` does with it) and evaluations; a job keeps its
+    newest `keep_checkpoints` (3 by default), and the older ones are no model any more."""
+    # Two epochs; a checkpoint every 2 steps and at the first epoch's end (the last step's model
+    # is the fine-tuned model itself).
+    job = create_job(client, training_file_id, n_epochs=2, seed=9, suffix="ckpt", extra={"checkpoint_every": 2})
+    job = wait_for_status(client, job.id, "succeeded")
+    total = len(metrics_curve(service, api_key, job.id))
+    written = [s for s in range(1, total) if s % 2 == 0 or s == total // 2]
+    listed = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in listed] == written[::-1][:3], ([c.step_number for c in listed], total)
+    oldest = listed[-1].step_number
+    model = listed[-1].fine_tuned_model_checkpoint
+    assert model == f"{job.fine_tuned_model}:ckpt-step-{oldest}"
+
+    checkpoint_dir = service.data_dir / "jobs" / job.id / "checkpoints"
+    assert sorted(p.name for p in checkpoint_dir.iterdir()) == [f"step-{s:06d}" for s in written[-3:]]
+    answer = client.chat.completions.create(model=model, messages=MESSAGES, temperature=0, max_tokens=12)
+    _, generated, tok, _ = reference(service, MESSAGES, checkpoint_dir / f"step-{oldest:06d}" / "adapter", 12)
+    assert answer.model == model
+    assert answer.choices[0].message.content == tok.decode(generated, skip_special_tokens=True)
+
+    evaluation = service.request("POST", "/v1/evaluations", key=api_key,
+                                 json_body={"model": model, "benchmark": "cti-mcq", "limit": 2, "max_new_tokens": 4})
+    assert evaluation.status == 200, evaluation.body[:500]
+    assert evaluation.json()["model"] == model
+
+    for gone in (f"{job.fine_tuned_model}:ckpt-step-{written[0]}", f"{job.fine_tuned_model}:ckpt-step-{total + 1}"):
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.chat.completions.create(model=gone, messages=MESSAGES, max_tokens=2)
+        assert missing.value.body["code"] == "model_not_found", missing.value.body
+        refused = service.request("POST", "/v1/evaluations", key=api_key,
+                                  json_body={"model": gone, "benchmark": "cti-mcq", "limit": 2})
+        assert refused.status == 400 and refused.json()["error"]["code"] == "model_not_found", refused.body[:300]

@@ -194,9 +194,39 @@ pub fn parse_fine_tuned_model_name(name: &str) -> Option<(&str, Option<&str>, Jo
     Some((base, Some(suffix).filter(|s| !s.is_empty()), job_id))
 }
 
+/// A checkpoint's model name, as OpenAI names them: `<fine-tuned model>:ckpt-step-<step>`.
+pub fn checkpoint_model_name(fine_tuned_model: &str, step: i64) -> String {
+    format!("{fine_tuned_model}:ckpt-step-{step}")
+}
+
+/// `ft:…:ckpt-step-N` → (`ft:…`, Some(N)); any other name → (name, None).
+pub fn split_checkpoint_model_name(name: &str) -> (&str, Option<i64>) {
+    match name.rsplit_once(":ckpt-step-") {
+        Some((model, step)) if model.starts_with("ft:") && !step.is_empty() && step.bytes().all(|b| b.is_ascii_digit()) => {
+            match step.parse::<i64>() {
+                Ok(step) => (model, Some(step)),
+                Err(_) => (name, None),
+            }
+        }
+        _ => (name, None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_checkpoint_model_name_splits_into_its_model_and_step() {
+        let model = "ft:tiny-qwen3:cve:ftjob-abc";
+        let name = checkpoint_model_name(model, 40);
+        assert_eq!(name, "ft:tiny-qwen3:cve:ftjob-abc:ckpt-step-40");
+        assert_eq!(split_checkpoint_model_name(&name), (model, Some(40)));
+        assert_eq!(split_checkpoint_model_name(model), (model, None));
+        assert_eq!(split_checkpoint_model_name("tiny:ckpt-step-4"), ("tiny:ckpt-step-4", None), "only fine-tuned models have checkpoints");
+        assert_eq!(split_checkpoint_model_name("ft:a::ftjob-x:ckpt-step-"), ("ft:a::ftjob-x:ckpt-step-", None));
+        assert_eq!(split_checkpoint_model_name("ft:a::ftjob-x:ckpt-step-+4"), ("ft:a::ftjob-x:ckpt-step-+4", None));
+    }
 
     #[test]
     fn a_generated_job_id_is_the_prefix_and_24_alphanumerics() {

@@ -33,7 +33,9 @@ pub mod training_file;
 pub use benchmark::{Benchmark, Rule};
 pub use error_code::ErrorCode;
 pub use evaluation::{EvaluationRequest, EvaluationSpec};
-pub use ids::{fine_tuned_model_name, CheckpointId, EvaluationId, EventId, FileId, IdError, JobId};
+pub use ids::{
+    checkpoint_model_name, fine_tuned_model_name, split_checkpoint_model_name, CheckpointId, EvaluationId, EventId, FileId, IdError, JobId,
+};
 pub use job::{can_transition, transition, IllegalTransition, JobStatus};
 pub use model_name::ModelName;
 pub use spec::{CreateJobRequest, JobSpec, Method, SpecCode, SpecError};

@@ -71,10 +71,12 @@ pub async fn list_events(
 }
 
 /// A project's job's checkpoints, newest (highest step) first; `after` is a checkpoint id.
+/// The job's checkpoints, newest first, of the newest `keep` (those a worker keeps on disk).
 pub async fn list_checkpoints(
     pool: &PgPool,
     project_id: &str,
     job_id: &JobId,
+    keep: i64,
     after: Option<&str>,
     limit: i64,
 ) -> Result<Page<Checkpoint>, StoreError> {
@@ -83,15 +85,39 @@ pub async fn list_checkpoints(
     let rows = sqlx::query_as::<_, CheckpointRow>(&format!(
         "SELECT {CHECKPOINT_COLUMNS} FROM checkpoints
          WHERE job_id = $1 AND ($2::text IS NULL OR step < (SELECT step FROM checkpoints WHERE id = $2 AND job_id = $1))
-         ORDER BY step DESC LIMIT $3"
+           AND step >= {}
+         ORDER BY step DESC LIMIT $3",
+        oldest_kept("$1", "$4")
     ))
     .bind(job_id)
     .bind(after)
     .bind(limit + 1)
+    .bind(keep)
     .fetch_all(pool)
     .await?;
     let checkpoints = rows.into_iter().map(Checkpoint::try_from).collect::<Result<Vec<_>, _>>()?;
     Ok(Page::from_overfetch(checkpoints, limit))
+}
+
+/// SQL for the step of the oldest of a job's newest `keep` checkpoints (the parameters that
+/// hold the job id and `keep`).
+fn oldest_kept(job: &str, keep: &str) -> String {
+    format!("COALESCE((SELECT step FROM checkpoints WHERE job_id = {job} ORDER BY step DESC OFFSET GREATEST({keep}::bigint - 1, 0) LIMIT 1), 0)")
+}
+
+/// The job's checkpoint at `step`, if it is among the newest `keep`.
+pub async fn kept_checkpoint(pool: &PgPool, job_id: &str, step: i64, keep: i64) -> Result<Option<Checkpoint>, StoreError> {
+    sqlx::query_as::<_, CheckpointRow>(&format!(
+        "SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE job_id = $1 AND step = $2 AND step >= {}",
+        oldest_kept("$1", "$3")
+    ))
+    .bind(job_id)
+    .bind(step)
+    .bind(keep)
+    .fetch_optional(pool)
+    .await?
+    .map(Checkpoint::try_from)
+    .transpose()
 }
 
 async fn ensure_job_in_project(pool: &PgPool, project_id: &str, job_id: &str) -> Result<(), StoreError> {

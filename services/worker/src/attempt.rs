@@ -136,7 +136,9 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Ended {
     let hello = Hello { job_id: claim.job_id.clone(), attempt: claim.attempt };
-    let mut session = Session::new(client, hello, PathBuf::from(&claim.output_dir));
+    // How many checkpoints the job keeps (a spec that does not parse fails the attempt later).
+    let keep = serde_json::from_str::<JobSpec>(&claim.spec_json).map_or(lathe_core::spec::DEFAULT_KEEP_CHECKPOINTS, |s| s.keep_checkpoints);
+    let mut session = Session::new(client, hello, PathBuf::from(&claim.output_dir), keep as usize);
 
     let redactor = Redactor::for_claim(&claim, config);
     let prepared = prepare(config, &claim);
@@ -651,18 +653,23 @@ impl Points {
     }
 }
 
-/// Removes the checkpoints older than `step`, which the controller has committed: a next
-/// attempt resumes from it (or a newer one), never from these.
-fn prune_before(output_dir: &Path, step: u64) {
-    let keep = lathe_trainer::checkpoint::checkpoint_dir_name(step);
+/// Once the controller has committed the checkpoint of `step`, removes the checkpoints older
+/// than it that are not among the newest `keep`: a next attempt resumes from `step` (or a
+/// newer one), and the API lists and serves only the newest `keep` as models.
+fn prune_checkpoints(output_dir: &Path, step: u64, keep: usize) {
+    let committed = lathe_trainer::checkpoint::checkpoint_dir_name(step);
     let Ok(entries) = std::fs::read_dir(output_dir.join("checkpoints")) else { return };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().to_string();
-        // Names are zero-padded (`step-000020`), so text order is step order.
-        if name.starts_with("step-") && name.len() == keep.len() && name < keep {
-            if let Err(error) = std::fs::remove_dir_all(entry.path()) {
-                tracing::warn!(path = %entry.path().display(), %error, "could not prune a checkpoint");
-            }
+    // Names are zero-padded (`step-000020`), so text order is step order.
+    let mut names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|name| name.starts_with("step-") && name.len() == committed.len())
+        .collect();
+    names.sort_unstable_by(|a, b| b.cmp(a));
+    for name in names.iter().skip(keep.max(1)).filter(|name| **name < committed) {
+        let path = output_dir.join("checkpoints").join(name);
+        if let Err(error) = std::fs::remove_dir_all(&path) {
+            tracing::warn!(path = %path.display(), %error, "could not prune a checkpoint");
         }
     }
 }
@@ -672,6 +679,8 @@ struct Session {
     client: Client,
     hello: Hello,
     output_dir: PathBuf,
+    /// The job's `keep_checkpoints`.
+    keep: usize,
     /// Checkpoint commits sent and not yet acked: (seq, step).
     commits: Vec<(u64, u64)>,
     next_seq: u64,
@@ -687,11 +696,12 @@ struct Link {
 }
 
 impl Session {
-    fn new(client: Client, hello: Hello, output_dir: PathBuf) -> Session {
+    fn new(client: Client, hello: Hello, output_dir: PathBuf, keep: usize) -> Session {
         Session {
             client,
             hello,
             output_dir,
+            keep,
             commits: Vec::new(),
             next_seq: 1,
             unacked: VecDeque::new(),
@@ -754,7 +764,7 @@ impl Session {
                 let committed = self.commits.iter().filter(|(seq, _)| *seq <= ack.seq).map(|(_, step)| *step).max();
                 self.commits.retain(|(seq, _)| *seq > ack.seq);
                 if let Some(step) = committed {
-                    prune_before(&self.output_dir, step);
+                    prune_checkpoints(&self.output_dir, step, self.keep);
                 }
                 None
             }
@@ -789,5 +799,26 @@ impl Session {
         if !self.unacked.is_empty() {
             tracing::warn!(unacked = self.unacked.len(), "controller did not ack the attempt's end");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pruning_keeps_the_newest_checkpoints_and_never_one_not_yet_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let step_dir = |step: u64| dir.path().join("checkpoints").join(lathe_trainer::checkpoint::checkpoint_dir_name(step));
+        for step in [10, 20, 30, 40, 50] {
+            std::fs::create_dir_all(step_dir(step)).unwrap();
+        }
+        // 50 is written but not acked: 30 is the committed one.
+        prune_checkpoints(dir.path(), 30, 2);
+        let left: Vec<bool> = [10, 20, 30, 40, 50].iter().map(|&s| step_dir(s).is_dir()).collect();
+        assert_eq!(left, [false, false, true, true, true]);
+        prune_checkpoints(dir.path(), 50, 2);
+        let left: Vec<bool> = [30, 40, 50].iter().map(|&s| step_dir(s).is_dir()).collect();
+        assert_eq!(left, [false, true, true]);
     }
 }

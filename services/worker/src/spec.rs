@@ -84,10 +84,15 @@ pub fn train_config(spec: &JobSpec, paths: Paths<'_>, settings: Settings<'_>) ->
             // The job's batch is global; each data-parallel rank trains its share of it.
             batch_size: (spec.hyperparameters.batch_size / spec.resources.gpus.max(1)) as usize,
             device: settings.device.to_string(),
-            eval_every: settings.checkpoint_every,
-            checkpoint_every: settings.checkpoint_every,
-            // The trainer keeps every checkpoint; the worker prunes those older than the last
-            // one the controller acked (the one a next attempt resumes from), never that one.
+            // OpenAI's cadence: a checkpoint and a validation pass at each epoch's end; more
+            // checkpoints when the job asks, or at the operator's cadence (`--checkpoint-every`)
+            // so a long epoch is never lost to a preemption.
+            checkpoint_each_epoch: true,
+            checkpoint_every: spec.checkpoint_every.map_or(settings.checkpoint_every, u64::from),
+            eval_each_epoch: spec.eval_every.is_none(),
+            eval_every: spec.eval_every.map_or(0, u64::from),
+            // The trainer keeps every checkpoint; the worker prunes all but the job's newest
+            // `keep_checkpoints` once the controller has acked a newer one (`prune_checkpoints`).
             keep_checkpoints: 0,
             gradient_checkpointing: spec.gradient_checkpointing,
             threads: settings.threads,
@@ -142,7 +147,16 @@ mod tests {
         assert_eq!((config.lora.rank, config.lora.alpha), (8, 16.0));
         assert!(matches!(&config.lora.target_modules, TargetModulesSetting::List(m) if m == &["q_proj", "v_proj"]));
         assert_eq!((config.train.checkpoint_every, config.train.device.as_str()), (5, "cpu"));
+        assert!(config.train.checkpoint_each_epoch && config.train.eval_each_epoch && config.train.eval_every == 0);
         config.validate().unwrap();
+
+        // The job's own cadences win over the worker's.
+        let mut asked = spec.clone();
+        (asked.checkpoint_every, asked.eval_every) = (Some(40), Some(10));
+        let paths = Paths { training_file: Path::new("/d/files/a"), validation_file: None, output_dir: Path::new("/d/jobs/j") };
+        let settings = Settings { models_root: &root, device: "cpu", checkpoint_every: 5, threads: 1, dtype: "auto" };
+        let config = train_config(&asked, paths, settings).unwrap();
+        assert_eq!((config.train.checkpoint_every, config.train.eval_every, config.train.eval_each_epoch), (40, 10, false));
 
         let missing = spec_with_model("absent");
         let paths = Paths { training_file: Path::new("/x"), validation_file: None, output_dir: Path::new("/y") };

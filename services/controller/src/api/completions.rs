@@ -89,7 +89,8 @@ async fn resolve(state: &AppState, project: &Project, model: &str) -> ApiResult<
         code: Some("model_not_found".into()),
     };
     if model.starts_with("ft:") {
-        let job = jobs::find_by_fine_tuned_model(&state.pool, &project.id, model).await?.ok_or_else(not_found)?;
+        let fine_tuned = lathe_core::split_checkpoint_model_name(model).0;
+        let job = jobs::find_by_fine_tuned_model(&state.pool, &project.id, fine_tuned).await?.ok_or_else(not_found)?;
         if job.spec.lora.is_none() {
             return Err(ApiError::invalid(
                 Some("model"),
@@ -97,10 +98,13 @@ async fn resolve(state: &AppState, project: &Project, model: &str) -> ApiResult<
                 format!("model: {model} is a full fine-tune; download its files and serve them as a base model (put them under the models root)"),
             ));
         }
-        let files = adapters::adapter_files(state, &project.id, &job).await?.ok_or_else(|| ApiError {
+        let files = adapters::model_adapter(state, &project.id, &job, model).await?.ok_or_else(|| ApiError {
             status: StatusCode::NOT_FOUND,
             kind: "invalid_request_error",
-            message: format!("The adapter files of `{model}` were deleted."),
+            message: format!(
+                "The adapter files of `{model}` were deleted (a job keeps its newest {} checkpoints: GET /v1/fine_tuning/jobs/{}/checkpoints).",
+                job.spec.keep_checkpoints, job.id
+            ),
             param: Some("model".into()),
             code: Some("model_not_found".into()),
         })?;

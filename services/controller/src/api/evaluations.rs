@@ -49,7 +49,8 @@ async fn resolve_model(state: &AppState, project: &Project, model: &str) -> ApiR
     }
     lathe_core::spec::storable_text("model", model)?;
     if model.starts_with("ft:") {
-        let job = jobs::find_by_fine_tuned_model(&state.pool, &project.id, model).await?.ok_or_else(|| {
+        let fine_tuned = lathe_core::split_checkpoint_model_name(model).0;
+        let job = jobs::find_by_fine_tuned_model(&state.pool, &project.id, fine_tuned).await?.ok_or_else(|| {
             ApiError::invalid(Some("model"), "model_not_found", format!("model: {model:?} is not a fine-tuned model of this project"))
         })?;
         if job.spec.lora.is_none() {
@@ -57,6 +58,13 @@ async fn resolve_model(state: &AppState, project: &Project, model: &str) -> ApiR
                 Some("model"),
                 "invalid_value",
                 format!("model: {model} is a full fine-tune; evaluations through the service take LoRA models (use `lathe eval run` on its files)"),
+            ));
+        }
+        if crate::adapters::model_adapter(state, &project.id, &job, model).await?.is_none() {
+            return Err(ApiError::invalid(
+                Some("model"),
+                "model_not_found",
+                format!("model: the adapter files of {model} are gone (deleted, or a checkpoint the job no longer keeps)"),
             ));
         }
         return Ok(Some(job));

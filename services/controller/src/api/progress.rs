@@ -58,7 +58,8 @@ pub async fn checkpoints(
     let limit = page_limit(q.limit.or(Some(10)))?;
     let after = super::cursor(q.after.as_deref(), lathe_core::CheckpointId::parse)?;
     let job = get_job(&state.pool, &project.id, &job_id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
-    let page = list_checkpoints(&state.pool, &project.id, &job_id, after.as_deref(), limit)
+    let keep = i64::from(job.spec.keep_checkpoints);
+    let page = list_checkpoints(&state.pool, &project.id, &job_id, keep, after.as_deref(), limit)
         .await
         .map_err(|e| ApiError::from_store(e, "job", &id))?;
     Ok(Json(views::list(page, |c| c.id.as_str().to_string(), |c| views::checkpoint(c, &job))))

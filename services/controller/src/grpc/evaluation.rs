@@ -12,7 +12,7 @@ use lathe_store::StoreError;
 use tonic::Status;
 
 use super::{file_ref, millis, status};
-use crate::adapters::adapter_files;
+use crate::adapters::model_adapter;
 use crate::AppState;
 
 pub async fn claim(state: &AppState, worker_id: &str, request: ClaimEvaluationRequest) -> Result<ClaimEvaluationResponse, Status> {
@@ -68,7 +68,7 @@ async fn describe(state: &AppState, claim: &EvaluationClaim) -> Result<ClaimEval
                 param: None,
             })?;
             let job = get_job_unscoped(&state.pool, &job_id).await.map_err(internal)?;
-            let adapter = adapter_files(state, &evaluation.project_id, &job)
+            let adapter = model_adapter(state, &evaluation.project_id, &job, &evaluation.model)
                 .await
                 .map_err(internal)?
                 .ok_or_else(|| gone("model", format!("the adapter files of {} were deleted", evaluation.model)))?;

@@ -207,6 +207,22 @@ fn one() -> u32 {
     1
 }
 
+/// OpenAI keeps a job's last 3 epoch checkpoints.
+pub const DEFAULT_KEEP_CHECKPOINTS: u32 = 3;
+
+fn default_keep_checkpoints() -> u32 {
+    DEFAULT_KEEP_CHECKPOINTS
+}
+
+/// A step cadence (`checkpoint_every`, `eval_every`): at least 1 when given.
+fn resolve_cadence(param: &str, value: Option<i64>) -> Result<Option<u32>, SpecError> {
+    match value {
+        None => Ok(None),
+        Some(n) if (1..=1_000_000).contains(&n) => Ok(Some(n as u32)),
+        Some(n) => Err(SpecError::invalid(param, format!("must be a number of steps between 1 and 1000000, got {n}"))),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
     /// Base model name, resolved under the models root by the controller.
@@ -226,6 +242,15 @@ pub struct JobSpec {
     pub packing: bool,
     pub train_on_inputs: bool,
     pub gradient_checkpointing: bool,
+    /// Checkpoints: at each epoch's end, and every this many steps when set.
+    #[serde(default)]
+    pub checkpoint_every: Option<u32>,
+    /// The newest this many checkpoints are kept, listed and served (OpenAI keeps 3).
+    #[serde(default = "default_keep_checkpoints")]
+    pub keep_checkpoints: u32,
+    /// Validation passes every this many steps; at each epoch's end when unset.
+    #[serde(default)]
+    pub eval_every: Option<u32>,
     pub seed: u64,
     pub suffix: Option<String>,
     pub metadata: BTreeMap<String, String>,
@@ -424,6 +449,13 @@ impl TryFrom<CreateJobRequest> for JobSpec {
             packing: request.packing.unwrap_or(false),
             train_on_inputs: request.train_on_inputs.unwrap_or(false),
             gradient_checkpointing: request.gradient_checkpointing.unwrap_or(false),
+            checkpoint_every: resolve_cadence("checkpoint_every", request.checkpoint_every)?,
+            keep_checkpoints: match request.keep_checkpoints {
+                None => DEFAULT_KEEP_CHECKPOINTS,
+                Some(n) if (1..=100).contains(&n) => n as u32,
+                Some(n) => return Err(SpecError::invalid("keep_checkpoints", format!("must be between 1 and 100, got {n}"))),
+            },
+            eval_every: resolve_cadence("eval_every", request.eval_every)?,
             seed,
             suffix: validate_suffix(request.suffix)?,
             metadata: validate_metadata(request.metadata)?,

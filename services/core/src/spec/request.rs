@@ -59,6 +59,15 @@ pub struct CreateJobRequest {
     pub train_on_inputs: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gradient_checkpointing: Option<bool>,
+    /// Steps between checkpoints besides the one at each epoch's end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_every: Option<i64>,
+    /// How many of the newest checkpoints the job keeps (and lists, and serves as models).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_checkpoints: Option<i64>,
+    /// Steps between validation passes (default: at each epoch's end).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_every: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu_memory_gb: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]

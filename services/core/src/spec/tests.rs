@@ -40,8 +40,30 @@ fn a_minimal_request_resolves_to_the_documented_defaults() {
     assert_eq!(spec.quantization, None);
     assert_eq!((spec.lr_scheduler, spec.warmup_ratio, spec.max_seq_length), (LrScheduler::Cosine, 0.03, 2048));
     assert!(!spec.packing && !spec.train_on_inputs && !spec.gradient_checkpointing);
+    assert_eq!((spec.checkpoint_every, spec.keep_checkpoints, spec.eval_every), (None, 3, None), "OpenAI's cadence: per epoch, keep 3");
     assert_eq!(spec.seed, 0);
     assert_eq!(spec.resources, Resources { pool: "default".into(), gpu_memory_gb: None, priority: 0, gpus: 1, nodes: 1 });
+}
+
+#[test]
+fn checkpoint_and_validation_cadences_are_steps_and_keep_is_bounded() {
+    let spec = spec_of(json!({"checkpoint_every": 50, "keep_checkpoints": 5, "eval_every": 10}));
+    assert_eq!((spec.checkpoint_every, spec.keep_checkpoints, spec.eval_every), (Some(50), 5, Some(10)));
+    for (body, param) in [
+        (json!({"checkpoint_every": 0}), "checkpoint_every"),
+        (json!({"keep_checkpoints": 0}), "keep_checkpoints"),
+        (json!({"keep_checkpoints": 101}), "keep_checkpoints"),
+        (json!({"eval_every": -1}), "eval_every"),
+    ] {
+        assert_eq!(rejection(body.clone()).param, param, "{body}");
+    }
+    // A spec stored before these fields existed reads with OpenAI's defaults.
+    let mut stored = serde_json::to_value(spec_of(json!({}))).unwrap();
+    for field in ["checkpoint_every", "keep_checkpoints", "eval_every"] {
+        stored.as_object_mut().unwrap().remove(field);
+    }
+    let old: JobSpec = serde_json::from_value(stored).unwrap();
+    assert_eq!((old.checkpoint_every, old.keep_checkpoints, old.eval_every), (None, 3, None));
 }
 
 #[test]

@@ -6,7 +6,7 @@ use lathe_store::dispatch::{
     renew_lease, requeue_expired_leases, AttemptOutcome, ClaimRequest, EventLevel, MetricPoint, NewEvent, RetryPolicy, POISON_ERROR_CODE,
 };
 use lathe_store::jobs::{create_job, get_job, pause_job};
-use lathe_store::progress::{list_checkpoints, list_events, list_metrics};
+use lathe_store::progress::{kept_checkpoint, list_checkpoints, list_events, list_metrics};
 use lathe_store::time::OffsetDateTime;
 use lathe_store::{PgPool, StoreError};
 use serde_json::json;
@@ -268,7 +268,7 @@ async fn events_resent_with_the_same_seq_are_stored_once_and_listed_newest_first
     let other_project = project(&db.pool, "other").await;
     assert!(matches!(list_events(&db.pool, &other_project, &as_job_id(&job_id), None, 10).await, Err(StoreError::NotFound)));
     assert!(matches!(list_metrics(&db.pool, &other_project, &as_job_id(&job_id)).await, Err(StoreError::NotFound)));
-    assert!(matches!(list_checkpoints(&db.pool, &other_project, &as_job_id(&job_id), None, 10).await, Err(StoreError::NotFound)));
+    assert!(matches!(list_checkpoints(&db.pool, &other_project, &as_job_id(&job_id), 3, None, 10).await, Err(StoreError::NotFound)));
 }
 
 #[tokio::test]
@@ -309,8 +309,31 @@ async fn a_pause_of_a_running_job_reaches_the_worker_and_ends_the_attempt_as_pau
     commit_checkpoint(&db.pool, &job_id, attempt, 7, "ckpt-7", &json!({})).await.unwrap();
     let paused = finish_attempt(&db.pool, &job_id, attempt, AttemptOutcome::Paused, &RetryPolicy::default()).await.unwrap();
     assert_eq!((paused.status, paused.pause_requested), (JobStatus::Paused, false));
-    let page = list_checkpoints(&db.pool, &project_id, &as_job_id(&job_id), None, 10).await.unwrap();
+    let page = list_checkpoints(&db.pool, &project_id, &as_job_id(&job_id), 3, None, 10).await.unwrap();
     assert_eq!(page.items.iter().map(|c| c.step).collect::<Vec<_>>(), [7]);
+}
+
+#[tokio::test]
+async fn only_the_newest_kept_checkpoints_are_listed_and_found() {
+    let db = TestDb::new().await;
+    let (project_id, job_id) = queued_job(&db.pool, "acme").await;
+    let worker_id = worker(&db.pool, "a").await;
+    let attempt = claim(&db.pool, &worker_id, &job_id, LEASE).await.unwrap().attempt;
+    for step in [10, 20, 30, 40, 50] {
+        commit_checkpoint(&db.pool, &job_id, attempt, step, &format!("ckpt-{step}"), &json!({})).await.unwrap();
+    }
+    let steps = |keep: i64| {
+        let (pool, project_id, job_id) = (db.pool.clone(), project_id.clone(), as_job_id(&job_id));
+        async move {
+            list_checkpoints(&pool, &project_id, &job_id, keep, None, 10).await.unwrap().items.iter().map(|c| c.step).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(steps(3).await, [50, 40, 30]);
+    assert_eq!(steps(1).await, [50]);
+    assert_eq!(steps(10).await, [50, 40, 30, 20, 10]);
+    assert_eq!(kept_checkpoint(&db.pool, &job_id, 30, 3).await.unwrap().map(|c| c.path), Some("ckpt-30".to_string()));
+    assert!(kept_checkpoint(&db.pool, &job_id, 20, 3).await.unwrap().is_none(), "pruned by the worker: not a model any more");
+    assert!(kept_checkpoint(&db.pool, &job_id, 35, 3).await.unwrap().is_none());
 }
 
 #[tokio::test]

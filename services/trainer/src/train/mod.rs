@@ -135,7 +135,8 @@ pub fn run_in(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks, ga
         log.step(&metrics)?;
 
         // Validation and checkpoints on rank 0; the others wait for it at the next collective.
-        let eval_now = step == plan.total_steps || (t.eval_every > 0 && step % t.eval_every == 0);
+        let epoch_end = step % plan.per_epoch == 0;
+        let eval_now = step == plan.total_steps || (t.eval_every > 0 && step % t.eval_every == 0) || (t.eval_each_epoch && epoch_end);
         if let Some(v) = inputs.valid.as_ref().filter(|_| eval_now && gang.is_leader()) {
             let (valid_loss, valid_acc, valid_tokens) = match (&model.reference, config.dpo_beta()) {
                 (Some(reference), Some(beta)) => preference::evaluate(&model.decoder, v, reference, beta, t.batch_size, inputs.device),
@@ -143,7 +144,8 @@ pub fn run_in(config: &TrainConfig, resume_from: Option<&Path>, hooks: Hooks, ga
             };
             log.eval(step, valid_loss, valid_acc, valid_tokens)?;
         }
-        if t.checkpoint_every > 0 && step % t.checkpoint_every == 0 && step < plan.total_steps {
+        let checkpoint_now = (t.checkpoint_every > 0 && step % t.checkpoint_every == 0) || (t.checkpoint_each_epoch && epoch_end);
+        if checkpoint_now && step < plan.total_steps {
             model.save_checkpoint(config, &mut log, step, plan.total_steps, &inputs.fingerprint, gang)?;
         }
     }

@@ -182,6 +182,10 @@ pub struct LoopSettings {
     pub eval_every: u64,
     /// Write a resumable checkpoint every N steps (0: none before the end).
     pub checkpoint_every: u64,
+    /// Also write a checkpoint at the end of every epoch but the last (OpenAI's cadence).
+    pub checkpoint_each_epoch: bool,
+    /// Also evaluate on the validation file at the end of every epoch.
+    pub eval_each_epoch: bool,
     /// Keep only the newest N checkpoints (0: keep all).
     pub keep_checkpoints: usize,
     /// Recompute each layer's activations in the backward pass instead of storing them.
@@ -202,6 +206,8 @@ impl Default for LoopSettings {
             shuffle: true,
             eval_every: 0,
             checkpoint_every: 0,
+            checkpoint_each_epoch: false,
+            eval_each_epoch: false,
             keep_checkpoints: 0,
             gradient_checkpointing: false,
             threads: 0,
