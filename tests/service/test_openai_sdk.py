@@ -290,3 +290,36 @@ def test_jobs_list_keeps_only_the_jobs_with_the_metadata_asked_for(client, train
     finally:
         for job in (*red, blue):
             client.fine_tuning.jobs.cancel(job.id)
+
+
+def test_openai_s_auto_sizing_rate_display_estimated_finish_and_plain_error_words(service, client, api_key,
+                                                                                training_file_id):
+    import openai
+    # "auto" as OpenAI sizes it: 24 examples × 3 epochs < 100, so 100 // 24 = 4 epochs; a batch
+    # of about 0.2 % of the examples, at least 1.
+    auto = client.fine_tuning.jobs.create(model=MODEL, training_file=training_file_id, extra_body={"pool": PARKED_POOL},
+                                          hyperparameters={"n_epochs": "auto", "batch_size": "auto"})
+    assert (auto.hyperparameters.n_epochs, auto.hyperparameters.batch_size) == (4, 1)
+    assert auto.hyperparameters.learning_rate_multiplier == 1.0
+
+    # A native learning_rate is shown as itself, not as a multiplier nobody gave.
+    job = create_job(client, training_file_id, n_epochs=LONG_EPOCHS, seed=41)
+    shown = job.to_dict()["hyperparameters"]
+    assert shown.get("learning_rate") == 5e-3 and "learning_rate_multiplier" not in shown, shown
+
+    # A running job says when it will finish, from its pace so far.
+    wait_for_step(service, client, api_key, job.id, 3)
+    running = client.fine_tuning.jobs.retrieve(job.id)
+    now = time.time()
+    assert running.status == "running", running.status
+    assert running.estimated_finish is not None and now - 5 <= running.estimated_finish <= now + 3600, \
+        (running.estimated_finish, now)
+    listed = {j.id: j for j in client.fine_tuning.jobs.list(limit=20).data}
+    assert listed[job.id].estimated_finish is not None
+    client.fine_tuning.jobs.cancel(job.id)
+    assert client.fine_tuning.jobs.retrieve(job.id).estimated_finish is None
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.fine_tuning.jobs.create(model="no-such-model", training_file=training_file_id)
+    message = refused.value.body["message"]
+    assert message.startswith('model: "no-such-model" is not a base model') and "ModelName(" not in message, message

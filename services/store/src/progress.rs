@@ -3,6 +3,7 @@
 //! project; another project's job is `NotFound`. The writes are `dispatch` (fenced by attempt).
 
 use lathe_core::{EventId, JobId};
+use sqlx::types::time::OffsetDateTime;
 use sqlx::PgPool;
 
 use crate::dispatch::report::{CheckpointRow, EventRow, CHECKPOINT_COLUMNS, METRIC_COLUMNS};
@@ -97,6 +98,47 @@ pub async fn list_checkpoints(
     .await?;
     let checkpoints = rows.into_iter().map(Checkpoint::try_from).collect::<Result<Vec<_>, _>>()?;
     Ok(Page::from_overfetch(checkpoints, limit))
+}
+
+/// How fast a running job's current attempt goes: its first and last reported step and when
+/// each arrived, with the job's total steps. `None` before two steps have been reported.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pace {
+    pub first_step: i64,
+    pub first_at: OffsetDateTime,
+    pub last_step: i64,
+    pub last_at: OffsetDateTime,
+    pub total_steps: i64,
+}
+
+impl Pace {
+    /// When the job will finish at this pace (Unix seconds).
+    pub fn estimated_finish(&self) -> Option<i64> {
+        let steps = self.last_step - self.first_step;
+        if steps <= 0 || self.total_steps <= self.last_step {
+            return None;
+        }
+        let per_step = (self.last_at - self.first_at).as_seconds_f64() / steps as f64;
+        Some(self.last_at.unix_timestamp() + (per_step * (self.total_steps - self.last_step) as f64).ceil() as i64)
+    }
+}
+
+type PaceRow = (Option<i64>, Option<OffsetDateTime>, Option<i64>, Option<OffsetDateTime>, Option<i64>);
+
+pub async fn attempt_pace(pool: &PgPool, job_id: &str) -> Result<Option<Pace>, StoreError> {
+    let row: Option<PaceRow> = sqlx::query_as(
+        "SELECT min(m.step), min(m.created_at), max(m.step), max(m.created_at), max(m.total_steps)
+         FROM metrics m JOIN jobs j ON j.id = m.job_id AND m.attempt = j.attempt WHERE m.job_id = $1",
+    )
+    .bind(job_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(match row {
+        Some((Some(first_step), Some(first_at), Some(last_step), Some(last_at), Some(total_steps))) => {
+            Some(Pace { first_step, first_at, last_step, last_at, total_steps })
+        }
+        _ => None,
+    })
 }
 
 /// SQL for the step of the oldest of a job's newest `keep` checkpoints (the parameters that

@@ -33,12 +33,12 @@ pub async fn create(State(state): State<AppState>, project: Project, headers: He
             return replay(job, key, &request_sha256);
         }
     }
-    let spec = JobSpec::try_from(CreateJobRequest::from_json(&body)?)?;
+    let mut spec = JobSpec::try_from(CreateJobRequest::from_json(&body)?)?;
     let Some(model_dir) = base_models::resolve(&state.config.models_root, &spec.model) else {
         return Err(ApiError::invalid(
             Some("model"),
             "model_not_found",
-            format!("model: {:?} is not a base model of this server (GET /v1/models lists them)", spec.model),
+            format!("model: \"{}\" is not a base model of this server (GET /v1/models lists them)", spec.model),
         ));
     };
     let training = checked_file(&state, &project, &spec, &model_dir, &spec.training_file, "training_file").await?;
@@ -57,6 +57,7 @@ pub async fn create(State(state): State<AppState>, project: Project, headers: He
     }
 
     let tally = training.tally;
+    spec.size_from_data(tally.kept());
     let training_data = json!({
         "examples": tally.examples, "truncated": tally.truncated, "dropped": tally.dropped, "max_seq_length": spec.max_seq_length,
     });
@@ -244,13 +245,24 @@ pub async fn list(
         metadata.insert(key.to_string(), value);
     }
     let page = jobs::list_jobs(&state.pool, &project.id, after.as_deref(), limit, Some(&metadata)).await?;
-    Ok(Json(views::list(page, |j| j.id.as_str().to_string(), views::job)))
+    let mut finishes = std::collections::HashMap::new();
+    for job in page.items.iter().filter(|j| j.status == lathe_core::JobStatus::Running) {
+        finishes.insert(job.id.to_string(), estimated_finish(&state, &job.id).await?);
+    }
+    Ok(Json(views::list(page, |j| j.id.as_str().to_string(), |j| views::job_at(j, finishes.get(j.id.as_str()).copied().flatten()))))
 }
 
 pub async fn retrieve(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let job_id = super::job_id(&id)?;
     let job = jobs::get_job(&state.pool, &project.id, &job_id).await.map_err(|e| ApiError::from_store(e, "job", &id))?;
-    Ok(Json(views::job(&job)))
+    let finish = if job.status == lathe_core::JobStatus::Running { estimated_finish(&state, &job.id).await? } else { None };
+    Ok(Json(views::job_at(&job, finish)))
+}
+
+/// A running job's `estimated_finish`: its current attempt's pace so far, over its remaining steps.
+async fn estimated_finish(state: &AppState, job_id: &lathe_core::JobId) -> ApiResult<Option<i64>> {
+    let pace = lathe_store::progress::attempt_pace(&state.pool, job_id.as_str()).await?;
+    Ok(pace.and_then(|p| p.estimated_finish()))
 }
 
 pub async fn cancel(State(state): State<AppState>, project: Project, Path(id): Path<String>) -> ApiResult<Json<Value>> {

@@ -28,6 +28,11 @@ pub fn list<T>(page: Page<T>, id_of: impl Fn(&T) -> String, render: impl Fn(&T) 
 }
 
 pub fn job(job: &Job) -> Value {
+    job_at(job, None)
+}
+
+/// A job with its `estimated_finish` (Unix seconds; known only while it runs).
+pub fn job_at(job: &Job, estimated_finish: Option<i64>) -> Value {
     let spec = &job.spec;
     json!({
         "id": job.id.as_str(),
@@ -47,7 +52,7 @@ pub fn job(job: &Job) -> Value {
         "seed": spec.seed,
         "method": spec.method_view(),
         "metadata": if spec.metadata.is_empty() { Value::Null } else { json!(spec.metadata) },
-        "estimated_finish": null,
+        "estimated_finish": estimated_finish,
         "integrations": [],
         "user_provided_suffix": spec.suffix,
         "lathe": job_extensions(job),

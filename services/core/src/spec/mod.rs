@@ -159,6 +159,38 @@ pub struct Hyperparameters {
     pub beta: Option<f64>,
 }
 
+/// Which hyperparameters were "auto" (or absent) in the request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutoHyperparameters {
+    pub n_epochs: bool,
+    pub batch_size: bool,
+}
+
+/// OpenAI's published rule for "auto" epochs: 3, unless that makes fewer than 100 or more than
+/// 25,000 examples seen, then as many epochs (1 to 25) as bring it into that band.
+pub fn auto_epochs(examples: usize) -> u32 {
+    const TARGET_EPOCHS: usize = 3;
+    const MIN_TARGET_EXAMPLES: usize = 100;
+    const MAX_TARGET_EXAMPLES: usize = 25_000;
+    let examples = examples.max(1);
+    let epochs = if examples * TARGET_EPOCHS < MIN_TARGET_EXAMPLES {
+        (MIN_TARGET_EXAMPLES / examples).min(25)
+    } else if examples * TARGET_EPOCHS > MAX_TARGET_EXAMPLES {
+        (MAX_TARGET_EXAMPLES / examples).max(1)
+    } else {
+        TARGET_EPOCHS
+    };
+    epochs as u32
+}
+
+/// "auto" batch size: about 0.2 % of the examples (as OpenAI's jobs are observed to pick), a
+/// power of two from 1 to 256, and a multiple of `gpus` so the global batch splits evenly.
+pub fn auto_batch_size(examples: usize, gpus: u32) -> u32 {
+    let share = (examples as f64 * 0.002).ceil().max(1.0) as u32;
+    let batch = share.next_power_of_two().min(256);
+    batch.div_ceil(gpus.max(1)) * gpus.max(1)
+}
+
 /// DPO's β when the request says "auto" or nothing (TRL's default too).
 pub const DEFAULT_DPO_BETA: f64 = 0.1;
 
@@ -233,6 +265,14 @@ pub struct JobSpec {
     pub hyperparameters: Hyperparameters,
     /// The peak learning rate actually used.
     pub learning_rate: f64,
+    /// The request gave `learning_rate` itself (Lathe's extension), not OpenAI's multiplier:
+    /// the job then shows the rate, not a multiplier nobody asked for.
+    #[serde(default)]
+    pub native_learning_rate: bool,
+    /// Hyperparameters the request left to "auto", sized from the training data at create
+    /// ([`JobSpec::size_from_data`]).
+    #[serde(default)]
+    pub auto: AutoHyperparameters,
     /// `Some` when the job trains a LoRA adapter on a frozen base.
     pub lora: Option<LoraSpec>,
     pub quantization: Option<Quantization>,
@@ -324,9 +364,28 @@ fn resolve_decontaminate(request: Option<DecontaminateRequest>) -> Result<Option
 }
 
 impl JobSpec {
-    /// The job object's `hyperparameters`.
-    pub fn hyperparameters_view(&self) -> Hyperparameters {
-        self.hyperparameters
+    /// The job object's `hyperparameters`, resolved: `learning_rate_multiplier` when the
+    /// request spoke in multipliers (or left it to "auto"), `learning_rate` when it gave one.
+    pub fn hyperparameters_view(&self) -> Value {
+        let mut view = serde_json::to_value(self.hyperparameters).expect("hyperparameters serialize");
+        if self.native_learning_rate {
+            if let Some(map) = view.as_object_mut() {
+                map.remove("learning_rate_multiplier");
+                map.insert("learning_rate".into(), json!(self.learning_rate));
+            }
+        }
+        view
+    }
+
+    /// Resolves the "auto" epochs and batch size from the training file's example count (the
+    /// job-create check counts them); explicit values stay.
+    pub fn size_from_data(&mut self, examples: usize) {
+        if self.auto.n_epochs {
+            self.hyperparameters.n_epochs = auto_epochs(examples);
+        }
+        if self.auto.batch_size {
+            self.hyperparameters.batch_size = auto_batch_size(examples, self.resources.gpus);
+        }
     }
 
     /// The job object's `method`: `{"type": "supervised", "supervised": {"hyperparameters": …}}`.
@@ -334,7 +393,7 @@ impl JobSpec {
         let kind = self.method.as_str();
         let mut view = serde_json::Map::new();
         view.insert("type".into(), kind.into());
-        view.insert(kind.into(), json!({ "hyperparameters": self.hyperparameters }));
+        view.insert(kind.into(), json!({ "hyperparameters": self.hyperparameters_view() }));
         Value::Object(view)
     }
 
@@ -392,13 +451,14 @@ impl TryFrom<CreateJobRequest> for JobSpec {
         let (method, hyperparameters_request, hyperparameters_param) = resolve_method(&request)?;
         let lora = resolve_method_lora(method, request.lora.as_ref())?;
         let quantization = resolve_quantization(request.quantization.as_deref(), lora.is_some())?;
-        let (hyperparameters, learning_rate) = resolve_hyperparameters(
-            hyperparameters_request.unwrap_or_default(),
-            &hyperparameters_param,
-            request.learning_rate,
-            lora.is_some(),
-            method,
-        )?;
+        let hyperparameters_request = hyperparameters_request.unwrap_or_default();
+        let is_auto = |v: &Option<AutoOr<i64>>| matches!(v, None | Some(AutoOr::Auto));
+        let auto = AutoHyperparameters {
+            n_epochs: is_auto(&hyperparameters_request.n_epochs),
+            batch_size: is_auto(&hyperparameters_request.batch_size),
+        };
+        let (hyperparameters, learning_rate) =
+            resolve_hyperparameters(hyperparameters_request, &hyperparameters_param, request.learning_rate, lora.is_some(), method)?;
         if method == Method::Dpo {
             // A pair's log-probabilities are those of its answer alone, each pair its own row.
             for (param, set) in [("train_on_inputs", request.train_on_inputs), ("packing", request.packing)] {
@@ -425,7 +485,8 @@ impl TryFrom<CreateJobRequest> for JobSpec {
             Some(s) if (0..=i64::from(i32::MAX)).contains(&s) => s as u64,
             Some(s) => return Err(SpecError::invalid("seed", format!("must be between 0 and {}, got {s}", i32::MAX))),
         };
-        let resources = resolve_resources(&request, hyperparameters.batch_size)?;
+        // An "auto" batch is sized later as a multiple of the GPUs.
+        let resources = resolve_resources(&request, if auto.batch_size { 0 } else { hyperparameters.batch_size })?;
 
         let evaluations = resolve_evaluations(request.evaluations, &resources.pool)?;
         if !evaluations.is_empty() && lora.is_none() {
@@ -441,6 +502,8 @@ impl TryFrom<CreateJobRequest> for JobSpec {
             method,
             hyperparameters,
             learning_rate,
+            native_learning_rate: request.learning_rate.is_some(),
+            auto,
             lora,
             quantization,
             lr_scheduler,

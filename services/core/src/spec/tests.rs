@@ -69,7 +69,8 @@ fn checkpoint_and_validation_cadences_are_steps_and_keep_is_bounded() {
 #[test]
 fn auto_hyperparameters_resolve_like_absent_ones() {
     let spec = spec(json!({"hyperparameters": {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}})).unwrap();
-    assert_eq!(spec.hyperparameters_view(), Hyperparameters { n_epochs: 3, batch_size: 4, learning_rate_multiplier: 1.0, beta: None });
+    assert_eq!(spec.hyperparameters_view(), json!({"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0}));
+    assert_eq!(spec.auto, AutoHyperparameters { n_epochs: true, batch_size: true });
 }
 
 #[test]
@@ -119,7 +120,28 @@ fn a_multiplier_scales_the_lora_base_rate_and_a_full_job_the_full_base_rate() {
 fn an_absolute_learning_rate_wins_over_the_multiplier_and_the_view_agrees() {
     let spec = spec(json!({"learning_rate": 3e-4, "hyperparameters": {"learning_rate_multiplier": 9}})).unwrap();
     assert_eq!(spec.learning_rate, 3e-4);
-    assert_eq!(spec.hyperparameters_view().learning_rate_multiplier, 3.0);
+    // Shown as what was asked: the rate, not a multiplier of a base rate nobody mentioned.
+    assert_eq!(spec.hyperparameters_view(), json!({"n_epochs": 3, "batch_size": 4, "learning_rate": 3e-4}));
+    let multiplied = spec_of(json!({"hyperparameters": {"learning_rate_multiplier": 2}}));
+    assert_eq!(multiplied.hyperparameters_view()["learning_rate_multiplier"], 2.0);
+    assert!(multiplied.hyperparameters_view().get("learning_rate").is_none());
+}
+
+#[test]
+fn auto_epochs_and_batch_size_are_sized_from_the_examples_as_openai_does() {
+    // OpenAI's rule: 3 epochs, unless examples × epochs leaves the band [100, 25 000].
+    assert_eq!([10, 24, 34, 100, 8_333, 8_334, 30_000].map(auto_epochs), [10, 4, 3, 3, 3, 2, 1]);
+    assert_eq!(auto_epochs(1), 25);
+    assert_eq!([10, 500, 1_000, 10_000, 1_000_000].map(|n| auto_batch_size(n, 1)), [1, 1, 2, 32, 256]);
+    assert_eq!(auto_batch_size(10, 4), 4, "a global batch splits over the GPUs");
+    assert_eq!(auto_batch_size(1_000, 3), 3);
+
+    let mut spec = spec_of(json!({"hyperparameters": {"batch_size": 8}}));
+    spec.size_from_data(24);
+    assert_eq!((spec.hyperparameters.n_epochs, spec.hyperparameters.batch_size), (4, 8), "only auto values move");
+    let mut spec = spec_of(json!({"gpus": 2, "hyperparameters": {"n_epochs": 2, "batch_size": "auto"}}));
+    spec.size_from_data(10_000);
+    assert_eq!((spec.hyperparameters.n_epochs, spec.hyperparameters.batch_size), (2, 32));
 }
 
 #[test]
