@@ -155,6 +155,10 @@ pub struct ControllerArgs {
     /// saying where it ran. 0 keeps every worker.
     #[arg(long, env = "LATHE_WORKER_RETENTION_HOURS", default_value_t = 168.0)]
     pub worker_retention_hours: f64,
+    /// MLflow tracking server (http://host:5000) that jobs with an `mlflow` integration are
+    /// logged to by this controller: params, every metric step, result files, end status.
+    #[arg(long, env = "LATHE_MLFLOW_TRACKING_URI")]
+    pub mlflow_tracking_uri: Option<String>,
     /// Crashes a job may have before it fails as poison.
     #[arg(long, default_value_t = 3)]
     pub max_retries: i32,
@@ -255,6 +259,12 @@ impl ControllerArgs {
         config.worker_retention = match self.worker_retention_hours {
             0.0 => None,
             hours => Some(seconds("worker-retention-hours", hours * 3600.0)?),
+        };
+        config.mlflow_tracking_uri = match &self.mlflow_tracking_uri {
+            Some(uri) if !(uri.starts_with("http://") || uri.starts_with("https://")) => {
+                return Err(ControllerError::Config(format!("mlflow-tracking-uri: {uri:?} is not an http(s):// URL")))
+            }
+            other => other.clone(),
         };
         config.retry.max_retries = self.max_retries;
         config.retry.base_backoff = seconds("retry-backoff-seconds", self.retry_backoff_seconds)?;

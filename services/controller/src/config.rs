@@ -27,6 +27,9 @@ pub struct ControllerConfig {
     pub reconcile_interval: Duration,
     /// Gone workers no attempt names are forgotten after this; `None`: kept forever.
     pub worker_retention: Option<Duration>,
+    /// The MLflow tracking server jobs with an `mlflow` integration are logged to; `None`:
+    /// such jobs are refused.
+    pub mlflow_tracking_uri: Option<String>,
     pub retry: RetryPolicy,
     /// The half-life of a project's recent GPU use in fair share (docs/scheduling.md).
     pub fair_share_half_life: Duration,
@@ -116,6 +119,7 @@ impl ControllerConfig {
             heartbeat_interval: Duration::from_secs(10),
             reconcile_interval: Duration::from_secs(5),
             worker_retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            mlflow_tracking_uri: None,
             retry: RetryPolicy::default(),
             fair_share_half_life: lathe_store::dispatch::DEFAULT_HALF_LIFE,
             preemption: Some(Preemption::default()),

@@ -33,6 +33,7 @@ pub mod result_file;
 pub mod state;
 pub mod storage;
 pub mod telemetry;
+pub mod tracking;
 pub mod upload;
 
 use std::future::Future;
@@ -87,6 +88,7 @@ impl BoundController {
         let reconciler = tokio::spawn(reconciler::run(self.state.clone(), stop_rx.clone()));
         tokio::spawn(grpc::revocation::run(self.state.clone(), stop_rx.clone()));
         tokio::spawn(grpc::control::run(self.state.clone(), stop_rx.clone()));
+        tokio::spawn(tracking::run(self.state.clone(), stop_rx.clone()));
         let router = api::router(self.state.clone());
         let limits = http_server::Limits {
             max_connections: self.state.config.max_connections,

@@ -32,6 +32,7 @@ pub mod leadership;
 pub mod progress;
 pub mod projects;
 mod random;
+pub mod tracking;
 pub mod workers;
 
 pub use error::StoreError;

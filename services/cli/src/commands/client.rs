@@ -118,6 +118,16 @@ pub enum JobsCommand {
         #[command(flatten)]
         api: Api,
     },
+    /// Two jobs side by side: their settings, then their loss curves step by step.
+    Compare {
+        first: String,
+        second: String,
+        /// Print every step (default: at most 40 rows, evenly spaced, always the last).
+        #[arg(long)]
+        all_steps: bool,
+        #[command(flatten)]
+        api: Api,
+    },
 }
 
 #[derive(Args)]
@@ -192,6 +202,7 @@ pub fn jobs(command: JobsCommand) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&api.client()?.get(&format!("/fine_tuning/jobs/{job_id}"))?)?);
             Ok(())
         }
+        JobsCommand::Compare { first, second, all_steps, api } => super::compare::compare(&api.client()?, [&first, &second], all_steps),
         JobsCommand::Cancel { job_id, api } => {
             let job = api.client()?.post(&format!("/fine_tuning/jobs/{job_id}/cancel"), &json!({}))?;
             println!("{} {}", job["id"].as_str().unwrap_or(""), job["status"].as_str().unwrap_or(""));

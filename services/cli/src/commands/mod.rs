@@ -1,5 +1,6 @@
 pub mod admin;
 pub mod client;
+pub mod compare;
 pub mod doctor;
 pub mod eval;
 pub mod evaluations;

@@ -56,6 +56,13 @@ pub async fn create(State(state): State<AppState>, project: Project, headers: He
         super::evaluations::load_benchmark(&state, *benchmark, "decontaminate.benchmarks").await?;
     }
 
+    if let (Some(_), None) = (spec.integrations.first(), &state.config.mlflow_tracking_uri) {
+        return Err(ApiError::invalid(
+            Some("integrations"),
+            "unsupported_value",
+            "integrations[0]: this server has no MLflow tracking server configured (the operator sets lathe-controller --mlflow-tracking-uri)",
+        ));
+    }
     let tally = training.tally;
     spec.size_from_data(tally.kept());
     let training_data = json!({
@@ -78,6 +85,15 @@ pub async fn create(State(state): State<AppState>, project: Project, headers: He
         return replay(job, idempotency_key.as_deref().unwrap_or_default(), &request_sha256);
     }
     tracing::info!(job_id = %job.id, project = %project.id, model = %spec.model, "job created");
+    if let Some(integration) = spec.integrations.first() {
+        let run = &integration.mlflow;
+        // The exporter also recovers a job whose row this missed (a crash right here).
+        if let Err(error) =
+            lathe_store::tracking::add_export(&state.pool, job.id.as_str(), &run.experiment, run.run_name.as_deref(), &run.tags).await
+        {
+            tracing::warn!(job_id = %job.id, %error, "could not note the MLflow export; the exporter will recover it");
+        }
+    }
     state.note_event(job.id.as_str(), EventLevel::Info, &format!("Created fine-tuning job: {}", job.id), None).await;
     let (level, message) = training_data_message(&tally, spec.max_seq_length);
     state.note_event(job.id.as_str(), level, &message, Some(&training_data)).await;

@@ -373,7 +373,17 @@ fn schemas() -> Value {
                     "continued_pretraining": {"type": "object", "properties": {"hyperparameters": {"$ref": "#/components/schemas/Hyperparameters"}}},
                     "full": {"type": "object", "properties": {"hyperparameters": {"$ref": "#/components/schemas/Hyperparameters"}}},
                     "reinforcement": {"type": "object"}}},
-                "integrations": {"type": ["array", "null"], "maxItems": 0},
+                "integrations": {"type": ["array", "null"], "maxItems": 1, "items": {
+                    "type": "object", "required": ["type", "mlflow"], "properties": {
+                        "type": {"const": "mlflow"},
+                        "mlflow": {"type": "object", "required": ["experiment"], "additionalProperties": false, "properties": {
+                            "experiment": {"type": "string", "minLength": 1, "maxLength": 256},
+                            "run_name": {"type": "string", "minLength": 1, "maxLength": 256},
+                            "tags": {"type": "object", "additionalProperties": {"type": "string"}}}}}},
+                    "description": "Log the run to the MLflow server the operator configured (--mlflow-tracking-uri); W&B is refused"},
+                "checkpoint_every": {"type": "integer", "minimum": 1, "description": "Steps between checkpoints besides each epoch's end"},
+                "keep_checkpoints": {"type": "integer", "minimum": 1, "maximum": 100, "description": "Newest checkpoints kept, listed and served as models (3)"},
+                "eval_every": {"type": "integer", "minimum": 1, "description": "Steps between validation passes (default: each epoch's end)"},
                 "lora": {"type": "object", "additionalProperties": false, "properties": {
                     "rank": {"type": "integer"}, "alpha": {"type": "number"}, "dropout": {"type": "number"},
                     "target_modules": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},

@@ -53,7 +53,7 @@ pub fn job_at(job: &Job, estimated_finish: Option<i64>) -> Value {
         "method": spec.method_view(),
         "metadata": if spec.metadata.is_empty() { Value::Null } else { json!(spec.metadata) },
         "estimated_finish": estimated_finish,
-        "integrations": [],
+        "integrations": spec.integrations,
         "user_provided_suffix": spec.suffix,
         "lathe": job_extensions(job),
     })

@@ -19,6 +19,7 @@
 //! Fields added to `JobSpec` later must carry `#[serde(default)]`: specs stored by older
 //! controllers are read back by newer workers.
 
+pub mod integrations;
 pub(crate) mod request;
 #[cfg(test)]
 mod tests;
@@ -33,6 +34,7 @@ use crate::ids::FileId;
 use crate::model_name::ModelName;
 use crate::training_file::{DataFormat, FileSummary};
 
+pub use integrations::{Integration, MlflowRun};
 pub use request::{
     AutoOr, CreateJobRequest, DecontaminateRequest, HyperparametersRequest, LoraRequest, MethodRequest, MethodSettingsRequest,
     TargetModulesRequest,
@@ -301,6 +303,9 @@ pub struct JobSpec {
     /// Evaluations of the fine-tuned model, queued when the job succeeds.
     #[serde(default)]
     pub evaluations: Vec<crate::evaluation::EvaluationSpec>,
+    /// Trackers the run is also logged to (MLflow).
+    #[serde(default)]
+    pub integrations: Vec<Integration>,
 }
 
 /// At most this many evaluations per job.
@@ -445,7 +450,7 @@ impl TryFrom<CreateJobRequest> for JobSpec {
     type Error = SpecError;
 
     fn try_from(request: CreateJobRequest) -> Result<Self, SpecError> {
-        refuse_unsupported(&request)?;
+        let integrations = integrations::resolve_integrations(request.integrations.as_ref())?;
         let model = validate_model_name(request.model.as_deref())?;
         let (training_file, validation_file) = resolve_files(&request)?;
         let (method, hyperparameters_request, hyperparameters_param) = resolve_method(&request)?;
@@ -525,6 +530,7 @@ impl TryFrom<CreateJobRequest> for JobSpec {
             resources,
             decontaminate: resolve_decontaminate(request.decontaminate)?,
             evaluations,
+            integrations,
         })
     }
 }
@@ -621,21 +627,6 @@ fn resolve_lr_scheduler(name: Option<&str>) -> Result<LrScheduler, SpecError> {
         Some("constant") => Ok(LrScheduler::Constant),
         Some(other) => Err(SpecError::invalid("lr_scheduler", format!("expected cosine, linear or constant, got {other:?}"))),
     }
-}
-
-/// Fields OpenAI defines that Lathe does not implement: refused, never silently ignored.
-fn refuse_unsupported(request: &CreateJobRequest) -> Result<(), SpecError> {
-    match &request.integrations {
-        None | Some(Value::Null) => {}
-        Some(Value::Array(list)) if list.is_empty() => {}
-        Some(_) => {
-            return Err(SpecError::unsupported(
-                "integrations",
-                "not supported by Lathe (metrics are at /v1/fine_tuning/jobs/{id}/events and /metrics); send [] or omit it",
-            ))
-        }
-    }
-    Ok(())
 }
 
 /// The method, its hyperparameters, and the param prefix errors about them should carry.

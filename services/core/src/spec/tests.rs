@@ -474,10 +474,28 @@ fn nf4_is_qlora_on_a_lora_job() {
 }
 
 #[test]
-fn fields_openai_defines_but_lathe_does_not_implement_are_unsupported() {
+fn an_mlflow_integration_is_kept_and_wandb_is_refused_saying_what_works() {
+    let mlflow = spec_of(
+        json!({"integrations": [{"type": "mlflow", "mlflow": {"experiment": "cve-cwe", "run_name": "r1", "tags": {"team": "sec"}}}]}),
+    );
+    assert_eq!(mlflow.integrations.len(), 1);
+    assert_eq!(mlflow.integrations[0].mlflow.experiment, "cve-cwe");
+    assert_eq!(
+        serde_json::to_value(&mlflow.integrations).unwrap(),
+        json!([{"type": "mlflow", "mlflow": {"experiment": "cve-cwe", "run_name": "r1", "tags": {"team": "sec"}}}])
+    );
     let error = rejection(json!({"integrations": [{"type": "wandb", "wandb": {"project": "x"}}]}));
-    assert_eq!((error.param.as_str(), error.code), ("integrations", SpecCode::UnsupportedParameter));
+    assert_eq!((error.param.as_str(), error.code), ("integrations[0].type", SpecCode::UnsupportedParameter));
+    assert!(error.message.contains("MLflow"), "{}", error.message);
+    for (body, param) in [
+        (json!({"integrations": [{"type": "mlflow", "mlflow": {}}]}), "integrations[0].mlflow.experiment"),
+        (json!({"integrations": [{"type": "mlflow", "mlflow": {"experiment": "e", "uri": "http://evil"}}]}), "integrations[0].mlflow.uri"),
+        (json!({"integrations": [{"type": "comet"}]}), "integrations[0].type"),
+        (json!({"integrations": {"type": "mlflow"}}), "integrations"),
+    ] {
+        assert_eq!(rejection(body.clone()).param, param, "{body}");
+    }
     // An empty list (what some clients send by default) asks for nothing.
-    assert!(spec(json!({"integrations": []})).is_ok());
+    assert!(spec(json!({"integrations": []})).unwrap().integrations.is_empty());
     assert!(spec(json!({"integrations": null})).is_ok());
 }
