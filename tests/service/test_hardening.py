@@ -55,10 +55,10 @@ def upload(service, api_key, name: str, rows: list[str]) -> str:
 @pytest.mark.parametrize("extra, param, code", [
     pytest.param({"learnig_rate": 1e-4}, "learnig_rate", "unknown_parameter", id="typo"),
     pytest.param({"lora": {"rnak": 8}}, "lora.rnak", "unknown_parameter", id="nested-typo"),
-    pytest.param({"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}, "integrations",
+    pytest.param({"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}, "integrations[0].type",
                  "unsupported_parameter", id="integrations"),
     pytest.param({"quantization": "nf4", "method": {"type": "full"}}, "quantization", "invalid_value", id="nf4-full"),
-    pytest.param({"method": {"type": "dpo", "dpo": {}}}, "method.type", "unsupported_parameter", id="dpo"),
+    pytest.param({"method": {"type": "reinforcement"}}, "method.type", "unsupported_parameter", id="reinforcement"),
 ])
 def test_unknown_and_unsupported_fields_are_refused_by_name(service, api_key, training_file_id, extra, param, code):
     before = job_count(service)

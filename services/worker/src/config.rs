@@ -27,7 +27,7 @@ pub struct WorkerConfig {
     pub dtype: String,
     /// Where base models live on this machine (same names as the controller's root).
     pub models_root: PathBuf,
-    /// Steps between checkpoints (and validation passes).
+    /// Steps between checkpoints of jobs that set no `checkpoint_every` of their own.
     pub checkpoint_every: u64,
     /// libtorch CPU threads; 0 = libtorch's default.
     pub threads: usize,

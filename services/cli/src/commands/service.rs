@@ -18,7 +18,8 @@ pub struct TrainingArgs {
     /// machine whose GPUs libtorch cannot use, see `lathe doctor`).
     #[arg(long, env = "LATHE_DEVICE", default_value = "auto")]
     device: String,
-    /// Steps between checkpoints (and validation passes).
+    /// Steps between checkpoints of a job that sets no `checkpoint_every` of its own (jobs are
+    /// also checkpointed at each epoch's end), so a preemption loses at most this many steps.
     #[arg(long, env = "LATHE_CHECKPOINT_EVERY", default_value_t = 50)]
     checkpoint_every: u64,
     /// libtorch CPU threads (0: libtorch's default).
