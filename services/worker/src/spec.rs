@@ -112,7 +112,7 @@ pub(crate) fn model_dir(models_root: &Path, name: &ModelName) -> Result<PathBuf,
     if !dir.join("config.json").is_file() {
         return Err(Unrunnable::here(
             "model_not_found",
-            format!("model {name:?} is not under this worker's models root {}", models_root.display()),
+            format!("model \"{name}\" is not under this worker's models root {}", models_root.display()),
         ));
     }
     Ok(dir)
@@ -161,7 +161,9 @@ mod tests {
         let missing = spec_with_model("absent");
         let paths = Paths { training_file: Path::new("/x"), validation_file: None, output_dir: Path::new("/y") };
         let settings = Settings { models_root: &root, device: "cpu", checkpoint_every: 5, threads: 1, dtype: "auto" };
-        assert_eq!(train_config(&missing, paths, settings).unwrap_err().code, "model_not_found");
+        let refused = train_config(&missing, paths, settings).unwrap_err();
+        assert_eq!(refused.code, "model_not_found");
+        assert!(refused.message.starts_with("model \"absent\" is not under"), "in user words: {}", refused.message);
         std::fs::remove_dir_all(root).unwrap();
     }
 
