@@ -253,6 +253,11 @@ def test_a_kept_checkpoint_is_a_model_for_chat_and_evaluations_and_a_pruned_one_
                                  json_body={"model": model, "benchmark": "cti-mcq", "limit": 2, "max_new_tokens": 4})
     assert evaluation.status == 200, evaluation.body[:500]
     assert evaluation.json()["model"] == model
+    # A worker runs it with the checkpoint's adapter, linked from the job's directory.
+    evaluation_id = evaluation.json()["id"]
+    done = wait_until(lambda: (lambda e: e if e["status"] in {"succeeded", "failed", "cancelled"} else None)(
+        service.request("GET", f"/v1/evaluations/{evaluation_id}", key=api_key).json()), 240, "the checkpoint's evaluation")
+    assert done["status"] == "succeeded" and done["progress"]["items_done"] == 2, done
 
     for gone in (f"{job.fine_tuned_model}:ckpt-step-{written[0]}", f"{job.fine_tuned_model}:ckpt-step-{total + 1}"):
         with pytest.raises(openai.NotFoundError) as missing:
