@@ -1,10 +1,12 @@
 //! Reading training data files (JSONL, one example per line) from disk.
 //!
-//! Three formats are accepted, one per file:
+//! Four formats are accepted, one per file:
 //! - chat, OpenAI's fine-tuning format: `{"messages": [{"role": "user", "content": "…"}, …]}`
 //!   with an optional `weight` (0 or 1) on assistant messages;
 //! - prompt/completion: `{"prompt": "…", "completion": "…"}`;
-//! - raw text for continued pre-training: `{"text": "…"}`.
+//! - raw text for continued pre-training: `{"text": "…"}`;
+//! - preference pairs for DPO, OpenAI's format: `{"input": {"messages": […]},
+//!   "preferred_output": […], "non_preferred_output": […]}` (docs/dpo.md).
 //!
 //! The rules live in `lathe_core::training_file`, shared with the API's upload checks, so a
 //! file the service accepted is a file the trainer reads. Every problem is reported with the
